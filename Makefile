@@ -1,0 +1,67 @@
+# edgefleet: two commands, `make demo` and `make test`; both install what they need.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+STAMP := $(VENV)/.installed
+export FLWR_TELEMETRY_ENABLED := 0
+export TF_CPP_MIN_LOG_LEVEL := 3
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install system-deps test test-slow demo lint bench protos protos-check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(MAKE) --no-print-directory system-deps
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade "pip>=24" wheel
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[all]"
+	$(PYTHON) -m pip check
+	touch $(STAMP)
+
+# mosquitto and PostgreSQL are what the tests and the demo start on loopback.
+system-deps:
+	@missing=""; \
+	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages:$$missing" >&2; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing system packages:$$missing (install them with your package manager)" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: install
+	$(BIN)/pytest -m "not slow" -q
+
+test-slow: install
+	$(BIN)/pytest -m slow -q
+
+demo: install
+	$(PYTHON) -m cloud.demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check cloud agent models simulator protos/*.py tests bench
+	$(BIN)/mypy
+
+bench: install
+	$(PYTHON) -m bench
+
+PROTOS := $(wildcard protos/fleet/v1/*.proto)
+protos: install
+	PATH="$(abspath $(BIN)):$$PATH" $(PYTHON) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+	@# grpc stubs for files without services are empty: keep only real ones
+	@for f in protos/fleet/v1/*_pb2_grpc.py; do grep -q "class .*Stub" $$f || rm -f $$f; done
+	@for f in protos/fleet/v1/*_pb2_grpc.pyi; do grep -q "class .*Stub" $$f || rm -f $$f; done
+
+protos-check: protos
+	git diff --exit-code -- protos || { echo "generated protobuf code is stale: run 'make protos' and commit" >&2; exit 1; }
+	test -z "$$(git status --porcelain -- protos)" || { git status --porcelain -- protos; echo "untracked generated files: run 'make protos' and commit" >&2; exit 1; }
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo .bench

@@ -1,0 +1,1 @@
+"""The coordinator: training, quantization, the registry, artifacts, the `fleet` CLI."""

@@ -1,0 +1,29 @@
+"""Artifact stores, chosen by URI scheme (file:// default, s3://)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from cloud.artifacts.base import ArtifactStore, BlobRef, digest
+from cloud.artifacts.local import LocalArtifactStore
+from cloud.artifacts.s3 import S3ArtifactStore
+from protos.errors import InvalidArgument
+
+_BACKENDS: dict[str, type[ArtifactStore]] = {
+    "": LocalArtifactStore,
+    "file": LocalArtifactStore,
+    "s3": S3ArtifactStore,
+}
+
+
+def open_artifact_store(uri: str, *, s3_endpoint_url: str = "") -> ArtifactStore:
+    scheme = urlparse(uri).scheme
+    try:
+        backend = _BACKENDS[scheme]
+    except KeyError:
+        supported = ", ".join(s for s in _BACKENDS if s)
+        raise InvalidArgument(f"No artifact store for {uri!r}; supported: {supported}") from None
+    return backend(uri, endpoint_url=s3_endpoint_url)
+
+
+__all__ = ["ArtifactStore", "BlobRef", "digest", "open_artifact_store"]

@@ -1,0 +1,156 @@
+"""CLI output: data to stdout (tables or --json), progress and errors to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from cloud.registry import ModelSummary, ModelVersion
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_default, sort_keys=False) + "\n")
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, datetime):
+        return o.isoformat()
+    if isinstance(o, bytes):
+        return o.hex()
+    if is_dataclass(o) and not isinstance(o, type):
+        return asdict(o)
+    raise TypeError(type(o).__name__)
+
+
+def fmt_size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KB"
+    return f"{n / 1024 / 1024:.2f} MB"
+
+
+def fmt_acc(a: float | None) -> str:
+    return "-" if a is None else f"{a * 100:.2f}%"
+
+
+def fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 1000:.0f} µs" if v < 1 else f"{v:.2f} ms"
+
+
+def version_json(mv: ModelVersion) -> dict[str, Any]:
+    return {
+        "model": mv.model,
+        "version": mv.version,
+        "stage": mv.stage,
+        "created_at": mv.created_at.isoformat(),
+        "arch": mv.arch,
+        "inputs": [t.to_dict() for t in mv.inputs],
+        "outputs": [t.to_dict() for t in mv.outputs],
+        "classes": list(mv.classes),
+        "metrics": dict(mv.metrics),
+        "lineage": mv.lineage.to_dict(),
+        "checkpoint_sha256": mv.checkpoint_sha256,
+        "variants": [
+            {
+                "name": v.name,
+                "runtime": v.runtime,
+                "sha256": v.sha256,
+                "size": v.size,
+                "accuracy": v.accuracy,
+                "latency_ms": dict(v.latency_ms),
+                "quantization": dict(v.quantization),
+                "deployable": v.deployable,
+                "reason": v.reason,
+            }
+            for v in mv.variants
+        ],
+    }
+
+
+def print_models(models: Sequence[ModelSummary]) -> None:
+    t = Table(title=None, box=None, pad_edge=False)
+    for col in ("MODEL", "VERSIONS", "LATEST", "PRODUCTION", "CREATED"):
+        t.add_column(col)
+    for m in models:
+        t.add_row(
+            m.name,
+            str(m.versions),
+            str(m.latest_version or "-"),
+            str(m.production_version or "-"),
+            m.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
+    out.print(t)
+
+
+def print_versions(versions: Sequence[ModelVersion]) -> None:
+    t = Table(box=None, pad_edge=False)
+    for col in ("VERSION", "STAGE", "ARCH", "SOURCE", "ACCURACY", "VARIANTS", "CREATED"):
+        t.add_column(col)
+    for mv in versions:
+        t.add_row(
+            mv.ref,
+            mv.stage,
+            mv.arch,
+            mv.lineage.source,
+            fmt_acc(mv.metrics.get("holdout_accuracy")),
+            ",".join(v.name for v in mv.variants),
+            mv.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
+    out.print(t)
+
+
+def print_version(mv: ModelVersion) -> None:
+    lin = mv.lineage
+    out.print(f"[bold]{mv.ref}[/bold]  stage={mv.stage}  arch={mv.arch}  source={lin.source}")
+    out.print(f"  inputs:   {', '.join(t.describe() for t in mv.inputs)}")
+    out.print(f"  outputs:  {', '.join(t.describe() for t in mv.outputs)}")
+    if mv.classes:
+        out.print(f"  classes:  {len(mv.classes)} ({', '.join(mv.classes[:12])}{' …' if len(mv.classes) > 12 else ''})")
+    if lin.dataset_name:
+        out.print(f"  dataset:  {lin.dataset_name} (sha256 {lin.dataset_digest[:12]}…)")
+    if lin.parent_version:
+        out.print(f"  parent:   {mv.model}:{lin.parent_version}")
+    if lin.training_config:
+        tc = lin.training_config
+        out.print(
+            "  training: "
+            + " ".join(f"{k}={tc[k]}" for k in ("epochs", "seed", "batch_size", "lr", "device") if k in tc)
+        )
+    if lin.origin:
+        out.print(f"  imported: {lin.origin.get('file')} ({lin.origin.get('format')})")
+    out.print(f"  code:     {lin.code_version}   created {mv.created_at:%Y-%m-%d %H:%M:%S}")
+    fp32 = next((v for v in mv.variants if v.name == "fp32"), None)
+    t = Table(box=None, pad_edge=False, title_justify="left")
+    for col, just in (
+        ("VARIANT", "left"), ("RUNTIME", "left"), ("SIZE", "right"), ("x FP32", "right"),
+        ("ACCURACY", "right"), ("Δ PTS", "right"), ("P50 B1", "right"), ("P50 B64", "right"),
+        ("DEPLOYABLE", "left"),
+    ):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for v in mv.variants:
+        ratio = f"{v.size / fp32.size:.2f}" if fp32 else "-"
+        delta = (
+            f"{(v.accuracy - fp32.accuracy) * 100:+.2f}"
+            if fp32 and v.accuracy is not None and fp32.accuracy is not None
+            else "-"
+        )
+        t.add_row(
+            v.name, v.runtime, fmt_size(v.size), ratio, fmt_acc(v.accuracy), delta,
+            fmt_ms(v.latency_ms.get("b1")), fmt_ms(v.latency_ms.get("b64")),
+            "yes" if v.deployable else f"no: {v.reason}",
+        )
+    out.print()
+    out.print(t)

@@ -1,0 +1,319 @@
+"""SqlRegistryStore: SQLite (default) or PostgreSQL, chosen by URL."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlmodel import Session, col, func, select
+
+from cloud.registry import tables
+from cloud.registry.entities import (
+    Lineage,
+    ModelRef,
+    ModelSummary,
+    ModelVersion,
+    NewVariant,
+    NewVersion,
+    Variant,
+    check_model_name,
+    check_stage,
+)
+from cloud.registry.store import RegistryStore
+from cloud.registry.tables import ModelRow, VariantRow, VersionRow
+from protos.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
+from protos.manifest import TensorSpec
+
+logger = logging.getLogger(__name__)
+
+_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
+_RETRIES = 20
+
+
+def normalize_url(url: str) -> sa.URL:
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise InvalidArgument(
+            f"database URL {url!r} is not a URL; expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+        ) from None
+    backend = u.get_backend_name()
+    if backend not in _DRIVERS:
+        raise InvalidArgument(
+            f"database URL {u.render_as_string(hide_password=True)!r}: backend {backend!r} not "
+            "supported; accepted: sqlite, postgresql"
+        )
+    if "+" not in u.drivername:
+        u = u.set(drivername=_DRIVERS[backend])
+    return u
+
+
+class SqlRegistryStore(RegistryStore):
+    def __init__(self, url: str) -> None:
+        u = normalize_url(url)
+        self.url = u.render_as_string(hide_password=True)
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if u.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["connect_args"] = {"connect_timeout": 5}
+        self._engine = sa.create_engine(u, **kwargs)
+        if u.get_backend_name() == "sqlite":
+            sa.event.listen(self._engine, "connect", _sqlite_pragmas)
+        try:
+            tables.metadata.create_all(self._engine)
+        except OperationalError as e:
+            raise Unavailable(f"registry database {self.url} unreachable: {_reason(e)}") from None
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with Session(self._engine, expire_on_commit=False) as s:
+                yield s
+        except OperationalError as e:
+            raise Unavailable(f"registry database {self.url} unreachable: {_reason(e)}") from None
+
+    # -- writes -------------------------------------------------------------------
+
+    def create_version(
+        self,
+        model: str,
+        new: NewVersion,
+        variants: Callable[[int], Sequence[NewVariant]] | None = None,
+    ) -> ModelVersion:
+        check_model_name(model)
+        for attempt in range(_RETRIES):
+            try:
+                with self._session() as s:
+                    m = s.exec(select(ModelRow).where(ModelRow.name == model)).first()
+                    if m is None:
+                        m = ModelRow(name=model)
+                        s.add(m)
+                        s.flush()
+                    assert m.id is not None
+                    top = s.exec(
+                        select(func.max(VersionRow.version)).where(VersionRow.model_id == m.id)
+                    ).one()
+                    row = VersionRow(
+                        model_id=m.id,
+                        version=(top or 0) + 1,
+                        arch=new.arch,
+                        spec={
+                            "inputs": [t.to_dict() for t in new.inputs],
+                            "outputs": [t.to_dict() for t in new.outputs],
+                            "classes": list(new.classes),
+                        },
+                        metrics=dict(new.metrics),
+                        lineage=new.lineage.to_dict(),
+                        checkpoint_sha256=new.checkpoint_sha256,
+                        evalset_sha256=new.evalset_sha256,
+                    )
+                    s.add(row)
+                    s.flush()
+                    assert row.id is not None
+                    made = variants(row.version) if variants else ()
+                    _check_variant_names(made)
+                    for v in made:
+                        s.add(_variant_row(row.id, v))
+                    s.commit()
+                    logger.info("registered %s:%d", model, row.version)
+                    return self._load(s, m, row)
+            except IntegrityError:
+                # another writer took this number (or created the model): try again
+                delay = min(0.5, 0.01 * 2**attempt) * random.random()
+                logger.debug("version number taken; retrying in %.3fs (attempt %d)", delay, attempt + 1)
+                time.sleep(delay)
+        raise Conflict(f"could not allocate a version of {model!r} after {_RETRIES} attempts")
+
+    def add_variants(
+        self, model: str, version: int, variants: Sequence[NewVariant], *, replace: bool = False
+    ) -> ModelVersion:
+        _check_variant_names(variants)
+        with self._session() as s:
+            m, row = self._find(s, ModelRef(model, version))
+            assert row.id is not None
+            existing = {
+                r.name: r for r in s.exec(select(VariantRow).where(VariantRow.version_id == row.id))
+            }
+            clash = sorted(set(existing) & {v.name for v in variants})
+            if clash and not replace:
+                raise AlreadyExists(
+                    f"{model}:{version} already has variant(s) {', '.join(clash)}; "
+                    "pass --force to rebuild them"
+                )
+            for name in clash:
+                s.delete(existing[name])
+            s.flush()
+            for v in variants:
+                s.add(_variant_row(row.id, v))
+            try:
+                s.commit()
+            except IntegrityError:
+                raise Conflict(f"{model}:{version}: variants changed concurrently; try again") from None
+            return self._load(s, m, row)
+
+    def set_stage(
+        self, model: str, version: int, stage: str, *, archive_existing: bool = True
+    ) -> tuple[ModelVersion, list[int]]:
+        check_stage(stage)
+        with self._session() as s:
+            m, row = self._find(s, ModelRef(model, version))
+            archived: list[int] = []
+            if archive_existing and stage in ("staging", "production"):
+                others = s.exec(
+                    select(VersionRow).where(
+                        VersionRow.model_id == m.id,
+                        VersionRow.stage == stage,
+                        VersionRow.id != row.id,
+                    )
+                ).all()
+                for o in others:
+                    o.stage = "archived"
+                    s.add(o)
+                    archived.append(o.version)
+            row.stage = stage
+            s.add(row)
+            s.commit()
+            return self._load(s, m, row), sorted(archived)
+
+    # -- reads ----------------------------------------------------------------------
+
+    def get_version(self, ref: ModelRef) -> ModelVersion:
+        with self._session() as s:
+            m, row = self._find(s, ref)
+            return self._load(s, m, row)
+
+    def list_models(self) -> list[ModelSummary]:
+        with self._session() as s:
+            out = []
+            for m in s.exec(select(ModelRow).order_by(col(ModelRow.name))):
+                rows = s.exec(select(VersionRow).where(VersionRow.model_id == m.id)).all()
+                prod = [r.version for r in rows if r.stage == "production"]
+                out.append(
+                    ModelSummary(
+                        name=m.name,
+                        created_at=m.created_at,
+                        versions=len(rows),
+                        latest_version=max((r.version for r in rows), default=None),
+                        production_version=max(prod, default=None),
+                    )
+                )
+            return out
+
+    def list_versions(self, model: str) -> list[ModelVersion]:
+        with self._session() as s:
+            m = self._model(s, model)
+            rows = s.exec(
+                select(VersionRow).where(VersionRow.model_id == m.id).order_by(col(VersionRow.version))
+            ).all()
+            return [self._load(s, m, r) for r in rows]
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _model(self, s: Session, name: str) -> ModelRow:
+        m = s.exec(select(ModelRow).where(ModelRow.name == name)).first()
+        if m is None:
+            names = [r for r in s.exec(select(ModelRow.name).order_by(col(ModelRow.name)))]
+            have = ", ".join(names) if names else "none yet (fleet train or fleet models import)"
+            raise NotFound(f"model {name!r} not in the registry; models: {have}")
+        return m
+
+    def _find(self, s: Session, ref: ModelRef) -> tuple[ModelRow, VersionRow]:
+        m = self._model(s, ref.name)
+        q = select(VersionRow).where(VersionRow.model_id == m.id)
+        if ref.version is not None:
+            q = q.where(VersionRow.version == ref.version)
+        elif ref.stage is not None:
+            q = q.where(VersionRow.stage == ref.stage)
+        row = s.exec(q.order_by(col(VersionRow.version).desc())).first()
+        if row is None:
+            versions = s.exec(
+                select(VersionRow.version, VersionRow.stage)
+                .where(VersionRow.model_id == m.id)
+                .order_by(col(VersionRow.version))
+            ).all()
+            have = ", ".join(f"{v}" + (f" ({st})" if st != "none" else "") for v, st in versions)
+            what = f"no version {ref.version}" if ref.version is not None else f"no version in stage {ref.stage!r}"
+            raise NotFound(f"model {ref.name!r} has {what}; versions: {have or 'none'}")
+        return m, row
+
+    def _load(self, s: Session, m: ModelRow, row: VersionRow) -> ModelVersion:
+        vrows = s.exec(
+            select(VariantRow).where(VariantRow.version_id == row.id).order_by(col(VariantRow.id))
+        ).all()
+        spec = row.spec
+        return ModelVersion(
+            model=m.name,
+            version=row.version,
+            stage=row.stage,
+            created_at=row.created_at,
+            arch=row.arch,
+            inputs=tuple(TensorSpec.from_dict(t) for t in spec["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in spec["outputs"]),
+            classes=tuple(spec.get("classes", [])),
+            metrics=dict(row.metrics),
+            lineage=Lineage.from_dict(row.lineage),
+            checkpoint_sha256=row.checkpoint_sha256,
+            evalset_sha256=row.evalset_sha256,
+            variants=tuple(
+                Variant(
+                    name=v.name,
+                    runtime=v.runtime,
+                    sha256=v.sha256,
+                    size=v.size,
+                    accuracy=v.accuracy,
+                    latency_ms=dict(v.latency_ms),
+                    quantization=dict(v.quantization),
+                    deployable=v.deployable,
+                    reason=v.reason,
+                    signed_manifest=bytes(v.signed_manifest),
+                    created_at=v.created_at,
+                )
+                for v in vrows
+            ),
+        )
+
+
+def _variant_row(version_id: int, v: NewVariant) -> VariantRow:
+    return VariantRow(
+        version_id=version_id,
+        name=v.name,
+        runtime=v.runtime,
+        sha256=v.sha256,
+        size=v.size,
+        accuracy=v.accuracy,
+        latency_ms=dict(v.latency_ms),
+        quantization=dict(v.quantization),
+        deployable=v.deployable,
+        reason=v.reason,
+        signed_manifest=v.signed_manifest,
+    )
+
+
+def _check_variant_names(variants: Sequence[NewVariant]) -> None:
+    names = [v.name for v in variants]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InvalidArgument(f"variant name(s) given twice: {', '.join(dup)}")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _reason(e: OperationalError) -> str:
+    text = str(e.orig).strip() if e.orig is not None else str(e)
+    return text.splitlines()[0] if text else type(e).__name__

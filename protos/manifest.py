@@ -1,0 +1,251 @@
+"""Model manifests: the signed statement of what a variant's bytes are.
+
+The coordinator signs the *serialized* manifest with Ed25519 and ships both, so the
+verifier checks exactly the bytes it was given and needs no canonical form. The
+device (and `fleet models verify`) trusts a variant only when the signature checks
+against a key it already holds and the artifact's sha256 and size match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from google.protobuf.message import DecodeError
+
+from protos.errors import DataLoss, InvalidArgument, Unauthenticated
+from protos.fleet.v1 import model_pb2
+
+DTYPES: dict[str, int] = {
+    "float32": model_pb2.DTYPE_FLOAT32,
+    "float16": model_pb2.DTYPE_FLOAT16,
+    "int8": model_pb2.DTYPE_INT8,
+    "uint8": model_pb2.DTYPE_UINT8,
+    "int32": model_pb2.DTYPE_INT32,
+    "int64": model_pb2.DTYPE_INT64,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+RUNTIMES: dict[str, int] = {
+    "onnxruntime": model_pb2.RUNTIME_ONNXRUNTIME,
+    "litert": model_pb2.RUNTIME_LITERT,
+}
+_RUNTIME_NAMES = {v: k for k, v in RUNTIMES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor; -1 marks a dynamic dimension (the batch axis)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(
+                f"tensor {self.name!r}: dtype {self.dtype!r} is not supported; "
+                f"supported: {', '.join(DTYPES)}"
+            )
+
+    def describe(self) -> str:
+        dims = ",".join("N" if d < 0 else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> TensorSpec:
+        shape = d["shape"]
+        assert isinstance(shape, Sequence)
+        return cls(name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(int(x) for x in shape))
+
+
+@dataclass(frozen=True)
+class GoldenSample:
+    """An input and the output the model must give for it, within `atol`."""
+
+    input: bytes
+    input_shape: tuple[int, ...]
+    output: bytes
+    output_shape: tuple[int, ...]
+    atol: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: str
+    version: int
+    variant: str
+    runtime: str
+    sha256: str
+    size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    created_at_ms: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    golden: GoldenSample | None = None
+    requires: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}:{self.version}/{self.variant}"
+
+
+@dataclass(frozen=True)
+class SignedManifest:
+    manifest_bytes: bytes
+    signature: bytes
+    key_id: str
+
+    def to_bytes(self) -> bytes:
+        msg = model_pb2.SignedManifest(
+            manifest=self.manifest_bytes, signature=self.signature, key_id=self.key_id
+        )
+        return msg.SerializeToString(deterministic=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SignedManifest:
+        msg = model_pb2.SignedManifest()
+        try:
+            msg.ParseFromString(data)
+        except DecodeError as e:
+            raise InvalidArgument(f"signed manifest ({len(data)} bytes) is not valid protobuf: {e}") from e
+        if not msg.manifest or not msg.signature:
+            raise InvalidArgument("signed manifest lacks the manifest bytes or the signature")
+        return cls(manifest_bytes=msg.manifest, signature=msg.signature, key_id=msg.key_id)
+
+
+# -- encoding ---------------------------------------------------------------------
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    if m.runtime not in RUNTIMES:
+        raise InvalidArgument(
+            f"manifest {m.ref}: runtime {m.runtime!r} unknown; supported: {', '.join(RUNTIMES)}"
+        )
+    msg = model_pb2.ModelManifest(
+        model=m.model,
+        version=m.version,
+        variant=m.variant,
+        runtime=RUNTIMES[m.runtime],  # type: ignore[arg-type]
+        sha256=m.sha256,
+        size=m.size,
+        created_at_ms=m.created_at_ms,
+        requires=list(m.requires),
+    )
+    for spec, target in ((m.inputs, msg.inputs), (m.outputs, msg.outputs)):
+        for t in spec:
+            target.add(name=t.name, dtype=DTYPES[t.dtype], shape=list(t.shape))  # type: ignore[arg-type]
+    msg.labels.update(dict(m.labels))
+    if m.golden is not None:
+        g = m.golden
+        msg.golden.CopyFrom(
+            model_pb2.GoldenSample(
+                input=g.input,
+                input_shape=list(g.input_shape),
+                output=g.output,
+                output_shape=list(g.output_shape),
+                atol=g.atol,
+            )
+        )
+    return msg.SerializeToString(deterministic=True)
+
+
+def decode_manifest(data: bytes) -> Manifest:
+    msg = model_pb2.ModelManifest()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as e:
+        raise InvalidArgument(f"manifest ({len(data)} bytes) is not valid protobuf: {e}") from e
+    if msg.runtime not in _RUNTIME_NAMES:
+        raise InvalidArgument(
+            f"manifest {msg.model}:{msg.version}/{msg.variant}: runtime {msg.runtime} unknown; "
+            f"supported: {', '.join(RUNTIMES)}"
+        )
+
+    def specs(ts: Sequence[model_pb2.TensorSpec]) -> tuple[TensorSpec, ...]:
+        out = []
+        for t in ts:
+            if t.dtype not in _DTYPE_NAMES:
+                raise InvalidArgument(f"manifest tensor {t.name!r}: dtype code {t.dtype} unknown")
+            out.append(TensorSpec(t.name, _DTYPE_NAMES[t.dtype], tuple(t.shape)))
+        return tuple(out)
+
+    golden = None
+    if msg.HasField("golden"):
+        g = msg.golden
+        golden = GoldenSample(g.input, tuple(g.input_shape), g.output, tuple(g.output_shape), g.atol)
+    return Manifest(
+        model=msg.model,
+        version=msg.version,
+        variant=msg.variant,
+        runtime=_RUNTIME_NAMES[msg.runtime],
+        sha256=msg.sha256,
+        size=msg.size,
+        inputs=specs(msg.inputs),
+        outputs=specs(msg.outputs),
+        created_at_ms=msg.created_at_ms,
+        labels=dict(msg.labels),
+        golden=golden,
+        requires=tuple(msg.requires),
+    )
+
+
+# -- keys and signatures ------------------------------------------------------------
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(pem: bytes) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as e:
+        raise InvalidArgument(f"public key is not a PEM Ed25519 key: {e}") from e
+    if not isinstance(key, Ed25519PublicKey):
+        raise InvalidArgument(f"public key is {type(key).__name__}; only Ed25519 is accepted")
+    return key
+
+
+def sign_manifest(m: Manifest, private_key: Ed25519PrivateKey) -> SignedManifest:
+    data = encode_manifest(m)
+    return SignedManifest(data, private_key.sign(data), key_id(private_key.public_key()))
+
+
+def verify_manifest(signed: SignedManifest, public_key: Ed25519PublicKey) -> Manifest:
+    """Check the signature, then parse. Raises `Unauthenticated` on any mismatch."""
+    expected = key_id(public_key)
+    if signed.key_id != expected:
+        raise Unauthenticated(
+            f"manifest signed by key {signed.key_id or '(none)'}; this verifier trusts key {expected}"
+        )
+    try:
+        public_key.verify(signed.signature, signed.manifest_bytes)
+    except InvalidSignature:
+        raise Unauthenticated(
+            f"manifest signature does not verify with key {expected}: manifest or signature altered"
+        ) from None
+    return decode_manifest(signed.manifest_bytes)
+
+
+def check_artifact(manifest: Manifest, data: bytes) -> None:
+    """Raise `DataLoss` unless `data` is exactly the artifact the manifest names."""
+    if len(data) != manifest.size:
+        raise DataLoss(
+            f"artifact for {manifest.ref} is {len(data)} bytes; manifest says {manifest.size} "
+            "(truncated or padded)"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.sha256:
+        raise DataLoss(
+            f"artifact for {manifest.ref} has sha256 {digest[:16]}…; manifest says "
+            f"{manifest.sha256[:16]}… (corrupted or tampered)"
+        )
