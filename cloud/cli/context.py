@@ -18,7 +18,7 @@ class State:
     _client: Any = field(default=None, repr=False)
 
 
-def client_of(ctx: typer.Context, *, local: bool = False) -> Any:
+def client_of(ctx: typer.Context) -> Any:
     """The FleetClient for this invocation (built once, closed when the CLI exits)."""
     from cloud.client import LocalClient
     from cloud.config import load_settings

@@ -48,7 +48,7 @@ def init(ctx: typer.Context) -> None:
     """Create FLEET_HOME: config, registry database, artifact store, Ed25519 signing key."""
     from cloud.cli.output import err, out
 
-    result = client_of(ctx, local=True).init()
+    result = client_of(ctx).init()
     out.print(f"FLEET_HOME  {result.home}")
     out.print(f"registry    {result.registry}")
     out.print(f"artifacts   {result.artifacts}")
@@ -77,7 +77,7 @@ def train(
     with Progress(
         TextColumn("[bold]train[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"), TimeElapsedColumn(),
-        console=err, transient=False,
+        console=err, transient=True,
     ) as bar:
         task = bar.add_task(f"{model} ({arch})", total=epochs, loss="-", acc="-")
 
@@ -112,7 +112,7 @@ def quantize(
     client = client_of(ctx)
     with Progress(
         TextColumn("[bold]quantize[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=err,
+        TimeElapsedColumn(), console=err, transient=True,
     ) as bar:
         task = bar.add_task(str(parsed), total=len(names))
 
@@ -126,31 +126,33 @@ def quantize(
         print_version(mv)
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code (0 ok, 1 FleetError, 2 usage, 130 interrupted)."""
+    import click
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
-        app(standalone_mode=False)
+        rv = app(args=argv, prog_name="fleet", standalone_mode=False)
     except FleetError as e:
         from cloud.cli.output import err
 
         err.print(f"[bold red]error[/bold red] ({e.kind}): {e}", markup=True, highlight=False)
-        sys.exit(1)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.stderr.write("aborted\n")
-        sys.exit(130)
-    except KeyboardInterrupt:
+        return 1
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        return int(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
-        sys.exit(130)
-    except Exception as e:
-        import click
+        return 130
+    # standalone_mode=False returns an Exit's code instead of raising it
+    return rv if isinstance(rv, int) else 0
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+
+def main() -> None:
+    sys.exit(run())
 
 
 if __name__ == "__main__":

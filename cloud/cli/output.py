@@ -14,7 +14,8 @@ from rich.table import Table
 
 from cloud.registry import ModelSummary, ModelVersion
 
-out = Console(highlight=False, soft_wrap=True)
+# piped output gets a wide fixed width so tables never wrap mid-cell
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -150,7 +151,10 @@ def print_version(mv: ModelVersion) -> None:
         t.add_row(
             v.name, v.runtime, fmt_size(v.size), ratio, fmt_acc(v.accuracy), delta,
             fmt_ms(v.latency_ms.get("b1")), fmt_ms(v.latency_ms.get("b64")),
-            "yes" if v.deployable else f"no: {v.reason}",
+            "yes" if v.deployable else "no (below)",
         )
     out.print()
     out.print(t)
+    for v in mv.variants:
+        if not v.deployable:
+            out.print(f"  {v.name} not deployable: {v.reason}")

@@ -1,0 +1,94 @@
+"""`fleet-agent`: the device side.
+
+`info` prints what this device can run; `verify` checks an exported artifact
+against its signed manifest and the coordinator's public key, offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from protos.errors import FleetError
+
+app = typer.Typer(
+    name="fleet-agent",
+    help="edgefleet device agent.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _callback(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0) -> None:
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), stream=sys.stderr)
+
+
+@app.command()
+def info(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Runtimes, execution providers and memory this device really has."""
+    from agent.capabilities import detect
+
+    caps = detect()
+    if as_json:
+        sys.stdout.write(json.dumps(caps.to_dict(), indent=2) + "\n")
+        return
+    for k, v in caps.to_dict().items():
+        sys.stdout.write(f"{k:12} {', '.join(v) if isinstance(v, list) else v}\n")
+
+
+@app.command()
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="Model file (.onnx / .tflite).")],
+    manifest: Annotated[Path, typer.Option("--manifest", help="Signed manifest written by 'fleet models export'.")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="Coordinator's signing.pub (PEM).")],
+    load: Annotated[bool, typer.Option("--load/--no-load", help="Also load it and run the golden self-test.")] = True,
+) -> None:
+    """Check signature, size and sha256; then load the model and self-test it."""
+    from agent.selftest import self_test
+    from protos.manifest import SignedManifest, check_artifact, load_public_key, verify_manifest
+
+    key = load_public_key(_read(public_key, "public key"))
+    m = verify_manifest(SignedManifest.from_bytes(_read(manifest, "manifest")), key)
+    data = _read(artifact, "artifact")
+    check_artifact(m, data)
+    sys.stdout.write(f"{m.ref}: signature ok, sha256 ok ({m.size} bytes, {m.runtime})\n")
+    if load:
+        diff = self_test(m, data)
+        sys.stdout.write(f"{m.ref}: self-test ok (max |Δ| {diff:.2e} ≤ {m.golden.atol if m.golden else 0:.2e})\n")
+
+
+def _read(path: Path, what: str) -> bytes:
+    from protos.errors import NotFound
+
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"{what} {str(path)!r} not found") from None
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except FleetError as e:
+        sys.stderr.write(f"error ({e.kind}): {e}\n")
+        sys.exit(1)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

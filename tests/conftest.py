@@ -1,0 +1,47 @@
+"""Shared fixtures: a FLEET_HOME per test, and the CLI run in-process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+Cli = Callable[..., CliResult]
+
+
+@pytest.fixture
+def fleet_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "fleet-home"
+    monkeypatch.setenv("FLEET_HOME", str(home))
+    for var in ("FLEET_DB_URL", "FLEET_ARTIFACT_URI", "FLEET_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run `fleet ARGS…` in this process: exit code, stdout, stderr."""
+    from cloud.cli.main import run
+
+    def invoke(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = run(list(args))
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke
