@@ -56,4 +56,6 @@ def detect() -> Capabilities:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
     except (ValueError, OSError, AttributeError):
         mem = 0
-    return Capabilities(platform.machine(), tuple(available_runtimes()), tuple(providers), accel, int(mem))
+    return Capabilities(
+        platform.machine(), tuple(available_runtimes()), tuple(providers), accel, int(mem)
+    )

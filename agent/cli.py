@@ -46,9 +46,15 @@ def info(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @app.command()
 def verify(
     artifact: Annotated[Path, typer.Argument(help="Model file (.onnx / .tflite).")],
-    manifest: Annotated[Path, typer.Option("--manifest", help="Signed manifest written by 'fleet models export'.")],
-    public_key: Annotated[Path, typer.Option("--public-key", help="Coordinator's signing.pub (PEM).")],
-    load: Annotated[bool, typer.Option("--load/--no-load", help="Also load it and run the golden self-test.")] = True,
+    manifest: Annotated[
+        Path, typer.Option("--manifest", help="Signed manifest written by 'fleet models export'.")
+    ],
+    public_key: Annotated[
+        Path, typer.Option("--public-key", help="Coordinator's signing.pub (PEM).")
+    ],
+    load: Annotated[
+        bool, typer.Option("--load/--no-load", help="Also load it and run the golden self-test.")
+    ] = True,
 ) -> None:
     """Check signature, size and sha256; then load the model and self-test it."""
     from agent.selftest import self_test
@@ -61,7 +67,9 @@ def verify(
     sys.stdout.write(f"{m.ref}: signature ok, sha256 ok ({m.size} bytes, {m.runtime})\n")
     if load:
         diff = self_test(m, data)
-        sys.stdout.write(f"{m.ref}: self-test ok (max |Δ| {diff:.2e} ≤ {m.golden.atol if m.golden else 0:.2e})\n")
+        sys.stdout.write(
+            f"{m.ref}: self-test ok (max |Δ| {diff:.2e} ≤ {m.golden.atol if m.golden else 0:.2e})\n"
+        )
 
 
 def _read(path: Path, what: str) -> bytes:

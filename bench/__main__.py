@@ -16,7 +16,7 @@ from types import ModuleType
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from bench._table import Table  # noqa: E402
+from bench._table import Table
 
 # name -> module exposing run(args) -> list[Table] and optionally add_arguments(parser);
 # run in this order. Add fan-out, telemetry, ... here.
@@ -34,7 +34,10 @@ def _modules() -> dict[str, ModuleType]:
 def _parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument(
-        "--only", action="append", choices=sorted(modules), metavar="NAME",
+        "--only",
+        action="append",
+        choices=sorted(modules),
+        metavar="NAME",
         help=f"run only this benchmark (repeatable); available: {', '.join(modules)}",
     )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
@@ -50,7 +53,9 @@ def machine() -> list[str]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
     except OSError:
         pass
     versions = []

@@ -24,7 +24,9 @@ class Table:
 
     def add(self, *cells: object) -> None:
         if len(cells) != len(self.columns):
-            raise ValueError(f"{self.title}: row has {len(cells)} cells for {len(self.columns)} columns")
+            raise ValueError(
+                f"{self.title}: row has {len(cells)} cells for {len(self.columns)} columns"
+            )
         self.rows.append([str(c) for c in cells])
 
     def render(self) -> str:

@@ -43,11 +43,19 @@ MAX_CNN_INT8_B64_RATIO = 1.0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantize")
     g.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (default 7)")
-    g.add_argument("--b1-runs", type=int, default=300, help="timed batch-1 calls per round (default 300)")
-    g.add_argument("--b64-runs", type=int, default=60, help="timed batch-64 calls per round (default 60)")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: the pipeline's)")
+    g.add_argument(
+        "--b1-runs", type=int, default=300, help="timed batch-1 calls per round (default 300)"
+    )
+    g.add_argument(
+        "--b64-runs", type=int, default=60, help="timed batch-64 calls per round (default 60)"
+    )
+    g.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (default: the pipeline's)"
+    )
     g.add_argument("--seed", type=int, default=None, help="training seed (default: the pipeline's)")
-    g.add_argument("--keep-home", action="store_true", help="keep the temporary FLEET_HOME and print it")
+    g.add_argument(
+        "--keep-home", action="store_true", help="keep the temporary FLEET_HOME and print it"
+    )
 
 
 @dataclass
@@ -112,7 +120,10 @@ def run(args: argparse.Namespace) -> list[Table]:
     for r in results:
         logger.info(
             "timing %s: %d rounds x %d b1 / %d b64 calls per variant",
-            r.ref, args.repeats, args.b1_runs, args.b64_runs,
+            r.ref,
+            args.repeats,
+            args.b1_runs,
+            args.b64_runs,
         )
         _time(r, repeats=args.repeats, runs={1: args.b1_runs, 64: args.b64_runs})
     tables = [_model_table(r, args) for r in results]
@@ -155,7 +166,9 @@ def _build(client: Any, arch: str, args: argparse.Namespace) -> ModelResult:
     if arch != "mlp":
         before = [(v.name, v.sha256) for v in mv.variants]
         try:
-            client.quantize(ref, [CONV_REFUSED], max_drop=_default_max_drop(), force=False, progress=_progress)
+            client.quantize(
+                ref, [CONV_REFUSED], max_drop=_default_max_drop(), force=False, progress=_progress
+            )
         except InvalidArgument as e:
             result.refusal = str(e)
         after = [(v.name, v.sha256) for v in client.get_version(ref).variants]
@@ -184,7 +197,9 @@ def _build(client: Any, arch: str, args: argparse.Namespace) -> ModelResult:
                 f"{mv.ref}/{v.name}: registry accuracy {v.accuracy:.4%} but the stored bytes give {acc:.4%}"
             )
         if v.size != len(data):
-            result.findings.append(f"{mv.ref}/{v.name}: registry size {v.size} but the artifact has {len(data)} bytes")
+            result.findings.append(
+                f"{mv.ref}/{v.name}: registry size {v.size} but the artifact has {len(data)} bytes"
+            )
         result.variants[v.name] = VariantResult(
             v.name, v.runtime, len(data), v.accuracy, v.deployable, v.reason, data
         )
@@ -225,7 +240,9 @@ def _time(result: ModelResult, *, repeats: int, runs: dict[int, int]) -> None:
             order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
             for b in BATCHES:
                 for n in order:
-                    result.variants[n].rounds[b].append(_median_call(sessions[n], inputs[b], runs[b]))
+                    result.variants[n].rounds[b].append(
+                        _median_call(sessions[n], inputs[b], runs[b])
+                    )
     finally:
         if gc_was:
             gc.enable()
@@ -251,8 +268,20 @@ def _model_table(r: ModelResult, args: argparse.Namespace) -> Table:
     t = Table(
         f"{r.ref}  ({r.arch}, {r.weights:,} float32 weights; holdout {r.holdout} samples, "
         f"1 sample = {100 / r.holdout:.2f} pt)",
-        ["variant", "runtime", "bytes", "size/fp32", "acc %", "d pts", "b1 us", "b1/fp32",
-         "b64 us", "b64/fp32", "b64/fp32 range", "gate"],
+        [
+            "variant",
+            "runtime",
+            "bytes",
+            "size/fp32",
+            "acc %",
+            "d pts",
+            "b1 us",
+            "b1/fp32",
+            "b64 us",
+            "b64/fp32",
+            "b64/fp32 range",
+            "gate",
+        ],
         align="llrrrrrrrrrl",
     )
     for name, v in r.variants.items():
@@ -280,7 +309,9 @@ def _model_table(r: ModelResult, args: argparse.Namespace) -> Table:
         if r.refusal is not None:
             t.notes.append(f"  {CONV_REFUSED}: refused by the pipeline: {r.refusal}")
         else:
-            t.notes.append(f"  {CONV_REFUSED}: NOT refused (expected a refusal for a convolutional graph)")
+            t.notes.append(
+                f"  {CONV_REFUSED}: NOT refused (expected a refusal for a convolutional graph)"
+            )
     for f in r.findings:
         t.notes.append(f"  FINDING: {f}")
     return t
@@ -289,8 +320,17 @@ def _model_table(r: ModelResult, args: argparse.Namespace) -> Table:
 def _size_table(results: Sequence[ModelResult]) -> Table:
     t = Table(
         "where the bytes go (approximate)",
-        ["model", "variant", "bytes", "tensor data", "scales+zps", "graph+names", "of which debug",
-         "size/fp32", "size/fp32 w/o debug"],
+        [
+            "model",
+            "variant",
+            "bytes",
+            "tensor data",
+            "scales+zps",
+            "graph+names",
+            "of which debug",
+            "size/fp32",
+            "size/fp32 w/o debug",
+        ],
         align="llrrrrrrr",
     )
     for r in results:
@@ -341,17 +381,35 @@ def _targets(results: Sequence[ModelResult]) -> Table:
         for name in r.variants:
             if name != "fp32":
                 d = r.drop(name)
-                check("accuracy drop <= 0.5 pt", r, name, f"{d:+.2f} pt", "<= +0.50 pt",
-                      d <= MAX_DROP_POINTS + 1e-9)
+                check(
+                    "accuracy drop <= 0.5 pt",
+                    r,
+                    name,
+                    f"{d:+.2f} pt",
+                    "<= +0.50 pt",
+                    d <= MAX_DROP_POINTS + 1e-9,
+                )
     for r in results:
         if r.arch == "cnn" and "int8" in r.variants:
             rs = r.ratios("int8", 64)
             q = r.ratio("int8", 64)
-            check("static int8 CNN b64 no slower than fp32 (ORT)", r, "int8",
-                  f"{q:.2f}x (rounds {min(rs):.2f}-{max(rs):.2f})", "<= 1.00x", q <= MAX_CNN_INT8_B64_RATIO)
+            check(
+                "static int8 CNN b64 no slower than fp32 (ORT)",
+                r,
+                "int8",
+                f"{q:.2f}x (rounds {min(rs):.2f}-{max(rs):.2f})",
+                "<= 1.00x",
+                q <= MAX_CNN_INT8_B64_RATIO,
+            )
         if r.arch == "cnn":
             ok = r.refusal is not None and r.refusal_left_registry
-            check(f"{CONV_REFUSED} refused for convolutions", r, CONV_REFUSED,
-                  "refused, registry unchanged" if ok else "not refused or registry changed", "refused", ok)
+            check(
+                f"{CONV_REFUSED} refused for convolutions",
+                r,
+                CONV_REFUSED,
+                "refused, registry unchanged" if ok else "not refused or registry changed",
+                "refused",
+                ok,
+            )
     t.notes.append(f"  {t.misses} target(s) missed" if t.misses else "  all targets met")
     return t

@@ -34,10 +34,31 @@ class FleetClient(Protocol):
     def list_models(self) -> list[ModelSummary]: ...
     def list_versions(self, model: str) -> list[ModelVersion]: ...
     def get_version(self, ref: ModelRef) -> ModelVersion: ...
-    def train(self, name: str, data: str, *, arch: str, epochs: int, seed: int, batch_size: int, lr: float, on_epoch: Callable[[Any], None] | None) -> ModelVersion: ...
-    def quantize(self, ref: ModelRef, variants: Sequence[str], *, max_drop: float, force: bool, progress: Callable[[str, int, int], None]) -> ModelVersion: ...
+    def train(
+        self,
+        name: str,
+        data: str,
+        *,
+        arch: str,
+        epochs: int,
+        seed: int,
+        batch_size: int,
+        lr: float,
+        on_epoch: Callable[[Any], None] | None,
+    ) -> ModelVersion: ...
+    def quantize(
+        self,
+        ref: ModelRef,
+        variants: Sequence[str],
+        *,
+        max_drop: float,
+        force: bool,
+        progress: Callable[[str, int, int], None],
+    ) -> ModelVersion: ...
     def import_model(self, path: Path, name: str, *, eval_data: Path | None) -> ModelVersion: ...
-    def promote(self, ref: ModelRef, stage: str, *, archive_existing: bool) -> tuple[ModelVersion, list[int]]: ...
+    def promote(
+        self, ref: ModelRef, stage: str, *, archive_existing: bool
+    ) -> tuple[ModelVersion, list[int]]: ...
     def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[Any]]: ...
     def export(self, ref: ModelRef, out: Path, *, variants: Sequence[str]) -> list[Path]: ...
     def close(self) -> None: ...
@@ -62,8 +83,12 @@ class LocalClient:
         from cloud.pipeline import Pipeline
         from cloud.signing import load_private_key
 
-        store = open_artifact_store(self.settings.artifacts, s3_endpoint_url=self.settings.s3_endpoint_url)
-        return Pipeline(self.registry, store, lambda: load_private_key(self.settings.signing_key_path))
+        store = open_artifact_store(
+            self.settings.artifacts, s3_endpoint_url=self.settings.s3_endpoint_url
+        )
+        return Pipeline(
+            self.registry, store, lambda: load_private_key(self.settings.signing_key_path)
+        )
 
     def _require_init(self) -> None:
         from protos.errors import NotFound
@@ -118,9 +143,13 @@ class LocalClient:
     def import_model(self, path: Path, name: str, *, eval_data: Path | None) -> ModelVersion:
         return self.pipeline.import_model(path, name, eval_data=eval_data)  # type: ignore[no-any-return]
 
-    def promote(self, ref: ModelRef, stage: str, *, archive_existing: bool) -> tuple[ModelVersion, list[int]]:
+    def promote(
+        self, ref: ModelRef, stage: str, *, archive_existing: bool
+    ) -> tuple[ModelVersion, list[int]]:
         mv = self.registry.get_version(ref)
-        return self.registry.set_stage(mv.model, mv.version, stage, archive_existing=archive_existing)
+        return self.registry.set_stage(
+            mv.model, mv.version, stage, archive_existing=archive_existing
+        )
 
     def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[Any]]:
         from cloud.signing import load_public

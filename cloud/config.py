@@ -6,10 +6,10 @@ Defaults need nothing installed: SQLite and a file:// store under FLEET_HOME.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 

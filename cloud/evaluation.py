@@ -27,7 +27,7 @@ class EvalSet:
         arrays = {"x": self.x, "calibration": self.calibration}
         if self.y is not None:
             arrays["y"] = self.y
-        np.savez_compressed(buf, **arrays)
+        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
         return buf.getvalue()
 
     @classmethod
@@ -73,7 +73,9 @@ def batch_of(x: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([x] * reps)[:n]) if reps > 1 else x[:n]
 
 
-def evaluate(model: bytes, runtime: str, evalset: EvalSet, *, latency_runs: int = 100) -> Evaluation:
+def evaluate(
+    model: bytes, runtime: str, evalset: EvalSet, *, latency_runs: int = 100
+) -> Evaluation:
     session = open_session(model, runtime, threads=1)
     outputs = session.run(evalset.x)
     accuracy = None

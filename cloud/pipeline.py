@@ -92,18 +92,21 @@ class Pipeline:
         progress: Progress = _noop,
     ) -> ModelVersion:
         from cloud.quantize.compact import compact_onnx
+        from cloud.registry.entities import check_model_name
         from cloud.training.export import INPUT_NAME, export_onnx
         from cloud.training.train import TrainConfig, predict, train
         from models.arch import ARCHITECTURES, to_checkpoint
         from models.checkpoint import dump_checkpoint
         from models.data import load_dataset, split
 
-        from cloud.registry.entities import check_model_name
-
         check_model_name(name)
         if arch not in ARCHITECTURES:
-            raise InvalidArgument(f"--arch {arch!r} unknown; available: {', '.join(sorted(ARCHITECTURES))}")
-        config = TrainConfig(arch=arch, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, holdout=holdout)
+            raise InvalidArgument(
+                f"--arch {arch!r} unknown; available: {', '.join(sorted(ARCHITECTURES))}"
+            )
+        config = TrainConfig(
+            arch=arch, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, holdout=holdout
+        )
         key = self._signing_key()  # fail before training if `fleet init` was not run
         progress("load data", 0, 1)
         data = load_dataset(data_source)
@@ -114,11 +117,17 @@ class Pipeline:
         progress("export onnx", 0, 1)
         fp32 = compact_onnx(export_onnx(result.module, data.input_shape))
         rng = np.random.default_rng(seed)
-        calib_idx = rng.choice(len(train_ds), size=min(CALIBRATION_SAMPLES, len(train_ds)), replace=False)
+        calib_idx = rng.choice(
+            len(train_ds), size=min(CALIBRATION_SAMPLES, len(train_ds)), replace=False
+        )
         evalset = EvalSet(hold_ds.x, hold_ds.y, train_ds.x[np.sort(calib_idx)])
         progress("evaluate fp32", 0, 1)
-        built = measure(KINDS["fp32"], fp32, {"mode": "fp32"}, evalset, baseline_accuracy=None, max_drop=0)
-        agree = float((predictions(self._holdout_outputs(fp32, evalset)) == torch_logits.argmax(1)).mean())
+        built = measure(
+            KINDS["fp32"], fp32, {"mode": "fp32"}, evalset, baseline_accuracy=None, max_drop=0
+        )
+        agree = float(
+            (predictions(self._holdout_outputs(fp32, evalset)) == torch_logits.argmax(1)).mean()
+        )
         if agree < 0.99:
             raise InvalidArgument(
                 f"exported ONNX agrees with the torch model on only {agree:.1%} of the holdout"
@@ -148,7 +157,9 @@ class Pipeline:
             checkpoint_sha256=ckpt_ref.sha256,
             evalset_sha256=eval_ref.sha256,
         )
-        make = sign_variants([built], model=name, labels=_labels(data.classes), store=self.store, key=key)
+        make = sign_variants(
+            [built], model=name, labels=_labels(data.classes), store=self.store, key=key
+        )
         return self.registry.create_version(name, new, make)
 
     def _holdout_outputs(self, model: bytes, evalset: EvalSet) -> np.ndarray:
@@ -175,7 +186,9 @@ class Pipeline:
         if clash and not force:
             from protos.errors import AlreadyExists
 
-            raise AlreadyExists(f"{mv.ref} already has variant(s) {', '.join(clash)}; pass --force to rebuild them")
+            raise AlreadyExists(
+                f"{mv.ref} already has variant(s) {', '.join(clash)}; pass --force to rebuild them"
+            )
         needs_ckpt = [v for v in variants if KINDS[v].needs_checkpoint]
         if needs_ckpt and not mv.checkpoint_sha256:
             raise InvalidArgument(
@@ -223,10 +236,14 @@ class Pipeline:
                 else:
                     data, qcfg = to_tflite_int8(tflite_fp32, evalset.calibration)
             built.append(
-                measure(kind, data, qcfg, evalset, baseline_accuracy=fp32.accuracy, max_drop=max_drop)
+                measure(
+                    kind, data, qcfg, evalset, baseline_accuracy=fp32.accuracy, max_drop=max_drop
+                )
             )
         progress("register", len(variants), len(variants))
-        make = sign_variants(built, model=mv.model, labels=_labels(mv.classes), store=self.store, key=key)
+        make = sign_variants(
+            built, model=mv.model, labels=_labels(mv.classes), store=self.store, key=key
+        )
         return self.registry.add_variants(mv.model, mv.version, make(mv.version), replace=force)
 
     def _module(self, mv: ModelVersion) -> Any:
@@ -263,9 +280,19 @@ class Pipeline:
             evalset = EvalSet(x, y, x[:CALIBRATION_SAMPLES])
             classes = tuple(str(c) for c in np.unique(y))
         else:
-            x1 = np.zeros([1, *[max(d, 1) for d in session.inputs[0].shape[1:]]], dtype=session.inputs[0].dtype)
+            x1 = np.zeros(
+                [1, *[max(d, 1) for d in session.inputs[0].shape[1:]]],
+                dtype=session.inputs[0].dtype,
+            )
             evalset = EvalSet(x1, None, x1)
-        built = measure(KINDS[variant], data, {"mode": "imported", "format": fmt}, evalset, baseline_accuracy=None, max_drop=0)
+        built = measure(
+            KINDS[variant],
+            data,
+            {"mode": "imported", "format": fmt},
+            evalset,
+            baseline_accuracy=None,
+            max_drop=0,
+        )
         # the registry serves exactly these bytes: reread them and check outputs match the original's
         stored = self.store.get(self.store.put(data).sha256)
         reread = open_session(stored, runtime, threads=1).run(evalset.x)
@@ -282,33 +309,46 @@ class Pipeline:
             lineage=Lineage(
                 source="import",
                 dataset_name=eval_data.name if eval_data else "",
-                dataset_digest=hashlib.sha256(eval_data.read_bytes()).hexdigest() if eval_data else "",
+                dataset_digest=hashlib.sha256(eval_data.read_bytes()).hexdigest()
+                if eval_data
+                else "",
                 code_version=code_version(),
                 origin={"file": path.name, "format": fmt, "sha256": built.sha256},
             ),
             checkpoint_sha256=None,
             evalset_sha256=eval_ref.sha256 if eval_ref else None,
         )
-        make = sign_variants([built], model=name, labels=_labels(classes), store=self.store, key=key)
+        make = sign_variants(
+            [built], model=name, labels=_labels(classes), store=self.store, key=key
+        )
         return self.registry.create_version(name, new, make)
 
     # -- verify and export ----------------------------------------------------------
 
-    def verify(self, ref: ModelRef, public_key: Ed25519PublicKey) -> tuple[ModelVersion, list[VerifyResult]]:
+    def verify(
+        self, ref: ModelRef, public_key: Ed25519PublicKey
+    ) -> tuple[ModelVersion, list[VerifyResult]]:
         mv = self.registry.get_version(ref)
         results = []
         for v in mv.variants:
             try:
                 manifest = verify_manifest(SignedManifest.from_bytes(v.signed_manifest), public_key)
                 if (manifest.model, manifest.version, manifest.variant, manifest.sha256) != (
-                    mv.model, mv.version, v.name, v.sha256,
+                    mv.model,
+                    mv.version,
+                    v.name,
+                    v.sha256,
                 ):
                     raise DataLoss(
                         f"manifest names {manifest.ref} sha256 {manifest.sha256[:12]}…; registry row is "
                         f"{mv.ref}/{v.name} sha256 {v.sha256[:12]}…"
                     )
                 check_artifact(manifest, self.store.get(v.sha256))
-                results.append(VerifyResult(v.name, True, f"signature ok, sha256 {v.sha256[:12]}…, {v.size} bytes"))
+                results.append(
+                    VerifyResult(
+                        v.name, True, f"signature ok, sha256 {v.sha256[:12]}…, {v.size} bytes"
+                    )
+                )
             except FleetError as e:
                 results.append(VerifyResult(v.name, False, f"{e.kind}: {e}"))
         for label, sha in (("weights.npz", mv.checkpoint_sha256), ("evalset", mv.evalset_sha256)):
@@ -373,7 +413,17 @@ def _detect_format(path: Path, data: bytes) -> tuple[str, str, str]:
     if not model.graph.node:
         raise InvalidArgument(f"{path.name}: ONNX graph is empty; accepted: .onnx, .tflite")
     ops = {n.op_type for n in model.graph.node}
-    quantized = bool(ops & {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger"})
+    quantized = bool(
+        ops
+        & {
+            "QuantizeLinear",
+            "DequantizeLinear",
+            "QLinearMatMul",
+            "QLinearConv",
+            "MatMulInteger",
+            "ConvInteger",
+        }
+    )
     return "onnx", "onnxruntime", "int8" if quantized else "fp32"
 
 

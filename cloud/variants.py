@@ -35,10 +35,16 @@ KINDS: dict[str, VariantKind] = {
     for k in (
         VariantKind("fp32", "onnxruntime", "onnx", False, 0.01, "ONNX float32 (export)"),
         VariantKind("int8", "onnxruntime", "onnx", False, 0.1, "ONNX static int8 QDQ, calibrated"),
-        VariantKind("int8-dynamic", "onnxruntime", "onnx", False, 0.1, "ONNX dynamic int8 (no convolutions)"),
-        VariantKind("fp16", "onnxruntime", "onnx", False, 0.05, "ONNX float16, float32 I/O (GPU/NPU)"),
+        VariantKind(
+            "int8-dynamic", "onnxruntime", "onnx", False, 0.1, "ONNX dynamic int8 (no convolutions)"
+        ),
+        VariantKind(
+            "fp16", "onnxruntime", "onnx", False, 0.05, "ONNX float16, float32 I/O (GPU/NPU)"
+        ),
         VariantKind("tflite-fp32", "litert", "tflite", True, 0.01, "TFLite float32 (LiteRT)"),
-        VariantKind("tflite-int8", "litert", "tflite", True, 0.1, "TFLite static int8, float32 I/O"),
+        VariantKind(
+            "tflite-int8", "litert", "tflite", True, 0.1, "TFLite static int8, float32 I/O"
+        ),
     )
 }
 DEFAULT_VARIANTS = ("int8", "fp16", "tflite-fp32", "tflite-int8")
@@ -50,7 +56,9 @@ def parse_variants(text: str) -> list[str]:
     bad = [n for n in names if n not in KINDS or n == "fp32"]
     if bad or not names:
         accepted = ", ".join(k for k in KINDS if k != "fp32")
-        raise InvalidArgument(f"--variants {text!r}: unknown {', '.join(bad) or '(empty)'}; accepted: {accepted}")
+        raise InvalidArgument(
+            f"--variants {text!r}: unknown {', '.join(bad) or '(empty)'}; accepted: {accepted}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -99,8 +107,17 @@ def measure(
                 f"({baseline_accuracy:.2%}); max drop {max_drop:g}"
             )
     return BuiltVariant(
-        kind, data, digest(data), quantization, ev.accuracy, ev.latency_ms,
-        ev.inputs, ev.output_specs, golden, deployable, reason,
+        kind,
+        data,
+        digest(data),
+        quantization,
+        ev.accuracy,
+        ev.latency_ms,
+        ev.inputs,
+        ev.output_specs,
+        golden,
+        deployable,
+        reason,
     )
 
 
@@ -132,7 +149,9 @@ def sign_variants(
                 created_at_ms=now,
                 labels={**labels, "quantization": str(b.quantization.get("mode", ""))},
                 golden=b.golden,
-                requires=("dynamic-int8",) if b.quantization.get("mode") == "dynamic" and b.kind.runtime == "litert" else (),
+                requires=("dynamic-int8",)
+                if b.quantization.get("mode") == "dynamic" and b.kind.runtime == "litert"
+                else (),
             )
             signed = sign_manifest(manifest, key)
             out.append(

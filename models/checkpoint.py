@@ -56,7 +56,7 @@ class Checkpoint:
 def dump_checkpoint(ckpt: Checkpoint) -> bytes:
     buf = io.BytesIO()
     meta = np.array(json.dumps(ckpt.config.to_dict(), sort_keys=True))
-    np.savez(buf, **{_META: meta}, **{k: np.asarray(v) for k, v in ckpt.arrays.items()})
+    np.savez(buf, **{_META: meta}, **{k: np.asarray(v) for k, v in ckpt.arrays.items()})  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -70,5 +70,7 @@ def load_checkpoint(data: bytes) -> Checkpoint:
             config = ArchConfig.from_dict(json.loads(str(z[_META])))
             arrays = {k: np.array(z[k]) for k in z.files if k != _META}
     except (ValueError, OSError, zipfile.BadZipFile, KeyError) as e:
-        raise InvalidArgument(f"checkpoint ({len(data)} bytes) is not a readable weights.npz: {e}") from e
+        raise InvalidArgument(
+            f"checkpoint ({len(data)} bytes) is not a readable weights.npz: {e}"
+        ) from e
     return Checkpoint(config, arrays)

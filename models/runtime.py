@@ -8,7 +8,6 @@ a device with only LiteRT never imports onnxruntime, and the other way round.
 from __future__ import annotations
 
 import logging
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -56,8 +55,7 @@ class ModelSession(ABC):
             d >= 0 and d != s for d, s in zip(spec.shape[1:], x.shape[1:], strict=False)
         ):
             raise InvalidArgument(
-                f"input shape {tuple(x.shape)} does not fit {spec.describe()} "
-                "(N is the batch size)"
+                f"input shape {tuple(x.shape)} does not fit {spec.describe()} (N is the batch size)"
             )
         return np.ascontiguousarray(x)
 
@@ -68,7 +66,9 @@ class ModelSession(ABC):
 class OnnxSession(ModelSession):
     runtime = "onnxruntime"
 
-    def __init__(self, model: bytes, *, providers: Sequence[str] | None = None, threads: int = 0) -> None:
+    def __init__(
+        self, model: bytes, *, providers: Sequence[str] | None = None, threads: int = 0
+    ) -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -152,7 +152,9 @@ class LiteRtSession(ModelSession):
             try:
                 return self._invoke(x)
             except (ValueError, RuntimeError) as e:
-                logger.debug("TFLite model does not resize to %s (%s): running in chunks", x.shape, e)
+                logger.debug(
+                    "TFLite model does not resize to %s (%s): running in chunks", x.shape, e
+                )
                 self._resizable = False
                 self._interp.resize_tensor_input(self._in["index"], list(self._in["shape"]))
                 self._interp.allocate_tensors()

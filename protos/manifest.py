@@ -115,7 +115,9 @@ class SignedManifest:
         try:
             msg.ParseFromString(data)
         except DecodeError as e:
-            raise InvalidArgument(f"signed manifest ({len(data)} bytes) is not valid protobuf: {e}") from e
+            raise InvalidArgument(
+                f"signed manifest ({len(data)} bytes) is not valid protobuf: {e}"
+            ) from e
         if not msg.manifest or not msg.signature:
             raise InvalidArgument("signed manifest lacks the manifest bytes or the signature")
         return cls(manifest_bytes=msg.manifest, signature=msg.signature, key_id=msg.key_id)
@@ -141,7 +143,7 @@ def encode_manifest(m: Manifest) -> bytes:
     )
     for spec, target in ((m.inputs, msg.inputs), (m.outputs, msg.outputs)):
         for t in spec:
-            target.add(name=t.name, dtype=DTYPES[t.dtype], shape=list(t.shape))  # type: ignore[arg-type]
+            target.add(name=t.name, dtype=DTYPES[t.dtype], shape=list(t.shape))
     msg.labels.update(dict(m.labels))
     if m.golden is not None:
         g = m.golden
@@ -180,7 +182,9 @@ def decode_manifest(data: bytes) -> Manifest:
     golden = None
     if msg.HasField("golden"):
         g = msg.golden
-        golden = GoldenSample(g.input, tuple(g.input_shape), g.output, tuple(g.output_shape), g.atol)
+        golden = GoldenSample(
+            g.input, tuple(g.input_shape), g.output, tuple(g.output_shape), g.atol
+        )
     return Manifest(
         model=msg.model,
         version=msg.version,

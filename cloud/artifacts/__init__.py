@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 from cloud.artifacts.base import ArtifactStore, BlobRef, digest
@@ -9,7 +10,7 @@ from cloud.artifacts.local import LocalArtifactStore
 from cloud.artifacts.s3 import S3ArtifactStore
 from protos.errors import InvalidArgument
 
-_BACKENDS: dict[str, type[ArtifactStore]] = {
+_BACKENDS: dict[str, Callable[..., ArtifactStore]] = {
     "": LocalArtifactStore,
     "file": LocalArtifactStore,
     "s3": S3ArtifactStore,

@@ -68,5 +68,5 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete(self, sha256: str) -> None: ...
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 - optional hook; local stores have nothing to check
         """Raise `Unavailable` if the backend cannot be reached (used at startup)."""

@@ -19,7 +19,9 @@ class LocalArtifactStore(ArtifactStore):
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise Unavailable(f"artifact store {self.uri}: cannot create {self.root}: {e.strerror}") from e
+            raise Unavailable(
+                f"artifact store {self.uri}: cannot create {self.root}: {e.strerror}"
+            ) from e
 
     def _path(self, sha256: str) -> Path:
         check_digest(sha256)

@@ -19,7 +19,9 @@ class S3ArtifactStore(ArtifactStore):
 
         parsed = urlparse(uri)
         if not parsed.netloc:
-            raise InvalidArgument(f"artifact store {uri!r}: no bucket; expected s3://BUCKET[/PREFIX]")
+            raise InvalidArgument(
+                f"artifact store {uri!r}: no bucket; expected s3://BUCKET[/PREFIX]"
+            )
         self.uri = uri.rstrip("/")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
@@ -54,7 +56,9 @@ class S3ArtifactStore(ArtifactStore):
                 raise Unauthenticated(
                     f"artifact store {self.uri} at {self.endpoint}: access denied ({code})"
                 ) from None
-            raise Unavailable(f"artifact store {self.uri} at {self.endpoint}: {what}: {code} {e}") from e
+            raise Unavailable(
+                f"artifact store {self.uri} at {self.endpoint}: {what}: {code} {e}"
+            ) from e
         except NoCredentialsError:
             raise Unauthenticated(
                 f"artifact store {self.uri}: no AWS credentials (set AWS_ACCESS_KEY_ID/"
@@ -85,7 +89,7 @@ class S3ArtifactStore(ArtifactStore):
             Key=self._key(sha256),
             Body=data,
             ContentType="application/octet-stream",
-            ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode(),  # noqa: S324
+            ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode(),
         )
 
     def _read(self, sha256: str) -> bytes:

@@ -32,14 +32,46 @@ app.add_typer(models_cli.app, name="models")
 @app.callback()
 def main_callback(
     ctx: typer.Context,
-    home: Annotated[Path | None, typer.Option("--home", envvar="FLEET_HOME", help="State folder [env FLEET_HOME; default ~/.edgefleet].")] = None,
-    db_url: Annotated[str | None, typer.Option("--db-url", envvar="FLEET_DB_URL", help="Registry database: sqlite:///PATH or postgresql://… [env FLEET_DB_URL].")] = None,
-    artifacts: Annotated[str | None, typer.Option("--artifacts", envvar="FLEET_ARTIFACT_URI", help="Artifact store: file:///PATH or s3://BUCKET/PREFIX [env FLEET_ARTIFACT_URI].")] = None,
-    s3_endpoint_url: Annotated[str | None, typer.Option("--s3-endpoint-url", envvar="FLEET_S3_ENDPOINT_URL", help="S3-compatible endpoint [env FLEET_S3_ENDPOINT_URL].")] = None,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")] = 0,
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            "--home",
+            envvar="FLEET_HOME",
+            help="State folder [env FLEET_HOME; default ~/.edgefleet].",
+        ),
+    ] = None,
+    db_url: Annotated[
+        str | None,
+        typer.Option(
+            "--db-url",
+            envvar="FLEET_DB_URL",
+            help="Registry database: sqlite:///PATH or postgresql://… [env FLEET_DB_URL].",
+        ),
+    ] = None,
+    artifacts: Annotated[
+        str | None,
+        typer.Option(
+            "--artifacts",
+            envvar="FLEET_ARTIFACT_URI",
+            help="Artifact store: file:///PATH or s3://BUCKET/PREFIX [env FLEET_ARTIFACT_URI].",
+        ),
+    ] = None,
+    s3_endpoint_url: Annotated[
+        str | None,
+        typer.Option(
+            "--s3-endpoint-url",
+            envvar="FLEET_S3_ENDPOINT_URL",
+            help="S3-compatible endpoint [env FLEET_S3_ENDPOINT_URL].",
+        ),
+    ] = None,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")
+    ] = 0,
 ) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     ctx.obj = State(home=home, db_url=db_url, artifacts=artifacts, s3_endpoint_url=s3_endpoint_url)
 
 
@@ -52,7 +84,9 @@ def init(ctx: typer.Context) -> None:
     out.print(f"FLEET_HOME  {result.home}")
     out.print(f"registry    {result.registry}")
     out.print(f"artifacts   {result.artifacts}")
-    out.print(f"signing key {result.key_id} ({'created' if result.created_key else 'kept existing'})")
+    out.print(
+        f"signing key {result.key_id} ({'created' if result.created_key else 'kept existing'})"
+    )
     err.print(f"settings written to {result.config}")
 
 
@@ -60,8 +94,12 @@ def init(ctx: typer.Context) -> None:
 def train(
     ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", "-m", help="Registry model name, e.g. digits.")],
-    arch: Annotated[str, typer.Option("--arch", help="Architecture: mlp or cnn (models.arch).")] = "mlp",
-    data: Annotated[str, typer.Option("--data", help="'digits' or a path to .npz (X, y) / .csv.")] = "digits",
+    arch: Annotated[
+        str, typer.Option("--arch", help="Architecture: mlp or cnn (models.arch).")
+    ] = "mlp",
+    data: Annotated[
+        str, typer.Option("--data", help="'digits' or a path to .npz (X, y) / .csv.")
+    ] = "digits",
     epochs: Annotated[int, typer.Option(min=1, max=10_000)] = 20,
     seed: Annotated[int, typer.Option()] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
@@ -75,16 +113,34 @@ def train(
 
     client = client_of(ctx)
     with Progress(
-        TextColumn("[bold]train[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"), TimeElapsedColumn(),
-        console=err, transient=True,
+        TextColumn("[bold]train[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     ) as bar:
         task = bar.add_task(f"{model} ({arch})", total=epochs, loss="-", acc="-")
 
         def on_epoch(stat: Any) -> None:
-            bar.update(task, completed=stat.epoch, loss=f"{stat.loss:.4f}", acc=f"{stat.train_accuracy:.2%}")
+            bar.update(
+                task,
+                completed=stat.epoch,
+                loss=f"{stat.loss:.4f}",
+                acc=f"{stat.train_accuracy:.2%}",
+            )
 
-        mv = client.train(model, data, arch=arch, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, on_epoch=on_epoch)
+        mv = client.train(
+            model,
+            data,
+            arch=arch,
+            epochs=epochs,
+            seed=seed,
+            batch_size=batch_size,
+            lr=lr,
+            on_epoch=on_epoch,
+        )
     if as_json:
         emit_json(version_json(mv))
     else:
@@ -94,9 +150,21 @@ def train(
 @app.command()
 def quantize(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(metavar="NAME:VERSION", help="Version to build variants of.")],
-    variants: Annotated[str, typer.Option("--variants", help="Comma list: int8, int8-dynamic, fp16, tflite-fp32, tflite-int8.")] = "int8,fp16,tflite-fp32,tflite-int8",
-    max_drop: Annotated[float, typer.Option("--max-drop", help="Largest accuracy drop vs fp32, in points, for a deployable variant.")] = 1.0,
+    ref: Annotated[
+        str, typer.Argument(metavar="NAME:VERSION", help="Version to build variants of.")
+    ],
+    variants: Annotated[
+        str,
+        typer.Option(
+            "--variants", help="Comma list: int8, int8-dynamic, fp16, tflite-fp32, tflite-int8."
+        ),
+    ] = "int8,fp16,tflite-fp32,tflite-int8",
+    max_drop: Annotated[
+        float,
+        typer.Option(
+            "--max-drop", help="Largest accuracy drop vs fp32, in points, for a deployable variant."
+        ),
+    ] = 1.0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild variants that exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -111,8 +179,12 @@ def quantize(
     parsed = ModelRef.parse(ref)
     client = client_of(ctx)
     with Progress(
-        TextColumn("[bold]quantize[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=err, transient=True,
+        TextColumn("[bold]quantize[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     ) as bar:
         task = bar.add_task(str(parsed), total=len(names))
 

@@ -9,7 +9,9 @@ import typer
 
 from cloud.cli.context import client_of
 
-app = typer.Typer(help="The model registry: versions, variants, stages, signatures.", no_args_is_help=True)
+app = typer.Typer(
+    help="The model registry: versions, variants, stages, signatures.", no_args_is_help=True
+)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -61,7 +63,9 @@ def import_(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="An .onnx or .tflite model trained elsewhere.")],
     name: Annotated[str, typer.Option("--name", help="Registry model name.")],
-    eval_data: Annotated[Path | None, typer.Option("--eval-data", help=".npz with X and y to measure accuracy on.")] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help=".npz with X and y to measure accuracy on.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a model trained elsewhere (ONNX or TFLite) as a new version."""
@@ -78,8 +82,12 @@ def import_(
 def promote(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(metavar="NAME:VERSION")],
-    stage: Annotated[str, typer.Option("--stage", help="none, staging, production or archived.")] = "production",
-    keep_existing: Annotated[bool, typer.Option("--keep-existing", help="Do not archive versions already in that stage.")] = False,
+    stage: Annotated[
+        str, typer.Option("--stage", help="none, staging, production or archived.")
+    ] = "production",
+    keep_existing: Annotated[
+        bool, typer.Option("--keep-existing", help="Do not archive versions already in that stage.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Move a version to a stage; others in that stage are archived."""
@@ -88,9 +96,13 @@ def promote(
     from cloud.registry.entities import check_stage
 
     check_stage(stage)
-    mv, archived = client_of(ctx).promote(ModelRef.parse(ref), stage, archive_existing=not keep_existing)
+    mv, archived = client_of(ctx).promote(
+        ModelRef.parse(ref), stage, archive_existing=not keep_existing
+    )
     if as_json:
-        emit_json({"model": mv.model, "version": mv.version, "stage": mv.stage, "archived": archived})
+        emit_json(
+            {"model": mv.model, "version": mv.version, "stage": mv.stage, "archived": archived}
+        )
         return
     out.print(f"{mv.ref} -> {mv.stage}")
     for v in archived:
@@ -130,7 +142,9 @@ def export(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(metavar="NAME[:VERSION]")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into.")] = Path("."),
-    variant: Annotated[list[str] | None, typer.Option("--variant", help="Only these variants (repeatable).")] = None,
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", help="Only these variants (repeatable).")
+    ] = None,
 ) -> None:
     """Write variants with their signed manifests (and weights.npz) to a folder."""
     from cloud.cli.output import out

@@ -119,7 +119,9 @@ def print_version(mv: ModelVersion) -> None:
     out.print(f"  inputs:   {', '.join(t.describe() for t in mv.inputs)}")
     out.print(f"  outputs:  {', '.join(t.describe() for t in mv.outputs)}")
     if mv.classes:
-        out.print(f"  classes:  {len(mv.classes)} ({', '.join(mv.classes[:12])}{' …' if len(mv.classes) > 12 else ''})")
+        out.print(
+            f"  classes:  {len(mv.classes)} ({', '.join(mv.classes[:12])}{' …' if len(mv.classes) > 12 else ''})"
+        )
     if lin.dataset_name:
         out.print(f"  dataset:  {lin.dataset_name} (sha256 {lin.dataset_digest[:12]}…)")
     if lin.parent_version:
@@ -128,7 +130,9 @@ def print_version(mv: ModelVersion) -> None:
         tc = lin.training_config
         out.print(
             "  training: "
-            + " ".join(f"{k}={tc[k]}" for k in ("epochs", "seed", "batch_size", "lr", "device") if k in tc)
+            + " ".join(
+                f"{k}={tc[k]}" for k in ("epochs", "seed", "batch_size", "lr", "device") if k in tc
+            )
         )
     if lin.origin:
         out.print(f"  imported: {lin.origin.get('file')} ({lin.origin.get('format')})")
@@ -136,8 +140,14 @@ def print_version(mv: ModelVersion) -> None:
     fp32 = next((v for v in mv.variants if v.name == "fp32"), None)
     t = Table(box=None, pad_edge=False, title_justify="left")
     for col, just in (
-        ("VARIANT", "left"), ("RUNTIME", "left"), ("SIZE", "right"), ("x FP32", "right"),
-        ("ACCURACY", "right"), ("Δ PTS", "right"), ("P50 B1", "right"), ("P50 B64", "right"),
+        ("VARIANT", "left"),
+        ("RUNTIME", "left"),
+        ("SIZE", "right"),
+        ("x FP32", "right"),
+        ("ACCURACY", "right"),
+        ("Δ PTS", "right"),
+        ("P50 B1", "right"),
+        ("P50 B64", "right"),
         ("DEPLOYABLE", "left"),
     ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -149,8 +159,14 @@ def print_version(mv: ModelVersion) -> None:
             else "-"
         )
         t.add_row(
-            v.name, v.runtime, fmt_size(v.size), ratio, fmt_acc(v.accuracy), delta,
-            fmt_ms(v.latency_ms.get("b1")), fmt_ms(v.latency_ms.get("b64")),
+            v.name,
+            v.runtime,
+            fmt_size(v.size),
+            ratio,
+            fmt_acc(v.accuracy),
+            delta,
+            fmt_ms(v.latency_ms.get("b1")),
+            fmt_ms(v.latency_ms.get("b64")),
             "yes" if v.deployable else "no (below)",
         )
     out.print()

@@ -40,8 +40,11 @@ class _Calibration:
         pass
 
 
-def quantize_static_int8(model: bytes, calibration: np.ndarray, *, per_channel: bool = True) -> tuple[bytes, dict[str, Any]]:
+def quantize_static_int8(
+    model: bytes, calibration: np.ndarray, *, per_channel: bool = True
+) -> tuple[bytes, dict[str, Any]]:
     """Static QDQ int8: weights and activations int8, ranges from calibration data."""
+    import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -49,8 +52,6 @@ def quantize_static_int8(model: bytes, calibration: np.ndarray, *, per_channel: 
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    import onnx
 
     if len(calibration) == 0:
         raise InvalidArgument("static int8 needs calibration samples; the calibration set is empty")

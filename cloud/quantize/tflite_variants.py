@@ -36,7 +36,11 @@ def _quiet() -> Iterator[None]:
     for name in ("torchao", "torch.utils._pytree", "absl", "litert_torch", "ai_edge_quantizer"):
         logging.getLogger(name).setLevel(logging.ERROR)
     out, err = io.StringIO(), io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         warnings.simplefilter("ignore")
         yield
     for line in (out.getvalue() + err.getvalue()).splitlines():
@@ -55,7 +59,9 @@ def _import_litert_torch() -> Any:
     return litert_torch
 
 
-def to_tflite_fp32(module: Any, input_shape: tuple[int, ...], batches: Sequence[int] = BATCHES) -> tuple[bytes, dict[str, Any]]:
+def to_tflite_fp32(
+    module: Any, input_shape: tuple[int, ...], batches: Sequence[int] = BATCHES
+) -> tuple[bytes, dict[str, Any]]:
     import torch
 
     litert_torch = _import_litert_torch()

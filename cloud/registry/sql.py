@@ -33,7 +33,11 @@ from protos.manifest import TensorSpec
 
 logger = logging.getLogger(__name__)
 
-_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
+_DRIVERS = {
+    "sqlite": "sqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+}
 _RETRIES = 20
 
 
@@ -131,7 +135,9 @@ class SqlRegistryStore(RegistryStore):
             except IntegrityError:
                 # another writer took this number (or created the model): try again
                 delay = min(0.5, 0.01 * 2**attempt) * random.random()
-                logger.debug("version number taken; retrying in %.3fs (attempt %d)", delay, attempt + 1)
+                logger.debug(
+                    "version number taken; retrying in %.3fs (attempt %d)", delay, attempt + 1
+                )
                 time.sleep(delay)
         raise Conflict(f"could not allocate a version of {model!r} after {_RETRIES} attempts")
 
@@ -159,7 +165,9 @@ class SqlRegistryStore(RegistryStore):
             try:
                 s.commit()
             except IntegrityError:
-                raise Conflict(f"{model}:{version}: variants changed concurrently; try again") from None
+                raise Conflict(
+                    f"{model}:{version}: variants changed concurrently; try again"
+                ) from None
             return self._load(s, m, row)
 
     def set_stage(
@@ -214,7 +222,9 @@ class SqlRegistryStore(RegistryStore):
         with self._session() as s:
             m = self._model(s, model)
             rows = s.exec(
-                select(VersionRow).where(VersionRow.model_id == m.id).order_by(col(VersionRow.version))
+                select(VersionRow)
+                .where(VersionRow.model_id == m.id)
+                .order_by(col(VersionRow.version))
             ).all()
             return [self._load(s, m, r) for r in rows]
 
@@ -243,7 +253,11 @@ class SqlRegistryStore(RegistryStore):
                 .order_by(col(VersionRow.version))
             ).all()
             have = ", ".join(f"{v}" + (f" ({st})" if st != "none" else "") for v, st in versions)
-            what = f"no version {ref.version}" if ref.version is not None else f"no version in stage {ref.stage!r}"
+            what = (
+                f"no version {ref.version}"
+                if ref.version is not None
+                else f"no version in stage {ref.stage!r}"
+            )
             raise NotFound(f"model {ref.name!r} has {what}; versions: {have or 'none'}")
         return m, row
 

@@ -75,7 +75,11 @@ def _quiet() -> Iterator[None]:
     out, err = io.StringIO(), io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     os.environ.setdefault("TORCH_LOGS", "-all")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         warnings.simplefilter("ignore")
         yield
     for line in (out.getvalue() + err.getvalue()).splitlines():

@@ -110,9 +110,13 @@ def train(
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             total += len(idx)
-        stat = EpochStat(epoch, config.epochs, loss_sum / total, correct / total, time.perf_counter() - t0)
+        stat = EpochStat(
+            epoch, config.epochs, loss_sum / total, correct / total, time.perf_counter() - t0
+        )
         history.append(stat)
-        logger.debug("epoch %d/%d loss %.4f acc %.4f", epoch, config.epochs, stat.loss, stat.train_accuracy)
+        logger.debug(
+            "epoch %d/%d loss %.4f acc %.4f", epoch, config.epochs, stat.loss, stat.train_accuracy
+        )
         if progress:
             progress(stat)
     module.to("cpu").eval()

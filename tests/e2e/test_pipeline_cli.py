@@ -63,7 +63,9 @@ def test_show_prints_a_table_of_every_variant(cli: Cli, trained: Path) -> None:
 def test_variants_are_measured_in_their_runtimes_and_gated(cli: Cli, trained: Path) -> None:
     v = show_json(cli, trained, "digits:1")
     assert v["lineage"]["source"] == "train" and v["lineage"]["dataset_name"] == "digits"
-    assert len(v["lineage"]["dataset_digest"]) == 64 and v["lineage"]["training_config"]["epochs"] == 8
+    assert (
+        len(v["lineage"]["dataset_digest"]) == 64 and v["lineage"]["training_config"]["epochs"] == 8
+    )
     by = {x["name"]: x for x in v["variants"]}
     assert set(by) == set(ALL_VARIANTS)
     assert by["tflite-int8"]["runtime"] == by["tflite-fp32"]["runtime"] == "litert"
@@ -102,7 +104,9 @@ def test_max_drop_gate_marks_but_keeps(cli: Cli, tmp_path: Path) -> None:
 def test_dynamic_int8_refused_for_convolutions(cli: Cli, trained: Path) -> None:
     r = cli("--home", str(trained), "quantize", "digits:1", "--variants", "int8-dynamic")
     assert "int8-dynamic refused: the model has Conv" in assert_one_error_line(r)
-    assert "int8-dynamic" not in {x["name"] for x in show_json(cli, trained, "digits:1")["variants"]}
+    assert "int8-dynamic" not in {
+        x["name"] for x in show_json(cli, trained, "digits:1")["variants"]
+    }
 
 
 def test_verify_export_and_agent_verify(cli: Cli, trained: Path, tmp_path: Path) -> None:
@@ -115,13 +119,26 @@ def test_verify_export_and_agent_verify(cli: Cli, trained: Path, tmp_path: Path)
     model = out / "digits-1-tflite-int8.tflite"
     manifest = out / "digits-1-tflite-int8.manifest"
     assert model.exists() and manifest.exists() and (out / "digits-1-weights.npz").exists()
-    agent = [sys.executable, "-m", "agent.cli", "verify", str(model), "--manifest", str(manifest),
-             "--public-key", str(trained / "keys" / "signing.pub")]
+    agent = [
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "verify",
+        str(model),
+        "--manifest",
+        str(manifest),
+        "--public-key",
+        str(trained / "keys" / "signing.pub"),
+    ]
     ok = subprocess.run(agent, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "signature ok, sha256 ok" in ok.stdout and "self-test ok" in ok.stdout
-    wrong = subprocess.run([*agent[:4], str(out / "digits-1-int8.onnx"), *agent[5:]],
-                           capture_output=True, text=True, timeout=120)
+    wrong = subprocess.run(
+        [*agent[:4], str(out / "digits-1-int8.onnx"), *agent[5:]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert wrong.returncode == 1 and "error (data-loss)" in wrong.stderr
 
 
@@ -157,7 +174,9 @@ def test_tampered_blob_and_manifest_fail_verification(cli: Cli, tmp_path: Path) 
     assert r.code == 1 and "FAILED" in rows["fp32"]
 
 
-def test_bad_inputs_give_one_line_and_change_nothing(cli: Cli, trained: Path, tmp_path: Path) -> None:
+def test_bad_inputs_give_one_line_and_change_nothing(
+    cli: Cli, trained: Path, tmp_path: Path
+) -> None:
     h = ["--home", str(trained)]
     before = versions_count(cli, trained)
     line = assert_one_error_line(cli(*h, "models", "show", "digits:99"))
@@ -165,34 +184,66 @@ def test_bad_inputs_give_one_line_and_change_nothing(cli: Cli, trained: Path, tm
     assert "models: digits" in assert_one_error_line(cli(*h, "models", "show", "nope:1"))
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04 truncated")
-    assert "not a readable .npz" in assert_one_error_line(cli(*h, "train", "--model", "digits", "--data", str(bad)))
+    assert "not a readable .npz" in assert_one_error_line(
+        cli(*h, "train", "--model", "digits", "--data", str(bad))
+    )
     flat = tmp_path / "flat.npz"
     rng = np.random.default_rng(0)
     np.savez(flat, X=rng.normal(size=(50, 10)), y=np.arange(50) % 2)
-    line = assert_one_error_line(cli(*h, "train", "--model", "digits", "--arch", "cnn", "--data", str(flat)))
+    line = assert_one_error_line(
+        cli(*h, "train", "--model", "digits", "--arch", "cnn", "--data", str(flat))
+    )
     assert "10 features is not a square" in line
-    assert "available: cnn, mlp" in assert_one_error_line(cli(*h, "train", "--model", "digits", "--arch", "rnn"))
-    assert "accepted: int8, int8-dynamic" in assert_one_error_line(cli(*h, "quantize", "digits:1", "--variants", "int4"))
+    assert "available: cnn, mlp" in assert_one_error_line(
+        cli(*h, "train", "--model", "digits", "--arch", "rnn")
+    )
+    assert "accepted: int8, int8-dynamic" in assert_one_error_line(
+        cli(*h, "quantize", "digits:1", "--variants", "int4")
+    )
     assert versions_count(cli, trained) == before
     usage = cli(*h, "train")
     assert usage.code == 2 and "Missing option '--model'" in usage.err
 
 
-def test_unreachable_database_and_s3(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+def test_unreachable_database_and_s3(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         monkeypatch.setenv(k, v)
     line = assert_one_error_line(
-        cli("--home", str(tmp_path / "h"), "--db-url", "postgresql://fleet:secret@127.0.0.1:1/fleet", "init")
+        cli(
+            "--home",
+            str(tmp_path / "h"),
+            "--db-url",
+            "postgresql://fleet:secret@127.0.0.1:1/fleet",
+            "init",
+        )
     )
     assert "(unavailable)" in line and "127.0.0.1:1" in line and "secret" not in line
     assert not (tmp_path / "h" / "keys").exists()  # nothing written
     line = assert_one_error_line(
-        cli("--home", str(tmp_path / "h2"), "--artifacts", "s3://models", "--s3-endpoint-url", "http://127.0.0.1:1", "init")
+        cli(
+            "--home",
+            str(tmp_path / "h2"),
+            "--artifacts",
+            "s3://models",
+            "--s3-endpoint-url",
+            "http://127.0.0.1:1",
+            "init",
+        )
     )
     assert "(unavailable)" in line and "http://127.0.0.1:1" in line
-    line = assert_one_error_line(cli("--home", str(tmp_path / "h3"), "--artifacts", "gs://b/m", "init"))
+    line = assert_one_error_line(
+        cli("--home", str(tmp_path / "h3"), "--artifacts", "gs://b/m", "init")
+    )
     assert "supported: file, s3" in line
-    line = assert_one_error_line(cli("--home", str(tmp_path / "h4"), "--db-url", "mysql://x@127.0.0.1/db", "init"))
+    line = assert_one_error_line(
+        cli("--home", str(tmp_path / "h4"), "--db-url", "mysql://x@127.0.0.1/db", "init")
+    )
     assert "accepted: sqlite, postgresql" in line
 
 
@@ -211,7 +262,9 @@ def test_promote_archives_previous_production(cli: Cli, tmp_path: Path) -> None:
     assert json.loads(r.out) == {"model": "m", "version": 2, "stage": "production", "archived": [1]}
     assert show_json(cli, tmp_path / "h", "m@production")["version"] == 2
     assert show_json(cli, tmp_path / "h", "m:1")["stage"] == "archived"
-    assert "accepted: none, staging" in assert_one_error_line(cli(*h, "models", "promote", "m:1", "--stage", "live"))
+    assert "accepted: none, staging" in assert_one_error_line(
+        cli(*h, "models", "promote", "m:1", "--stage", "live")
+    )
 
 
 def test_import_sklearn_model_matches_original(cli: Cli, tmp_path: Path) -> None:
@@ -225,14 +278,26 @@ def test_import_sklearn_model_matches_original(cli: Cli, tmp_path: Path) -> None
 
     d = load_digits()
     x = d.data.astype(np.float32)
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(x[:1400], d.target[:1400])
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(
+        x[:1400], d.target[:1400]
+    )
     onx = to_onnx(clf, x[:1], options={"zipmap": False}, target_opset=17)
     path = tmp_path / "skl.onnx"
     path.write_bytes(onx.SerializeToString())
     np.savez(tmp_path / "eval.npz", X=x[1400:], y=d.target[1400:])
     h = ["--home", str(tmp_path / "h")]
     assert cli(*h, "init").code == 0
-    r = cli(*h, "models", "import", str(path), "--name", "skl", "--eval-data", str(tmp_path / "eval.npz"), "--json")
+    r = cli(
+        *h,
+        "models",
+        "import",
+        str(path),
+        "--name",
+        "skl",
+        "--eval-data",
+        str(tmp_path / "eval.npz"),
+        "--json",
+    )
     assert r.code == 0, r.err
     v = json.loads(r.out)
     want = float((clf.predict(x[1400:]) == d.target[1400:]).mean())
@@ -253,10 +318,25 @@ def test_import_sklearn_model_matches_original(cli: Cli, tmp_path: Path) -> None
 
 def test_import_tflite_roundtrip(cli: Cli, trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "e"
-    assert cli("--home", str(trained), "models", "export", "digits:1", "--variant", "tflite-fp32", "--out", str(out)).code == 0
+    assert (
+        cli(
+            "--home",
+            str(trained),
+            "models",
+            "export",
+            "digits:1",
+            "--variant",
+            "tflite-fp32",
+            "--out",
+            str(out),
+        ).code
+        == 0
+    )
     h = ["--home", str(tmp_path / "h")]
     assert cli(*h, "init").code == 0
-    r = cli(*h, "models", "import", str(out / "digits-1-tflite-fp32.tflite"), "--name", "edge", "--json")
+    r = cli(
+        *h, "models", "import", str(out / "digits-1-tflite-fp32.tflite"), "--name", "edge", "--json"
+    )
     assert r.code == 0, r.err
     v = json.loads(r.out)
     assert v["variants"][0]["name"] == "tflite-fp32" and v["variants"][0]["runtime"] == "litert"

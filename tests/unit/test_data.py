@@ -37,7 +37,9 @@ def test_npz_and_csv_load_with_label_mapping(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", X=x, y=y)
     ds = load_dataset(str(tmp_path / "d.npz"))
     assert ds.classes == ("3", "7") and set(ds.y.tolist()) == {0, 1}
-    rows = "\n".join(",".join(f"{v:.4f}" for v in row) + f",{lab}" for row, lab in zip(x, y, strict=True))
+    rows = "\n".join(
+        ",".join(f"{v:.4f}" for v in row) + f",{lab}" for row, lab in zip(x, y, strict=True)
+    )
     (tmp_path / "d.csv").write_text("a,b,c,label\n" + rows + "\n")
     csv = load_dataset(str(tmp_path / "d.csv"))
     assert csv.x.shape == (40, 3) and np.allclose(csv.x, x, atol=1e-4)

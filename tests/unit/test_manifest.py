@@ -74,7 +74,9 @@ def test_forged_key_id_still_fails_on_signature() -> None:
     s = sign_manifest(manifest(), forger)
     trusted_id = sign_manifest(manifest(), trusted).key_id
     with pytest.raises(Unauthenticated):
-        verify_manifest(SignedManifest(s.manifest_bytes, s.signature, trusted_id), trusted.public_key())
+        verify_manifest(
+            SignedManifest(s.manifest_bytes, s.signature, trusted_id), trusted.public_key()
+        )
 
 
 def test_garbage_signed_manifest_is_invalid_argument() -> None:

@@ -61,7 +61,9 @@ def test_onnx_session_dynamic_batch_and_shape_errors(tiny_onnx: bytes) -> None:
     assert s.inputs[0].shape == (-1, 64) and s.provider == "CPUExecutionProvider"
     for n in (1, 7, 64):
         assert s.run(np.zeros((n, 64), np.float32)).shape == (n, 10)
-    with pytest.raises(InvalidArgument, match=r"input shape \(2, 63\) does not fit input: float32\[N,64\]"):
+    with pytest.raises(
+        InvalidArgument, match=r"input shape \(2, 63\) does not fit input: float32\[N,64\]"
+    ):
         s.run(np.zeros((2, 63), np.float32))
     with pytest.raises(InvalidArgument, match="send float32"):
         s.run(np.array([["a"] * 64]))
