@@ -29,12 +29,18 @@ def main() -> int:
     h = ["--home", str(home)]
     steps = [
         ("fleet init", [*h, "init"]),
-        ("fleet train --model digits --arch cnn", [*h, "train", "--model", "digits", "--arch", "cnn"]),
+        (
+            "fleet train --model digits --arch cnn",
+            [*h, "train", "--model", "digits", "--arch", "cnn"],
+        ),
         ("fleet quantize digits:1", [*h, "quantize", "digits:1"]),
         ("fleet models show digits:1", [*h, "models", "show", "digits:1"]),
         ("fleet models verify digits:1", [*h, "models", "verify", "digits:1"]),
         ("fleet models promote digits:1 --stage production", [*h, "models", "promote", "digits:1"]),
-        ("fleet models export digits:1 --out .demo/dist", [*h, "models", "export", "digits:1", "--out", str(root / "dist")]),
+        (
+            "fleet models export digits:1 --out .demo/dist",
+            [*h, "models", "export", "digits:1", "--out", str(root / "dist")],
+        ),
     ]
     for title, argv in steps:
         step(title)
@@ -46,9 +52,12 @@ def main() -> int:
     step("fleet-agent verify (what a device does with an artifact it received)")
     code = agent_app(
         args=[
-            "verify", str(dist / "digits-1-tflite-int8.tflite"),
-            "--manifest", str(dist / "digits-1-tflite-int8.manifest"),
-            "--public-key", str(home / "keys" / "signing.pub"),
+            "verify",
+            str(dist / "digits-1-tflite-int8.tflite"),
+            "--manifest",
+            str(dist / "digits-1-tflite-int8.manifest"),
+            "--public-key",
+            str(home / "keys" / "signing.pub"),
         ],
         prog_name="fleet-agent",
         standalone_mode=False,
