@@ -70,7 +70,12 @@ class S3ArtifactStore(ArtifactStore):
             ) from None
 
     def check(self) -> None:
-        self._call("bucket check", self._client.head_bucket)
+        try:
+            self._call("bucket check", self._client.head_bucket)
+        except NotFound:  # head_bucket's 404 carries no code: say what is missing
+            raise NotFound(
+                f"artifact store {self.uri}: bucket {self.bucket!r} does not exist at {self.endpoint}"
+            ) from None
 
     def exists(self, sha256: str) -> bool:
         try:

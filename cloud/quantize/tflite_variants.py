@@ -64,8 +64,10 @@ def to_tflite_fp32(
 ) -> tuple[bytes, dict[str, Any]]:
     import torch
 
+    from models.arch import for_export
+
     litert_torch = _import_litert_torch()
-    module = module.eval().cpu()
+    module = for_export(module.eval().cpu())
     with _quiet():
         conv = litert_torch._convert.interface.Converter()
         for b in batches:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DataError, DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session, col, func, select
 
 from cloud.registry import tables
@@ -29,7 +30,7 @@ from cloud.registry.entities import (
 from cloud.registry.store import RegistryStore
 from cloud.registry.tables import ModelRow, VariantRow, VersionRow
 from protos.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
-from protos.manifest import TensorSpec
+from protos.manifest import RUNTIMES, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ class SqlRegistryStore(RegistryStore):
                 yield s
         except OperationalError as e:
             raise Unavailable(f"registry database {self.url} unreachable: {_reason(e)}") from None
+        except DataError as e:  # a value the column cannot hold: checks above should catch it first
+            raise InvalidArgument(
+                f"registry database {self.url} refused a value: {_reason(e)}"
+            ) from None
 
     # -- writes -------------------------------------------------------------------
 
@@ -96,6 +101,8 @@ class SqlRegistryStore(RegistryStore):
         variants: Callable[[int], Sequence[NewVariant]] | None = None,
     ) -> ModelVersion:
         check_model_name(model)
+        if not 0 < len(new.arch) <= 64:
+            raise InvalidArgument(f"arch {new.arch!r}: 1-64 characters")
         for attempt in range(_RETRIES):
             try:
                 with self._session() as s:
@@ -314,7 +321,24 @@ def _variant_row(version_id: int, v: NewVariant) -> VariantRow:
     )
 
 
+_VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def _check_variant_names(variants: Sequence[NewVariant]) -> None:
+    for v in variants:
+        if not _VARIANT_NAME.match(v.name):
+            raise InvalidArgument(
+                f"variant name {v.name!r}: use 1-32 lowercase letters, digits, '.', '_' or '-'"
+            )
+        if v.runtime not in RUNTIMES:
+            raise InvalidArgument(
+                f"variant {v.name!r}: runtime {v.runtime!r} unknown; accepted: {', '.join(RUNTIMES)}"
+            )
+        if not _SHA256.match(v.sha256):
+            raise InvalidArgument(
+                f"variant {v.name!r}: sha256 {v.sha256!r} is not 64 lowercase hex"
+            )
     names = [v.name for v in variants]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -328,6 +352,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _reason(e: OperationalError) -> str:
+def _reason(e: DBAPIError) -> str:
     text = str(e.orig).strip() if e.orig is not None else str(e)
     return text.splitlines()[0] if text else type(e).__name__

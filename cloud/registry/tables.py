@@ -15,12 +15,29 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend (SQLite drops the zone on the way back)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc) if value is not None else None
+
+
 class ModelRow(SQLModel, table=True):
     __tablename__ = "models"
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True, unique=True, max_length=63)
-    created_at: datetime = Field(default_factory=_now, sa_type=sa.DateTime(timezone=True))
+    created_at: datetime = Field(default_factory=_now, sa_type=UtcDateTime)
 
 
 class VersionRow(SQLModel, table=True):
@@ -37,7 +54,7 @@ class VersionRow(SQLModel, table=True):
     lineage: dict[str, Any] = Field(sa_type=sa.JSON)
     checkpoint_sha256: str | None = Field(default=None, max_length=64)
     evalset_sha256: str | None = Field(default=None, max_length=64)
-    created_at: datetime = Field(default_factory=_now, sa_type=sa.DateTime(timezone=True))
+    created_at: datetime = Field(default_factory=_now, sa_type=UtcDateTime)
 
 
 class VariantRow(SQLModel, table=True):
@@ -56,4 +73,4 @@ class VariantRow(SQLModel, table=True):
     deployable: bool
     reason: str = ""
     signed_manifest: bytes = Field(sa_type=sa.LargeBinary)
-    created_at: datetime = Field(default_factory=_now, sa_type=sa.DateTime(timezone=True))
+    created_at: datetime = Field(default_factory=_now, sa_type=UtcDateTime)

@@ -28,7 +28,9 @@ def export_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     """fp32 ONNX with a dynamic batch axis named N, via the dynamo exporter."""
     from torch.export import Dim
 
-    module = module.eval().cpu()
+    from models.arch import for_export
+
+    module = for_export(module.eval().cpu())
     sample = torch.zeros((2, *input_shape), dtype=torch.float32)
     arg = next(iter(_forward_arg_names(module)))
     with tempfile.TemporaryDirectory() as tmp, _quiet():

@@ -238,6 +238,15 @@ def test_s3_nonexistent_bucket_is_not_found(s3: Any) -> None:
         store.check()
 
 
+def test_s3_check_says_the_bucket_is_missing(s3: Any) -> None:
+    bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+    store = open_artifact_store(f"s3://{bucket}", s3_endpoint_url=s3.endpoint)
+    with pytest.raises(
+        NotFound, match=f"bucket '{bucket}' does not exist at {re.escape(s3.endpoint)}"
+    ):
+        store.check()
+
+
 def test_stores_do_not_see_each_others_prefixes(s3: Any) -> None:
     a = open_artifact_store(
         f"s3://{s3.bucket}/a-{uuid.uuid4().hex[:8]}", s3_endpoint_url=s3.endpoint

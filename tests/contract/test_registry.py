@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -234,6 +237,38 @@ def test_list_models_summarises_each_model(registry: RegistryStore) -> None:
     assert (b.versions, b.latest_version, b.production_version) == (1, 1, None)
 
 
+def test_timestamps_are_timezone_aware_utc(registry: RegistryStore, registry_url: str) -> None:
+    before = datetime.now(timezone.utc)
+    made = registry.create_version("digits", new_version(), lambda n: [new_variant()])
+    got = registry.get_version(ModelRef("digits", 1))
+    stamps = {
+        "created version": made.created_at,
+        "created variant": made.variants[0].created_at,
+        "read version": got.created_at,
+        "read variant": got.variants[0].created_at,
+        "model summary": registry.list_models()[0].created_at,
+    }
+    naive = sorted(what for what, ts in stamps.items() if ts.tzinfo is None)
+    assert naive == [], f"naive datetimes from {registry_url.split(':')[0]}: {naive}"
+    for ts in stamps.values():  # and they are the same instant on every backend
+        assert before - timedelta(seconds=5) <= ts <= datetime.now(timezone.utc)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param(new_variant("v" * 33), id="name-33-chars"),
+        pytest.param(dataclasses.replace(new_variant(), runtime="r" * 33), id="runtime-33-chars"),
+    ],
+)
+def test_over_long_variant_fields_are_invalid_on_every_backend(
+    registry: RegistryStore, variant: NewVariant
+) -> None:
+    with pytest.raises(InvalidArgument):
+        registry.create_version("digits", new_version(), lambda n: [variant])
+    assert model_names(registry) == []
+
+
 # -- add_variants ---------------------------------------------------------------------
 
 
@@ -448,6 +483,14 @@ def test_unreachable_database_is_unavailable_quickly() -> None:
     assert time.monotonic() - t0 < 10
     assert "s3cret" not in str(ei.value)
     assert "fleet:***@" in str(ei.value)
+
+
+def test_sqlite_in_a_missing_directory_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "such" / "dir" / "registry.db"
+    with pytest.raises(
+        Unavailable, match=re.escape(f"registry database sqlite:///{path} unreachable")
+    ):
+        open_registry(f"sqlite:///{path}")
 
 
 @pytest.mark.parametrize("url", ["mysql://u:pw@127.0.0.1/db", "mongodb://127.0.0.1/db"])
