@@ -72,19 +72,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.norm(x))  # type: ignore[no-any-return]
 
-    def for_export(self) -> nn.Module:
-        """The same function with the normalization folded into the first layer:
-        W' = W / std, b' = b - W' @ mean. Smaller graphs, and int8 variants no
-        longer quantize the raw input before normalizing it."""
-        first = self.body[0]
-        assert isinstance(first, nn.Linear)
-        folded = nn.Linear(first.in_features, first.out_features)
-        with torch.no_grad():
-            w = first.weight / self.norm.std
-            folded.weight.copy_(w)
-            folded.bias.copy_(first.bias - w @ self.norm.mean)
-        return nn.Sequential(nn.Flatten(), folded, *list(self.body)[1:]).eval()
-
 
 def image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     """(C, H, W) for a CNN: features must be square, (H, W) or (C, H, W)."""
@@ -136,12 +123,6 @@ class CNN(nn.Module):
 
 register_architecture("mlp")(MLP)
 register_architecture("cnn")(CNN)
-
-
-def for_export(module: nn.Module) -> nn.Module:
-    """What to export for deployment: architectures may fold training-only structure."""
-    fold = getattr(module, "for_export", None)
-    return fold() if callable(fold) else module
 
 
 def build(cfg: ArchConfig) -> nn.Module:

@@ -10,12 +10,10 @@ Needs the `tflite` extra (litert-torch); imported only when a TFLite variant is 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import tempfile
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +26,16 @@ logger = logging.getLogger(__name__)
 BATCHES = (1, 64)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> contextlib.AbstractContextManager[None]:
+    from cloud.quiet import captured_output
+
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
-    for name in ("torchao", "torch.utils._pytree", "absl", "litert_torch", "ai_edge_quantizer"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    out, err = io.StringIO(), io.StringIO()
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(out),
-        contextlib.redirect_stderr(err),
-    ):
-        warnings.simplefilter("ignore")
-        yield
-    for line in (out.getvalue() + err.getvalue()).splitlines():
-        if line.strip():
-            logger.debug("litert: %s", line)
+    return captured_output(
+        "litert",
+        silence=("torchao", "torch.utils._pytree", "absl", "litert_torch", "ai_edge_quantizer"),
+    )
 
 
 def _import_litert_torch() -> Any:
@@ -64,10 +54,8 @@ def to_tflite_fp32(
 ) -> tuple[bytes, dict[str, Any]]:
     import torch
 
-    from models.arch import for_export
-
     litert_torch = _import_litert_torch()
-    module = for_export(module.eval().cpu())
+    module = module.eval().cpu()
     with _quiet():
         conv = litert_torch._convert.interface.Converter()
         for b in batches:
@@ -94,7 +82,15 @@ def to_tflite_int8(fp32: bytes, calibration: np.ndarray) -> tuple[bytes, dict[st
         src, dst = Path(tmp) / "fp32.tflite", Path(tmp) / "int8.tflite"
         src.write_bytes(fp32)
         qt = aeq_quantizer.Quantizer(str(src), aeq_recipe.static_wi8_ai8())
-        for op in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
+        # float32 I/O, and the input normalization (SUB, then MUL or DIV by 1/std)
+        # kept in float: quantizing raw features before normalizing them costs accuracy
+        for op in (
+            qtyping.TFLOperationName.INPUT,
+            qtyping.TFLOperationName.OUTPUT,
+            qtyping.TFLOperationName.SUB,
+            qtyping.TFLOperationName.MUL,
+            qtyping.TFLOperationName.DIV,
+        ):
             qt.update_quantization_recipe(".*", op, algorithm_key=AlgorithmName.NO_QUANTIZE)
         interp = Interpreter(model_content=fp32)
         calib: dict[str, list[dict[str, np.ndarray]]] = {}

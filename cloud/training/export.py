@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import tempfile
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -28,9 +24,7 @@ def export_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     """fp32 ONNX with a dynamic batch axis named N, via the dynamo exporter."""
     from torch.export import Dim
 
-    from models.arch import for_export
-
-    module = for_export(module.eval().cpu())
+    module = module.eval().cpu()
     sample = torch.zeros((2, *input_shape), dtype=torch.float32)
     arg = next(iter(_forward_arg_names(module)))
     with tempfile.TemporaryDirectory() as tmp, _quiet():
@@ -71,23 +65,9 @@ def _check_batch_dynamic(data: bytes) -> None:
         raise InvalidArgument("exported ONNX has a fixed batch size; expected a dynamic axis")
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> contextlib.AbstractContextManager[None]:
     """The exporter prints progress and warnings to stdout/stderr; keep them in the log."""
-    out, err = io.StringIO(), io.StringIO()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    from cloud.quiet import captured_output
+
     os.environ.setdefault("TORCH_LOGS", "-all")
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(out),
-        contextlib.redirect_stderr(err),
-    ):
-        warnings.simplefilter("ignore")
-        yield
-    for line in (out.getvalue() + err.getvalue()).splitlines():
-        if line.strip():
-            logger.debug("exporter: %s", line)
-
-
-def onnx_outputs_match(a: np.ndarray, b: np.ndarray, *, atol: float = 1e-4) -> bool:
-    return a.shape == b.shape and bool(np.allclose(a, b, atol=atol, rtol=1e-3))
+    return captured_output("torch.onnx", silence=("torch.onnx",))

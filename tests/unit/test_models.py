@@ -71,20 +71,3 @@ def test_onnx_session_dynamic_batch_and_shape_errors(tiny_onnx: bytes) -> None:
         open_session(tiny_onnx[: len(tiny_onnx) // 2], "onnxruntime")
     with pytest.raises(InvalidArgument, match="supported: onnxruntime, litert"):
         open_session(tiny_onnx, "tensorrt")
-
-
-def test_mlp_export_folds_normalization_into_the_first_layer() -> None:
-    import torch
-
-    from models.arch import Normalize, build, for_export
-
-    torch.manual_seed(0)
-    m = build(ArchConfig("mlp", (64,), 10))
-    norm = next(x for x in m.modules() if isinstance(x, Normalize))
-    norm.fit(np.random.default_rng(0).normal(3.0, 2.0, size=(100, 64)).astype(np.float32))
-    folded = for_export(m.eval())
-    assert not any(isinstance(x, Normalize) for x in folded.modules())
-    x = torch.randn(8, 64) * 2 + 3
-    assert torch.allclose(m(x), folded(x), atol=1e-4)
-    cnn = build(ArchConfig("cnn", (64,), 10))
-    assert for_export(cnn) is cnn  # per-pixel statistics do not fold into convolutions
