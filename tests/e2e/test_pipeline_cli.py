@@ -307,6 +307,20 @@ def test_import_sklearn_model_matches_original(cli: Cli, tmp_path: Path) -> None
     assert cli(*h, "models", "export", "skl:1", "--out", str(tmp_path / "out")).code == 0
     served = open_session((tmp_path / "out" / "skl-1-fp32.onnx").read_bytes(), "onnxruntime")
     assert np.array_equal(served.run(x[1400:]), clf.predict(x[1400:]))
+    np.savez(tmp_path / "narrow.npz", X=x[1400:, :63], y=d.target[1400:])
+    line = assert_one_error_line(
+        cli(
+            *h,
+            "models",
+            "import",
+            str(path),
+            "--name",
+            "skl",
+            "--eval-data",
+            str(tmp_path / "narrow.npz"),
+        )
+    )
+    assert "does not fit" in line and "float32[N,64]" in line
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00garbage" * 10)
     line = assert_one_error_line(cli(*h, "models", "import", str(junk), "--name", "skl"))
