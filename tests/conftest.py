@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from cloud.broker import ManagedBroker
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -45,3 +51,15 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
         return CliResult(code, captured.out, captured.err)
 
     return invoke
+
+
+@pytest.fixture
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedBroker]:
+    """A real Mosquitto on a free 127.0.0.1 port, private to the test."""
+    from cloud.broker import ManagedBroker
+
+    state = Path(tempfile.mkdtemp(prefix="fleet-mqtt-"))
+    os.chmod(state, 0o777)
+    with ManagedBroker(state, persistence=True) as b:
+        yield b
+    shutil.rmtree(state, ignore_errors=True)
