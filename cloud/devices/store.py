@@ -1,0 +1,224 @@
+"""DeviceStore: enrolled devices and their last known state, in the registry database."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from cloud.devices.selector import Selector
+from cloud.registry.sql import normalize_url
+from cloud.registry.tables import UtcDateTime
+from protos.errors import AlreadyExists, NotFound, Unavailable
+from protos.topics import check_device_id
+
+logger = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class DeviceRow(SQLModel, table=True):
+    __tablename__ = "devices"
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True, unique=True, max_length=64)
+    group: str = Field(default="", max_length=64)
+    tags: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
+    enrolled_at: datetime = Field(default_factory=_now, sa_type=UtcDateTime)
+    online: bool = False
+    last_seen: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    boot_id: str = ""
+    agent_version: str = ""
+    capabilities: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    active: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    reported: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    desired_generation: int = 0
+    desired: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
+    rollout_id: str = ""
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    group: str
+    tags: Mapping[str, str]
+    enrolled_at: datetime
+    online: bool
+    last_seen: datetime | None
+    agent_version: str
+    capabilities: Mapping[str, Any]
+    active: Mapping[str, Any]
+    reported: Mapping[str, Any]
+    desired_generation: int
+    rollout_id: str
+    boot_id: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        return str(self.reported.get("state", "enrolled"))
+
+
+def _device(r: DeviceRow) -> Device:
+    return Device(
+        device_id=r.device_id,
+        group=r.group,
+        tags=dict(r.tags),
+        enrolled_at=r.enrolled_at,
+        online=r.online,
+        last_seen=r.last_seen,
+        agent_version=r.agent_version,
+        capabilities=dict(r.capabilities),
+        active=dict(r.active),
+        reported=dict(r.reported),
+        desired_generation=r.desired_generation,
+        rollout_id=r.rollout_id,
+        boot_id=r.boot_id,
+    )
+
+
+class DeviceStore:
+    def __init__(self, url: str) -> None:
+        u = normalize_url(url)
+        self.url = u.render_as_string(hide_password=True)
+        args: dict[str, Any] = (
+            {"timeout": 30} if u.get_backend_name() == "sqlite" else {"connect_timeout": 5}
+        )
+        self._engine = sa.create_engine(u, pool_pre_ping=True, connect_args=args)
+        try:
+            DeviceRow.metadata.create_all(self._engine, tables=[DeviceRow.__table__])  # type: ignore[attr-defined]
+        except OperationalError as e:
+            raise Unavailable(f"device database {self.url} unreachable: {e.orig}") from None
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with Session(self._engine, expire_on_commit=False) as s:
+                yield s
+        except OperationalError as e:
+            raise Unavailable(f"device database {self.url} unreachable: {e.orig}") from None
+
+    def _row(self, s: Session, device_id: str) -> DeviceRow:
+        row = s.exec(select(DeviceRow).where(DeviceRow.device_id == device_id)).first()
+        if row is None:
+            raise NotFound(
+                f"device {device_id!r} is not enrolled (fleet devices enroll {device_id})"
+            )
+        return row
+
+    def enroll(
+        self, device_id: str, *, group: str = "", tags: Mapping[str, str] | None = None
+    ) -> Device:
+        check_device_id(device_id)
+        with self._session() as s:
+            row = DeviceRow(device_id=device_id, group=group, tags=dict(tags or {}))
+            s.add(row)
+            try:
+                s.commit()
+            except IntegrityError:
+                raise AlreadyExists(f"device {device_id!r} is already enrolled") from None
+            return _device(row)
+
+    def get(self, device_id: str) -> Device:
+        with self._session() as s:
+            return _device(self._row(s, device_id))
+
+    def find(self, selector: Selector | None = None, *, online: bool | None = None) -> list[Device]:
+        with self._session() as s:
+            q = select(DeviceRow).order_by(col(DeviceRow.device_id))
+            if online is not None:
+                q = q.where(DeviceRow.online == online)
+            rows = s.exec(q).all()
+            out = [_device(r) for r in rows]
+        if selector is not None:
+            out = [d for d in out if selector.matches(d.device_id, d.group, d.tags)]
+        return out
+
+    def record_status(
+        self, device_id: str, status: Mapping[str, Any], *, now: datetime | None = None
+    ) -> bool:
+        """Birth or last will. Returns False (and changes nothing) for an unknown device."""
+        with self._session() as s:
+            row = s.exec(select(DeviceRow).where(DeviceRow.device_id == device_id)).first()
+            if row is None:
+                logger.warning("status from unenrolled device %r ignored", device_id)
+                return False
+            row.online = bool(status.get("online"))
+            row.last_seen = now or _now()
+            if row.online:
+                row.boot_id = str(status.get("boot_id", ""))
+                row.agent_version = str(status.get("agent_version", ""))
+                row.capabilities = dict(status.get("capabilities", {}))
+                if status.get("active"):
+                    row.active = dict(status["active"])
+            s.add(row)
+            s.commit()
+            return True
+
+    def record_reported(
+        self, device_id: str, reported: Mapping[str, Any], *, now: datetime | None = None
+    ) -> bool:
+        with self._session() as s:
+            row = s.exec(select(DeviceRow).where(DeviceRow.device_id == device_id)).first()
+            if row is None:
+                logger.warning("report from unenrolled device %r ignored", device_id)
+                return False
+            row.reported = dict(reported)
+            if reported.get("active"):
+                row.active = dict(reported["active"])
+            row.last_seen = now or _now()
+            s.add(row)
+            s.commit()
+            return True
+
+    def touch(self, device_ids: list[str], *, now: datetime | None = None) -> None:
+        if not device_ids:
+            return
+        with self._session() as s:
+            s.execute(
+                sa.update(DeviceRow)
+                .where(col(DeviceRow.device_id).in_(device_ids))
+                .values(last_seen=now or _now())
+            )
+            s.commit()
+
+    def next_generation(self, device_id: str) -> int:
+        """Allocate the next desired generation for a device (strictly increasing)."""
+        with self._session() as s:
+            res = s.execute(
+                sa.update(DeviceRow)
+                .where(col(DeviceRow.device_id) == device_id)
+                .values(desired_generation=DeviceRow.desired_generation + 1)
+                .returning(col(DeviceRow.desired_generation))
+            ).first()
+            if res is None:
+                raise NotFound(f"device {device_id!r} is not enrolled")
+            s.commit()
+            return int(res[0])
+
+    def set_desired(
+        self, device_id: str, generation: int, signed: bytes, *, rollout_id: str
+    ) -> None:
+        with self._session() as s:
+            row = self._row(s, device_id)
+            row.desired = signed
+            row.rollout_id = rollout_id
+            row.desired_generation = max(row.desired_generation, generation)
+            s.add(row)
+            s.commit()
+
+    def desired(self, device_id: str) -> bytes | None:
+        with self._session() as s:
+            return self._row(s, device_id).desired

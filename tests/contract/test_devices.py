@@ -1,0 +1,62 @@
+"""DeviceStore against SQLite and PostgreSQL: enrolment, selectors, liveness, generations."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud.devices import DeviceStore, Selector
+from protos.errors import AlreadyExists, InvalidArgument, NotFound
+
+
+@pytest.fixture
+def devices(registry_url: str) -> DeviceStore:
+    store = DeviceStore(registry_url)
+    yield store  # type: ignore[misc]
+    store.close()
+
+
+def test_enroll_list_and_select(devices: DeviceStore) -> None:
+    devices.enroll("cam-1", group="lobby", tags={"site": "paris"})
+    devices.enroll("cam-2", group="lobby", tags={"site": "lyon"})
+    devices.enroll("gw-1", group="yard")
+    with pytest.raises(AlreadyExists, match="'cam-1' is already enrolled"):
+        devices.enroll("cam-1")
+    ids = lambda sel: [d.device_id for d in devices.find(Selector.parse(sel))]  # noqa: E731
+    assert ids("all") == ["cam-1", "cam-2", "gw-1"]
+    assert ids("group=lobby") == ["cam-1", "cam-2"]
+    assert ids("tag=site=lyon") == ["cam-2"]
+    assert ids("device=gw-1,cam-1") == ["cam-1", "gw-1"]
+    with pytest.raises(NotFound, match="not enrolled"):
+        devices.get("cam-9")
+
+
+def test_status_reported_and_generations(devices: DeviceStore) -> None:
+    devices.enroll("d1")
+    caps = {"runtimes": ["onnxruntime"], "accelerator": "cpu"}
+    assert devices.record_status("d1", {"online": True, "boot_id": "b1", "capabilities": caps})
+    assert not devices.record_status("ghost", {"online": True})
+    d = devices.get("d1")
+    assert d.online and d.capabilities == caps and d.last_seen is not None
+    assert [x.device_id for x in devices.find(online=True)] == ["d1"]
+    devices.record_status("d1", {"online": False})
+    assert not devices.get("d1").online and devices.get("d1").capabilities == caps
+    assert [devices.next_generation("d1") for _ in range(3)] == [1, 2, 3]
+    devices.set_desired("d1", 3, b"signed", rollout_id="r1")
+    assert devices.desired("d1") == b"signed" and devices.get("d1").rollout_id == "r1"
+    devices.record_reported("d1", {"state": "active", "generation": 3, "active": {"model": "m"}})
+    got = devices.get("d1")
+    assert got.state == "active" and got.active == {"model": "m"}
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("everything", "accepted: all, group=G"),
+        ("tag=site", "tag needs KEY=VALUE"),
+        ("zone=a", "'zone' unknown"),
+        ("device=a/b", "device id 'a/b'"),
+    ],
+)
+def test_bad_selectors(text: str, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        Selector.parse(text)
