@@ -1,0 +1,152 @@
+"""Artifact broadcast: each chunk goes out once per wave on a shared topic, whatever
+the number of devices; devices say what they lack on `want`, and the coordinator
+merges those wants and re-sends only missing chunks (a carousel)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from cloud.serde import encode_chunk
+from protos.errors import InvalidArgument
+from protos.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+DEFAULT_CHUNK_SIZE = 64 * 1024
+
+
+@dataclass
+class _Artifact:
+    sha256: str
+    data: bytes
+    chunk_size: int
+    pending: set[int] = field(default_factory=set)
+    first_want_at: float | None = None
+    chunks_sent: int = 0
+    bytes_sent: int = 0
+    wants: int = 0
+
+    @property
+    def total(self) -> int:
+        return max(1, -(-len(self.data) // self.chunk_size))
+
+    def chunk(self, i: int) -> bytes:
+        return self.data[i * self.chunk_size : (i + 1) * self.chunk_size]
+
+
+def chunk_digests(data: bytes, chunk_size: int) -> list[bytes]:
+    n = max(1, -(-len(data) // chunk_size))
+    return [hashlib.sha256(data[i * chunk_size : (i + 1) * chunk_size]).digest() for i in range(n)]
+
+
+@dataclass(frozen=True)
+class ArtifactStats:
+    sha256: str
+    size: int
+    chunks: int
+    chunks_sent: int
+    bytes_sent: int
+    wants: int
+
+
+class Broadcaster:
+    """Serves every registered artifact's chunks from merged wants.
+
+    `gather` seconds after the first want of a round it sends every pending chunk,
+    in index order, at most `rate` bytes/s (0: unlimited). Wants arriving meanwhile
+    join the pending set, so a chunk wanted by 1,000 devices goes out once.
+    """
+
+    def __init__(
+        self,
+        publish: Publish,
+        *,
+        topics: Topics,
+        gather: float = 0.2,
+        rate: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate < 0:
+            raise InvalidArgument(f"rate limit {rate}: must be 0 (unlimited) or a positive bytes/s")
+        self._publish = publish
+        self._topics = topics
+        self._gather = gather
+        self._rate = rate
+        self._clock = clock
+        self._artifacts: dict[str, _Artifact] = {}
+        self._wake = asyncio.Event()
+
+    def register(
+        self, sha256: str, data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> list[bytes]:
+        if chunk_size <= 0:
+            raise InvalidArgument(f"chunk size {chunk_size}: must be positive")
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise InvalidArgument(f"artifact bytes do not hash to {sha256[:16]}…")
+        if sha256 not in self._artifacts:
+            self._artifacts[sha256] = _Artifact(sha256, data, chunk_size)
+        return chunk_digests(data, self._artifacts[sha256].chunk_size)
+
+    def known(self, sha256: str) -> bool:
+        return sha256 in self._artifacts
+
+    def on_want(self, sha256: str, ranges: list[tuple[int, int]]) -> None:
+        art = self._artifacts.get(sha256)
+        if art is None:
+            logger.debug("want for unknown artifact %s ignored", sha256[:12])
+            return
+        art.wants += 1
+        for start, end in ranges:
+            lo, hi = max(0, start), min(art.total, end)
+            if lo < hi:
+                art.pending.update(range(lo, hi))
+        if art.pending and art.first_want_at is None:
+            art.first_want_at = self._clock()
+        self._wake.set()
+
+    def stats(self, sha256: str) -> ArtifactStats:
+        a = self._artifacts[sha256]
+        return ArtifactStats(a.sha256, len(a.data), a.total, a.chunks_sent, a.bytes_sent, a.wants)
+
+    async def run(self) -> None:
+        """Send pending chunks until cancelled."""
+        while True:
+            due = [a for a in self._artifacts.values() if a.pending and a.first_want_at is not None]
+            if not due:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = self._clock()
+            ready = [a for a in due if now - (a.first_want_at or now) >= self._gather]
+            if not ready:
+                wait = min(self._gather - (now - (a.first_want_at or now)) for a in due)
+                await asyncio.sleep(max(0.0, wait))
+                continue
+            for art in ready:
+                await self._send_round(art)
+
+    async def _send_round(self, art: _Artifact) -> None:
+        topic = self._topics.chunk(art.sha256)
+        while art.pending:
+            i = min(art.pending)
+            art.pending.discard(i)
+            data = art.chunk(i)
+            payload = encode_chunk(art.sha256, i, art.total, data)
+            t0 = self._clock()
+            await self._publish(topic, payload)
+            art.chunks_sent += 1
+            art.bytes_sent += len(data)
+            if self._rate > 0:
+                spare = len(payload) / self._rate - (self._clock() - t0)
+                if spare > 0:
+                    await asyncio.sleep(spare)
+        art.first_want_at = None
+        logger.debug(
+            "artifact %s: round done, %d chunks sent so far", art.sha256[:12], art.chunks_sent
+        )

@@ -1,0 +1,71 @@
+"""The broadcast carousel: merged wants, one send per chunk per round, repairs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from cloud.distribution import Broadcaster, chunk_digests
+from protos.errors import InvalidArgument
+from protos.fleet.v1 import device_pb2
+from protos.topics import Topics
+
+DATA = bytes(range(256)) * 1000  # 256,000 bytes
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+def run_rounds(
+    wants: list[list[tuple[int, int]]], *, chunk: int = 64_000
+) -> tuple[list[int], Broadcaster]:
+    sent: list[int] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        assert topic == f"t/art/{SHA}/chunk"
+        msg = device_pb2.ArtifactChunk()
+        msg.ParseFromString(payload)
+        assert msg.data == DATA[msg.index * chunk : (msg.index + 1) * chunk]
+        sent.append(msg.index)
+
+    async def main() -> Broadcaster:
+        b = Broadcaster(publish, topics=Topics("t"), gather=0.01)
+        b.register(SHA, DATA, chunk)
+        task = asyncio.create_task(b.run())
+        for ranges in wants:
+            b.on_want(SHA, ranges)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        return b
+
+    return sent, asyncio.run(main())
+
+
+def test_merged_wants_send_each_chunk_once() -> None:
+    # 100 devices each missing everything: 4 chunks go out once
+    sent, b = run_rounds([[(0, 4)]] * 100)
+    assert sorted(sent) == [0, 1, 2, 3]
+    st = b.stats(SHA)
+    assert st.bytes_sent == len(DATA) and st.wants == 100 and st.chunks == 4
+
+
+def test_repairs_send_only_the_union_of_missing() -> None:
+    sent, _ = run_rounds([[(1, 2)], [(3, 4)], [(1, 2), (3, 4)], [(9, 12)]])
+    assert sorted(sent) == [1, 3]
+
+
+def test_chunk_digests_and_validation() -> None:
+    d = chunk_digests(DATA, 100_000)
+    assert len(d) == 3 and d[2] == hashlib.sha256(DATA[200_000:]).digest()
+
+    async def nop(_t: str, _p: bytes) -> None:
+        return None
+
+    async def main() -> None:
+        b = Broadcaster(nop, topics=Topics())
+        with pytest.raises(InvalidArgument, match="do not hash"):
+            b.register(SHA, DATA[:-1])
+        with pytest.raises(InvalidArgument, match="positive bytes/s"):
+            Broadcaster(nop, topics=Topics(), rate=-1)
+
+    asyncio.run(main())
