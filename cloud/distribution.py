@@ -26,6 +26,7 @@ class _Artifact:
     sha256: str
     data: bytes
     chunk_size: int
+    digests: list[bytes] = field(default_factory=list)
     pending: set[int] = field(default_factory=set)
     first_want_at: float | None = None
     chunks_sent: int = 0
@@ -90,11 +91,17 @@ class Broadcaster:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise InvalidArgument(f"artifact bytes do not hash to {sha256[:16]}…")
         if sha256 not in self._artifacts:
-            self._artifacts[sha256] = _Artifact(sha256, data, chunk_size)
-        return chunk_digests(data, self._artifacts[sha256].chunk_size)
+            self._artifacts[sha256] = _Artifact(sha256, data, chunk_size, chunk_digests(data, chunk_size))
+        return self._artifacts[sha256].digests
 
     def known(self, sha256: str) -> bool:
         return sha256 in self._artifacts
+
+    def digests(self, sha256: str) -> list[bytes]:
+        return self._artifacts[sha256].digests
+
+    def chunk_size(self, sha256: str) -> int:
+        return self._artifacts[sha256].chunk_size
 
     def on_want(self, sha256: str, ranges: list[tuple[int, int]]) -> None:
         art = self._artifacts.get(sha256)
