@@ -15,7 +15,8 @@ def self_test(manifest: Manifest, model: bytes, session: ModelSession | None = N
     if g is None:
         raise InvalidArgument(f"manifest {manifest.ref} carries no golden sample to self-test with")
     s = session or open_session(model, manifest.runtime)
-    x = np.frombuffer(g.input, dtype=np.float32).reshape(g.input_shape)
+    dtype = manifest.inputs[0].dtype if manifest.inputs else "float32"
+    x = np.frombuffer(g.input, dtype=np.dtype(dtype)).reshape(g.input_shape)
     want = np.frombuffer(g.output, dtype=np.float32).reshape(g.output_shape)
     got = s.run(x).astype(np.float32)
     if got.shape != want.shape:

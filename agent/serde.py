@@ -1,0 +1,263 @@
+"""The agent's only bridge to protobuf: messages in, plain Python values out.
+
+Every other agent module works with numpy arrays, `protos.manifest` values and the
+frozen dataclasses defined here; `*_pb2` types stop at this module. The message
+type aliases at the end (`PredictRequest`, …) exist so that `agent.server` can
+annotate what gRPC hands it without importing generated code; it passes those
+messages straight back here and never reads their fields.
+
+Tensors are dense, row-major, little-endian (inference.proto `Tensor`).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+import numpy as np
+
+from protos.errors import InvalidArgument
+from protos.fleet.v1 import device_pb2, inference_pb2, model_pb2
+from protos.manifest import DTYPES, Manifest, TensorSpec
+
+if TYPE_CHECKING:
+    from agent.inference import LatencyHistogram
+
+PredictRequest: TypeAlias = inference_pb2.PredictRequest
+PredictResponse: TypeAlias = inference_pb2.PredictResponse
+ModelMetadataRequest: TypeAlias = inference_pb2.ModelMetadataRequest
+ModelMetadata: TypeAlias = inference_pb2.ModelMetadata
+HealthRequest: TypeAlias = inference_pb2.HealthRequest
+HealthResponse: TypeAlias = inference_pb2.HealthResponse
+
+# DType code -> little-endian numpy dtype, and numpy dtype name -> code.
+_NP_BY_CODE: dict[int, np.dtype[np.generic]] = {
+    code: np.dtype(name).newbyteorder("<") for name, code in DTYPES.items()
+}
+_SUPPORTED = ", ".join(DTYPES)
+
+
+# -- values -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model answered or is serving: `fleet.v1.ModelRef` as a value."""
+
+    model: str
+    version: int
+    variant: str
+    sha256: str
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> ModelRef:
+        return cls(model=m.model, version=m.version, variant=m.variant, sha256=m.sha256)
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.version}/{self.variant}"
+
+
+class UpdateState(enum.IntEnum):
+    """`fleet.v1.UpdateState`, for modules that must not import `device_pb2`."""
+
+    UNSPECIFIED = device_pb2.UPDATE_STATE_UNSPECIFIED
+    IDLE = device_pb2.UPDATE_STATE_IDLE
+    DOWNLOADING = device_pb2.UPDATE_STATE_DOWNLOADING
+    VERIFYING = device_pb2.UPDATE_STATE_VERIFYING
+    LOADING = device_pb2.UPDATE_STATE_LOADING
+    SELF_TEST = device_pb2.UPDATE_STATE_SELF_TEST
+    ACTIVE = device_pb2.UPDATE_STATE_ACTIVE
+    FAILED = device_pb2.UPDATE_STATE_FAILED
+    ROLLED_BACK = device_pb2.UPDATE_STATE_ROLLED_BACK
+
+
+@dataclass(frozen=True)
+class PredictCall:
+    """A decoded `PredictRequest`."""
+
+    x: np.ndarray
+    request_id: str
+    labels: tuple[int, ...]  # optional ground truth, one class index per row
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """A decoded `PredictResponse` (client side)."""
+
+    output: np.ndarray
+    model: ModelRef | None
+    latency_us: int
+    request_id: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A decoded `ModelMetadata` (client side)."""
+
+    model: ModelRef | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    runtime: str
+    provider: str
+    labels: Mapping[str, str]
+
+
+# -- tensors ------------------------------------------------------------------------
+
+
+def tensor_to_array(t: inference_pb2.Tensor) -> np.ndarray:
+    """Decode a `Tensor`; `InvalidArgument` names the dtype, shape and byte count.
+
+    The array shares the message's bytes (read-only, no copy) on little-endian hosts.
+    """
+    dtype = _NP_BY_CODE.get(t.dtype)
+    if dtype is None:
+        raise InvalidArgument(
+            f"tensor dtype {_dtype_label(t.dtype)} is not supported; supported: {_SUPPORTED}"
+        )
+    shape = tuple(int(d) for d in t.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"tensor shape {shape} has a negative dimension")
+    # math.prod on Python ints: no overflow for hostile shapes like (2**62, 2**62).
+    want = math.prod(shape) * dtype.itemsize
+    if len(t.data) != want:
+        raise InvalidArgument(
+            f"tensor data is {len(t.data)} bytes; shape {shape} of {dtype.name} needs {want} bytes"
+        )
+    x = np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
+def array_to_tensor(x: np.ndarray) -> inference_pb2.Tensor:
+    code = DTYPES.get(x.dtype.name)
+    if code is None:
+        raise InvalidArgument(f"array dtype {x.dtype.name} cannot be sent; supported: {_SUPPORTED}")
+    data = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()
+    return inference_pb2.Tensor(dtype=code, shape=list(x.shape), data=data)  # type: ignore[arg-type]
+
+
+# -- model refs and specs -----------------------------------------------------------
+
+
+def ref_to_proto(ref: ModelRef | None) -> device_pb2.ModelRef:
+    """`None` (nothing serving) becomes the empty message."""
+    if ref is None:
+        return device_pb2.ModelRef()
+    return device_pb2.ModelRef(
+        model=ref.model, version=ref.version, variant=ref.variant, sha256=ref.sha256
+    )
+
+
+def ref_from_proto(msg: device_pb2.ModelRef) -> ModelRef | None:
+    """The empty message (nothing serving) becomes `None`."""
+    if not msg.model:
+        return None
+    return ModelRef(model=msg.model, version=msg.version, variant=msg.variant, sha256=msg.sha256)
+
+
+def _dtype_label(code: int) -> str:
+    return model_pb2.DType.Name(code) if code in model_pb2.DType.values() else f"code {code}"  # type: ignore[arg-type]
+
+
+def spec_to_proto(spec: TensorSpec) -> model_pb2.TensorSpec:
+    return model_pb2.TensorSpec(
+        name=spec.name,
+        dtype=DTYPES[spec.dtype],  # type: ignore[arg-type]
+        shape=list(spec.shape),
+    )
+
+
+def spec_from_proto(msg: model_pb2.TensorSpec) -> TensorSpec:
+    for name, code in DTYPES.items():
+        if code == msg.dtype:
+            return TensorSpec(msg.name, name, tuple(msg.shape))
+    raise InvalidArgument(
+        f"tensor {msg.name!r}: dtype {_dtype_label(msg.dtype)} is not supported; "
+        f"supported: {_SUPPORTED}"
+    )
+
+
+# -- InferenceService messages (server side) ----------------------------------------
+
+
+def decode_predict_request(req: inference_pb2.PredictRequest) -> PredictCall:
+    if not req.HasField("input"):
+        raise InvalidArgument(f"request {req.request_id!r} carries no input tensor")
+    return PredictCall(
+        x=tensor_to_array(req.input), request_id=req.request_id, labels=tuple(req.labels)
+    )
+
+
+def encode_predict_response(
+    output: np.ndarray, model: ModelRef, *, latency_us: int, request_id: str
+) -> inference_pb2.PredictResponse:
+    return inference_pb2.PredictResponse(
+        output=array_to_tensor(output),
+        model=ref_to_proto(model),
+        latency_us=max(0, latency_us),
+        request_id=request_id,
+    )
+
+
+def encode_model_metadata(manifest: Manifest, *, provider: str) -> inference_pb2.ModelMetadata:
+    return inference_pb2.ModelMetadata(
+        model=ref_to_proto(ModelRef.from_manifest(manifest)),
+        inputs=[spec_to_proto(s) for s in manifest.inputs],
+        outputs=[spec_to_proto(s) for s in manifest.outputs],
+        runtime=manifest.runtime,
+        provider=provider,
+        labels=dict(manifest.labels),
+    )
+
+
+def encode_health(
+    *, serving: bool, connected: bool, active: ModelRef | None, update_state: UpdateState
+) -> inference_pb2.HealthResponse:
+    return inference_pb2.HealthResponse(
+        serving=serving,
+        connected=connected,
+        active=ref_to_proto(active),
+        update_state=int(update_state),  # type: ignore[arg-type]
+    )
+
+
+def histogram_to_proto(h: LatencyHistogram) -> device_pb2.Histogram:
+    return device_pb2.Histogram(
+        bounds_us=list(h.bounds_us), counts=list(h.counts), sum_us=h.sum_us, count=h.count
+    )
+
+
+# -- InferenceService messages (client side: on-device apps, simulator, tests) -------
+
+
+def encode_predict_request(
+    x: np.ndarray, *, request_id: str = "", labels: Sequence[int] = ()
+) -> inference_pb2.PredictRequest:
+    return inference_pb2.PredictRequest(
+        input=array_to_tensor(x), request_id=request_id, labels=list(labels)
+    )
+
+
+def decode_predict_response(resp: inference_pb2.PredictResponse) -> PredictResult:
+    return PredictResult(
+        output=tensor_to_array(resp.output),
+        model=ref_from_proto(resp.model),
+        latency_us=resp.latency_us,
+        request_id=resp.request_id,
+    )
+
+
+def decode_model_metadata(msg: inference_pb2.ModelMetadata) -> ModelInfo:
+    return ModelInfo(
+        model=ref_from_proto(msg.model),
+        inputs=tuple(spec_from_proto(t) for t in msg.inputs),
+        outputs=tuple(spec_from_proto(t) for t in msg.outputs),
+        runtime=msg.runtime,
+        provider=msg.provider,
+        labels=dict(msg.labels),
+    )
