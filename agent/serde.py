@@ -261,3 +261,176 @@ def decode_model_metadata(msg: inference_pb2.ModelMetadata) -> ModelInfo:
         provider=msg.provider,
         labels=dict(msg.labels),
     )
+
+
+# -- MQTT messages (device side) ------------------------------------------------------
+
+
+class Reason(enum.IntEnum):
+    """`fleet.v1.ReasonCode`."""
+
+    UNSPECIFIED = device_pb2.REASON_CODE_UNSPECIFIED
+    OK = device_pb2.REASON_CODE_OK
+    BAD_SIGNATURE = device_pb2.REASON_CODE_BAD_SIGNATURE
+    CHUNK_DIGEST_MISMATCH = device_pb2.REASON_CODE_CHUNK_DIGEST_MISMATCH
+    ARTIFACT_DIGEST_MISMATCH = device_pb2.REASON_CODE_ARTIFACT_DIGEST_MISMATCH
+    TRUNCATED = device_pb2.REASON_CODE_TRUNCATED
+    MALFORMED_MESSAGE = device_pb2.REASON_CODE_MALFORMED_MESSAGE
+    UNKNOWN_VARIANT = device_pb2.REASON_CODE_UNKNOWN_VARIANT
+    UNSUPPORTED_RUNTIME = device_pb2.REASON_CODE_UNSUPPORTED_RUNTIME
+    LOAD_FAILED = device_pb2.REASON_CODE_LOAD_FAILED
+    SELF_TEST_FAILED = device_pb2.REASON_CODE_SELF_TEST_FAILED
+    DISK_FULL = device_pb2.REASON_CODE_DISK_FULL
+    STALE_GENERATION = device_pb2.REASON_CODE_STALE_GENERATION
+    NO_LAST_KNOWN_GOOD = device_pb2.REASON_CODE_NO_LAST_KNOWN_GOOD
+
+
+@dataclass(frozen=True)
+class Desired:
+    """A verified `DesiredState`."""
+
+    device_id: str
+    generation: int
+    rollout_id: str
+    signed_manifest: bytes  # serialized SignedManifest, as installed in the slots
+    manifest_bytes: bytes
+    manifest_signature: bytes
+    manifest_key_id: str
+    chunk_size: int
+    chunk_digests: tuple[bytes, ...]
+    action: str  # activate | rollback
+
+
+def decode_signed_desired(data: bytes) -> tuple[bytes, bytes, str]:
+    """(desired bytes, signature, key id) of a `SignedDesiredState`; InvalidArgument if garbled."""
+    msg = device_pb2.SignedDesiredState()
+    try:
+        msg.ParseFromString(data)
+    except Exception as e:  # protobuf's DecodeError
+        raise InvalidArgument(
+            f"desired state ({len(data)} bytes) is not valid protobuf: {e}"
+        ) from None
+    if not msg.desired or not msg.signature:
+        raise InvalidArgument("desired state lacks its body or its signature")
+    return msg.desired, msg.signature, msg.key_id
+
+
+def decode_desired(body: bytes) -> Desired:
+    msg = device_pb2.DesiredState()
+    try:
+        msg.ParseFromString(body)
+    except Exception as e:
+        raise InvalidArgument(f"desired state body is not valid protobuf: {e}") from None
+    actions = {
+        device_pb2.DesiredState.ACTION_ACTIVATE: "activate",
+        device_pb2.DesiredState.ACTION_ROLLBACK: "rollback",
+    }
+    if msg.action not in actions:
+        raise InvalidArgument(
+            f"desired state action {msg.action} unknown; accepted: activate, rollback"
+        )
+    sm = msg.manifest
+    return Desired(
+        device_id=msg.device_id,
+        generation=int(msg.generation),
+        rollout_id=msg.rollout_id,
+        signed_manifest=sm.SerializeToString(deterministic=True),
+        manifest_bytes=sm.manifest,
+        manifest_signature=sm.signature,
+        manifest_key_id=sm.key_id,
+        chunk_size=int(msg.chunk_size),
+        chunk_digests=tuple(msg.chunk_sha256),
+        action=actions[msg.action],
+    )
+
+
+def _ref(r: ModelRef | None) -> device_pb2.ModelRef:
+    if r is None:
+        return device_pb2.ModelRef()
+    return device_pb2.ModelRef(model=r.model, version=r.version, variant=r.variant, sha256=r.sha256)
+
+
+def encode_status(
+    *,
+    device_id: str,
+    online: bool,
+    agent_version: str = "",
+    capabilities: Mapping[str, object] | None = None,
+    active: ModelRef | None = None,
+    boot_id: str = "",
+    timestamp_ms: int = 0,
+) -> bytes:
+    msg = device_pb2.DeviceStatus(
+        device_id=device_id,
+        online=online,
+        agent_version=agent_version,
+        boot_id=boot_id,
+        timestamp_ms=timestamp_ms,
+    )
+    if capabilities:
+        c = capabilities
+        msg.capabilities.CopyFrom(
+            device_pb2.Capabilities(
+                machine=str(c.get("machine", "")),
+                runtimes=list(c.get("runtimes", ())),  # type: ignore[call-overload]
+                providers=list(c.get("providers", ())),  # type: ignore[call-overload]
+                accelerator=str(c.get("accelerator", "cpu")),
+                memory_mb=int(c.get("memory_mb", 0)),  # type: ignore[call-overload]
+                tflite_runtime_legacy=bool(c.get("tflite_runtime_legacy", False)),
+            )
+        )
+    if active is not None:
+        msg.active.CopyFrom(_ref(active))
+    return bytes(msg.SerializeToString())
+
+
+def encode_reported(
+    *,
+    device_id: str,
+    generation: int,
+    state: UpdateState,
+    reason: Reason,
+    detail: str,
+    active: ModelRef | None,
+    last_known_good: ModelRef | None,
+    chunks_have: int = 0,
+    chunks_total: int = 0,
+    provider: str = "",
+    timestamp_ms: int = 0,
+) -> bytes:
+    msg = device_pb2.ReportedState(
+        device_id=device_id,
+        generation=generation,
+        state=int(state),  # type: ignore[arg-type]
+        reason=int(reason),  # type: ignore[arg-type]
+        detail=detail,
+        chunks_have=chunks_have,
+        chunks_total=chunks_total,
+        provider=provider,
+        timestamp_ms=timestamp_ms,
+    )
+    if active is not None:
+        msg.active.CopyFrom(_ref(active))
+    if last_known_good is not None:
+        msg.last_known_good.CopyFrom(_ref(last_known_good))
+    return bytes(msg.SerializeToString())
+
+
+def encode_want(
+    device_id: str, sha256: str, total: int, missing: Sequence[tuple[int, int]]
+) -> bytes:
+    msg = device_pb2.ArtifactWant(device_id=device_id, sha256=sha256, chunks_total=total)
+    for a, b in missing:
+        msg.missing.add(start=a, end=b)
+    return bytes(msg.SerializeToString())
+
+
+def decode_chunk(data: bytes) -> tuple[str, int, int, bytes]:
+    msg = device_pb2.ArtifactChunk()
+    try:
+        msg.ParseFromString(data)
+    except Exception as e:
+        raise InvalidArgument(
+            f"artifact chunk ({len(data)} bytes) is not valid protobuf: {e}"
+        ) from None
+    return msg.sha256, int(msg.index), int(msg.total), msg.data

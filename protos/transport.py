@@ -1,0 +1,937 @@
+"""MQTT transport: paho-mqtt v2 driven by the asyncio event loop, no threads.
+
+One `MqttTransport` is one MQTT client. The device agent, the coordinator and the
+simulator (1,000+ agents in one process) all use it::
+
+    async with MqttTransport(settings, will=will, on_connect=birth) as t:
+        await t.subscribe("ef/v1/dev/d1/desired")
+        await t.publish("ef/v1/dev/d1/telemetry", payload)   # returns on PUBACK
+
+How it runs:
+
+- paho does the MQTT framing; the event loop does the I/O. The socket is watched
+  with `loop.add_reader` (always) and `loop.add_writer` (while paho has bytes to
+  send), through paho's on_socket_* callbacks; a 1 s timer calls `loop_misc()`
+  for keepalive. paho's own `loop_start()` thread uses select() and stalls near
+  330 clients per process; this holds thousands on one loop.
+- paho's blocking connect (TCP connect + TLS handshake) never runs: the socket is
+  connected and TLS-wrapped here with non-blocking calls and handed to paho.
+  Host names (not IP literals) are resolved with `loop.getaddrinfo`, which asyncio
+  runs in its default executor.
+- paho's `reconnect_on_failure` is off. Our loop reconnects with capped
+  exponential backoff and full jitter; auth and TLS failures give up at once
+  (`Unauthenticated`). Each connection gets a fresh paho client and a clean
+  session, so nothing stale is resent behind the caller's back: a publish either
+  returns (acknowledged) or raises `Unavailable`, and the caller decides whether
+  to spool it.
+- Subscriptions are kept as intent and re-sent on every connect, before the
+  `on_connect` callback (which typically publishes the birth message) runs.
+- Received messages go, in order, to `on_message` or, without one, to the queue
+  behind `messages()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import ipaddress
+import logging
+import random
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from protos.errors import Conflict, FleetError, InvalidArgument, Unauthenticated, Unavailable
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike
+
+logger = logging.getLogger(__name__)
+
+#: scheme -> (TLS, default port)
+_SCHEMES: dict[str, tuple[bool, int]] = {"mqtt": (False, 1883), "mqtts": (True, 8883)}
+
+#: how often paho's loop_misc() runs (keepalive pings, ping timeouts)
+_MISC_INTERVAL = 1.0
+#: how long a clean exit waits for the DISCONNECT to be written
+_DISCONNECT_TIMEOUT = 2.0
+
+# MQTT 5 CONNACK reason codes after which retrying cannot help
+# bad user name or password, not authorized, banned, bad authentication method
+_AUTH_REFUSALS = frozenset({0x86, 0x87, 0x8A, 0x8C})
+# unsupported protocol version, client identifier not valid
+_CONFIG_REFUSALS = frozenset({0x84, 0x85})
+# SUBACK / PUBACK reason codes that name a bad request rather than a bad moment
+_BAD_REQUEST = frozenset({0x8F, 0x90, 0x91, 0x95, 0x99, 0x9E, 0xA1, 0xA2})
+_NOT_AUTHORIZED = 0x87
+_KEEPALIVE_TIMEOUT = 0x8D
+
+Payload = bytes | bytearray
+
+
+# -- values -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Will:
+    """Last will: what the broker publishes when the connection dies without DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+    def __post_init__(self) -> None:
+        _check_topic(self.topic, what="will topic")
+        _check_qos(self.qos, what=f"will on {self.topic!r}")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One received PUBLISH. `retain` is set when the broker replays a retained message."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    host: str
+    port: int
+    tls: bool
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Where and how to connect. `url` is mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
+
+    Backoff before reconnect attempt n is uniform in
+    [0, min(backoff_cap, backoff_base * 2**(n-1))] seconds (full jitter).
+    `connect_timeout` bounds TCP connect, TLS handshake, CONNACK and SUBACK.
+    """
+
+    url: str
+    client_id: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    keepalive: int = 30
+    ca_file: str | None = None
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        endpoint = _parse_url(self.url)
+        if not self.client_id:
+            raise InvalidArgument(
+                f"MQTT client_id for {self.url} is empty; give each client its own id"
+            )
+        if not 0 <= self.keepalive <= 65535:
+            raise InvalidArgument(
+                f"MQTT keepalive {self.keepalive} is out of range; accepted: 0 (off) to 65535 seconds"
+            )
+        if self.password is not None and self.username is None:
+            raise InvalidArgument(f"MQTT password for {self.url} is set without a username")
+        if self.ca_file is not None and not endpoint.tls:
+            raise InvalidArgument(
+                f"ca_file {self.ca_file!r} is set but {self.url} is plain TCP; use mqtts:// for TLS"
+            )
+        if not (0 < self.backoff_base <= self.backoff_cap):
+            raise InvalidArgument(
+                f"MQTT backoff base {self.backoff_base} / cap {self.backoff_cap} are invalid; "
+                "need 0 < base <= cap"
+            )
+        if self.connect_timeout <= 0:
+            raise InvalidArgument(f"MQTT connect_timeout {self.connect_timeout} must be > 0")
+
+    @property
+    def endpoint(self) -> _Endpoint:
+        return _parse_url(self.url)
+
+
+def _parse_url(url: str) -> _Endpoint:
+    accepted = "accepted: mqtt://HOST[:PORT], mqtts://HOST[:PORT]"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise InvalidArgument(f"MQTT URL {url!r} is malformed ({e}); {accepted}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise InvalidArgument(
+            f"MQTT URL {url!r} has scheme {scheme or '(none)'!r}; accepted schemes: mqtt, mqtts"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise InvalidArgument(
+            f"MQTT URL for host {parts.hostname!r} carries credentials; "
+            "pass username/password in the settings instead"
+        )
+    if not parts.hostname:
+        raise InvalidArgument(f"MQTT URL {url!r} names no host; {accepted}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise InvalidArgument(f"MQTT URL {url!r} has a path or query; {accepted}")
+    tls, default_port = _SCHEMES[scheme]
+    return _Endpoint(parts.hostname, port or default_port, tls)
+
+
+def _check_qos(qos: int, *, what: str) -> None:
+    if qos not in (0, 1, 2):
+        raise InvalidArgument(f"QoS {qos!r} for {what} is invalid; accepted: 0, 1, 2")
+
+
+def _check_topic(topic: str, *, what: str = "topic") -> None:
+    if not topic or "+" in topic or "#" in topic or "\0" in topic:
+        raise InvalidArgument(
+            f"{what} {topic!r} is invalid; a topic is non-empty, without wildcards (+ #) or NUL"
+        )
+    if len(topic.encode()) > 65535:
+        raise InvalidArgument(f"{what} {topic[:40]!r}… is longer than 65535 bytes")
+
+
+def _check_filter(topic_filter: str) -> None:
+    levels = topic_filter.split("/")
+    bad = (
+        not topic_filter
+        or "\0" in topic_filter
+        or any(("+" in lv and lv != "+") or ("#" in lv and lv != "#") for lv in levels)
+        or "#" in levels[:-1]
+    )
+    if bad:
+        raise InvalidArgument(
+            f"topic filter {topic_filter!r} is invalid; '+' must fill a whole level and "
+            "'#' must be the whole last level"
+        )
+
+
+def _describe(rc: ReasonCode) -> str:
+    return f"[rc {rc.value}] {rc.getName()}"
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # mark an exception as seen, so an abandoned future does not log "never retrieved"
+    if not fut.cancelled():
+        fut.exception()
+
+
+# -- the paho side: one connection --------------------------------------------------
+
+
+class _Client(mqtt.Client):
+    """paho's client, handed a socket already connected (and TLS-wrapped) on the loop.
+
+    `connect()` then never blocks: it takes `preconnected` instead of dialling.
+    This overrides `_create_socket_connection`, a private hook present in paho
+    1.x and 2.x (pinned <3 in pyproject).
+    """
+
+    preconnected: socket.socket | None = None
+
+    def _create_socket_connection(self) -> socket.socket:
+        sock, self.preconnected = self.preconnected, None
+        if sock is None:
+            raise ConnectionError("no connected socket to hand to paho")
+        return sock
+
+
+class _Link:
+    """One connection: a socket, the paho client on it, and the futures awaiting acks."""
+
+    def __init__(self, transport: MqttTransport, sock: socket.socket) -> None:
+        settings = transport.settings
+        self._loop = asyncio.get_running_loop()
+        self._label = transport.label
+        self._url = settings.url
+        self._deliver = transport._deliver
+        self.sock = sock
+        self.up = False  # CONNACK accepted and the socket still open
+        self.closed = asyncio.Event()
+        self.connack: asyncio.Future[None] = self._new_future()
+        self._acks: dict[int, asyncio.Future[Any]] = {}
+        self._tick: asyncio.TimerHandle | None = None
+        self.reason = ""  # why it closed
+        self._on_closed = transport._link_closed
+
+        c = _Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        c.preconnected = sock
+        if settings.username is not None:
+            c.username_pw_set(settings.username, settings.password)
+        if transport.will is not None:
+            w = transport.will
+            c.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)
+        if logger.isEnabledFor(logging.DEBUG):
+            c.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        c.on_socket_open = self._socket_open
+        c.on_socket_close = self._socket_close
+        c.on_socket_register_write = self._register_write
+        c.on_socket_unregister_write = self._unregister_write
+        c.on_connect = self._connected
+        c.on_disconnect = self._disconnected
+        c.on_publish = self._acked
+        c.on_subscribe = self._acked_list
+        c.on_unsubscribe = self._acked_list
+        c.on_message = self._message
+        self.client = c
+        self._keepalive = settings.keepalive
+        self._endpoint = settings.endpoint
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        fut.add_done_callback(_retrieve)
+        return fut
+
+    def start(self) -> None:
+        """Send CONNECT; the CONNACK resolves `connack`."""
+        ep = self._endpoint
+        rc = self.client.connect(ep.host, ep.port, self._keepalive, clean_start=True)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise Unavailable(
+                f"{self._label}: CONNECT to {self._url} failed: {mqtt.error_string(rc)}"
+            )
+        self._tick = self._loop.call_later(_MISC_INTERVAL, self._misc)
+
+    # paho -> event loop
+    def _socket_open(self, _c: mqtt.Client, _u: Any, sock: SocketLike) -> None:
+        self._loop.add_reader(sock, self._readable)
+
+    def _socket_close(self, _c: mqtt.Client, _u: Any, sock: SocketLike) -> None:
+        if not self._loop.is_closed() and sock.fileno() != -1:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+            # paho calls on_disconnect right after this, with the cause; this is the fallback
+            self._loop.call_soon(self.mark_closed, "socket closed")
+
+    def _register_write(self, _c: mqtt.Client, _u: Any, sock: SocketLike) -> None:
+        self._loop.add_writer(sock, self._writable)
+
+    def _unregister_write(self, _c: mqtt.Client, _u: Any, sock: SocketLike) -> None:
+        if not self._loop.is_closed() and sock.fileno() != -1:
+            self._loop.remove_writer(sock)
+
+    def _readable(self) -> None:
+        self.client.loop_read()
+        # TLS: records already decrypted sit in the SSL object, invisible to epoll
+        sock = self.client.socket()
+        while isinstance(sock, ssl.SSLSocket) and sock.pending() and self.client.socket() is sock:
+            self.client.loop_read()
+
+    def _writable(self) -> None:
+        self.client.loop_write()
+
+    def _misc(self) -> None:
+        if self.closed.is_set():
+            return
+        self.client.loop_misc()
+        if not self.closed.is_set():
+            self._tick = self._loop.call_later(_MISC_INTERVAL, self._misc)
+
+    # paho callbacks
+    def _connected(
+        self, _c: mqtt.Client, _u: Any, _f: mqtt.ConnectFlags, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        if self.connack.done():
+            return
+        if not rc.is_failure:
+            self.up = True
+            self.connack.set_result(None)
+            return
+        where = f"{self._label}: broker {self._url} refused the connection: {_describe(rc)}"
+        err: FleetError
+        if rc.value in _AUTH_REFUSALS:
+            err = Unauthenticated(f"{where}; check the username and password")
+        elif rc.value in _CONFIG_REFUSALS:
+            err = InvalidArgument(f"{where}; check the client id and broker version")
+        else:
+            err = Unavailable(where)
+        self.connack.set_exception(err)
+
+    def _disconnected(
+        self,
+        _c: mqtt.Client,
+        _u: Any,
+        flags: mqtt.DisconnectFlags,
+        rc: ReasonCode,
+        _p: Properties | None,
+    ) -> None:
+        # paho reports a lost socket as "Unspecified error": say what happened instead
+        if flags.is_disconnect_packet_from_server:
+            reason = f"broker sent DISCONNECT {_describe(rc)}"
+        elif rc.value == _KEEPALIVE_TIMEOUT:
+            reason = "no answer to keepalive ping"
+        elif rc.value == 0:
+            reason = "disconnected"
+        else:
+            reason = "connection closed by the broker or the network"
+        self.mark_closed(reason)
+
+    def _acked(self, _c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Properties) -> None:
+        fut = self._acks.pop(mid, None)
+        if fut is None or fut.done():
+            return
+        if rc.is_failure:
+            fut.set_exception(self._refusal("publish", rc))
+        else:
+            fut.set_result(None)
+
+    def _acked_list(
+        self, _c: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Properties | None
+    ) -> None:
+        fut = self._acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(codes)
+
+    def _message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            logger.warning("%s: dropped a message whose topic is not UTF-8", self._label)
+            return
+        self._deliver(Message(topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+
+    def _refusal(self, what: str, rc: ReasonCode) -> FleetError:
+        text = f"{self._label}: broker {self._url} refused {what}: {_describe(rc)}"
+        if rc.value == _NOT_AUTHORIZED:
+            return Unauthenticated(text)
+        if rc.value in _BAD_REQUEST:
+            return InvalidArgument(text)
+        return Unavailable(text)
+
+    # requests
+    async def _await_ack(self, mid: int | None, what: str, timeout: float) -> Any:
+        if mid is None:
+            raise Unavailable(f"{self._label}: not connected to {self._url}; {what} not sent")
+        fut = self._new_future()
+        self._acks[mid] = fut
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"{self._label}: no acknowledgement from {self._url} for {what} within {timeout:g}s"
+            ) from None
+        finally:
+            self._acks.pop(mid, None)
+
+    async def publish(
+        self, topic: str, payload: Payload, qos: int, retain: bool, timeout: float
+    ) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise Unavailable(
+                f"{self._label}: publish to {topic!r} failed: {mqtt.error_string(info.rc)}"
+            )
+        if qos > 0:
+            await self._await_ack(info.mid, f"publish to {topic!r}", timeout)
+
+    async def subscribe(self, filters: list[tuple[str, int]], timeout: float) -> list[ReasonCode]:
+        rc, mid = self.client.subscribe(filters)
+        what = f"subscribe to {', '.join(f for f, _ in filters)}"
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            mid = None
+        codes: list[ReasonCode] = await self._await_ack(mid, what, timeout)
+        return codes
+
+    async def unsubscribe(self, topic_filter: str, timeout: float) -> None:
+        rc, mid = self.client.unsubscribe(topic_filter)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            mid = None
+        await self._await_ack(mid, f"unsubscribe from {topic_filter}", timeout)
+
+    def disconnect(self) -> None:
+        """Queue a clean DISCONNECT (the broker then drops the will); paho closes after sending."""
+        self.client.disconnect()
+
+    # teardown
+    def mark_closed(self, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.up = False
+        self.closed.set()
+        self.reason = reason
+        if self._tick is not None:
+            self._tick.cancel()
+        lost = f"{self._label}: connection to {self._url} lost ({reason})"
+        if not self.connack.done():
+            self.connack.set_exception(Unavailable(f"{lost} before CONNACK"))
+        acks, self._acks = self._acks, {}
+        for fut in acks.values():
+            if not fut.done():
+                fut.set_exception(Unavailable(f"{lost} before the broker acknowledged"))
+        self._on_closed(self)
+
+    def abort(self, reason: str) -> None:
+        """Close the socket now, without DISCONNECT (the broker then publishes the will)."""
+        c = self.client
+        c.on_socket_open = c.on_socket_close = None
+        c.on_socket_register_write = c.on_socket_unregister_write = None
+        c.on_disconnect = None
+        if not self._loop.is_closed() and self.sock.fileno() != -1:
+            self._loop.remove_reader(self.sock)
+            self._loop.remove_writer(self.sock)
+        self.sock.close()
+        self.mark_closed(reason)
+
+
+# -- connecting ---------------------------------------------------------------------
+
+
+async def _wait_io(sock: socket.socket, *, write: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(sock, ready)
+    else:
+        loop.add_reader(sock, ready)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(sock)
+
+
+async def _tls_handshake(sock: ssl.SSLSocket) -> None:
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await _wait_io(sock, write=False)
+        except ssl.SSLWantWriteError:
+            await _wait_io(sock, write=True)
+
+
+async def _tcp_connect(host: str, port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    try:
+        ipaddress.ip_address(host)
+        ip_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        addresses: list[tuple[int, Any]] = [(ip_family, (host, port))]
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [(fam, addr) for fam, _t, _p, _c, addr in infos]
+    last: OSError | None = None
+    for family, addr in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, addr)
+            return sock
+        except OSError as e:
+            sock.close()
+            last = e
+        except BaseException:
+            sock.close()
+            raise
+    raise last or OSError(f"no address for {host}")
+
+
+# -- the transport ------------------------------------------------------------------
+
+
+class MqttTransport:
+    """One MQTT client on the running event loop. Reusable, not reentrant.
+
+    `on_connect` runs after every (re)connect, once subscriptions are restored;
+    `on_message` gets every received message in order (awaited if it returns an
+    awaitable). Without `on_message`, iterate `messages()`.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        will: Will | None = None,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        on_message: Callable[[Message], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.will = will
+        self.label = settings.client_id
+        self._on_connect = on_connect
+        self._on_message = on_message
+        self._subs: dict[str, int] = {}  # topic filter -> QoS: what we want, connected or not
+        self._running = False
+        self._link: _Link | None = None
+        self._ready = asyncio.Event()  # connected, subscriptions restored, on_connect done
+        self._stopped = asyncio.Event()  # the connection loop ended (exit or a fatal error)
+        self._fatal: FleetError | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "running" if self._running else "stopped"
+        return f"<MqttTransport {self.label} {self.settings.url} {state}>"
+
+    # lifecycle
+    async def __aenter__(self) -> MqttTransport:
+        if self._running:
+            raise Conflict(
+                f"MQTT transport {self.label} is already running; it is reusable but not reentrant"
+            )
+        if self.settings.endpoint.tls and self._tls is None:
+            self._tls = self._tls_context()
+        self._running = True
+        self._fatal = None
+        self._ready = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._run(), name=f"mqtt-{self.label}")]
+        if self._on_message is not None:
+            self._tasks.append(
+                asyncio.create_task(self._dispatch(self._queue), name=f"mqtt-{self.label}-messages")
+            )
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Disconnect cleanly (so the broker does not publish the will) and stop."""
+        if not self._running:
+            return
+        self._running = False
+        run, *others = self._tasks
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        link, self._link = self._link, None
+        if link is not None and not link.closed.is_set():
+            if link.up:
+                link.disconnect()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(link.closed.wait(), _DISCONNECT_TIMEOUT)
+            link.abort("transport closed")
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        self._tasks = []
+        self._queue.put_nowait(None)
+        self._ready.clear()
+        self._stopped.set()
+        logger.info("%s: closed connection to %s", self.label, self.settings.url)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        err = task.exception()
+        logger.error("%s: transport task %s crashed", self.label, task.get_name(), exc_info=err)
+        if self._fatal is None:
+            self._fatal = Unavailable(f"{self.label}: MQTT transport stopped: {err!r}")
+        self._stopped.set()
+
+    # state
+    @property
+    def connected(self) -> bool:
+        """True once connected, subscriptions restored and on_connect done; False when the link drops."""
+        return self._ready.is_set() and self._link is not None and self._link.up
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Return once `connected`; raise the fatal error (e.g. `Unauthenticated`) if it gave up,
+        `Unavailable` after `timeout` seconds."""
+        if self._fatal is not None:
+            raise self._fatal
+        if not self._running:
+            raise Conflict(f"MQTT transport {self.label} is not running; use `async with` first")
+        ready = asyncio.ensure_future(self._ready.wait())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {ready, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+            stopped.cancel()
+        if self._fatal is not None:
+            raise self._fatal
+        if not done:
+            raise Unavailable(
+                f"{self.label}: not connected to {self.settings.url} within {timeout:g}s"
+            )
+        if stopped in done and ready not in done:
+            raise Unavailable(
+                f"{self.label}: transport closed before connecting to {self.settings.url}"
+            )
+
+    # requests
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Keep `topic_filter` subscribed from now on, across reconnects.
+
+        While connected, returns on SUBACK; while disconnected, returns at once and
+        the subscription goes out on the next connect. A broker refusal drops the
+        intent and raises (`Unauthenticated` when not authorised, else `InvalidArgument`
+        or `Unavailable`).
+        """
+        _check_filter(topic_filter)
+        _check_qos(qos, what=f"subscription {topic_filter!r}")
+        self._subs[topic_filter] = qos
+        link = self._live_link()
+        if link is None:
+            return
+        try:
+            (code,) = await link.subscribe([(topic_filter, qos)], self.settings.connect_timeout)
+        except Unavailable:
+            if link.closed.is_set():
+                return  # kept as intent: sent again on the next connect
+            raise
+        if code.is_failure:
+            if self._subs.get(topic_filter) == qos:
+                del self._subs[topic_filter]
+            raise link._refusal(f"subscription {topic_filter!r}", code)
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Forget `topic_filter`; while connected, returns on UNSUBACK."""
+        _check_filter(topic_filter)
+        self._subs.pop(topic_filter, None)
+        link = self._live_link()
+        if link is None:
+            return
+        try:
+            await link.unsubscribe(topic_filter, self.settings.connect_timeout)
+        except Unavailable:
+            if not link.closed.is_set():
+                raise
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | bytearray,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float = 10,
+    ) -> None:
+        """Publish; with QoS 1/2 return when the broker acknowledged it.
+
+        Raises `Unavailable` when not connected, when the link drops before the
+        acknowledgement or none comes within `timeout` (the message may or may not
+        have arrived: the caller decides whether to spool and resend).
+        """
+        _check_topic(topic)
+        _check_qos(qos, what=f"publish to {topic!r}")
+        if self._fatal is not None:
+            raise self._fatal
+        link = self._live_link()
+        if link is None:
+            raise Unavailable(
+                f"{self.label}: not connected to {self.settings.url}; cannot publish to {topic!r}"
+            )
+        await link.publish(topic, payload, qos, retain, timeout)
+
+    def messages(self) -> AsyncIterator[Message]:
+        """Received messages, in order, until the transport closes (only without `on_message`)."""
+        if self._on_message is not None:
+            raise Conflict(
+                f"MQTT transport {self.label} hands messages to on_message; messages() would get none"
+            )
+        if not self._running:
+            raise Conflict(f"MQTT transport {self.label} is not running; use `async with` first")
+        return self._iterate(self._queue)
+
+    def drop_connection(self) -> None:
+        """Fault hook: close the socket abruptly, without DISCONNECT.
+
+        The broker publishes the will; the connection loop reconnects with backoff.
+        """
+        link = self._link
+        if link is not None and not link.closed.is_set():
+            logger.warning(
+                "%s: dropping the connection to %s on purpose", self.label, self.settings.url
+            )
+            link.abort("dropped on purpose")
+
+    # internals
+    def _live_link(self) -> _Link | None:
+        link = self._link
+        return link if link is not None and link.up else None
+
+    def _deliver(self, msg: Message) -> None:
+        self._queue.put_nowait(msg)
+
+    def _link_closed(self, link: _Link) -> None:
+        if link is self._link:
+            self._ready.clear()
+
+    @staticmethod
+    async def _iterate(queue: asyncio.Queue[Message | None]) -> AsyncIterator[Message]:
+        while True:
+            msg = await queue.get()
+            if msg is None:
+                queue.put_nowait(None)  # let any other iterator end too
+                return
+            yield msg
+
+    async def _dispatch(self, queue: asyncio.Queue[Message | None]) -> None:
+        handler = self._on_message
+        if handler is None:
+            return
+        while (msg := await queue.get()) is not None:
+            try:
+                result = handler(msg)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                # a handler bug must not stop delivery of the next messages
+                logger.exception("%s: on_message failed for %s", self.label, msg.topic)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        try:
+            return ssl.create_default_context(cafile=self.settings.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise InvalidArgument(
+                f"CA file {self.settings.ca_file!r} for {self.settings.url} cannot be used: {e}"
+            ) from None
+
+    def _backoff(self, attempt: int) -> float:
+        s = self.settings
+        return random.uniform(0, min(s.backoff_cap, s.backoff_base * 2 ** min(attempt - 1, 32)))
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                link = await self._connect()
+            except (Unauthenticated, InvalidArgument) as e:
+                logger.error("%s; giving up", e)
+                self._fatal = e
+                self._stopped.set()
+                return
+            except Unavailable as e:
+                attempt += 1
+                delay = self._backoff(attempt)
+                logger.warning(
+                    "%s: %s; retrying in %.1fs (attempt %d)", self.label, e, delay, attempt
+                )
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            await self._connected(link)
+            await link.closed.wait()
+            attempt = 1
+            delay = self._backoff(attempt)
+            logger.warning(
+                "%s: connection to %s lost (%s); retrying in %.1fs (attempt %d)",
+                self.label,
+                self.settings.url,
+                link.reason,
+                delay,
+                attempt,
+            )
+            await asyncio.sleep(delay)
+
+    async def _connect(self) -> _Link:
+        s, ep = self.settings, self.settings.endpoint
+        timeout = s.connect_timeout
+        try:
+            sock = await asyncio.wait_for(self._open_socket(ep), timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"{self.label}: no connection to {s.url} within {timeout:g}s"
+            ) from None
+        link = _Link(self, sock)
+        self._link = link
+        try:
+            link.start()
+            try:
+                await asyncio.wait_for(link.connack, timeout)
+            except asyncio.TimeoutError:
+                raise Unavailable(
+                    f"{self.label}: no CONNACK from {s.url} within {timeout:g}s"
+                ) from None
+            if self._subs:
+                filters = list(self._subs.items())
+                codes = await link.subscribe(filters, timeout)
+                for (flt, _qos), code in zip(filters, codes, strict=False):
+                    if code.is_failure:
+                        logger.error(
+                            "%s: broker %s refused subscription %r: %s",
+                            self.label,
+                            s.url,
+                            flt,
+                            _describe(code),
+                        )
+        except BaseException:
+            link.abort("connect attempt failed")
+            if self._link is link:
+                self._link = None
+            raise
+        return link
+
+    async def _open_socket(self, ep: _Endpoint) -> socket.socket:
+        try:
+            sock = await _tcp_connect(ep.host, ep.port)
+        except OSError as e:
+            raise Unavailable(f"{self.label}: cannot connect to {self.settings.url}: {e}") from None
+        if self._tls is None:
+            return sock
+        try:
+            tls = self._tls.wrap_socket(
+                sock, server_hostname=ep.host, do_handshake_on_connect=False
+            )
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            await _tls_handshake(tls)
+        except ssl.SSLCertVerificationError as e:
+            tls.close()
+            raise Unauthenticated(
+                f"{self.label}: TLS certificate of {self.settings.url} rejected: {e.verify_message}"
+            ) from None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as e:
+            tls.close()
+            raise Unavailable(
+                f"{self.label}: TLS handshake with {self.settings.url} cut off: {e}"
+            ) from None
+        except ssl.SSLError as e:
+            tls.close()
+            raise Unauthenticated(
+                f"{self.label}: TLS handshake with {self.settings.url} failed: {e}"
+            ) from None
+        except BaseException:
+            tls.close()
+            raise
+        return tls
+
+    async def _connected(self, link: _Link) -> None:
+        logger.info("%s: connected to %s", self.label, self.settings.url)
+        if self._on_connect is not None:
+            try:
+                await self._on_connect()
+            except Unavailable as e:
+                if not link.closed.is_set():
+                    logger.warning("%s: on_connect failed: %s", self.label, e)
+            except Exception:
+                # the link is up; a bug in the callback must not take it down
+                logger.exception("%s: on_connect failed", self.label)
+        if link.up and link is self._link:
+            self._ready.set()
+
+
+__all__ = ["Message", "MqttSettings", "MqttTransport", "Will"]
