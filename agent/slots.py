@@ -116,6 +116,10 @@ class ModelSlots:
     def last_known_good(self) -> InstalledModel | None:
         return self._installed(self._state.last_known_good, "last-known-good")
 
+    def installed(self, sha256: str) -> InstalledModel | None:
+        """An installed model by digest (active, last-known-good or just installed)."""
+        return self._installed(sha256, "installed")
+
     def has(self, sha256: str) -> bool:
         """True if both the artifact and the manifest of `sha256` are on disk."""
         return _SHA256_HEX.fullmatch(sha256) is not None and self._artifact(sha256) is not None

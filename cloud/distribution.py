@@ -91,7 +91,9 @@ class Broadcaster:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise InvalidArgument(f"artifact bytes do not hash to {sha256[:16]}…")
         if sha256 not in self._artifacts:
-            self._artifacts[sha256] = _Artifact(sha256, data, chunk_size, chunk_digests(data, chunk_size))
+            self._artifacts[sha256] = _Artifact(
+                sha256, data, chunk_size, chunk_digests(data, chunk_size)
+            )
         return self._artifacts[sha256].digests
 
     def known(self, sha256: str) -> bool:

@@ -70,4 +70,3 @@ def choose_variant(mv: ModelVersion, profile: DeviceProfile) -> Variant:
 
 def _needs_dynamic_int8(v: Variant) -> bool:
     return v.runtime == "litert" and v.quantization.get("mode") == "dynamic"
-

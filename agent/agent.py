@@ -1,0 +1,157 @@
+"""The agent: one asyncio process supervising transport, updater, local server, telemetry.
+
+`await Agent(settings).run(shutdown)` returns when `shutdown()` completes (a signal
+handler sets an event; tests and the simulator pass their own trigger). The agent
+serves predictions whether or not the broker is reachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from agent.capabilities import detect
+from agent.config import AgentSettings
+from agent.inference import ModelHolder
+from agent.serde import UpdateState, encode_status
+from agent.server import AgentStatus, serve
+from agent.updater import Updater
+from protos.errors import FleetError
+from protos.manifest import load_public_key
+from protos.topics import Topics
+from protos.transport import Message, MqttSettings, MqttTransport, Will
+
+logger = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        capabilities: Mapping[str, Any] | None = None,
+        durable: bool = True,
+        want_interval: float = 2.0,
+    ) -> None:
+        self.settings = settings
+        self.device_id = settings.device_id
+        self.topics = Topics(settings.topic_prefix)
+        caps: dict[str, Any] = (
+            dict(capabilities) if capabilities is not None else detect().to_dict()
+        )
+        self.capabilities = caps
+        self.holder = ModelHolder()
+        self.boot_id = uuid.uuid4().hex[:12]
+        self.transport = MqttTransport(
+            MqttSettings(
+                url=settings.broker_url,
+                client_id=f"dev-{self.device_id}",
+                username=settings.username,
+                password=settings.password,
+                ca_file=settings.ca_file,
+            ),
+            will=Will(
+                self.topics.status(self.device_id), self._status(online=False), qos=1, retain=True
+            ),
+            on_connect=self._on_connect,
+            on_message=self._on_message,
+        )
+        self.updater = Updater(
+            device_id=self.device_id,
+            state_dir=settings.state_dir,
+            public_key=load_public_key(settings.public_key_pem.encode()),
+            holder=self.holder,
+            runtimes=tuple(caps.get("runtimes", ())),
+            providers=tuple(caps.get("providers", ())) or ("CPUExecutionProvider",),
+            topics=self.topics,
+            publish=self._publish,
+            subscribe=lambda t: self.transport.subscribe(t, qos=1),
+            unsubscribe=self.transport.unsubscribe,
+            durable=durable,
+            want_interval=want_interval,
+            tflite_runtime_legacy=bool(caps.get("tflite_runtime_legacy", False)),
+        )
+        self.port: int | None = None
+
+    def _status(self, *, online: bool) -> bytes:
+        active = self.holder.active
+        return encode_status(
+            device_id=self.device_id,
+            online=online,
+            agent_version=AGENT_VERSION,
+            capabilities=self.capabilities if online else None,
+            active=active.ref if (online and active) else None,
+            boot_id=self.boot_id,
+            timestamp_ms=int(time.time() * 1000),
+        )
+
+    async def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        await self.transport.publish(topic, payload, qos=1, retain=retain)
+
+    async def _on_connect(self) -> None:
+        await self.transport.publish(
+            self.topics.status(self.device_id), self._status(online=True), qos=1, retain=True
+        )
+        await self.updater.on_reconnect()
+
+    async def _on_message(self, msg: Message) -> None:
+        try:
+            if msg.topic == self.topics.desired(self.device_id):
+                await self.updater.on_desired(msg.payload)
+            elif msg.topic.endswith("/chunk"):
+                await self.updater.on_chunk(msg.payload)
+        except FleetError as e:
+            logger.warning("%s: message on %s: %s", self.device_id, msg.topic, e)
+
+    def status(self) -> AgentStatus:
+        return AgentStatus(connected=self.transport.connected, update_state=self.updater.state)
+
+    async def run(
+        self, shutdown: Callable[[], Awaitable[None]], *, ready: asyncio.Event | None = None
+    ) -> None:
+        await asyncio.to_thread(self.updater.load_active)
+        server = None
+        if self.settings.listen:
+            server, self.port = await serve(
+                self.holder, address=self.settings.listen, status=self.status
+            )
+        await self.transport.subscribe(self.topics.desired(self.device_id), qos=1)
+        async with self.transport:
+            ticker = asyncio.create_task(self._ticker(), name=f"{self.device_id}-ticker")
+            if ready is not None:
+                ready.set()
+            try:
+                await shutdown()
+            finally:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
+                if self.transport.connected:
+                    with contextlib.suppress(FleetError):
+                        await self.transport.publish(
+                            self.topics.status(self.device_id),
+                            self._status(online=False),
+                            qos=1,
+                            retain=True,
+                            timeout=2,
+                        )
+        if server is not None:
+            await server.stop(1.0)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                await self.updater.tick()
+            except FleetError as e:
+                logger.debug("%s: tick: %s", self.device_id, e)
+
+    @property
+    def update_state(self) -> UpdateState:
+        return self.updater.state

@@ -1,0 +1,413 @@
+"""The update state machine: signed desired state → download → verify → load beside
+the active model → self-test → atomic swap → report. The active model keeps
+serving through every failure; the previous one stays on disk as last-known-good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.download import PartialDownload
+from agent.inference import ModelHolder, load
+from agent.serde import (
+    Desired,
+    ModelRef,
+    Reason,
+    UpdateState,
+    decode_chunk,
+    decode_desired,
+    decode_signed_desired,
+    encode_reported,
+    encode_want,
+)
+from agent.slots import EXTENSIONS, InstalledModel, ModelSlots
+from protos.errors import DataLoss, FleetError, InvalidArgument, NotFound, Unauthenticated
+from protos.manifest import Manifest, SignedManifest, check_artifact, key_id, verify_manifest
+from protos.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+KNOWN_VARIANTS = ("fp32", "int8", "int8-dynamic", "fp16", "tflite-fp32", "tflite-int8")
+Publish = Callable[[str, bytes, bool], Awaitable[None]]  # topic, payload, retain
+Subscribe = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class _Download:
+    desired: Desired
+    manifest: Manifest
+    partial: PartialDownload
+    last_chunk_at: float
+
+
+class Updater:
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        state_dir: Path,
+        public_key: Ed25519PublicKey,
+        holder: ModelHolder,
+        runtimes: Sequence[str],
+        providers: Sequence[str],
+        topics: Topics,
+        publish: Publish,
+        subscribe: Subscribe,
+        unsubscribe: Subscribe,
+        durable: bool = True,
+        want_interval: float = 2.0,
+        tflite_runtime_legacy: bool = False,
+    ) -> None:
+        self.device_id = device_id
+        self.slots = ModelSlots(state_dir)
+        self._downloads_dir = state_dir / "downloads"
+        self._key = public_key
+        self._key_id = key_id(public_key)
+        self.holder = holder
+        self._runtimes = tuple(runtimes)
+        self._providers = tuple(providers)
+        self._legacy = tflite_runtime_legacy
+        self._topics = topics
+        self._publish = publish
+        self._subscribe = subscribe
+        self._unsubscribe = unsubscribe
+        self._durable = durable
+        self._want_interval = want_interval
+        self._download: _Download | None = None
+        self._lock = asyncio.Lock()
+        self.state = UpdateState.IDLE
+        self.accepted_generation = self.slots.generation
+
+    # -- startup ------------------------------------------------------------------
+
+    def load_active(self) -> None:
+        """Serve the model the slots say is active (after a restart), if any."""
+        inst = self.slots.active()
+        if inst is None:
+            return
+        try:
+            manifest = self._verify_manifest(SignedManifest.from_bytes(inst.manifest_bytes))
+            data = inst.path.read_bytes()
+            check_artifact(manifest, data)
+            self.holder.swap(load(manifest, data, providers=self._providers))
+            self.state = UpdateState.ACTIVE
+            logger.info("%s: serving %s from disk", self.device_id, manifest.ref)
+        except (FleetError, OSError) as e:
+            logger.error(
+                "%s: active model on disk unusable (%s); waiting for a deployment",
+                self.device_id,
+                e,
+            )
+
+    # -- messages -----------------------------------------------------------------
+
+    async def on_desired(self, payload: bytes) -> None:
+        async with self._lock:
+            if not payload:
+                return
+            try:
+                desired = self._verify_desired(payload)
+            except Unauthenticated as e:
+                await self._report(0, UpdateState.FAILED, Reason.BAD_SIGNATURE, str(e))
+                return
+            except InvalidArgument as e:
+                await self._report(0, UpdateState.FAILED, Reason.MALFORMED_MESSAGE, str(e))
+                return
+            if desired.generation <= self.accepted_generation and self.state != UpdateState.IDLE:
+                if desired.generation < self.accepted_generation:
+                    logger.info(
+                        "%s: ignoring stale generation %d", self.device_id, desired.generation
+                    )
+                return
+            await self._start(desired)
+
+    async def on_chunk(self, payload: bytes) -> None:
+        dl = self._download
+        if dl is None:
+            return
+        try:
+            sha, index, _total, data = decode_chunk(payload)
+        except InvalidArgument as e:
+            logger.warning("%s: %s", self.device_id, e)
+            return
+        if sha != dl.manifest.sha256:
+            return
+        try:
+            added = await asyncio.to_thread(dl.partial.add, index, data)
+        except (DataLoss, InvalidArgument) as e:
+            logger.warning("%s: chunk rejected: %s", self.device_id, e)
+            await self._report(
+                dl.desired.generation,
+                UpdateState.DOWNLOADING,
+                Reason.CHUNK_DIGEST_MISMATCH,
+                str(e),
+                dl=dl,
+            )
+            return
+        if added:
+            dl.last_chunk_at = time.monotonic()
+        if dl.partial.complete and self._download is dl:
+            async with self._lock:
+                if self._download is dl:
+                    await self._complete(dl)
+
+    async def tick(self) -> None:
+        """Re-ask for missing chunks when none arrived for a while (lost chunks, late subscribe)."""
+        dl = self._download
+        if dl is None or time.monotonic() - dl.last_chunk_at < self._want_interval:
+            return
+        dl.last_chunk_at = time.monotonic()
+        await self._want(dl)
+
+    async def on_reconnect(self) -> None:
+        dl = self._download
+        if dl is not None:
+            await self._want(dl)
+
+    # -- steps --------------------------------------------------------------------
+
+    async def _start(self, desired: Desired) -> None:
+        gen = desired.generation
+        try:
+            manifest = self._verify_manifest(
+                SignedManifest(
+                    desired.manifest_bytes, desired.manifest_signature, desired.manifest_key_id
+                )
+            )
+        except Unauthenticated as e:
+            await self._report(gen, UpdateState.FAILED, Reason.BAD_SIGNATURE, str(e))
+            return
+        except InvalidArgument as e:
+            await self._report(gen, UpdateState.FAILED, Reason.MALFORMED_MESSAGE, str(e))
+            return
+        self.accepted_generation = gen
+        if desired.action == "rollback":
+            await self._rollback(desired)
+            return
+        if manifest.variant not in KNOWN_VARIANTS:
+            await self._report(
+                gen,
+                UpdateState.FAILED,
+                Reason.UNKNOWN_VARIANT,
+                f"variant {manifest.variant!r} unknown; this agent runs {', '.join(KNOWN_VARIANTS)}",
+            )
+            return
+        if manifest.runtime not in self._runtimes or (
+            self._legacy and "dynamic-int8" in manifest.requires
+        ):
+            await self._report(
+                gen,
+                UpdateState.FAILED,
+                Reason.UNSUPPORTED_RUNTIME,
+                f"{manifest.ref} needs {manifest.runtime}"
+                f"{' with dynamic-range int8' if 'dynamic-int8' in manifest.requires else ''}; "
+                f"this device has {', '.join(self._runtimes) or 'no runtime'}",
+            )
+            return
+        await self._abandon_download()
+        if self.slots.has(manifest.sha256):
+            inst = self.slots.installed(manifest.sha256)
+            if inst is not None:
+                await self._activate(desired, manifest, inst)
+                return
+        try:
+            partial = await asyncio.to_thread(
+                PartialDownload.open,
+                self._downloads_dir,
+                sha256=manifest.sha256,
+                size=manifest.size,
+                chunk_size=desired.chunk_size,
+                chunk_digests=desired.chunk_digests,
+                durable=self._durable,
+            )
+        except InvalidArgument as e:
+            await self._report(gen, UpdateState.FAILED, Reason.MALFORMED_MESSAGE, str(e))
+            return
+        except OSError as e:
+            await self._report(
+                gen, UpdateState.FAILED, Reason.DISK_FULL, f"cannot store download: {e}"
+            )
+            return
+        dl = _Download(desired, manifest, partial, time.monotonic())
+        self._download = dl
+        self.state = UpdateState.DOWNLOADING
+        await self._report(gen, UpdateState.DOWNLOADING, Reason.OK, "", dl=dl)
+        if partial.complete:
+            await self._complete(dl)
+            return
+        await self._subscribe(self._topics.chunk(manifest.sha256))
+        await self._want(dl)
+
+    async def _want(self, dl: _Download) -> None:
+        missing = dl.partial.missing_ranges(limit=64)
+        if not missing:
+            return
+        payload = encode_want(self.device_id, dl.manifest.sha256, dl.partial.chunks_total, missing)
+        try:
+            await self._publish(self._topics.want(dl.manifest.sha256), payload, False)
+        except FleetError as e:
+            logger.debug("%s: want not sent (%s); will retry", self.device_id, e)
+
+    async def _complete(self, dl: _Download) -> None:
+        gen = dl.desired.generation
+        self._download = None
+        await self._unsubscribe_quietly(self._topics.chunk(dl.manifest.sha256))
+        self.state = UpdateState.VERIFYING
+        await self._report(gen, UpdateState.VERIFYING, Reason.OK, "", dl=dl)
+        ext = EXTENSIONS[dl.manifest.runtime]
+        dest = self.slots.artifact_path(dl.manifest.sha256, extension=ext)
+        try:
+            await asyncio.to_thread(dl.partial.finish, dest)
+            inst = await asyncio.to_thread(
+                self.slots.install, dl.desired.signed_manifest, dest, extension=ext
+            )
+        except DataLoss as e:
+            # finish() cleared the bad chunks: fetch them again
+            await self._report(
+                gen, UpdateState.DOWNLOADING, Reason.ARTIFACT_DIGEST_MISMATCH, str(e), dl=dl
+            )
+            self._download = dl
+            await self._subscribe(self._topics.chunk(dl.manifest.sha256))
+            await self._want(dl)
+            return
+        except OSError as e:
+            await self._report(gen, UpdateState.FAILED, Reason.DISK_FULL, str(e))
+            return
+        await self._activate(dl.desired, dl.manifest, inst)
+
+    async def _activate(self, desired: Desired, manifest: Manifest, inst: InstalledModel) -> None:
+        gen = desired.generation
+        self.state = UpdateState.LOADING
+        await self._report(gen, UpdateState.LOADING, Reason.OK, "")
+        try:
+            data = await asyncio.to_thread(inst.path.read_bytes)
+            check_artifact(manifest, data)
+            model = await asyncio.to_thread(load, manifest, data, providers=self._providers)
+        except DataLoss as e:
+            await self._fail(gen, Reason.ARTIFACT_DIGEST_MISMATCH, str(e))
+            return
+        except FleetError as e:
+            reason = Reason.SELF_TEST_FAILED if "self-test" in str(e) else Reason.LOAD_FAILED
+            await self._fail(gen, reason, str(e))
+            return
+        self.holder.swap(model)
+        await asyncio.to_thread(self.slots.activate, manifest.sha256, gen)
+        await asyncio.to_thread(self.slots.gc)
+        self.state = UpdateState.ACTIVE
+        logger.info("%s: %s active on %s", self.device_id, manifest.ref, model.provider)
+        await self._report(gen, UpdateState.ACTIVE, Reason.OK, "", provider=model.provider)
+
+    async def _rollback(self, desired: Desired) -> None:
+        gen = desired.generation
+        await self._abandon_download()
+        try:
+            inst = await asyncio.to_thread(self.slots.rollback, generation=gen)
+            manifest = self._verify_manifest(SignedManifest.from_bytes(inst.manifest_bytes))
+            data = await asyncio.to_thread(inst.path.read_bytes)
+            check_artifact(manifest, data)
+            model = await asyncio.to_thread(load, manifest, data, providers=self._providers)
+        except NotFound as e:
+            await self._report(gen, UpdateState.FAILED, Reason.NO_LAST_KNOWN_GOOD, str(e))
+            return
+        except FleetError as e:
+            await self._report(gen, UpdateState.FAILED, Reason.LOAD_FAILED, str(e))
+            return
+        self.holder.swap(model)
+        self.state = UpdateState.ROLLED_BACK
+        await self._report(
+            gen,
+            UpdateState.ROLLED_BACK,
+            Reason.OK,
+            f"back on {manifest.ref}",
+            provider=model.provider,
+        )
+
+    async def _fail(self, gen: int, reason: Reason, detail: str) -> None:
+        self.state = UpdateState.FAILED
+        logger.warning("%s: update %d failed (%s): %s", self.device_id, gen, reason.name, detail)
+        await self._report(gen, UpdateState.FAILED, reason, detail)
+
+    async def _abandon_download(self) -> None:
+        dl, self._download = self._download, None
+        if dl is not None:
+            await self._unsubscribe_quietly(self._topics.chunk(dl.manifest.sha256))
+
+    async def _unsubscribe_quietly(self, topic: str) -> None:
+        try:
+            await self._unsubscribe(topic)
+        except FleetError as e:
+            logger.debug("%s: unsubscribe %s: %s", self.device_id, topic, e)
+
+    # -- verification and reports ----------------------------------------------------
+
+    def _verify_desired(self, payload: bytes) -> Desired:
+        body, signature, kid = decode_signed_desired(payload)
+        if kid != self._key_id:
+            raise Unauthenticated(
+                f"desired state signed by key {kid or '(none)'}; this device trusts {self._key_id}"
+            )
+        try:
+            self._key.verify(signature, body)
+        except InvalidSignature:
+            raise Unauthenticated(
+                "desired state signature does not verify: altered in transit or forged"
+            ) from None
+        desired = decode_desired(body)
+        if desired.device_id != self.device_id:
+            raise InvalidArgument(
+                f"desired state is for device {desired.device_id!r}, not {self.device_id!r}"
+            )
+        return desired
+
+    def _verify_manifest(self, signed: SignedManifest) -> Manifest:
+        return verify_manifest(signed, self._key)
+
+    def _ref(self, inst: InstalledModel | None) -> ModelRef | None:
+        if inst is None:
+            return None
+        try:
+            m = self._verify_manifest(SignedManifest.from_bytes(inst.manifest_bytes))
+        except FleetError:
+            return None
+        return ModelRef.from_manifest(m)
+
+    def active_ref(self) -> ModelRef | None:
+        active = self.holder.active
+        return active.ref if active is not None else None
+
+    async def _report(
+        self,
+        generation: int,
+        state: UpdateState,
+        reason: Reason,
+        detail: str,
+        *,
+        dl: _Download | None = None,
+        provider: str = "",
+    ) -> None:
+        active = self.holder.active
+        payload = encode_reported(
+            device_id=self.device_id,
+            generation=generation or self.accepted_generation,
+            state=state,
+            reason=reason,
+            detail=detail,
+            active=active.ref if active else None,
+            last_known_good=self._ref(self.slots.last_known_good()),
+            chunks_have=dl.partial.chunks_have if dl else 0,
+            chunks_total=dl.partial.chunks_total if dl else 0,
+            provider=provider or (active.provider if active else ""),
+            timestamp_ms=int(time.time() * 1000),
+        )
+        try:
+            await self._publish(self._topics.reported(self.device_id), payload, True)
+        except FleetError as e:
+            logger.info("%s: report not sent (%s)", self.device_id, e)
