@@ -165,6 +165,6 @@ class LocalClient:
 
 
 def _redact(url: str) -> str:
-    from cloud.registry.sql import normalize_url
+    from cloud.db import normalize_url
 
     return normalize_url(url).render_as_string(hide_password=True)

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from cloud.db import Database
 from cloud.devices.selector import Selector
-from cloud.registry.sql import normalize_url
 from cloud.registry.tables import UtcDateTime
-from protos.errors import AlreadyExists, NotFound, Unavailable
+from protos.errors import AlreadyExists, NotFound
 from protos.topics import check_device_id
 
 logger = logging.getLogger(__name__)
@@ -88,27 +88,14 @@ def _device(r: DeviceRow) -> Device:
 
 class DeviceStore:
     def __init__(self, url: str) -> None:
-        u = normalize_url(url)
-        self.url = u.render_as_string(hide_password=True)
-        args: dict[str, Any] = (
-            {"timeout": 30} if u.get_backend_name() == "sqlite" else {"connect_timeout": 5}
-        )
-        self._engine = sa.create_engine(u, pool_pre_ping=True, connect_args=args)
-        try:
-            DeviceRow.metadata.create_all(self._engine, tables=[DeviceRow.__table__])  # type: ignore[attr-defined]
-        except OperationalError as e:
-            raise Unavailable(f"device database {self.url} unreachable: {e.orig}") from None
+        self._db = Database(url, what="device database", tables=[DeviceRow.__table__])  # type: ignore[attr-defined]
+        self.url = self._db.url
 
     def close(self) -> None:
-        self._engine.dispose()
+        self._db.close()
 
-    @contextmanager
-    def _session(self) -> Iterator[Session]:
-        try:
-            with Session(self._engine, expire_on_commit=False) as s:
-                yield s
-        except OperationalError as e:
-            raise Unavailable(f"device database {self.url} unreachable: {e.orig}") from None
+    def _session(self) -> AbstractContextManager[Session]:
+        return self._db.session()
 
     def _row(self, s: Session, device_id: str) -> DeviceRow:
         row = s.exec(select(DeviceRow).where(DeviceRow.device_id == device_id)).first()

@@ -6,16 +6,13 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
-import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DataError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
-from cloud.registry import tables
+from cloud.db import Database
 from cloud.registry.entities import (
     Lineage,
     ModelRef,
@@ -29,68 +26,28 @@ from cloud.registry.entities import (
 )
 from cloud.registry.store import RegistryStore
 from cloud.registry.tables import ModelRow, VariantRow, VersionRow
-from protos.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
+from protos.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from protos.manifest import RUNTIMES, TensorSpec
 
 logger = logging.getLogger(__name__)
 
-_DRIVERS = {
-    "sqlite": "sqlite",
-    "postgresql": "postgresql+psycopg",
-    "postgres": "postgresql+psycopg",
-}
 _RETRIES = 20
-
-
-def normalize_url(url: str) -> sa.URL:
-    try:
-        u = make_url(url)
-    except ArgumentError:
-        raise InvalidArgument(
-            f"database URL {url!r} is not a URL; expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
-        ) from None
-    backend = u.get_backend_name()
-    if backend not in _DRIVERS:
-        raise InvalidArgument(
-            f"database URL {u.render_as_string(hide_password=True)!r}: backend {backend!r} not "
-            "supported; accepted: sqlite, postgresql"
-        )
-    if "+" not in u.drivername:
-        u = u.set(drivername=_DRIVERS[backend])
-    return u
 
 
 class SqlRegistryStore(RegistryStore):
     def __init__(self, url: str) -> None:
-        u = normalize_url(url)
-        self.url = u.render_as_string(hide_password=True)
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
-        if u.get_backend_name() == "sqlite":
-            kwargs["connect_args"] = {"timeout": 30}
-        else:
-            kwargs["connect_args"] = {"connect_timeout": 5}
-        self._engine = sa.create_engine(u, **kwargs)
-        if u.get_backend_name() == "sqlite":
-            sa.event.listen(self._engine, "connect", _sqlite_pragmas)
-        try:
-            tables.metadata.create_all(self._engine)
-        except OperationalError as e:
-            raise Unavailable(f"registry database {self.url} unreachable: {_reason(e)}") from None
+        self._db = Database(
+            url,
+            what="registry database",
+            tables=[ModelRow.__table__, VersionRow.__table__, VariantRow.__table__],  # type: ignore[attr-defined]
+        )
+        self.url = self._db.url
 
     def close(self) -> None:
-        self._engine.dispose()
+        self._db.close()
 
-    @contextmanager
-    def _session(self) -> Iterator[Session]:
-        try:
-            with Session(self._engine, expire_on_commit=False) as s:
-                yield s
-        except OperationalError as e:
-            raise Unavailable(f"registry database {self.url} unreachable: {_reason(e)}") from None
-        except DataError as e:  # a value the column cannot hold: checks above should catch it first
-            raise InvalidArgument(
-                f"registry database {self.url} refused a value: {_reason(e)}"
-            ) from None
+    def _session(self) -> AbstractContextManager[Session]:
+        return self._db.session()
 
     # -- writes -------------------------------------------------------------------
 
@@ -343,15 +300,3 @@ def _check_variant_names(variants: Sequence[NewVariant]) -> None:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InvalidArgument(f"variant name(s) given twice: {', '.join(dup)}")
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def _reason(e: DBAPIError) -> str:
-    text = str(e.orig).strip() if e.orig is not None else str(e)
-    return text.splitlines()[0] if text else type(e).__name__
