@@ -46,6 +46,7 @@ class _Download:
     manifest: Manifest
     partial: PartialDownload
     last_chunk_at: float
+    last_report_at: float = 0.0
 
 
 class Updater:
@@ -64,8 +65,10 @@ class Updater:
         unsubscribe: Subscribe,
         durable: bool = True,
         want_interval: float = 2.0,
+        progress_interval: float = 0.5,
         tflite_runtime_legacy: bool = False,
     ) -> None:
+        self.progress_interval = progress_interval
         self.device_id = device_id
         self.slots = ModelSlots(state_dir)
         self._downloads_dir = state_dir / "downloads"
@@ -140,6 +143,16 @@ class Updater:
             return
         if sha != dl.manifest.sha256:
             return
+        expected = min(dl.partial.chunk_size, dl.manifest.size - index * dl.partial.chunk_size)
+        if 0 <= index < dl.partial.chunks_total and len(data) < expected:
+            await self._report(
+                dl.desired.generation,
+                UpdateState.DOWNLOADING,
+                Reason.TRUNCATED,
+                f"chunk {index} of {dl.manifest.sha256[:12]}… is {len(data)} bytes; expected {expected}",
+                dl=dl,
+            )
+            return
         try:
             added = await asyncio.to_thread(dl.partial.add, index, data)
         except (DataLoss, InvalidArgument) as e:
@@ -153,7 +166,13 @@ class Updater:
             )
             return
         if added:
-            dl.last_chunk_at = time.monotonic()
+            now = time.monotonic()
+            dl.last_chunk_at = now
+            if now - dl.last_report_at >= self.progress_interval and not dl.partial.complete:
+                dl.last_report_at = now
+                await self._report(
+                    dl.desired.generation, UpdateState.DOWNLOADING, Reason.OK, "", dl=dl
+                )
         if dl.partial.complete and self._download is dl:
             async with self._lock:
                 if self._download is dl:

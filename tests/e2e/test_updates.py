@@ -1,0 +1,329 @@
+"""Bad updates are refused with a reason code while the device keeps serving; downloads
+resume after a crash; a broker restart mid-deploy still ends with every device active.
+
+Real Mosquitto, real coordinator and agent code on one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.agent import Agent
+from agent.config import AgentSettings
+from cloud.broker import ManagedBroker
+from cloud.client import LocalClient
+from cloud.config import CloudSettings, load_settings
+from cloud.coordinator import Coordinator
+from cloud.devices import DeviceStore, Selector
+from cloud.distribution import chunk_digests
+from cloud.registry import ModelRef
+from cloud.serde import decode_reported, encode_desired
+from cloud.signing import load_private_key
+from protos.fleet.v1 import device_pb2
+from protos.manifest import SignedManifest, decode_manifest, sign_manifest
+from protos.topics import Topics
+from protos.transport import MqttSettings, MqttTransport
+
+CPU = {
+    "runtimes": ["onnxruntime", "litert"],
+    "providers": ["CPUExecutionProvider"],
+    "accelerator": "cpu",
+}
+CHUNK = 4 * 1024
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    h = tmp_path_factory.mktemp("updates") / "home"
+    client = LocalClient(load_settings(home=h))
+    client.init()
+    client.train(
+        "digits", "digits", arch="mlp", epochs=3, seed=0, batch_size=64, lr=3e-3, on_epoch=None
+    )
+    client.quantize(
+        ModelRef("digits", 1), ["int8"], max_drop=100.0, force=False, progress=lambda *_: None
+    )
+    client.train(
+        "digits", "digits", arch="mlp", epochs=4, seed=1, batch_size=64, lr=3e-3, on_epoch=None
+    )
+    client.quantize(
+        ModelRef("digits", 2), ["int8"], max_drop=100.0, force=False, progress=lambda *_: None
+    )
+    client.close()
+    return h
+
+
+@dataclass
+class Harness:
+    settings: CloudSettings
+    client: LocalClient
+    devices: DeviceStore
+    broker: ManagedBroker
+    coord: Coordinator
+    agents: dict[str, Agent]
+    tasks: dict[str, asyncio.Task[None]]
+    stops: dict[str, asyncio.Event]
+    state_root: Path
+    reports: dict[str, list[dict[str, Any]]]
+
+    def key(self) -> Ed25519PrivateKey:
+        return load_private_key(self.settings.signing_key_path)
+
+    async def start_agent(self, dev_id: str) -> Agent:
+        agent = Agent(
+            AgentSettings(
+                device_id=dev_id,
+                state_dir=self.state_root / dev_id,
+                broker_url=self.broker.url,
+                public_key_pem=self.settings.public_key_path.read_text(),
+                listen="",
+            ),
+            capabilities=CPU,
+            durable=True,
+            want_interval=0.3,
+        )
+        stop, ready = asyncio.Event(), asyncio.Event()
+        self.agents[dev_id], self.stops[dev_id] = agent, stop
+        self.tasks[dev_id] = asyncio.create_task(agent.run(stop.wait, ready=ready))
+        await ready.wait()
+        await agent.transport.wait_connected(timeout=10)
+        return agent
+
+    async def crash(self, dev_id: str) -> None:
+        """Kill the agent without a clean disconnect; its state dir stays."""
+        self.agents[dev_id].transport.drop_connection()
+        self.tasks[dev_id].cancel()
+        await asyncio.gather(self.tasks[dev_id], return_exceptions=True)
+
+    async def wait_report(
+        self, dev_id: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 20
+    ) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                for r in self.reports[dev_id]:
+                    if pred(r):
+                        return r
+                await asyncio.sleep(0.05)
+
+    async def deploy(self, version: int, sel: str = "all") -> Any:
+        while len(await asyncio.to_thread(self.devices.find, online=True)) < len(self.agents):
+            await asyncio.sleep(0.05)
+        return await self.coord.deploy(ModelRef("digits", version), Selector.parse(sel))
+
+
+@asynccontextmanager
+async def harness(
+    home: Path, broker: ManagedBroker, tmp: Path, ids: list[str], *, rate: float = 0.0
+) -> AsyncIterator[Harness]:
+    settings = load_settings(home=home, db_url=f"sqlite:///{tmp / 'fleet.db'}")
+    client = LocalClient(load_settings(home=home))
+    devices = DeviceStore(settings.registry_url)
+    for d in ids:
+        devices.enroll(d)
+    reports: dict[str, list[dict[str, Any]]] = {d: [] for d in ids}
+    topics = Topics()
+
+    async def on_msg(msg: Any) -> None:
+        _, dev, kind = topics.parse(msg.topic)
+        if kind == "reported" and dev in reports:
+            reports[dev].append(decode_reported(msg.payload))
+
+    watcher = MqttTransport(
+        MqttSettings(url=broker.url, client_id="test-watcher"), on_message=on_msg
+    )
+    await watcher.subscribe(topics.all_devices("reported"))
+    async with (
+        watcher,
+        Coordinator(
+            broker_url=broker.url,
+            registry=client.registry,
+            store=client.pipeline.store,
+            devices=devices,
+            signing_key=lambda: load_private_key(settings.signing_key_path),
+            chunk_size=CHUNK,
+            gather=0.05,
+            rate=rate,
+        ) as coord,
+    ):
+        await watcher.wait_connected(timeout=10)
+        h = Harness(settings, client, devices, broker, coord, {}, {}, {}, tmp, reports)
+        for d in ids:
+            await h.start_agent(d)
+        try:
+            yield h
+        finally:
+            for stop in h.stops.values():
+                stop.set()
+            await asyncio.gather(*h.tasks.values(), return_exceptions=True)
+            devices.close()
+            client.close()
+
+
+def run(coro: Any) -> None:
+    asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_bad_updates_are_refused_and_the_device_keeps_serving(
+    home: Path, broker: ManagedBroker, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, ["d1"]) as h:
+            out = await h.deploy(1)
+            await h.coord.wait_settled(out, timeout=30)
+            agent = h.agents["d1"]
+            v1 = agent.holder.active
+            assert v1 is not None and v1.ref.version == 1
+            topic = Topics().desired("d1")
+            raw = MqttTransport(MqttSettings(url=broker.url, client_id="attacker"))
+            mv2 = h.client.registry.get_version(ModelRef("digits", 2))
+            art = h.client.pipeline.store.get(mv2.variant("int8").sha256)
+            good_manifest = SignedManifest.from_bytes(mv2.variant("int8").signed_manifest)
+            gen = 100
+
+            def desired(
+                *,
+                manifest: SignedManifest = good_manifest,
+                key: Ed25519PrivateKey | None = None,
+                digests: list[bytes] | None = None,
+            ) -> bytes:
+                nonlocal gen
+                gen += 1
+                return encode_desired(
+                    device_id="d1",
+                    generation=gen,
+                    rollout_id="attack",
+                    manifest=manifest,
+                    chunk_size=CHUNK,
+                    chunk_digests=digests if digests is not None else chunk_digests(art, CHUNK),
+                    action="activate",
+                    key=key or h.key(),
+                )
+
+            async def expect(payload: bytes, reason: str) -> dict[str, Any]:
+                n = len(h.reports["d1"])
+                await raw.publish(topic, payload, qos=1, retain=False)
+                r = await h.wait_report(
+                    "d1", lambda r: r["reason"] == reason and h.reports["d1"].index(r) >= n
+                )
+                assert agent.holder.active is v1  # still serving the last-known-good model
+                return r
+
+            async with raw:
+                await raw.wait_connected(timeout=10)
+                # a malformed protobuf
+                r = await expect(b"\xff\xff\x00garbage", "malformed_message")
+                assert "not valid protobuf" in r["detail"]
+                # a desired state signed by another key
+                r = await expect(desired(key=Ed25519PrivateKey.generate()), "bad_signature")
+                assert "this device trusts" in r["detail"]
+                # a manifest whose bytes were altered after signing
+                forged = SignedManifest(
+                    good_manifest.manifest_bytes[:-1] + b"\x01",
+                    good_manifest.signature,
+                    good_manifest.key_id,
+                )
+                await expect(desired(manifest=forged), "bad_signature")
+                # a correctly signed manifest naming a variant this agent does not know
+                m = decode_manifest(good_manifest.manifest_bytes)
+                unknown = sign_manifest(replace(m, variant="int3"), h.key())
+                r = await expect(desired(manifest=unknown), "unknown_variant")
+                assert "'int3'" in r["detail"]
+                # a tampered chunk: rejected on arrival, nothing stored
+                await raw.publish(topic, desired(), qos=1)
+                await h.wait_report(
+                    "d1", lambda r: r["state"] == "downloading" and r["generation"] == gen
+                )
+                bad = bytearray(art[:CHUNK])
+                bad[10] ^= 0xFF
+                chunk_topic = Topics().chunk(good_manifest_sha(good_manifest))
+                n = len(h.reports["d1"])
+                await raw.publish(chunk_topic, chunk_msg(good_manifest, 0, art, bytes(bad)), qos=1)
+                r = await h.wait_report(
+                    "d1",
+                    lambda r: (
+                        r["reason"] == "chunk_digest_mismatch" and h.reports["d1"].index(r) >= n
+                    ),
+                )
+                assert "chunk 0" in r["detail"] and agent.holder.active is v1
+                # a truncated chunk
+                n = len(h.reports["d1"])
+                await raw.publish(
+                    chunk_topic, chunk_msg(good_manifest, 1, art, art[CHUNK : CHUNK + 100]), qos=1
+                )
+                r = await h.wait_report(
+                    "d1", lambda r: r["reason"] == "truncated" and h.reports["d1"].index(r) >= n
+                )
+                assert "expected 4096" in r["detail"] and agent.holder.active is v1
+            assert agent.holder.active is v1
+
+    run(main())
+
+
+def good_manifest_sha(m: SignedManifest) -> str:
+    return decode_manifest(m.manifest_bytes).sha256
+
+
+def chunk_msg(m: SignedManifest, index: int, art: bytes, data: bytes) -> bytes:
+    total = -(-len(art) // CHUNK)
+    return device_pb2.ArtifactChunk(
+        sha256=good_manifest_sha(m), index=index, total=total, data=data
+    ).SerializeToString()
+
+
+def test_agent_killed_mid_download_resumes_without_refetching(
+    home: Path, broker: ManagedBroker, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, ["d1"], rate=6000.0) as h:
+            out = await h.deploy(2)
+            sha = out.targets[0].sha256
+            total = h.coord.broadcaster.stats(sha).chunks
+            assert total >= 5
+            r = await h.wait_report(
+                "d1",
+                lambda r: r["state"] == "downloading" and 2 <= int(r.get("chunks_have", 0)) < total,
+            )
+            had = int(r["chunks_have"])
+            await h.crash("d1")
+            sent_before = h.coord.broadcaster.stats(sha).chunks_sent
+            await h.start_agent("d1")  # same state dir: the partial download is on disk
+            settled = await h.coord.wait_settled(out, timeout=60)
+            assert settled["d1"].state == "active"
+            assert (
+                h.agents["d1"].holder.active is not None
+                and h.agents["d1"].holder.active.ref.sha256 == sha
+            )
+            sent = h.coord.broadcaster.stats(sha).chunks_sent
+            # after the restart the coordinator sent at most the chunks the device lacked
+            assert sent - sent_before <= total - had, (sent_before, sent, total, had)
+
+    run(main())
+
+
+def test_broker_restart_mid_deploy_still_activates_every_device(
+    home: Path, broker: ManagedBroker, tmp_path: Path
+) -> None:
+    ids = [f"d{i}" for i in range(5)]
+
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, ids, rate=8000.0) as h:
+            out = await h.deploy(2)
+            await h.wait_report(
+                "d0", lambda r: r["state"] == "downloading" and int(r.get("chunks_have", 0)) >= 1
+            )
+            await asyncio.to_thread(broker.restart)
+            settled = await h.coord.wait_settled(out, timeout=60)
+            assert {d: settled[d].state for d in ids} == {d: "active" for d in ids}
+            for d in ids:
+                a = h.agents[d].holder.active
+                assert a is not None and a.ref.version == 2
+
+    run(main())
