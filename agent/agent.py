@@ -114,7 +114,7 @@ class Agent:
         return AgentStatus(connected=self.transport.connected, update_state=self.updater.state)
 
     async def run(
-        self, shutdown: Callable[[], Awaitable[None]], *, ready: asyncio.Event | None = None
+        self, shutdown: Callable[[], Awaitable[object]], *, ready: asyncio.Event | None = None
     ) -> None:
         await asyncio.to_thread(self.updater.load_active)
         server = None

@@ -72,6 +72,61 @@ def verify(
         )
 
 
+DEFAULT_CONFIG = Path("/etc/edgefleet/agent.json")
+
+
+@app.command()
+def enroll(
+    bundle: Annotated[
+        Path, typer.Argument(help="Enrolment bundle from 'fleet devices enroll ID --out FILE'.")
+    ],
+    config: Annotated[
+        Path, typer.Option("--config", help="Where to write the agent's config.")
+    ] = DEFAULT_CONFIG,
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="Models, downloads, spool.")
+    ] = Path("/var/lib/edgefleet"),
+    listen: Annotated[
+        str, typer.Option("--listen", help="Local InferenceService address ('' to disable).")
+    ] = "127.0.0.1:50051",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+) -> None:
+    """Install an enrolment bundle: writes the agent config (mode 0600)."""
+    from agent.config import config_from_bundle, write_config
+
+    settings = config_from_bundle(_read(bundle, "bundle"), state_dir=state_dir, listen=listen)
+    write_config(config, settings, force=force)
+    sys.stdout.write(
+        f"enrolled {settings.device_id}: config {config}, broker {settings.broker_url}\n"
+    )
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path, typer.Option("--config", help="Agent config written by 'fleet-agent enroll'.")
+    ] = DEFAULT_CONFIG,
+) -> None:
+    """Run the agent until SIGINT/SIGTERM: MQTT, updates, local inference, telemetry."""
+    import asyncio
+    import signal
+
+    from agent.agent import Agent
+    from agent.config import load_config
+
+    settings = load_config(config)
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(settings).run(stop.wait)
+
+    asyncio.run(main())
+
+
 def _read(path: Path, what: str) -> bytes:
     from protos.errors import NotFound
 

@@ -1,10 +1,14 @@
-"""AgentSettings: the one place the agent reads its environment (FLEET_AGENT_*)."""
+"""AgentSettings: the one place the agent reads its environment (FLEET_AGENT_*) and its
+config file (written by `fleet-agent enroll` from an enrolment bundle)."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,3 +31,85 @@ class AgentSettings(BaseSettings):
     telemetry_interval: float = 10.0
     group: str = ""
     tags: dict[str, str] = Field(default_factory=dict)
+
+
+BUNDLE_FIELDS = ("device_id", "broker_url", "signing_public_key")
+
+
+def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSettings:
+    """Validate an enrolment bundle (JSON from `fleet devices enroll`)."""
+    from protos.errors import InvalidArgument
+    from protos.manifest import load_public_key
+
+    try:
+        bundle = json.loads(data)
+    except ValueError as e:
+        raise InvalidArgument(f"enrolment bundle is not JSON: {e}") from None
+    if not isinstance(bundle, dict):
+        raise InvalidArgument("enrolment bundle must be a JSON object")
+    missing = [k for k in BUNDLE_FIELDS if not bundle.get(k)]
+    if missing:
+        raise InvalidArgument(
+            f"enrolment bundle lacks {', '.join(missing)}; needs {', '.join(BUNDLE_FIELDS)}"
+        )
+    load_public_key(str(bundle["signing_public_key"]).encode())  # fail now, not at first update
+    values: dict[str, Any] = {
+        "device_id": bundle["device_id"],
+        "broker_url": bundle["broker_url"],
+        "username": bundle.get("username") or None,
+        "password": bundle.get("password") or None,
+        "public_key_pem": bundle["signing_public_key"],
+        "topic_prefix": bundle.get("topic_prefix") or "ef/v1",
+        "group": bundle.get("group") or "",
+        "tags": bundle.get("tags") or {},
+        "state_dir": state_dir,
+        "listen": listen,
+    }
+    return _settings(values, "enrolment bundle")
+
+
+def write_config(path: Path, settings: AgentSettings, *, force: bool) -> None:
+    from protos.errors import AlreadyExists
+
+    if path.exists() and not force:
+        raise AlreadyExists(f"agent config {path} exists; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(settings.model_dump(mode="json"), f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_config(path: Path) -> AgentSettings:
+    """The config file, with FLEET_AGENT_* variables overriding it."""
+    from protos.errors import InvalidArgument, NotFound
+
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(
+            f"agent config {path} not found: run 'fleet-agent enroll BUNDLE' first"
+        ) from None
+    except ValueError as e:
+        raise InvalidArgument(f"agent config {path} is not JSON: {e}") from None
+    env = {
+        k: v
+        for k, v in AgentSettings.model_fields.items()
+        if f"FLEET_AGENT_{k.upper()}" in os.environ
+    }
+    for k in env:
+        values.pop(k, None)  # let the environment win
+    return _settings(values, f"agent config {path}")
+
+
+def _settings(values: dict[str, Any], what: str) -> AgentSettings:
+    from protos.errors import InvalidArgument
+
+    try:
+        return AgentSettings(**values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise InvalidArgument(
+            f"{what}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        ) from None

@@ -1,0 +1,66 @@
+"""`fleet-agent enroll` and its config file."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.config import config_from_bundle, load_config, write_config
+from protos.errors import AlreadyExists, InvalidArgument, NotFound
+
+
+def pem() -> str:
+    return (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def bundle(**kw: object) -> bytes:
+    b = {
+        "device_id": "cam-1",
+        "broker_url": "mqtt://127.0.0.1:1883",
+        "signing_public_key": pem(),
+        "topic_prefix": "ef/v1",
+        "group": "lobby",
+        "tags": {"site": "paris"},
+    }
+    b.update(kw)
+    return json.dumps(b).encode()
+
+
+def test_enroll_writes_a_private_config_that_run_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = config_from_bundle(bundle(), state_dir=tmp_path / "state", listen="127.0.0.1:0")
+    path = tmp_path / "etc" / "agent.json"
+    write_config(path, s, force=False)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = load_config(path)
+    assert (
+        loaded.device_id == "cam-1"
+        and loaded.tags == {"site": "paris"}
+        and loaded.state_dir == tmp_path / "state"
+    )
+    monkeypatch.setenv("FLEET_AGENT_BROKER_URL", "mqtt://127.0.0.1:2883")
+    assert load_config(path).broker_url == "mqtt://127.0.0.1:2883"  # the environment wins
+    with pytest.raises(AlreadyExists, match="--force"):
+        write_config(path, s, force=False)
+
+
+def test_bad_bundles_and_configs_are_named(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="not JSON"):
+        config_from_bundle(b"{nope", state_dir=tmp_path, listen="")
+    with pytest.raises(InvalidArgument, match="lacks broker_url"):
+        config_from_bundle(bundle(broker_url=""), state_dir=tmp_path, listen="")
+    with pytest.raises(InvalidArgument, match="not a PEM Ed25519 key"):
+        config_from_bundle(bundle(signing_public_key="hello"), state_dir=tmp_path, listen="")
+    with pytest.raises(NotFound, match="fleet-agent enroll"):
+        load_config(tmp_path / "missing.json")
