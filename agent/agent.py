@@ -20,6 +20,7 @@ from agent.config import AgentSettings
 from agent.inference import ModelHolder
 from agent.serde import UpdateState, encode_status
 from agent.server import AgentStatus, serve
+from agent.telemetry import Spool, Telemetry
 from agent.updater import Updater
 from protos.errors import FleetError
 from protos.manifest import load_public_key
@@ -78,6 +79,15 @@ class Agent:
             want_interval=want_interval,
             tflite_runtime_legacy=bool(caps.get("tflite_runtime_legacy", False)),
         )
+        self.telemetry = Telemetry(
+            device_id=self.device_id,
+            holder=self.holder,
+            spool=Spool(settings.state_dir / "spool"),
+            publish=lambda p: self.transport.publish(
+                self.topics.telemetry(self.device_id), p, qos=1
+            ),
+        )
+        self._flush_needed = False
         self.port: int | None = None
 
     def _status(self, *, online: bool) -> bytes:
@@ -100,6 +110,7 @@ class Agent:
             self.topics.status(self.device_id), self._status(online=True), qos=1, retain=True
         )
         await self.updater.on_reconnect()
+        self._flush_needed = True
 
     async def _on_message(self, msg: Message) -> None:
         try:
@@ -145,10 +156,18 @@ class Agent:
             await server.stop(1.0)
 
     async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_window = loop.time() + self.settings.telemetry_interval
         while True:
             await asyncio.sleep(0.5)
             try:
                 await self.updater.tick()
+                if self._flush_needed and self.transport.connected:
+                    self._flush_needed = False
+                    await self.telemetry.flush()
+                if loop.time() >= next_window:
+                    next_window += self.settings.telemetry_interval
+                    await self.telemetry.emit()
             except FleetError as e:
                 logger.debug("%s: tick: %s", self.device_id, e)
 

@@ -434,3 +434,39 @@ def decode_chunk(data: bytes) -> tuple[str, int, int, bytes]:
             f"artifact chunk ({len(data)} bytes) is not valid protobuf: {e}"
         ) from None
     return msg.sha256, int(msg.index), int(msg.total), msg.data
+
+
+def encode_telemetry(
+    *,
+    device_id: str,
+    seq: int,
+    window_start_ms: int,
+    window_end_ms: int,
+    active: ModelRef | None,
+    predictions: int,
+    errors: int,
+    latency: LatencyHistogram,
+    rss_bytes: int,
+    spooled: bool = False,
+) -> bytes:
+    msg = device_pb2.Telemetry(
+        device_id=device_id,
+        seq=seq,
+        window_start_ms=window_start_ms,
+        window_end_ms=window_end_ms,
+        predictions=predictions,
+        errors=errors,
+        rss_bytes=rss_bytes,
+        spooled=spooled,
+    )
+    msg.latency.CopyFrom(histogram_to_proto(latency))
+    if active is not None:
+        msg.active.CopyFrom(_ref(active))
+    return bytes(msg.SerializeToString())
+
+
+def mark_spooled(payload: bytes) -> bytes:
+    msg = device_pb2.Telemetry()
+    msg.ParseFromString(payload)
+    msg.spooled = True
+    return bytes(msg.SerializeToString())

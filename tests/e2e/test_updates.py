@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -73,6 +74,7 @@ class Harness:
     stops: dict[str, asyncio.Event]
     state_root: Path
     reports: dict[str, list[dict[str, Any]]]
+    telemetry: list[device_pb2.Telemetry]
 
     def key(self) -> Ed25519PrivateKey:
         return load_private_key(self.settings.signing_key_path)
@@ -85,6 +87,7 @@ class Harness:
                 broker_url=self.broker.url,
                 public_key_pem=self.settings.public_key_path.read_text(),
                 listen="",
+                telemetry_interval=0.5,
             ),
             capabilities=CPU,
             durable=True,
@@ -131,15 +134,22 @@ async def harness(
     reports: dict[str, list[dict[str, Any]]] = {d: [] for d in ids}
     topics = Topics()
 
+    telemetry: list[device_pb2.Telemetry] = []
+
     async def on_msg(msg: Any) -> None:
         _, dev, kind = topics.parse(msg.topic)
         if kind == "reported" and dev in reports:
             reports[dev].append(decode_reported(msg.payload))
+        elif kind == "telemetry":
+            t = device_pb2.Telemetry()
+            t.ParseFromString(msg.payload)
+            telemetry.append(t)
 
     watcher = MqttTransport(
         MqttSettings(url=broker.url, client_id="test-watcher"), on_message=on_msg
     )
     await watcher.subscribe(topics.all_devices("reported"))
+    await watcher.subscribe(topics.all_devices("telemetry"))
     async with (
         watcher,
         Coordinator(
@@ -154,7 +164,7 @@ async def harness(
         ) as coord,
     ):
         await watcher.wait_connected(timeout=10)
-        h = Harness(settings, client, devices, broker, coord, {}, {}, {}, tmp, reports)
+        h = Harness(settings, client, devices, broker, coord, {}, {}, {}, tmp, reports, telemetry)
         for d in ids:
             await h.start_agent(d)
         try:
@@ -325,5 +335,40 @@ def test_broker_restart_mid_deploy_still_activates_every_device(
             for d in ids:
                 a = h.agents[d].holder.active
                 assert a is not None and a.ref.version == 2
+
+    run(main())
+
+
+def test_serves_while_the_broker_is_down_and_delivers_spooled_telemetry(
+    home: Path, broker: ManagedBroker, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, ["d1"]) as h:
+            out = await h.deploy(1)
+            await h.coord.wait_settled(out, timeout=30)
+            agent = h.agents["d1"]
+            x = np.zeros((1, 64), np.float32)
+            await asyncio.to_thread(broker.stop)
+            while agent.transport.connected:
+                await asyncio.sleep(0.05)
+            for _ in range(25):  # the broker is gone: the device still answers
+                y, model = agent.holder.predict(x)
+                assert y.shape == (1, 10) and model.ref.version == 1
+                await asyncio.sleep(0.06)
+            assert len(agent.telemetry.spool.read()) >= 2
+            await asyncio.to_thread(broker.start)
+            # every offline prediction is counted once: in spooled windows, or in the
+            # window still open when the link came back
+            async with asyncio.timeout(30):
+                while sum(t.predictions for t in h.telemetry) < 25 or agent.telemetry.spool.read():
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+            assert sum(t.predictions for t in h.telemetry) == 25
+            spooled = [t for t in h.telemetry if t.spooled]
+            assert spooled and sum(t.predictions for t in spooled) > 0
+            assert all(t.device_id == "d1" and t.active.version == 1 for t in spooled)
+            seqs = [t.seq for t in h.telemetry]
+            assert len(seqs) == len(set(seqs))  # every window once
+            assert agent.telemetry.spool.read() == []
 
     run(main())
