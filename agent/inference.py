@@ -227,6 +227,9 @@ class ModelHolder:
             self._reset()
         return stats
 
+    #: exponentially weighted recent latency of successful predictions, µs
+    recent_latency_us: float = 0.0
+
     def _reset(self) -> None:
         self._predictions = 0
         self._errors = 0
@@ -240,6 +243,8 @@ class ModelHolder:
             if error:
                 self._errors += 1
             if latency_us is not None:
+                # recent typical latency (EWMA), for the server's inline-or-thread choice
+                self.recent_latency_us += 0.1 * (latency_us - self.recent_latency_us)
                 self._counts[bisect.bisect_left(self._bounds, latency_us)] += 1
                 self._sum_us += latency_us
                 self._latency_count += 1

@@ -22,6 +22,7 @@ from bench._table import Table
 # run in this order. Add fan-out, telemetry, ... here.
 BENCHMARKS: dict[str, str] = {
     "quantize": "bench.quantize",
+    "agent": "bench.agent",
 }
 
 logger = logging.getLogger("bench")
