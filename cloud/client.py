@@ -1,21 +1,28 @@
 """FleetClient: what the `fleet` CLI talks to.
 
 `LocalClient` runs everything in this process against the stores named in the
-settings. A gRPC client for a remote coordinator implements the same protocol,
-so every command works the same in both modes.
+settings. `cloud.remote.GrpcClient` talks to a running `fleet serve` over
+FleetService and implements the same protocol, so commands print the same in
+both modes. Deploying needs the coordinator's MQTT connection, so only the
+gRPC client can do it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import os
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cloud.config import CloudSettings, write_config
+from cloud.config import DEFAULT_MQTT_PORT, CloudSettings, ServeInfo, write_config
 from cloud.registry import ModelRef, ModelSummary, ModelVersion, RegistryStore
+
+if TYPE_CHECKING:
+    from cloud.devices import Device, DeviceStore, Selector
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +35,79 @@ class InitResult:
     registry: str
     artifacts: str
     config: Path
+    created_token: bool = False
+
+
+BUNDLE_FORMAT = "edgefleet-enrollment/v1"
+
+
+@dataclass(frozen=True)
+class EnrollmentBundle:
+    """Everything a device needs to join (fleet.v1.EnrollmentBundle as JSON)."""
+
+    device_id: str
+    broker_url: str
+    signing_public_key: str  # PEM: the only key the device trusts
+    topic_prefix: str = "ef/v1"
+    group: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    username: str | None = None
+    password: str | None = None
+    ca_certificate: str | None = None  # PEM, for mqtts:// with a private CA
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": BUNDLE_FORMAT,
+            "device_id": self.device_id,
+            "broker_url": self.broker_url,
+            "username": self.username,
+            "password": self.password,
+            "signing_public_key": self.signing_public_key,
+            "ca_certificate": self.ca_certificate,
+            "topic_prefix": self.topic_prefix,
+            "group": self.group,
+            "tags": dict(self.tags),
+        }
+
+
+@dataclass(frozen=True)
+class DeviceOutcome:
+    """Where one targeted device ended up after a deploy."""
+
+    device_id: str
+    variant: str
+    state: str  # active | failed | rolled_back | skipped | timeout
+    reason: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "active"
+
+
+@dataclass(frozen=True)
+class DeployReport:
+    rollout_id: str
+    ref: str
+    targeted: int
+    active: int
+    failed: int
+    bytes_sent: int
+    devices: tuple[DeviceOutcome, ...]
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    coordinator: str  # HOST:PORT, or "" when none is running
+    coordinator_version: str
+    broker_url: str
+    devices: int
+    online: int
+    by_state: Mapping[str, int]
+
+
+DeployStart = Callable[[str, int], None]  # rollout id, devices targeted
+DeviceDone = Callable[[DeviceOutcome], None]
 
 
 class FleetClient(Protocol):
@@ -61,6 +141,23 @@ class FleetClient(Protocol):
     ) -> tuple[ModelVersion, list[int]]: ...
     def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[Any]]: ...
     def export(self, ref: ModelRef, out: Path, *, variants: Sequence[str]) -> list[Path]: ...
+    def list_devices(
+        self, selector: Selector | None, *, state: str | None, online_only: bool
+    ) -> list[Device]: ...
+    def get_device(self, device_id: str) -> Device: ...
+    def enroll_device(
+        self, device_id: str, *, group: str, tags: Mapping[str, str]
+    ) -> EnrollmentBundle: ...
+    def deploy(
+        self,
+        ref: ModelRef,
+        selector: Selector,
+        *,
+        timeout: float,
+        on_start: DeployStart | None,
+        on_device: DeviceDone | None,
+    ) -> DeployReport: ...
+    def status(self) -> FleetStatus: ...
     def close(self) -> None: ...
 
 
@@ -76,6 +173,13 @@ class LocalClient:
 
         self._require_init()
         return open_registry(self.settings.registry_url)
+
+    @cached_property
+    def devices(self) -> DeviceStore:
+        from cloud.devices import DeviceStore
+
+        self._require_init()
+        return DeviceStore(self.settings.registry_url)
 
     @cached_property
     def pipeline(self) -> Any:
@@ -115,6 +219,7 @@ class LocalClient:
         store = open_artifact_store(s.artifacts, s3_endpoint_url=s.s3_endpoint_url)
         store.check()
         created = create_keypair(s.signing_key_path, s.public_key_path)
+        created_token = create_token(s.token_path)
         cfg = write_config(s)
         return InitResult(
             home=s.home_dir,
@@ -123,6 +228,7 @@ class LocalClient:
             registry=_redact(s.registry_url),
             artifacts=s.artifacts,
             config=cfg,
+            created_token=created_token,
         )
 
     def list_models(self) -> list[ModelSummary]:
@@ -159,9 +265,116 @@ class LocalClient:
     def export(self, ref: ModelRef, out: Path, *, variants: Sequence[str]) -> list[Path]:
         return self.pipeline.export(ref, out, variants=variants)  # type: ignore[no-any-return]
 
+    # -- devices ------------------------------------------------------------------
+
+    def list_devices(
+        self, selector: Selector | None, *, state: str | None, online_only: bool
+    ) -> list[Device]:
+        found = self.devices.find(selector, online=True if online_only else None)
+        if state:
+            found = [d for d in found if d.state == state.lower()]
+        return found
+
+    def get_device(self, device_id: str) -> Device:
+        return self.devices.get(device_id)
+
+    def enroll_device(
+        self, device_id: str, *, group: str, tags: Mapping[str, str]
+    ) -> EnrollmentBundle:
+        d = self.devices.enroll(device_id, group=group, tags=tags)
+        return self.bundle(d, broker_url=self.advertised_broker())
+
+    def bundle(self, d: Device, *, broker_url: str) -> EnrollmentBundle:
+        return EnrollmentBundle(
+            device_id=d.device_id,
+            broker_url=broker_url,
+            signing_public_key=self.settings.public_key_path.read_text(),
+            group=d.group,
+            tags=dict(d.tags),
+        )
+
+    def advertised_broker(self) -> str:
+        """The broker URL devices should use: flag/env, else the running `fleet serve`'s."""
+        s = self.settings
+        if s.advertise_broker:
+            return s.advertise_broker
+        info = ServeInfo.read(s.serve_path)
+        if info is not None:
+            return info.advertise_broker
+        if s.broker:
+            return s.broker
+        url = f"mqtt://127.0.0.1:{s.mqtt_port or DEFAULT_MQTT_PORT}"
+        logger.warning(
+            "no coordinator running and no --advertise-broker: bundle names %s "
+            "(the default managed broker; devices elsewhere need --advertise-broker)",
+            url,
+        )
+        return url
+
+    def deploy(self, ref: ModelRef, selector: Selector, **_kw: Any) -> DeployReport:
+        from protos.errors import Unavailable
+
+        raise Unavailable(
+            f"deploy needs a running coordinator: start 'fleet serve' for {self.settings.home_dir} "
+            "or pass --coordinator HOST:PORT"
+        )
+
+    def status(self) -> FleetStatus:
+        info = ServeInfo.read(self.settings.serve_path)
+        devices = self.devices.find()
+        by_state: dict[str, int] = {}
+        for d in devices:
+            by_state[d.state] = by_state.get(d.state, 0) + 1
+        return FleetStatus(
+            coordinator=info.grpc if info else "",
+            coordinator_version=coordinator_version(),
+            broker_url=(info.advertise_broker if info else self.settings.broker),
+            devices=len(devices),
+            online=sum(1 for d in devices if d.online),
+            by_state=by_state,
+        )
+
     def close(self) -> None:
         if "registry" in self.__dict__:
             self.registry.close()
+        if "devices" in self.__dict__:
+            self.devices.close()
+
+
+def create_token(path: Path) -> bool:
+    """Write a new API token (32 random bytes, urlsafe, mode 0600) unless one exists."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return True
+
+
+def read_token(path: Path) -> str:
+    from protos.errors import Unauthenticated
+
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        raise Unauthenticated(
+            f"no API token at {path}: run 'fleet init' there, or pass --token / FLEET_TOKEN"
+        ) from None
+    except OSError as e:
+        raise Unauthenticated(f"cannot read API token {path}: {e.strerror}") from None
+    if not token:
+        raise Unauthenticated(f"API token file {path} is empty: run 'fleet init' to recreate it")
+    return token
+
+
+def coordinator_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def _redact(url: str) -> str:

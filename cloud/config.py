@@ -6,6 +6,9 @@ Defaults need nothing installed: SQLite and a file:// store under FLEET_HOME.
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from protos.errors import InvalidArgument
 
 CONFIG_FILE = "config.toml"
+SERVE_FILE = "serve.json"
+DEFAULT_MQTT_PORT = 1883
+DEFAULT_GRPC_LISTEN = "127.0.0.1:7443"
 
 
 class CloudSettings(BaseSettings):
@@ -25,6 +31,18 @@ class CloudSettings(BaseSettings):
     db_url: str = Field(default="", description="registry database URL (FLEET_DB_URL)")
     artifact_uri: str = Field(default="", description="artifact store URI (FLEET_ARTIFACT_URI)")
     s3_endpoint_url: str = Field(default="", description="S3 endpoint (FLEET_S3_ENDPOINT_URL)")
+    # `fleet serve`
+    broker: str = Field(default="", description="external MQTT broker URL (FLEET_BROKER)")
+    advertise_broker: str = Field(
+        default="", description="broker URL devices are told to use (FLEET_ADVERTISE_BROKER)"
+    )
+    mqtt_port: int = Field(
+        default=DEFAULT_MQTT_PORT, ge=0, le=65535, description="managed broker port (0: free)"
+    )
+    grpc_listen: str = Field(default=DEFAULT_GRPC_LISTEN, description="FleetService address")
+    # operator CLI talking to a running coordinator
+    coordinator: str = Field(default="", description="HOST:PORT of `fleet serve`")
+    token: str = Field(default="", description="API token (FLEET_TOKEN)")
 
     @property
     def home_dir(self) -> Path:
@@ -46,6 +64,54 @@ class CloudSettings(BaseSettings):
     def public_key_path(self) -> Path:
         return self.home_dir / "keys" / "signing.pub"
 
+    @property
+    def token_path(self) -> Path:
+        return self.home_dir / "keys" / "token"
+
+    @property
+    def serve_path(self) -> Path:
+        return self.home_dir / SERVE_FILE
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home_dir / "broker"
+
+
+@dataclass(frozen=True)
+class ServeInfo:
+    """What a running `fleet serve` writes to FLEET_HOME/serve.json for local CLI calls."""
+
+    grpc: str  # HOST:PORT of FleetService
+    broker_url: str  # where the coordinator itself connects
+    advertise_broker: str  # what enrolment bundles tell devices
+    pid: int
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> ServeInfo | None:
+        """The file's content if it names a live process, else None."""
+        try:
+            d = json.loads(path.read_text())
+            info = cls(
+                grpc=str(d["grpc"]),
+                broker_url=str(d["broker_url"]),
+                advertise_broker=str(d.get("advertise_broker") or d["broker_url"]),
+                pid=int(d["pid"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            os.kill(info.pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+        return info
+
 
 def load_settings(**overrides: Any) -> CloudSettings:
     """Build settings once (in the CLI callback), then pass them down."""
@@ -61,7 +127,9 @@ def load_settings(**overrides: Any) -> CloudSettings:
     known = set(CloudSettings.model_fields) - {"home"}
     merged = {k: v for k, v in stored.items() if k in known}
     # env/flags win over the file: only fill what they left empty
-    merged.update({k: getattr(env, k) for k in known if getattr(env, k)})
+    merged.update(
+        {k: getattr(env, k) for k in known if k in env.model_fields_set or getattr(env, k)}
+    )
     return CloudSettings(home=env.home, **merged)
 
 

@@ -1,12 +1,21 @@
-"""What the CLI callback hands to commands: unparsed settings, and a client on demand."""
+"""What the CLI callback hands to commands: unparsed settings, and a client on demand.
+
+With `--coordinator HOST:PORT` (or FLEET_COORDINATOR) commands go through a
+`GrpcClient` to that `fleet serve`; otherwise they run in-process (`LocalClient`).
+Commands that need the coordinator's MQTT side (`deploy`) fall back to the
+`fleet serve` recorded in FLEET_HOME/serve.json.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from cloud.config import CloudSettings
 
 
 @dataclass
@@ -15,22 +24,68 @@ class State:
     db_url: str | None
     artifacts: str | None
     s3_endpoint_url: str | None
+    coordinator: str | None = None
+    token: str | None = None
     _client: Any = field(default=None, repr=False)
+    _settings: Any = field(default=None, repr=False)
+
+
+def settings_of(ctx: typer.Context, **serve_options: Any) -> CloudSettings:
+    """The settings for this invocation (flags > FLEET_* > config.toml), built once."""
+    from cloud.config import load_settings
+
+    state: State = ctx.find_root().obj
+    if state._settings is None or serve_options:
+        state._settings = load_settings(
+            home=state.home,
+            db_url=state.db_url,
+            artifact_uri=state.artifacts,
+            s3_endpoint_url=state.s3_endpoint_url,
+            coordinator=state.coordinator,
+            token=state.token,
+            **serve_options,
+        )
+    settings: CloudSettings = state._settings
+    return settings
+
+
+def _remote(ctx: typer.Context, settings: CloudSettings, address: str) -> Any:
+    from cloud.client import read_token
+    from cloud.remote import GrpcClient
+
+    token = settings.token or read_token(settings.token_path)
+    client = GrpcClient(address, token)
+    ctx.find_root().call_on_close(client.close)
+    return client
 
 
 def client_of(ctx: typer.Context) -> Any:
     """The FleetClient for this invocation (built once, closed when the CLI exits)."""
     from cloud.client import LocalClient
-    from cloud.config import load_settings
 
     state: State = ctx.find_root().obj
     if state._client is None:
-        settings = load_settings(
-            home=state.home,
-            db_url=state.db_url,
-            artifact_uri=state.artifacts,
-            s3_endpoint_url=state.s3_endpoint_url,
-        )
-        state._client = LocalClient(settings)
-        ctx.find_root().call_on_close(state._client.close)
+        settings = settings_of(ctx)
+        if settings.coordinator:
+            state._client = _remote(ctx, settings, settings.coordinator)
+        else:
+            state._client = LocalClient(settings)
+            ctx.find_root().call_on_close(state._client.close)
     return state._client
+
+
+def coordinator_of(ctx: typer.Context) -> Any:
+    """A client for a running coordinator: --coordinator, else FLEET_HOME/serve.json."""
+    from cloud.config import ServeInfo
+    from protos.errors import Unavailable
+
+    settings = settings_of(ctx)
+    if settings.coordinator:
+        return client_of(ctx)
+    info = ServeInfo.read(settings.serve_path)
+    if info is None:
+        raise Unavailable(
+            f"no coordinator running for {settings.home_dir} (no live serve.json): "
+            "start 'fleet serve' or pass --coordinator HOST:PORT"
+        )
+    return _remote(ctx, settings, info.grpc)

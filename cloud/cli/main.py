@@ -15,8 +15,9 @@ from typing import Annotated, Any
 
 import typer
 
+from cloud.cli import devices as devices_cli
 from cloud.cli import models as models_cli
-from cloud.cli.context import State, client_of
+from cloud.cli.context import State, client_of, coordinator_of, settings_of
 from protos.errors import FleetError
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(models_cli.app, name="models")
+app.add_typer(devices_cli.app, name="devices")
 
 
 @app.callback()
@@ -64,6 +66,23 @@ def main_callback(
             help="S3-compatible endpoint [env FLEET_S3_ENDPOINT_URL].",
         ),
     ] = None,
+    coordinator: Annotated[
+        str | None,
+        typer.Option(
+            "--coordinator",
+            envvar="FLEET_COORDINATOR",
+            help="HOST:PORT of a running 'fleet serve'; commands go through it "
+            "[env FLEET_COORDINATOR; default: run in-process].",
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="FLEET_TOKEN",
+            help="API token for --coordinator [env FLEET_TOKEN; default FLEET_HOME/keys/token].",
+        ),
+    ] = None,
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")
     ] = 0,
@@ -72,20 +91,32 @@ def main_callback(
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    ctx.obj = State(home=home, db_url=db_url, artifacts=artifacts, s3_endpoint_url=s3_endpoint_url)
+    ctx.obj = State(
+        home=home,
+        db_url=db_url,
+        artifacts=artifacts,
+        s3_endpoint_url=s3_endpoint_url,
+        coordinator=coordinator,
+        token=token,
+    )
 
 
 @app.command()
 def init(ctx: typer.Context) -> None:
-    """Create FLEET_HOME: config, registry database, artifact store, Ed25519 signing key."""
+    """Create FLEET_HOME: config, registry database, artifact store, signing key, API token."""
     from cloud.cli.output import err, out
+    from cloud.client import LocalClient
 
-    result = client_of(ctx).init()
+    result = LocalClient(settings_of(ctx)).init()
     out.print(f"FLEET_HOME  {result.home}")
     out.print(f"registry    {result.registry}")
     out.print(f"artifacts   {result.artifacts}")
     out.print(
         f"signing key {result.key_id} ({'created' if result.created_key else 'kept existing'})"
+    )
+    out.print(
+        f"api token   {result.home / 'keys' / 'token'} "
+        f"({'created' if result.created_token else 'kept existing'})"
     )
     err.print(f"settings written to {result.config}")
 
@@ -196,6 +227,163 @@ def quantize(
         emit_json(version_json(mv))
     else:
         print_version(mv)
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker",
+            envvar="FLEET_BROKER",
+            help="Use this broker (mqtt://HOST:PORT or mqtts://…) instead of starting Mosquitto "
+            "[env FLEET_BROKER].",
+        ),
+    ] = None,
+    mqtt_port: Annotated[
+        int | None,
+        typer.Option(
+            "--mqtt-port",
+            envvar="FLEET_MQTT_PORT",
+            min=0,
+            max=65535,
+            help="Port of the managed broker on 127.0.0.1; 0 picks a free one "
+            "[env FLEET_MQTT_PORT; default 1883].",
+        ),
+    ] = None,
+    grpc_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--grpc-listen",
+            envvar="FLEET_GRPC_LISTEN",
+            help="FleetService address; port 0 picks a free one "
+            "[env FLEET_GRPC_LISTEN; default 127.0.0.1:7443].",
+        ),
+    ] = None,
+    advertise_broker: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise-broker",
+            envvar="FLEET_ADVERTISE_BROKER",
+            help="Broker URL put in enrolment bundles, when devices reach the broker by another "
+            "name than the coordinator [env FLEET_ADVERTISE_BROKER].",
+        ),
+    ] = None,
+    graceful_timeout: Annotated[
+        float,
+        typer.Option("--graceful-timeout", min=0, help="Seconds calls in flight get at shutdown."),
+    ] = 5.0,
+) -> None:
+    """Run the coordinator: MQTT side, FleetService (gRPC) and, by default, a Mosquitto."""
+    import asyncio
+    import signal
+
+    from cloud.cli.output import err
+    from cloud.config import ServeInfo
+    from cloud.serve import serve as run_serve
+
+    settings = settings_of(
+        ctx,
+        broker=broker,
+        mqtt_port=mqtt_port,
+        grpc_listen=grpc_listen,
+        advertise_broker=advertise_broker,
+    )
+
+    def ready(info: ServeInfo) -> None:
+        err.print(f"FleetService on {info.grpc}; broker {info.broker_url}; pid {info.pid}")
+        err.print(f"devices are told: {info.advertise_broker}; state in {settings.serve_path}")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await run_serve(settings, stop.wait, on_ready=ready, graceful_timeout=graceful_timeout)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    asyncio.run(main())
+    err.print("coordinator stopped")
+
+
+@app.command()
+def deploy(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(metavar="NAME:VERSION", help="Version to deploy.")],
+    to: Annotated[
+        str, typer.Option("--to", help="all, group=G, tag=KEY=VALUE or device=ID[,ID…].")
+    ],
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", min=1, help="Seconds to wait for every device to settle."),
+    ] = 300.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Deploy a version to devices through the running coordinator. Exit 1 if any fails."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cloud.cli.output import deploy_json, emit_json, err, print_deploy
+    from cloud.client import DeviceOutcome
+    from cloud.devices import Selector
+    from cloud.registry import ModelRef
+
+    parsed = ModelRef.parse(ref)
+    selector = Selector.parse(to)
+    client = coordinator_of(ctx)
+    with Progress(
+        TextColumn("[bold]deploy[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("active {task.fields[active]} failed {task.fields[failed]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"{parsed} -> {selector}", total=None, active=0, failed=0)
+        counts = {"active": 0, "failed": 0}
+
+        def on_start(rollout_id: str, total: int) -> None:
+            bar.update(task, total=total, description=f"{parsed} -> {selector} ({rollout_id})")
+
+        def on_device(o: DeviceOutcome) -> None:
+            counts["active" if o.ok else "failed"] += 1
+            bar.update(task, advance=1, active=counts["active"], failed=counts["failed"])
+
+        report = client.deploy(
+            parsed, selector, timeout=timeout, on_start=on_start, on_device=on_device
+        )
+    if as_json:
+        emit_json(deploy_json(report))
+    else:
+        print_deploy(report)
+    err.print(
+        f"{report.ref} rollout {report.rollout_id}: {report.active} of {report.targeted} active, "
+        f"{report.failed} failed"
+    )
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Coordinator, broker and device counts (through the coordinator when one runs)."""
+    from cloud.cli.output import emit_json, print_status, status_json
+    from cloud.config import ServeInfo
+
+    settings = settings_of(ctx)
+    live = settings.coordinator or ServeInfo.read(settings.serve_path)
+    st = (coordinator_of(ctx) if live else client_of(ctx)).status()
+    if as_json:
+        emit_json(status_json(st))
+    else:
+        print_status(st)
 
 
 def run(argv: list[str] | None = None) -> int:

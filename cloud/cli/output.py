@@ -7,12 +7,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from cloud.registry import ModelSummary, ModelVersion
+
+if TYPE_CHECKING:
+    from cloud.client import DeployReport, FleetStatus
+    from cloud.devices import Device
 
 # piped output gets a wide fixed width so tables never wrap mid-cell
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -174,3 +178,115 @@ def print_version(mv: ModelVersion) -> None:
     for v in mv.variants:
         if not v.deployable:
             out.print(f"  {v.name} not deployable: {v.reason}")
+
+
+# -- devices ------------------------------------------------------------------------------
+
+
+def _active_ref(active: Any) -> str:
+    if not active or not active.get("model"):
+        return "-"
+    return f"{active['model']}:{active.get('version', '?')}/{active.get('variant', '?')}"
+
+
+def device_json(d: Device) -> dict[str, Any]:
+    """The same in local and --coordinator mode (only what FleetService carries)."""
+    return {
+        "device_id": d.device_id,
+        "group": d.group,
+        "tags": dict(d.tags),
+        "online": d.online,
+        "last_seen": d.last_seen.isoformat() if d.last_seen else None,
+        "state": d.state,
+        "active": dict(d.active),
+        "capabilities": dict(d.capabilities),
+        "reported": dict(d.reported),
+        "desired_generation": d.desired_generation,
+    }
+
+
+def print_devices(devices: Sequence[Device]) -> None:
+    t = Table(box=None, pad_edge=False)
+    for col in ("DEVICE", "GROUP", "TAGS", "ONLINE", "STATE", "ACTIVE", "ACCEL", "LAST SEEN"):
+        t.add_column(col)
+    for d in devices:
+        t.add_row(
+            d.device_id,
+            d.group or "-",
+            ",".join(f"{k}={v}" for k, v in sorted(d.tags.items())) or "-",
+            "yes" if d.online else "no",
+            d.state,
+            _active_ref(d.active),
+            str(d.capabilities.get("accelerator", "-")),
+            d.last_seen.strftime("%Y-%m-%d %H:%M:%S") if d.last_seen else "never",
+        )
+    out.print(t)
+
+
+def print_device(d: Device) -> None:
+    caps = d.capabilities
+    rep = d.reported
+    out.print(
+        f"[bold]{d.device_id}[/bold]  group={d.group or '-'}  online={'yes' if d.online else 'no'}"
+    )
+    out.print(f"  tags:       {', '.join(f'{k}={v}' for k, v in sorted(d.tags.items())) or '-'}")
+    seen = d.last_seen.strftime("%Y-%m-%d %H:%M:%S") if d.last_seen else "never"
+    out.print(f"  last seen:  {seen}")
+    out.print(f"  active:     {_active_ref(d.active)}")
+    line = f"  state:      {d.state}"
+    if rep:
+        line += f" (generation {rep.get('generation', 0)}, reason {rep.get('reason', '-')})"
+    out.print(line)
+    if rep.get("detail"):
+        out.print(f"  detail:     {rep['detail']}")
+    if rep.get("chunks_total"):
+        out.print(f"  chunks:     {rep.get('chunks_have', 0)}/{rep['chunks_total']}")
+    out.print(f"  desired:    generation {d.desired_generation}")
+    if caps:
+        out.print(
+            f"  device:     {caps.get('machine', '?')}, {caps.get('accelerator', 'cpu')}, "
+            f"{caps.get('memory_mb', '?')} MB"
+        )
+        out.print(f"  runtimes:   {', '.join(caps.get('runtimes', [])) or '-'}")
+        out.print(f"  providers:  {', '.join(caps.get('providers', [])) or '-'}")
+
+
+def deploy_json(r: DeployReport) -> dict[str, Any]:
+    return {
+        "rollout_id": r.rollout_id,
+        "ref": r.ref,
+        "targeted": r.targeted,
+        "active": r.active,
+        "failed": r.failed,
+        "bytes_sent": r.bytes_sent,
+        "devices": [asdict(o) for o in r.devices],
+    }
+
+
+def print_deploy(r: DeployReport) -> None:
+    t = Table(box=None, pad_edge=False)
+    for col in ("DEVICE", "VARIANT", "STATE", "REASON"):
+        t.add_column(col)
+    for o in sorted(r.devices, key=lambda o: o.device_id):
+        reason = o.reason if o.ok or not o.detail else f"{o.reason}: {o.detail}"
+        t.add_row(o.device_id, o.variant or "-", o.state, reason or "-")
+    out.print(t)
+
+
+def status_json(s: FleetStatus) -> dict[str, Any]:
+    return {
+        "coordinator": s.coordinator or None,
+        "coordinator_version": s.coordinator_version,
+        "broker_url": s.broker_url or None,
+        "devices": s.devices,
+        "online": s.online,
+        "by_state": dict(s.by_state),
+    }
+
+
+def print_status(s: FleetStatus) -> None:
+    out.print(f"coordinator  {s.coordinator or 'not running'} (edgefleet {s.coordinator_version})")
+    out.print(f"broker       {s.broker_url or '-'}")
+    out.print(f"devices      {s.devices} enrolled, {s.online} online")
+    for state, n in sorted(s.by_state.items()):
+        out.print(f"  {state:<12} {n}")

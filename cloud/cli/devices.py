@@ -1,0 +1,115 @@
+"""`fleet devices …`: list, show, enroll."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cloud.cli.context import client_of
+
+app = typer.Typer(help="Enrolled devices: state, capabilities, enrolment.", no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def parse_tags(items: list[str] | None) -> dict[str, str]:
+    from protos.errors import InvalidArgument
+
+    tags: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidArgument(f"tag {item!r} is not KEY=VALUE; e.g. --tag site=lab")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+@app.command("ls")
+def ls(
+    ctx: typer.Context,
+    selector: Annotated[
+        str | None,
+        typer.Option("--selector", "-s", help="all, group=G, tag=KEY=VALUE or device=ID[,ID…]."),
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--state", help="Only devices in this update state, e.g. active, failed, enrolled."
+        ),
+    ] = None,
+    online: Annotated[bool, typer.Option("--online", help="Only devices online now.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List enrolled devices."""
+    from cloud.cli.output import device_json, emit_json, print_devices
+    from cloud.devices import Selector
+
+    sel = Selector.parse(selector) if selector else None
+    devices = client_of(ctx).list_devices(sel, state=state, online_only=online)
+    if as_json:
+        emit_json([device_json(d) for d in devices])
+    else:
+        print_devices(devices)
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one device: state, active model, capabilities."""
+    from cloud.cli.output import device_json, emit_json, print_device
+
+    d = client_of(ctx).get_device(device_id)
+    if as_json:
+        emit_json(device_json(d))
+    else:
+        print_device(d)
+
+
+@app.command()
+def enroll(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="[A-Za-z0-9._-], 1-64 chars.")],
+    group: Annotated[str, typer.Option("--group", "-g", help="Group for selectors.")] = "",
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", "-t", help="KEY=VALUE (repeatable).")
+    ] = None,
+    out_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Write the enrolment bundle here (mode 0600); default: stdout."
+        ),
+    ] = None,
+) -> None:
+    """Enrol a device and write its enrolment bundle (JSON) for `fleet-agent enroll`."""
+    from cloud.cli.output import err
+    from protos.errors import Unavailable
+
+    tags = parse_tags(tag)
+    client = client_of(ctx)
+    if out_file is None:
+        bundle = client.enroll_device(device_id, group=group, tags=tags)
+        typer.echo(json.dumps(bundle.to_json(), indent=2))
+        return
+    # open the file first: a bundle that cannot be written must not leave a device enrolled
+    existed = out_file.exists()
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise Unavailable(f"cannot write the bundle to {out_file}: {e.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        try:
+            bundle = client.enroll_device(device_id, group=group, tags=tags)
+        except BaseException:
+            if not existed:
+                out_file.unlink(missing_ok=True)
+            raise
+        f.write(json.dumps(bundle.to_json(), indent=2) + "\n")
+    err.print(f"enrolled {device_id}; bundle written to {out_file} (broker {bundle.broker_url})")

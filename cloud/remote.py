@@ -1,0 +1,278 @@
+"""GrpcClient: the FleetClient protocol over FleetService, for a running `fleet serve`.
+
+Synchronous (the CLI is), one channel per client. Every call carries
+`authorization: Bearer <token>`. A gRPC status comes back as the FleetError it
+was raised as on the coordinator, so the CLI prints the same one-line errors
+as in local mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import grpc
+
+from cloud.client import (
+    DeployReport,
+    DeployStart,
+    DeviceDone,
+    DeviceOutcome,
+    EnrollmentBundle,
+    FleetStatus,
+)
+from cloud.grpc_service import (
+    DEPLOY_DEADLINE_MARGIN,
+    bundle_from_pb,
+    device_from_pb,
+    error_from_status,
+    outcome_from_fields,
+    summary_from_pb,
+    version_from_pb,
+)
+from cloud.registry import ModelRef, ModelSummary, ModelVersion
+from protos.errors import FleetError, InvalidArgument, Unavailable
+from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+
+if TYPE_CHECKING:
+    from cloud.devices import Device, Selector
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_CALL_TIMEOUT = 60.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EpochStat:
+    """What `train(on_epoch=…)` receives remotely (the fields the CLI reads)."""
+
+    epoch: int
+    epochs: int
+    loss: float
+    train_accuracy: float
+
+
+class GrpcClient:
+    def __init__(self, address: str, token: str, *, timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = fleet_pb2_grpc.FleetServiceStub(self._channel)
+
+    # -- plumbing
+
+    def _fail(self, e: grpc.RpcError) -> NoReturn:
+        code = e.code()
+        details = e.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE and (
+            "failed to connect" in details.lower() or "connection refused" in details.lower()
+        ):
+            raise Unavailable(
+                f"coordinator at {self.address} is unreachable ({details.splitlines()[0]}): "
+                "is 'fleet serve' running there?"
+            ) from None
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise Unavailable(f"coordinator at {self.address} did not answer in time") from None
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            raise FleetError(f"coordinator at {self.address} does not implement this: {details}")
+        raise error_from_status(code, details) from None
+
+    def _call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
+        try:
+            return method(request, metadata=self._metadata, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            self._fail(e)
+
+    def _stream(
+        self, method: Callable[..., Any], request: Any, *, timeout: float | None
+    ) -> Iterator[fleet_pb2.Progress]:
+        try:
+            yield from method(request, metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            self._fail(e)
+
+    # -- models
+
+    def list_models(self) -> list[ModelSummary]:
+        resp = self._call(self._stub.ListModels, fleet_pb2.ListModelsRequest())
+        return [summary_from_pb(m) for m in resp.models]
+
+    def list_versions(self, model: str) -> list[ModelVersion]:
+        resp = self._call(self._stub.ListVersions, fleet_pb2.ListVersionsRequest(model=model))
+        return [version_from_pb(v) for v in resp.versions]
+
+    def get_version(self, ref: ModelRef) -> ModelVersion:
+        return version_from_pb(
+            self._call(self._stub.GetVersion, fleet_pb2.GetVersionRequest(ref=str(ref)))
+        )
+
+    def train(
+        self,
+        name: str,
+        data: str,
+        *,
+        arch: str,
+        epochs: int,
+        seed: int,
+        batch_size: int,
+        lr: float,
+        on_epoch: Callable[[Any], None] | None,
+    ) -> ModelVersion:
+        req = fleet_pb2.TrainRequest(
+            model=name, arch=arch, data=data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr
+        )
+        for p in self._stream(self._stub.Train, req, timeout=None):
+            if p.HasField("version"):
+                return version_from_pb(p.version)
+            if on_epoch is not None and p.step == "epoch":
+                on_epoch(
+                    EpochStat(
+                        epoch=int(p.done),
+                        epochs=int(p.total),
+                        loss=float(p.fields.get("loss", "nan")),
+                        train_accuracy=float(p.fields.get("train_accuracy", "nan")),
+                    )
+                )
+        raise FleetError(f"coordinator at {self.address} ended Train without a result")
+
+    def quantize(
+        self,
+        ref: ModelRef,
+        variants: Sequence[str],
+        *,
+        max_drop: float,
+        force: bool,
+        progress: Callable[[str, int, int], None],
+    ) -> ModelVersion:
+        req = fleet_pb2.QuantizeRequest(
+            ref=str(ref), variants=list(variants), max_drop=max_drop, force=force
+        )
+        for p in self._stream(self._stub.Quantize, req, timeout=None):
+            if p.HasField("version"):
+                return version_from_pb(p.version)
+            progress(p.step, int(p.done), int(p.total))
+        raise FleetError(f"coordinator at {self.address} ended Quantize without a result")
+
+    def import_model(self, path: Path, name: str, *, eval_data: Path | None) -> ModelVersion:
+        raise InvalidArgument(
+            "'fleet models import' reads files on this machine and is not part of FleetService: "
+            "run it on the coordinator host without --coordinator"
+        )
+
+    def promote(
+        self, ref: ModelRef, stage: str, *, archive_existing: bool
+    ) -> tuple[ModelVersion, list[int]]:
+        resp = self._call(
+            self._stub.Promote,
+            fleet_pb2.PromoteRequest(ref=str(ref), stage=stage, keep_existing=not archive_existing),
+        )
+        return version_from_pb(resp.version), list(resp.archived)
+
+    def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[Any]]:
+        from cloud.pipeline import VerifyResult
+
+        resp = self._call(self._stub.Verify, fleet_pb2.GetVersionRequest(ref=str(ref)))
+        return version_from_pb(resp.version), [
+            VerifyResult(variant=r.artifact, ok=r.ok, detail=r.detail) for r in resp.results
+        ]
+
+    def export(self, ref: ModelRef, out: Path, *, variants: Sequence[str]) -> list[Path]:
+        raise InvalidArgument(
+            "'fleet models export' writes artifacts from the coordinator's store and is not part "
+            "of FleetService: run it on the coordinator host without --coordinator"
+        )
+
+    # -- devices
+
+    def list_devices(
+        self, selector: Selector | None, *, state: str | None, online_only: bool
+    ) -> list[Device]:
+        resp = self._call(
+            self._stub.ListDevices,
+            fleet_pb2.ListDevicesRequest(
+                selector=str(selector) if selector is not None else "",
+                state=state or "",
+                online_only=online_only,
+            ),
+        )
+        return [device_from_pb(d) for d in resp.devices]
+
+    def get_device(self, device_id: str) -> Device:
+        return device_from_pb(
+            self._call(self._stub.GetDevice, fleet_pb2.GetDeviceRequest(device_id=device_id))
+        )
+
+    def enroll_device(
+        self, device_id: str, *, group: str, tags: Mapping[str, str]
+    ) -> EnrollmentBundle:
+        return bundle_from_pb(
+            self._call(
+                self._stub.EnrollDevice,
+                fleet_pb2.EnrollDeviceRequest(device_id=device_id, group=group, tags=dict(tags)),
+            )
+        )
+
+    def deploy(
+        self,
+        ref: ModelRef,
+        selector: Selector,
+        *,
+        timeout: float,
+        on_start: DeployStart | None = None,
+        on_device: DeviceDone | None = None,
+    ) -> DeployReport:
+        req = fleet_pb2.DeployRequest(ref=str(ref), selector=str(selector))
+        rollout_id, shown_ref = "", str(ref)
+        outcomes: list[DeviceOutcome] = []
+        for p in self._stream(self._stub.Deploy, req, timeout=timeout + DEPLOY_DEADLINE_MARGIN):
+            if p.HasField("deploy"):
+                r = p.deploy
+                return DeployReport(
+                    rollout_id=r.rollout_id,
+                    ref=shown_ref,
+                    targeted=r.targeted,
+                    active=r.active,
+                    failed=r.failed,
+                    bytes_sent=r.bytes_sent,
+                    devices=tuple(outcomes),
+                )
+            if p.step == "deploy":
+                rollout_id = p.fields.get("rollout_id", "")
+                shown_ref = p.fields.get("ref", shown_ref)
+                if on_start is not None:
+                    on_start(rollout_id, int(p.total))
+            elif p.step == "device":
+                o = outcome_from_fields(p.fields)
+                outcomes.append(o)
+                if on_device is not None:
+                    on_device(o)
+        raise FleetError(
+            f"coordinator at {self.address} ended Deploy {rollout_id or ''} without a result"
+        )
+
+    def status(self) -> FleetStatus:
+        r = self._call(self._stub.Status, fleet_pb2.StatusRequest())
+        return FleetStatus(
+            coordinator=self.address,
+            coordinator_version=r.coordinator_version,
+            broker_url=r.broker_url,
+            devices=r.devices,
+            online=r.online,
+            by_state=dict(r.by_state),
+        )
+
+    def close(self) -> None:
+        self._channel.close()

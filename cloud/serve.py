@@ -1,0 +1,194 @@
+"""`fleet serve`: the coordinator process.
+
+One asyncio loop runs the MQTT `Coordinator` and the gRPC `FleetService`
+(grpc.aio). Without an external broker it starts a `ManagedBroker` under
+FLEET_HOME/broker and restarts it if it dies (capped exponential backoff, full
+jitter). Once listening it writes FLEET_HOME/serve.json so local CLI calls find it.
+
+Shutdown is injected (`shutdown` is awaited; the CLI's signal handlers only set an
+asyncio.Event): stop taking calls, let calls in flight finish within
+`graceful_timeout`, then cancel them, leave MQTT, stop the broker, remove serve.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from cloud.broker import ManagedBroker, find_mosquitto
+from cloud.client import LocalClient, read_token
+from cloud.config import CloudSettings, ServeInfo
+from protos.errors import InvalidArgument, Unavailable
+
+logger = logging.getLogger(__name__)
+
+GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    base: float = 0.5
+    cap: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        upper: float = min(self.cap, self.base * 2 ** max(0, attempt - 1))
+        return (rng or random).uniform(0, upper)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise InvalidArgument(
+            f"--grpc-listen {address!r} is not HOST:PORT; e.g. 127.0.0.1:7443 or 0.0.0.0:7443"
+        )
+    return host, int(port)
+
+
+async def supervise_broker(
+    broker: ManagedBroker,
+    stop: asyncio.Event,
+    *,
+    interval: float = 1.0,
+    backoff: Backoff = Backoff(),
+) -> None:
+    """Restart `broker` whenever it is found dead, until `stop` is set."""
+    attempt = 0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        if stop.is_set():
+            return
+        if broker.running:
+            attempt = 0
+            continue
+        attempt += 1
+        delay = backoff.delay(attempt)
+        logger.warning(
+            "mosquitto (%s) exited; restarting, retrying in %.1fs (attempt %d)",
+            broker.url,
+            delay,
+            attempt,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        if stop.is_set():
+            return
+        try:
+            await asyncio.to_thread(broker.start)
+            logger.warning("mosquitto restarted on %s (pid %s)", broker.url, broker.pid)
+        except Unavailable as e:
+            logger.warning("mosquitto restart failed: %s", e)
+
+
+async def serve(
+    settings: CloudSettings,
+    shutdown: Callable[[], Awaitable[object]],
+    *,
+    on_ready: Callable[[ServeInfo], None] | None = None,
+    graceful_timeout: float = 5.0,
+) -> None:
+    """Run the coordinator until `shutdown()` returns."""
+    import grpc
+
+    from cloud.coordinator import Coordinator
+    from cloud.grpc_service import FleetServicer, TokenAuth
+    from cloud.signing import load_private_key
+    from protos.fleet.v1 import fleet_pb2_grpc
+
+    host, _port = check_listen(settings.grpc_listen)
+    local = LocalClient(settings)
+    local._require_init()
+    token = read_token(settings.token_path)
+    if not _is_loopback(host):
+        logger.warning(
+            "FleetService listens on %s without TLS: the API token crosses the network in clear; "
+            "put it behind a TLS-terminating proxy or a VPN",
+            settings.grpc_listen,
+        )
+
+    broker: ManagedBroker | None = None
+    broker_stop = asyncio.Event()
+    supervisor: asyncio.Task[None] | None = None
+    if settings.broker:
+        broker_url = settings.broker
+    else:
+        find_mosquitto()  # NotFound with install hints, before anything else starts
+        broker = ManagedBroker(settings.broker_dir, port=settings.mqtt_port)
+        await asyncio.to_thread(broker.start)
+        broker_url = broker.url
+        supervisor = asyncio.create_task(
+            supervise_broker(broker, broker_stop), name="broker-supervisor"
+        )
+    advertise = settings.advertise_broker or broker_url
+    server: grpc.aio.Server | None = None
+    try:
+        async with Coordinator(
+            broker_url=broker_url,
+            registry=local.registry,
+            store=local.pipeline.store,
+            devices=local.devices,
+            signing_key=lambda: load_private_key(settings.signing_key_path),
+        ) as coordinator:
+            server = grpc.aio.server(
+                interceptors=[TokenAuth(token)],
+                options=[
+                    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
+            fleet_pb2_grpc.add_FleetServiceServicer_to_server(
+                FleetServicer(local, coordinator, advertise_broker=advertise), server
+            )
+            try:
+                port = int(server.add_insecure_port(settings.grpc_listen))
+            except RuntimeError as e:
+                raise Unavailable(
+                    f"cannot listen on {settings.grpc_listen!r} for FleetService: {e}"
+                ) from e
+            await server.start()
+            reach = "127.0.0.1" if host in ("0.0.0.0", "[::]", "::") else host
+            info = ServeInfo(
+                grpc=f"{reach}:{port}",
+                broker_url=broker_url,
+                advertise_broker=advertise,
+                pid=os.getpid(),
+            )
+            info.write(settings.serve_path)
+            logger.info("FleetService on %s; broker %s", info.grpc, broker_url)
+            if on_ready is not None:
+                on_ready(info)
+            await shutdown()
+            logger.info("shutting down: draining calls for up to %.0fs", graceful_timeout)
+            await server.stop(graceful_timeout)
+            server = None
+    finally:
+        if server is not None:
+            await server.stop(0)
+        broker_stop.set()
+        if supervisor is not None:
+            await supervisor
+        if broker is not None:
+            await asyncio.to_thread(broker.stop)
+        current = ServeInfo.read(settings.serve_path)
+        if current is not None and current.pid == os.getpid():
+            settings.serve_path.unlink(missing_ok=True)
+        local.close()

@@ -1,0 +1,310 @@
+"""`fleet serve` as a real process: gRPC FleetService with token auth, its own Mosquitto,
+the CLI through `--coordinator`, enrolment bundles, deploy to real agents, SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloud.broker import find_mosquitto
+from cloud.config import ServeInfo
+from protos.errors import NotFound
+from tests.conftest import Cli
+
+REPO = Path(__file__).resolve().parents[2]
+CPU = {"runtimes": ["onnxruntime"], "providers": ["CPUExecutionProvider"], "accelerator": "cpu"}
+
+try:
+    find_mosquitto()
+except NotFound:  # the whole module needs a broker
+    pytest.skip("mosquitto is not installed", allow_module_level=True)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@contextmanager
+def fleet_serve(home: Path) -> Iterator[tuple[subprocess.Popen[bytes], ServeInfo]]:
+    """`fleet serve` on free loopback ports; yields once serve.json names it."""
+    serve_json = home / "serve.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cloud.cli.main",
+            "--home",
+            str(home),
+            "serve",
+            "--mqtt-port",
+            "0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        info = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                pytest.fail(f"fleet serve exited with {proc.returncode}: {err}")
+            info = ServeInfo.read(serve_json)
+            if info is not None and info.pid == proc.pid:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("fleet serve did not write serve.json within 60 s")
+        assert info is not None
+        yield proc, info
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised FLEET_HOME holding digits:1 with an int8 variant."""
+    from cloud.cli.main import run
+    from cloud.client import LocalClient
+    from cloud.config import load_settings
+    from cloud.registry import ModelRef
+
+    h = tmp_path_factory.mktemp("serve") / "home"
+    assert run(["--home", str(h), "init"]) == 0
+    client = LocalClient(load_settings(home=h))
+    client.train(
+        "digits", "digits", arch="mlp", epochs=3, seed=0, batch_size=64, lr=3e-3, on_epoch=None
+    )
+    client.quantize(
+        ModelRef("digits", 1), ["int8"], max_drop=100.0, force=False, progress=lambda *_: None
+    )
+    client.close()
+    return h
+
+
+@pytest.fixture(scope="module")
+def served(home: Path) -> Iterator[ServeInfo]:
+    with fleet_serve(home) as (_proc, info):
+        yield info
+
+
+def test_init_writes_a_private_token(home: Path) -> None:
+    token = home / "keys" / "token"
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert len(token.read_text().strip()) >= 43  # 32 bytes, urlsafe base64
+
+
+def test_models_through_the_coordinator_match_local(
+    cli: Cli, home: Path, served: ServeInfo
+) -> None:
+    h = ("--home", str(home))
+    remote = cli(*h, "--coordinator", served.grpc, "models", "ls")
+    assert remote.code == 0, remote.err
+    assert "digits" in remote.out
+    assert remote.out == cli(*h, "models", "ls").out
+    shown = cli(*h, "--coordinator", served.grpc, "models", "show", "digits:1")
+    assert shown.code == 0, shown.err
+    assert shown.out == cli(*h, "models", "show", "digits:1").out
+    r = cli(*h, "--coordinator", served.grpc, "models", "verify", "digits:1")
+    assert r.code == 0, r.err
+    assert "int8" in r.out
+    missing = cli(*h, "--coordinator", served.grpc, "models", "show", "digits:9")
+    assert missing.code == 1
+    assert missing.err.strip().startswith("error (not-found):")
+    assert missing.err == cli(*h, "models", "show", "digits:9").err
+
+
+def test_wrong_or_missing_token_is_refused(cli: Cli, home: Path, served: ServeInfo) -> None:
+    r = cli("--home", str(home), "--coordinator", served.grpc, "--token", "wrong", "models", "ls")
+    assert r.code == 1
+    assert r.out == ""
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1, r.err
+    assert "(unauthenticated)" in lines[0]
+    assert "token" in lines[0]
+
+
+def test_enroll_writes_a_bundle_and_devices_lists_it(
+    cli: Cli, home: Path, served: ServeInfo, tmp_path: Path
+) -> None:
+    h = ("--home", str(home))
+    out = tmp_path / "b.json"
+    r = cli(*h, "--coordinator", served.grpc, "devices", "enroll", "d1", "--group", "g",
+            "--tag", "site=lab", "--out", str(out))  # fmt: skip
+    assert r.code == 0, r.err
+    assert out.stat().st_mode & 0o777 == 0o600
+    bundle = json.loads(out.read_text())
+    assert bundle["device_id"] == "d1"
+    assert bundle["signing_public_key"] == (home / "keys" / "signing.pub").read_text()
+    assert bundle["broker_url"] == served.advertise_broker
+    assert bundle["broker_url"].startswith("mqtt://127.0.0.1:")
+    assert bundle["topic_prefix"] == "ef/v1"
+    assert (bundle["group"], bundle["tags"]) == ("g", {"site": "lab"})
+
+    listed = cli(*h, "--coordinator", served.grpc, "devices", "ls", "--json")
+    assert listed.code == 0, listed.err
+    devices = {d["device_id"]: d for d in json.loads(listed.out)}
+    assert devices["d1"]["group"] == "g"
+    assert devices["d1"]["state"] == "enrolled"
+    # local mode reads the same store and prints the same
+    assert cli(*h, "devices", "ls", "--json").out == listed.out
+    shown = cli(*h, "--coordinator", served.grpc, "devices", "show", "d1", "--json")
+    assert json.loads(shown.out)["tags"] == {"site": "lab"}
+    again = cli(*h, "--coordinator", served.grpc, "devices", "enroll", "d1")
+    assert again.code == 1
+    assert "error (already-exists)" in again.err
+    # local enrolment names the running coordinator's broker too
+    r = cli(*h, "devices", "enroll", "d1-local", "--out", str(tmp_path / "l.json"))
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "l.json").read_text())["broker_url"] == served.advertise_broker
+    st = cli(*h, "status", "--json")
+    assert st.code == 0, st.err
+    assert json.loads(st.out)["coordinator"] == served.grpc
+
+
+def test_deploy_to_a_device_never_online_fails(cli: Cli, home: Path, served: ServeInfo) -> None:
+    h = ("--home", str(home))
+    assert cli(*h, "devices", "enroll", "d-never").code == 0
+    r = cli(*h, "deploy", "digits:1", "--to", "device=d-never", "--timeout", "5")
+    assert r.code == 1
+    assert "d-never" in r.out
+    assert "skipped" in r.out
+
+
+def test_deploy_to_two_agents(cli: Cli, home: Path, served: ServeInfo, tmp_path: Path) -> None:
+    from agent.agent import Agent
+    from agent.config import AgentSettings
+
+    h = ("--home", str(home), "--coordinator", served.grpc)
+    bundles: dict[str, dict[str, Any]] = {}
+    for dev in ("edge-a", "edge-b"):
+        path = tmp_path / f"{dev}.json"
+        r = cli(*h, "devices", "enroll", dev, "--group", "edge", "--out", str(path))
+        assert r.code == 0, r.err
+        bundles[dev] = json.loads(path.read_text())
+
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    async def agents() -> None:
+        ags = [
+            Agent(
+                AgentSettings(
+                    device_id=b["device_id"],
+                    state_dir=tmp_path / b["device_id"],
+                    broker_url=b["broker_url"],
+                    public_key_pem=b["signing_public_key"],
+                    topic_prefix=b["topic_prefix"],
+                    group=b["group"],
+                    tags=b["tags"],
+                    listen="",
+                ),
+                capabilities=CPU,
+                durable=False,
+                want_interval=0.5,
+            )
+            for b in bundles.values()
+        ]
+        ready = [asyncio.Event() for _ in ags]
+        tasks = [
+            asyncio.create_task(a.run(stop.wait, ready=r)) for a, r in zip(ags, ready, strict=True)
+        ]
+        await asyncio.gather(*(r.wait() for r in ready))
+        started.set()
+        await asyncio.gather(*tasks)
+
+    def thread_main() -> None:
+        try:
+            loop.run_until_complete(agents())
+        except BaseException as e:
+            failure.append(e)
+            started.set()
+
+    t = threading.Thread(target=thread_main, daemon=True)
+    t.start()
+    try:
+        assert started.wait(30) and not failure, failure
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = cli(*h, "devices", "ls", "--selector", "group=edge", "--online", "--json")
+            if len(json.loads(r.out)) == 2:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("agents did not come online")
+        r = cli(*h, "deploy", "digits:1", "--to", "group=edge", "--timeout", "60")
+        assert r.code == 0, r.out + r.err
+        rows = {line.split()[0]: line.split() for line in r.out.splitlines()[1:] if line.strip()}
+        assert set(rows) == {"edge-a", "edge-b"}
+        for row in rows.values():
+            assert row[1:3] == ["int8", "active"], row
+        assert "2 of 2 active" in r.err
+        listed = cli(*h, "devices", "ls", "--state", "active", "--json")
+        assert {d["device_id"] for d in json.loads(listed.out)} == {"edge-a", "edge-b"}
+        for d in json.loads(listed.out):
+            assert d["active"]["variant"] == "int8"
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        t.join(30)
+        loop.close()
+    assert not failure, failure
+
+
+def test_sigterm_stops_serve_and_its_broker(tmp_path: Path) -> None:
+    from cloud.cli.main import run
+
+    home = tmp_path / "home"
+    assert run(["--home", str(home), "init"]) == 0
+    with fleet_serve(home) as (proc, info):
+        port = int(info.broker_url.rsplit(":", 1)[1])
+        mosquitto = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-f", f"mosquitto -c {home / 'broker'}"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.split()
+        ]
+        assert len(mosquitto) == 1
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - start < 8
+        with pytest.raises(ProcessLookupError):
+            os.kill(mosquitto[0], 0)
+        assert not (home / "serve.json").exists()
+        import socket
+
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            pass
