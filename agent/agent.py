@@ -133,6 +133,15 @@ class Agent:
             server, self.port = await serve(
                 self.holder, address=self.settings.listen, status=self.status
             )
+        try:
+            await self._run_connected(shutdown, ready)
+        finally:
+            if server is not None:
+                await server.stop(1.0)
+
+    async def _run_connected(
+        self, shutdown: Callable[[], Awaitable[object]], ready: asyncio.Event | None
+    ) -> None:
         await self.transport.subscribe(self.topics.desired(self.device_id), qos=1)
         async with self.transport:
             ticker = asyncio.create_task(self._ticker(), name=f"{self.device_id}-ticker")
@@ -152,8 +161,6 @@ class Agent:
                             retain=True,
                             timeout=2,
                         )
-        if server is not None:
-            await server.stop(1.0)
 
     async def _ticker(self) -> None:
         loop = asyncio.get_running_loop()

@@ -419,8 +419,11 @@ class _Link:
         fut = self._new_future()
         self._acks[mid] = fut
         try:
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that lands in the same step as the result, and close() would then hang
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
             raise Unavailable(
                 f"{self._label}: no acknowledgement from {self._url} for {what} within {timeout:g}s"
             ) from None
@@ -620,6 +623,11 @@ class MqttTransport:
         self._running = False
         run, *others = self._tasks
         run.cancel()
+        # a cancellation can be lost in a race with a result; insist until the task ends
+        while not run.done():
+            await asyncio.wait({run}, timeout=1.0)
+            if not run.done():
+                run.cancel()
         await asyncio.gather(run, return_exceptions=True)
         link, self._link = self._link, None
         if link is not None and not link.closed.is_set():
@@ -849,8 +857,9 @@ class MqttTransport:
         s, ep = self.settings, self.settings.endpoint
         timeout = s.connect_timeout
         try:
-            sock = await asyncio.wait_for(self._open_socket(ep), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                sock = await self._open_socket(ep)
+        except TimeoutError:
             raise Unavailable(
                 f"{self.label}: no connection to {s.url} within {timeout:g}s"
             ) from None
@@ -859,8 +868,9 @@ class MqttTransport:
         try:
             link.start()
             try:
-                await asyncio.wait_for(link.connack, timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):
+                    await link.connack
+            except TimeoutError:
                 raise Unavailable(
                     f"{self.label}: no CONNACK from {s.url} within {timeout:g}s"
                 ) from None

@@ -1,0 +1,7 @@
+"""Device simulator: many real agents in one process, with hardware profiles, local data
+partitions and faults on demand (`SimulatedFleet`)."""
+
+from simulator.fleet import Enrollment, SimulatedDevice, SimulatedFleet
+from simulator.profiles import Mix, Profile, parse_profile
+
+__all__ = ["Enrollment", "Mix", "Profile", "SimulatedDevice", "SimulatedFleet", "parse_profile"]

@@ -1,0 +1,270 @@
+"""Simulator: profiles, data partitions, chunk corruption, and 50 real agents on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.serde import decode_chunk
+from models.data import load_dataset
+from models.runtime import ModelSession
+from protos.errors import InvalidArgument, NotFound
+from protos.fleet.v1 import device_pb2
+from protos.manifest import TensorSpec
+from protos.transport import Message, MqttSettings, MqttTransport
+from simulator.data import label_skew, partition, read_shards, write_shards
+from simulator.fleet import SimulatedFleet, _SlowedSession, corrupt_chunk
+from simulator.profiles import MIXED, PROFILES, Mix, Profile, parse_profile
+
+if TYPE_CHECKING:
+    from cloud.broker import ManagedBroker
+
+
+# -- profiles ---------------------------------------------------------------------------
+
+
+def test_parse_profile_knows_the_builtins_and_names_them_when_wrong() -> None:
+    for name in ("cpu", "gpu", "npu", "litert", "armv7"):
+        p = parse_profile(name)
+        assert isinstance(p, Profile)
+        assert p.name == name
+    assert parse_profile("Mixed") is MIXED
+    with pytest.raises(InvalidArgument, match=r"'tpu' is unknown; accepted: mixed, cpu, gpu"):
+        parse_profile("tpu")
+
+
+def test_profiles_claim_what_the_brief_says() -> None:
+    gpu = PROFILES["gpu"].capabilities()
+    assert gpu["providers"][0] == "CUDAExecutionProvider"
+    assert gpu["accelerator"] == "gpu"
+    npu = PROFILES["npu"].capabilities()
+    assert {"QNNExecutionProvider", "OpenVINOExecutionProvider"} <= set(npu["providers"])
+    assert PROFILES["litert"].runtimes == ("litert",)
+    armv7 = PROFILES["armv7"].capabilities()
+    assert armv7["tflite_runtime_legacy"] is True
+    assert armv7["runtimes"] == ["litert"]
+    assert PROFILES["cpu"].runtimes == ("onnxruntime", "litert")
+    with pytest.raises(InvalidArgument, match="speed_factor 0.5"):
+        Profile("fast", ("onnxruntime",), (), "cpu", 1, speed_factor=0.5)
+
+
+def test_mixed_is_exact_and_deterministic_by_seed() -> None:
+    assert MIXED.counts(20) == {"cpu": 10, "gpu": 4, "npu": 3, "litert": 3}
+    assert sum(MIXED.counts(7).values()) == 7
+    a = [p.name for p in MIXED.assign(100, seed=1)]
+    assert a == [p.name for p in MIXED.assign(100, seed=1)]
+    assert a != [p.name for p in MIXED.assign(100, seed=2)]
+    assert sorted(a) == sorted(p.name for p in MIXED.assign(100, seed=2))
+    assert {n: a.count(n) for n in set(a)} == {"cpu": 50, "gpu": 20, "npu": 15, "litert": 15}
+    assert PROFILES["gpu"].assign(3) == [PROFILES["gpu"]] * 3
+    half = Mix("half", ((PROFILES["cpu"], 1), (PROFILES["armv7"], 1)))
+    assert half.counts(5) == {"cpu": 3, "armv7": 2}
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    ds = load_dataset("digits")
+    return ds.x, ds.y
+
+
+def test_partition_assigns_every_sample_once_and_every_device_some(
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    x, y = digits
+    for n, alpha in ((10, 0.5), (300, 0.1), (1000, 0.5)):
+        parts = partition(x, y, n, alpha=alpha, seed=3)
+        assert len(parts) == n
+        assert all(len(p) >= 1 for p in parts)
+        everything = np.concatenate(parts)
+        assert len(everything) == len(y)
+        assert np.array_equal(np.sort(everything), np.arange(len(y)))
+    a, b = partition(x, y, 10, alpha=0.5, seed=3), partition(x, y, 10, alpha=0.5, seed=3)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))
+    c = partition(x, y, 10, alpha=0.5, seed=4)
+    assert not all(np.array_equal(p, q) for p, q in zip(a, c, strict=True))
+
+
+def test_label_skew_grows_as_alpha_shrinks(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = digits
+    skew = {a: label_skew(y, partition(x, y, 20, alpha=a, seed=0)) for a in (0.05, 0.5, 100.0)}
+    assert skew[0.05] > skew[0.5] > skew[100.0]
+    assert skew[0.05] > 0.6
+    assert skew[100.0] < 0.15
+
+
+def test_partition_rejects_impossible_splits(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = digits
+    with pytest.raises(InvalidArgument, match="5000 devices but only 1797 samples"):
+        partition(x, y, 5000, seed=0)
+    with pytest.raises(InvalidArgument, match="alpha 0"):
+        partition(x, y, 3, alpha=0, seed=0)
+
+
+def test_shards_round_trip_and_load_as_a_dataset(
+    digits: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    x, y = digits
+    idx = partition(x, y, 4, seed=0)[1]
+    paths = write_shards(tmp_path / "d", x[idx], y[idx], rows_per_shard=100)
+    assert [p.name for p in paths][:2] == ["shard-0000.npz", "shard-0001.npz"]
+    assert len(paths) == -(-len(idx) // 100)
+    xs, ys = read_shards(tmp_path / "d")
+    assert np.array_equal(xs, x[idx])
+    assert np.array_equal(ys, y[idx])
+    assert len(load_dataset(str(paths[0]))) == min(100, len(idx))
+    with pytest.raises(NotFound, match="no shard"):
+        read_shards(tmp_path / "empty")
+
+
+# -- corruption and speed -----------------------------------------------------------------
+
+
+def test_corrupt_chunk_flips_one_data_byte_and_keeps_the_framing() -> None:
+    data = bytes(range(256)) * 4
+    msg = device_pb2.ArtifactChunk(sha256="ab" * 32, index=7, total=9, data=data)
+    bad = corrupt_chunk(msg.SerializeToString())
+    sha, index, total, got = decode_chunk(bad)
+    assert (sha, index, total) == ("ab" * 32, 7, 9)
+    diff = [i for i, (a, b) in enumerate(zip(data, got, strict=True)) if a != b]
+    assert len(diff) == 1
+    empty = device_pb2.ArtifactChunk(sha256="ab" * 32, index=0, total=1).SerializeToString()
+    assert corrupt_chunk(empty) == empty
+
+
+class _Sleepy(ModelSession):
+    runtime = "test"
+
+    def __init__(self) -> None:
+        self.inputs = (TensorSpec("x", "float32", (-1, 2)),)
+        self.outputs = (TensorSpec("y", "float32", (-1, 2)),)
+        self.provider = "CPUExecutionProvider"
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        time.sleep(0.02)
+        return x * 2
+
+
+def test_slowed_session_runs_the_real_model_speed_factor_times_slower() -> None:
+    s = _SlowedSession(_Sleepy(), 4.0)
+    start = time.perf_counter()
+    y = s.run(np.ones((1, 2), np.float32))
+    took = time.perf_counter() - start
+    assert np.array_equal(y, np.full((1, 2), 2, np.float32))
+    assert took >= 0.075
+
+
+# -- 50 real agents on a real broker ------------------------------------------------------
+
+
+def _pem() -> str:
+    key = Ed25519PrivateKey.generate().public_key()
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+def test_fifty_devices_come_online_crash_with_a_will_and_restart(
+    broker: ManagedBroker, tmp_path: Path
+) -> None:
+    prefix = f"test/{uuid.uuid4().hex[:10]}"
+    statuses: dict[str, device_pb2.DeviceStatus] = {}
+
+    def on_status(msg: Message) -> None:
+        st = device_pb2.DeviceStatus()
+        st.ParseFromString(msg.payload)
+        statuses[st.device_id] = st
+
+    async def main() -> None:
+        watcher = MqttTransport(
+            MqttSettings(url=broker.url, client_id=f"watch-{uuid.uuid4().hex[:6]}"),
+            on_message=on_status,
+        )
+        await watcher.subscribe(f"{prefix}/dev/+/status", qos=1)
+        fleet = SimulatedFleet(
+            50,
+            broker_url=broker.url,
+            public_key_pem=_pem(),
+            state_root=tmp_path,
+            profile="mixed",
+            seed=7,
+            topic_prefix=prefix,
+            listen_first=True,
+        )
+        assert len(fleet.ids_for_enrollment()) == 50
+        assert fleet.ids_for_enrollment()[3].group == fleet.device("sim-0003").profile.name
+        async with asyncio.timeout(60), watcher:
+            async with fleet:
+                assert fleet.online() == 50
+                assert fleet.devices[0].port is not None
+                assert fleet.states() == {"idle": 50}
+                assert fleet.active_variants() == {}
+
+                def all_online() -> bool:
+                    return len(statuses) == 50 and all(s.online for s in statuses.values())
+
+                await fleet.wait(all_online, timeout=10, what="50 online births")
+                for dev in fleet.devices:
+                    st = statuses[dev.device_id]
+                    assert tuple(st.capabilities.runtimes) == dev.profile.runtimes
+                    assert tuple(st.capabilities.providers) == dev.profile.providers
+                    assert st.capabilities.accelerator == dev.profile.accelerator
+                kinds = {statuses[d.device_id].capabilities.accelerator for d in fleet.devices}
+                assert kinds == {"cpu", "gpu", "npu"}
+
+                victim = "sim-0011"
+                boot = statuses[victim].boot_id
+                crashed_at = int(time.time() * 1000)
+                await fleet.crash(victim)
+                await fleet.wait(lambda: not statuses[victim].online, timeout=10, what="the will")
+                # the will (made when the agent was built), not a status sent on the way out
+                assert statuses[victim].boot_id == boot
+                assert statuses[victim].timestamp_ms < crashed_at
+                assert not fleet.device(victim).running
+                assert not fleet.device(victim).connected
+                assert fleet.online() == 49
+
+                await fleet.restart(victim)
+                await fleet.device(victim).wait_connected(10)
+                await fleet.wait(lambda: statuses[victim].online, timeout=10, what="rebirth")
+                assert statuses[victim].boot_id != boot
+                assert fleet.device(victim).boots == 2
+
+                fleet.drop_link(["sim-0001", "sim-0002"])
+                await fleet.wait(lambda: fleet.online() == 50, timeout=10, what="reconnects")
+                with pytest.raises(NotFound, match="sim-9999"):
+                    fleet.device("sim-9999")
+            # a clean stop publishes an offline status for every device
+            assert fleet.online() == 0
+            await fleet.wait(
+                lambda: not any(s.online for s in statuses.values()), timeout=10, what="offline"
+            )
+
+    asyncio.run(main())
+
+
+def test_stopping_devices_that_are_still_connecting_does_not_hang(
+    broker: ManagedBroker, tmp_path: Path
+) -> None:
+    # MqttTransport.close() during the connect can lose its cancel (Python 3.11
+    # wait_for); SimulatedDevice.stop cancels again after its grace period
+    async def main() -> None:
+        fleet = SimulatedFleet(
+            20, broker_url=broker.url, public_key_pem=_pem(), state_root=tmp_path, profile="cpu"
+        )
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(d.start() for d in fleet.devices))
+            await asyncio.gather(*(d.stop(grace=0.5) for d in fleet.devices))
+        assert not any(d.running for d in fleet.devices)
+
+    asyncio.run(main())
