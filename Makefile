@@ -42,7 +42,7 @@ test-slow: install
 	$(BIN)/pytest -m slow -q
 
 demo: install
-	$(PYTHON) -m cloud.demo
+	$(PYTHON) -m simulator.demo
 
 lint: install
 	$(BIN)/ruff check .
