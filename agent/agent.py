@@ -88,6 +88,7 @@ class Agent:
             ),
         )
         self._flush_needed = False
+        self._stopping = False
         self.port: int | None = None
 
     def _status(self, *, online: bool) -> bytes:
@@ -150,6 +151,7 @@ class Agent:
             try:
                 await shutdown()
             finally:
+                self._stopping = True
                 ticker.cancel()
                 await asyncio.gather(ticker, return_exceptions=True)
                 if self.transport.connected:
@@ -165,7 +167,7 @@ class Agent:
     async def _ticker(self) -> None:
         loop = asyncio.get_running_loop()
         next_window = loop.time() + self.settings.telemetry_interval
-        while True:
+        while not self._stopping:
             await asyncio.sleep(0.5)
             try:
                 await self.updater.tick()

@@ -202,6 +202,5 @@ class Coordinator:
                 return devs
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._changed.wait(), timeout=min(1.0, deadline - loop.time())
-                    )
+                    async with asyncio.timeout(min(1.0, deadline - loop.time())):
+                        await self._changed.wait()

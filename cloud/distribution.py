@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from cloud.serde import encode_chunk
-from protos.errors import InvalidArgument
+from protos.errors import FleetError, InvalidArgument
 from protos.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class Broadcaster:
         self._clock = clock
         self._artifacts: dict[str, _Artifact] = {}
         self._wake = asyncio.Event()
+        self.retry_delay = 0.5
 
     def register(
         self, sha256: str, data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -148,7 +149,21 @@ class Broadcaster:
             data = art.chunk(i)
             payload = encode_chunk(art.sha256, i, art.total, data)
             t0 = self._clock()
-            await self._publish(topic, payload)
+            try:
+                await self._publish(topic, payload)
+            except FleetError as e:
+                # broker gone or link dropped: keep the chunk pending and retry shortly;
+                # devices re-ask for what they still lack after reconnecting anyway
+                art.pending.add(i)
+                logger.info(
+                    "artifact %s: chunk %d not sent (%s); retrying in %.1fs",
+                    art.sha256[:12],
+                    i,
+                    e,
+                    self.retry_delay,
+                )
+                await asyncio.sleep(self.retry_delay)
+                return
             art.chunks_sent += 1
             art.bytes_sent += len(data)
             if self._rate > 0:

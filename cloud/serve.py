@@ -73,7 +73,8 @@ async def supervise_broker(
     attempt = 0
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+            async with asyncio.timeout(interval):
+                await stop.wait()
         if stop.is_set():
             return
         if broker.running:
@@ -88,7 +89,8 @@ async def supervise_broker(
             attempt,
         )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay)
+            async with asyncio.timeout(delay):
+                await stop.wait()
         if stop.is_set():
             return
         try:

@@ -633,8 +633,9 @@ class MqttTransport:
         if link is not None and not link.closed.is_set():
             if link.up:
                 link.disconnect()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(link.closed.wait(), _DISCONNECT_TIMEOUT)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_DISCONNECT_TIMEOUT):
+                        await link.closed.wait()
             link.abort("transport closed")
         for task in others:
             task.cancel()

@@ -69,3 +69,33 @@ def test_chunk_digests_and_validation() -> None:
             Broadcaster(nop, topics=Topics(), rate=-1)
 
     asyncio.run(main())
+
+
+def test_publish_failure_keeps_chunks_pending_until_the_link_is_back() -> None:
+    from protos.errors import Unavailable
+
+    sent: list[int] = []
+    fail = {"left": 3}
+
+    async def flaky(topic: str, payload: bytes) -> None:
+        if fail["left"] > 0:
+            fail["left"] -= 1
+            raise Unavailable("broker gone")
+        msg = device_pb2.ArtifactChunk()
+        msg.ParseFromString(payload)
+        sent.append(msg.index)
+
+    async def main() -> None:
+        b = Broadcaster(flaky, topics=Topics("t"), gather=0.0)
+        b.retry_delay = 0.01
+        b.register(SHA, DATA, 64_000)
+        task = asyncio.create_task(b.run())
+        b.on_want(SHA, [(0, 4)])
+        async with asyncio.timeout(5):
+            while sorted(sent) != [0, 1, 2, 3]:
+                await asyncio.sleep(0.01)
+        task.cancel()
+        assert not task.done() or task.cancelled()
+
+    asyncio.run(main())
+    assert sorted(sent) == [0, 1, 2, 3]
