@@ -23,6 +23,7 @@ from bench._table import Table
 BENCHMARKS: dict[str, str] = {
     "quantize": "bench.quantize",
     "agent": "bench.agent",
+    "fanout": "bench.fanout",
 }
 
 logger = logging.getLogger("bench")

@@ -134,6 +134,7 @@ class Coordinator:
             raise NotFound(f"selector {selector} matches no enrolled device")
         key = self._signing_key()
         outcome = DeployOutcome(rollout_id=uuid.uuid4().hex[:12], ref=mv.ref, targets=[])
+        ready: list[tuple[str, bytes]] = []
         for d in targets_dev:
             caps = d.capabilities
             if not caps:
@@ -172,6 +173,10 @@ class Coordinator:
                 self.topics.desired(d.device_id), signed, qos=1, retain=True
             )
             outcome.targets.append(Target(d.device_id, v.name, v.sha256, gen))
+        # all database work first, then every desired state in one burst: the wave's
+        # devices ask for chunks within moments of each other and share one broadcast
+        for device_id, signed in ready:
+            await self.transport.publish(self.topics.desired(device_id), signed, qos=1, retain=True)
         logger.info(
             "rollout %s: %s to %d devices (%d skipped)",
             outcome.rollout_id,

@@ -29,6 +29,7 @@ class _Artifact:
     digests: list[bytes] = field(default_factory=list)
     pending: set[int] = field(default_factory=set)
     first_want_at: float | None = None
+    last_want_at: float = 0.0
     chunks_sent: int = 0
     bytes_sent: int = 0
     wants: int = 0
@@ -59,8 +60,9 @@ class ArtifactStats:
 class Broadcaster:
     """Serves every registered artifact's chunks from merged wants.
 
-    `gather` seconds after the first want of a round it sends every pending chunk,
-    in index order, at most `rate` bytes/s (0: unlimited). Wants arriving meanwhile
+    Once wants have been quiet for `gather` seconds (or `max_gather` after the
+    first one: a wave's devices ask within moments of each other) it sends every
+    pending chunk, in index order, at most `rate` bytes/s (0: unlimited). Wants arriving meanwhile
     join the pending set, so a chunk wanted by 1,000 devices goes out once.
     """
 
@@ -83,6 +85,7 @@ class Broadcaster:
         self._artifacts: dict[str, _Artifact] = {}
         self._wake = asyncio.Event()
         self.retry_delay = 0.5
+        self.max_gather = max(2.0, 10 * gather)
 
     def register(
         self, sha256: str, data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -116,8 +119,10 @@ class Broadcaster:
             lo, hi = max(0, start), min(art.total, end)
             if lo < hi:
                 art.pending.update(range(lo, hi))
+        now = self._clock()
+        art.last_want_at = now
         if art.pending and art.first_want_at is None:
-            art.first_want_at = self._clock()
+            art.first_want_at = now
         self._wake.set()
 
     def stats(self, sha256: str) -> ArtifactStats:
@@ -133,13 +138,17 @@ class Broadcaster:
                 await self._wake.wait()
                 continue
             now = self._clock()
-            ready = [a for a in due if now - (a.first_want_at or now) >= self._gather]
+            ready = [a for a in due if self._ripe(a, now)]
             if not ready:
-                wait = min(self._gather - (now - (a.first_want_at or now)) for a in due)
-                await asyncio.sleep(max(0.0, wait))
+                await asyncio.sleep(max(0.005, self._gather / 4))
                 continue
             for art in ready:
                 await self._send_round(art)
+
+    def _ripe(self, a: _Artifact, now: float) -> bool:
+        """A round starts once wants went quiet for `gather` s, or `max_gather` s after the first."""
+        first = a.first_want_at if a.first_want_at is not None else now
+        return now - a.last_want_at >= self._gather or now - first >= self.max_gather
 
     async def _send_round(self, art: _Artifact) -> None:
         topic = self._topics.chunk(art.sha256)

@@ -88,9 +88,11 @@ class Pipeline:
         batch_size: int = 64,
         lr: float = 3e-3,
         holdout: float = 0.2,
+        options: dict[str, Any] | None = None,
         on_epoch: Callable[[Any], None] | None = None,
         progress: Progress = _noop,
     ) -> ModelVersion:
+        """`options` go to the architecture, e.g. {"hidden": [512, 448]} for a wider MLP."""
         from cloud.quantize.compact import compact_onnx
         from cloud.registry.entities import check_model_name
         from cloud.training.export import INPUT_NAME, export_onnx
@@ -105,7 +107,13 @@ class Pipeline:
                 f"--arch {arch!r} unknown; available: {', '.join(sorted(ARCHITECTURES))}"
             )
         config = TrainConfig(
-            arch=arch, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, holdout=holdout
+            arch=arch,
+            epochs=epochs,
+            seed=seed,
+            batch_size=batch_size,
+            lr=lr,
+            holdout=holdout,
+            options=dict(options or {}),
         )
         key = self._signing_key()  # fail before training if `fleet init` was not run
         progress("load data", 0, 1)
