@@ -30,6 +30,7 @@ class _Artifact:
     pending: set[int] = field(default_factory=set)
     first_want_at: float | None = None
     last_want_at: float = 0.0
+    sent_at: dict[int, float] = field(default_factory=dict)
     chunks_sent: int = 0
     bytes_sent: int = 0
     wants: int = 0
@@ -86,6 +87,7 @@ class Broadcaster:
         self._wake = asyncio.Event()
         self.retry_delay = 0.5
         self.max_gather = max(2.0, 10 * gather)
+        self.resend_after = 1.0
 
     def register(
         self, sha256: str, data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -115,11 +117,14 @@ class Broadcaster:
             logger.debug("want for unknown artifact %s ignored", sha256[:12])
             return
         art.wants += 1
+        now = self._clock()
         for start, end in ranges:
             lo, hi = max(0, start), min(art.total, end)
-            if lo < hi:
-                art.pending.update(range(lo, hi))
-        now = self._clock()
+            for i in range(lo, hi):
+                # a chunk sent moments ago is probably still on its way to this device:
+                # if it really was lost, the device asks again after its want interval
+                if now - art.sent_at.get(i, -1e9) >= self.resend_after:
+                    art.pending.add(i)
         art.last_want_at = now
         if art.pending and art.first_want_at is None:
             art.first_want_at = now
@@ -175,6 +180,7 @@ class Broadcaster:
                 return
             art.chunks_sent += 1
             art.bytes_sent += len(data)
+            art.sent_at[i] = self._clock()
             if self._rate > 0:
                 spare = len(payload) / self._rate - (self._clock() - t0)
                 if spare > 0:
