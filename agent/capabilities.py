@@ -28,6 +28,8 @@ class Capabilities:
     providers: tuple[str, ...]
     accelerator: str  # gpu | npu | cpu
     memory_mb: int
+    #: only tflite-runtime (no LiteRT): the coordinator never sends it dynamic-range int8
+    tflite_runtime_legacy: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -36,6 +38,7 @@ class Capabilities:
             "providers": list(self.providers),
             "accelerator": self.accelerator,
             "memory_mb": self.memory_mb,
+            "tflite_runtime_legacy": self.tflite_runtime_legacy,
         }
 
 

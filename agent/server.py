@@ -26,32 +26,13 @@ import numpy as np
 from agent import serde
 from agent.inference import NO_MODEL, ActiveModel, ModelHolder
 from agent.serde import UpdateState
-from protos.errors import (
-    AlreadyExists,
-    Conflict,
-    DataLoss,
-    FleetError,
-    InvalidArgument,
-    NotFound,
-    Unauthenticated,
-    Unavailable,
-)
+from protos.errors import FleetError, InvalidArgument, Unavailable
 from protos.fleet.v1 import inference_pb2_grpc
+from protos.grpc_errors import grpc_status
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-# Most specific first: the first class the error is an instance of wins.
-_STATUS: tuple[tuple[type[FleetError], grpc.StatusCode], ...] = (
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
-    (DataLoss, grpc.StatusCode.DATA_LOSS),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-)
 
 #: predictions whose recent latency is below this run inline on the event loop
 INLINE_BELOW_US = 200.0
@@ -64,13 +45,6 @@ class AgentStatus:
 
     connected: bool = False
     update_state: UpdateState = UpdateState.UNSPECIFIED
-
-
-def grpc_status(e: FleetError) -> grpc.StatusCode:
-    for cls, code in _STATUS:
-        if isinstance(e, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):

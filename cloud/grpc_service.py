@@ -4,7 +4,7 @@ Every call must carry the API token from `fleet init` as metadata
 `authorization: Bearer <token>` (`TokenAuth`). Registry and device-store calls go
 to worker threads; `Deploy` drives the `Coordinator` and streams one `Progress`
 per device reaching a final state, then a `DeployResult`. FleetErrors become gRPC
-status codes (`STATUS_OF`) and come back as the same class in `cloud.remote`.
+status codes (`protos.grpc_errors`) and come back as the same class in `cloud.remote`.
 
 The conversions between registry/device values and `fleet_pb2` messages live here,
 in both directions, so the client and the server agree on them.
@@ -30,16 +30,11 @@ from cloud.devices import Device, Selector
 from cloud.registry import ModelRef, ModelSummary, ModelVersion
 from cloud.registry.entities import Lineage, Variant, check_model_name, check_stage
 from protos.errors import (
-    AlreadyExists,
-    Conflict,
-    DataLoss,
     FleetError,
     InvalidArgument,
-    NotFound,
-    Unauthenticated,
-    Unavailable,
 )
 from protos.fleet.v1 import device_pb2, fleet_pb2, fleet_pb2_grpc, model_pb2
+from protos.grpc_errors import grpc_status
 from protos.manifest import DTYPES, RUNTIMES, TensorSpec
 
 if TYPE_CHECKING:
@@ -54,34 +49,8 @@ DEFAULT_DEPLOY_TIMEOUT = 300.0
 #: until the deadline minus this, so the final DeployResult always gets through
 DEPLOY_DEADLINE_MARGIN = 5.0
 
-# Most specific first: the first class an error is an instance of wins.
-STATUS_OF: tuple[tuple[type[FleetError], grpc.StatusCode], ...] = (
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (DataLoss, grpc.StatusCode.DATA_LOSS),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-)
-
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _RUNTIME_NAMES = {v: k for k, v in RUNTIMES.items()}
-
-
-def grpc_status(e: FleetError) -> grpc.StatusCode:
-    for cls, code in STATUS_OF:
-        if isinstance(e, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def error_from_status(code: grpc.StatusCode, details: str) -> FleetError:
-    """The FleetError a status code stands for (FleetError itself for INTERNAL, UNKNOWN …)."""
-    for cls, c in STATUS_OF:
-        if c == code:
-            return cls(details)
-    return FleetError(details)
 
 
 # -- conversions ------------------------------------------------------------------------

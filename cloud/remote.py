@@ -28,7 +28,6 @@ from cloud.grpc_service import (
     DEPLOY_DEADLINE_MARGIN,
     bundle_from_pb,
     device_from_pb,
-    error_from_status,
     outcome_from_fields,
     summary_from_pb,
     version_from_pb,
@@ -36,6 +35,7 @@ from cloud.grpc_service import (
 from cloud.registry import ModelRef, ModelSummary, ModelVersion
 from protos.errors import FleetError, InvalidArgument, Unavailable
 from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+from protos.grpc_errors import error_from_status
 
 if TYPE_CHECKING:
     from cloud.devices import Device, Selector
