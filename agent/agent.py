@@ -57,6 +57,7 @@ class Agent:
                 username=settings.username,
                 password=settings.password,
                 ca_file=settings.ca_file,
+                flow_control=True,
             ),
             will=Will(
                 self.topics.status(self.device_id), self._status(online=False), qos=1, retain=True
@@ -78,6 +79,7 @@ class Agent:
             durable=durable,
             want_interval=want_interval,
             tflite_runtime_legacy=bool(caps.get("tflite_runtime_legacy", False)),
+            threads=settings.inference_threads,
         )
         self.telemetry = Telemetry(
             device_id=self.device_id,
@@ -170,7 +172,8 @@ class Agent:
         while not self._stopping:
             await asyncio.sleep(0.5)
             try:
-                await self.updater.tick()
+                if not self.transport.backlog:  # behind on what arrived: not stalled
+                    await self.updater.tick()
                 if self._flush_needed and self.transport.connected:
                     self._flush_needed = False
                     await self.telemetry.flush()

@@ -29,6 +29,11 @@ class AgentSettings(BaseSettings):
         default="127.0.0.1:50051", description="InferenceService address; empty: off"
     )
     telemetry_interval: float = 10.0
+    inference_threads: int = Field(
+        default=0,
+        ge=0,
+        description="ONNX Runtime intra-op threads per model; 0: one per core",
+    )
     group: str = ""
     tags: dict[str, str] = Field(default_factory=dict)
 

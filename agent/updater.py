@@ -67,6 +67,7 @@ class Updater:
         want_interval: float = 2.0,
         progress_interval: float = 0.5,
         tflite_runtime_legacy: bool = False,
+        threads: int = 0,
     ) -> None:
         self.progress_interval = progress_interval
         self.device_id = device_id
@@ -78,6 +79,7 @@ class Updater:
         self._runtimes = tuple(runtimes)
         self._providers = tuple(providers)
         self._legacy = tflite_runtime_legacy
+        self._threads = threads
         self._topics = topics
         self._publish = publish
         self._subscribe = subscribe
@@ -100,7 +102,7 @@ class Updater:
             manifest = self._verify_manifest(SignedManifest.from_bytes(inst.manifest_bytes))
             data = inst.path.read_bytes()
             check_artifact(manifest, data)
-            self.holder.swap(load(manifest, data, providers=self._providers))
+            self.holder.swap(load(manifest, data, providers=self._providers, threads=self._threads))
             self.state = UpdateState.ACTIVE
             logger.info("%s: serving %s from disk", self.device_id, manifest.ref)
         except (FleetError, OSError) as e:
@@ -314,7 +316,9 @@ class Updater:
         try:
             data = await asyncio.to_thread(inst.path.read_bytes)
             check_artifact(manifest, data)
-            model = await asyncio.to_thread(load, manifest, data, providers=self._providers)
+            model = await asyncio.to_thread(
+                load, manifest, data, providers=self._providers, threads=self._threads
+            )
         except DataLoss as e:
             await self._fail(gen, Reason.ARTIFACT_DIGEST_MISMATCH, str(e))
             return
@@ -337,7 +341,9 @@ class Updater:
             manifest = self._verify_manifest(SignedManifest.from_bytes(inst.manifest_bytes))
             data = await asyncio.to_thread(inst.path.read_bytes)
             check_artifact(manifest, data)
-            model = await asyncio.to_thread(load, manifest, data, providers=self._providers)
+            model = await asyncio.to_thread(
+                load, manifest, data, providers=self._providers, threads=self._threads
+            )
         except NotFound as e:
             await self._report(gen, UpdateState.FAILED, Reason.NO_LAST_KNOWN_GOOD, str(e))
             return

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cloud.artifacts import ArtifactStore
 from cloud.devices import Device, DeviceEvent, DeviceStore, Selector
 from cloud.distribution import DEFAULT_CHUNK_SIZE, Broadcaster
-from cloud.registry import ModelRef, RegistryStore
+from cloud.registry import ModelRef, RegistryStore, Variant
 from cloud.selection import DeviceProfile, choose_variant
 from cloud.serde import decode_reported, decode_status, decode_want, encode_desired
 from protos.errors import FleetError, InvalidArgument, NotFound
@@ -168,7 +168,7 @@ class Coordinator:
             raise NotFound(f"selector {selector} matches no enrolled device")
         key = self._signing_key()
         outcome = DeployOutcome(rollout_id=uuid.uuid4().hex[:12], ref=mv.ref, targets=[])
-        ready: list[tuple[str, bytes]] = []
+        chosen: list[tuple[Device, Variant]] = []
         for d in targets_dev:
             caps = d.capabilities
             if not caps:
@@ -182,14 +182,22 @@ class Coordinator:
                 tflite_runtime_legacy=bool(caps.get("tflite_runtime_legacy", False)),
             )
             try:
-                v = choose_variant(mv, profile)
+                chosen.append((d, choose_variant(mv, profile)))
             except InvalidArgument as e:
                 outcome.skipped[d.device_id] = str(e)
-                continue
+        for _, v in chosen:
             if not self.broadcaster.known(v.sha256):
                 data = await asyncio.to_thread(self.store.get, v.sha256)
                 self.broadcaster.register(v.sha256, data, self.chunk_size)
-            gen = await asyncio.to_thread(self.devices.next_generation, d.device_id)
+        # the database work for every target in two transactions, then every desired
+        # state in one burst: the wave's devices ask for chunks within moments of each
+        # other and share one broadcast instead of triggering a round each
+        gens = await asyncio.to_thread(
+            self.devices.next_generations, [d.device_id for d, _ in chosen]
+        )
+        ready: list[tuple[str, int, bytes]] = []
+        for d, v in chosen:
+            gen = gens[d.device_id]
             signed = encode_desired(
                 device_id=d.device_id,
                 generation=gen,
@@ -200,17 +208,15 @@ class Coordinator:
                 action=action,
                 key=key,
             )
-            await asyncio.to_thread(
-                self.devices.set_desired, d.device_id, gen, signed, rollout_id=outcome.rollout_id
-            )
-            await self.transport.publish(
-                self.topics.desired(d.device_id), signed, qos=1, retain=True
-            )
+            ready.append((d.device_id, gen, signed))
             outcome.targets.append(Target(d.device_id, v.name, v.sha256, gen))
-        # all database work first, then every desired state in one burst: the wave's
-        # devices ask for chunks within moments of each other and share one broadcast
-        for device_id, signed in ready:
-            await self.transport.publish(self.topics.desired(device_id), signed, qos=1, retain=True)
+        await asyncio.to_thread(self.devices.set_desired_many, ready, rollout_id=outcome.rollout_id)
+        await asyncio.gather(
+            *(
+                self.transport.publish(self.topics.desired(device_id), signed, qos=1, retain=True)
+                for device_id, _gen, signed in ready
+            )
+        )
         logger.info(
             "rollout %s: %s to %d devices (%d skipped)",
             outcome.rollout_id,

@@ -368,6 +368,9 @@ class SimulatedFleet:
                 listen="127.0.0.1:0" if (listen_first and i == 0) else "",
                 group=prof.name,
                 tags={"profile": prof.name},
+                # hundreds of sessions share this machine's cores: one thread each, or
+                # their idle intra-op pools spin against each other
+                inference_threads=1,
             )
             self._devices[dev_id] = SimulatedDevice(
                 settings, prof, want_interval=want_interval, data_dir=data_dirs.get(dev_id)
