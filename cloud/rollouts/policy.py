@@ -142,14 +142,22 @@ class Policy:
 
 
 def check_fraction(
-    flag: str, value: float, *, allow_zero: bool = False, allow_one: bool = True
+    flag: str,
+    value: float,
+    *,
+    allow_zero: bool = False,
+    allow_one: bool = True,
+    shown: str | None = None,
 ) -> float:
+    """`value` if it is a valid share for `flag`; else InvalidArgument naming `shown`
+    (what the operator typed) or the value."""
     low_ok = value >= 0 if allow_zero else value > 0
     high_ok = value <= 1 if allow_one else value < 1
     if not (math.isfinite(value) and low_ok and high_ok):
-        lo = "0" if allow_zero else "more than 0"
+        lo = "0%" if allow_zero else "more than 0%"
         hi = "100%" if allow_one else "less than 100%"
-        raise InvalidArgument(f"{flag} {value:g}: must be from {lo} to {hi}, e.g. 10% or 0.1")
+        what = repr(shown) if shown is not None else f"{value:g}"
+        raise InvalidArgument(f"{flag} {what}: must be from {lo} to {hi}, e.g. 10% or 0.1")
     return value
 
 
@@ -191,7 +199,7 @@ def parse_fraction(
                 )
     except ValueError:
         raise InvalidArgument(f"{flag} {text!r}: not a percentage; e.g. 10% or 0.1") from None
-    return check_fraction(flag, value, allow_zero=allow_zero, allow_one=allow_one)
+    return check_fraction(flag, value, allow_zero=allow_zero, allow_one=allow_one, shown=text)
 
 
 def parse_waves(text: str) -> tuple[float, ...]:

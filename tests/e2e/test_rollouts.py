@@ -14,6 +14,10 @@ its rollout controller, live traffic with labels, shadow evaluation on the devic
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +29,7 @@ import pytest
 
 from cloud.broker import ManagedBroker, find_mosquitto
 from cloud.client import LocalClient
-from cloud.config import CloudSettings, load_settings
+from cloud.config import CloudSettings, ServeInfo, load_settings
 from cloud.coordinator import Coordinator
 from cloud.devices import DeviceStore, Selector
 from cloud.registry import ModelRef
@@ -215,3 +219,201 @@ def test_good_model_goes_through_canary_and_every_wave(
             assert all(d.shadow.get("labelled", 0) > 0 for d in devs)
 
     run(main())
+
+
+def test_collapsed_accuracy_is_stopped_at_the_canary_and_rolled_back(
+    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    policy = Policy(canary=0.25, waves=(1.0,), bake_s=1.0, min_accuracy=0.8, min_samples=20)
+
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, digits, name="bad", n=8) as h:
+            r = await h.rollout(BAD, policy)
+            r = await h.wait_state(r.rollout_id, {"done", "rolled_back", "paused"})
+            assert r.state == "rolled_back", r.reason
+            canary, wave = r.stages
+            assert canary.state == "failed" and wave.state == "pending"
+            acc = next(g for g in canary.gates if g.name == "accuracy")
+            assert not acc.ok and acc.value < 0.5, canary.gates
+            assert "accuracy" in r.reason
+            # every device ends on the previous version; the wave never received anything
+            assert set(h.versions().values()) == {1}
+            devs = await asyncio.to_thread(h.store.devices, r.rollout_id)
+            assert {d.action for d in devs if d.stage == 1} == {""}
+            assert {(d.phase, d.state) for d in devs if d.stage == 0} == {
+                ("rolled_back", "rolled_back")
+            }
+
+    run(main())
+
+
+def test_slower_model_trips_the_latency_gate_then_rolls_back_by_hand(
+    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    policy = Policy(
+        canary=0.5,
+        waves=(1.0,),
+        bake_s=1.0,
+        max_latency_regression=1.0,  # at most twice as slow
+        min_samples=30,
+        on_failure="pause",
+    )
+
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, digits, name="slow", n=4) as h:
+            r = await h.rollout(SLOW, policy)
+            r = await h.wait_state(r.rollout_id, {"done", "rolled_back", "paused"})
+            assert r.state == "paused", r.reason
+            lat = next(g for g in r.stages[0].gates if g.name == "latency")
+            assert not lat.ok and lat.value > 1.0, lat
+            # paused: the canary devices still serve version 1 and evaluate the candidate
+            assert set(h.versions().values()) == {1}
+            r = await h.controller.control(r.rollout_id, "rollback")
+            assert r.state == "rolling_back"
+            r = await h.wait_state(r.rollout_id, {"rolled_back"})
+            assert set(h.versions().values()) == {1}
+            assert all(d.agent.updater.shadow is None for d in h.fleet)
+
+    run(main())
+
+
+def test_broker_restart_mid_wave_ends_with_every_device_final(
+    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    policy = Policy(canary=0.2, waves=(1.0,), bake_s=1.0, min_agreement=0.8, min_samples=10)
+
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, digits, name="mqtt", n=10) as h:
+            r = await h.rollout(GOOD, policy)
+            deadline = time.monotonic() + 60
+            while r.stage < 1 or r.current.state == "pending":
+                assert time.monotonic() < deadline, r
+                await asyncio.sleep(0.05)
+                r = await asyncio.to_thread(h.store.get, r.rollout_id)
+            await asyncio.to_thread(broker.restart)  # the wave is installing
+            r = await h.wait_state(r.rollout_id, {"done", "rolled_back", "paused"}, timeout=120)
+            assert r.state == "done", r.reason
+            devs = await asyncio.to_thread(h.store.devices, r.rollout_id)
+            assert {(d.phase, d.state) for d in devs} == {("active", "active")}
+            assert set(h.versions().values()) == {GOOD}
+
+    run(main())
+
+
+def _serve(home: Path, broker_url: str) -> tuple[subprocess.Popen[bytes], ServeInfo]:
+    """`fleet serve` on a free loopback port against the test's broker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "cloud.cli.main", "--home", str(home), "serve"),
+            *("--broker", broker_url, "--grpc-listen", "127.0.0.1:0"),
+        ],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"fleet serve exited with {proc.returncode}")
+        info = ServeInfo.read(home / "serve.json")
+        if info is not None and info.pid == proc.pid:
+            return proc, info
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    pytest.fail("fleet serve did not start within 60 s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_coordinator_killed_mid_rollout_resumes_where_it_was(
+    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    from cloud.client import read_token
+    from cloud.remote import GrpcClient
+
+    settings = load_settings(home=home)
+    token = read_token(settings.token_path)
+    devices = DeviceStore(settings.registry_url)
+    store = RolloutStore(settings.registry_url)
+    n = 6
+    fleet = SimulatedFleet(
+        n,
+        broker_url=broker.url,
+        public_key_pem=settings.public_key_path.read_text(),
+        state_root=tmp_path / "devices",
+        profile="gpu",
+        id_prefix="kill",
+        want_interval=0.5,
+    )
+    for e in fleet.ids_for_enrollment():
+        devices.enroll(e.device_id, group="kill")
+    selector = Selector.parse("group=kill")
+    policy = Policy(canary=0.34, waves=(1.0,), bake_s=3.0, min_agreement=0.8, min_samples=10)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> GrpcClient:
+        proc, info = _serve(home, broker.url)
+        procs.append(proc)
+        return GrpcClient(info.grpc, token)
+
+    async def main() -> None:
+        x, y = digits
+        async with fleet, Traffic(fleet.devices, x, y, rate=40):
+            c = await asyncio.to_thread(start)
+            report = await asyncio.to_thread(
+                lambda: c.deploy(
+                    ModelRef("digits", 1), selector, timeout=60, on_start=None, on_device=None
+                )
+            )
+            assert report.active == n
+            r, _ = await asyncio.to_thread(
+                c.create_rollout, ModelRef("digits", GOOD), selector, policy, dry_run=False
+            )
+            c.close()
+            async with asyncio.timeout(60):
+                while (cur := await asyncio.to_thread(store.get, r.rollout_id)).current.state != (
+                    "baking"
+                ):
+                    await asyncio.sleep(0.05)
+            procs[-1].send_signal(signal.SIGKILL)  # no cleanup of any kind
+            await asyncio.to_thread(procs[-1].wait)
+            before = await asyncio.to_thread(store.get, r.rollout_id)
+            assert (before.state, before.stage, before.current.state) == ("canary", 0, "baking")
+            c = await asyncio.to_thread(start)
+            try:
+                async with asyncio.timeout(90):
+                    while not (cur := await asyncio.to_thread(store.get, r.rollout_id)).final:
+                        await asyncio.sleep(0.1)
+            finally:
+                c.close()
+            assert cur.state == "done", cur.reason
+            # the bake kept its start time across the restart
+            assert cur.stages[0].bake_started_at == before.stages[0].bake_started_at
+            # one generation each for baseline, shadow and activation: nobody updated twice
+            gens = {d.device_id: d.desired_generation for d in devices.find(selector)}
+            assert gens == {d: 3 for d in fleet.ids()}
+            assert {d.agent.updater.slots.generation for d in fleet} == {3}
+            assert {d.agent.holder.active.ref.version for d in fleet if d.agent.holder.active} == {
+                GOOD
+            }
+
+    try:
+        asyncio.run(main())
+    finally:
+        for p in procs:
+            _stop(p)
+        store.close()
+        devices.close()
