@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,6 +41,7 @@ from protos.errors import NotFound
 from protos.topics import Topics
 from simulator.fleet import SimulatedFleet
 from simulator.traffic import Traffic
+from tests.conftest import Cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -339,8 +341,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_coordinator_killed_mid_rollout_resumes_where_it_was(
-    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+    home: Path,
+    broker: ManagedBroker,
+    tmp_path: Path,
+    digits: tuple[np.ndarray, np.ndarray],
+    cli: Cli,
 ) -> None:
+    import json
+
     from cloud.client import read_token
     from cloud.remote import GrpcClient
 
@@ -361,44 +369,57 @@ def test_coordinator_killed_mid_rollout_resumes_where_it_was(
     for e in fleet.ids_for_enrollment():
         devices.enroll(e.device_id, group="kill")
     selector = Selector.parse("group=kill")
-    policy = Policy(canary=0.34, waves=(1.0,), bake_s=3.0, min_agreement=0.8, min_samples=10)
     procs: list[subprocess.Popen[bytes]] = []
+    address: list[str] = []
 
     def start() -> GrpcClient:
         proc, info = _serve(home, broker.url)
         procs.append(proc)
+        address[:] = [info.grpc]
         return GrpcClient(info.grpc, token)
+
+    def fleet_cli(*args: str) -> Any:
+        return cli("--coordinator", address[0], "--token", token, *args)
 
     async def main() -> None:
         x, y = digits
         async with fleet, Traffic(fleet.devices, x, y, rate=40):
             c = await asyncio.to_thread(start)
+            async with asyncio.timeout(30):  # serve has recorded their births
+                while len(await asyncio.to_thread(devices.find, selector, online=True)) < n:
+                    await asyncio.sleep(0.1)
             report = await asyncio.to_thread(
                 lambda: c.deploy(
                     ModelRef("digits", 1), selector, timeout=60, on_start=None, on_device=None
                 )
             )
             assert report.active == n
-            r, _ = await asyncio.to_thread(
-                c.create_rollout, ModelRef("digits", GOOD), selector, policy, dry_run=False
-            )
             c.close()
+            made = await asyncio.to_thread(
+                fleet_cli,
+                *("deploy", f"digits:{GOOD}", "--to", "group=kill", "--canary", "34%"),
+                *("--waves", "100%", "--bake", "3s", "--min-agreement", "0.8"),
+                *("--min-samples", "10", "--no-watch", "--json"),
+            )
+            assert made.code == 0, made.err
+            rid = json.loads(made.out)["rollout_id"]
             async with asyncio.timeout(60):
-                while (cur := await asyncio.to_thread(store.get, r.rollout_id)).current.state != (
-                    "baking"
-                ):
+                while (cur := await asyncio.to_thread(store.get, rid)).current.state != "baking":
                     await asyncio.sleep(0.05)
             procs[-1].send_signal(signal.SIGKILL)  # no cleanup of any kind
             await asyncio.to_thread(procs[-1].wait)
-            before = await asyncio.to_thread(store.get, r.rollout_id)
+            before = await asyncio.to_thread(store.get, rid)
             assert (before.state, before.stage, before.current.state) == ("canary", 0, "baking")
-            c = await asyncio.to_thread(start)
-            try:
-                async with asyncio.timeout(90):
-                    while not (cur := await asyncio.to_thread(store.get, r.rollout_id)).final:
-                        await asyncio.sleep(0.1)
-            finally:
-                c.close()
+            (await asyncio.to_thread(start)).close()
+            # followed live through the restarted coordinator (WatchRollout), to its outcome
+            watched = await asyncio.to_thread(fleet_cli, "rollouts", "watch", rid)
+            assert watched.code == 0, watched.err
+            assert f"rollout {rid}: done" in watched.err
+            shown = await asyncio.to_thread(fleet_cli, "rollouts", "show", rid, "--json")
+            doc = json.loads(shown.out)
+            assert {(d["phase"], d["state"]) for d in doc["devices"]} == {("active", "active")}
+            assert all(d["staleness_s"] is not None for d in doc["devices"])
+            cur = await asyncio.to_thread(store.get, rid)
             assert cur.state == "done", cur.reason
             # the bake kept its start time across the restart
             assert cur.stages[0].bake_started_at == before.stages[0].bake_started_at
@@ -417,3 +438,97 @@ def test_coordinator_killed_mid_rollout_resumes_where_it_was(
             _stop(p)
         store.close()
         devices.close()
+
+
+def _generations(home: Path) -> dict[str, int]:
+    devices = DeviceStore(load_settings(home=home).registry_url)
+    try:
+        return {d.device_id: d.desired_generation for d in devices.find()}
+    finally:
+        devices.close()
+
+
+def _cli_fixtures(home: Path) -> str:
+    """Ten devices that reported a birth (GPU class, running digits:1), and a finished
+    rollout whose canary failed the accuracy gate; returns its id."""
+    from cloud.rollouts import GateResult, Rollout, Stage
+    from simulator.profiles import GPU
+
+    url = load_settings(home=home).registry_url
+    devices, store = DeviceStore(url), RolloutStore(url)
+    try:
+        active = {"model": "digits", "version": 1, "variant": "fp32", "sha256": "a" * 64}
+        for i in range(10):
+            devices.enroll(f"cli-{i}", group="cli")
+            status = {"online": True, "capabilities": GPU.capabilities(), "active": active}
+            devices.record_status(f"cli-{i}", status)
+        gate = GateResult("accuracy", False, 0.12, 0.8, "12.0% on 80 labelled samples")
+        r = Rollout(
+            rollout_id="clifailed01",
+            ref=f"digits:{BAD}",
+            model="digits",
+            version=BAD,
+            selector="group=cli",
+            policy=Policy(min_accuracy=0.8),
+            state="rolled_back",
+            stages=(Stage("canary", 0.1, 1, state="failed", gates=(gate,)),),
+            reason="canary: gate accuracy failed",
+        )
+        store.create(r, [])
+        return r.rollout_id
+    finally:
+        store.close()
+        devices.close()
+
+
+def test_cli_plans_lists_shows_and_refuses_bad_flags(home: Path, cli: Cli) -> None:
+    import json
+
+    rid = _cli_fixtures(home)
+    h = ("--home", str(home))
+    bad = cli(*h, "deploy", "digits:2", "--to", "all", "--canary", "150%")
+    assert bad.code == 1 and "--canary '150%': must be from more than 0% to 100%" in bad.err
+    bad = cli(*h, "deploy", "digits:2", "--to", "all", "--waves", "50%,20%,100%")
+    assert bad.code == 1 and "must exceed the one before" in bad.err
+    bad = cli(*h, "deploy", "digits:2", "--to", "all", "--sim", "3")
+    assert bad.code == 1 and "--sim N tries a policy on simulated devices: add --dry-run" in bad.err
+    # a plan from the database: stages, devices, what they run now; nothing is sent
+    before = _generations(home)
+    plan = cli(
+        *(*h, "deploy", "digits:2", "--to", "group=cli", "--canary", "10%"),
+        *("--waves", "50%,100%", "--min-agreement", "0.9", "--dry-run", "--json"),
+    )
+    assert plan.code == 0, plan.err
+    doc = json.loads(plan.out)
+    assert doc["dry_run"] and [s["devices"] for s in doc["stages"]] == [1, 4, 5]
+    assert {d["variant"] for d in doc["devices"]} == {"fp32"}
+    assert {d["previous"]["version"] for d in doc["devices"]} == {1}
+    assert doc["policy"]["min_agreement"] == 0.9
+    assert _generations(home) == before
+    ls = cli(*h, "rollouts", "ls", "--json")
+    assert ls.code == 0, ls.err
+    assert {r["rollout_id"]: r["state"] for r in json.loads(ls.out)}[rid] == "rolled_back"
+    show = cli(*h, "rollouts", "show", rid)
+    assert show.code == 0 and "✗ accuracy 12.0%" in show.out and "rolled_back" in show.out
+    assert cli(*h, "rollouts", "watch", rid).code == 1  # it was rolled back
+    nope = cli(*h, "rollouts", "pause", rid)
+    assert nope.code == 1 and "no coordinator running" in nope.err
+    missing = cli(*h, "rollouts", "show", "nope")
+    assert missing.code == 1 and "rollout 'nope' not found" in missing.err
+
+
+def test_dry_run_on_a_simulated_fleet_reports_stages_and_the_rollback(home: Path, cli: Cli) -> None:
+    import json
+
+    res = cli(
+        *("--home", str(home), "deploy", f"digits:{BAD}", "--to", "all"),
+        *("--canary", "50%", "--waves", "100%", "--bake", "1s", "--min-agreement", "0.9"),
+        *("--min-samples", "10", "--dry-run", "--sim", "4", "--sim-profile", "gpu", "--json"),
+    )
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
+    assert doc["baseline"] == f"digits:{GOOD}"  # the version before the one tried
+    assert doc["outcome"] == "rolled_back" and "agreement" in doc["reason"]
+    canary = doc["stages"][0]
+    assert canary["state"] == "failed" and canary["install_s"] is not None
+    assert doc["rollback_s"] is not None and doc["final_versions"] == {str(GOOD): 4}
