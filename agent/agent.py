@@ -78,6 +78,7 @@ class Agent:
             durable=durable,
             want_interval=want_interval,
             tflite_runtime_legacy=bool(caps.get("tflite_runtime_legacy", False)),
+            threads=settings.inference_threads,
         )
         self.telemetry = Telemetry(
             device_id=self.device_id,

@@ -29,6 +29,12 @@ class AgentSettings(BaseSettings):
         default="127.0.0.1:50051", description="InferenceService address; empty: off"
     )
     telemetry_interval: float = 10.0
+    inference_threads: int = Field(
+        default=0,
+        ge=0,
+        description="threads per loaded model (ONNX Runtime intra-op); 0: the runtime's "
+        "default, one per core. Many agents on one machine (the simulator) want 1.",
+    )
     group: str = ""
     tags: dict[str, str] = Field(default_factory=dict)
 

@@ -103,6 +103,7 @@ class ShadowEvaluator:
         self._window_taken = 0
         self._sides: dict[str, _Side] = {}  # active sha256 -> its side (the active may change)
         self._cand = _Side(candidate)
+        self._turn = 0
         self.samples = 0
         self.agreed = 0
         self.labelled = 0
@@ -170,14 +171,15 @@ class ShadowEvaluator:
             await self.publish_report()
 
     def _evaluate(self, batch: list[Observation]) -> None:
-        for i, obs in enumerate(batch):
+        for obs in batch:
             active = obs.model
             side = self._sides.get(active.ref.sha256)
             if side is None:
                 side = self._sides[active.ref.sha256] = _Side(active)
             # both models timed back to back; the order alternates so neither gets the
             # warm caches every time
-            order = (side, self._cand) if i % 2 == 0 else (self._cand, side)
+            self._turn += 1
+            order = (side, self._cand) if self._turn % 2 else (self._cand, side)
             outputs: dict[int, np.ndarray] = {}
             for s in order:
                 start = time.perf_counter_ns()

@@ -68,8 +68,10 @@ class Updater:
         want_interval: float = 2.0,
         progress_interval: float = 0.5,
         tflite_runtime_legacy: bool = False,
+        threads: int = 0,
     ) -> None:
         self.progress_interval = progress_interval
+        self._threads = threads
         self.device_id = device_id
         self.slots = ModelSlots(state_dir)
         self._downloads_dir = state_dir / "downloads"
@@ -102,7 +104,7 @@ class Updater:
             manifest = self._verify_manifest(SignedManifest.from_bytes(inst.manifest_bytes))
             data = inst.path.read_bytes()
             check_artifact(manifest, data)
-            self.holder.swap(load(manifest, data, providers=self._providers))
+            self.holder.swap(load(manifest, data, providers=self._providers, threads=self._threads))
             self.state = UpdateState.ACTIVE
             logger.info("%s: serving %s from disk", self.device_id, manifest.ref)
         except (FleetError, OSError) as e:
@@ -329,7 +331,9 @@ class Updater:
         try:
             data = await asyncio.to_thread(inst.path.read_bytes)
             check_artifact(manifest, data)
-            return await asyncio.to_thread(load, manifest, data, providers=self._providers)
+            return await asyncio.to_thread(
+                load, manifest, data, providers=self._providers, threads=self._threads
+            )
         except DataLoss as e:
             await self._fail(gen, Reason.ARTIFACT_DIGEST_MISMATCH, str(e))
         except FleetError as e:
@@ -425,7 +429,9 @@ class Updater:
             manifest = self._verify_manifest(SignedManifest.from_bytes(inst.manifest_bytes))
             data = await asyncio.to_thread(inst.path.read_bytes)
             check_artifact(manifest, data)
-            model = await asyncio.to_thread(load, manifest, data, providers=self._providers)
+            model = await asyncio.to_thread(
+                load, manifest, data, providers=self._providers, threads=self._threads
+            )
         except NotFound as e:
             await self._report(gen, UpdateState.FAILED, Reason.NO_LAST_KNOWN_GOOD, str(e))
             return

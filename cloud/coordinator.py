@@ -130,6 +130,8 @@ class Coordinator:
         #: the latest shadow report per device (retained on the broker, so a restarted
         #: coordinator has them again moments after it subscribes)
         self.shadow_reports: dict[str, ShadowReport] = {}
+        #: bytes of signed desired states published so far (coordinator egress besides chunks)
+        self.desired_bytes = 0
         self.flush_interval = flush_interval
         self._inbox: list[DeviceEvent] = []
         self._inbox_ready = asyncio.Event()
@@ -251,13 +253,21 @@ class Coordinator:
 
         return sign
 
-    async def publish_desired(self, signed: Mapping[str, bytes]) -> None:
-        """Every desired state in one burst (retained): a stage's devices ask for chunks
-        within moments of each other and share one broadcast."""
-        for device_id, payload in signed.items():
-            await self.transport.publish(
-                self.topics.desired(device_id), payload, qos=1, retain=True
-            )
+    async def publish_desired(self, signed: Mapping[str, bytes], *, window: int = 256) -> None:
+        """Every desired state in one burst (retained, QoS 1): a stage's devices ask for
+        chunks within moments of each other and share one broadcast. Up to `window`
+        publishes wait for their acknowledgements at once; one at a time, a thousand
+        round trips would take seconds."""
+        gate = asyncio.Semaphore(window)
+
+        async def one(device_id: str, payload: bytes) -> None:
+            async with gate:
+                await self.transport.publish(
+                    self.topics.desired(device_id), payload, qos=1, retain=True, timeout=60
+                )
+            self.desired_bytes += len(payload)
+
+        await asyncio.gather(*(one(d, p) for d, p in signed.items()))
 
     async def deploy(
         self, ref: ModelRef, selector: Selector, *, action: str = "activate"

@@ -372,6 +372,9 @@ class SimulatedFleet:
                 listen="127.0.0.1:0" if (listen_first and i == 0) else "",
                 group=prof.name,
                 tags={"profile": prof.name},
+                # hundreds of agents share this machine's cores: one thread per model
+                # (ONNX Runtime's default pool per session, spinning, would swamp them)
+                inference_threads=1,
             )
             self._devices[dev_id] = SimulatedDevice(
                 settings, prof, want_interval=want_interval, data_dir=data_dirs.get(dev_id)
@@ -438,6 +441,14 @@ class SimulatedFleet:
     def active_variants(self) -> Counter[str]:
         """How many devices serve each variant (devices serving nothing are not counted)."""
         return Counter(v for d in self.devices if (v := d.active_variant) is not None)
+
+    def active_versions(self) -> Counter[str]:
+        """How many devices serve each model version ("model:version"); none: not counted."""
+        return Counter(
+            f"{a.ref.model}:{a.ref.version}"
+            for d in self.devices
+            if (a := d.agent.holder.active) is not None
+        )
 
     def online(self) -> int:
         """Devices whose transport is connected now."""

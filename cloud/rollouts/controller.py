@@ -173,6 +173,8 @@ class RolloutController:
                     await self.tick()
             except FleetError as e:
                 logger.warning("rollout controller: %s", e)
+            except Exception:  # a bug must not stop every rollout: log it, try again
+                logger.exception("rollout controller step failed; retrying")
             await self._sleep()
 
     async def _sleep(self) -> None:
@@ -231,6 +233,7 @@ class RolloutController:
         rollout, devices = build_rollout(plan, selector, policy, now=self.clock(), dry_run=dry_run)
         if dry_run:
             return rollout, devices
+        await self._check_free([d.device_id for d in devices])
         await self.coord.prepare([v for _d, v in plan.targets])
         rollout = await asyncio.to_thread(self.store.create, rollout, devices)
         logger.info(
@@ -243,6 +246,21 @@ class RolloutController:
         )
         self._poke.set()
         return rollout, devices
+
+    async def _check_free(self, device_ids: Sequence[str]) -> None:
+        """Conflict when an unfinished rollout already has one of these devices."""
+        wanted = set(device_ids)
+        for other in await asyncio.to_thread(self.store.find, active_only=True):
+            busy = [
+                d.device_id
+                for d in await asyncio.to_thread(self.store.devices, other.rollout_id)
+                if d.device_id in wanted
+            ]
+            if busy:
+                raise Conflict(
+                    f"device {busy[0]!r} ({len(busy)} in all) is in rollout {other.rollout_id} "
+                    f"({other.ref}, {other.state}): wait for it, or abort or roll it back first"
+                )
 
     async def control(self, rollout_id: str, action: str) -> Rollout:
         if action not in ACTIONS:
@@ -478,6 +496,10 @@ class RolloutController:
                 seen = dev.last_seen.timestamp() if dev.last_seen else 0.0
                 if seen and abs(seen - d.last_seen) > 1.0:
                     new["last_seen"] = seen
+                if d.previous is None and (prev := _previous(dev)) and prev["sha256"] != d.sha256:
+                    # planned before its report of what it serves arrived: learn it now,
+                    # so a rollback can take it back there
+                    new["previous"] = prev
                 rep = dev.reported
                 if d.action == action and int(rep.get("generation", 0)) >= d.generation > 0:
                     state = str(rep.get("state", ""))

@@ -134,7 +134,7 @@ def _device(r: RolloutDeviceRow) -> RolloutDevice:
 
 
 #: fields of a rollout device that `update_devices` may change
-DEVICE_FIELDS = ("phase", "state", "reason", "detail", "last_seen", "shadow")
+DEVICE_FIELDS = ("phase", "state", "reason", "detail", "last_seen", "shadow", "previous")
 
 
 class RolloutStore:

@@ -37,7 +37,7 @@ from cloud.registry import ModelRef
 from cloud.rollouts import Policy, Rollout, RolloutStore
 from cloud.rollouts.controller import RolloutController
 from cloud.signing import load_private_key
-from protos.errors import NotFound
+from protos.errors import Conflict, NotFound
 from protos.topics import Topics
 from simulator.fleet import SimulatedFleet
 from simulator.traffic import Traffic
@@ -207,6 +207,8 @@ def test_good_model_goes_through_canary_and_every_wave(
         async with harness(home, broker, tmp_path, digits, name="good", n=10) as h:
             r = await h.rollout(GOOD, policy)
             assert [s.devices for s in r.stages] == [1, 4, 5]
+            with pytest.raises(Conflict, match=f"is in rollout {r.rollout_id} "):
+                await h.rollout(GOOD, policy)  # the same devices are busy
             r = await h.wait_state(r.rollout_id, {"done", "rolled_back", "paused"})
             assert r.state == "done", r.reason
             assert [s.state for s in r.stages] == ["done"] * 3
