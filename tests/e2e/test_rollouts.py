@@ -413,6 +413,13 @@ def test_coordinator_killed_mid_rollout_resumes_where_it_was(
             before = await asyncio.to_thread(store.get, rid)
             assert (before.state, before.stage, before.current.state) == ("canary", 0, "baking")
             (await asyncio.to_thread(start)).close()
+            # by hand through the restarted coordinator (ControlRollout)
+            paused = await asyncio.to_thread(fleet_cli, "rollouts", "pause", rid)
+            assert paused.code == 0 and f"rollout {rid}: paused" in paused.err, paused.err
+            again = await asyncio.to_thread(fleet_cli, "rollouts", "pause", rid)
+            assert again.code == 1 and "cannot go to paused" in again.err
+            resumed = await asyncio.to_thread(fleet_cli, "rollouts", "resume", rid)
+            assert resumed.code == 0 and f"rollout {rid}: canary" in resumed.err, resumed.err
             # followed live through the restarted coordinator (WatchRollout), to its outcome
             watched = await asyncio.to_thread(fleet_cli, "rollouts", "watch", rid)
             assert watched.code == 0, watched.err
@@ -534,3 +541,29 @@ def test_dry_run_on_a_simulated_fleet_reports_stages_and_the_rollback(home: Path
     canary = doc["stages"][0]
     assert canary["state"] == "failed" and canary["install_s"] is not None
     assert doc["rollback_s"] is not None and doc["final_versions"] == {str(GOOD): 4}
+
+
+def test_abort_ends_the_shadows_and_changes_nothing_else(
+    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    policy = Policy(canary=0.5, waves=(1.0,), bake_s=60.0, min_agreement=0.5)
+
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, digits, name="abort", n=4) as h:
+            r = await h.rollout(GOOD, policy)
+            async with asyncio.timeout(60):
+                while r.current.state != "baking":
+                    await asyncio.sleep(0.05)
+                    r = await asyncio.to_thread(h.store.get, r.rollout_id)
+            shadowing = [d for d in h.fleet if d.agent.updater.shadow is not None]
+            assert len(shadowing) == 2  # the canary evaluates the candidate
+            r = await h.controller.control(r.rollout_id, "abort")
+            assert r.state == "aborted" and r.final
+            async with asyncio.timeout(30):
+                while any(d.agent.updater.shadow is not None for d in h.fleet):
+                    await asyncio.sleep(0.05)
+            assert set(h.versions().values()) == {1}
+            with pytest.raises(Conflict, match="rollout .* is aborted: cannot go to paused"):
+                await h.controller.control(r.rollout_id, "pause")
+
+    run(main())
