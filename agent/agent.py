@@ -57,6 +57,7 @@ class Agent:
                 username=settings.username,
                 password=settings.password,
                 ca_file=settings.ca_file,
+                flow_control=True,
             ),
             will=Will(
                 self.topics.status(self.device_id), self._status(online=False), qos=1, retain=True
@@ -171,7 +172,8 @@ class Agent:
         while not self._stopping:
             await asyncio.sleep(0.5)
             try:
-                await self.updater.tick()
+                if not self.transport.backlog:  # behind on what arrived: not stalled
+                    await self.updater.tick()
                 if self.updater.shadow is not None:
                     await self.updater.shadow.step()
                 if self._flush_needed and self.transport.connected:

@@ -32,8 +32,7 @@ class AgentSettings(BaseSettings):
     inference_threads: int = Field(
         default=0,
         ge=0,
-        description="threads per loaded model (ONNX Runtime intra-op); 0: the runtime's "
-        "default, one per core. Many agents on one machine (the simulator) want 1.",
+        description="ONNX Runtime intra-op threads per model; 0: one per core",
     )
     group: str = ""
     tags: dict[str, str] = Field(default_factory=dict)

@@ -71,7 +71,6 @@ class Updater:
         threads: int = 0,
     ) -> None:
         self.progress_interval = progress_interval
-        self._threads = threads
         self.device_id = device_id
         self.slots = ModelSlots(state_dir)
         self._downloads_dir = state_dir / "downloads"
@@ -81,6 +80,7 @@ class Updater:
         self._runtimes = tuple(runtimes)
         self._providers = tuple(providers)
         self._legacy = tflite_runtime_legacy
+        self._threads = threads
         self._topics = topics
         self._publish = publish
         self._subscribe = subscribe

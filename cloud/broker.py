@@ -53,7 +53,8 @@ class ManagedBroker:
         host: str = "127.0.0.1",
         port: int = 0,
         persistence: bool = True,
-        max_inflight: int = 1000,
+        max_inflight: int = 100,
+        max_inflight_bytes: int = 512 * 1024,
         max_queued: int = 100_000,
     ) -> None:
         self.state_dir = state_dir
@@ -61,6 +62,7 @@ class ManagedBroker:
         self.port = port or free_port(host)
         self.persistence = persistence
         self.max_inflight = max_inflight
+        self.max_inflight_bytes = max_inflight_bytes
         self.max_queued = max_queued
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -95,7 +97,10 @@ class ManagedBroker:
             "log_type error",
             "log_type warning",
             "log_type notice",
+            # bounds what the broker copies out per client: a slow device holds up
+            # its own queue (shared references), not gigabytes of packet copies
             f"max_inflight_messages {self.max_inflight}",
+            f"max_inflight_bytes {self.max_inflight_bytes}",
             f"max_queued_messages {self.max_queued}",
             "max_packet_size 16777216",
             "set_tcp_nodelay true",

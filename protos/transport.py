@@ -104,6 +104,8 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
+    # with `MqttSettings.flow_control`: sends the PUBACK once the message is handled
+    ack: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,10 @@ class MqttSettings:
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     connect_timeout: float = 10.0
+    #: Acknowledge a QoS 1 message only once `on_message` has handled it, so the
+    #: broker holds back what this client has not processed yet (at most its
+    #: in-flight window is buffered here) instead of it piling up in memory.
+    flow_control: bool = False
 
     def __post_init__(self) -> None:
         endpoint = _parse_url(self.url)
@@ -287,6 +293,9 @@ class _Link:
         c.on_subscribe = self._acked_list
         c.on_unsubscribe = self._acked_list
         c.on_message = self._message
+        self._flow_control = settings.flow_control
+        if settings.flow_control:
+            c.manual_ack_set(True)
         self.client = c
         self._keepalive = settings.keepalive
         self._endpoint = settings.endpoint
@@ -402,7 +411,15 @@ class _Link:
         except UnicodeDecodeError:
             logger.warning("%s: dropped a message whose topic is not UTF-8", self._label)
             return
-        self._deliver(Message(topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+        ack = None
+        if self._flow_control and msg.qos > 0:
+            mid, qos = msg.mid, msg.qos
+
+            def ack() -> None:
+                if self.up:  # on a dropped link the broker redelivers anyway
+                    self.client.ack(mid, qos)
+
+        self._deliver(Message(topic, bytes(msg.payload), msg.qos, bool(msg.retain), ack))
 
     def _refusal(self, what: str, rc: ReasonCode) -> FleetError:
         text = f"{self._label}: broker {self._url} refused {what}: {_describe(rc)}"
@@ -775,6 +792,11 @@ class MqttTransport:
             )
             link.abort("dropped on purpose")
 
+    @property
+    def backlog(self) -> int:
+        """Messages received but not handed to `on_message` / `messages()` yet."""
+        return self._queue.qsize()
+
     # internals
     def _live_link(self) -> _Link | None:
         link = self._link
@@ -795,6 +817,8 @@ class MqttTransport:
                 queue.put_nowait(None)  # let any other iterator end too
                 return
             yield msg
+            if msg.ack is not None:
+                msg.ack()
 
     async def _dispatch(self, queue: asyncio.Queue[Message | None]) -> None:
         handler = self._on_message
@@ -808,6 +832,9 @@ class MqttTransport:
             except Exception:
                 # a handler bug must not stop delivery of the next messages
                 logger.exception("%s: on_message failed for %s", self.label, msg.topic)
+            finally:
+                if msg.ack is not None:
+                    msg.ack()
 
     def _tls_context(self) -> ssl.SSLContext:
         try:

@@ -372,8 +372,8 @@ class SimulatedFleet:
                 listen="127.0.0.1:0" if (listen_first and i == 0) else "",
                 group=prof.name,
                 tags={"profile": prof.name},
-                # hundreds of agents share this machine's cores: one thread per model
-                # (ONNX Runtime's default pool per session, spinning, would swamp them)
+                # hundreds of sessions share this machine's cores: one thread each, or
+                # their idle intra-op pools spin against each other
                 inference_threads=1,
             )
             self._devices[dev_id] = SimulatedDevice(

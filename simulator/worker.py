@@ -33,8 +33,11 @@ logger = logging.getLogger(__name__)
 
 
 def _emit(event: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the parent is gone; EOF on stdin stops the fleet
+        pass
 
 
 def _snapshot(fleet: Any) -> dict[str, Any]:
