@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cloud.config import CloudSettings
 from cloud.devices import Selector
 from cloud.registry import ModelRef, ModelVersion, RegistryStore
@@ -51,7 +53,6 @@ class SimResult:
     egress_bytes: int = 0
     artifact_bytes: int = 0
     final_versions: dict[str, int] = field(default_factory=dict)
-    predictions: int = 0
 
     def stages(self) -> list[dict[str, Any]]:
         r = self.rollout
@@ -92,7 +93,6 @@ class SimResult:
             "egress_bytes": self.egress_bytes,
             "artifact_bytes": self.artifact_bytes,
             "final_versions": self.final_versions,
-            "predictions": self.predictions,
         }
 
 
@@ -122,7 +122,6 @@ def simulate(
     devices: int,
     profile: str = "mixed",
     rate: float = 10.0,
-    rollback_after_done: bool = False,
     progress: Progress = lambda _line: None,
     work_dir: Path | None = None,
 ) -> SimResult:
@@ -140,7 +139,6 @@ def simulate(
                 devices=devices,
                 profile=profile,
                 rate=rate,
-                rollback_after_done=rollback_after_done,
                 progress=progress,
             )
         )
@@ -157,7 +155,6 @@ async def _simulate(
     devices: int,
     profile: str,
     rate: float,
-    rollback_after_done: bool,
     progress: Progress,
 ) -> SimResult:
     from cloud.broker import ManagedBroker
@@ -168,8 +165,7 @@ async def _simulate(
     from cloud.rollouts import RolloutStore
     from cloud.rollouts.controller import RolloutController
     from cloud.signing import load_private_key
-    from simulator.fleet import SimulatedFleet
-    from simulator.traffic import Traffic
+    from simulator.cluster import SimCluster
 
     client = LocalClient(settings)
     registry, store = client.registry, client.pipeline.store
@@ -185,7 +181,8 @@ async def _simulate(
     await asyncio.to_thread(broker.start)
     t0 = time.monotonic()
     try:
-        fleet = SimulatedFleet(
+        # real agents in worker processes (one per ~250 devices, at most one per core)
+        fleet = SimCluster(
             devices,
             broker_url=broker.url,
             public_key_pem=settings.public_key_path.read_text(),
@@ -217,29 +214,24 @@ async def _simulate(
             result.baseline_s = time.monotonic() - t1
             controller = RolloutController(coord, rollouts)
             task = asyncio.create_task(controller.run())
-            traffic = Traffic(fleet.devices, ev.x, ev.y, rate=rate)
+            data = tmp / "traffic.npz"
+            arrays: dict[str, Any] = {"X": ev.x} if ev.y is None else {"X": ev.x, "y": ev.y}
+            np.savez(data, **arrays)
+            await fleet.traffic(data, rate=rate)
             try:
-                async with traffic:
-                    t2 = time.monotonic()
-                    r, _devs = await controller.create(ref, everyone, policy)
-                    progress(f"rollout {r.rollout_id}: {policy.describe()}")
+                t2 = time.monotonic()
+                r, _devs = await controller.create(ref, everyone, policy)
+                progress(f"rollout {r.rollout_id}: {policy.describe()}")
+                r = await _follow(rollouts, r.rollout_id, progress)
+                if r.state in ("rolling_back", "rolled_back"):
+                    failed = [s for s in r.stages if s.state == "failed"]
+                    failed_at = failed[-1].finished_at if failed else r.updated_at
+                    await _until_all_on(fleet, base.ref, devices, timeout=300)
+                    result.rollback_s = time.time() - failed_at
                     r = await _follow(rollouts, r.rollout_id, progress)
-                    if r.state == "done" and rollback_after_done:
-                        progress("rolling back by hand to time it")
-                        r = await controller.control(r.rollout_id, "rollback")
-                        failed_at = time.time()
-                    elif r.state in ("rolling_back", "rolled_back"):
-                        failed = [s for s in r.stages if s.state == "failed"]
-                        failed_at = failed[-1].finished_at if failed else r.updated_at
-                    else:
-                        failed_at = 0.0
-                    if failed_at:
-                        await _until_all_on(fleet, base.version, timeout=300)
-                        result.rollback_s = time.time() - failed_at
-                        r = await _follow(rollouts, r.rollout_id, progress)
-                    result.elapsed_s = time.monotonic() - t2
-                    result.predictions = traffic.predictions
+                result.elapsed_s = time.monotonic() - t2
             finally:
+                await fleet.traffic(data, rate=0)
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             result.rollout = r
@@ -250,10 +242,9 @@ async def _simulate(
                     result.egress_bytes += st.bytes_sent
                     if st.bytes_sent:
                         result.artifact_bytes += st.size
-            for d in fleet:
-                a = d.agent.holder.active
-                v = a.ref.version if a else 0
-                result.final_versions[str(v)] = result.final_versions.get(str(v), 0) + 1
+            for ref_, count in fleet.active_versions().items():
+                v = ref_.rpartition(":")[2]
+                result.final_versions[v] = result.final_versions.get(v, 0) + count
     finally:
         await asyncio.to_thread(broker.stop)
         rollouts.close()
@@ -276,16 +267,13 @@ async def _follow(store: Any, rollout_id: str, progress: Progress) -> Rollout:
         await asyncio.sleep(0.2)
 
 
-async def _until_all_on(fleet: Any, version: int, *, timeout: float) -> None:
+async def _until_all_on(fleet: Any, ref: str, n: int, *, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(
-            d.agent.holder.active is not None and d.agent.holder.active.ref.version == version
-            for d in fleet
-        ):
+        if fleet.active_versions().get(ref, 0) >= n:
             return
         await asyncio.sleep(0.05)
-    raise TimeoutError(f"not every simulated device back on version {version} in {timeout:.0f}s")
+    raise TimeoutError(f"not every simulated device back on {ref} in {timeout:.0f}s")
 
 
 def print_simulation(console: Any, res: SimResult) -> None:

@@ -545,7 +545,10 @@ class RolloutController:
         return out
 
     async def _save(self, r: Rollout) -> Rollout:
-        return await asyncio.to_thread(self.store.save, r)
+        """Store the rollout, with every stage's estimated finish as of now."""
+        etas = r.etas(self.clock())
+        stages = tuple(st.with_changes(eta=e) for st, e in zip(r.stages, etas, strict=True))
+        return await asyncio.to_thread(self.store.save, r.with_changes(stages=stages))
 
 
 def _phase_for(action: str) -> str:

@@ -108,6 +108,7 @@ class Stage:
     gates: tuple[GateResult, ...] = ()
     samples: int = 0
     by_state: Mapping[str, int] = field(default_factory=dict)
+    eta: float = 0.0  # estimated finish (epoch seconds) when last saved
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +123,7 @@ class Stage:
             "gates": [g.to_dict() for g in self.gates],
             "samples": self.samples,
             "by_state": dict(self.by_state),
+            "eta": self.eta,
         }
 
     @classmethod
@@ -138,6 +140,7 @@ class Stage:
             gates=tuple(GateResult.from_dict(g) for g in d.get("gates", ())),
             samples=int(d.get("samples", 0)),
             by_state={str(k): int(v) for k, v in dict(d.get("by_state", {})).items()},
+            eta=float(d.get("eta", 0.0)),
         )
 
     def with_changes(self, **changes: Any) -> Stage:
