@@ -8,7 +8,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from rich.console import Group, RenderableType
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -127,7 +126,7 @@ def _gates(s: Stage) -> Text:
 def stages_table(r: Rollout, now: float) -> Table:
     etas = r.etas(now)
     t = Table(box=None, pad_edge=False)
-    for col in ("STAGE", "DEVICES", "STATE", "PROGRESS", "GATES", "ETA"):
+    for col in ("STAGE", "DEVICES", "STATE", "PROGRESS", "BY STATE", "GATES", "ETA"):
         t.add_column(col)
     for i, (s, eta) in enumerate(zip(r.stages, etas, strict=True)):
         settled = sum(
@@ -136,7 +135,7 @@ def stages_table(r: Rollout, now: float) -> Table:
             if k in ("shadowing", "active", "failed", "rolled_back")
         )
         done = s.devices if s.state == "done" else settled
-        bar = ProgressBar(total=max(1, s.devices), completed=done, width=20)
+        bar = _bar(done, s.devices, style=_STATE_STYLE.get(s.state, "cyan"))
         mark = "▶ " if i == r.stage and not r.final else "  "
         counts = " ".join(f"{k} {v}" for k, v in sorted(s.by_state.items()))
         extra = ""
@@ -147,13 +146,21 @@ def stages_table(r: Rollout, now: float) -> Table:
             f"{mark}{s.name} ({s.fraction:.0%})",
             str(s.devices),
             Text(s.state + extra, style=_STATE_STYLE.get(s.state, "")),
-            Group(bar, Text(counts, style="dim")) if counts else bar,
+            bar,
+            Text(counts, style="dim"),
             _gates(s),
             _clock(eta)
             if eta and not s.finished_at
             else (_clock(s.finished_at) if s.finished_at else "-"),
         )
     return t
+
+
+def _bar(done: int, total: int, *, style: str, width: int = 16) -> Text:
+    filled = round(width * done / total) if total else 0
+    return Text.assemble(
+        ("█" * filled, style or "cyan"), ("░" * (width - filled), "dim"), f" {done}/{total}"
+    )
 
 
 def watch_view(r: Rollout) -> RenderableType:
