@@ -174,6 +174,8 @@ class Agent:
             try:
                 if not self.transport.backlog:  # behind on what arrived: not stalled
                     await self.updater.tick()
+                if self.updater.shadow is not None:
+                    await self.updater.shadow.step()
                 if self._flush_needed and self.transport.connected:
                     self._flush_needed = False
                     await self.telemetry.flush()

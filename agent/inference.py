@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agent.capabilities import PROVIDER_CLASS
+from agent.resources import rss_bytes
 from agent.selftest import self_test
 from agent.serde import ModelRef
 from models.runtime import ModelSession, OnnxSession, open_session
@@ -79,6 +80,7 @@ class ActiveModel:
     session: ModelSession
     provider: str
     self_test_diff: float = 0.0
+    memory_bytes: int = 0  # resident memory the process grew by while loading it
     ref: ModelRef = field(init=False)
     _guard: AbstractContextManager[object] = field(init=False, repr=False)
 
@@ -117,6 +119,7 @@ def load(
     runtime cannot load the bytes or the golden sample does not match,
     `Unavailable` when the manifest's runtime is not installed.
     """
+    rss_before = rss_bytes()
     session = open_session(model, manifest.runtime, providers=providers, threads=threads)
     try:
         diff = self_test(manifest, model, session)
@@ -131,7 +134,26 @@ def load(
         session.provider,
         diff,
     )
-    return ActiveModel(manifest, session, session.provider, diff)
+    memory = max(0, rss_bytes() - rss_before)
+    return ActiveModel(manifest, session, session.provider, diff, memory)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One successful prediction, as observers see it.
+
+    `inputs` and `outputs` are the request's arrays (do not modify them); `labels`
+    is the ground truth the caller sent with the request, one class index per row,
+    or empty.
+    """
+
+    inputs: np.ndarray
+    outputs: np.ndarray
+    model: ActiveModel
+    labels: tuple[int, ...] = ()
+
+
+Observer = Callable[[Observation], None]
 
 
 @dataclass(frozen=True)
@@ -169,6 +191,7 @@ class ModelHolder:
         self._bounds = tuple(float(b) for b in bounds_us)
         self._clock_ns = clock_ns
         self._active: ActiveModel | None = None
+        self._observers: tuple[Observer, ...] = ()
         self._swap_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._reset()
@@ -177,9 +200,28 @@ class ModelHolder:
     def active(self) -> ActiveModel | None:
         return self._active
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, ActiveModel]:
+    def add_observer(self, fn: Observer) -> Callable[[], None]:
+        """Call `fn(Observation)` after every successful prediction; returns its remover.
+
+        Observers run in the predicting thread, after the latency was recorded, so
+        they must be quick (hand work to a queue) and must not raise: an exception
+        is logged and the request still succeeds.
+        """
+        with self._swap_lock:
+            self._observers = (*self._observers, fn)
+
+        def remove() -> None:
+            with self._swap_lock:
+                self._observers = tuple(o for o in self._observers if o is not fn)
+
+        return remove
+
+    def predict(
+        self, x: np.ndarray, *, labels: Sequence[int] = ()
+    ) -> tuple[np.ndarray, ActiveModel]:
         """Run `x` on the current model; return the output and the model that computed it.
 
+        `labels` (optional ground truth, one class per row) only reaches observers.
         Raises `Unavailable` before the first deployment, `InvalidArgument` when `x`
         does not fit the model's input spec, `FleetError` when the runtime fails.
         """
@@ -194,7 +236,26 @@ class ModelHolder:
             self._count(error=True)
             raise
         self._count(latency_us=(self._clock_ns() - start) / 1000)
+        observers = self._observers  # one read; empty in the common case
+        if observers:
+            self._notify(observers, Observation(x, y, active, tuple(labels)))
         return y, active
+
+    @staticmethod
+    def _notify(observers: tuple[Observer, ...], obs: Observation) -> None:
+        for fn in observers:
+            try:
+                fn(obs)
+            except Exception:  # an observer's bug must not fail the request
+                logger.exception("prediction observer %r failed", fn)
+
+    def prepare(self, model: ActiveModel) -> ActiveModel:
+        """How this holder runs `model` (identity here; the simulator slows it down).
+
+        Whatever runs beside the served model (a shadowed candidate) goes through
+        this too, so both run under the same conditions.
+        """
+        return model
 
     def swap(self, new: ActiveModel) -> ActiveModel | None:
         """Serve `new` from now on; return the model it replaced.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
@@ -72,6 +72,7 @@ class UpdateState(enum.IntEnum):
     ACTIVE = device_pb2.UPDATE_STATE_ACTIVE
     FAILED = device_pb2.UPDATE_STATE_FAILED
     ROLLED_BACK = device_pb2.UPDATE_STATE_ROLLED_BACK
+    SHADOWING = device_pb2.UPDATE_STATE_SHADOWING
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,14 @@ def spec_from_proto(msg: model_pb2.TensorSpec) -> TensorSpec:
 def decode_predict_request(req: inference_pb2.PredictRequest) -> PredictCall:
     if not req.HasField("input"):
         raise InvalidArgument(f"request {req.request_id!r} carries no input tensor")
-    return PredictCall(
-        x=tensor_to_array(req.input), request_id=req.request_id, labels=tuple(req.labels)
-    )
+    x = tensor_to_array(req.input)
+    rows = int(x.shape[0]) if x.ndim else 1
+    if req.labels and len(req.labels) != rows:
+        raise InvalidArgument(
+            f"request {req.request_id!r} carries {len(req.labels)} labels for {rows} input rows; "
+            "send one class index per row, or none"
+        )
+    return PredictCall(x=x, request_id=req.request_id, labels=tuple(req.labels))
 
 
 def encode_predict_response(
@@ -298,7 +304,29 @@ class Desired:
     manifest_key_id: str
     chunk_size: int
     chunk_digests: tuple[bytes, ...]
-    action: str  # activate | rollback
+    action: str  # activate | rollback | shadow
+    shadow: ShadowSettings = field(default_factory=lambda: ShadowSettings())
+
+
+@dataclass(frozen=True)
+class ShadowSettings:
+    """`fleet.v1.ShadowPolicy`: how a device samples live inputs for a shadowed candidate."""
+
+    sample_rate: float = 1.0
+    max_per_second: int = 0
+    report_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class ShadowStats:
+    """`fleet.v1.ShadowModelStats`: one model's side of a shadow evaluation."""
+
+    model: ModelRef
+    latency_p50_us: float
+    latency_p95_us: float
+    latency_mean_us: float
+    memory_bytes: int
+    correct: int
 
 
 def decode_signed_desired(data: bytes) -> tuple[bytes, bytes, str]:
@@ -324,10 +352,21 @@ def decode_desired(body: bytes) -> Desired:
     actions = {
         device_pb2.DesiredState.ACTION_ACTIVATE: "activate",
         device_pb2.DesiredState.ACTION_ROLLBACK: "rollback",
+        device_pb2.DesiredState.ACTION_SHADOW: "shadow",
     }
     if msg.action not in actions:
         raise InvalidArgument(
-            f"desired state action {msg.action} unknown; accepted: activate, rollback"
+            f"desired state action {msg.action} unknown; accepted: activate, rollback, shadow"
+        )
+    shadow = ShadowSettings()
+    if msg.HasField("shadow"):
+        rate = msg.shadow.sample_rate
+        if not 0.0 < rate <= 1.0:
+            raise InvalidArgument(f"shadow sample_rate {rate} must be in (0, 1]")
+        shadow = ShadowSettings(
+            sample_rate=rate,
+            max_per_second=int(msg.shadow.max_per_second),
+            report_interval=max(0.1, msg.shadow.report_interval_ms / 1000 or 1.0),
         )
     sm = msg.manifest
     return Desired(
@@ -341,6 +380,7 @@ def decode_desired(body: bytes) -> Desired:
         chunk_size=int(msg.chunk_size),
         chunk_digests=tuple(msg.chunk_sha256),
         action=actions[msg.action],
+        shadow=shadow,
     )
 
 
@@ -462,6 +502,52 @@ def encode_telemetry(
     msg.latency.CopyFrom(histogram_to_proto(latency))
     if active is not None:
         msg.active.CopyFrom(_ref(active))
+    return bytes(msg.SerializeToString())
+
+
+def _shadow_stats(st: ShadowStats) -> device_pb2.ShadowModelStats:
+    return device_pb2.ShadowModelStats(
+        model=_ref(st.model),
+        latency_p50_us=st.latency_p50_us,
+        latency_p95_us=st.latency_p95_us,
+        latency_mean_us=st.latency_mean_us,
+        memory_bytes=st.memory_bytes,
+        correct=st.correct,
+    )
+
+
+def encode_shadow_report(
+    *,
+    device_id: str,
+    generation: int,
+    rollout_id: str,
+    active: ShadowStats | None,
+    candidate: ShadowStats,
+    samples: int,
+    agreed: int,
+    labelled: int,
+    errors: int,
+    dropped: int,
+    rss_bytes: int,
+    started_ms: int,
+    timestamp_ms: int,
+) -> bytes:
+    msg = device_pb2.ShadowReport(
+        device_id=device_id,
+        generation=generation,
+        rollout_id=rollout_id,
+        candidate=_shadow_stats(candidate),
+        samples=samples,
+        agreed=agreed,
+        labelled=labelled,
+        errors=errors,
+        dropped=dropped,
+        rss_bytes=rss_bytes,
+        started_ms=started_ms,
+        timestamp_ms=timestamp_ms,
+    )
+    if active is not None:
+        msg.active.CopyFrom(_shadow_stats(active))
     return bytes(msg.SerializeToString())
 
 

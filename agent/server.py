@@ -103,16 +103,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         call = serde.decode_predict_request(request)
         if 0 < self._holder.recent_latency_us < INLINE_BELOW_US:
             # a thread hop costs 50-200 µs: models this fast run on the loop itself
-            y, model, latency_us = self._run(call.x)
+            y, model, latency_us = self._run(call.x, call.labels)
         else:
-            y, model, latency_us = await asyncio.to_thread(self._run, call.x)
+            y, model, latency_us = await asyncio.to_thread(self._run, call.x, call.labels)
         return serde.encode_predict_response(
             y, model.ref, latency_us=latency_us, request_id=call.request_id
         )
 
-    def _run(self, x: np.ndarray) -> tuple[np.ndarray, ActiveModel, int]:
+    def _run(self, x: np.ndarray, labels: tuple[int, ...]) -> tuple[np.ndarray, ActiveModel, int]:
         start = time.perf_counter_ns()
-        y, model = self._holder.predict(x)
+        y, model = self._holder.predict(x, labels=labels)
         return y, model, (time.perf_counter_ns() - start) // 1000
 
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agent.inference import ModelHolder
+from agent.resources import rss_bytes
 from agent.serde import encode_telemetry, mark_spooled
 from protos.errors import FleetError
 
@@ -23,17 +24,6 @@ logger = logging.getLogger(__name__)
 
 Publish = Callable[[bytes], Awaitable[None]]
 _LEN = struct.Struct("<I")
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class Spool:

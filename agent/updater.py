@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.download import PartialDownload
-from agent.inference import ModelHolder, load
+from agent.inference import ActiveModel, ModelHolder, load
 from agent.serde import (
     Desired,
     ModelRef,
@@ -28,6 +28,7 @@ from agent.serde import (
     encode_reported,
     encode_want,
 )
+from agent.shadow import ShadowEvaluator
 from agent.slots import EXTENSIONS, InstalledModel, ModelSlots
 from protos.errors import DataLoss, FleetError, InvalidArgument, NotFound, Unauthenticated
 from protos.manifest import Manifest, SignedManifest, check_artifact, key_id, verify_manifest
@@ -87,6 +88,7 @@ class Updater:
         self._durable = durable
         self._want_interval = want_interval
         self._download: _Download | None = None
+        self.shadow: ShadowEvaluator | None = None
         self._lock = asyncio.Lock()
         self.state = UpdateState.IDLE
         self.accepted_generation = self.slots.generation
@@ -215,8 +217,11 @@ class Updater:
             await self._report(gen, UpdateState.FAILED, Reason.MALFORMED_MESSAGE, str(e))
             return
         self.accepted_generation = gen
+        # a new desired state ends any shadow evaluation; an activation of the same
+        # candidate reuses its loaded, self-tested model
+        shadowed = self._stop_shadow()
         if desired.action == "rollback":
-            await self._rollback(desired)
+            await self._rollback(desired, manifest)
             return
         if manifest.variant not in KNOWN_VARIANTS:
             await self._report(
@@ -242,7 +247,13 @@ class Updater:
         if self.slots.has(manifest.sha256):
             inst = self.slots.installed(manifest.sha256)
             if inst is not None:
-                await self._activate(desired, manifest, inst)
+                if desired.action == "shadow":
+                    await self._shadow(desired, manifest, inst)
+                else:
+                    reuse = (
+                        shadowed if shadowed and shadowed.ref.sha256 == manifest.sha256 else None
+                    )
+                    await self._activate(desired, manifest, inst, preloaded=reuse)
                 return
         try:
             partial = await asyncio.to_thread(
@@ -307,24 +318,76 @@ class Updater:
         except OSError as e:
             await self._report(gen, UpdateState.FAILED, Reason.DISK_FULL, str(e))
             return
-        await self._activate(dl.desired, dl.manifest, inst)
+        if dl.desired.action == "shadow":
+            await self._shadow(dl.desired, dl.manifest, inst)
+        else:
+            await self._activate(dl.desired, dl.manifest, inst)
 
-    async def _activate(self, desired: Desired, manifest: Manifest, inst: InstalledModel) -> None:
-        gen = desired.generation
+    async def _load(self, gen: int, manifest: Manifest, inst: InstalledModel) -> ActiveModel | None:
+        """Read, check and load (self-test included) an installed model; None after a failure
+        report."""
         self.state = UpdateState.LOADING
         await self._report(gen, UpdateState.LOADING, Reason.OK, "")
         try:
             data = await asyncio.to_thread(inst.path.read_bytes)
             check_artifact(manifest, data)
-            model = await asyncio.to_thread(
+            return await asyncio.to_thread(
                 load, manifest, data, providers=self._providers, threads=self._threads
             )
         except DataLoss as e:
             await self._fail(gen, Reason.ARTIFACT_DIGEST_MISMATCH, str(e))
-            return
         except FleetError as e:
             reason = Reason.SELF_TEST_FAILED if "self-test" in str(e) else Reason.LOAD_FAILED
             await self._fail(gen, reason, str(e))
+        return None
+
+    async def _shadow(self, desired: Desired, manifest: Manifest, inst: InstalledModel) -> None:
+        gen = desired.generation
+        model = await self._load(gen, manifest, inst)
+        if model is None:
+            return
+        device = self.device_id
+        shadow = ShadowEvaluator(
+            device_id=device,
+            holder=self.holder,
+            candidate=self.holder.prepare(model),
+            generation=gen,
+            rollout_id=desired.rollout_id,
+            settings=desired.shadow,
+            publish=lambda p: self._publish(self._topics.shadow(device), p, True),
+        )
+        shadow.start()
+        self.shadow = shadow
+        self.state = UpdateState.SHADOWING
+        serving = self.holder.active
+        await self._report(
+            gen,
+            UpdateState.SHADOWING,
+            Reason.OK,
+            f"evaluating {manifest.ref} beside {serving.ref if serving else 'nothing'}",
+            provider=model.provider,
+        )
+        await shadow.publish_report()
+
+    def _stop_shadow(self) -> ActiveModel | None:
+        """End the shadow evaluation, if any; return its candidate."""
+        shadow, self.shadow = self.shadow, None
+        if shadow is None:
+            return None
+        shadow.stop()
+        return shadow.candidate
+
+    async def _activate(
+        self,
+        desired: Desired,
+        manifest: Manifest,
+        inst: InstalledModel,
+        *,
+        preloaded: ActiveModel | None = None,
+    ) -> None:
+        gen = desired.generation
+        model = preloaded or await self._load(gen, manifest, inst)
+        if model is None:
             return
         self.holder.swap(model)
         await asyncio.to_thread(self.slots.activate, manifest.sha256, gen)
@@ -333,11 +396,36 @@ class Updater:
         logger.info("%s: %s active on %s", self.device_id, manifest.ref, model.provider)
         await self._report(gen, UpdateState.ACTIVE, Reason.OK, "", provider=model.provider)
 
-    async def _rollback(self, desired: Desired) -> None:
+    async def _rollback(self, desired: Desired, target: Manifest) -> None:
+        """Serve `target` again, without a download: it is the active model (a shadow was
+        dropped, or the activation never happened), the last-known-good one, or still
+        installed. Repeating a rollback changes nothing."""
         gen = desired.generation
         await self._abandon_download()
+        serving = self.holder.active
+        if serving is not None and serving.ref.sha256 == target.sha256:
+            try:
+                await asyncio.to_thread(self.slots.activate, target.sha256, gen)
+            except FleetError as e:
+                logger.warning("%s: rollback generation not recorded: %s", self.device_id, e)
+            self.state = UpdateState.ROLLED_BACK
+            await self._report(
+                gen, UpdateState.ROLLED_BACK, Reason.OK, f"still on {serving.ref}; nothing to undo"
+            )
+            return
+        lkg = self.slots.last_known_good()
         try:
-            inst = await asyncio.to_thread(self.slots.rollback, generation=gen)
+            if lkg is not None and lkg.sha256 == target.sha256:
+                inst = await asyncio.to_thread(self.slots.rollback, generation=gen)
+            elif (inst_or_none := self.slots.installed(target.sha256)) is not None:
+                inst = inst_or_none
+                await asyncio.to_thread(self.slots.activate, target.sha256, gen)
+            else:
+                raise NotFound(
+                    f"cannot roll back to {target.ref}: it is not on this device (serving "
+                    f"{serving.ref if serving else 'nothing'}, last-known-good "
+                    f"{self._ref(lkg) or 'none'})"
+                )
             manifest = self._verify_manifest(SignedManifest.from_bytes(inst.manifest_bytes))
             data = await asyncio.to_thread(inst.path.read_bytes)
             check_artifact(manifest, data)

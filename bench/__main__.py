@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "agent": "bench.agent",
     "fanout": "bench.fanout",
     "telemetry": "bench.telemetry",
+    "rollout": "bench.rollout",
 }
 
 logger = logging.getLogger("bench")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +23,7 @@ from cloud.registry import ModelRef, ModelSummary, ModelVersion, RegistryStore
 
 if TYPE_CHECKING:
     from cloud.devices import Device, DeviceStore, Selector
+    from cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,13 @@ class FleetClient(Protocol):
         on_device: DeviceDone | None,
     ) -> DeployReport: ...
     def status(self) -> FleetStatus: ...
+    def create_rollout(
+        self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool
+    ) -> tuple[Rollout, list[RolloutDevice]]: ...
+    def list_rollouts(self, *, active_only: bool) -> list[Rollout]: ...
+    def get_rollout(self, rollout_id: str) -> tuple[Rollout, list[RolloutDevice]]: ...
+    def watch_rollout(self, rollout_id: str) -> Iterator[Rollout]: ...
+    def control_rollout(self, rollout_id: str, action: str) -> Rollout: ...
     def close(self) -> None: ...
 
 
@@ -180,6 +188,13 @@ class LocalClient:
 
         self._require_init()
         return DeviceStore(self.settings.registry_url)
+
+    @cached_property
+    def rollouts(self) -> RolloutStore:
+        from cloud.rollouts import RolloutStore
+
+        self._require_init()
+        return RolloutStore(self.settings.registry_url)
 
     @cached_property
     def pipeline(self) -> Any:
@@ -319,6 +334,59 @@ class LocalClient:
             "or pass --coordinator HOST:PORT"
         )
 
+    # -- rollouts -----------------------------------------------------------------
+
+    def create_rollout(
+        self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool
+    ) -> tuple[Rollout, list[RolloutDevice]]:
+        """Only a dry run works in-process (it plans from the database); a real rollout
+        needs the coordinator's controller."""
+        import time
+
+        from cloud.coordinator import plan_deploy
+        from cloud.rollouts import Policy
+        from cloud.rollouts.controller import build_rollout
+        from protos.errors import Unavailable
+
+        if not dry_run:
+            raise Unavailable(
+                f"a rollout needs a running coordinator: start 'fleet serve' for "
+                f"{self.settings.home_dir} or pass --coordinator HOST:PORT"
+            )
+        plan = plan_deploy(self.registry, self.devices, ref, selector)
+        return build_rollout(
+            plan, selector, policy or Policy.all_at_once(), now=time.time(), dry_run=True
+        )
+
+    def list_rollouts(self, *, active_only: bool) -> list[Rollout]:
+        return self.rollouts.find(active_only=active_only)
+
+    def get_rollout(self, rollout_id: str) -> tuple[Rollout, list[RolloutDevice]]:
+        return self.rollouts.get(rollout_id), self.rollouts.devices(rollout_id)
+
+    def watch_rollout(self, rollout_id: str, *, interval: float = 0.5) -> Iterator[Rollout]:
+        """The rollout now, then whenever it changes, until it is final (polls the database)."""
+        import time
+
+        last: Rollout | None = None
+        while True:
+            r = self.rollouts.get(rollout_id)
+            if last is None or r.with_changes(updated_at=0) != last.with_changes(updated_at=0):
+                last = r
+                yield r
+            if r.final:
+                return
+            time.sleep(interval)
+
+    def control_rollout(self, rollout_id: str, action: str) -> Rollout:
+        from protos.errors import Unavailable
+
+        self.rollouts.get(rollout_id)  # NotFound first
+        raise Unavailable(
+            f"'{action}' is carried out by the coordinator's rollout controller: start "
+            f"'fleet serve' for {self.settings.home_dir} or pass --coordinator HOST:PORT"
+        )
+
     def status(self) -> FleetStatus:
         info = ServeInfo.read(self.settings.serve_path)
         devices = self.devices.find()
@@ -339,6 +407,8 @@ class LocalClient:
             self.registry.close()
         if "devices" in self.__dict__:
             self.devices.close()
+        if "rollouts" in self.__dict__:
+            self.rollouts.close()
 
 
 def create_token(path: Path) -> bool:

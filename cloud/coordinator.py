@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import TracebackType
@@ -21,10 +21,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.artifacts import ArtifactStore
 from cloud.devices import Device, DeviceEvent, DeviceStore, Selector
+from cloud.devices.store import Sign
 from cloud.distribution import DEFAULT_CHUNK_SIZE, Broadcaster
-from cloud.registry import ModelRef, RegistryStore, Variant
+from cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
 from cloud.selection import DeviceProfile, choose_variant
-from cloud.serde import decode_reported, decode_status, decode_want, encode_desired
+from cloud.serde import (
+    ShadowReport,
+    decode_reported,
+    decode_shadow_report,
+    decode_status,
+    decode_want,
+    encode_desired,
+)
 from protos.errors import FleetError, InvalidArgument, NotFound
 from protos.manifest import SignedManifest
 from protos.topics import Topics
@@ -43,12 +51,48 @@ class Target:
     generation: int
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Which variant each selected device gets; devices left out and why."""
+
+    version: ModelVersion
+    targets: list[tuple[Device, Variant]]
+    skipped: dict[str, str]
+
+
 @dataclass
 class DeployOutcome:
     rollout_id: str
     ref: str
     targets: list[Target]
     skipped: dict[str, str] = field(default_factory=dict)  # device -> why
+
+
+def plan_deploy(
+    registry: RegistryStore, devices: DeviceStore, ref: ModelRef, selector: Selector
+) -> Plan:
+    """Which variant each selected device gets from the capabilities it reported (blocking)."""
+    mv = registry.get_version(ref)
+    found = devices.find(selector)
+    if not found:
+        raise NotFound(f"selector {selector} matches no enrolled device")
+    targets: list[tuple[Device, Variant]] = []
+    skipped: dict[str, str] = {}
+    for d in found:
+        caps = d.capabilities
+        if not caps:
+            skipped[d.device_id] = "has not reported its capabilities yet (never online)"
+            continue
+        profile = DeviceProfile(
+            runtimes=tuple(caps.get("runtimes", ())),
+            accelerator=str(caps.get("accelerator", "cpu")),
+            tflite_runtime_legacy=bool(caps.get("tflite_runtime_legacy", False)),
+        )
+        try:
+            targets.append((d, choose_variant(mv, profile)))
+        except InvalidArgument as e:
+            skipped[d.device_id] = str(e)
+    return Plan(mv, targets, skipped)
 
 
 class Coordinator:
@@ -83,6 +127,11 @@ class Coordinator:
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
+        #: the latest shadow report per device (retained on the broker, so a restarted
+        #: coordinator has them again moments after it subscribes)
+        self.shadow_reports: dict[str, ShadowReport] = {}
+        #: bytes of signed desired states published so far (coordinator egress besides chunks)
+        self.desired_bytes = 0
         self.flush_interval = flush_interval
         self._inbox: list[DeviceEvent] = []
         self._inbox_ready = asyncio.Event()
@@ -105,7 +154,7 @@ class Coordinator:
         await self._flush_events()
 
     async def _subscribe(self) -> None:
-        for kind in ("status", "reported", "telemetry"):
+        for kind in ("status", "reported", "telemetry", "shadow"):
             await self.transport.subscribe(self.topics.all_devices(kind), qos=1)
         await self.transport.subscribe(self.topics.all_wants(), qos=1)
 
@@ -128,6 +177,10 @@ class Coordinator:
                 self._inbox.append(DeviceEvent("reported", ident, rep, now))
             elif kind == "telemetry":
                 self._inbox.append(DeviceEvent("seen", ident, {}, now))
+            elif kind == "shadow":
+                if msg.payload:
+                    self.shadow_reports[ident] = decode_shadow_report(msg.payload)
+                return
             else:
                 return
             self._inbox_ready.set()
@@ -159,72 +212,101 @@ class Coordinator:
 
     # -- deploy ---------------------------------------------------------------------
 
-    async def deploy(
-        self, ref: ModelRef, selector: Selector, *, action: str = "activate"
-    ) -> DeployOutcome:
-        mv = await asyncio.to_thread(self.registry.get_version, ref)
-        targets_dev = await asyncio.to_thread(self.devices.find, selector)
-        if not targets_dev:
-            raise NotFound(f"selector {selector} matches no enrolled device")
-        key = self._signing_key()
-        outcome = DeployOutcome(rollout_id=uuid.uuid4().hex[:12], ref=mv.ref, targets=[])
-        chosen: list[tuple[Device, Variant]] = []
-        for d in targets_dev:
-            caps = d.capabilities
-            if not caps:
-                outcome.skipped[d.device_id] = (
-                    "has not reported its capabilities yet (never online)"
-                )
-                continue
-            profile = DeviceProfile(
-                runtimes=tuple(caps.get("runtimes", ())),
-                accelerator=str(caps.get("accelerator", "cpu")),
-                tflite_runtime_legacy=bool(caps.get("tflite_runtime_legacy", False)),
-            )
-            try:
-                chosen.append((d, choose_variant(mv, profile)))
-            except InvalidArgument as e:
-                outcome.skipped[d.device_id] = str(e)
-        for _, v in chosen:
+    async def plan(self, ref: ModelRef, selector: Selector) -> Plan:
+        """The version, and the variant each selected device would get from its capabilities."""
+        return await asyncio.to_thread(plan_deploy, self.registry, self.devices, ref, selector)
+
+    async def prepare(self, variants: Sequence[Variant]) -> None:
+        """Make each variant's chunks ready to broadcast."""
+        for v in {v.sha256: v for v in variants}.values():
             if not self.broadcaster.known(v.sha256):
                 data = await asyncio.to_thread(self.store.get, v.sha256)
                 self.broadcaster.register(v.sha256, data, self.chunk_size)
-        # the database work for every target in two transactions, then every desired
-        # state in one burst: the wave's devices ask for chunks within moments of each
-        # other and share one broadcast instead of triggering a round each
-        gens = await asyncio.to_thread(
-            self.devices.next_generations, [d.device_id for d, _ in chosen]
-        )
-        ready: list[tuple[str, int, bytes]] = []
-        for d, v in chosen:
-            gen = gens[d.device_id]
-            signed = encode_desired(
-                device_id=d.device_id,
-                generation=gen,
-                rollout_id=outcome.rollout_id,
-                manifest=SignedManifest.from_bytes(v.signed_manifest),
-                chunk_size=self.broadcaster.chunk_size(v.sha256),
-                chunk_digests=self.broadcaster.digests(v.sha256),
+
+    def signer(
+        self,
+        manifests: Mapping[str, tuple[bytes, str]],
+        *,
+        rollout_id: str,
+        action: str,
+        sample_rate: float = 1.0,
+    ) -> Sign:
+        """A `Sign` for {device: (signed manifest bytes, artifact sha256)}. Rollbacks carry
+        no chunk list (nothing is downloaded); other actions need the artifact `prepare`d."""
+        key = self._signing_key()
+
+        def sign(device_id: str, generation: int) -> bytes:
+            raw, sha = manifests[device_id]
+            manifest = SignedManifest.from_bytes(raw)
+            chunked = action != "rollback"
+            return encode_desired(
+                device_id=device_id,
+                generation=generation,
+                rollout_id=rollout_id,
+                manifest=manifest,
+                chunk_size=self.broadcaster.chunk_size(sha) if chunked else 0,
+                chunk_digests=self.broadcaster.digests(sha) if chunked else [],
                 action=action,
                 key=key,
+                sample_rate=sample_rate,
             )
-            ready.append((d.device_id, gen, signed))
-            outcome.targets.append(Target(d.device_id, v.name, v.sha256, gen))
-        await asyncio.to_thread(self.devices.set_desired_many, ready, rollout_id=outcome.rollout_id)
-        await asyncio.gather(
-            *(
-                self.transport.publish(self.topics.desired(device_id), signed, qos=1, retain=True)
-                for device_id, _gen, signed in ready
-            )
+
+        return sign
+
+    async def publish_desired(self, signed: Mapping[str, bytes], *, window: int = 256) -> None:
+        """Every desired state in one burst (retained, QoS 1): a stage's devices ask for
+        chunks within moments of each other and share one broadcast. Up to `window`
+        publishes wait for their acknowledgements at once; one at a time, a thousand
+        round trips would take seconds."""
+        gate = asyncio.Semaphore(window)
+
+        async def one(device_id: str, payload: bytes) -> None:
+            async with gate:
+                await self.transport.publish(
+                    self.topics.desired(device_id), payload, qos=1, retain=True, timeout=60
+                )
+            self.desired_bytes += len(payload)
+
+        await asyncio.gather(*(one(d, p) for d, p in signed.items()))
+
+    async def deploy(
+        self, ref: ModelRef, selector: Selector, *, action: str = "activate"
+    ) -> DeployOutcome:
+        """Every selected device at once, no gates (a plain `fleet deploy`)."""
+        plan = await self.plan(ref, selector)
+        outcome = DeployOutcome(
+            rollout_id=uuid.uuid4().hex[:12], ref=plan.version.ref, targets=[], skipped=plan.skipped
         )
+        await self.prepare([v for _d, v in plan.targets])
+        variants = {d.device_id: v for d, v in plan.targets}
+        sign = self.signer(
+            {dev: (v.signed_manifest, v.sha256) for dev, v in variants.items()},
+            rollout_id=outcome.rollout_id,
+            action=action,
+        )
+        # all database work in one transaction, then every desired state in one burst
+        issued = await asyncio.to_thread(
+            self.devices.issue, list(variants), sign, rollout_id=outcome.rollout_id
+        )
+        await self.publish_desired({dev: payload for dev, (_g, payload) in issued.items()})
+        for dev, (gen, _p) in issued.items():
+            v = variants[dev]
+            outcome.targets.append(Target(dev, v.name, v.sha256, gen))
         logger.info(
             "rollout %s: %s to %d devices (%d skipped)",
             outcome.rollout_id,
-            mv.ref,
+            plan.version.ref,
             len(outcome.targets),
             len(outcome.skipped),
         )
         return outcome
+
+    async def changed(self, timeout: float) -> None:
+        """Return when a device reported something, or after `timeout` seconds."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
 
     async def wait_settled(self, outcome: DeployOutcome, *, timeout: float) -> dict[str, Device]:
         """Wait until every target reports a final state for its generation (or timeout)."""

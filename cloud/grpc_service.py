@@ -32,6 +32,7 @@ from cloud.registry.entities import Lineage, Variant, check_model_name, check_st
 from protos.errors import (
     FleetError,
     InvalidArgument,
+    Unavailable,
 )
 from protos.fleet.v1 import device_pb2, fleet_pb2, fleet_pb2_grpc, model_pb2
 from protos.grpc_errors import grpc_status
@@ -39,6 +40,7 @@ from protos.manifest import DTYPES, RUNTIMES, TensorSpec
 
 if TYPE_CHECKING:
     from cloud.coordinator import Coordinator
+    from cloud.rollouts.controller import RolloutController
 
 logger = logging.getLogger(__name__)
 
@@ -373,10 +375,14 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         coordinator: Coordinator,
         *,
         advertise_broker: str,
+        controller: RolloutController | None = None,
         default_timeout: float = DEFAULT_DEPLOY_TIMEOUT,
+        watch_interval: float = 0.5,
     ) -> None:
         self.local = local
         self.coordinator = coordinator
+        self.controller = controller
+        self.watch_interval = watch_interval
         self.advertise_broker = advertise_broker
         self.default_timeout = default_timeout
 
@@ -534,12 +540,89 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                 by_state=by_state,
             )
 
+    # -- rollouts
+
+    def _controller(self) -> RolloutController:
+        if self.controller is None:
+            raise Unavailable("this coordinator runs no rollout controller")
+        return self.controller
+
+    async def ListRollouts(
+        self, request: fleet_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.ListRolloutsResponse:
+        from cloud.rollouts.convert import rollout_to_pb
+
+        async with _Mapped(context):
+            found = await asyncio.to_thread(
+                lambda: self.local.rollouts.find(active_only=request.active_only)
+            )
+            return fleet_pb2.ListRolloutsResponse(rollouts=[rollout_to_pb(r) for r in found])
+
+    async def GetRollout(
+        self, request: fleet_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.RolloutInfo:
+        from cloud.rollouts.convert import rollout_to_pb
+
+        async with _Mapped(context):
+            r, devs = await asyncio.to_thread(self.local.get_rollout, request.rollout_id)
+            return rollout_to_pb(r, devs)
+
+    async def WatchRollout(
+        self, request: fleet_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[fleet_pb2.RolloutInfo]:
+        from cloud.rollouts.convert import rollout_to_pb
+
+        async with _Mapped(context):
+            last: fleet_pb2.RolloutInfo | None = None
+            while True:
+                r = await asyncio.to_thread(self.local.rollouts.get, request.rollout_id)
+                msg = rollout_to_pb(r)
+                msg.ClearField("updated_ms")
+                if last is None or msg != last:
+                    last = msg
+                    yield rollout_to_pb(r)
+                if r.final:
+                    return
+                if self.controller is not None:
+                    await self.controller.wait_changed(self.watch_interval * 4)
+                else:
+                    await asyncio.sleep(self.watch_interval)
+
+    async def ControlRollout(
+        self, request: fleet_pb2.ControlRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.RolloutInfo:
+        from cloud.rollouts.convert import rollout_to_pb
+
+        async with _Mapped(context):
+            r = await self._controller().control(request.rollout_id, request.action)
+            return rollout_to_pb(r)
+
+    async def _staged(
+        self, request: fleet_pb2.DeployRequest, ref: ModelRef, selector: Selector
+    ) -> fleet_pb2.Progress:
+        from cloud.rollouts.convert import policy_from_pb, rollout_to_pb
+        from cloud.rollouts.policy import Policy
+
+        policy = (
+            policy_from_pb(request.policy) if request.HasField("policy") else Policy.all_at_once()
+        )
+        r, devs = await self._controller().create(ref, selector, policy, dry_run=request.dry_run)
+        return fleet_pb2.Progress(
+            step="rollout",
+            done=0,
+            total=sum(s.devices for s in r.stages),
+            rollout=rollout_to_pb(r, devs if request.dry_run else ()),
+        )
+
     async def Deploy(
         self, request: fleet_pb2.DeployRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.Progress]:
         async with _Mapped(context):
             ref = ModelRef.parse(request.ref)
             selector = Selector.parse(request.selector or "all")
+            if request.HasField("policy") or request.dry_run:
+                yield await self._staged(request, ref, selector)
+                return
             remaining = context.time_remaining()
             timeout = (
                 self.default_timeout

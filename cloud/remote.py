@@ -39,6 +39,7 @@ from protos.grpc_errors import error_from_status
 
 if TYPE_CHECKING:
     from cloud.devices import Device, Selector
+    from cloud.rollouts import Policy, Rollout, RolloutDevice
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +274,55 @@ class GrpcClient:
             online=r.online,
             by_state=dict(r.by_state),
         )
+
+    # -- rollouts
+
+    def create_rollout(
+        self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool
+    ) -> tuple[Rollout, list[RolloutDevice]]:
+        from cloud.rollouts.convert import policy_to_pb, rollout_from_pb
+
+        req = fleet_pb2.DeployRequest(ref=str(ref), selector=str(selector), dry_run=dry_run)
+        if policy is not None:
+            req.policy.CopyFrom(policy_to_pb(policy))
+        for p in self._stream(self._stub.Deploy, req, timeout=self.timeout):
+            if p.HasField("rollout"):
+                return rollout_from_pb(p.rollout)
+        raise FleetError(f"coordinator at {self.address} ended Deploy without a rollout")
+
+    def list_rollouts(self, *, active_only: bool) -> list[Rollout]:
+        from cloud.rollouts.convert import rollout_from_pb
+
+        resp = self._call(
+            self._stub.ListRollouts, fleet_pb2.ListRolloutsRequest(active_only=active_only)
+        )
+        return [rollout_from_pb(r)[0] for r in resp.rollouts]
+
+    def get_rollout(self, rollout_id: str) -> tuple[Rollout, list[RolloutDevice]]:
+        from cloud.rollouts.convert import rollout_from_pb
+
+        return rollout_from_pb(
+            self._call(self._stub.GetRollout, fleet_pb2.GetRolloutRequest(rollout_id=rollout_id))
+        )
+
+    def watch_rollout(self, rollout_id: str) -> Iterator[Rollout]:
+        from cloud.rollouts.convert import rollout_from_pb
+
+        req = fleet_pb2.GetRolloutRequest(rollout_id=rollout_id)
+        try:
+            for msg in self._stub.WatchRollout(req, metadata=self._metadata, timeout=None):
+                yield rollout_from_pb(msg)[0]
+        except grpc.RpcError as e:
+            self._fail(e)
+
+    def control_rollout(self, rollout_id: str, action: str) -> Rollout:
+        from cloud.rollouts.convert import rollout_from_pb
+
+        msg = self._call(
+            self._stub.ControlRollout,
+            fleet_pb2.ControlRolloutRequest(rollout_id=rollout_id, action=action),
+        )
+        return rollout_from_pb(msg)[0]
 
     def close(self) -> None:
         self._channel.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -17,6 +18,7 @@ from protos.manifest import SignedManifest, key_id
 ACTIONS = {
     "activate": device_pb2.DesiredState.ACTION_ACTIVATE,
     "rollback": device_pb2.DesiredState.ACTION_ROLLBACK,
+    "shadow": device_pb2.DesiredState.ACTION_SHADOW,
 }
 
 
@@ -76,8 +78,13 @@ def encode_desired(
     chunk_digests: Sequence[bytes],
     action: str,
     key: Ed25519PrivateKey,
+    sample_rate: float = 1.0,
+    report_interval_ms: int = 1000,
 ) -> bytes:
-    """A signed DesiredState, ready to publish retained on dev/{id}/desired."""
+    """A signed DesiredState, ready to publish retained on dev/{id}/desired.
+
+    `sample_rate` and `report_interval_ms` go with `action="shadow"` (ShadowPolicy).
+    """
     desired = device_pb2.DesiredState(
         device_id=device_id,
         generation=generation,
@@ -90,8 +97,46 @@ def encode_desired(
         action=ACTIONS[action],
         issued_at_ms=int(time.time() * 1000),
     )
+    if action == "shadow":
+        desired.shadow.CopyFrom(
+            device_pb2.ShadowPolicy(sample_rate=sample_rate, report_interval_ms=report_interval_ms)
+        )
     body = desired.SerializeToString(deterministic=True)
     signed = device_pb2.SignedDesiredState(
         desired=body, signature=key.sign(body), key_id=key_id(key.public_key())
     )
     return bytes(signed.SerializeToString(deterministic=True))
+
+
+@dataclass(frozen=True)
+class ShadowReport:
+    """A decoded `ShadowReport`: which device, generation and rollout, and its summary."""
+
+    device_id: str
+    generation: int
+    rollout_id: str
+    summary: dict[str, float]
+
+
+def decode_shadow_report(data: bytes) -> ShadowReport:
+    """The report, with its numbers flattened for gates and storage (latency in µs, memory
+    in MB)."""
+    m = _parse(device_pb2.ShadowReport, data, "shadow report")
+    mb = 1024 * 1024
+    summary = {
+        "samples": float(m.samples),
+        "agreed": float(m.agreed),
+        "labelled": float(m.labelled),
+        "errors": float(m.errors),
+        "dropped": float(m.dropped),
+        "active_p50_us": m.active.latency_p50_us,
+        "candidate_p50_us": m.candidate.latency_p50_us,
+        "active_p95_us": m.active.latency_p95_us,
+        "candidate_p95_us": m.candidate.latency_p95_us,
+        "active_memory_mb": m.active.memory_bytes / mb,
+        "candidate_memory_mb": m.candidate.memory_bytes / mb,
+        "active_correct": float(m.active.correct),
+        "candidate_correct": float(m.candidate.correct),
+        "rss_mb": m.rss_bytes / mb,
+    }
+    return ShadowReport(m.device_id, int(m.generation), m.rollout_id, summary)

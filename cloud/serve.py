@@ -112,6 +112,7 @@ async def serve(
 
     from cloud.coordinator import Coordinator
     from cloud.grpc_service import FleetServicer, TokenAuth
+    from cloud.rollouts.controller import RolloutController
     from cloud.signing import load_private_key
     from protos.fleet.v1 import fleet_pb2_grpc
 
@@ -149,39 +150,48 @@ async def serve(
             devices=local.devices,
             signing_key=lambda: load_private_key(settings.signing_key_path),
         ) as coordinator:
-            server = grpc.aio.server(
-                interceptors=[TokenAuth(token)],
-                options=[
-                    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
-                    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-                    ("grpc.so_reuseport", 0),
-                ],
-            )
-            fleet_pb2_grpc.add_FleetServiceServicer_to_server(
-                FleetServicer(local, coordinator, advertise_broker=advertise), server
-            )
+            controller = RolloutController(coordinator, local.rollouts)
+            control_task = asyncio.create_task(controller.run(), name="rollout-controller")
             try:
-                port = int(server.add_insecure_port(settings.grpc_listen))
-            except RuntimeError as e:
-                raise Unavailable(
-                    f"cannot listen on {settings.grpc_listen!r} for FleetService: {e}"
-                ) from e
-            await server.start()
-            reach = "127.0.0.1" if host in ("0.0.0.0", "[::]", "::") else host
-            info = ServeInfo(
-                grpc=f"{reach}:{port}",
-                broker_url=broker_url,
-                advertise_broker=advertise,
-                pid=os.getpid(),
-            )
-            info.write(settings.serve_path)
-            logger.info("FleetService on %s; broker %s", info.grpc, broker_url)
-            if on_ready is not None:
-                on_ready(info)
-            await shutdown()
-            logger.info("shutting down: draining calls for up to %.0fs", graceful_timeout)
-            await server.stop(graceful_timeout)
-            server = None
+                server = grpc.aio.server(
+                    interceptors=[TokenAuth(token)],
+                    options=[
+                        ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+                        ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+                        ("grpc.so_reuseport", 0),
+                    ],
+                )
+                fleet_pb2_grpc.add_FleetServiceServicer_to_server(
+                    FleetServicer(
+                        local, coordinator, advertise_broker=advertise, controller=controller
+                    ),
+                    server,
+                )
+                try:
+                    port = int(server.add_insecure_port(settings.grpc_listen))
+                except RuntimeError as e:
+                    raise Unavailable(
+                        f"cannot listen on {settings.grpc_listen!r} for FleetService: {e}"
+                    ) from e
+                await server.start()
+                reach = "127.0.0.1" if host in ("0.0.0.0", "[::]", "::") else host
+                info = ServeInfo(
+                    grpc=f"{reach}:{port}",
+                    broker_url=broker_url,
+                    advertise_broker=advertise,
+                    pid=os.getpid(),
+                )
+                info.write(settings.serve_path)
+                logger.info("FleetService on %s; broker %s", info.grpc, broker_url)
+                if on_ready is not None:
+                    on_ready(info)
+                await shutdown()
+                logger.info("shutting down: draining calls for up to %.0fs", graceful_timeout)
+                await server.stop(graceful_timeout)
+                server = None
+            finally:
+                control_task.cancel()
+                await asyncio.gather(control_task, return_exceptions=True)
     finally:
         if server is not None:
             await server.stop(0)

@@ -10,7 +10,7 @@ from protos.errors import InvalidArgument
 PREFIX = "ef/v1"
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-DEVICE_KINDS = ("status", "desired", "reported", "telemetry")
+DEVICE_KINDS = ("status", "desired", "reported", "telemetry", "shadow")
 ARTIFACT_KINDS = ("want", "chunk")
 
 
@@ -44,6 +44,9 @@ class Topics:
 
     def telemetry(self, device_id: str) -> str:
         return self.device(device_id, "telemetry")
+
+    def shadow(self, device_id: str) -> str:
+        return self.device(device_id, "shadow")
 
     def artifact(self, sha256: str, kind: str) -> str:
         if kind not in ARTIFACT_KINDS:

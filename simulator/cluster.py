@@ -245,6 +245,13 @@ class SimCluster:
             out.update(w.snapshot.get("variants", {}))
         return out
 
+    def active_versions(self) -> Counter[str]:
+        """How many devices serve each model version ("model:version")."""
+        out: Counter[str] = Counter()
+        for w in self._workers:
+            out.update(w.snapshot.get("versions", {}))
+        return out
+
     def online(self) -> int:
         return sum(int(w.snapshot.get("online", 0)) for w in self._workers)
 
@@ -300,6 +307,11 @@ class SimCluster:
         errors = [e for e in await asyncio.gather(*futs) if e]
         if errors:
             raise InvalidArgument(f"simulator {cmd}: {'; '.join(errors)}")
+
+    async def traffic(self, data: Path, *, rate: float, seed: int = 0) -> None:
+        """Live predictions (with labels, when `data` has y) on every device: `data` is an
+        .npz with X (and y); `rate` per device per second, 0 stops them."""
+        await self.command("traffic", self.ids(), data=str(data), rate=rate, seed=seed)
 
     async def drop_link(self, ids: str | Iterable[str]) -> None:
         await self.command("drop_link", ids)

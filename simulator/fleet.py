@@ -93,15 +93,19 @@ class _ScaledHolder(ModelHolder):
         super().__init__()
         self.factor = factor
 
+    def prepare(self, model: ActiveModel) -> ActiveModel:
+        if isinstance(model.session, _SlowedSession):
+            return model
+        return ActiveModel(
+            model.manifest,
+            _SlowedSession(model.session, self.factor),
+            model.provider,
+            model.self_test_diff,
+            model.memory_bytes,
+        )
+
     def swap(self, new: ActiveModel) -> ActiveModel | None:
-        if not isinstance(new.session, _SlowedSession):
-            new = ActiveModel(
-                new.manifest,
-                _SlowedSession(new.session, self.factor),
-                new.provider,
-                new.self_test_diff,
-            )
-        return super().swap(new)
+        return super().swap(self.prepare(new))
 
 
 # -- corruption: flip one byte of a chunk's data ------------------------------------
@@ -437,6 +441,14 @@ class SimulatedFleet:
     def active_variants(self) -> Counter[str]:
         """How many devices serve each variant (devices serving nothing are not counted)."""
         return Counter(v for d in self.devices if (v := d.active_variant) is not None)
+
+    def active_versions(self) -> Counter[str]:
+        """How many devices serve each model version ("model:version"); none: not counted."""
+        return Counter(
+            f"{a.ref.model}:{a.ref.version}"
+            for d in self.devices
+            if (a := d.agent.holder.active) is not None
+        )
 
     def online(self) -> int:
         """Devices whose transport is connected now."""

@@ -46,10 +46,12 @@ def _snapshot(fleet: Any) -> dict[str, Any]:
         "variants": dict(fleet.active_variants()),
         "online": fleet.online(),
         "boots": sum(d.boots for d in fleet.devices),
+        "versions": dict(fleet.active_versions()),
     }
 
 
 _background: set[asyncio.Task[None]] = set()
+_traffic: list[Any] = []  # the running Traffic, if any
 
 
 async def _reboot_later(fleet: Any, ids: list[str], delay: float) -> None:
@@ -82,11 +84,33 @@ async def _apply(fleet: Any, cmd: dict[str, Any]) -> None:
     elif what == "slow_link":
         for i in ids:
             fleet.slow_link(i, float(cmd["bytes_per_s"]))
+    elif what == "traffic":
+        _start_traffic(fleet, ids, cmd)
     else:
         raise InvalidArgument(
             f"simulator command {what!r} unknown; accepted: drop_link, crash, restart, "
-            "corrupt, slow_link, stop"
+            "corrupt, slow_link, traffic, stop"
         )
+
+
+def _start_traffic(fleet: Any, ids: list[str], cmd: dict[str, Any]) -> None:
+    """Live predictions on these devices from an .npz (X, y), `rate` per device per second;
+    rate 0 stops them."""
+    import numpy as np
+
+    from simulator.traffic import Traffic
+
+    for t in _traffic:
+        t.stop()
+    _traffic.clear()
+    rate = float(cmd.get("rate", 0))
+    if rate <= 0:
+        return
+    with np.load(str(cmd["data"]), allow_pickle=False) as z:
+        x, y = z["X"], (z["y"] if "y" in z.files else None)
+    traffic = Traffic([fleet.device(i) for i in ids], x, y, rate=rate, seed=int(cmd.get("seed", 0)))
+    traffic.start()
+    _traffic.append(traffic)
 
 
 async def _commands(fleet: Any, stop: asyncio.Event) -> None:
@@ -150,6 +174,8 @@ async def run(spec: dict[str, Any]) -> None:
         await asyncio.gather(
             _commands(fleet, stop), _report(fleet, float(spec.get("interval", 0.1)), stop)
         )
+        for t in _traffic:
+            t.stop()
         _emit({"event": "states", **_snapshot(fleet)})
 
 

@@ -17,6 +17,7 @@ import typer
 
 from cloud.cli import devices as devices_cli
 from cloud.cli import models as models_cli
+from cloud.cli import rollouts as rollouts_cli
 from cloud.cli import sim as sim_cli
 from cloud.cli.context import State, client_of, coordinator_of, settings_of
 from protos.errors import FleetError
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 app.add_typer(models_cli.app, name="models")
 app.add_typer(devices_cli.app, name="devices")
+app.add_typer(rollouts_cli.app, name="rollouts")
 app.command("sim")(sim_cli.sim)
 
 
@@ -312,29 +314,211 @@ def serve(
     err.print("coordinator stopped")
 
 
+PolicyOpt = Annotated[str | None, typer.Option(show_default=False)]
+
+
 @app.command()
 def deploy(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(metavar="NAME:VERSION", help="Version to deploy.")],
     to: Annotated[
-        str, typer.Option("--to", help="all, group=G, tag=KEY=VALUE or device=ID[,ID…].")
+        str,
+        typer.Option(
+            "--to",
+            help="all, group=G, tag=KEY=VALUE (tag=K=V,K2=V2: all of them; tag=K=V|K=W: any), "
+            "device=ID[,ID…].",
+        ),
     ],
+    canary: Annotated[
+        str | None,
+        typer.Option("--canary", help="Share of the devices in the first stage, e.g. 10%."),
+    ] = None,
+    waves: Annotated[
+        str | None,
+        typer.Option("--waves", help="Cumulative shares after the canary [default 25%,50%,100%]."),
+    ] = None,
+    bake: Annotated[
+        str | None,
+        typer.Option("--bake", help="Shadow evaluation per stage before its gates, e.g. 60s."),
+    ] = None,
+    max_failure_rate: Annotated[
+        str | None,
+        typer.Option("--max-failure-rate", help="Install/self-test failures per stage [2%]."),
+    ] = None,
+    max_latency_regression: Annotated[
+        str | None,
+        typer.Option(
+            "--max-latency-regression",
+            help="Candidate p50 vs the previous model on the same devices, e.g. 20%.",
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option("--max-memory", metavar="MB", help="Candidate's memory on any device."),
+    ] = None,
+    min_agreement: Annotated[
+        str | None,
+        typer.Option("--min-agreement", help="Shadow agreement with the active model, e.g. 0.95."),
+    ] = None,
+    min_accuracy: Annotated[
+        str | None,
+        typer.Option("--min-accuracy", help="Shadow accuracy on labelled live inputs, e.g. 0.9."),
+    ] = None,
+    on_failure: Annotated[
+        str | None,
+        typer.Option("--on-failure", help="When a gate fails: rollback or pause [rollback]."),
+    ] = None,
+    min_samples: Annotated[
+        int | None,
+        typer.Option(
+            "--min-samples", min=1, help="Shadow samples a stage needs for quality gates [20]."
+        ),
+    ] = None,
+    stage_timeout: Annotated[
+        str | None,
+        typer.Option("--stage-timeout", help="Devices not settled by then count as failed [5m]."),
+    ] = None,
+    sample_rate: Annotated[
+        str | None,
+        typer.Option("--sample-rate", help="Share of live predictions shadow-evaluated [100%]."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the plan (stages, devices, gates); change nothing."),
+    ] = False,
+    sim: Annotated[
+        int | None,
+        typer.Option(
+            "--sim",
+            metavar="N",
+            min=1,
+            help="With --dry-run: run the policy on N simulated devices and report what happened.",
+        ),
+    ] = None,
+    sim_profile: Annotated[
+        str, typer.Option("--sim-profile", help="Simulated hardware: mixed, cpu, gpu, npu, litert.")
+    ] = "mixed",
+    watch: Annotated[
+        bool, typer.Option("--watch/--no-watch", help="Follow a staged rollout until it ends.")
+    ] = True,
     timeout: Annotated[
         float,
         typer.Option("--timeout", min=1, help="Seconds to wait for every device to settle."),
     ] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Deploy a version to devices through the running coordinator. Exit 1 if any fails."""
+    """Deploy a version: all at once, or staged with gates when a policy flag is given.
+
+    Staged: canary, then waves; each stage shadow-evaluates the candidate on the
+    devices for --bake, then checks the gates; a failed gate rolls back (or pauses).
+    Exit 0 done; 1 failed, rolled back or aborted; 3 paused.
+    """
+    from cloud.devices import Selector
+    from cloud.registry import ModelRef
+    from cloud.rollouts import parse_policy
+    from protos.errors import InvalidArgument
+
+    parsed = ModelRef.parse(ref)
+    selector = Selector.parse(to)
+    policy = parse_policy(
+        canary=canary,
+        waves=waves,
+        bake=bake,
+        max_failure_rate=max_failure_rate,
+        max_latency_regression=max_latency_regression,
+        max_memory=max_memory,
+        min_agreement=min_agreement,
+        min_accuracy=min_accuracy,
+        on_failure=on_failure,
+        min_samples=min_samples,
+        stage_timeout=stage_timeout,
+        sample_rate=sample_rate,
+    )
+    if sim is not None:
+        if not dry_run:
+            raise InvalidArgument("--sim N tries a policy on simulated devices: add --dry-run")
+        _dry_run_sim(ctx, parsed, selector, policy, sim, sim_profile, as_json)
+        return
+    if dry_run:
+        _dry_run(ctx, parsed, selector, policy, as_json)
+        return
+    if policy is not None:
+        _staged(ctx, parsed, selector, policy, watch=watch, as_json=as_json)
+        return
+    _all_at_once(ctx, parsed, selector, timeout=timeout, as_json=as_json)
+
+
+def _dry_run(ctx: typer.Context, ref: Any, selector: Any, policy: Any, as_json: bool) -> None:
+    from cloud.cli.output import emit_json, err, out
+    from cloud.cli.rollout_view import print_rollout, rollout_json
+    from cloud.config import ServeInfo
+
+    settings = settings_of(ctx)
+    live = settings.coordinator or ServeInfo.read(settings.serve_path)
+    client = coordinator_of(ctx) if live else client_of(ctx)
+    r, devices = client.create_rollout(ref, selector, policy, dry_run=True)
+    if as_json:
+        emit_json(rollout_json(r, devices))
+    else:
+        print_rollout(out, r, devices)
+    err.print(f"dry run: nothing was sent ({sum(s.devices for s in r.stages)} devices planned)")
+
+
+def _dry_run_sim(
+    ctx: typer.Context, ref: Any, selector: Any, policy: Any, n: int, profile: str, as_json: bool
+) -> None:
+    from cloud.cli.output import emit_json, err, out
+    from cloud.rollouts import Policy
+    from simulator.dryrun import print_simulation, simulate
+
+    result = simulate(
+        settings_of(ctx),
+        ref,
+        selector,
+        policy or Policy.all_at_once(),
+        devices=n,
+        profile=profile,
+        progress=lambda line: err.print(line),
+    )
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        print_simulation(out, result)
+
+
+def _staged(
+    ctx: typer.Context, ref: Any, selector: Any, policy: Any, *, watch: bool, as_json: bool
+) -> None:
+    from cloud.cli.output import emit_json, err, out
+    from cloud.cli.rollout_view import outcome_code, print_rollout, rollout_json
+    from cloud.cli.rollouts import watch_until_outcome
+
+    client = coordinator_of(ctx)
+    r, _devices = client.create_rollout(ref, selector, policy, dry_run=False)
+    err.print(
+        f"rollout {r.rollout_id}: {r.ref} to {sum(s.devices for s in r.stages)} devices "
+        f"({policy.describe()})"
+    )
+    if watch:
+        r = watch_until_outcome(client, r.rollout_id)
+        r, _devices = client.get_rollout(r.rollout_id)
+    if as_json:
+        emit_json(rollout_json(r))
+    else:
+        print_rollout(out, r, ())
+    err.print(f"rollout {r.rollout_id}: {r.state}" + (f" ({r.reason})" if r.reason else ""))
+    if watch:
+        raise typer.Exit(outcome_code(r))
+
+
+def _all_at_once(
+    ctx: typer.Context, parsed: Any, selector: Any, *, timeout: float, as_json: bool
+) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cloud.cli.output import deploy_json, emit_json, err, print_deploy
     from cloud.client import DeviceOutcome
-    from cloud.devices import Selector
-    from cloud.registry import ModelRef
 
-    parsed = ModelRef.parse(ref)
-    selector = Selector.parse(to)
     client = coordinator_of(ctx)
     with Progress(
         TextColumn("[bold]deploy[/bold] {task.description}"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -66,6 +66,43 @@ class Device:
     @property
     def state(self) -> str:
         return str(self.reported.get("state", "enrolled"))
+
+
+#: (device id, generation) -> the signed desired state for it
+Sign = Callable[[str, int], bytes]
+_BATCH = 500
+
+
+def issue_desired(
+    s: Session, device_ids: Sequence[str], sign: Sign, *, rollout_id: str
+) -> dict[str, tuple[int, bytes]]:
+    """In the caller's transaction: give each device its next generation, sign its desired
+    state and store it. Returns {device: (generation, signed)}; NotFound names a device
+    that is not enrolled (and the caller's transaction should roll back)."""
+    if not device_ids:
+        return {}
+    gens: dict[str, int] = {}
+    for i in range(0, len(device_ids), _BATCH):
+        part = list(device_ids[i : i + _BATCH])
+        rows = s.execute(
+            sa.update(DeviceRow)
+            .where(col(DeviceRow.device_id).in_(part))
+            .values(desired_generation=DeviceRow.desired_generation + 1)
+            .returning(col(DeviceRow.device_id), col(DeviceRow.desired_generation))
+        ).all()
+        gens.update({str(r[0]): int(r[1]) for r in rows})
+    missing = [d for d in device_ids if d not in gens]
+    if missing:
+        raise NotFound(f"device {missing[0]!r} is not enrolled ({len(missing)} missing)")
+    out = {d: (gens[d], sign(d, gens[d])) for d in device_ids}
+    table: sa.Table = DeviceRow.__table__  # type: ignore[attr-defined]
+    s.execute(
+        sa.update(table)
+        .where(table.c.device_id == sa.bindparam("b_id"))
+        .values(desired=sa.bindparam("b_desired"), rollout_id=rollout_id),
+        [{"b_id": d, "b_desired": signed} for d, (_g, signed) in out.items()],
+    )
+    return out
 
 
 def _device(r: DeviceRow) -> Device:
@@ -229,6 +266,15 @@ class DeviceStore:
                 out[device_id] = int(res[0])
             s.commit()
         return out
+
+    def issue(
+        self, device_ids: Sequence[str], sign: Sign, *, rollout_id: str
+    ) -> dict[str, tuple[int, bytes]]:
+        """`issue_desired` for these devices in one transaction."""
+        with self._session() as s:
+            out = issue_desired(s, device_ids, sign, rollout_id=rollout_id)
+            s.commit()
+            return out
 
     def set_desired(
         self, device_id: str, generation: int, signed: bytes, *, rollout_id: str

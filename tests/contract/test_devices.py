@@ -52,7 +52,8 @@ def test_status_reported_and_generations(devices: DeviceStore) -> None:
     ("text", "match"),
     [
         ("everything", "accepted: all, group=G"),
-        ("tag=site", "tag needs KEY=VALUE"),
+        ("tag=site=a|", "empty alternative"),
+        ("tag==x", "needs KEY=VALUE"),
         ("zone=a", "'zone' unknown"),
         ("device=a/b", "device id 'a/b'"),
     ],

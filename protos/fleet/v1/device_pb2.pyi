@@ -37,7 +37,9 @@ class _UpdateStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateSta
     UPDATE_STATE_FAILED: _UpdateState.ValueType  # 7
     """rejected; previous model keeps serving"""
     UPDATE_STATE_ROLLED_BACK: _UpdateState.ValueType  # 8
-    """last-known-good reactivated"""
+    """last-known-good reactivated (or a shadow dropped)"""
+    UPDATE_STATE_SHADOWING: _UpdateState.ValueType  # 9
+    """candidate loaded beside the active model, evaluated on live inputs"""
 
 class UpdateState(_UpdateState, metaclass=_UpdateStateEnumTypeWrapper):
     """Per-device update state machine (docs/protocol.md)."""
@@ -53,7 +55,9 @@ UPDATE_STATE_ACTIVE: UpdateState.ValueType  # 6
 UPDATE_STATE_FAILED: UpdateState.ValueType  # 7
 """rejected; previous model keeps serving"""
 UPDATE_STATE_ROLLED_BACK: UpdateState.ValueType  # 8
-"""last-known-good reactivated"""
+"""last-known-good reactivated (or a shadow dropped)"""
+UPDATE_STATE_SHADOWING: UpdateState.ValueType  # 9
+"""candidate loaded beside the active model, evaluated on live inputs"""
 Global___UpdateState: _TypeAlias = UpdateState  # noqa: Y015
 
 class _ReasonCode:
@@ -106,6 +110,7 @@ class ModelRef(_message.Message):
       ef/v1/dev/{id}/desired    cloud → agent  retained  SignedDesiredState
       ef/v1/dev/{id}/reported   agent → cloud  retained  ReportedState
       ef/v1/dev/{id}/telemetry  agent → cloud  QoS 1     Telemetry
+      ef/v1/dev/{id}/shadow     agent → cloud  retained  ShadowReport (while a candidate shadows)
       ef/v1/art/{sha256}/want   agent → cloud            ArtifactWant
       ef/v1/art/{sha256}/chunk  cloud → agents QoS 1     ArtifactChunk
 
@@ -278,14 +283,22 @@ class DesiredState(_message.Message):
         ACTION_ACTIVATE: DesiredState._Action.ValueType  # 1
         """download, verify, self-test, swap"""
         ACTION_ROLLBACK: DesiredState._Action.ValueType  # 2
-        """reactivate the last-known-good model named by `manifest`"""
+        """serve the model named by `manifest` again: the active one"""
+        ACTION_SHADOW: DesiredState._Action.ValueType  # 3
+        """(drop a shadow) or the last-known-good one; no download
+        download, verify, load and self-test beside the active
+        """
 
     class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
     ACTION_UNSPECIFIED: DesiredState.Action.ValueType  # 0
     ACTION_ACTIVATE: DesiredState.Action.ValueType  # 1
     """download, verify, self-test, swap"""
     ACTION_ROLLBACK: DesiredState.Action.ValueType  # 2
-    """reactivate the last-known-good model named by `manifest`"""
+    """serve the model named by `manifest` again: the active one"""
+    ACTION_SHADOW: DesiredState.Action.ValueType  # 3
+    """(drop a shadow) or the last-known-good one; no download
+    download, verify, load and self-test beside the active
+    """
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
@@ -296,6 +309,7 @@ class DesiredState(_message.Message):
     URL_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     """strictly increasing per device; older ones are ignored"""
@@ -314,6 +328,10 @@ class DesiredState(_message.Message):
     def chunk_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """digest of every chunk, in order"""
 
+    @_builtins.property
+    def shadow(self) -> Global___ShadowPolicy:
+        """with ACTION_SHADOW"""
+
     def __init__(
         self,
         *,
@@ -326,14 +344,45 @@ class DesiredState(_message.Message):
         url: _builtins.str = ...,
         action: Global___DesiredState.Action.ValueType = ...,
         issued_at_ms: _builtins.int = ...,
+        shadow: Global___ShadowPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "chunk_sha256", b"chunk_sha256", "chunk_size", b"chunk_size", "device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "manifest", b"manifest", "rollout_id", b"rollout_id", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "chunk_sha256", b"chunk_sha256", "chunk_size", b"chunk_size", "device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "manifest", b"manifest", "rollout_id", b"rollout_id", "shadow", b"shadow", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
+
+@_typing.final
+class ShadowPolicy(_message.Message):
+    """How a device samples live inputs for a shadowed candidate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLE_RATE_FIELD_NUMBER: _builtins.int
+    MAX_PER_SECOND_FIELD_NUMBER: _builtins.int
+    REPORT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    sample_rate: _builtins.float
+    """fraction of successful predictions evaluated, (0, 1]"""
+    max_per_second: _builtins.int
+    """cap on evaluated samples per second; 0: no cap"""
+    report_interval_ms: _builtins.int
+    """how often a changed ShadowReport is published"""
+    def __init__(
+        self,
+        *,
+        sample_rate: _builtins.float = ...,
+        max_per_second: _builtins.int = ...,
+        report_interval_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_per_second", b"max_per_second", "report_interval_ms", b"report_interval_ms", "sample_rate", b"sample_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowPolicy: _TypeAlias = ShadowPolicy  # noqa: Y015
 
 @_typing.final
 class SignedDesiredState(_message.Message):
@@ -504,6 +553,113 @@ class Telemetry(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Telemetry: _TypeAlias = Telemetry  # noqa: Y015
+
+@_typing.final
+class ShadowModelStats(_message.Message):
+    """One model's side of a shadow evaluation, over the samples both models ran."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_US_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_US_FIELD_NUMBER: _builtins.int
+    LATENCY_MEAN_US_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CORRECT_FIELD_NUMBER: _builtins.int
+    latency_p50_us: _builtins.float
+    """per evaluated sample, both models timed back to back"""
+    latency_p95_us: _builtins.float
+    latency_mean_us: _builtins.float
+    memory_bytes: _builtins.int
+    """resident memory the model added when it was loaded"""
+    correct: _builtins.int
+    """labelled samples whose argmax matched the label"""
+    @_builtins.property
+    def model(self) -> Global___ModelRef: ...
+    def __init__(
+        self,
+        *,
+        model: Global___ModelRef | None = ...,
+        latency_p50_us: _builtins.float = ...,
+        latency_p95_us: _builtins.float = ...,
+        latency_mean_us: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        correct: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct", b"correct", "latency_mean_us", b"latency_mean_us", "latency_p50_us", b"latency_p50_us", "latency_p95_us", b"latency_p95_us", "memory_bytes", b"memory_bytes", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowModelStats: _TypeAlias = ShadowModelStats  # noqa: Y015
+
+@_typing.final
+class ShadowReport(_message.Message):
+    """Cumulative results of shadowing one candidate (one desired generation). Retained,
+    so a restarted coordinator reads the latest at once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    AGREED_FIELD_NUMBER: _builtins.int
+    LABELLED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    generation: _builtins.int
+    rollout_id: _builtins.str
+    samples: _builtins.int
+    """inputs both models ran"""
+    agreed: _builtins.int
+    """samples whose argmax was the same"""
+    labelled: _builtins.int
+    """samples that came with a label"""
+    errors: _builtins.int
+    """samples the candidate failed on"""
+    dropped: _builtins.int
+    """sampled inputs dropped (queue full or rate cap)"""
+    rss_bytes: _builtins.int
+    """agent resident memory with both models loaded"""
+    started_ms: _builtins.int
+    timestamp_ms: _builtins.int
+    @_builtins.property
+    def active(self) -> Global___ShadowModelStats: ...
+    @_builtins.property
+    def candidate(self) -> Global___ShadowModelStats: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        rollout_id: _builtins.str = ...,
+        active: Global___ShadowModelStats | None = ...,
+        candidate: Global___ShadowModelStats | None = ...,
+        samples: _builtins.int = ...,
+        agreed: _builtins.int = ...,
+        labelled: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        rss_bytes: _builtins.int = ...,
+        started_ms: _builtins.int = ...,
+        timestamp_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "candidate", b"candidate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "agreed", b"agreed", "candidate", b"candidate", "device_id", b"device_id", "dropped", b"dropped", "errors", b"errors", "generation", b"generation", "labelled", b"labelled", "rollout_id", b"rollout_id", "rss_bytes", b"rss_bytes", "samples", b"samples", "started_ms", b"started_ms", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowReport: _TypeAlias = ShadowReport  # noqa: Y015
 
 @_typing.final
 class ChunkRange(_message.Message):

@@ -436,6 +436,7 @@ class Progress(_message.Message):
     FIELDS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     DEPLOY_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     step: _builtins.str
     done: _builtins.int
     total: _builtins.int
@@ -447,6 +448,10 @@ class Progress(_message.Message):
     def version(self) -> Global___ModelVersionInfo: ...
     @_builtins.property
     def deploy(self) -> Global___DeployResult: ...
+    @_builtins.property
+    def rollout(self) -> Global___RolloutInfo:
+        """a staged deploy: the rollout just created (or planned)"""
+
     def __init__(
         self,
         *,
@@ -456,12 +461,13 @@ class Progress(_message.Message):
         fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         version: Global___ModelVersionInfo | None = ...,
         deploy: Global___DeployResult | None = ...,
+        rollout: Global___RolloutInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deploy", b"deploy", "result", b"result", "version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deploy", b"deploy", "result", b"result", "rollout", b"rollout", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deploy", b"deploy", "done", b"done", "fields", b"fields", "result", b"result", "step", b"step", "total", b"total", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deploy", b"deploy", "done", b"done", "fields", b"fields", "result", b"result", "rollout", b"rollout", "step", b"step", "total", b"total", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["version", "deploy"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["version", "deploy", "rollout"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
@@ -822,21 +828,472 @@ class DeployRequest(_message.Message):
 
     REF_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     selector: _builtins.str
+    dry_run: _builtins.bool
+    """plan only: the result carries the planned rollout"""
+    @_builtins.property
+    def policy(self) -> Global___RolloutPolicy:
+        """absent: every target at once, no gates"""
+
     def __init__(
         self,
         *,
         ref: _builtins.str = ...,
         selector: _builtins.str = ...,
+        policy: Global___RolloutPolicy | None = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "policy", b"policy", "ref", b"ref", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeployRequest: _TypeAlias = DeployRequest  # noqa: Y015
+
+@_typing.final
+class RolloutPolicy(_message.Message):
+    """A staged rollout's policy. Fractions are of the targeted devices, 0 < f <= 1."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANARY_FIELD_NUMBER: _builtins.int
+    WAVES_FIELD_NUMBER: _builtins.int
+    BAKE_S_FIELD_NUMBER: _builtins.int
+    MAX_FAILURE_RATE_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_REGRESSION_FIELD_NUMBER: _builtins.int
+    MAX_MEMORY_MB_FIELD_NUMBER: _builtins.int
+    MIN_AGREEMENT_FIELD_NUMBER: _builtins.int
+    MIN_ACCURACY_FIELD_NUMBER: _builtins.int
+    ON_FAILURE_FIELD_NUMBER: _builtins.int
+    MIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    STAGE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    SAMPLE_RATE_FIELD_NUMBER: _builtins.int
+    canary: _builtins.float
+    bake_s: _builtins.float
+    """shadow evaluation per stage before its gates"""
+    max_failure_rate: _builtins.float
+    """install/self-test failures per stage"""
+    max_latency_regression: _builtins.float
+    """candidate p50 / active p50 - 1"""
+    max_memory_mb: _builtins.float
+    """candidate's resident memory on any device"""
+    min_agreement: _builtins.float
+    """argmax agreement with the active model"""
+    min_accuracy: _builtins.float
+    """candidate accuracy on labelled samples"""
+    on_failure: _builtins.str
+    """rollback | pause"""
+    min_samples: _builtins.int
+    """shadow samples a stage needs for quality gates"""
+    stage_timeout_s: _builtins.float
+    """devices not settled by then count as failed"""
+    sample_rate: _builtins.float
+    """ShadowPolicy.sample_rate for the devices"""
+    @_builtins.property
+    def waves(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """cumulative; increasing; the last is 1.0"""
+
+    def __init__(
+        self,
+        *,
+        canary: _builtins.float = ...,
+        waves: _abc.Iterable[_builtins.float] | None = ...,
+        bake_s: _builtins.float = ...,
+        max_failure_rate: _builtins.float = ...,
+        max_latency_regression: _builtins.float | None = ...,
+        max_memory_mb: _builtins.float | None = ...,
+        min_agreement: _builtins.float | None = ...,
+        min_accuracy: _builtins.float | None = ...,
+        on_failure: _builtins.str = ...,
+        min_samples: _builtins.int = ...,
+        stage_timeout_s: _builtins.float = ...,
+        sample_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_latency_regression", b"_max_latency_regression", "_max_memory_mb", b"_max_memory_mb", "_min_accuracy", b"_min_accuracy", "_min_agreement", b"_min_agreement", "max_latency_regression", b"max_latency_regression", "max_memory_mb", b"max_memory_mb", "min_accuracy", b"min_accuracy", "min_agreement", b"min_agreement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_latency_regression", b"_max_latency_regression", "_max_memory_mb", b"_max_memory_mb", "_min_accuracy", b"_min_accuracy", "_min_agreement", b"_min_agreement", "bake_s", b"bake_s", "canary", b"canary", "max_failure_rate", b"max_failure_rate", "max_latency_regression", b"max_latency_regression", "max_memory_mb", b"max_memory_mb", "min_accuracy", b"min_accuracy", "min_agreement", b"min_agreement", "min_samples", b"min_samples", "on_failure", b"on_failure", "sample_rate", b"sample_rate", "stage_timeout_s", b"stage_timeout_s", "waves", b"waves"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_latency_regression: _TypeAlias = _typing.Literal["max_latency_regression"]  # noqa: Y015
+    _WhichOneofArgType__max_latency_regression: _TypeAlias = _typing.Literal["_max_latency_regression", b"_max_latency_regression"]  # noqa: Y015
+    _WhichOneofReturnType__max_memory_mb: _TypeAlias = _typing.Literal["max_memory_mb"]  # noqa: Y015
+    _WhichOneofArgType__max_memory_mb: _TypeAlias = _typing.Literal["_max_memory_mb", b"_max_memory_mb"]  # noqa: Y015
+    _WhichOneofReturnType__min_accuracy: _TypeAlias = _typing.Literal["min_accuracy"]  # noqa: Y015
+    _WhichOneofArgType__min_accuracy: _TypeAlias = _typing.Literal["_min_accuracy", b"_min_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__min_agreement: _TypeAlias = _typing.Literal["min_agreement"]  # noqa: Y015
+    _WhichOneofArgType__min_agreement: _TypeAlias = _typing.Literal["_min_agreement", b"_min_agreement"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_latency_regression) -> _WhichOneofReturnType__max_latency_regression | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_memory_mb) -> _WhichOneofReturnType__max_memory_mb | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_accuracy) -> _WhichOneofReturnType__min_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_agreement) -> _WhichOneofReturnType__min_agreement | None: ...
+
+Global___RolloutPolicy: _TypeAlias = RolloutPolicy  # noqa: Y015
+
+@_typing.final
+class GateResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """failure_rate | self_test | latency | memory | agreement | accuracy"""
+    ok: _builtins.bool
+    value: _builtins.float
+    threshold: _builtins.float
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "name", b"name", "ok", b"ok", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GateResult: _TypeAlias = GateResult  # noqa: Y015
+
+@_typing.final
+class StageInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ByStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FRACTION_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    BY_STATE_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
+    BAKE_STARTED_MS_FIELD_NUMBER: _builtins.int
+    FINISHED_MS_FIELD_NUMBER: _builtins.int
+    ETA_MS_FIELD_NUMBER: _builtins.int
+    GATES_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """canary | wave 1 | wave 2 …"""
+    fraction: _builtins.float
+    """cumulative"""
+    devices: _builtins.int
+    state: _builtins.str
+    """pending | shadowing | baking | activating | done | failed | rolled_back"""
+    started_ms: _builtins.int
+    bake_started_ms: _builtins.int
+    finished_ms: _builtins.int
+    eta_ms: _builtins.int
+    """estimated finish"""
+    samples: _builtins.int
+    @_builtins.property
+    def by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """devices per state"""
+
+    @_builtins.property
+    def gates(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateResult]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        fraction: _builtins.float = ...,
+        devices: _builtins.int = ...,
+        state: _builtins.str = ...,
+        by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        started_ms: _builtins.int = ...,
+        bake_started_ms: _builtins.int = ...,
+        finished_ms: _builtins.int = ...,
+        eta_ms: _builtins.int = ...,
+        gates: _abc.Iterable[Global___GateResult] | None = ...,
+        samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bake_started_ms", b"bake_started_ms", "by_state", b"by_state", "devices", b"devices", "eta_ms", b"eta_ms", "finished_ms", b"finished_ms", "fraction", b"fraction", "gates", b"gates", "name", b"name", "samples", b"samples", "started_ms", b"started_ms", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageInfo: _TypeAlias = StageInfo  # noqa: Y015
+
+@_typing.final
+class RolloutDeviceInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ShadowEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
+    STALENESS_S_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    stage: _builtins.int
+    variant: _builtins.str
+    phase: _builtins.str
+    """pending | shadow | active | rolled_back | failed | skipped"""
+    state: _builtins.str
+    """last reported UpdateState name"""
+    reason: _builtins.str
+    detail: _builtins.str
+    generation: _builtins.int
+    last_seen_ms: _builtins.int
+    staleness_s: _builtins.float
+    @_builtins.property
+    def previous(self) -> _device_pb2.ModelRef: ...
+    @_builtins.property
+    def shadow(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """agreement, accuracy, latency ratio, memory_mb, samples"""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        stage: _builtins.int = ...,
+        variant: _builtins.str = ...,
+        phase: _builtins.str = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        last_seen_ms: _builtins.int = ...,
+        staleness_s: _builtins.float = ...,
+        previous: _device_pb2.ModelRef | None = ...,
+        shadow: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["previous", b"previous"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "device_id", b"device_id", "generation", b"generation", "last_seen_ms", b"last_seen_ms", "phase", b"phase", "previous", b"previous", "reason", b"reason", "shadow", b"shadow", "stage", b"stage", "staleness_s", b"staleness_s", "state", b"state", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutDeviceInfo: _TypeAlias = RolloutDeviceInfo  # noqa: Y015
+
+@_typing.final
+class RolloutInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SkippedDevicesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    REF_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    CREATED_MS_FIELD_NUMBER: _builtins.int
+    UPDATED_MS_FIELD_NUMBER: _builtins.int
+    FINISHED_MS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    SKIPPED_DEVICES_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    ref: _builtins.str
+    selector: _builtins.str
+    state: _builtins.str
+    """pending | canary | rolling | paused | done | rolled_back | aborted"""
+    reason: _builtins.str
+    stage: _builtins.int
+    """index into stages"""
+    created_ms: _builtins.int
+    updated_ms: _builtins.int
+    finished_ms: _builtins.int
+    skipped: _builtins.int
+    dry_run: _builtins.bool
+    @_builtins.property
+    def policy(self) -> Global___RolloutPolicy: ...
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageInfo]: ...
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutDeviceInfo]:
+        """GetRollout / dry runs only"""
+
+    @_builtins.property
+    def skipped_devices(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """device -> why it gets nothing (no variant fits…)"""
+
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        ref: _builtins.str = ...,
+        selector: _builtins.str = ...,
+        policy: Global___RolloutPolicy | None = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        stage: _builtins.int = ...,
+        stages: _abc.Iterable[Global___StageInfo] | None = ...,
+        devices: _abc.Iterable[Global___RolloutDeviceInfo] | None = ...,
+        created_ms: _builtins.int = ...,
+        updated_ms: _builtins.int = ...,
+        finished_ms: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        skipped_devices: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_ms", b"created_ms", "devices", b"devices", "dry_run", b"dry_run", "finished_ms", b"finished_ms", "policy", b"policy", "reason", b"reason", "ref", b"ref", "rollout_id", b"rollout_id", "selector", b"selector", "skipped", b"skipped", "skipped_devices", b"skipped_devices", "stage", b"stage", "stages", b"stages", "state", b"state", "updated_ms", b"updated_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutInfo: _TypeAlias = RolloutInfo  # noqa: Y015
+
+@_typing.final
+class ListRolloutsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
+    active_only: _builtins.bool
+    def __init__(
+        self,
+        *,
+        active_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsRequest: _TypeAlias = ListRolloutsRequest  # noqa: Y015
+
+@_typing.final
+class ListRolloutsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutInfo]: ...
+    def __init__(
+        self,
+        *,
+        rollouts: _abc.Iterable[Global___RolloutInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollouts", b"rollouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsResponse: _TypeAlias = ListRolloutsResponse  # noqa: Y015
+
+@_typing.final
+class GetRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class ControlRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    action: _builtins.str
+    """pause | resume | abort | rollback"""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        action: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlRolloutRequest: _TypeAlias = ControlRolloutRequest  # noqa: Y015
 
 @_typing.final
 class DeployResult(_message.Message):

@@ -98,6 +98,26 @@ class FleetServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/fleet.v1.FleetService/ListRollouts',
+                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/fleet.v1.FleetService/GetRollout',
+                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+                _registered_method=True)
+        self.WatchRollout = channel.unary_stream(
+                '/fleet.v1.FleetService/WatchRollout',
+                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+                _registered_method=True)
+        self.ControlRollout = channel.unary_unary(
+                '/fleet.v1.FleetService/ControlRollout',
+                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -179,6 +199,32 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRollouts(self, request, context):
+        """Staged rollouts (Deploy with a policy creates one; the coordinator's controller runs it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRollout(self, request, context):
+        """The rollout now, then again whenever it changes; ends once it is final.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +287,26 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.SerializeToString,
+            ),
+            'WatchRollout': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRollout,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.SerializeToString,
+            ),
+            'ControlRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlRollout,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +637,114 @@ class FleetService:
             '/fleet.v1.FleetService/Status',
             protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ListRollouts',
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/GetRollout',
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleet.v1.FleetService/WatchRollout',
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ControlRollout',
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
             options,
             channel_credentials,
             insecure,

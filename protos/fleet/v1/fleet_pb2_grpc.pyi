@@ -49,6 +49,12 @@ class FleetServiceStub:
     EnrollDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.EnrollDeviceRequest, _fleet_pb2.EnrollmentBundle]
     Deploy: _grpc.UnaryStreamMultiCallable[_fleet_pb2.DeployRequest, _fleet_pb2.Progress]
     Status: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.StatusRequest, _fleet_pb2.StatusResponse]
+    ListRollouts: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListRolloutsRequest, _fleet_pb2.ListRolloutsResponse]
+    """Staged rollouts (Deploy with a policy creates one; the coordinator's controller runs it)."""
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetRolloutRequest, _fleet_pb2.RolloutInfo]
+    WatchRollout: _grpc.UnaryStreamMultiCallable[_fleet_pb2.GetRolloutRequest, _fleet_pb2.RolloutInfo]
+    """The rollout now, then again whenever it changes; ends once it is final."""
+    ControlRollout: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ControlRolloutRequest, _fleet_pb2.RolloutInfo]
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -71,6 +77,12 @@ class FleetServiceAsyncStub(FleetServiceStub):
     EnrollDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.EnrollDeviceRequest, _fleet_pb2.EnrollmentBundle]  # type: ignore[assignment]
     Deploy: _aio.UnaryStreamMultiCallable[_fleet_pb2.DeployRequest, _fleet_pb2.Progress]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_fleet_pb2.StatusRequest, _fleet_pb2.StatusResponse]  # type: ignore[assignment]
+    ListRollouts: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListRolloutsRequest, _fleet_pb2.ListRolloutsResponse]  # type: ignore[assignment]
+    """Staged rollouts (Deploy with a policy creates one; the coordinator's controller runs it)."""
+    GetRollout: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetRolloutRequest, _fleet_pb2.RolloutInfo]  # type: ignore[assignment]
+    WatchRollout: _aio.UnaryStreamMultiCallable[_fleet_pb2.GetRolloutRequest, _fleet_pb2.RolloutInfo]  # type: ignore[assignment]
+    """The rollout now, then again whenever it changes; ends once it is final."""
+    ControlRollout: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ControlRolloutRequest, _fleet_pb2.RolloutInfo]  # type: ignore[assignment]
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator (fleet CLI) ⇄ coordinator (fleet serve). Every call carries the
@@ -162,5 +174,35 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _fleet_pb2.StatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.StatusResponse, _abc.Awaitable[_fleet_pb2.StatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRollouts(
+        self,
+        request: _fleet_pb2.ListRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.ListRolloutsResponse, _abc.Awaitable[_fleet_pb2.ListRolloutsResponse]]:
+        """Staged rollouts (Deploy with a policy creates one; the coordinator's controller runs it)."""
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _fleet_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.RolloutInfo, _abc.Awaitable[_fleet_pb2.RolloutInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchRollout(
+        self,
+        request: _fleet_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fleet_pb2.RolloutInfo], _abc.AsyncIterator[_fleet_pb2.RolloutInfo]]:
+        """The rollout now, then again whenever it changes; ends once it is final."""
+
+    @_abc_1.abstractmethod
+    def ControlRollout(
+        self,
+        request: _fleet_pb2.ControlRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.RolloutInfo, _abc.Awaitable[_fleet_pb2.RolloutInfo]]: ...
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

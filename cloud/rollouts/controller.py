@@ -1,0 +1,590 @@
+"""The rollout controller: runs inside the coordinator and moves rollouts forward.
+
+Every step reads the rollout and its devices from the database, looks at what
+the devices reported, decides, and writes the outcome back before the next step.
+Nothing the controller knows lives only in memory, so a coordinator restarted
+mid-rollout carries on where it was: `RolloutStore.issue` hands back the
+generation and desired state already given to a device instead of a new one, and
+on start the controller publishes the current step's desired states again (the
+agents ignore a generation they already have).
+
+Per stage: the candidate goes to the stage's devices as a *shadow* (downloaded,
+verified, loaded and self-tested beside the serving model, and evaluated on
+sampled live inputs); once they have settled the install gates are checked; the
+stage bakes for `policy.bake_s` while shadow reports come in; the quality gates
+are checked; the stage's devices activate the candidate (already on disk and
+loaded: no download); the next stage starts. A failed gate rolls every device the
+rollout touched back to what it served before (no download), or pauses the
+rollout (`policy.on_failure`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from cloud.devices import Device, Selector
+from cloud.registry import ModelRef
+from cloud.rollouts import gates as g
+from cloud.rollouts.model import (
+    ABORTED,
+    ADVANCING,
+    CANARY,
+    D_ACTIVE,
+    D_FAILED,
+    D_PENDING,
+    D_ROLLED_BACK,
+    D_SHADOW,
+    DONE,
+    PAUSED,
+    PENDING,
+    ROLLED_BACK,
+    ROLLING,
+    ROLLING_BACK,
+    S_ACTIVATING,
+    S_BAKING,
+    S_DONE,
+    S_FAILED,
+    S_INSTALLING,
+    S_PENDING,
+    S_ROLLED_BACK,
+    Rollout,
+    RolloutDevice,
+    Stage,
+    check_transition,
+)
+from cloud.rollouts.policy import Policy
+from cloud.rollouts.store import RolloutStore
+from protos.errors import Conflict, FleetError, InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from cloud.coordinator import Coordinator, Plan
+
+logger = logging.getLogger(__name__)
+
+#: reported state that settles each action (besides "failed")
+SETTLED = {"shadow": "shadowing", "activate": "active", "rollback": "rolled_back"}
+ACTIONS = ("pause", "resume", "abort", "rollback")
+
+
+def plan_stages(
+    rollout_id: str, device_ids: Sequence[str], policy: Policy
+) -> tuple[list[Stage], dict[str, int]]:
+    """Split the devices into stages: a stable pseudo-random order from the rollout id,
+    cumulative counts per stage (the canary has at least one device), empty stages
+    dropped."""
+    order = sorted(
+        device_ids, key=lambda d: hashlib.sha256(f"{rollout_id}/{d}".encode()).hexdigest()
+    )
+    n = len(order)
+    stages: list[Stage] = []
+    assign: dict[str, int] = {}
+    prev = 0
+    for k, frac in enumerate(policy.stages):
+        count = max(1, math.ceil(frac * n - 1e-9)) if n else 0
+        count = min(n, count)
+        if count <= prev:
+            continue
+        name = ("all" if frac == 1.0 else "canary") if k == 0 else f"wave {k}"
+        for d in order[prev:count]:
+            assign[d] = len(stages)
+        stages.append(Stage(name=name, fraction=frac, devices=count - prev))
+        prev = count
+    return stages, assign
+
+
+def build_rollout(
+    plan: Plan, selector: Selector, policy: Policy, *, now: float, dry_run: bool = False
+) -> tuple[Rollout, list[RolloutDevice]]:
+    """A new rollout (PENDING) for a deploy plan, and its devices assigned to stages."""
+    if not plan.targets:
+        raise InvalidArgument(
+            f"no selected device can run {plan.version.ref}: "
+            + "; ".join(f"{d}: {why}" for d, why in list(plan.skipped.items())[:3])
+        )
+    rollout_id = uuid.uuid4().hex[:12]
+    stages, assign = plan_stages(rollout_id, [d.device_id for d, _v in plan.targets], policy)
+    devices = sorted(
+        (
+            RolloutDevice(
+                rollout_id=rollout_id,
+                device_id=d.device_id,
+                stage=assign[d.device_id],
+                variant=v.name,
+                sha256=v.sha256,
+                previous=_previous(d),
+                last_seen=d.last_seen.timestamp() if d.last_seen else 0.0,
+            )
+            for d, v in plan.targets
+        ),
+        key=lambda x: (x.stage, x.device_id),
+    )
+    rollout = Rollout(
+        rollout_id=rollout_id,
+        ref=plan.version.ref,
+        model=plan.version.model,
+        version=plan.version.version,
+        selector=str(selector),
+        policy=policy,
+        state=PENDING,
+        stages=tuple(stages),
+        created_at=now,
+        updated_at=now,
+        skipped=plan.skipped,
+        dry_run=dry_run,
+    )
+    return rollout, devices
+
+
+class RolloutController:
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        store: RolloutStore,
+        *,
+        interval: float = 0.5,
+        min_gap: float = 0.2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.coord = coordinator
+        self.store = store
+        self.interval = interval
+        self.min_gap = min_gap
+        self.clock = clock
+        self._lock = asyncio.Lock()
+        self._poke = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    # -- the loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Advance every unfinished rollout until cancelled."""
+        await self._republish()
+        while True:
+            try:
+                async with self._lock:
+                    await self.tick()
+            except FleetError as e:
+                logger.warning("rollout controller: %s", e)
+            except Exception:  # a bug must not stop every rollout: log it, try again
+                logger.exception("rollout controller step failed; retrying")
+            await self._sleep()
+
+    async def _sleep(self) -> None:
+        # at most one pass per `min_gap`: with a thousand devices reporting, "something
+        # changed" is nearly always true
+        await asyncio.sleep(self.min_gap)
+        poke = asyncio.ensure_future(self._poke.wait())
+        changed = asyncio.ensure_future(self.coord.changed(self.interval))
+        try:
+            await asyncio.wait({poke, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            poke.cancel()
+            changed.cancel()
+        self._poke.clear()
+
+    async def tick(self) -> None:
+        for r in await asyncio.to_thread(self.store.find, active_only=True):
+            try:
+                await self._advance(r)
+            except Conflict as e:  # changed by hand meanwhile: next tick sees it
+                logger.info("rollout %s: %s", r.rollout_id, e)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Return after the controller's next pass (or `timeout`)."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
+
+    async def _republish(self) -> None:
+        """After a restart: publish the desired states of the steps in flight again."""
+        for r in await asyncio.to_thread(self.store.find, active_only=True):
+            devs = await asyncio.to_thread(self.store.devices, r.rollout_id)
+            if r.state == ROLLING_BACK:
+                step = [d for d in devs if d.action == "rollback" and not _settled(d)]
+            else:
+                step = [d for d in devs if d.stage == r.stage and d.action and not _settled(d)]
+            if step:
+                await self._issue(r, step, step[0].action, phase=step[0].phase)
+                logger.info(
+                    "rollout %s resumed at %s (%s): %d desired states re-published",
+                    r.rollout_id,
+                    r.current.name,
+                    r.current.state,
+                    len(step),
+                )
+
+    # -- create and control ----------------------------------------------------------
+
+    async def create(
+        self, ref: ModelRef, selector: Selector, policy: Policy, *, dry_run: bool = False
+    ) -> tuple[Rollout, list[RolloutDevice]]:
+        plan = await self.coord.plan(ref, selector)
+        rollout, devices = build_rollout(plan, selector, policy, now=self.clock(), dry_run=dry_run)
+        if dry_run:
+            return rollout, devices
+        await self._check_free([d.device_id for d in devices])
+        await self.coord.prepare([v for _d, v in plan.targets])
+        rollout = await asyncio.to_thread(self.store.create, rollout, devices)
+        logger.info(
+            "rollout %s: %s to %d devices in %d stages (%s)",
+            rollout.rollout_id,
+            rollout.ref,
+            len(devices),
+            len(rollout.stages),
+            policy.describe(),
+        )
+        self._poke.set()
+        return rollout, devices
+
+    async def _check_free(self, device_ids: Sequence[str]) -> None:
+        """Conflict when an unfinished rollout already has one of these devices."""
+        wanted = set(device_ids)
+        for other in await asyncio.to_thread(self.store.find, active_only=True):
+            busy = [
+                d.device_id
+                for d in await asyncio.to_thread(self.store.devices, other.rollout_id)
+                if d.device_id in wanted
+            ]
+            if busy:
+                raise Conflict(
+                    f"device {busy[0]!r} ({len(busy)} in all) is in rollout {other.rollout_id} "
+                    f"({other.ref}, {other.state}): wait for it, or abort or roll it back first"
+                )
+
+    async def control(self, rollout_id: str, action: str) -> Rollout:
+        if action not in ACTIONS:
+            raise InvalidArgument(
+                f"rollout action {action!r} unknown; accepted: {', '.join(ACTIONS)}"
+            )
+        async with self._lock:
+            r = await asyncio.to_thread(self.store.get, rollout_id)
+            if action == "pause":
+                check_transition(r.rollout_id, r.state, PAUSED)
+                r = await self._save(r.with_changes(state=PAUSED, reason="paused by hand"))
+            elif action == "resume":
+                r = await self._resume(r)
+            elif action == "abort":
+                r = await self._abort(r)
+            else:
+                check_transition(r.rollout_id, r.state, ROLLING_BACK)
+                r = await self._start_rollback(r, "rolled back by hand")
+        self._poke.set()
+        return r
+
+    async def _resume(self, r: Rollout) -> Rollout:
+        target = CANARY if r.stage == 0 else ROLLING
+        check_transition(r.rollout_id, r.state, target)
+        st = r.current
+        if st.state == S_FAILED:
+            # a failed gate paused it: bake again and judge the quality gates again;
+            # install failures are accepted by resuming
+            st = st.with_changes(state=S_BAKING, bake_started_at=self.clock(), gates=())
+        return await self._save(r.with_stage(r.stage, st).with_changes(state=target, reason=""))
+
+    async def _abort(self, r: Rollout) -> Rollout:
+        check_transition(r.rollout_id, r.state, ABORTED)
+        devs = await asyncio.to_thread(self.store.devices, r.rollout_id)
+        # devices still evaluating a shadow stop; devices already switched keep the version
+        shadowing = [d for d in devs if d.action == "shadow" and d.phase == D_SHADOW]
+        await self._rollback_devices(r, shadowing)
+        return await self._save(
+            r.with_changes(state=ABORTED, reason="aborted by hand", finished_at=self.clock())
+        )
+
+    # -- stepping --------------------------------------------------------------------
+
+    async def _advance(self, r: Rollout) -> None:
+        if r.state == PENDING:
+            r = await self._save(r.with_changes(state=CANARY))
+        if r.state in ADVANCING:
+            await self._step_stage(r)
+        elif r.state == ROLLING_BACK:
+            await self._step_rollback(r)
+
+    async def _step_stage(self, r: Rollout) -> None:
+        i, st, now, p = r.stage, r.current, self.clock(), r.policy
+        devs = await asyncio.to_thread(self.store.devices, r.rollout_id, stages=[i])
+        if st.state == S_PENDING:
+            await self._issue(r, devs, "shadow", phase=D_SHADOW)
+            st = st.with_changes(state=S_INSTALLING, started_at=now)
+            await self._save(r.with_stage(i, st))
+            return
+        if st.state == S_INSTALLING:
+            devs = await self._refresh(r, devs, "shadow", since=st.started_at)
+            failed = sum(d.phase == D_FAILED for d in devs)
+            settled = all(_settled(d) for d in devs)
+            st = st.with_changes(by_state=_by_state(devs))
+            if settled or failed > g.failure_budget(p, len(devs)):
+                results = g.install_gates(p, devs)
+                if not all(x.ok for x in results):
+                    await self._fail(r, st.with_changes(gates=tuple(results)))
+                    return
+                st = st.with_changes(state=S_BAKING, bake_started_at=now, gates=tuple(results))
+            await self._save(r.with_stage(i, st))
+            return
+        if st.state == S_BAKING:
+            devs = await self._refresh(r, devs, "shadow", since=st.started_at)
+            q = g.quality_gates(p, devs)
+            st = st.with_changes(by_state=_by_state(devs), samples=q.samples)
+            if now - st.bake_started_at < p.bake_s or (
+                not q.enough and now - st.bake_started_at < p.bake_s + p.stage_timeout_s
+            ):
+                await self._save(r.with_stage(i, st))
+                return
+            installed = [x for x in st.gates if x.name in ("failure_rate", "self_test")]
+            st = st.with_changes(gates=(*installed, *q.gates))
+            if not all(x.ok for x in q.gates):
+                await self._fail(r, st)
+                return
+            ready = [d for d in devs if d.phase == D_SHADOW]
+            await self._issue(r, ready, "activate", phase=D_ACTIVE)
+            st = st.with_changes(state=S_ACTIVATING, activated_at=now)
+            await self._save(r.with_stage(i, st))
+            return
+        if st.state == S_ACTIVATING:
+            issued = [d for d in devs if d.action == "activate"]
+            issued = await self._refresh(r, issued, "activate", since=st.activated_at)
+            devs = await asyncio.to_thread(self.store.devices, r.rollout_id, stages=[i])
+            st = st.with_changes(by_state=_by_state(devs))
+            if not all(_settled(d) for d in issued):
+                await self._save(r.with_stage(i, st))
+                return
+            st = st.with_changes(state=S_DONE, finished_at=now)
+            r = r.with_stage(i, st)
+            if i + 1 >= len(r.stages):
+                await self._save(r.with_changes(state=DONE, finished_at=now, reason=""))
+                logger.info("rollout %s: done", r.rollout_id)
+            else:
+                await self._save(r.with_changes(state=ROLLING, stage=i + 1))
+                logger.info(
+                    "rollout %s: %s done; %s next", r.rollout_id, st.name, r.stages[i + 1].name
+                )
+                self._poke.set()
+
+    async def _fail(self, r: Rollout, st: Stage) -> None:
+        bad = st.failed_gates
+        reason = f"{st.name}: gate {', '.join(f'{x.name} ({x.detail})' for x in bad)} failed"
+        r = r.with_stage(r.stage, st.with_changes(state=S_FAILED, finished_at=self.clock()))
+        logger.warning("rollout %s: %s; %s", r.rollout_id, reason, r.policy.on_failure)
+        if r.policy.on_failure == "pause":
+            await self._save(r.with_changes(state=PAUSED, reason=reason))
+        else:
+            await self._start_rollback(r, reason)
+
+    # -- rollback --------------------------------------------------------------------
+
+    async def _start_rollback(self, r: Rollout, reason: str) -> Rollout:
+        devs = await asyncio.to_thread(self.store.devices, r.rollout_id)
+        touched = [d for d in devs if d.action and d.action != "rollback"]
+        await self._rollback_devices(r, touched)
+        stages = tuple(
+            s.with_changes(state=S_ROLLED_BACK) if s.state not in (S_PENDING, S_FAILED) else s
+            for s in r.stages
+        )
+        r = r.with_changes(state=ROLLING_BACK, reason=reason, stages=stages)
+        r = await self._save(r)
+        self._poke.set()
+        return r
+
+    async def _rollback_devices(self, r: Rollout, devs: Sequence[RolloutDevice]) -> None:
+        """Tell each device to serve what it served before the rollout (no download)."""
+        manifests: dict[str, tuple[bytes, str]] = {}
+        cache: dict[tuple[str, int, str], tuple[bytes, str]] = {}
+        for d in devs:
+            prev = d.previous
+            if not prev or not prev.get("model"):
+                continue
+            key = (str(prev["model"]), int(prev.get("version", 0)), str(prev.get("variant", "")))
+            if key not in cache:
+                try:
+                    mv = await asyncio.to_thread(
+                        self.coord.registry.get_version, ModelRef(key[0], key[1])
+                    )
+                    v = mv.variant(key[2])
+                except (NotFound, InvalidArgument) as e:
+                    logger.warning(
+                        "rollout %s: cannot roll %s back: %s", r.rollout_id, d.device_id, e
+                    )
+                    continue
+                cache[key] = (v.signed_manifest, v.sha256)
+            manifests[d.device_id] = cache[key]
+        without = [d.device_id for d in devs if d.device_id not in manifests]
+        if without:
+            await asyncio.to_thread(
+                self.store.update_devices,
+                r.rollout_id,
+                {
+                    dev: {"reason": "no_previous_model", "detail": "nothing to roll back to"}
+                    for dev in without
+                },
+            )
+        targets = [d for d in devs if d.device_id in manifests]
+        if targets:
+            await self._issue(r, targets, "rollback", phase=D_ROLLED_BACK, manifests=manifests)
+
+    async def _step_rollback(self, r: Rollout) -> None:
+        devs = await asyncio.to_thread(self.store.devices, r.rollout_id)
+        issued = [d for d in devs if d.action == "rollback"]
+        issued = await self._refresh(r, issued, "rollback", since=r.updated_at)
+        if all(_settled(d) for d in issued):
+            now = self.clock()
+            await self._save(r.with_changes(state=ROLLED_BACK, finished_at=now))
+            logger.warning(
+                "rollout %s: rolled back (%d devices) after: %s",
+                r.rollout_id,
+                len(issued),
+                r.reason,
+            )
+
+    # -- devices ---------------------------------------------------------------------
+
+    async def _issue(
+        self,
+        r: Rollout,
+        devs: Sequence[RolloutDevice],
+        action: str,
+        *,
+        phase: str,
+        manifests: Mapping[str, tuple[bytes, str]] | None = None,
+    ) -> None:
+        if not devs:
+            return
+        if manifests is None:
+            mv = await asyncio.to_thread(
+                self.coord.registry.get_version, ModelRef(r.model, r.version)
+            )
+            by_name = {v.name: v for v in mv.variants}
+            await self.coord.prepare([by_name[d.variant] for d in devs])
+            manifests = {d.device_id: (by_name[d.variant].signed_manifest, d.sha256) for d in devs}
+        sign = self.coord.signer(
+            manifests, rollout_id=r.rollout_id, action=action, sample_rate=r.policy.sample_rate
+        )
+        issued = await asyncio.to_thread(
+            self.store.issue, r.rollout_id, [d.device_id for d in devs], action, sign, phase=phase
+        )
+        await self.coord.publish_desired({dev: payload for dev, (_g, payload) in issued.items()})
+
+    async def _refresh(
+        self, r: Rollout, devs: Sequence[RolloutDevice], action: str, *, since: float
+    ) -> list[RolloutDevice]:
+        """Fold what the devices reported into their rollout rows (stored when changed)."""
+        if not devs:
+            return []
+        now = self.clock()
+        found = await asyncio.to_thread(
+            self.coord.devices.find, Selector("device", devices=tuple(d.device_id for d in devs))
+        )
+        by_id: dict[str, Device] = {d.device_id: d for d in found}
+        ok_state = SETTLED[action]
+        changes: dict[str, dict[str, Any]] = {}
+        out: list[RolloutDevice] = []
+        for d in devs:
+            dev = by_id.get(d.device_id)
+            new: dict[str, Any] = {}
+            if dev is not None:
+                seen = dev.last_seen.timestamp() if dev.last_seen else 0.0
+                if seen and abs(seen - d.last_seen) > 1.0:
+                    new["last_seen"] = seen
+                if d.previous is None and (prev := _previous(dev)) and prev["sha256"] != d.sha256:
+                    # planned before its report of what it serves arrived: learn it now,
+                    # so a rollback can take it back there
+                    new["previous"] = prev
+                rep = dev.reported
+                if d.action == action and int(rep.get("generation", 0)) >= d.generation > 0:
+                    state = str(rep.get("state", ""))
+                    if state != d.state:
+                        new["state"] = state
+                        new["reason"] = str(rep.get("reason", ""))
+                        new["detail"] = str(rep.get("detail", ""))[:500]
+                    if state == "failed" and d.phase != D_FAILED:
+                        new["phase"] = D_FAILED
+                    elif state == ok_state and d.phase != _phase_for(action):
+                        new["phase"] = _phase_for(action)
+            report = self.coord.shadow_reports.get(d.device_id)
+            if (
+                action == "shadow"
+                and report is not None
+                and report.rollout_id == r.rollout_id
+                and report.generation == d.generation
+                and dict(d.shadow) != report.summary
+            ):
+                new["shadow"] = dict(report.summary)
+            merged = d
+            if new:
+                changes[d.device_id] = new
+                merged = _merge(d, new)
+            if (
+                not _settled(merged)
+                and d.action == action
+                and since
+                and now - since > r.policy.stage_timeout_s
+            ):
+                last = merged.state or "no answer"
+                timeout = {
+                    "phase": D_FAILED,
+                    "state": "failed",
+                    "reason": "timeout",
+                    "detail": f"not settled within {r.policy.stage_timeout_s:.0f}s (last: {last})",
+                }
+                changes[d.device_id] = {**changes.get(d.device_id, {}), **timeout}
+                merged = _merge(merged, timeout)
+            out.append(merged)
+        if changes:
+            await asyncio.to_thread(self.store.update_devices, r.rollout_id, changes)
+        return out
+
+    async def _save(self, r: Rollout) -> Rollout:
+        """Store the rollout, with every stage's estimated finish as of now."""
+        etas = r.etas(self.clock())
+        stages = tuple(st.with_changes(eta=e) for st, e in zip(r.stages, etas, strict=True))
+        return await asyncio.to_thread(self.store.save, r.with_changes(stages=stages))
+
+
+def _phase_for(action: str) -> str:
+    return {"shadow": D_SHADOW, "activate": D_ACTIVE, "rollback": D_ROLLED_BACK}[action]
+
+
+def _settled(d: RolloutDevice) -> bool:
+    if d.phase == D_FAILED:
+        return True
+    return bool(d.action) and d.state == SETTLED.get(d.action)
+
+
+def _merge(d: RolloutDevice, new: Mapping[str, Any]) -> RolloutDevice:
+    from dataclasses import replace
+
+    return replace(d, **new)
+
+
+def _by_state(devs: Sequence[RolloutDevice]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in devs:
+        key = d.phase if d.phase in (D_FAILED, D_PENDING) else (d.state or "waiting")
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _previous(d: Device) -> dict[str, Any] | None:
+    a = d.active
+    if not a or not a.get("model"):
+        return None
+    return {
+        "model": str(a.get("model")),
+        "version": int(a.get("version", 0)),
+        "variant": str(a.get("variant", "")),
+        "sha256": str(a.get("sha256", "")),
+    }
+
+
+__all__ = ["ACTIONS", "RolloutController", "plan_stages"]
