@@ -22,6 +22,7 @@ CONFIG_FILE = "config.toml"
 SERVE_FILE = "serve.json"
 DEFAULT_MQTT_PORT = 1883
 DEFAULT_GRPC_LISTEN = "127.0.0.1:7443"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 
 
 class CloudSettings(BaseSettings):
@@ -40,6 +41,9 @@ class CloudSettings(BaseSettings):
         default=DEFAULT_MQTT_PORT, ge=0, le=65535, description="managed broker port (0: free)"
     )
     grpc_listen: str = Field(default=DEFAULT_GRPC_LISTEN, description="FleetService address")
+    metrics_listen: str = Field(
+        default=DEFAULT_METRICS_LISTEN, description="Prometheus /metrics address; empty: off"
+    )
     # operator CLI talking to a running coordinator
     coordinator: str = Field(default="", description="HOST:PORT of `fleet serve`")
     token: str = Field(default="", description="API token (FLEET_TOKEN)")
@@ -85,6 +89,7 @@ class ServeInfo:
     broker_url: str  # where the coordinator itself connects
     advertise_broker: str  # what enrolment bundles tell devices
     pid: int
+    metrics: str = ""  # http://HOST:PORT/metrics, empty when off
 
     def write(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -101,6 +106,7 @@ class ServeInfo:
                 broker_url=str(d["broker_url"]),
                 advertise_broker=str(d.get("advertise_broker") or d["broker_url"]),
                 pid=int(d["pid"]),
+                metrics=str(d.get("metrics", "")),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

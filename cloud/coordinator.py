@@ -109,6 +109,7 @@ class Coordinator:
         rate: float = 0.0,
         gather: float = 0.2,
         flush_interval: float = 0.05,
+        telemetry: bool = True,
     ) -> None:
         self.topics = topics or Topics()
         self.registry = registry
@@ -133,6 +134,7 @@ class Coordinator:
         #: bytes of signed desired states published so far (coordinator egress besides chunks)
         self.desired_bytes = 0
         self.flush_interval = flush_interval
+        self.telemetry = telemetry
         self._inbox: list[DeviceEvent] = []
         self._inbox_ready = asyncio.Event()
 
@@ -154,7 +156,10 @@ class Coordinator:
         await self._flush_events()
 
     async def _subscribe(self) -> None:
-        for kind in ("status", "reported", "telemetry", "shadow"):
+        kinds = ["status", "reported", "shadow"]
+        if self.telemetry:  # else a TelemetrySubscriber (cloud.monitoring) takes it
+            kinds.append("telemetry")
+        for kind in kinds:
             await self.transport.subscribe(self.topics.all_devices(kind), qos=1)
         await self.transport.subscribe(self.topics.all_wants(), qos=1)
 

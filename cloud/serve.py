@@ -112,6 +112,7 @@ async def serve(
 
     from cloud.coordinator import Coordinator
     from cloud.grpc_service import FleetServicer, TokenAuth
+    from cloud.monitoring import Monitoring
     from cloud.rollouts.controller import RolloutController
     from cloud.signing import load_private_key
     from protos.fleet.v1 import fleet_pb2_grpc
@@ -143,13 +144,24 @@ async def serve(
     advertise = settings.advertise_broker or broker_url
     server: grpc.aio.Server | None = None
     try:
-        async with Coordinator(
-            broker_url=broker_url,
-            registry=local.registry,
-            store=local.pipeline.store,
-            devices=local.devices,
-            signing_key=lambda: load_private_key(settings.signing_key_path),
-        ) as coordinator:
+        async with (
+            Coordinator(
+                broker_url=broker_url,
+                registry=local.registry,
+                store=local.pipeline.store,
+                devices=local.devices,
+                signing_key=lambda: load_private_key(settings.signing_key_path),
+                telemetry=False,
+            ) as coordinator,
+            Monitoring(
+                db_url=settings.registry_url,
+                broker_url=broker_url,
+                home=str(settings.home_dir),
+                devices=local.devices,
+                rollouts=local.rollouts,
+                metrics_listen=settings.metrics_listen,
+            ) as monitoring,
+        ):
             controller = RolloutController(coordinator, local.rollouts)
             control_task = asyncio.create_task(controller.run(), name="rollout-controller")
             try:
@@ -180,6 +192,7 @@ async def serve(
                     broker_url=broker_url,
                     advertise_broker=advertise,
                     pid=os.getpid(),
+                    metrics=monitoring.metrics_url,
                 )
                 info.write(settings.serve_path)
                 logger.info("FleetService on %s; broker %s", info.grpc, broker_url)

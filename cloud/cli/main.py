@@ -265,6 +265,15 @@ def serve(
             "[env FLEET_GRPC_LISTEN; default 127.0.0.1:7443].",
         ),
     ] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            envvar="FLEET_METRICS_LISTEN",
+            help="Prometheus /metrics address, or 'off'; port 0 picks a free one "
+            "[env FLEET_METRICS_LISTEN; default 127.0.0.1:9464].",
+        ),
+    ] = None,
     advertise_broker: Annotated[
         str | None,
         typer.Option(
@@ -293,10 +302,13 @@ def serve(
         mqtt_port=mqtt_port,
         grpc_listen=grpc_listen,
         advertise_broker=advertise_broker,
+        metrics_listen=metrics_listen,
     )
 
     def ready(info: ServeInfo) -> None:
         err.print(f"FleetService on {info.grpc}; broker {info.broker_url}; pid {info.pid}")
+        if info.metrics:
+            err.print(f"metrics on {info.metrics}")
         err.print(f"devices are told: {info.advertise_broker}; state in {settings.serve_path}")
 
     async def main() -> None:

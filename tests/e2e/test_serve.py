@@ -55,6 +55,8 @@ def fleet_serve(home: Path) -> Iterator[tuple[subprocess.Popen[bytes], ServeInfo
             "0",
             "--grpc-listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
         cwd=REPO,
         env=_env(),

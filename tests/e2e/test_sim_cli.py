@@ -99,6 +99,20 @@ def test_fleet_sim_runs_devices_that_a_deploy_reaches_through_faults(
         report = json.loads(dep.stdout)
         states = {d["device_id"]: d["state"] for d in report["devices"]}
         assert states == {f"clisim-{i:04d}": "active" for i in range(6)}
+        # the coordinator's /metrics sees the same fleet
+        import urllib.request
+
+        assert served.metrics.startswith("http://127.0.0.1:")
+        text = urllib.request.urlopen(served.metrics, timeout=10).read().decode()
+        # (the simulator may already be stopping: it exits once all six are active)
+        counts = {
+            line.split('status="')[1].split('"')[0]: int(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("edgefleet_devices{")
+        }
+        assert counts["online"] + counts["offline"] == 6, text
+        assert 'edgefleet_devices_by_version{model="digits",version="1",variant="int8"} 6' in text
+        assert "edgefleet_telemetry_written_total" in text
         out_s, err_s = sim.communicate(timeout=120)
     finally:
         if sim.poll() is None:

@@ -1,0 +1,135 @@
+"""Fleet monitoring inside `fleet serve`: telemetry ingest, retention, `/metrics`.
+
+`Monitoring` is an async context manager the coordinator process enters once it
+knows its broker: it starts the `TelemetrySubscriber` (own MQTT client, persistent
+shared subscription; see `cloud.telemetry.ingest`), folds old telemetry into hourly
+rows every `compact_every` seconds, and serves Prometheus metrics on
+`metrics_listen` (HOST:PORT; empty or 'off': none). A metrics port that cannot be bound is logged, not
+fatal: the fleet keeps running without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from cloud.metrics import (
+    Family,
+    MetricsRegistry,
+    Sample,
+    device_families,
+    ingest_families,
+    latency_families,
+    serve_metrics,
+)
+from cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
+from protos.transport import MqttSettings
+
+logger = logging.getLogger(__name__)
+
+
+def telemetry_client_id(home: str) -> str:
+    """Stable per coordinator home, so a restart resumes the same persistent session."""
+    return "fleet-telemetry-" + hashlib.sha256(home.encode()).hexdigest()[:12]
+
+
+class Monitoring:
+    def __init__(
+        self,
+        *,
+        db_url: str,
+        broker_url: str,
+        home: str,
+        devices: Any,
+        rollouts: Any | None = None,
+        metrics_listen: str = "",
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        compact_every: float = 3600.0,
+    ) -> None:
+        self.store = TelemetryStore(db_url)
+        self.ingest = TelemetryIngest(self.store, on_written=devices.touch)
+        self.subscriber = TelemetrySubscriber(
+            MqttSettings(
+                url=broker_url,
+                client_id=telemetry_client_id(home),
+                username=username,
+                password=password,
+                ca_file=ca_file,
+            ),
+            self.ingest,
+        )
+        self.devices = devices
+        self.rollouts = rollouts
+        self.metrics = MetricsRegistry()
+        self.metrics.add("devices", lambda: device_families(devices.find()))
+        self.metrics.add("latency", lambda: latency_families(self.store.latency_percentiles()))
+        self.metrics.add("ingest", lambda: ingest_families(self.ingest))
+        if rollouts is not None:
+            self.metrics.add("rollouts", self._rollout_families)
+        self.metrics_listen = metrics_listen
+        self.metrics_url = ""
+        self.compact_every = compact_every
+        self._server: asyncio.Server | None = None
+        self._compactor: asyncio.Task[None] | None = None
+
+    def _rollout_families(self) -> Iterable[Family]:
+        from collections import Counter
+
+        assert self.rollouts is not None
+        states = Counter(r.state for r in self.rollouts.find(limit=1000))
+        return [
+            Family(
+                "edgefleet_rollouts",
+                "gauge",
+                "Rollouts by state (the 1,000 most recent).",
+                [
+                    Sample("edgefleet_rollouts", n, (("state", s),))
+                    for s, n in sorted(states.items())
+                ],
+            )
+        ]
+
+    async def __aenter__(self) -> Monitoring:
+        await asyncio.to_thread(self.subscriber.start)
+        self._compactor = asyncio.create_task(self._compact_loop(), name="telemetry-compact")
+        if self.metrics_listen.strip().lower() not in ("", "off", "none"):
+            host, _, port = self.metrics_listen.rpartition(":")
+            try:
+                self._server, bound = await serve_metrics(self.metrics, host, int(port))
+                self.metrics_url = f"http://{host}:{bound}/metrics"
+            except (OSError, ValueError) as e:
+                logger.warning(
+                    "metrics: cannot listen on %s (%s); /metrics is off", self.metrics_listen, e
+                )
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._compactor is not None:
+            self._compactor.cancel()
+            await asyncio.gather(self._compactor, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        await asyncio.to_thread(self.subscriber.stop)
+        self.store.close()
+
+    async def _compact_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.compact_every)
+            try:
+                await asyncio.to_thread(self.store.compact)
+            except Exception:
+                logger.exception("telemetry compaction failed; will try again")
+
+
+__all__ = ["Monitoring", "telemetry_client_id"]
