@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -137,6 +138,10 @@ class MqttSettings:
     #: broker holds back what this client has not processed yet (at most its
     #: in-flight window is buffered here) instead of it piling up in memory.
     flow_control: bool = False
+    #: > 0: a persistent session (clean start off, MQTT 5 session expiry in seconds):
+    #: the broker keeps this client's subscriptions and queues its QoS 1 messages
+    #: while it is away (a restarted coordinator misses no telemetry or report).
+    session_expiry: int = 0
 
     def __post_init__(self) -> None:
         endpoint = _parse_url(self.url)
@@ -299,6 +304,7 @@ class _Link:
         self.client = c
         self._keepalive = settings.keepalive
         self._endpoint = settings.endpoint
+        self._session_expiry = settings.session_expiry
 
     def _new_future(self) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._loop.create_future()
@@ -308,7 +314,17 @@ class _Link:
     def start(self) -> None:
         """Send CONNECT; the CONNACK resolves `connack`."""
         ep = self._endpoint
-        rc = self.client.connect(ep.host, ep.port, self._keepalive, clean_start=True)
+        props = None
+        if self._session_expiry > 0:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self._session_expiry
+        rc = self.client.connect(
+            ep.host,
+            ep.port,
+            self._keepalive,
+            clean_start=self._session_expiry <= 0,
+            properties=props,
+        )
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise Unavailable(
                 f"{self._label}: CONNECT to {self._url} failed: {mqtt.error_string(rc)}"

@@ -10,14 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +20,8 @@ import pytest
 
 from cloud.artifacts import ArtifactStore, open_artifact_store
 from cloud.registry import RegistryStore, open_registry
+from tests.support.postgres import PostgresUnavailable, TempPostgres
 
-_PG_USER = "postgres"
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -44,12 +37,6 @@ _AWS_UNSET = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _set_aws_env(mp: pytest.MonkeyPatch) -> None:
@@ -68,40 +55,10 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- PostgreSQL -----------------------------------------------------------------------
 
 
-def _pg_bindir() -> Path | None:
-    found = [shutil.which("initdb"), shutil.which("pg_ctl")]
-    if all(found):
-        return Path(found[0]).resolve().parent  # type: ignore[arg-type]
-
-    def major(path: str) -> int:
-        part = Path(path).parent.parent.name
-        return int(part) if part.isdigit() else 0
-
-    for initdb in sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=major, reverse=True):
-        bindir = Path(initdb).parent
-        if (bindir / "pg_ctl").exists():
-            return bindir
-    return None
-
-
 def _no_postgres(why: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"PostgreSQL is required in CI but unavailable: {why}", pytrace=False)
     pytest.skip(f"PostgreSQL unavailable ({why}); install postgresql or set FLEET_TEST_DB_URL")
-
-
-def _wait_accepting(url: str, deadline_s: float) -> None:
-    import psycopg
-
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            with psycopg.connect(url, connect_timeout=2):
-                return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def _psycopg_url(url: str) -> str:
@@ -123,86 +80,16 @@ def postgres_url() -> Iterator[str]:
             )
         yield override
         return
-
-    bindir = _pg_bindir()
-    if bindir is None:
-        _no_postgres("initdb/pg_ctl not on PATH nor in /usr/lib/postgresql/*/bin")
-    assert bindir is not None
-
-    as_user: list[str] = []
-    uid = gid = -1
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        try:
-            pw = pwd.getpwnam(_PG_USER)
-        except KeyError:
-            _no_postgres(f"running as root and there is no {_PG_USER!r} system user")
-        uid, gid = pw.pw_uid, pw.pw_gid
-        as_user = ["runuser", "-u", _PG_USER, "--"]
-
-    # Not under pytest's tmp dirs: /tmp/pytest-of-root is 0700, unreadable for `postgres`.
-    root = Path(tempfile.mkdtemp(prefix="fleet-pg-", dir="/tmp"))
-    data = root / "data"
-    log = root / "server.log"
-    if uid >= 0:
-        os.chown(root, uid, gid)
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*as_user, *args], cwd=root, capture_output=True, text=True, timeout=120, check=False
-        )
-
-    started = False
+    server = TempPostgres()
     try:
-        r = run(
-            str(bindir / "initdb"),
-            "-D", str(data),
-            "-U", _PG_USER,
-            "-A", "trust",
-            "-E", "UTF8",
-            "--no-locale",
-            "--no-sync",
-        )  # fmt: skip
-        if r.returncode != 0:
-            _no_postgres(f"initdb failed: {r.stderr.strip() or r.stdout.strip()}")
-
-        port = 0
-        for _ in range(3):  # another process may grab the free port before the server binds it
-            port = free_port()
-            opts = (
-                f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            )
-            r = run(
-                str(bindir / "pg_ctl"),
-                "start",
-                "-D",
-                str(data),
-                "-l",
-                str(log),
-                "-w",
-                "-t",
-                "60",
-                "-o",
-                opts,
-            )
-            if r.returncode == 0:
-                started = True
-                break
-        if not started:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            pytest.fail(f"pg_ctl start failed: {r.stderr.strip()}\n{tail}", pytrace=False)
-
-        admin = f"postgresql://{_PG_USER}@127.0.0.1:{port}/postgres"
-        _wait_accepting(admin, 30)
-        import psycopg
-
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE fleet_test")
-        yield f"postgresql://{_PG_USER}@127.0.0.1:{port}/fleet_test"
+        url = server.__enter__()
+    except PostgresUnavailable as e:
+        _no_postgres(str(e))
+        return
+    try:
+        yield url
     finally:
-        if started:
-            run(str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w", "-t", "30")
-        shutil.rmtree(root, ignore_errors=True)
+        server.__exit__(None, None, None)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,13 @@
+"""Device telemetry in the coordinator: decode, buffer, batch-insert, roll up."""
+
+from cloud.telemetry.ingest import TelemetryIngest, TelemetrySubscriber, decode_row
+from cloud.telemetry.store import Percentiles, TelemetryStore, quantile
+
+__all__ = [
+    "Percentiles",
+    "TelemetryIngest",
+    "TelemetryStore",
+    "TelemetrySubscriber",
+    "decode_row",
+    "quantile",
+]

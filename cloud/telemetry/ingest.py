@@ -1,0 +1,301 @@
+"""From MQTT telemetry payloads to `telemetry` rows: decode, buffer, batch-write.
+
+Telemetry is the firehose (every device, every window); the control plane
+(status, reported state, wants) is not. They get separate paths:
+`TelemetrySubscriber` is its own MQTT client whose network loop runs in a thread
+(paho's), with a persistent session and an MQTT 5 shared subscription
+(``$share/fleet-ingest/…``), so a restarted coordinator misses nothing and several
+ingest processes can split the load; `TelemetryIngest` buffers decoded rows and
+a writer thread inserts them in batches (one statement and one commit per
+flush). The coordinator's event loop never sees a telemetry message.
+
+Measured on 2 cores (bench/telemetry.py): the asyncio transport spends a loop
+iteration, an epoll change and a send per message (~2.6k msg/s into SQLite);
+this path runs at close to a bare paho client.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from cloud.telemetry.store import TelemetryStore
+from protos.errors import InvalidArgument
+from protos.fleet.v1 import device_pb2
+from protos.topics import Topics
+from protos.transport import MqttSettings
+
+logger = logging.getLogger(__name__)
+
+#: Rows buffered beyond this are refused (and counted) rather than eating memory
+#: while the database is away; MQTT redelivery and the agents' spools cover the gap.
+MAX_BUFFER = 500_000
+SHARE_GROUP = "fleet-ingest"
+
+_bounds_text: dict[tuple[float, ...], str] = {}
+
+
+def _ints(values: Sequence[int]) -> str:
+    return "[" + ",".join(map(str, values)) + "]"
+
+
+def _bounds(values: Sequence[float]) -> str:
+    key = tuple(values)
+    text = _bounds_text.get(key)
+    if text is None:
+        text = _bounds_text[key] = "[" + ",".join(f"{v:g}" for v in key) + "]"
+    return text
+
+
+def decode_row(topic_device: str, payload: bytes, *, received_ms: int) -> tuple[Any, ...]:
+    """One `Telemetry` payload as a `telemetry` row (in `COLUMNS` order);
+    `InvalidArgument` naming the device
+    for a payload that does not parse, reports for another device, or carries a
+    histogram whose counts don't match its bounds."""
+    msg = device_pb2.Telemetry()
+    try:
+        msg.ParseFromString(payload)
+    except DecodeError as e:
+        raise InvalidArgument(
+            f"telemetry from {topic_device!r} ({len(payload)} bytes) is not a valid "
+            f"Telemetry message: {e}"
+        ) from None
+    if msg.device_id and msg.device_id != topic_device:
+        raise InvalidArgument(
+            f"telemetry on {topic_device!r}'s topic names device {msg.device_id!r}; "
+            "a device may only report for itself"
+        )
+    lat = msg.latency
+    if lat.counts and len(lat.counts) != len(lat.bounds_us) + 1:
+        raise InvalidArgument(
+            f"telemetry from {topic_device!r}: latency histogram has {len(lat.counts)} counts "
+            f"for {len(lat.bounds_us)} bounds; expected bounds + 1"
+        )
+    return (
+        topic_device,
+        msg.seq,
+        msg.window_start_ms,
+        msg.window_end_ms or received_ms,
+        received_ms,
+        msg.active.model,
+        msg.active.version,
+        msg.active.variant,
+        msg.predictions,
+        msg.errors,
+        _bounds(lat.bounds_us),
+        _ints(lat.counts),
+        lat.sum_us,
+        lat.count,
+        msg.rss_bytes,
+        msg.cpu_percent,
+        msg.spooled,
+    )
+
+
+class TelemetryIngest:
+    """Thread-safe row buffer plus a writer thread that flushes every `interval` s.
+
+    `on_written(device_ids)` runs after each committed batch (the coordinator marks
+    those devices as seen, in one statement).
+    """
+
+    def __init__(
+        self,
+        store: TelemetryStore,
+        *,
+        interval: float = 0.25,
+        batch: int = 20_000,
+        on_written: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.interval = interval
+        self.batch = batch
+        self.on_written = on_written
+        self._rows: list[tuple[Any, ...]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.received = 0
+        self.written = 0
+        self.rejected = 0  # malformed payloads
+        self.dropped = 0  # buffer full while the database was away
+        self.write_errors = 0
+        self.rate = 0.0  # rows/s written, over the last few seconds
+        self._rate_t = time.monotonic()
+        self._rate_n = 0
+
+    def add(self, topic_device: str, payload: bytes) -> None:
+        """Decode and buffer one message; raises `InvalidArgument` for a bad one."""
+        try:
+            row = decode_row(topic_device, payload, received_ms=int(time.time() * 1000))
+        except InvalidArgument:
+            self.rejected += 1
+            raise
+        with self._lock:
+            if len(self._rows) >= MAX_BUFFER:
+                self.dropped += 1
+                return
+            self._rows.append(row)
+            self.received += 1
+            full = len(self._rows) >= self.batch
+        if full:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._rows)
+
+    # writer thread
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, timeout: float = 30.0) -> None:
+        """Flush what is buffered (while the database answers) and stop the writer."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if not self.flush():
+                self._stop.wait(1.0)  # the database is away: back off, keep the rows
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write everything buffered now; False (rows kept) if the database refused."""
+        while True:
+            with self._lock:
+                rows, self._rows = self._rows[: self.batch], self._rows[self.batch :]
+            if not rows:
+                return True
+            try:
+                self.store.insert_many(rows)
+            except Exception as e:  # the database went away: keep the rows, in order
+                self.write_errors += 1
+                with self._lock:
+                    self._rows[:0] = rows
+                logger.warning(
+                    "telemetry: could not write %d rows (%s); %d buffered, retrying",
+                    len(rows),
+                    e,
+                    len(self._rows),
+                )
+                return False
+            self.written += len(rows)
+            self._count(len(rows))
+            if self.on_written is not None:
+                try:
+                    self.on_written(sorted({r[0] for r in rows}))
+                except Exception:
+                    logger.exception("telemetry: on_written failed")
+
+    def _count(self, n: int) -> None:
+        self._rate_n += n
+        now = time.monotonic()
+        if now - self._rate_t >= 2.0:
+            self.rate = self._rate_n / (now - self._rate_t)
+            self._rate_t, self._rate_n = now, 0
+
+
+class TelemetrySubscriber:
+    """A dedicated MQTT client for telemetry: paho's own network thread, persistent
+    session, shared subscription, automatic reconnect. `start()` / `stop()`."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        ingest: TelemetryIngest,
+        *,
+        topics: Topics | None = None,
+        shared: bool = True,
+    ) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.settings = settings
+        self.ingest = ingest
+        self.topics = topics or Topics()
+        self.filter = self.topics.all_devices("telemetry")
+        self.subscription = f"$share/{SHARE_GROUP}/{self.filter}" if shared else self.filter
+        self.connected = threading.Event()
+        # MQTT 3.1.1 on purpose: paho builds a Properties object for every MQTT 5
+        # PUBLISH (~25 µs each), which halves what one subscriber drains. Shared
+        # subscriptions work on 3.1.1 with Mosquitto; the session is persistent
+        # (clean_session off) under a stable client id.
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
+        if settings.username is not None:
+            c.username_pw_set(settings.username, settings.password)
+        if settings.endpoint.tls:
+            try:
+                c.tls_set_context(ssl.create_default_context(cafile=settings.ca_file))
+            except (OSError, ssl.SSLError) as e:
+                raise InvalidArgument(
+                    f"CA file {settings.ca_file!r} for {settings.url} cannot be used: {e}"
+                ) from None
+        c.reconnect_delay_set(
+            min_delay=max(1, int(settings.backoff_base)), max_delay=int(settings.backoff_cap)
+        )
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self._client = c
+
+    def _on_connect(self, c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:  # paho retries with backoff
+            logger.warning("telemetry subscriber: broker refused: %s", rc)
+            return
+        c.subscribe(self.subscription, qos=1)
+        self.connected.set()
+        logger.info("telemetry subscriber connected to %s", self.settings.url)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.connected.clear()
+        logger.info("telemetry subscriber disconnected (%s); paho reconnects", rc)
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        try:
+            _space, device_id, kind = self.topics.parse(msg.topic)
+            if kind != "telemetry":
+                return
+            self.ingest.add(device_id, msg.payload)
+        except (InvalidArgument, UnicodeDecodeError) as e:
+            logger.warning("telemetry message on %r rejected: %s", msg._topic[:200], e)
+
+    def start(self, *, timeout: float = 30.0) -> None:
+        from protos.errors import Unavailable
+
+        ep = self.settings.endpoint
+        self.ingest.start()
+        self._client.connect_async(ep.host, ep.port, self.settings.keepalive)
+        self._client.loop_start()
+        if not self.connected.wait(timeout):
+            self.stop()
+            raise Unavailable(
+                f"telemetry subscriber could not connect to {self.settings.url} in {timeout:g}s"
+            )
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.ingest.stop()
+
+
+__all__ = ["MAX_BUFFER", "TelemetryIngest", "TelemetrySubscriber", "decode_row"]

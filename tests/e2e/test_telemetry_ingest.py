@@ -1,0 +1,69 @@
+"""Telemetry from MQTT into the database through a real Mosquitto: batched rows, bad
+payloads rejected and counted, and nothing lost while the subscriber is away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from cloud.broker import ManagedBroker
+from cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
+from protos.transport import MqttSettings, MqttTransport
+from tests.contract.test_telemetry import NOW, payload
+
+
+def _wait(pred: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+async def _publish(url: str, items: list[tuple[str, bytes]]) -> None:
+    async with MqttTransport(MqttSettings(url=url, client_id="telemetry-pub")) as t:
+        await t.wait_connected(timeout=10)
+        for topic, data in items:
+            await t.publish(topic, data, qos=1)
+
+
+def test_ingest_through_the_broker_with_a_persistent_session(
+    broker: ManagedBroker, tmp_path: Path
+) -> None:
+    store = TelemetryStore(f"sqlite:///{tmp_path / 't.db'}")
+    seen: list[str] = []
+
+    def subscriber() -> tuple[TelemetrySubscriber, TelemetryIngest]:
+        ingest = TelemetryIngest(store, interval=0.05, on_written=seen.extend)
+        settings = MqttSettings(url=broker.url, client_id="coordinator-telemetry-test")
+        return TelemetrySubscriber(settings, ingest), ingest
+
+    topic = "ef/v1/dev/{}/telemetry"
+    good = [
+        (topic.format(f"t{i % 4}"), payload(f"t{i % 4}", i, NOW, [1, 2, 0, 0])) for i in range(20)
+    ]
+    bad = [
+        (topic.format("t0"), b"\x08\xff\xff"),  # not a Telemetry message
+        (topic.format("t1"), payload("t2", 99, NOW, [1, 0, 0, 0])),  # reports for another device
+    ]
+    sub, ingest = subscriber()
+    sub.start()
+    try:
+        asyncio.run(_publish(broker.url, good + bad))
+        _wait(lambda: ingest.written == 20 and ingest.rejected == 2)
+    finally:
+        sub.stop()
+    assert store.count() == 20
+    assert set(seen) == {"t0", "t1", "t2", "t3"}
+
+    # published while the coordinator's subscriber is down: queued by the broker
+    later = [(topic.format("t9"), payload("t9", i, NOW, [0, 1, 0, 0])) for i in range(10)]
+    asyncio.run(_publish(broker.url, later))
+    sub, ingest = subscriber()
+    sub.start()
+    try:
+        _wait(lambda: ingest.written == 10)
+    finally:
+        sub.stop()
+    assert store.count() == 30
+    store.close()
