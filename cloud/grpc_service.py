@@ -623,6 +623,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             if request.HasField("policy") or request.dry_run:
                 yield await self._staged(request, ref, selector)
                 return
+            if self.controller is not None:  # not under a rollout's feet
+                found = await asyncio.to_thread(self.local.devices.find, selector)
+                await self.controller.check_free([d.device_id for d in found])
             remaining = context.time_remaining()
             timeout = (
                 self.default_timeout

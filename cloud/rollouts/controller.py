@@ -233,7 +233,7 @@ class RolloutController:
         rollout, devices = build_rollout(plan, selector, policy, now=self.clock(), dry_run=dry_run)
         if dry_run:
             return rollout, devices
-        await self._check_free([d.device_id for d in devices])
+        await self.check_free([d.device_id for d in devices])
         await self.coord.prepare([v for _d, v in plan.targets])
         rollout = await asyncio.to_thread(self.store.create, rollout, devices)
         logger.info(
@@ -247,7 +247,7 @@ class RolloutController:
         self._poke.set()
         return rollout, devices
 
-    async def _check_free(self, device_ids: Sequence[str]) -> None:
+    async def check_free(self, device_ids: Sequence[str]) -> None:
         """Conflict when an unfinished rollout already has one of these devices."""
         wanted = set(device_ids)
         for other in await asyncio.to_thread(self.store.find, active_only=True):

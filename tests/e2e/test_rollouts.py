@@ -400,7 +400,7 @@ def test_coordinator_killed_mid_rollout_resumes_where_it_was(
             made = await asyncio.to_thread(
                 fleet_cli,
                 *("deploy", f"digits:{GOOD}", "--to", "group=kill", "--canary", "34%"),
-                *("--waves", "100%", "--bake", "3s", "--min-agreement", "0.8"),
+                *("--waves", "100%", "--bake", "5s", "--min-agreement", "0.8"),
                 *("--min-samples", "10", "--no-watch", "--json"),
             )
             assert made.code == 0, made.err
@@ -408,6 +408,8 @@ def test_coordinator_killed_mid_rollout_resumes_where_it_was(
             async with asyncio.timeout(60):
                 while (cur := await asyncio.to_thread(store.get, rid)).current.state != "baking":
                     await asyncio.sleep(0.05)
+            busy = await asyncio.to_thread(fleet_cli, "deploy", "digits:1", "--to", "group=kill")
+            assert busy.code == 1 and f"is in rollout {rid}" in busy.err, busy.err
             procs[-1].send_signal(signal.SIGKILL)  # no cleanup of any kind
             await asyncio.to_thread(procs[-1].wait)
             before = await asyncio.to_thread(store.get, rid)
