@@ -112,7 +112,7 @@ class Broadcaster:
     def chunk_size(self, sha256: str) -> int:
         return self._artifacts[sha256].chunk_size
 
-    def on_want(self, sha256: str, ranges: list[tuple[int, int]]) -> None:
+    def on_want(self, sha256: str, ranges: list[tuple[int, int]], *, resume: bool = False) -> None:
         art = self._artifacts.get(sha256)
         if art is None:
             logger.debug("want for unknown artifact %s ignored", sha256[:12])
@@ -127,8 +127,11 @@ class Broadcaster:
         # re-send at once. Otherwise i may still be queued for it at the broker (a
         # thousand subscribers take seconds to serve): wait `in_flight_grace` before
         # sending it to everyone again.
-        newest_held = max(
-            (t for i, t in art.sent_at.items() if i not in wanted), default=float("-inf")
+        # A device that just (re)connected missed whatever was sent while it was away.
+        newest_held = (
+            float("inf")
+            if resume
+            else max((t for i, t in art.sent_at.items() if i not in wanted), default=float("-inf"))
         )
         for i in wanted:
             sent = art.sent_at.get(i)

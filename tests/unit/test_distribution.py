@@ -132,6 +132,10 @@ def test_repairs_tell_lost_chunks_from_chunks_still_in_flight() -> None:
         b.on_want(SHA, [(0, 4)])  # still nothing after the grace: everything again
         await asyncio.sleep(0.1)
         assert sorted(sent[5:]) == [0, 1, 2, 3]
+        skew[0] += 2.0
+        b.on_want(SHA, [(2, 3)], resume=True)  # just reconnected: it missed 2 for sure
+        await asyncio.sleep(0.1)
+        assert sent[9:] == [2]
         task.cancel()
 
     asyncio.run(main())
