@@ -1,0 +1,49 @@
+"""The ServerApp's report to the coordinator: JSON lines appended to events.jsonl.
+
+Events: ``{"event": "participants", ...}``, one ``{"event": "round", ...}`` per
+round, then ``{"event": "done", ...}`` or ``{"event": "failed", "reason": ...}``.
+numpy/json only, so the coordinator reads it without Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FINAL_EVENTS = ("done", "failed")
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, **fields}, sort_keys=True, default=str) + "\n"
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Complete lines after byte `offset`, and the offset after the last one."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    events = []
+    for raw in data[: end + 1].splitlines():
+        if raw.strip():
+            try:
+                events.append(json.loads(raw))
+            except ValueError:
+                events.append({"event": "garbled", "line": raw[:200].decode(errors="replace")})
+    return events, offset + end + 1
