@@ -22,6 +22,7 @@ CONFIG_FILE = "config.toml"
 SERVE_FILE = "serve.json"
 DEFAULT_MQTT_PORT = 1883
 DEFAULT_GRPC_LISTEN = "127.0.0.1:7443"
+DEFAULT_FL_LISTEN = "127.0.0.1:9092"
 
 
 class CloudSettings(BaseSettings):
@@ -40,6 +41,14 @@ class CloudSettings(BaseSettings):
         default=DEFAULT_MQTT_PORT, ge=0, le=65535, description="managed broker port (0: free)"
     )
     grpc_listen: str = Field(default=DEFAULT_GRPC_LISTEN, description="FleetService address")
+    # federated learning (`fleet serve --fl`): the SuperLink devices' SuperNodes dial
+    fl: bool = Field(default=False, description="run a Flower SuperLink (FLEET_FL)")
+    fl_listen: str = Field(
+        default=DEFAULT_FL_LISTEN, description="SuperLink address; port 0 picks a free one"
+    )
+    fl_advertise: str = Field(
+        default="", description="SuperLink HOST:PORT devices are told (FLEET_FL_ADVERTISE)"
+    )
     # operator CLI talking to a running coordinator
     coordinator: str = Field(default="", description="HOST:PORT of `fleet serve`")
     token: str = Field(default="", description="API token (FLEET_TOKEN)")
@@ -76,6 +85,10 @@ class CloudSettings(BaseSettings):
     def broker_dir(self) -> Path:
         return self.home_dir / "broker"
 
+    @property
+    def fl_dir(self) -> Path:
+        return self.home_dir / "fl"
+
 
 @dataclass(frozen=True)
 class ServeInfo:
@@ -85,6 +98,7 @@ class ServeInfo:
     broker_url: str  # where the coordinator itself connects
     advertise_broker: str  # what enrolment bundles tell devices
     pid: int
+    fl_superlink: str = ""  # HOST:PORT devices' SuperNodes dial; "" when FL is off
 
     def write(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -101,6 +115,7 @@ class ServeInfo:
                 broker_url=str(d["broker_url"]),
                 advertise_broker=str(d.get("advertise_broker") or d["broker_url"]),
                 pid=int(d["pid"]),
+                fl_superlink=str(d.get("fl_superlink") or ""),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from cloud.cli import devices as devices_cli
+from cloud.cli import fl as fl_cli
 from cloud.cli import models as models_cli
 from cloud.cli.context import State, client_of, coordinator_of, settings_of
 from protos.errors import FleetError
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(models_cli.app, name="models")
 app.add_typer(devices_cli.app, name="devices")
+app.add_typer(fl_cli.app, name="fl")
 
 
 @app.callback()
@@ -274,6 +276,32 @@ def serve(
         float,
         typer.Option("--graceful-timeout", min=0, help="Seconds calls in flight get at shutdown."),
     ] = 5.0,
+    fl: Annotated[
+        bool | None,
+        typer.Option(
+            "--fl/--no-fl",
+            envvar="FLEET_FL",
+            help="Run a Flower SuperLink for federated learning (needs edgefleet[fl]) "
+            "[env FLEET_FL; default off].",
+        ),
+    ] = None,
+    fl_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--fl-listen",
+            envvar="FLEET_FL_LISTEN",
+            help="SuperLink address devices' SuperNodes dial; port 0 picks a free one "
+            "[env FLEET_FL_LISTEN; default 127.0.0.1:9092].",
+        ),
+    ] = None,
+    fl_advertise: Annotated[
+        str | None,
+        typer.Option(
+            "--fl-advertise",
+            envvar="FLEET_FL_ADVERTISE",
+            help="SuperLink HOST:PORT put in enrolment bundles [env FLEET_FL_ADVERTISE].",
+        ),
+    ] = None,
 ) -> None:
     """Run the coordinator: MQTT side, FleetService (gRPC) and, by default, a Mosquitto."""
     import asyncio
@@ -289,10 +317,15 @@ def serve(
         mqtt_port=mqtt_port,
         grpc_listen=grpc_listen,
         advertise_broker=advertise_broker,
+        fl=fl,
+        fl_listen=fl_listen,
+        fl_advertise=fl_advertise,
     )
 
     def ready(info: ServeInfo) -> None:
         err.print(f"FleetService on {info.grpc}; broker {info.broker_url}; pid {info.pid}")
+        if info.fl_superlink:
+            err.print(f"Flower SuperLink (TLS, node auth) on {info.fl_superlink}")
         err.print(f"devices are told: {info.advertise_broker}; state in {settings.serve_path}")
 
     async def main() -> None:
