@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +68,41 @@ def flower_available() -> bool:
     except NotFound:
         return False
     return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def full_jitter(attempt: int, *, base: float = 1.0, cap: float = 60.0) -> float:
+    """Seconds before restart `attempt` (1, 2, …): capped exponential backoff, full jitter."""
+    return random.uniform(0, min(cap, base * 2 ** min(max(attempt, 1) - 1, 32)))
+
+
+def fl_features(*, ready: bool, reason: str = "", samples: int = 0) -> list[str]:
+    """How an agent states its federated sidecar in `Capabilities.features`."""
+    if ready:
+        return ["fl", f"fl-samples={samples}"]
+    return [f"fl-off={reason}", f"fl-samples={samples}"]
+
+
+def parse_fl_features(features: Sequence[str]) -> dict[str, object] | None:
+    """The reverse of `fl_features`: {"ready", "reason", "samples"}; None if not stated."""
+    out: dict[str, object] = {}
+    for f in features:
+        if f == "fl":
+            out.update(ready=True, reason="")
+        elif f.startswith("fl-off="):
+            out.update(ready=False, reason=f.removeprefix("fl-off="))
+        elif f.startswith("fl-samples="):
+            value = f.removeprefix("fl-samples=")
+            out["samples"] = int(value) if value.isdigit() else 0
+    if "ready" not in out:
+        return None
+    out.setdefault("samples", 0)
+    return out
 
 
 def descendants(pid: int) -> list[int]:

@@ -195,9 +195,9 @@ class Federation:
         task.add_done_callback(self._tasks.discard)
 
     async def _supervise(self) -> None:
-        from cloud.serve import Backoff
+        from protos.flower import full_jitter
 
-        attempt, backoff = 0, Backoff()
+        attempt = 0
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
@@ -207,7 +207,7 @@ class Federation:
                 attempt = 0
                 continue
             attempt += 1
-            delay = backoff.delay(attempt)
+            delay = full_jitter(attempt, base=0.5, cap=30.0)
             logger.warning(
                 "flower-superlink exited; restarting, retrying in %.1fs (attempt %d)",
                 delay,
@@ -329,7 +329,7 @@ class Federation:
             }
             sl = self._require()
             flower_id = await asyncio.to_thread(sl.submit, APP_DIR, rc)
-            await self._update(run.run_id, flower_run_id=flower_id)
+            await self._update(run.run_id, flower_run_id=str(flower_id))
             done = await self._follow(run, req, flower_id, out)
             finished = True
             weights = await asyncio.to_thread((out / WEIGHTS_FILE).read_bytes)

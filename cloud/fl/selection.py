@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from cloud.devices import Device
 from cloud.fl.store import FlNode
+from protos.flower import parse_fl_features
 
 BUSY_STATES = ("downloading", "verifying", "loading", "self_test")
 
@@ -28,19 +29,19 @@ def select_participants(
     sel = Selection()
     for d in devices:
         node = nodes.get(d.device_id)
-        fl = d.capabilities.get("fl")
+        fl = parse_fl_features(list(d.capabilities.get("features") or ()))
         if node is None:
             why = f"not enrolled for federated learning (fleet devices enroll {d.device_id} --fl)"
         elif node.node_id is None:
             why = "node key not registered with the SuperLink yet (coordinator started with --fl?)"
         elif not d.online:
             why = "offline"
-        elif not isinstance(fl, Mapping):
+        elif fl is None:
             why = "agent reports no federated sidecar (install edgefleet[agent,fl] on the device)"
         elif not fl.get("ready"):
             why = f"sidecar not ready: {fl.get('reason') or 'no reason given'}"
-        elif int(fl.get("samples", 0)) < min_samples:
-            why = f"{int(fl.get('samples', 0))} local samples; --min-samples is {min_samples}"
+        elif int(str(fl["samples"])) < min_samples:
+            why = f"{fl['samples']} local samples; --min-samples is {min_samples}"
         elif idle_only and d.state in BUSY_STATES:
             why = f"busy ({d.state}) and --idle-only was given"
         else:

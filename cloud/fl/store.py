@@ -36,7 +36,7 @@ class FlNodeRow(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(index=True, unique=True, max_length=64)
     public_key: str
-    node_id: int | None = Field(default=None, sa_type=sa.Numeric(20, 0))  # uint64
+    node_id: str = Field(default="", max_length=20)  # Flower's uint64, as text
     enrolled_at: datetime = Field(default_factory=_now, sa_type=UtcDateTime)
 
 
@@ -55,7 +55,7 @@ class FlRunRow(SQLModel, table=True):
     participants: list[str] = Field(default_factory=list, sa_type=sa.JSON)
     skipped: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
     history: list[dict[str, Any]] = Field(default_factory=list, sa_type=sa.JSON)
-    flower_run_id: int | None = Field(default=None, sa_type=sa.Numeric(20, 0))
+    flower_run_id: str = Field(default="", max_length=20)  # uint64, as text
     result_version: int | None = None
     deploy: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     created_at: datetime = Field(default_factory=_now, sa_type=UtcDateTime)
@@ -103,9 +103,7 @@ class FlRun:
 
 
 def _node(r: FlNodeRow) -> FlNode:
-    return FlNode(
-        r.device_id, r.public_key, int(r.node_id) if r.node_id is not None else None, r.enrolled_at
-    )
+    return FlNode(r.device_id, r.public_key, int(r.node_id) if r.node_id else None, r.enrolled_at)
 
 
 def _run(r: FlRunRow) -> FlRun:
@@ -121,7 +119,7 @@ def _run(r: FlRunRow) -> FlRun:
         participants=tuple(r.participants),
         skipped=dict(r.skipped),
         history=tuple(r.history),
-        flower_run_id=int(r.flower_run_id) if r.flower_run_id is not None else None,
+        flower_run_id=int(r.flower_run_id) if r.flower_run_id else None,
         result_version=r.result_version,
         deploy=dict(r.deploy),
         created_at=r.created_at,
@@ -161,7 +159,7 @@ class FlStore:
             s.execute(
                 sa.update(FlNodeRow)
                 .where(col(FlNodeRow.device_id) == device_id)
-                .values(node_id=node_id)
+                .values(node_id=str(node_id))
             )
             s.commit()
 
