@@ -34,8 +34,12 @@ from protos.flower import (
 
 logger = logging.getLogger(__name__)
 
-#: exit code flower-supernode ends with when the SuperLink refuses its key (measured, 1.41)
-REFUSED_EXIT = 305
+#: what flower-supernode logs when the SuperLink refuses its key (1.41; the process
+#: itself exits 1, so the log is the only place that tells this apart)
+REFUSED = b"Exit Code: 305"
+#: what it logs when it has given up; 1.41 can then hang in interpreter shutdown
+#: instead of exiting, so the sidecar ends it on these lines
+GAVE_UP = (REFUSED, b"Giving up reconnection", b"SuperNode terminated gracefully")
 
 
 def data_dir(settings: AgentSettings) -> Path:
@@ -64,6 +68,15 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read()
+    except OSError:
+        return b""
 
 
 class FlSidecar:
@@ -118,10 +131,12 @@ class FlSidecar:
         try:
             while True:
                 self.state = "starting"
+                log_path = self.dir / "supernode.log"
+                log_from = log_path.stat().st_size if log_path.exists() else 0
                 self._proc = FlowerProcess(
                     self._argv(free_port()),
                     env=flower_env(self.dir / "flwr-home"),
-                    log_path=self.dir / "supernode.log",
+                    log_path=log_path,
                 )
                 await asyncio.to_thread(self._proc.start)
                 self.starts += 1
@@ -133,16 +148,25 @@ class FlSidecar:
                     self.settings.fl_superlink,
                 )
                 started = asyncio.get_running_loop().time()
+                new = b""
                 while self._proc is not None and self._proc.running:
                     await asyncio.sleep(self.poll)
+                    new += _read_from(log_path, log_from + len(new))
+                    if any(p in new for p in GAVE_UP):  # it may linger on: end it now
+                        await asyncio.to_thread(self._proc.stop)
+                        break
                 proc, self._proc = self._proc, None
                 rc = proc.returncode if proc is not None else None
-                tail = proc.log_tail(1) if proc is not None else ""
-                self.last_exit = (
-                    "the SuperLink refused this node's key (not registered?)"
-                    if rc == REFUSED_EXIT
-                    else f"exit {rc}: {tail}"
-                )
+                new += _read_from(log_path, log_from + len(new))
+                text = new.decode(errors="replace")
+                if REFUSED.decode() in text:
+                    self.last_exit = (
+                        "the SuperLink refused this node (key not registered, or revoked)"
+                    )
+                elif "Giving up reconnection" in text:
+                    self.last_exit = "gave up reconnecting to the SuperLink (link lost)"
+                else:
+                    self.last_exit = f"exit {rc}: {(text.strip().splitlines() or [''])[-1]}"
                 if asyncio.get_running_loop().time() - started > 60:
                     attempt = 0  # it ran a good while: this is a fresh failure
                 attempt += 1

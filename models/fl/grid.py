@@ -46,6 +46,9 @@ class FleetGrid(Grid):
         self._clock = clock
         self._sleep = sleep
         self.devices: dict[int, str] = {}  # participating node id -> device id
+        # between a round's training replies and its evaluation: the nodes that answered
+        # (one that missed the training deadline is not asked to evaluate)
+        self._evaluate_pool: list[int] | None = None
         self._train: dict[str, Any] = {}
 
     # -- Grid, delegated
@@ -104,6 +107,8 @@ class FleetGrid(Grid):
         return {n: d for n, d in self.devices.items() if n in online}
 
     def get_node_ids(self) -> Iterable[int]:
+        if self._evaluate_pool is not None:
+            return list(self._evaluate_pool)
         deadline = self._clock() + self.join_timeout
         while True:
             online = [n for n in self.inner.get_node_ids() if n in self.devices]
@@ -121,6 +126,7 @@ class FleetGrid(Grid):
     ) -> Iterable[Message]:
         msgs = list(messages)
         if not msgs:
+            self._evaluate_pool = None
             return []
         kind = msgs[0].metadata.message_type
         configs = msgs[0].content.config_records
@@ -135,6 +141,7 @@ class FleetGrid(Grid):
             if r.has_error()
         }
         if kind == MessageType.TRAIN:
+            self._evaluate_pool = [r.metadata.src_node_id for r in ok]
             self._train = {
                 "sent": sent,
                 "answered": answered,
@@ -149,6 +156,7 @@ class FleetGrid(Grid):
                     f"(no answer: {', '.join(silent) or 'none'}; errors: {errors or 'none'})"
                 )
         elif kind == MessageType.EVALUATE:
+            self._evaluate_pool = None
             self.journal.write(
                 "round",
                 round=rnd,

@@ -12,7 +12,8 @@ import contextlib
 import json
 import shutil
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ async def fleet_cli(home: Path, *args: str, timeout: float = 300) -> tuple[int, 
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
+    except (TimeoutError, asyncio.CancelledError):
         proc.kill()
         await proc.wait()
         raise
@@ -212,3 +213,195 @@ def test_federated_round_registers_a_version_and_canaries_it(
     assert all(v.deployable for v in v2.variants), [(v.name, v.reason) for v in v2.variants]
     assert v2.checkpoint_sha256 and v2.checkpoint_sha256 != v1.checkpoint_sha256
     assert v2.metrics["holdout_accuracy"] > 0.8
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+class Link:
+    """A TCP relay between one SuperNode and the SuperLink that can be cut and restored.
+
+    TLS runs end to end through it (the relay only moves bytes); `cut()` drops every
+    open connection and refuses new ones until `restore()`.
+    """
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.up = True
+        self.cuts = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        self.up = False
+        self.cuts += 1
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            w.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
+async def round_started(home: Path, before: set[Path], timeout: float = 90) -> Path:
+    """The journal of the run started after `before`, once its participants are known
+    (training messages go out right after)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run_dir in set((home / "fl" / "runs").glob("fl-*")) - before:
+            journal = run_dir / "out" / "events.jsonl"
+            if journal.exists() and '"participants"' in journal.read_text():
+                return journal
+        await asyncio.sleep(0.2)
+    raise TimeoutError("no federated run reached its first round")
+
+
+@contextlib.asynccontextmanager
+async def unregistered_sidecar(
+    info: ServeInfo, bundle: dict[str, Any], tmp: Path
+) -> AsyncIterator[Any]:
+    """A device's sidecar holding a key the coordinator never registered."""
+    from agent.config import AgentSettings
+    from agent.fl import FlSidecar
+    from cloud.fl.tls import new_node_key
+    from simulator.data import write_partitions
+
+    data = write_partitions(tmp / "rogue", ["rogue"], seed=1)["rogue"]
+    settings = AgentSettings(
+        device_id="rogue",
+        state_dir=tmp / "rogue" / "agent",
+        broker_url=info.broker_url,
+        public_key_pem="unused",
+        fl_superlink=info.fl_superlink,
+        fl_ca_pem=bundle["fl"]["ca_certificate"],
+        fl_private_key=new_node_key().private_openssh,
+        fl_data_dir=data,
+    )
+    sidecar = FlSidecar(settings, backoff_base=5.0)
+    task = asyncio.create_task(sidecar.run())
+    try:
+        yield sidecar
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_link_loss_dropout_and_unregistered_node(trained_home: Path, tmp_path: Path) -> None:
+    with coordinator(trained_home, tmp_path) as (home, info):
+        bundles = enroll(home, tmp_path)
+        fleet = sim_fleet(info, home, tmp_path, bundles)
+        link = Link(info.fl_superlink)
+        runs: dict[str, Any] = {}
+
+        async def run_with(fault: Any, *args: str) -> tuple[int, dict[str, Any], str]:
+            before = set((home / "fl" / "runs").glob("fl-*"))
+            cli = asyncio.create_task(
+                fleet_cli(
+                    home,
+                    "fl",
+                    "start",
+                    "digits:1",
+                    "--rounds",
+                    "1",
+                    "--variants",
+                    "",
+                    "--json",
+                    *args,
+                )
+            )
+            try:
+                await round_started(home, before)
+                await fault()
+            except BaseException:
+                cli.cancel()
+                await asyncio.gather(cli, return_exceptions=True)
+                raise
+            code, out, err = await cli
+            return code, json.loads(out), err
+
+        async def scenario() -> None:
+            relay = await link.start()
+            fleet.device("sim-0000").configure(fl_superlink=relay)
+            async with fleet, unregistered_sidecar(info, bundles["sim-0000"], tmp_path) as rogue:
+                await fl_ready(home, fleet, 3)
+
+                # 1. sim-0000's SuperNode loses its link mid-round: the round ends at its
+                #    deadline with the two that answered (min-clients 2)
+                async def cut() -> None:
+                    await asyncio.sleep(1.0)
+                    link.cut()
+
+                code, runs["link"], err = await run_with(
+                    cut, "--min-clients", "2", "--round-timeout", "15"
+                )
+                assert code == 0, err
+                link.restore()
+
+                # 2. sim-0002 drops out mid-round (its SuperNode and agent die) while
+                #    min-clients is 3: the run fails naming it; nothing is registered
+                async def drop() -> None:
+                    await asyncio.sleep(1.0)
+                    dev = fleet.device("sim-0002")
+                    assert dev.agent.fl is not None
+                    dev.agent.fl.kill()
+                    await dev.crash()
+
+                code, runs["drop"], err = await run_with(
+                    drop, "--min-clients", "3", "--round-timeout", "15"
+                )
+                assert code == 1
+                assert "federated run" in err and "failed" in err
+
+                # 3. the node with an unregistered key was refused, never took part
+                await fleet.wait(
+                    lambda: "refused" in rogue.last_exit, timeout=30, what="rogue node refused"
+                )
+
+        asyncio.run(scenario())
+
+    link_run, drop_run = runs["link"], runs["drop"]
+    assert link.cuts == 1
+    (rnd,) = link_run["history"]
+    assert sorted(rnd["participants"]) == ["sim-0001", "sim-0002"]
+    assert sorted(rnd["sampled"]) == DEVICES  # it was asked, and the round went on without it
+    assert link_run["status"] == "succeeded" and link_run["result"] == "digits:2"
+
+    assert drop_run["status"] == "failed" and not drop_run["result"]
+    assert "sim-0002" in drop_run["reason"] and "min-clients is 3" in drop_run["reason"]
+    # sim-0000 reconnected after its link came back: it answered in the second run
+    assert "2 of 3 participants returned updates" in drop_run["reason"]
+
+    assert [v.version for v in versions(home)] == [1, 2]  # no version from the failed run
+    assert "rogue" not in link_run["participants"] + drop_run["participants"]
