@@ -40,7 +40,7 @@ class SuperLinkOptions:
     tls: TlsFiles | None = None  # None only with simulation
     simulation: bool = False
     num_supernodes: int = 0  # simulation
-    client_cpus: float = 1.0  # simulation: CPUs Ray gives each simulated client
+    client_cpus: int = 1  # simulation: CPUs Ray gives each simulated client
 
 
 def _toml_value(v: Any) -> str:
@@ -80,16 +80,6 @@ class SuperLink:
             lines.append(f"root-certificates = {json.dumps(str(o.tls.ca_cert))}")
         else:
             lines.append("insecure = true")
-        if o.simulation:
-            lines += [
-                "",
-                f"[superlink.{CONNECTION}.options]",
-                f"num-supernodes = {o.num_supernodes}",
-                "",
-                f"[superlink.{CONNECTION}.options.backend.client-resources]",
-                f"num-cpus = {o.client_cpus}",
-                "num-gpus = 0.0",
-            ]
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
@@ -188,15 +178,27 @@ class SuperLink:
         overrides = self.options.state_dir / "runs" / f"run-config-{time.time_ns()}.toml"
         overrides.parent.mkdir(parents=True, exist_ok=True)
         overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+        args = ["run", str(app_dir), CONNECTION, "--run-config", str(overrides)]
+        if self.options.simulation:
+            o = self.options
+            args += [
+                "--federation-config",
+                f"num-supernodes={o.num_supernodes} client-resources-num-cpus={o.client_cpus}",
+            ]
         try:
-            out = self.flwr("run", str(app_dir), CONNECTION, "--run-config", str(overrides))
+            out = self.flwr(*args)
         finally:
             overrides.unlink(missing_ok=True)
         return int(out["run-id"])
 
     def run_status(self, run_id: int) -> str:
-        """Flower's status of a run, e.g. 'running', 'finished:completed', 'finished:failed'."""
-        out = self.flwr("ls", CONNECTION, "--run-id", str(run_id))
+        """Flower's status of a run, e.g. 'running', 'finished:completed', 'finished:failed';
+        'unknown' when the SuperLink could not say this time (it answers 500 now and then)."""
+        try:
+            out = self.flwr("ls", CONNECTION, "--run-id", str(run_id))
+        except Unavailable as e:
+            logger.info("status of Flower run %d unavailable: %s", run_id, e)
+            return "unknown"
         runs = out.get("runs") or []
         if not runs:
             raise NotFound(f"Flower run {run_id} not found on the SuperLink")

@@ -49,6 +49,7 @@ class FleetGrid(Grid):
         # between a round's training replies and its evaluation: the nodes that answered
         # (one that missed the training deadline is not asked to evaluate)
         self._evaluate_pool: list[int] | None = None
+        self.label = ""  # names the run in round events when one ServerApp runs several
         self._train: dict[str, Any] = {}
 
     # -- Grid, delegated
@@ -159,6 +160,7 @@ class FleetGrid(Grid):
             self._evaluate_pool = None
             self.journal.write(
                 "round",
+                **({"label": self.label} if self.label else {}),
                 round=rnd,
                 participants=self._train.get("answered", []),
                 sampled=self._train.get("sent", []),
