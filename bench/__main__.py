@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "quantize": "bench.quantize",
     "agent": "bench.agent",
     "fanout": "bench.fanout",
+    "fl": "bench.fl",
 }
 
 logger = logging.getLogger("bench")

@@ -52,6 +52,14 @@ class SimRun:
     accuracy: list[float]  # central holdout accuracy after round 0 (start), 1, 2, …
     rounds: list[dict[str, Any]]  # the devices' own metrics per round
     seconds: float
+    stamps: list[float] = field(default_factory=list)  # wall clock of each accuracy
+
+    @property
+    def seconds_per_round(self) -> float:
+        """Mean wall time of a round (training, evaluation, scoring), start excluded."""
+        if len(self.stamps) < 2:
+            return float("nan")
+        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
 
     @property
     def final(self) -> float:
@@ -206,14 +214,18 @@ class FederatedSimulation:
         events = self._wait(out / EVENTS_FILE, flower_id, timeout)
         report = SimReport(self.devices, attackers, time.monotonic() - t0)
         for label in labels:
-            acc = [e for e in events if e.get("event") == "central" and e.get("label") == label]
+            acc = sorted(
+                (e for e in events if e.get("event") == "central" and e.get("label") == label),
+                key=lambda e: int(e["round"]),
+            )
             rnds = [e for e in events if e.get("event") == "round" and e.get("label") == label]
             res = next(e for e in events if e.get("event") == "result" and e["label"] == label)
             report.runs[label] = SimRun(
                 label,
-                [float(e["accuracy"]) for e in sorted(acc, key=lambda e: int(e["round"]))],
+                [float(e["accuracy"]) for e in acc],
                 rnds,
                 float(res["seconds"]),
+                [float(e["t"]) for e in acc],
             )
         logger.info(
             "simulation %s: %s", flower_id, json.dumps({k: v.final for k, v in report.runs.items()})

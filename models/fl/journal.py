@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, **fields}, sort_keys=True, default=str) + "\n"
+        """Append one event, stamped with wall-clock time `t` (seconds since the epoch)."""
+        record = {"event": event, "t": round(time.time(), 3), **fields}
+        line = json.dumps(record, sort_keys=True, default=str) + "\n"
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line)
             f.flush()

@@ -3,6 +3,7 @@ the attacker's arithmetic, checkpoints in and out of a round, the journal."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -167,7 +168,8 @@ def test_journal_reads_only_complete_lines(tmp_path: Path) -> None:
     with (tmp_path / "events.jsonl").open("a") as f:
         f.write('{"event": "round", "ro')  # a line still being written
     events, offset = read_events(tmp_path / "events.jsonl")
-    assert events == [{"event": "round", "round": 1}]
+    assert [(e["event"], e["round"]) for e in events] == [("round", 1)]
+    assert abs(events[0]["t"] - time.time()) < 60
     with (tmp_path / "events.jsonl").open("a") as f:
         f.write('und": 2}\n')
     more, _ = read_events(tmp_path / "events.jsonl", offset)
