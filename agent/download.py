@@ -233,6 +233,11 @@ class PartialDownload:
         return self._size
 
     @property
+    def durable(self) -> bool:
+        """Whether each chunk is flushed to disk before its bit (then `add` blocks on I/O)."""
+        return self._durable
+
+    @property
     def chunk_size(self) -> int:
         return self._chunk_size
 

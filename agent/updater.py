@@ -154,7 +154,12 @@ class Updater:
             )
             return
         try:
-            added = await asyncio.to_thread(dl.partial.add, index, data)
+            # a flushed write waits on the disk: off the loop. Without the flush it is a
+            # page-cache copy plus a hash, cheaper than the hop to a thread and back
+            if dl.partial.durable:
+                added = await asyncio.to_thread(dl.partial.add, index, data)
+            else:
+                added = dl.partial.add(index, data)
         except (DataLoss, InvalidArgument) as e:
             logger.warning("%s: chunk rejected: %s", self.device_id, e)
             await self._report(

@@ -14,12 +14,13 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from types import TracebackType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.artifacts import ArtifactStore
-from cloud.devices import Device, DeviceStore, Selector
+from cloud.devices import Device, DeviceEvent, DeviceStore, Selector
 from cloud.distribution import DEFAULT_CHUNK_SIZE, Broadcaster
 from cloud.registry import ModelRef, RegistryStore
 from cloud.selection import DeviceProfile, choose_variant
@@ -63,6 +64,7 @@ class Coordinator:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         rate: float = 0.0,
         gather: float = 0.2,
+        flush_interval: float = 0.05,
     ) -> None:
         self.topics = topics or Topics()
         self.registry = registry
@@ -79,21 +81,28 @@ class Coordinator:
             self._publish_chunk, topics=self.topics, gather=gather, rate=rate
         )
         self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
+        self.flush_interval = flush_interval
+        self._inbox: list[DeviceEvent] = []
+        self._inbox_ready = asyncio.Event()
 
     async def __aenter__(self) -> Coordinator:
         await self.transport.__aenter__()
         self._task = asyncio.create_task(self.broadcaster.run(), name="broadcaster")
+        self._writer = asyncio.create_task(self._write_events(), name="device-events")
         await self.transport.wait_connected(timeout=30)
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._writer):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.transport.__aexit__(et, e, tb)
+        await self._flush_events()
 
     async def _subscribe(self) -> None:
         for kind in ("status", "reported", "telemetry"):
@@ -110,18 +119,43 @@ class Coordinator:
                 _device, sha, _total, missing = decode_want(msg.payload)
                 self.broadcaster.on_want(sha, missing)
                 return
+            now = datetime.now(timezone.utc)
             if kind == "status":
                 status = decode_status(msg.payload) if msg.payload else {"online": False}
-                await asyncio.to_thread(self.devices.record_status, ident, status)
+                self._inbox.append(DeviceEvent("status", ident, status, now))
             elif kind == "reported":
                 rep = decode_reported(msg.payload)
-                await asyncio.to_thread(self.devices.record_reported, ident, rep)
+                self._inbox.append(DeviceEvent("reported", ident, rep, now))
             elif kind == "telemetry":
-                await asyncio.to_thread(self.devices.touch, [ident])
-            async with self._changed:
-                self._changed.notify_all()
+                self._inbox.append(DeviceEvent("seen", ident, {}, now))
+            else:
+                return
+            self._inbox_ready.set()
         except FleetError as e:
             logger.warning("message on %s rejected: %s", msg.topic, e)
+
+    async def _write_events(self) -> None:
+        """Apply what devices said to the database in batches: one transaction per
+        `flush_interval` however many messages arrived, then wake the waiters."""
+        while True:
+            await self._inbox_ready.wait()
+            await asyncio.sleep(self.flush_interval)
+            await self._flush_events()
+
+    async def _flush_events(self) -> None:
+        self._inbox_ready.clear()
+        batch, self._inbox = self._inbox, []
+        if batch:
+            try:
+                await asyncio.to_thread(self.devices.record, batch)
+            except Exception:  # the database went away: keep the events, try again
+                logger.exception("could not record %d device events; retrying", len(batch))
+                self._inbox[:0] = batch
+                self._inbox_ready.set()
+                await asyncio.sleep(1.0)
+                return
+        async with self._changed:
+            self._changed.notify_all()
 
     # -- deploy ---------------------------------------------------------------------
 

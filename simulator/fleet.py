@@ -23,7 +23,8 @@ agent:
   installed model and resumes a partial download), and `corrupt_next_chunks` (one
   byte of the chunk data flipped before the updater sees it, so the real
   per-chunk digest check rejects it and the chunk is fetched again).
-  A slow link is not simulated yet.
+  `slow_link` caps a device's chunk downlink (bytes/s): chunks reach the updater
+  only as fast as such a link carries them.
 
 Agents start in batches (`batch_size`, default 100): each batch is connected
 before the next one dials, so a thousand agents do not hit the broker at once.
@@ -36,7 +37,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from agent.inference import ActiveModel, ModelHolder
 from agent.serde import UpdateState, decode_chunk
 from models.runtime import ModelSession
 from protos.errors import Conflict, InvalidArgument, NotFound, Unavailable
-from protos.topics import check_device_id
+from simulator.plan import Enrollment, plan
 from simulator.profiles import Mix, Profile, parse_profile
 
 logger = logging.getLogger(__name__)
@@ -129,15 +129,6 @@ def corrupt_chunk(payload: bytes) -> bytes:
 # -- one device ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Enrollment:
-    """What to enroll a simulated device with: `store.enroll(e.device_id, group=e.group, tags=e.tags)`."""
-
-    device_id: str
-    group: str
-    tags: dict[str, str] = field(default_factory=dict)
-
-
 class SimulatedDevice:
     """One simulated device: a real `Agent` (replaced by a new one on `restart`)."""
 
@@ -157,6 +148,8 @@ class SimulatedDevice:
         self.boots = 0  # agents started on this device so far
         self.corrupted = 0  # chunks corrupted on purpose so far
         self._corrupt_pending = 0
+        self._link_bps = 0.0  # 0: no cap
+        self._link_free_at = 0.0
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.agent = self._new_agent()
@@ -178,6 +171,8 @@ class SimulatedDevice:
         on_chunk = agent.updater.on_chunk
 
         async def maybe_corrupt(payload: bytes) -> None:
+            if self._link_bps:
+                await self._through_slow_link(len(payload))
             if self._corrupt_pending > 0:
                 bad = corrupt_chunk(payload)
                 if bad != payload:
@@ -304,6 +299,22 @@ class SimulatedDevice:
         self.settings = self.settings.model_copy(update=updates)
         self.agent = self._new_agent()
 
+    def slow_link(self, bytes_per_s: float) -> None:
+        """Cap this device's downlink for artifact chunks at `bytes_per_s` (0 lifts the cap).
+
+        Chunks queue behind each other as on a real thin link: each is handed to
+        the updater only once the link has carried it, and the messages behind it
+        wait (the agent handles its messages in order)."""
+        if bytes_per_s < 0:
+            raise InvalidArgument(f"slow_link: bytes_per_s {bytes_per_s} must be >= 0")
+        self._link_bps = float(bytes_per_s)
+        self._link_free_at = time.monotonic()
+
+    async def _through_slow_link(self, size: int) -> None:
+        now = time.monotonic()
+        self._link_free_at = max(now, self._link_free_at) + size / self._link_bps
+        await asyncio.sleep(self._link_free_at - now)
+
     def corrupt_next_chunks(self, n: int) -> None:
         """Flip a byte in the data of the next `n` chunks this device receives."""
         if n < 0:
@@ -335,24 +346,26 @@ class SimulatedFleet:
         want_interval: float = 2.0,
         batch_size: int = DEFAULT_BATCH,
         connect_timeout: float = 60.0,
+        first: int = 0,
+        total: int | None = None,
     ) -> None:
         if n < 1:
             raise InvalidArgument(f"simulated fleet size {n} must be >= 1")
         if batch_size < 1:
             raise InvalidArgument(f"batch_size {batch_size} must be >= 1")
-        check_device_id(f"{id_prefix}-{n - 1:04d}")
         self.profile = parse_profile(profile)
         self.state_root = state_root
         self.batch_size = batch_size
         self.connect_timeout = connect_timeout
         self.startup_seconds: float | None = None
-        ids = [f"{id_prefix}-{i:04d}" for i in range(n)]
+        planned = plan(n, self.profile, seed=seed, id_prefix=id_prefix, first=first, total=total)
+        ids = [e.device_id for e in planned]
+        profiles = [e.profile for e in planned]
         data_dirs: dict[str, Path] = {}
         if data:
             from simulator.data import write_partitions
 
             data_dirs = write_partitions(state_root, ids, dataset=dataset, alpha=alpha, seed=seed)
-        profiles = self.profile.assign(n, seed=seed)
         self._devices: dict[str, SimulatedDevice] = {}
         for i, (dev_id, prof) in enumerate(zip(ids, profiles, strict=True)):
             settings = AgentSettings(
@@ -418,7 +431,8 @@ class SimulatedFleet:
     def ids_for_enrollment(self) -> list[Enrollment]:
         """One `Enrollment` per device: group = profile name, tag profile=<name>."""
         return [
-            Enrollment(d.device_id, d.settings.group, dict(d.settings.tags)) for d in self.devices
+            Enrollment(d.device_id, d.settings.group, dict(d.settings.tags), d.profile)
+            for d in self.devices
         ]
 
     # observation
@@ -470,6 +484,10 @@ class SimulatedFleet:
 
     def corrupt_next_chunks(self, device_id: str, n: int) -> None:
         self.device(device_id).corrupt_next_chunks(n)
+
+    def slow_link(self, ids: str | Iterable[str], bytes_per_s: float) -> None:
+        for dev in self._pick(ids):
+            dev.slow_link(bytes_per_s)
 
     def _pick(self, ids: str | Iterable[str]) -> Sequence[SimulatedDevice]:
         if isinstance(ids, str):

@@ -18,6 +18,7 @@ import typer
 from cloud.cli import devices as devices_cli
 from cloud.cli import fl as fl_cli
 from cloud.cli import models as models_cli
+from cloud.cli import sim as sim_cli
 from cloud.cli.context import State, client_of, coordinator_of, settings_of
 from protos.errors import FleetError
 
@@ -31,6 +32,7 @@ app = typer.Typer(
 app.add_typer(models_cli.app, name="models")
 app.add_typer(devices_cli.app, name="devices")
 app.add_typer(fl_cli.app, name="fl")
+app.command("sim")(sim_cli.sim)
 
 
 @app.callback()

@@ -1,6 +1,6 @@
 """The fleet's devices: enrolment, liveness, capabilities, desired and reported state."""
 
 from cloud.devices.selector import Selector
-from cloud.devices.store import Device, DeviceStore
+from cloud.devices.store import Device, DeviceEvent, DeviceStore
 
-__all__ = ["Device", "DeviceStore", "Selector"]
+__all__ = ["Device", "DeviceEvent", "DeviceStore", "Selector"]

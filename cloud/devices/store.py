@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -86,6 +86,33 @@ def _device(r: DeviceRow) -> Device:
     )
 
 
+@dataclass(frozen=True)
+class DeviceEvent:
+    """One thing a device said: its status (birth / will), a reported state, or just
+    that it was seen (telemetry)."""
+
+    kind: str  # status | reported | seen
+    device_id: str
+    payload: Mapping[str, Any]
+    at: datetime
+
+
+def _apply(row: DeviceRow, e: DeviceEvent) -> None:
+    row.last_seen = e.at
+    if e.kind == "status":
+        row.online = bool(e.payload.get("online"))
+        if row.online:
+            row.boot_id = str(e.payload.get("boot_id", ""))
+            row.agent_version = str(e.payload.get("agent_version", ""))
+            row.capabilities = dict(e.payload.get("capabilities", {}))
+            if e.payload.get("active"):
+                row.active = dict(e.payload["active"])
+    elif e.kind == "reported":
+        row.reported = dict(e.payload)
+        if e.payload.get("active"):
+            row.active = dict(e.payload["active"])
+
+
 class DeviceStore:
     def __init__(self, url: str) -> None:
         self._db = Database(url, what="device database", tables=[DeviceRow.__table__])  # type: ignore[attr-defined]
@@ -137,38 +164,39 @@ class DeviceStore:
         self, device_id: str, status: Mapping[str, Any], *, now: datetime | None = None
     ) -> bool:
         """Birth or last will. Returns False (and changes nothing) for an unknown device."""
-        with self._session() as s:
-            row = s.exec(select(DeviceRow).where(DeviceRow.device_id == device_id)).first()
-            if row is None:
-                logger.warning("status from unenrolled device %r ignored", device_id)
-                return False
-            row.online = bool(status.get("online"))
-            row.last_seen = now or _now()
-            if row.online:
-                row.boot_id = str(status.get("boot_id", ""))
-                row.agent_version = str(status.get("agent_version", ""))
-                row.capabilities = dict(status.get("capabilities", {}))
-                if status.get("active"):
-                    row.active = dict(status["active"])
-            s.add(row)
-            s.commit()
-            return True
+        return self.record([DeviceEvent("status", device_id, status, now or _now())]) == 1
 
     def record_reported(
         self, device_id: str, reported: Mapping[str, Any], *, now: datetime | None = None
     ) -> bool:
+        return self.record([DeviceEvent("reported", device_id, reported, now or _now())]) == 1
+
+    def record(self, events: Sequence[DeviceEvent]) -> int:
+        """Apply status / reported / seen events in order, in one transaction.
+
+        The coordinator batches what arrives over MQTT into one call per flush
+        (one commit for hundreds of messages instead of one each). Events from
+        unenrolled devices are logged and skipped. Returns how many were applied.
+        """
+        if not events:
+            return 0
+        applied = 0
         with self._session() as s:
-            row = s.exec(select(DeviceRow).where(DeviceRow.device_id == device_id)).first()
-            if row is None:
-                logger.warning("report from unenrolled device %r ignored", device_id)
-                return False
-            row.reported = dict(reported)
-            if reported.get("active"):
-                row.active = dict(reported["active"])
-            row.last_seen = now or _now()
-            s.add(row)
+            ids = {e.device_id for e in events}
+            rows = {
+                r.device_id: r
+                for r in s.exec(select(DeviceRow).where(col(DeviceRow.device_id).in_(ids))).all()
+            }
+            for e in events:
+                row = rows.get(e.device_id)
+                if row is None:
+                    logger.warning("%s from unenrolled device %r ignored", e.kind, e.device_id)
+                    continue
+                _apply(row, e)
+                applied += 1
+            s.add_all(list(rows.values()))
             s.commit()
-            return True
+        return applied
 
     def touch(self, device_ids: list[str], *, now: datetime | None = None) -> None:
         if not device_ids:

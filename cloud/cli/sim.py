@@ -1,0 +1,204 @@
+"""`fleet sim`: run simulated devices (real agent code) against a running coordinator.
+
+The devices are enrolled through the coordinator like real ones, then run in
+`simulator.worker` child processes (`simulator.cluster.SimCluster`); this process
+only enrols, watches and injects faults, so the CLI never imports agent code.
+The enrolment answer (broker URL, signing key) is kept in the state directory, so
+a second `fleet sim` with the same directory reuses the same devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from cloud.cli.context import coordinator_of, settings_of
+
+if TYPE_CHECKING:
+    from simulator.cluster import SimCluster
+    from simulator.faults import Fault
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FILE = "enrollment.json"
+
+
+def _enroll(client: Any, plan: list[Any], state_dir: Path) -> dict[str, Any]:
+    """Enrol every planned device not enrolled yet; the bundle fields they share."""
+    from protos.errors import AlreadyExists, Conflict
+
+    cached = state_dir / BUNDLE_FILE
+    shared: dict[str, Any] | None = None
+    if cached.exists():
+        shared = json.loads(cached.read_text())
+    known: list[str] = []
+    for e in plan:
+        try:
+            b = client.enroll_device(e.device_id, group=e.group, tags=e.tags)
+        except AlreadyExists:
+            known.append(e.device_id)
+            continue
+        if shared is None:
+            shared = {
+                "broker_url": b.broker_url,
+                "signing_public_key": b.signing_public_key,
+                "topic_prefix": b.topic_prefix,
+            }
+    if shared is None:
+        raise Conflict(
+            f"devices {known[0]} … {known[-1]} are already enrolled and {cached} holds no "
+            "enrolment from an earlier run; pass that run's --state-dir or a new --id-prefix"
+        )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(shared, indent=2))
+    return shared
+
+
+async def _run(
+    sim: SimCluster,
+    faults: list[Fault],
+    *,
+    seed: int,
+    duration: float | None,
+    until_active: int | None,
+    as_json: bool,
+) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    events: list[dict[str, Any]] = []
+
+    def on_fault(f: Fault, ids: list[str]) -> None:
+        events.append({"fault": f.kind, "at_s": f.at, "devices": ids})
+        if not as_json:
+            console.print(
+                f"fault {f.kind} @ {f.at:g}s on {len(ids)} device(s): {', '.join(ids[:5])}"
+            )
+
+    def table() -> Table:
+        t = Table(title=f"{sim.n} simulated devices ({sim.processes} processes)")
+        t.add_column("online", justify="right")
+        for state in sorted(sim.states()):
+            t.add_column(state, justify="right")
+        t.add_column("serving")
+        t.add_row(
+            str(sim.online()),
+            *(str(n) for _, n in sorted(sim.states().items())),
+            ", ".join(f"{v}×{n}" for v, n in sorted(sim.active_variants().items())) or "-",
+        )
+        return t
+
+    start = time.monotonic()
+    async with sim:
+        injector = asyncio.create_task(sim.run_faults(faults, seed=seed, on_fault=on_fault))
+        try:
+            with Live(table(), console=console, refresh_per_second=4, transient=as_json) as live:
+                while True:
+                    if injector.done() and (err := injector.exception()) is not None:
+                        raise err
+                    if until_active is not None and sim.states().get("active", 0) >= until_active:
+                        break
+                    if duration is not None and time.monotonic() - start >= duration:
+                        break
+                    if failed := sim.failed_workers():
+                        from protos.errors import Unavailable
+
+                        raise Unavailable(f"simulator workers stopped: {'; '.join(failed)}")
+                    live.update(table())
+                    await asyncio.sleep(0.25)
+                live.update(table())
+        finally:
+            injector.cancel()
+            await asyncio.gather(injector, return_exceptions=True)
+        return {
+            "devices": sim.n,
+            "processes": sim.processes,
+            "seconds": round(time.monotonic() - start, 2),
+            "online": sim.online(),
+            "states": dict(sim.states()),
+            "variants": dict(sim.active_variants()),
+            "faults": events,
+        }
+
+
+def sim(
+    ctx: typer.Context,
+    devices: Annotated[int, typer.Option("--devices", "-n", help="How many devices.", min=1)] = 20,
+    profile: Annotated[
+        str,
+        typer.Option(help="Hardware profile: cpu, gpu, npu, litert, armv7, or the mix 'mixed'."),
+    ] = "mixed",
+    processes: Annotated[
+        int | None,
+        typer.Option(help="Simulator processes (default: one per ~250 devices, ≤ cores).", min=1),
+    ] = None,
+    faults: Annotated[
+        str,
+        typer.Option(
+            help="Fault plan, e.g. 'drop_link:10%@5s,slow_link:5%=64kB/s,crash:2@10s,corrupt:1=3'."
+        ),
+    ] = "",
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C).")
+    ] = None,
+    until_active: Annotated[
+        int | None,
+        typer.Option("--until-active", help="Stop once this many devices serve a model.", min=1),
+    ] = None,
+    id_prefix: Annotated[str, typer.Option(help="Device ids are PREFIX-0000, PREFIX-0001, …")] = (
+        "sim"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed for profiles and fault targets.")] = 0,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where the devices keep their state (default FLEET_HOME/sim/PREFIX)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary at the end.")] = (
+        False
+    ),
+) -> None:
+    """Run simulated devices (real agent code) against the running coordinator."""
+    from cloud.cli.output import emit_json
+    from simulator.cluster import SimCluster
+    from simulator.faults import parse_faults
+    from simulator.plan import plan
+
+    plan_ = plan(devices, profile, seed=seed, id_prefix=id_prefix)  # validates early
+    fault_plan = parse_faults(faults)
+    client = coordinator_of(ctx)
+    root = state_dir or settings_of(ctx).home_dir / "sim" / id_prefix
+    shared = _enroll(client, plan_, root)
+    cluster = SimCluster(
+        devices,
+        broker_url=shared["broker_url"],
+        public_key_pem=shared["signing_public_key"],
+        state_root=root,
+        processes=processes,
+        profile=profile,
+        seed=seed,
+        topic_prefix=shared.get("topic_prefix", "ef/v1"),
+        id_prefix=id_prefix,
+    )
+    try:
+        summary = asyncio.run(
+            _run(
+                cluster,
+                fault_plan,
+                seed=seed,
+                duration=duration,
+                until_active=until_active,
+                as_json=as_json,
+            )
+        )
+    except KeyboardInterrupt:
+        raise typer.Abort() from None
+    if as_json:
+        emit_json(summary)
