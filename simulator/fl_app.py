@@ -26,8 +26,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from models.fl import EVENTS_FILE
 from models.fl.client_app import build
-from models.fl.journal import Journal
-from protos.errors import FleetError, InvalidArgument
+from models.fl.journal import Journal, failures_recorded
+from protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,8 @@ def compare(grid: Grid, context: Context) -> None:
     rc = context.run_config
     out = Path(str(rc["output-dir"]))
     journal = Journal(out / EVENTS_FILE)
-    try:
+    with failures_recorded(journal):
         _compare(grid, rc, out, journal)
-    except (FleetError, ValueError, OSError) as e:
-        journal.write("failed", reason=f"{type(e).__name__}: {e}", kind=type(e).__name__)
 
 
 def _compare(grid: Grid, rc: Mapping[str, Any], out: Path, journal: Journal) -> None:

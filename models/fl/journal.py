@@ -7,11 +7,16 @@ numpy/json only, so the coordinator reads it without Flower.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 FINAL_EVENTS = ("done", "failed")
 
@@ -29,6 +34,20 @@ class Journal:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def failures_recorded(journal: Journal) -> Iterator[None]:
+    """End a ServerApp's work with a ``failed`` event instead of an exception: ours
+    (FleetError), Flower's strategies and DP wrappers rejecting settings (ValueError),
+    files (OSError)."""
+    from protos.errors import FleetError
+
+    try:
+        yield
+    except (FleetError, ValueError, OSError) as e:
+        journal.write("failed", reason=f"{type(e).__name__}: {e}", kind=type(e).__name__)
+        logger.error("federated run failed: %s", e)
 
 
 def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from models.fl import EVENTS_FILE, WEIGHTS_FILE
-from models.fl.journal import Journal
+from models.fl.journal import Journal, failures_recorded
 from protos.errors import FleetError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -36,12 +36,8 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     out = Path(str(rc["output-dir"]))
     journal = Journal(out / EVENTS_FILE)
-    try:
+    with failures_recorded(journal):
         run(grid, context, out, journal)
-    except (FleetError, ValueError, OSError) as e:
-        # ValueError: Flower's strategies and DP wrappers reject bad settings with it
-        journal.write("failed", reason=f"{type(e).__name__}: {e}", kind=type(e).__name__)
-        logger.error("federated run failed: %s", e)
 
 
 def run(grid: Grid, context: Context, out: Path, journal: Journal) -> None:
