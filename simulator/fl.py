@@ -253,7 +253,7 @@ class FederatedSimulation:
                 if status.startswith("finished") and not read_events(journal, offset)[0]:
                     raise Unavailable(
                         f"simulation run {flower_id} ended ({status}) without a result; "
-                        f"see {self.superlink.log_path}"
+                        f"its log ends:\n{self.superlink.run_log(flower_id)}"
                     )
             time.sleep(0.2)
         self.superlink.stop_run(flower_id)

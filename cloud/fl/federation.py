@@ -409,9 +409,9 @@ class Federation:
                 elif kind == "done":
                     return ev
             if ended:
+                tail = await asyncio.to_thread(self._require().run_log, flower_id, 5)
                 raise Unavailable(
-                    f"Flower run {flower_id} ended ({ended}) without a result; see "
-                    f"{self.superlink.log_path if self.superlink else 'the SuperLink log'}"
+                    f"Flower run {flower_id} ended ({ended}) without a result; its log ends: {tail}"
                 )
             now = loop.time()
             if now >= deadline:

@@ -98,8 +98,11 @@ class SuperLink:
             "subprocess",
             "--disable-runtime-dependency-installation",
         ]
+        # a state file either way: 1.41's in-memory database fails concurrent requests
+        # now and then ("cannot commit transaction - SQL statements in progress")
+        argv += ["--database", str(o.state_dir / "superlink.db")]
         if o.simulation:
-            argv += ["--simulation", "--insecure", "--database", ":memory:"]
+            argv += ["--simulation", "--insecure"]
         else:
             assert o.tls is not None
             argv += [
@@ -110,8 +113,6 @@ class SuperLink:
                 "--ssl-keyfile",
                 str(o.tls.server_key),
                 "--enable-supernode-auth",
-                "--database",
-                str(o.state_dir / "superlink.db"),
             ]
         self._proc = FlowerProcess(argv, env=flower_env(self.flwr_home), log_path=self.log_path)
         self._proc.start()
@@ -203,6 +204,23 @@ class SuperLink:
         if not runs:
             raise NotFound(f"Flower run {run_id} not found on the SuperLink")
         return str(runs[0].get("status", ""))
+
+    def run_log(self, run_id: int, lines: int = 15) -> str:
+        """The last `lines` of a run's ServerApp log (`flwr log --show`), for error messages."""
+        try:
+            p = subprocess.run(
+                [find_flower("flwr"), "log", str(run_id), CONNECTION, "--show"],
+                env=flower_env(self.flwr_home),
+                capture_output=True,
+                text=True,
+                timeout=CLI_TIMEOUT,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except (subprocess.TimeoutExpired, OSError) as e:
+            return f"(no log: {e})"
+        kept = [ln for ln in p.stdout.splitlines() if ln.strip()]
+        return "\n".join(kept[-lines:])
 
     def stop_run(self, run_id: int) -> None:
         try:

@@ -364,7 +364,7 @@ def test_link_loss_dropout_and_unregistered_node(trained_home: Path, tmp_path: P
                     link.cut()
 
                 code, runs["link"], err = await run_with(
-                    cut, "--min-clients", "2", "--round-timeout", "15"
+                    cut, "--min-clients", "2", "--round-timeout", "30"
                 )
                 assert code == 0, err
                 link.restore()
@@ -379,7 +379,7 @@ def test_link_loss_dropout_and_unregistered_node(trained_home: Path, tmp_path: P
                     await dev.crash()
 
                 code, runs["drop"], err = await run_with(
-                    drop, "--min-clients", "3", "--round-timeout", "15"
+                    drop, "--min-clients", "3", "--round-timeout", "30"
                 )
                 assert code == 1
                 assert "federated run" in err and "failed" in err
