@@ -143,6 +143,8 @@ class Agent:
                 self.holder, address=self.settings.listen, status=self.status
             )
         sidecar = asyncio.create_task(self.fl.run(), name="fl-sidecar") if self.fl else None
+        if sidecar is not None:
+            sidecar.add_done_callback(self._sidecar_done)
         try:
             await self._run_connected(shutdown, ready)
         finally:
@@ -151,6 +153,10 @@ class Agent:
                 await asyncio.gather(sidecar, return_exceptions=True)
             if server is not None:
                 await server.stop(1.0)
+
+    def _sidecar_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (e := task.exception()) is not None:
+            logger.error("%s: federated sidecar stopped", self.device_id, exc_info=e)
 
     async def _run_connected(
         self, shutdown: Callable[[], Awaitable[object]], ready: asyncio.Event | None

@@ -132,6 +132,7 @@ class FlSidecar:
             while True:
                 self.state = "starting"
                 log_path = self.dir / "supernode.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
                 log_from = log_path.stat().st_size if log_path.exists() else 0
                 self._proc = FlowerProcess(
                     self._argv(free_port()),
@@ -153,6 +154,7 @@ class FlSidecar:
                     await asyncio.sleep(self.poll)
                     new += _read_from(log_path, log_from + len(new))
                     if any(p in new for p in GAVE_UP):  # it may linger on: end it now
+                        logger.info("%s: flower-supernode gave up; stopping it", self.device_id)
                         await asyncio.to_thread(self._proc.stop)
                         break
                 proc, self._proc = self._proc, None
@@ -161,7 +163,8 @@ class FlSidecar:
                 text = new.decode(errors="replace")
                 if REFUSED.decode() in text:
                     self.last_exit = (
-                        "the SuperLink refused this node (key not registered, or revoked)"
+                        "the SuperLink refused to activate this node (key not registered, or "
+                        "its previous session has not expired yet)"
                     )
                 elif "Giving up reconnection" in text:
                     self.last_exit = "gave up reconnecting to the SuperLink (link lost)"

@@ -369,8 +369,9 @@ def test_link_loss_dropout_and_unregistered_node(trained_home: Path, tmp_path: P
                 assert code == 0, err
                 link.restore()
 
-                # 2. sim-0002 drops out mid-round (its SuperNode and agent die) while
-                #    min-clients is 3: the run fails naming it; nothing is registered
+                # 2. sim-0002 drops out mid-round (its SuperNode and agent die) in a run
+                #    over sim-0001 and sim-0002 with min-clients 2: the run fails naming
+                #    it; nothing is registered
                 async def drop() -> None:
                     await asyncio.sleep(1.0)
                     dev = fleet.device("sim-0002")
@@ -379,14 +380,22 @@ def test_link_loss_dropout_and_unregistered_node(trained_home: Path, tmp_path: P
                     await dev.crash()
 
                 code, runs["drop"], err = await run_with(
-                    drop, "--min-clients", "3", "--round-timeout", "30"
+                    drop,
+                    "--to",
+                    "device=sim-0001,sim-0002",
+                    "--min-clients",
+                    "2",
+                    "--round-timeout",
+                    "30",
                 )
                 assert code == 1
                 assert "federated run" in err and "failed" in err
 
                 # 3. the node with an unregistered key was refused, never took part
                 await fleet.wait(
-                    lambda: "refused" in rogue.last_exit, timeout=30, what="rogue node refused"
+                    lambda: "refused to activate" in rogue.last_exit,
+                    timeout=30,
+                    what="rogue node refused",
                 )
 
         asyncio.run(scenario())
@@ -399,9 +408,9 @@ def test_link_loss_dropout_and_unregistered_node(trained_home: Path, tmp_path: P
     assert link_run["status"] == "succeeded" and link_run["result"] == "digits:2"
 
     assert drop_run["status"] == "failed" and not drop_run["result"]
-    assert "sim-0002" in drop_run["reason"] and "min-clients is 3" in drop_run["reason"]
-    # sim-0000 reconnected after its link came back: it answered in the second run
-    assert "2 of 3 participants returned updates" in drop_run["reason"]
+    assert sorted(drop_run["participants"]) == ["sim-0001", "sim-0002"]
+    assert "1 of 2 participants returned updates" in drop_run["reason"]
+    assert "no answer: sim-0002" in drop_run["reason"] and "min-clients is 2" in drop_run["reason"]
 
     assert [v.version for v in versions(home)] == [1, 2]  # no version from the failed run
     assert "rogue" not in link_run["participants"] + drop_run["participants"]
