@@ -17,12 +17,14 @@ from typing import Any
 
 from agent.capabilities import detect
 from agent.config import AgentSettings
+from agent.fl import FlSidecar, fl_capability
 from agent.inference import ModelHolder
 from agent.serde import UpdateState, encode_status
 from agent.server import AgentStatus, serve
 from agent.telemetry import Spool, Telemetry
 from agent.updater import Updater
 from protos.errors import FleetError
+from protos.flower import fl_features
 from protos.manifest import load_public_key
 from protos.topics import Topics
 from protos.transport import Message, MqttSettings, MqttTransport, Will
@@ -47,7 +49,13 @@ class Agent:
         caps: dict[str, Any] = (
             dict(capabilities) if capabilities is not None else detect().to_dict()
         )
+        fl = fl_capability(settings)
+        if fl is not None:
+            caps["features"] = [*caps.get("features", ()), *fl_features(**fl)]
+            if not fl["ready"]:
+                logger.warning("%s: federated learning off: %s", self.device_id, fl["reason"])
         self.capabilities = caps
+        self.fl = FlSidecar(settings) if fl is not None and fl["ready"] else None
         self.holder = ModelHolder()
         self.boot_id = uuid.uuid4().hex[:12]
         self.transport = MqttTransport(
@@ -136,11 +144,21 @@ class Agent:
             server, self.port = await serve(
                 self.holder, address=self.settings.listen, status=self.status
             )
+        sidecar = asyncio.create_task(self.fl.run(), name="fl-sidecar") if self.fl else None
+        if sidecar is not None:
+            sidecar.add_done_callback(self._sidecar_done)
         try:
             await self._run_connected(shutdown, ready)
         finally:
+            if sidecar is not None:
+                sidecar.cancel()
+                await asyncio.gather(sidecar, return_exceptions=True)
             if server is not None:
                 await server.stop(1.0)
+
+    def _sidecar_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (e := task.exception()) is not None:
+            logger.error("%s: federated sidecar stopped", self.device_id, exc_info=e)
 
     async def _run_connected(
         self, shutdown: Callable[[], Awaitable[object]], ready: asyncio.Event | None

@@ -36,6 +36,13 @@ class AgentSettings(BaseSettings):
     )
     group: str = ""
     tags: dict[str, str] = Field(default_factory=dict)
+    # federated learning (the bundle's "fl" part; the sidecar needs edgefleet[agent,fl])
+    fl_superlink: str = Field(default="", description="SuperLink HOST:PORT; empty: FL off")
+    fl_ca_pem: str = Field(default="", description="the SuperLink's CA certificate (PEM)")
+    fl_private_key: str = Field(default="", description="this node's auth key (OpenSSH PEM)")
+    fl_data_dir: Path | None = Field(
+        default=None, description="local shard-*.npz training data (default STATE_DIR/data)"
+    )
 
 
 BUNDLE_FIELDS = ("device_id", "broker_url", "signing_public_key")
@@ -70,6 +77,11 @@ def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSet
         "state_dir": state_dir,
         "listen": listen,
     }
+    fl = bundle.get("fl")
+    if isinstance(fl, dict) and fl.get("superlink"):
+        values["fl_superlink"] = str(fl["superlink"])
+        values["fl_ca_pem"] = str(fl.get("ca_certificate") or "")
+        values["fl_private_key"] = str(fl.get("private_key") or "")
     return _settings(values, "enrolment bundle")
 
 

@@ -417,6 +417,7 @@ def encode_status(
                 accelerator=str(c.get("accelerator", "cpu")),
                 memory_mb=int(c.get("memory_mb", 0)),  # type: ignore[call-overload]
                 tflite_runtime_legacy=bool(c.get("tflite_runtime_legacy", False)),
+                features=list(c.get("features", ())),  # type: ignore[call-overload]
             )
         )
     if active is not None:

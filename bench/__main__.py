@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "fanout": "bench.fanout",
     "telemetry": "bench.telemetry",
     "rollout": "bench.rollout",
+    "fl": "bench.fl",
 }
 
 logger = logging.getLogger("bench")

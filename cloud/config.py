@@ -23,6 +23,7 @@ SERVE_FILE = "serve.json"
 DEFAULT_MQTT_PORT = 1883
 DEFAULT_GRPC_LISTEN = "127.0.0.1:7443"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+DEFAULT_FL_LISTEN = "127.0.0.1:9092"
 
 
 class CloudSettings(BaseSettings):
@@ -43,6 +44,14 @@ class CloudSettings(BaseSettings):
     grpc_listen: str = Field(default=DEFAULT_GRPC_LISTEN, description="FleetService address")
     metrics_listen: str = Field(
         default=DEFAULT_METRICS_LISTEN, description="Prometheus /metrics address; empty: off"
+    )
+    # federated learning (`fleet serve --fl`): the SuperLink devices' SuperNodes dial
+    fl: bool = Field(default=False, description="run a Flower SuperLink (FLEET_FL)")
+    fl_listen: str = Field(
+        default=DEFAULT_FL_LISTEN, description="SuperLink address; port 0 picks a free one"
+    )
+    fl_advertise: str = Field(
+        default="", description="SuperLink HOST:PORT devices are told (FLEET_FL_ADVERTISE)"
     )
     # operator CLI talking to a running coordinator
     coordinator: str = Field(default="", description="HOST:PORT of `fleet serve`")
@@ -80,6 +89,10 @@ class CloudSettings(BaseSettings):
     def broker_dir(self) -> Path:
         return self.home_dir / "broker"
 
+    @property
+    def fl_dir(self) -> Path:
+        return self.home_dir / "fl"
+
 
 @dataclass(frozen=True)
 class ServeInfo:
@@ -90,6 +103,7 @@ class ServeInfo:
     advertise_broker: str  # what enrolment bundles tell devices
     pid: int
     metrics: str = ""  # http://HOST:PORT/metrics, empty when off
+    fl_superlink: str = ""  # HOST:PORT devices' SuperNodes dial; "" when FL is off
 
     def write(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -107,6 +121,7 @@ class ServeInfo:
                 advertise_broker=str(d.get("advertise_broker") or d["broker_url"]),
                 pid=int(d["pid"]),
                 metrics=str(d.get("metrics", "")),
+                fl_superlink=str(d.get("fl_superlink") or ""),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

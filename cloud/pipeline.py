@@ -93,12 +93,10 @@ class Pipeline:
         progress: Progress = _noop,
     ) -> ModelVersion:
         """`options` go to the architecture, e.g. {"hidden": [512, 448]} for a wider MLP."""
-        from cloud.quantize.compact import compact_onnx
         from cloud.registry.entities import check_model_name
-        from cloud.training.export import INPUT_NAME, export_onnx
+        from cloud.training.export import INPUT_NAME
         from cloud.training.train import TrainConfig, predict, train
         from models.arch import ARCHITECTURES, to_checkpoint
-        from models.checkpoint import dump_checkpoint
         from models.data import load_dataset, split
 
         check_model_name(name)
@@ -122,31 +120,17 @@ class Pipeline:
         result = train(train_ds, config, progress=on_epoch)
         torch_logits = predict(result.module, hold_ds.x)
         torch_acc = float((torch_logits.argmax(1) == hold_ds.y).mean())
-        progress("export onnx", 0, 1)
-        fp32 = compact_onnx(export_onnx(result.module, data.input_shape))
         rng = np.random.default_rng(seed)
         calib_idx = rng.choice(
             len(train_ds), size=min(CALIBRATION_SAMPLES, len(train_ds)), replace=False
         )
         evalset = EvalSet(hold_ds.x, hold_ds.y, train_ds.x[np.sort(calib_idx)])
-        progress("evaluate fp32", 0, 1)
-        built = measure(
-            KINDS["fp32"], fp32, {"mode": "fp32"}, evalset, baseline_accuracy=None, max_drop=0
-        )
-        agree = float(
-            (predictions(self._holdout_outputs(fp32, evalset)) == torch_logits.argmax(1)).mean()
-        )
-        if agree < 0.99:
-            raise InvalidArgument(
-                f"exported ONNX agrees with the torch model on only {agree:.1%} of the holdout"
-            )
-        ckpt = dump_checkpoint(to_checkpoint(result.arch_config, result.module))
-        ckpt_ref = self.store.put(ckpt)
-        eval_ref = self.store.put(evalset.to_bytes())
-        new = NewVersion(
-            arch=arch,
-            inputs=built.inputs,
-            outputs=built.outputs,
+        return self._register_module(
+            name,
+            result.module,
+            to_checkpoint(result.arch_config, result.module),
+            evalset=evalset,
+            torch_logits=torch_logits,
             classes=data.classes,
             metrics={
                 "holdout_accuracy": torch_acc,
@@ -162,13 +146,123 @@ class Pipeline:
                 training_config={**config.to_dict(), "device": result.device, "input": INPUT_NAME},
                 code_version=code_version(),
             ),
+            key=key,
+            progress=progress,
+        )
+
+    def _register_module(
+        self,
+        name: str,
+        module: Any,
+        ckpt: Any,
+        *,
+        evalset: EvalSet,
+        torch_logits: np.ndarray,
+        classes: Sequence[str],
+        metrics: dict[str, float],
+        lineage: Lineage,
+        key: Ed25519PrivateKey,
+        progress: Progress,
+    ) -> ModelVersion:
+        """Export fp32 ONNX, check it agrees with torch, register it with its checkpoint."""
+        from cloud.quantize.compact import compact_onnx
+        from cloud.training.export import export_onnx
+        from models.checkpoint import dump_checkpoint
+
+        progress("export onnx", 0, 1)
+        fp32 = compact_onnx(export_onnx(module, tuple(evalset.x.shape[1:])))
+        progress("evaluate fp32", 0, 1)
+        built = measure(
+            KINDS["fp32"], fp32, {"mode": "fp32"}, evalset, baseline_accuracy=None, max_drop=0
+        )
+        agree = float(
+            (predictions(self._holdout_outputs(fp32, evalset)) == torch_logits.argmax(1)).mean()
+        )
+        if agree < 0.99:
+            raise InvalidArgument(
+                f"exported ONNX agrees with the torch model on only {agree:.1%} of the holdout"
+            )
+        ckpt_ref = self.store.put(dump_checkpoint(ckpt))
+        eval_ref = self.store.put(evalset.to_bytes())
+        new = NewVersion(
+            arch=ckpt.config.arch,
+            inputs=built.inputs,
+            outputs=built.outputs,
+            classes=tuple(classes),
+            metrics=metrics,
+            lineage=lineage,
             checkpoint_sha256=ckpt_ref.sha256,
             evalset_sha256=eval_ref.sha256,
         )
         make = sign_variants(
-            [built], model=name, labels=_labels(data.classes), store=self.store, key=key
+            [built], model=name, labels=_labels(classes), store=self.store, key=key
         )
         return self.registry.create_version(name, new, make)
+
+    # -- federated ------------------------------------------------------------------
+
+    def register_federated(
+        self,
+        parent_ref: ModelRef,
+        weights: bytes,
+        *,
+        federated: dict[str, Any],
+        training_config: dict[str, Any],
+        progress: Progress = _noop,
+    ) -> ModelVersion:
+        """Register a federated run's weights.npz as the next version of the parent's model.
+
+        The weights must fit the parent's architecture exactly; they are evaluated on
+        the parent's holdout and go through the same export check as `train`.
+        """
+        from cloud.training.train import predict
+        from models.arch import from_checkpoint
+        from models.checkpoint import load_checkpoint
+
+        key = self._signing_key()
+        parent = self.registry.get_version(parent_ref)
+        if not parent.checkpoint_sha256 or not parent.evalset_sha256:
+            raise InvalidArgument(
+                f"{parent.ref} has no trainable checkpoint or holdout; federated runs start "
+                "from a version made by 'fleet train'"
+            )
+        base = load_checkpoint(self.store.get(parent.checkpoint_sha256))
+        ckpt = load_checkpoint(weights)
+        if ckpt.config != base.config or {k: v.shape for k, v in ckpt.arrays.items()} != {
+            k: v.shape for k, v in base.arrays.items()
+        }:
+            raise DataLoss(
+                f"federated weights ({ckpt.config.arch}, {len(ckpt.arrays)} arrays) do not "
+                f"match {parent.ref} ({base.config.arch}, {len(base.arrays)} arrays)"
+            )
+        if not all(np.isfinite(a).all() for a in ckpt.arrays.values()):
+            raise DataLoss("federated weights hold NaN or infinite values")
+        module = from_checkpoint(ckpt)
+        evalset = EvalSet.from_bytes(self.store.get(parent.evalset_sha256))
+        logits = predict(module, evalset.x)
+        acc = float((logits.argmax(1) == evalset.y).mean()) if evalset.y is not None else None
+        metrics = {"holdout_samples": float(len(evalset.x))}
+        if acc is not None:
+            metrics["holdout_accuracy"] = acc
+        return self._register_module(
+            parent.model,
+            module,
+            ckpt,
+            evalset=evalset,
+            torch_logits=logits,
+            classes=parent.classes,
+            metrics=metrics,
+            lineage=Lineage(
+                source="federated",
+                parent_version=parent.version,
+                dataset_name=f"federated:{federated.get('run_id', '')}",
+                training_config=training_config,
+                code_version=code_version(),
+                federated=federated,
+            ),
+            key=key,
+            progress=progress,
+        )
 
     def _holdout_outputs(self, model: bytes, evalset: EvalSet) -> np.ndarray:
         from models.runtime import open_session

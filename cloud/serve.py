@@ -20,6 +20,7 @@ import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cloud.broker import ManagedBroker, find_mosquitto
 from cloud.client import LocalClient, read_token
@@ -111,11 +112,12 @@ async def serve(
     import grpc
 
     from cloud.coordinator import Coordinator
+    from cloud.fl.service import FederatedServicer
     from cloud.grpc_service import FleetServicer, TokenAuth
     from cloud.monitoring import Monitoring
     from cloud.rollouts.controller import RolloutController
     from cloud.signing import load_private_key
-    from protos.fleet.v1 import fleet_pb2_grpc
+    from protos.fleet.v1 import federated_pb2_grpc, fleet_pb2_grpc
 
     host, _port = check_listen(settings.grpc_listen)
     local = LocalClient(settings)
@@ -143,6 +145,7 @@ async def serve(
         )
     advertise = settings.advertise_broker or broker_url
     server: grpc.aio.Server | None = None
+    federation = None
     try:
         async with (
             Coordinator(
@@ -162,6 +165,8 @@ async def serve(
                 metrics_listen=settings.metrics_listen,
             ) as monitoring,
         ):
+            if settings.fl:
+                federation = await start_federation(settings, local, coordinator)
             controller = RolloutController(coordinator, local.rollouts)
             control_task = asyncio.create_task(controller.run(), name="rollout-controller")
             try:
@@ -179,6 +184,9 @@ async def serve(
                     ),
                     server,
                 )
+                federated_pb2_grpc.add_FederatedServiceServicer_to_server(
+                    FederatedServicer(federation), server
+                )
                 try:
                     port = int(server.add_insecure_port(settings.grpc_listen))
                 except RuntimeError as e:
@@ -193,6 +201,7 @@ async def serve(
                     advertise_broker=advertise,
                     pid=os.getpid(),
                     metrics=monitoring.metrics_url,
+                    fl_superlink=federation.address if federation else "",
                 )
                 info.write(settings.serve_path)
                 logger.info("FleetService on %s; broker %s", info.grpc, broker_url)
@@ -208,6 +217,9 @@ async def serve(
     finally:
         if server is not None:
             await server.stop(0)
+        if federation is not None:
+            await federation.stop()
+            federation.store.close()
         broker_stop.set()
         if supervisor is not None:
             await supervisor
@@ -217,3 +229,28 @@ async def serve(
         if current is not None and current.pid == os.getpid():
             settings.serve_path.unlink(missing_ok=True)
         local.close()
+
+
+async def start_federation(settings: CloudSettings, local: LocalClient, coordinator: Any) -> Any:
+    """The SuperLink and federated runs (`--fl`); needs Flower installed (edgefleet[fl])."""
+    from cloud.fl.federation import Federation
+    from cloud.fl.store import FlStore
+    from protos.flower import find_flower
+
+    find_flower("flower-superlink")  # NotFound with install hints before anything starts
+    store = FlStore(settings.registry_url)
+    federation = Federation(
+        settings,
+        pipeline=local.pipeline,
+        devices=local.devices,
+        store=store,
+        coordinator=coordinator,
+    )
+    try:
+        await federation.start()
+    except BaseException:
+        await federation.stop()
+        store.close()
+        raise
+    logger.info("SuperLink for federated learning on %s", federation.address)
+    return federation

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from protos.errors import InvalidArgument, NotFound
+from models.fl.shards import SHARD_GLOB, read_shards
+from protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
-
-SHARD_GLOB = "shard-*.npz"
 
 
 def partition(
@@ -104,19 +103,6 @@ def write_shards(
         )
         paths.append(path)
     return paths
-
-
-def read_shards(directory: Path) -> tuple[np.ndarray, np.ndarray]:
-    """All shards in `directory`, concatenated in name order."""
-    paths = sorted(directory.glob(SHARD_GLOB))
-    if not paths:
-        raise NotFound(f"no {SHARD_GLOB} shards in {directory}")
-    xs, ys = [], []
-    for p in paths:
-        with np.load(p, allow_pickle=False) as z:
-            xs.append(z["X"])
-            ys.append(z["y"])
-    return np.concatenate(xs), np.concatenate(ys)
 
 
 def write_partitions(

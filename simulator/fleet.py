@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -293,6 +294,14 @@ class SimulatedDevice:
         await self.stop()
         await self.start()
         await self.wait_connected(connect_timeout)
+
+    def configure(self, **updates: Any) -> None:
+        """Change this device's agent settings (e.g. the ``fl_*`` fields from an enrolment
+        bundle's federated part); the device must be stopped; the next start uses them."""
+        if self.running:
+            raise Conflict(f"simulated device {self.device_id} is running; stop it to configure")
+        self.settings = self.settings.model_copy(update=updates)
+        self.agent = self._new_agent()
 
     def slow_link(self, bytes_per_s: float) -> None:
         """Cap this device's downlink for artifact chunks at `bytes_per_s` (0 lifts the cap).

@@ -86,6 +86,14 @@ def enroll(
             "--out", "-o", help="Write the enrolment bundle here (mode 0600); default: stdout."
         ),
     ] = None,
+    fl: Annotated[
+        bool,
+        typer.Option(
+            "--fl",
+            help="Also enrol it for federated learning: the bundle carries a SuperNode key "
+            "the coordinator's SuperLink accepts, and the SuperLink's CA and address.",
+        ),
+    ] = False,
 ) -> None:
     """Enrol a device and write its enrolment bundle (JSON) for `fleet-agent enroll`."""
     from cloud.cli.output import err
@@ -93,9 +101,17 @@ def enroll(
 
     tags = parse_tags(tag)
     client = client_of(ctx)
+
+    def bundle_text() -> str:
+        bundle = client.enroll_device(device_id, group=group, tags=tags).to_json()
+        if fl:
+            from cloud.cli.fl import enroll_fl
+
+            bundle["fl"] = enroll_fl(ctx, device_id).to_json()
+        return json.dumps(bundle, indent=2)
+
     if out_file is None:
-        bundle = client.enroll_device(device_id, group=group, tags=tags)
-        typer.echo(json.dumps(bundle.to_json(), indent=2))
+        typer.echo(bundle_text())
         return
     # open the file first: a bundle that cannot be written must not leave a device enrolled
     existed = out_file.exists()
@@ -106,10 +122,11 @@ def enroll(
         raise Unavailable(f"cannot write the bundle to {out_file}: {e.strerror}") from None
     with os.fdopen(fd, "w") as f:
         try:
-            bundle = client.enroll_device(device_id, group=group, tags=tags)
+            text = bundle_text()
         except BaseException:
             if not existed:
                 out_file.unlink(missing_ok=True)
             raise
-        f.write(json.dumps(bundle.to_json(), indent=2) + "\n")
-    err.print(f"enrolled {device_id}; bundle written to {out_file} (broker {bundle.broker_url})")
+        f.write(text + "\n")
+    broker = json.loads(text)["broker_url"]
+    err.print(f"enrolled {device_id}; bundle written to {out_file} (broker {broker})")

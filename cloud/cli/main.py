@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from cloud.cli import devices as devices_cli
+from cloud.cli import fl as fl_cli
 from cloud.cli import models as models_cli
 from cloud.cli import rollouts as rollouts_cli
 from cloud.cli import sim as sim_cli
@@ -32,6 +33,7 @@ app = typer.Typer(
 app.add_typer(models_cli.app, name="models")
 app.add_typer(devices_cli.app, name="devices")
 app.add_typer(rollouts_cli.app, name="rollouts")
+app.add_typer(fl_cli.app, name="fl")
 app.command("sim")(sim_cli.sim)
 
 
@@ -287,6 +289,32 @@ def serve(
         float,
         typer.Option("--graceful-timeout", min=0, help="Seconds calls in flight get at shutdown."),
     ] = 5.0,
+    fl: Annotated[
+        bool | None,
+        typer.Option(
+            "--fl/--no-fl",
+            envvar="FLEET_FL",
+            help="Run a Flower SuperLink for federated learning (needs edgefleet[fl]) "
+            "[env FLEET_FL; default off].",
+        ),
+    ] = None,
+    fl_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--fl-listen",
+            envvar="FLEET_FL_LISTEN",
+            help="SuperLink address devices' SuperNodes dial; port 0 picks a free one "
+            "[env FLEET_FL_LISTEN; default 127.0.0.1:9092].",
+        ),
+    ] = None,
+    fl_advertise: Annotated[
+        str | None,
+        typer.Option(
+            "--fl-advertise",
+            envvar="FLEET_FL_ADVERTISE",
+            help="SuperLink HOST:PORT put in enrolment bundles [env FLEET_FL_ADVERTISE].",
+        ),
+    ] = None,
 ) -> None:
     """Run the coordinator: MQTT side, FleetService (gRPC) and, by default, a Mosquitto."""
     import asyncio
@@ -303,12 +331,17 @@ def serve(
         grpc_listen=grpc_listen,
         advertise_broker=advertise_broker,
         metrics_listen=metrics_listen,
+        fl=fl,
+        fl_listen=fl_listen,
+        fl_advertise=fl_advertise,
     )
 
     def ready(info: ServeInfo) -> None:
         err.print(f"FleetService on {info.grpc}; broker {info.broker_url}; pid {info.pid}")
         if info.metrics:
             err.print(f"metrics on {info.metrics}")
+        if info.fl_superlink:
+            err.print(f"Flower SuperLink (TLS, node auth) on {info.fl_superlink}")
         err.print(f"devices are told: {info.advertise_broker}; state in {settings.serve_path}")
 
     async def main() -> None:

@@ -40,8 +40,8 @@ def _env() -> dict[str, str]:
 
 
 @contextmanager
-def fleet_serve(home: Path) -> Iterator[tuple[subprocess.Popen[bytes], ServeInfo]]:
-    """`fleet serve` on free loopback ports; yields once serve.json names it."""
+def fleet_serve(home: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], ServeInfo]]:
+    """`fleet serve` (plus `extra` options) on free loopback ports; yields once serve.json names it."""
     serve_json = home / "serve.json"
     proc = subprocess.Popen(
         [
@@ -57,6 +57,7 @@ def fleet_serve(home: Path) -> Iterator[tuple[subprocess.Popen[bytes], ServeInfo
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            *extra,
         ],
         cwd=REPO,
         env=_env(),

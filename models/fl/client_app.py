@@ -1,0 +1,120 @@
+"""The ClientApp: trains the version's model on this device's shards, never sending data.
+
+Handlers:
+- ``train``: load the global parameters over the starting checkpoint, train
+  ``local-epochs`` on the local training split, return the parameters and
+  ``num-examples`` (FedProx's proximal term when the config carries one);
+- ``evaluate``: loss and accuracy on the local held-out split.
+
+`build(mods)` makes the same ClientApp with Flower mods around every handler
+(the simulator adds its model-poisoning attacker this way).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from models.fl.shards import data_dir_of, local_split, read_shards
+from protos.errors import FleetError
+
+logger = logging.getLogger(__name__)
+
+
+def device_id_of(context: Context) -> str:
+    nc = context.node_config
+    if nc.get("device-id"):
+        return str(nc["device-id"])
+    if "partition-id" in nc:
+        return f"partition-{int(str(nc['partition-id'])):04d}"
+    return f"node-{context.node_id}"
+
+
+def _local(context: Context, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, y = read_shards(data_dir_of(context.node_config, context.run_config))
+    tr, ho = local_split(len(y), seed=seed)
+    return x[tr], y[tr], x[ho], y[ho]
+
+
+def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _config(msg: Message) -> ConfigRecord:
+    return msg.content.config_records["config"]
+
+
+def _fail(msg: Message, context: Context, e: Exception) -> Message:
+    from flwr.app import Error
+
+    reason = f"{device_id_of(context)}: {type(e).__name__}: {e}"
+    logger.warning("%s", reason)
+    return Message(Error(code=0, reason=reason), reply_to=msg)
+
+
+def train(msg: Message, context: Context) -> Message:
+    from models.checkpoint import load_checkpoint
+    from models.fl.task import FitConfig, check_labels, fit, module_from, trainable
+
+    cfg = _config(msg)
+    try:
+        seed = int(cfg.get("seed", 0))  # type: ignore[arg-type]
+        xtr, ytr, _, _ = _local(context, seed)
+        base = bytes(cfg["base"])  # type: ignore[arg-type]
+        module = module_from(base, _arrays(msg.content.array_records["arrays"]))
+        check_labels(ytr, load_checkpoint(base).config.num_classes, device_id_of(context))
+        loss, acc = fit(
+            module,
+            xtr,
+            ytr,
+            FitConfig(
+                epochs=int(cfg.get("local-epochs", 1)),  # type: ignore[arg-type]
+                lr=float(cfg.get("lr", 3e-3)),  # type: ignore[arg-type]
+                batch_size=int(cfg.get("batch-size", 32)),  # type: ignore[arg-type]
+                seed=seed + int(cfg.get("server-round", 0)) + context.node_id % 10_000,  # type: ignore[arg-type]
+                proximal_mu=float(cfg.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+            ),
+        )
+    except (FleetError, KeyError, ValueError) as e:
+        return _fail(msg, context, e)
+    metrics = MetricRecord({"train-loss": loss, "train-accuracy": acc, "num-examples": len(ytr)})
+    arrays = ArrayRecord({k: _array(v) for k, v in trainable(module).items()})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    from models.fl.task import evaluate as eval_module
+    from models.fl.task import module_from
+
+    cfg = _config(msg)
+    try:
+        _, _, xho, yho = _local(context, int(cfg.get("seed", 0)))  # type: ignore[arg-type]
+        module = module_from(bytes(cfg["base"]), _arrays(msg.content.array_records["arrays"]))  # type: ignore[arg-type]
+        loss, acc = eval_module(module, xho, yho)
+    except (FleetError, KeyError, ValueError) as e:
+        return _fail(msg, context, e)
+    metrics = MetricRecord({"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(yho)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _array(a: np.ndarray) -> Any:
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def build(mods: Sequence[Mod] = ()) -> ClientApp:
+    """This ClientApp, with `mods` wrapped around every handler."""
+    client = ClientApp(mods=list(mods))
+    client.train()(train)
+    client.evaluate()(evaluate)
+    return client
+
+
+app = build()

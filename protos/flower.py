@@ -1,0 +1,212 @@
+"""Flower process plumbing shared by the coordinator (SuperLink) and the agent (SuperNode).
+
+No `flwr` import: both sides run Flower's own executables as child processes.
+`FlowerProcess` starts one in its own session with the environment Flower needs
+here (telemetry and update checks off, a private FLWR_HOME) and stops it with
+everything it spawned: Flower starts its ServerApp/ClientApp processes in their
+own sessions, so a process group is not enough and descendants are found by
+parent pid (/proc) and stopped one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from protos.errors import NotFound
+
+logger = logging.getLogger(__name__)
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_LOG_LEVEL": "INFO",
+}
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    env.update(QUIET_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    # the Flower App's components import edgefleet: make sure Flower's children find it
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    # Flower starts its helpers (flower-superexec, flwr-serverapp, …) by name
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in (bindir, env.get("PATH", "")) if p)
+    env.update(extra or {})
+    return env
+
+
+def find_flower(name: str) -> str:
+    """Path of a Flower executable: next to this Python first, then PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists() and os.access(here, os.X_OK):
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise NotFound(
+            f"{name} not found: install Flower with the fl extra "
+            "(pip install 'edgefleet[fl]'; devices: 'edgefleet[agent,fl]')"
+        )
+    return found
+
+
+def flower_available() -> bool:
+    try:
+        find_flower("flwr")
+    except NotFound:
+        return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def full_jitter(attempt: int, *, base: float = 1.0, cap: float = 60.0) -> float:
+    """Seconds before restart `attempt` (1, 2, …): capped exponential backoff, full jitter."""
+    return random.uniform(0, min(cap, base * 2 ** min(max(attempt, 1) - 1, 32)))
+
+
+def fl_features(*, ready: bool, reason: str = "", samples: int = 0) -> list[str]:
+    """How an agent states its federated sidecar in `Capabilities.features`."""
+    if ready:
+        return ["fl", f"fl-samples={samples}"]
+    return [f"fl-off={reason}", f"fl-samples={samples}"]
+
+
+def parse_fl_features(features: Sequence[str]) -> dict[str, object] | None:
+    """The reverse of `fl_features`: {"ready", "reason", "samples"}; None if not stated."""
+    out: dict[str, object] = {}
+    for f in features:
+        if f == "fl":
+            out.update(ready=True, reason="")
+        elif f.startswith("fl-off="):
+            out.update(ready=False, reason=f.removeprefix("fl-off="))
+        elif f.startswith("fl-samples="):
+            value = f.removeprefix("fl-samples=")
+            out["samples"] = int(value) if value.isdigit() else 0
+    if "ready" not in out:
+        return None
+    out.setdefault("samples", 0)
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Linux /proc; [] elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for e in entries:
+        if not e.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{e}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(e))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+class FlowerProcess:
+    """One Flower executable run as a child in its own session, output to a log file."""
+
+    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> None:
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        logger.info("started %s (pid %d)", Path(self.argv[0]).name, self._proc.pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        tree = descendants(proc.pid)
+        for pid in [proc.pid, *tree]:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+        for pid in tree:  # ours are reaped by their parents; wait for them to go
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
+
+    def kill(self) -> None:
+        """Die at once, children included (SIGKILL): a crash, for faults and tests."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            _signal(pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"

@@ -1,0 +1,176 @@
+"""Federated-learning pieces that need no processes: participants, features, options,
+the attacker's arithmetic, checkpoints in and out of a round, the journal."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud.devices import Device
+from cloud.fl.canary import CanaryPlan
+from cloud.fl.federation import RunRequest
+from cloud.fl.selection import select_participants
+from cloud.fl.store import FlNode
+from cloud.registry import ModelRef
+from models.fl.journal import Journal, read_events
+from models.fl.shards import count_samples, data_dir_of, local_split
+from protos.errors import InvalidArgument
+from protos.flower import fl_features, parse_fl_features
+
+
+def _device(device_id: str, *, online: bool = True, features: list[str] | None = None) -> Device:
+    return Device(
+        device_id=device_id,
+        group="",
+        tags={},
+        enrolled_at=datetime.now(timezone.utc),
+        online=online,
+        last_seen=None,
+        agent_version="0.1.0",
+        capabilities={"features": features} if features is not None else {},
+        active={},
+        reported={},
+        desired_generation=0,
+        rollout_id="",
+    )
+
+
+def test_fl_features_round_trip() -> None:
+    assert parse_fl_features(fl_features(ready=True, samples=120)) == {
+        "ready": True,
+        "reason": "",
+        "samples": 120,
+    }
+    off = parse_fl_features(fl_features(ready=False, reason="no data", samples=0))
+    assert off == {"ready": False, "reason": "no data", "samples": 0}
+    assert parse_fl_features(["something-else"]) is None
+
+
+def test_participants_are_chosen_with_a_reason_for_each_skip() -> None:
+    now = datetime.now(timezone.utc)
+    nodes = {d: FlNode(d, "ecdsa-sha2-nistp384 AAAA", i + 1, now) for i, d in enumerate("abcdf")}
+    nodes["e"] = FlNode("e", "ecdsa-sha2-nistp384 AAAA", None, now)
+    devices = [
+        _device("a", features=fl_features(ready=True, samples=100)),
+        _device("b", online=False, features=fl_features(ready=True, samples=100)),
+        _device("c", features=[]),
+        _device("d", features=fl_features(ready=True, samples=5)),
+        _device("e", features=fl_features(ready=True, samples=100)),
+        _device("f", features=fl_features(ready=False, reason="no shard-*.npz")),
+        _device("g", features=fl_features(ready=True, samples=100)),
+    ]
+    sel = select_participants(devices, nodes, min_samples=20)
+    assert sel.chosen == {"a": 1}
+    assert sel.skipped["b"] == "offline"
+    assert "edgefleet[agent,fl]" in sel.skipped["c"]
+    assert "5 local samples" in sel.skipped["d"]
+    assert "not registered with the SuperLink" in sel.skipped["e"]
+    assert "no shard-*.npz" in sel.skipped["f"]
+    assert "fleet devices enroll g --fl" in sel.skipped["g"]
+
+
+def test_run_options_are_checked_before_anything_starts() -> None:
+    ok = RunRequest(ref=ModelRef("digits", 1), then_deploy="canary=10%")
+    ok.check()
+    with pytest.raises(InvalidArgument, match="'fedsgd' unknown; accepted: fedavg"):
+        RunRequest(ref=ok.ref, strategy="fedsgd").check()
+    with pytest.raises(InvalidArgument, match="--dp-noise 1.0 needs --dp-clip"):
+        RunRequest(ref=ok.ref, dp_noise=1.0).check()
+    with pytest.raises(InvalidArgument, match="--fraction 0"):
+        RunRequest(ref=ok.ref, fraction=0).check()
+    assert RunRequest(ref=ok.ref, dp_clip=1.0, dp_noise=0.5).dp == {"clip": 1.0, "noise": 0.5}
+
+
+def test_canary_plan_parses_percentages_only_in_range() -> None:
+    assert CanaryPlan.parse("canary=10%").fraction == pytest.approx(0.1)
+    assert CanaryPlan.parse("canary=0.25").fraction == pytest.approx(0.25)
+    assert str(CanaryPlan.parse("canary=10%")) == "canary=10%"
+    for bad, msg in (
+        ("waves=3", "accepted: canary="),
+        ("canary=0%", ">0%"),
+        ("canary=x", "not a number"),
+    ):
+        with pytest.raises(InvalidArgument, match=msg):
+            CanaryPlan.parse(bad)
+
+
+def test_attacker_updates_point_the_other_way_and_farther() -> None:
+    pytest.importorskip("flwr")
+    from simulator.fl_app import poisoned
+
+    sent = {"w": np.zeros(3, np.float32)}
+    trained = {"w": np.array([1.0, -2.0, 0.5], np.float32)}
+    assert np.allclose(poisoned(sent, trained, "signflip", 10.0)["w"], [-10, 20, -5])
+    assert np.allclose(poisoned(sent, trained, "boost", 10.0)["w"], [10, -20, 5])
+    assert poisoned(sent, trained, "none", 10.0) is trained
+    with pytest.raises(InvalidArgument, match="accepted: none, signflip, boost"):
+        poisoned(sent, trained, "noise", 1.0)
+
+
+def test_participants_text_maps_nodes_to_devices() -> None:
+    pytest.importorskip("flwr")
+    from models.fl.server_app import parse_participants
+
+    assert parse_participants("cam-1=18446744073709551615,cam-2=7") == {
+        18446744073709551615: "cam-1",
+        7: "cam-2",
+    }
+    with pytest.raises(InvalidArgument, match="expected DEVICE=NODE_ID"):
+        parse_participants("cam-1")
+
+
+def test_round_weights_keep_the_buffers_of_the_start(tmp_path: Path) -> None:
+    from cloud.training.train import TrainConfig, train
+    from models.arch import to_checkpoint
+    from models.checkpoint import dump_checkpoint, load_checkpoint
+    from models.data import load_dataset
+    from models.fl.task import FitConfig, evaluate, fit, merged_checkpoint, module_from, trainable
+
+    ds = load_dataset("digits")
+    r = train(ds.subset(np.arange(300)), TrainConfig(arch="mlp", epochs=1))
+    base = dump_checkpoint(to_checkpoint(r.arch_config, r.module))
+    module = module_from(base)
+    params = trainable(module)
+    assert "norm.mean" not in params and "body.0.weight" in params
+    before = evaluate(module, ds.x[300:600], ds.y[300:600])[1]
+    fit(module, ds.x[:300], ds.y[:300], FitConfig(epochs=3, lr=5e-3))
+    after = evaluate(module, ds.x[300:600], ds.y[300:600])[1]
+    assert after > before
+    merged = load_checkpoint(merged_checkpoint(base, trainable(module)))
+    start = load_checkpoint(base)
+    assert np.array_equal(merged.arrays["norm.std"], start.arrays["norm.std"])
+    assert not np.array_equal(merged.arrays["body.0.weight"], start.arrays["body.0.weight"])
+    with pytest.raises(InvalidArgument, match="not in the 'mlp' checkpoint"):
+        module_from(base, {"head.weight": np.zeros(2, np.float32)})
+
+
+def test_local_data_split_and_location(tmp_path: Path) -> None:
+    from simulator.data import write_shards
+
+    write_shards(tmp_path / "d", np.zeros((50, 4), np.float32), np.arange(50) % 3)
+    assert count_samples(tmp_path / "d") == 50
+    tr, ho = local_split(50, seed=1)
+    assert len(ho) == 10 and len(tr) == 40 and not set(tr) & set(ho)
+    assert np.array_equal(local_split(50, seed=1)[1], ho)  # the same every round
+    assert data_dir_of({"data-dir": str(tmp_path / "d")}, {}) == tmp_path / "d"
+    assert data_dir_of({"partition-id": 3}, {"data-root": "/r"}) == Path("/r/partition-0003")
+    with pytest.raises(InvalidArgument, match="no data-dir"):
+        data_dir_of({}, {})
+
+
+def test_journal_reads_only_complete_lines(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "events.jsonl")
+    j.write("round", round=1)
+    with (tmp_path / "events.jsonl").open("a") as f:
+        f.write('{"event": "round", "ro')  # a line still being written
+    events, offset = read_events(tmp_path / "events.jsonl")
+    assert [(e["event"], e["round"]) for e in events] == [("round", 1)]
+    assert abs(events[0]["t"] - time.time()) < 60
+    with (tmp_path / "events.jsonl").open("a") as f:
+        f.write('und": 2}\n')
+    more, _ = read_events(tmp_path / "events.jsonl", offset)
+    assert more == [{"event": "round", "round": 2}]
