@@ -326,6 +326,9 @@ class SimCluster:
     async def corrupt_next_chunks(self, ids: str | Iterable[str], n: int) -> None:
         await self.command("corrupt", ids, n=n)
 
+    async def lose_next_chunks(self, ids: str | Iterable[str], n: int) -> None:
+        await self.command("lose", ids, n=n)
+
     async def slow_link(self, ids: str | Iterable[str], bytes_per_s: float) -> None:
         await self.command("slow_link", ids, bytes_per_s=bytes_per_s)
 
@@ -334,6 +337,8 @@ class SimCluster:
         ids = fault.pick(self.ids(), seed)
         if fault.kind == "corrupt":
             await self.corrupt_next_chunks(ids, int(fault.arg))
+        elif fault.kind == "lose":
+            await self.lose_next_chunks(ids, int(fault.arg))
         elif fault.kind == "slow_link":
             await self.slow_link(ids, fault.arg)
         elif fault.kind == "crash":

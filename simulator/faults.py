@@ -6,7 +6,8 @@ Each item is ``KIND[:WHO][@WHEN][=ARG]``:
   mid-whatever, will published; it boots again on the same state directory after
   ARG, default 2s, or never with ``=never``), ``restart`` (crash-free reboot on the same state
   directory), ``corrupt`` (the next ARG chunks, default 1, get a flipped byte),
-  ``slow_link`` (chunk downlink capped at ARG, e.g. ``64kB/s``, ``1MB/s``).
+  ``lose`` (the next ARG chunks, default 1, never reach the updater), ``slow_link``
+  (chunk downlink capped at ARG, e.g. ``64kB/s``, ``1MB/s``).
 - WHO: a device count (``3``) or a share of the fleet (``10%``); default 1 device.
 - WHEN: seconds after the fleet is up (``5s``, ``500ms``, ``2m``); default 0.
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from protos.errors import InvalidArgument
 
-KINDS = ("drop_link", "crash", "restart", "corrupt", "slow_link")
+KINDS = ("drop_link", "crash", "restart", "corrupt", "lose", "slow_link")
 _ITEM = re.compile(
     r"^(?P<kind>[a-z_]+)(?::(?P<who>\d+%?))?(?:@(?P<when>[\d.]+(?:ms|s|m)?))?(?:=(?P<arg>.+))?$"
 )
@@ -97,9 +98,9 @@ def parse_faults(spec: str) -> list[Fault]:
             if not arg_text:
                 raise InvalidArgument(f"fault {item!r}: slow_link needs a rate, e.g. =64kB/s")
             arg = _rate(arg_text, item)
-        elif kind == "corrupt":
+        elif kind in ("corrupt", "lose"):
             if arg_text and not arg_text.isdigit():
-                raise InvalidArgument(f"fault {item!r}: corrupt takes a chunk count, e.g. =3")
+                raise InvalidArgument(f"fault {item!r}: {kind} takes a chunk count, e.g. =3")
             arg = float(arg_text or 1)
         elif kind == "crash":
             if arg_text == "never":

@@ -152,6 +152,8 @@ class SimulatedDevice:
         self.boots = 0  # agents started on this device so far
         self.corrupted = 0  # chunks corrupted on purpose so far
         self._corrupt_pending = 0
+        self.lost = 0  # chunks dropped on purpose so far
+        self._lose_pending = 0
         self._link_bps = 0.0  # 0: no cap
         self._link_free_at = 0.0
         self._stop = asyncio.Event()
@@ -177,6 +179,11 @@ class SimulatedDevice:
         async def maybe_corrupt(payload: bytes) -> None:
             if self._link_bps:
                 await self._through_slow_link(len(payload))
+            if self._lose_pending > 0:
+                self._lose_pending -= 1
+                self.lost += 1
+                logger.info("%s: losing a chunk on purpose", self.device_id)
+                return
             if self._corrupt_pending > 0:
                 bad = corrupt_chunk(payload)
                 if bad != payload:
@@ -318,6 +325,13 @@ class SimulatedDevice:
         now = time.monotonic()
         self._link_free_at = max(now, self._link_free_at) + size / self._link_bps
         await asyncio.sleep(self._link_free_at - now)
+
+    def lose_next_chunks(self, n: int) -> None:
+        """Drop the next `n` chunks this device receives before the updater sees them
+        (as if the network lost them: the device has to ask again)."""
+        if n < 0:
+            raise InvalidArgument(f"lose_next_chunks: n {n} must be >= 0")
+        self._lose_pending += n
 
     def corrupt_next_chunks(self, n: int) -> None:
         """Flip a byte in the data of the next `n` chunks this device receives."""
@@ -499,6 +513,9 @@ class SimulatedFleet:
 
     def corrupt_next_chunks(self, device_id: str, n: int) -> None:
         self.device(device_id).corrupt_next_chunks(n)
+
+    def lose_next_chunks(self, device_id: str, n: int) -> None:
+        self.device(device_id).lose_next_chunks(n)
 
     def slow_link(self, ids: str | Iterable[str], bytes_per_s: float) -> None:
         for dev in self._pick(ids):

@@ -81,6 +81,9 @@ async def _apply(fleet: Any, cmd: dict[str, Any]) -> None:
     elif what == "corrupt":
         for i in ids:
             fleet.corrupt_next_chunks(i, int(cmd.get("n", 1)))
+    elif what == "lose":
+        for i in ids:
+            fleet.lose_next_chunks(i, int(cmd.get("n", 1)))
     elif what == "slow_link":
         for i in ids:
             fleet.slow_link(i, float(cmd["bytes_per_s"]))
@@ -89,7 +92,7 @@ async def _apply(fleet: Any, cmd: dict[str, Any]) -> None:
     else:
         raise InvalidArgument(
             f"simulator command {what!r} unknown; accepted: drop_link, crash, restart, "
-            "corrupt, slow_link, traffic, stop"
+            "corrupt, lose, slow_link, traffic, stop"
         )
 
 

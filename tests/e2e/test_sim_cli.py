@@ -50,7 +50,7 @@ def test_fleet_sim_runs_devices_that_a_deploy_reaches_through_faults(
             "--state-dir",
             str(tmp_path / "sim"),
             "--faults",
-            "corrupt:2=2,drop_link:1@0.5s",
+            "corrupt:2=2,lose:2=3,drop_link:1@0.5s",
             "--until-active",
             "6",
             "--json",
@@ -124,7 +124,8 @@ def test_fleet_sim_runs_devices_that_a_deploy_reaches_through_faults(
     assert summary["states"].get("active") == 6
     assert summary["variants"] == {"int8": 6}
     kinds = {f["fault"]: f["devices"] for f in summary["faults"]}
-    assert len(kinds["corrupt"]) == 2 and len(kinds["drop_link"]) == 1
+    assert len(kinds["corrupt"]) == 2 and len(kinds["lose"]) == 2
+    assert len(kinds["drop_link"]) == 1
     # the enrolment answer is cached, so a second run reuses the enrolled devices
     cached = json.loads((tmp_path / "sim" / "enrollment.json").read_text())
     assert cached["broker_url"].startswith("mqtt://127.0.0.1:")
