@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.capabilities import detect
 from agent.config import AgentSettings
+from agent.drift import DriftMonitor
 from agent.inference import ModelHolder
 from agent.serde import UpdateState, encode_status
 from agent.server import AgentStatus, serve
@@ -40,6 +41,7 @@ class Agent:
         capabilities: Mapping[str, Any] | None = None,
         durable: bool = True,
         want_interval: float = 2.0,
+        holder: ModelHolder | None = None,
     ) -> None:
         self.settings = settings
         self.device_id = settings.device_id
@@ -48,7 +50,7 @@ class Agent:
             dict(capabilities) if capabilities is not None else detect().to_dict()
         )
         self.capabilities = caps
-        self.holder = ModelHolder()
+        self.holder = holder if holder is not None else ModelHolder()
         self.boot_id = uuid.uuid4().hex[:12]
         self.transport = MqttTransport(
             MqttSettings(
@@ -88,6 +90,7 @@ class Agent:
             publish=lambda p: self.transport.publish(
                 self.topics.telemetry(self.device_id), p, qos=1
             ),
+            drift=DriftMonitor(),
         )
         self._flush_needed = False
         self._stopping = False
