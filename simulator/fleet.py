@@ -364,6 +364,7 @@ class SimulatedFleet:
         alpha: float = 0.5,
         dataset: str = "digits",
         want_interval: float = 2.0,
+        telemetry_interval: float = 10.0,
         batch_size: int = DEFAULT_BATCH,
         connect_timeout: float = 60.0,
         first: int = 0,
@@ -400,6 +401,7 @@ class SimulatedFleet:
                 # hundreds of sessions share this machine's cores: one thread each, or
                 # their idle intra-op pools spin against each other
                 inference_threads=1,
+                telemetry_interval=telemetry_interval,
             )
             self._devices[dev_id] = SimulatedDevice(
                 settings, prof, want_interval=want_interval, data_dir=data_dirs.get(dev_id)

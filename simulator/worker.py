@@ -166,6 +166,7 @@ async def run(spec: dict[str, Any]) -> None:
         first=int(spec.get("first", 0)),
         total=spec.get("total"),
         want_interval=float(spec.get("want_interval", 2.0)),
+        telemetry_interval=float(spec.get("telemetry_interval", 10.0)),
         batch_size=int(spec.get("batch_size", 100)),
         connect_timeout=float(spec.get("connect_timeout", 120.0)),
     )
