@@ -458,9 +458,16 @@ def encode_reported(
 
 
 def encode_want(
-    device_id: str, sha256: str, total: int, missing: Sequence[tuple[int, int]]
+    device_id: str,
+    sha256: str,
+    total: int,
+    missing: Sequence[tuple[int, int]],
+    *,
+    resume: bool = False,
 ) -> bytes:
-    msg = device_pb2.ArtifactWant(device_id=device_id, sha256=sha256, chunks_total=total)
+    msg = device_pb2.ArtifactWant(
+        device_id=device_id, sha256=sha256, chunks_total=total, resume=resume
+    )
     for a, b in missing:
         msg.missing.add(start=a, end=b)
     return bytes(msg.SerializeToString())

@@ -198,7 +198,7 @@ class Updater:
     async def on_reconnect(self) -> None:
         dl = self._download
         if dl is not None:
-            await self._want(dl)
+            await self._want(dl, resume=True)
 
     # -- steps --------------------------------------------------------------------
 
@@ -283,11 +283,13 @@ class Updater:
         await self._subscribe(self._topics.chunk(manifest.sha256))
         await self._want(dl)
 
-    async def _want(self, dl: _Download) -> None:
+    async def _want(self, dl: _Download, *, resume: bool = False) -> None:
         missing = dl.partial.missing_ranges(limit=64)
         if not missing:
             return
-        payload = encode_want(self.device_id, dl.manifest.sha256, dl.partial.chunks_total, missing)
+        payload = encode_want(
+            self.device_id, dl.manifest.sha256, dl.partial.chunks_total, missing, resume=resume
+        )
         try:
             await self._publish(self._topics.want(dl.manifest.sha256), payload, False)
         except FleetError as e:

@@ -170,8 +170,8 @@ class Coordinator:
         try:
             space, ident, kind = self.topics.parse(msg.topic)
             if space == "art":
-                _device, sha, _total, missing = decode_want(msg.payload)
-                self.broadcaster.on_want(sha, missing)
+                _device, sha, missing, resume = decode_want(msg.payload)
+                self.broadcaster.on_want(sha, missing, resume=resume)
                 return
             now = datetime.now(timezone.utc)
             if kind == "status":

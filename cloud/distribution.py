@@ -88,6 +88,7 @@ class Broadcaster:
         self.retry_delay = 0.5
         self.max_gather = max(2.0, 10 * gather)
         self.resend_after = 1.0
+        self.in_flight_grace = 5.0
 
     def register(
         self, sha256: str, data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -111,20 +112,36 @@ class Broadcaster:
     def chunk_size(self, sha256: str) -> int:
         return self._artifacts[sha256].chunk_size
 
-    def on_want(self, sha256: str, ranges: list[tuple[int, int]]) -> None:
+    def on_want(self, sha256: str, ranges: list[tuple[int, int]], *, resume: bool = False) -> None:
         art = self._artifacts.get(sha256)
         if art is None:
             logger.debug("want for unknown artifact %s ignored", sha256[:12])
             return
         art.wants += 1
         now = self._clock()
+        wanted: set[int] = set()
         for start, end in ranges:
-            lo, hi = max(0, start), min(art.total, end)
-            for i in range(lo, hi):
-                # a chunk sent moments ago is probably still on its way to this device:
-                # if it really was lost, the device asks again after its want interval
-                if now - art.sent_at.get(i, -1e9) >= self.resend_after:
+            wanted.update(range(max(0, start), min(art.total, end)))
+        # MQTT delivers one publisher's QoS 1 messages on a topic in order. A device
+        # that holds a chunk sent after chunk i has certainly lost i (or rejected it):
+        # re-send at once. Otherwise i may still be queued for it at the broker (a
+        # thousand subscribers take seconds to serve): wait `in_flight_grace` before
+        # sending it to everyone again.
+        # A device that just (re)connected missed whatever was sent while it was away.
+        newest_held = (
+            float("inf")
+            if resume
+            else max((t for i, t in art.sent_at.items() if i not in wanted), default=float("-inf"))
+        )
+        for i in wanted:
+            sent = art.sent_at.get(i)
+            if sent is None:
+                art.pending.add(i)
+            elif sent < newest_held:
+                if now - sent >= self.resend_after:
                     art.pending.add(i)
+            elif now - sent >= self.in_flight_grace:
+                art.pending.add(i)
         art.last_want_at = now
         if art.pending and art.first_want_at is None:
             art.first_want_at = now

@@ -55,9 +55,10 @@ def decode_reported(data: bytes) -> dict[str, Any]:
     return d
 
 
-def decode_want(data: bytes) -> tuple[str, str, int, list[tuple[int, int]]]:
+def decode_want(data: bytes) -> tuple[str, str, list[tuple[int, int]], bool]:
+    """(device id, artifact sha256, missing chunk ranges, resume)."""
     w = _parse(device_pb2.ArtifactWant, data, "artifact want")
-    return w.device_id, w.sha256, w.chunks_total, [(r.start, r.end) for r in w.missing]
+    return w.device_id, w.sha256, [(r.start, r.end) for r in w.missing], w.resume
 
 
 def encode_chunk(sha256: str, index: int, total: int, data: bytes) -> bytes:

@@ -248,24 +248,17 @@ class DeviceStore:
 
     def next_generation(self, device_id: str) -> int:
         """Allocate the next desired generation for a device (strictly increasing)."""
-        return self.next_generations([device_id])[device_id]
-
-    def next_generations(self, device_ids: Sequence[str]) -> dict[str, int]:
-        """Allocate the next desired generation for each device, in one transaction."""
-        out: dict[str, int] = {}
         with self._session() as s:
-            for device_id in device_ids:
-                res = s.execute(
-                    sa.update(DeviceRow)
-                    .where(col(DeviceRow.device_id) == device_id)
-                    .values(desired_generation=DeviceRow.desired_generation + 1)
-                    .returning(col(DeviceRow.desired_generation))
-                ).first()
-                if res is None:
-                    raise NotFound(f"device {device_id!r} is not enrolled")
-                out[device_id] = int(res[0])
+            res = s.execute(
+                sa.update(DeviceRow)
+                .where(col(DeviceRow.device_id) == device_id)
+                .values(desired_generation=DeviceRow.desired_generation + 1)
+                .returning(col(DeviceRow.desired_generation))
+            ).first()
+            if res is None:
+                raise NotFound(f"device {device_id!r} is not enrolled")
             s.commit()
-        return out
+            return int(res[0])
 
     def issue(
         self, device_ids: Sequence[str], sign: Sign, *, rollout_id: str
@@ -279,17 +272,12 @@ class DeviceStore:
     def set_desired(
         self, device_id: str, generation: int, signed: bytes, *, rollout_id: str
     ) -> None:
-        self.set_desired_many([(device_id, generation, signed)], rollout_id=rollout_id)
-
-    def set_desired_many(self, items: Sequence[tuple[str, int, bytes]], *, rollout_id: str) -> None:
-        """Record (device id, generation, signed desired state) for many devices at once."""
         with self._session() as s:
-            for device_id, generation, signed in items:
-                row = self._row(s, device_id)
-                row.desired = signed
-                row.rollout_id = rollout_id
-                row.desired_generation = max(row.desired_generation, generation)
-                s.add(row)
+            row = self._row(s, device_id)
+            row.desired = signed
+            row.rollout_id = rollout_id
+            row.desired_generation = max(row.desired_generation, generation)
+            s.add(row)
             s.commit()
 
     def desired(self, device_id: str) -> bytes | None:

@@ -760,9 +760,14 @@ class ArtifactWant(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     CHUNKS_TOTAL_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     sha256: _builtins.str
     chunks_total: _builtins.int
+    resume: _builtins.bool
+    """Sent right after (re)connecting: chunks published while the device was away
+    never reached it, so the coordinator re-sends without waiting for stragglers.
+    """
     @_builtins.property
     def missing(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkRange]: ...
     def __init__(
@@ -772,10 +777,11 @@ class ArtifactWant(_message.Message):
         sha256: _builtins.str = ...,
         chunks_total: _builtins.int = ...,
         missing: _abc.Iterable[Global___ChunkRange] | None = ...,
+        resume: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks_total", b"chunks_total", "device_id", b"device_id", "missing", b"missing", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks_total", b"chunks_total", "device_id", b"device_id", "missing", b"missing", "resume", b"resume", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
