@@ -36,7 +36,7 @@ verdict (`MIN_SAMPLES`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -191,13 +191,10 @@ def psi(expected: Sequence[float], counts: np.ndarray, *, reference_samples: int
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-@dataclass(frozen=True)
-class Score:
-    """PSI of one window of counts: per input feature, and of the predictions."""
+class WorstInput:
+    """For values with `inputs` (PSI per input feature): the worst feature and its PSI."""
 
-    rows: int
-    inputs: dict[str, float]
-    predictions: float
+    inputs: Mapping[str, float]
 
     @property
     def input_psi(self) -> float:
@@ -206,6 +203,15 @@ class Score:
     @property
     def worst_feature(self) -> str:
         return max(self.inputs, key=lambda k: self.inputs[k]) if self.inputs else ""
+
+
+@dataclass(frozen=True)
+class Score(WorstInput):
+    """PSI of one window of counts: per input feature, and of the predictions."""
+
+    rows: int
+    inputs: Mapping[str, float]
+    predictions: float
 
 
 def score(ref: DriftReference, counts: Counts) -> Score:
@@ -231,6 +237,7 @@ __all__ = [
     "SCHEME",
     "Counts",
     "Score",
+    "WorstInput",
     "build_reference",
     "classes",
     "features",

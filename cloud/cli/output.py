@@ -254,17 +254,10 @@ def print_device(d: Device) -> None:
 
 def drift_json(r: DriftRow) -> dict[str, Any]:
     return {
-        "scope": r.scope,
-        "subject": r.subject,
-        "model": r.model,
-        "version": r.version,
-        "devices": r.devices,
-        "rows": r.rows,
+        **asdict(r),
         "inputs": dict(r.inputs),
         "input_psi": r.input_psi,
         "worst_feature": r.worst_feature,
-        "predictions": r.predictions,
-        "threshold": r.threshold,
         "enough_samples": r.enough,
         "drifting": r.drifting,
     }
@@ -299,23 +292,7 @@ def _when(ms: int | None) -> str:
 
 
 def alert_json(a: Alert) -> dict[str, Any]:
-    return {
-        "id": a.id,
-        "scope": a.scope,
-        "subject": a.subject,
-        "model": a.model,
-        "version": a.version,
-        "metric": a.metric,
-        "state": a.state,
-        "psi": a.psi,
-        "max_psi": a.max_psi,
-        "threshold": a.threshold,
-        "rows": a.rows,
-        "detail": a.detail,
-        "first_seen_ms": a.first_seen_ms,
-        "last_seen_ms": a.last_seen_ms,
-        "resolved_ms": a.resolved_ms,
-    }
+    return asdict(a)
 
 
 def print_alerts(alerts: Sequence[Alert]) -> None:

@@ -212,24 +212,8 @@ class AlertStore:
 
 
 def _alert(r: Any) -> Alert:
-    m = r._mapping
-    return Alert(
-        id=int(m["id"]),
-        scope=str(m["scope"]),
-        subject=str(m["subject"]),
-        model=str(m["model"]),
-        version=int(m["version"]),
-        metric=str(m["metric"]),
-        state=str(m["state"]),
-        psi=float(m["psi"]),
-        max_psi=float(m["max_psi"]),
-        threshold=float(m["threshold"]),
-        rows=int(m["rows"]),
-        detail=str(m["detail"]),
-        first_seen_ms=int(m["first_seen_ms"]),
-        last_seen_ms=int(m["last_seen_ms"]),
-        resolved_ms=int(m["resolved_ms"]) if m["resolved_ms"] is not None else None,
-    )
+    """A `drift_alerts` row (columns named as the fields) as an `Alert`."""
+    return Alert(**dict(r._mapping))
 
 
 __all__ = ["METRICS", "SCOPES", "Alert", "AlertStore", "Finding", "check_threshold"]

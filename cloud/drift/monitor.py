@@ -29,7 +29,7 @@ import numpy as np
 from cloud.drift.alerts import Alert, AlertStore, Finding, check_threshold
 from cloud.registry import ModelRef, RegistryStore
 from cloud.telemetry.store import SketchRow, TelemetryStore
-from models.sketch import MIN_SAMPLES, Counts, score
+from models.sketch import MIN_SAMPLES, Counts, WorstInput, score
 from protos.errors import InvalidArgument, NotFound
 from protos.manifest import DriftReference, SignedManifest, decode_manifest
 
@@ -43,7 +43,7 @@ DEFAULT_WINDOW_S = 600.0
 
 
 @dataclass(frozen=True)
-class DriftRow:
+class DriftRow(WorstInput):
     """PSI of one subject's traffic on one model version over the window."""
 
     scope: str  # device | group | fleet
@@ -56,14 +56,6 @@ class DriftRow:
     predictions: float  # PSI of the predicted classes
     threshold: float
     min_samples: int
-
-    @property
-    def input_psi(self) -> float:
-        return max(self.inputs.values(), default=0.0)
-
-    @property
-    def worst_feature(self) -> str:
-        return max(self.inputs, key=lambda k: self.inputs[k]) if self.inputs else ""
 
     @property
     def enough(self) -> bool:
