@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.capabilities import detect
 from agent.config import AgentSettings
+from agent.drift import DriftMonitor
 from agent.fl import FlSidecar, fl_capability
 from agent.inference import ModelHolder
 from agent.serde import UpdateState, encode_status
@@ -42,6 +43,7 @@ class Agent:
         capabilities: Mapping[str, Any] | None = None,
         durable: bool = True,
         want_interval: float = 2.0,
+        holder: ModelHolder | None = None,
     ) -> None:
         self.settings = settings
         self.device_id = settings.device_id
@@ -56,7 +58,7 @@ class Agent:
                 logger.warning("%s: federated learning off: %s", self.device_id, fl["reason"])
         self.capabilities = caps
         self.fl = FlSidecar(settings) if fl is not None and fl["ready"] else None
-        self.holder = ModelHolder()
+        self.holder = holder if holder is not None else ModelHolder()
         self.boot_id = uuid.uuid4().hex[:12]
         self.transport = MqttTransport(
             MqttSettings(
@@ -96,6 +98,7 @@ class Agent:
             publish=lambda p: self.transport.publish(
                 self.topics.telemetry(self.device_id), p, qos=1
             ),
+            drift=DriftMonitor(),
         )
         self._flush_needed = False
         self._stopping = False

@@ -24,6 +24,7 @@ from protos.fleet.v1 import device_pb2, inference_pb2, model_pb2
 from protos.manifest import DTYPES, Manifest, TensorSpec
 
 if TYPE_CHECKING:
+    from agent.drift import DriftWindow
     from agent.inference import LatencyHistogram
 
 PredictRequest: TypeAlias = inference_pb2.PredictRequest
@@ -496,6 +497,7 @@ def encode_telemetry(
     latency: LatencyHistogram,
     rss_bytes: int,
     spooled: bool = False,
+    drift: Sequence[DriftWindow] = (),
 ) -> bytes:
     msg = device_pb2.Telemetry(
         device_id=device_id,
@@ -510,6 +512,12 @@ def encode_telemetry(
     msg.latency.CopyFrom(histogram_to_proto(latency))
     if active is not None:
         msg.active.CopyFrom(_ref(active))
+    for w in drift:
+        sk = msg.drift.add(
+            model=_ref(w.model), rows=w.counts.rows, predictions=w.counts.predictions.tolist()
+        )
+        for c in w.counts.inputs:
+            sk.inputs.add(counts=c.tolist())
     return bytes(msg.SerializeToString())
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from agent.drift import DriftMonitor
 from agent.inference import ModelHolder
 from agent.resources import rss_bytes
 from agent.serde import encode_telemetry, mark_spooled
@@ -90,11 +91,23 @@ class Spool:
 
 
 class Telemetry:
+    """Closes a window every `emit()`: inference counters, latency, memory and, with a
+    `DriftMonitor` (registered on the holder here), drift sketches of live traffic."""
+
     def __init__(
-        self, *, device_id: str, holder: ModelHolder, spool: Spool, publish: Publish
+        self,
+        *,
+        device_id: str,
+        holder: ModelHolder,
+        spool: Spool,
+        publish: Publish,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.device_id = device_id
         self.holder = holder
+        self.drift = drift
+        if drift is not None:
+            holder.add_observer(drift.observe)
         self.spool = spool
         self._publish = publish
         self._window_start = int(time.time() * 1000)
@@ -114,6 +127,7 @@ class Telemetry:
             errors=stats.errors,
             latency=stats.latency,
             rss_bytes=rss_bytes(),
+            drift=self.drift.take() if self.drift is not None else (),
         )
         self._window_start = now
         try:

@@ -22,7 +22,8 @@ from cloud.config import DEFAULT_MQTT_PORT, CloudSettings, ServeInfo, write_conf
 from cloud.registry import ModelRef, ModelSummary, ModelVersion, RegistryStore
 
 if TYPE_CHECKING:
-    from cloud.devices import Device, DeviceStore, Selector
+    from cloud.devices import Device, DeviceFilter, DeviceStore, Selector
+    from cloud.drift import Alert, DriftMonitor, DriftRow
     from cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,12 @@ class FleetClient(Protocol):
     def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[Any]]: ...
     def export(self, ref: ModelRef, out: Path, *, variants: Sequence[str]) -> list[Path]: ...
     def list_devices(
-        self, selector: Selector | None, *, state: str | None, online_only: bool
+        self,
+        selector: Selector | None,
+        *,
+        state: str | None = None,
+        online_only: bool = False,
+        where: DeviceFilter | None = None,
     ) -> list[Device]: ...
     def get_device(self, device_id: str) -> Device: ...
     def enroll_device(
@@ -166,6 +172,8 @@ class FleetClient(Protocol):
     def get_rollout(self, rollout_id: str) -> tuple[Rollout, list[RolloutDevice]]: ...
     def watch_rollout(self, rollout_id: str) -> Iterator[Rollout]: ...
     def control_rollout(self, rollout_id: str, action: str) -> Rollout: ...
+    def drift(self, *, by: str, model: str | None) -> list[DriftRow]: ...
+    def alerts(self, *, include_resolved: bool) -> list[Alert]: ...
     def close(self) -> None: ...
 
 
@@ -283,11 +291,21 @@ class LocalClient:
     # -- devices ------------------------------------------------------------------
 
     def list_devices(
-        self, selector: Selector | None, *, state: str | None, online_only: bool
+        self,
+        selector: Selector | None,
+        *,
+        state: str | None = None,
+        online_only: bool = False,
+        where: DeviceFilter | None = None,
     ) -> list[Device]:
         found = self.devices.find(selector, online=True if online_only else None)
         if state:
             found = [d for d in found if d.state == state.lower()]
+        if where is not None:
+            from datetime import datetime, timezone
+
+            now = datetime.now(timezone.utc)
+            found = [d for d in found if where.matches(d, now=now)]
         return found
 
     def get_device(self, device_id: str) -> Device:
@@ -387,6 +405,34 @@ class LocalClient:
             f"'fleet serve' for {self.settings.home_dir} or pass --coordinator HOST:PORT"
         )
 
+    # -- drift --------------------------------------------------------------------
+
+    @cached_property
+    def drift_monitor(self) -> DriftMonitor:
+        from cloud.drift import AlertStore, DriftMonitor
+        from cloud.telemetry import TelemetryStore
+
+        s = self.settings
+        return DriftMonitor(
+            telemetry=TelemetryStore(self.settings.registry_url),
+            alerts=AlertStore(self.settings.registry_url),
+            registry=self.registry,
+            devices=self.devices,
+            threshold=s.drift_threshold,
+            window_s=s.drift_window,
+        )
+
+    def drift(self, *, by: str, model: str | None) -> list[DriftRow]:
+        """PSI now, from the telemetry in the database (what `fleet serve` alerts on)."""
+        from cloud.drift.monitor import check_by, parse_model
+
+        check_by(by)
+        name, version = parse_model(model)
+        return self.drift_monitor.report(by=by, model=name, version=version)
+
+    def alerts(self, *, include_resolved: bool) -> list[Alert]:
+        return self.drift_monitor.alerts.find(open_only=not include_resolved)
+
     def status(self) -> FleetStatus:
         info = ServeInfo.read(self.settings.serve_path)
         devices = self.devices.find()
@@ -409,6 +455,9 @@ class LocalClient:
             self.devices.close()
         if "rollouts" in self.__dict__:
             self.rollouts.close()
+        if "drift_monitor" in self.__dict__:
+            self.drift_monitor.telemetry.close()
+            self.drift_monitor.alerts.close()
 
 
 def create_token(path: Path) -> bool:

@@ -53,6 +53,15 @@ class CloudSettings(BaseSettings):
     fl_advertise: str = Field(
         default="", description="SuperLink HOST:PORT devices are told (FLEET_FL_ADVERTISE)"
     )
+    drift_threshold: float = Field(
+        default=0.2, gt=0, description="PSI above which a drift alert opens (FLEET_DRIFT_THRESHOLD)"
+    )
+    drift_window: float = Field(
+        default=600.0, gt=0, description="seconds of telemetry drift is scored over"
+    )
+    drift_interval: float = Field(
+        default=30.0, gt=0, description="seconds between drift evaluations in `fleet serve`"
+    )
     # operator CLI talking to a running coordinator
     coordinator: str = Field(default="", description="HOST:PORT of `fleet serve`")
     token: str = Field(default="", description="API token (FLEET_TOKEN)")

@@ -13,6 +13,7 @@ in both directions, so the client and the server agree on them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -26,7 +27,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
 from cloud.client import DeviceOutcome, EnrollmentBundle, LocalClient, coordinator_version
 from cloud.coordinator import FINAL_STATES
-from cloud.devices import Device, Selector
+from cloud.devices import Device, DeviceFilter, Selector
 from cloud.registry import ModelRef, ModelSummary, ModelVersion
 from cloud.registry.entities import Lineage, Variant, check_model_name, check_stage
 from protos.errors import (
@@ -498,9 +499,17 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     ) -> fleet_pb2.ListDevicesResponse:
         async with _Mapped(context):
             selector = Selector.parse(request.selector) if request.selector else None
+            where = dataclasses.replace(
+                DeviceFilter.parse(group=request.group, version=request.version),
+                connectivity=request.connectivity,
+                stale_s=request.stale_s,
+            )
             devices = await asyncio.to_thread(
                 lambda: self.local.list_devices(
-                    selector, state=request.state or None, online_only=request.online_only
+                    selector,
+                    state=request.state or None,
+                    online_only=request.online_only,
+                    where=where,
                 )
             )
             return fleet_pb2.ListDevicesResponse(devices=[device_to_pb(d) for d in devices])
@@ -546,6 +555,26 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         if self.controller is None:
             raise Unavailable("this coordinator runs no rollout controller")
         return self.controller
+
+    async def GetDrift(
+        self, request: fleet_pb2.GetDriftRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.GetDriftResponse:
+        from cloud.drift.convert import drift_to_pb
+
+        async with _Mapped(context):
+            rows = await asyncio.to_thread(
+                lambda: self.local.drift(by=request.by or "group", model=request.model or None)
+            )
+            return fleet_pb2.GetDriftResponse(rows=[drift_to_pb(r) for r in rows])
+
+    async def ListAlerts(
+        self, request: fleet_pb2.ListAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.ListAlertsResponse:
+        from cloud.drift.convert import alert_to_pb
+
+        async with _Mapped(context):
+            found = await asyncio.to_thread(lambda: self.local.alerts(include_resolved=request.all))
+            return fleet_pb2.ListAlertsResponse(alerts=[alert_to_pb(a) for a in found])
 
     async def ListRollouts(
         self, request: fleet_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext

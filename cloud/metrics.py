@@ -210,6 +210,42 @@ def ingest_families(ingest: Any) -> list[Family]:
     ]
 
 
+def drift_families(rows: Sequence[Any], open_alerts: Sequence[Any]) -> list[Family]:
+    """PSI per model version, fleet-wide and per group (the latest evaluation), and
+    open drift alerts per scope. Per-device PSI stays out (one series per device)."""
+    psi = []
+    for r in rows:
+        if r.scope == "device":
+            continue
+        base = (
+            ("scope", r.scope),
+            ("subject", r.subject),
+            ("model", r.model),
+            ("version", str(r.version)),
+        )
+        psi.append(Sample("edgefleet_drift_psi", r.input_psi, (*base, ("metric", "inputs"))))
+        psi.append(Sample("edgefleet_drift_psi", r.predictions, (*base, ("metric", "predictions"))))
+    by_scope = Counter(a.scope for a in open_alerts)
+    return [
+        Family(
+            "edgefleet_drift_psi",
+            "gauge",
+            "Population stability index of live traffic against the version's reference, "
+            "over the drift window (inputs: worst input feature).",
+            psi,
+        ),
+        Family(
+            "edgefleet_drift_alerts_open",
+            "gauge",
+            "Open drift alerts by scope.",
+            [
+                Sample("edgefleet_drift_alerts_open", by_scope.get(s, 0), (("scope", s),))
+                for s in ("device", "group")
+            ],
+        ),
+    ]
+
+
 # -- HTTP -----------------------------------------------------------------------------
 
 
@@ -261,6 +297,7 @@ __all__ = [
     "MetricsRegistry",
     "Sample",
     "device_families",
+    "drift_families",
     "ingest_families",
     "latency_families",
     "render",

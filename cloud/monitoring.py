@@ -1,9 +1,11 @@
-"""Fleet monitoring inside `fleet serve`: telemetry ingest, retention, `/metrics`.
+"""Fleet monitoring inside `fleet serve`: telemetry ingest, retention, drift, `/metrics`.
 
 `Monitoring` is an async context manager the coordinator process enters once it
 knows its broker: it starts the `TelemetrySubscriber` (own MQTT client, persistent
 shared subscription; see `cloud.telemetry.ingest`), folds old telemetry into hourly
-rows every `compact_every` seconds, and serves Prometheus metrics on
+rows every `compact_every` seconds, scores drift and opens/resolves drift alerts
+every `drift_interval` seconds (`cloud.drift`; needs the registry for the
+versions' references), and serves Prometheus metrics on
 `metrics_listen` (HOST:PORT; empty or 'off': none). A metrics port that cannot be bound is logged, not
 fatal: the fleet keeps running without it.
 """
@@ -18,11 +20,13 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
+from cloud.drift import AlertStore, DriftMonitor
 from cloud.metrics import (
     Family,
     MetricsRegistry,
     Sample,
     device_families,
+    drift_families,
     ingest_families,
     latency_families,
     serve_metrics,
@@ -52,6 +56,11 @@ class Monitoring:
         password: str | None = None,
         ca_file: str | None = None,
         compact_every: float = 3600.0,
+        registry: Any | None = None,
+        drift_threshold: float = 0.2,
+        drift_window: float = 600.0,
+        drift_interval: float = 30.0,
+        drift_min_samples: int = 200,
     ) -> None:
         self.store = TelemetryStore(db_url)
         self.ingest = TelemetryIngest(self.store, on_written=devices.touch)
@@ -73,11 +82,31 @@ class Monitoring:
         self.metrics.add("ingest", lambda: ingest_families(self.ingest))
         if rollouts is not None:
             self.metrics.add("rollouts", self._rollout_families)
+        self.drift: DriftMonitor | None = None
+        self.alerts: AlertStore | None = None
+        self.drift_interval = drift_interval
+        if registry is not None:
+            self.alerts = AlertStore(db_url)
+            self.drift = DriftMonitor(
+                telemetry=self.store,
+                alerts=self.alerts,
+                registry=registry,
+                devices=devices,
+                threshold=drift_threshold,
+                window_s=drift_window,
+                min_samples=drift_min_samples,
+            )
+            drift = self.drift
+            alerts = self.alerts
+            self.metrics.add(
+                "drift", lambda: drift_families(drift.last, alerts.find(open_only=True))
+            )
         self.metrics_listen = metrics_listen
         self.metrics_url = ""
         self.compact_every = compact_every
         self._server: asyncio.Server | None = None
         self._compactor: asyncio.Task[None] | None = None
+        self._drifter: asyncio.Task[None] | None = None
 
     def _rollout_families(self) -> Iterable[Family]:
         from collections import Counter
@@ -99,6 +128,8 @@ class Monitoring:
     async def __aenter__(self) -> Monitoring:
         await asyncio.to_thread(self.subscriber.start)
         self._compactor = asyncio.create_task(self._compact_loop(), name="telemetry-compact")
+        if self.drift is not None:
+            self._drifter = asyncio.create_task(self._drift_loop(), name="drift-monitor")
         if self.metrics_listen.strip().lower() not in ("", "off", "none"):
             host, _, port = self.metrics_listen.rpartition(":")
             try:
@@ -113,14 +144,17 @@ class Monitoring:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._compactor is not None:
-            self._compactor.cancel()
-            await asyncio.gather(self._compactor, return_exceptions=True)
+        for task in (self._compactor, self._drifter):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
         await asyncio.to_thread(self.subscriber.stop)
+        if self.alerts is not None:
+            self.alerts.close()
         self.store.close()
 
     async def _compact_loop(self) -> None:
@@ -130,6 +164,15 @@ class Monitoring:
                 await asyncio.to_thread(self.store.compact)
             except Exception:
                 logger.exception("telemetry compaction failed; will try again")
+
+    async def _drift_loop(self) -> None:
+        assert self.drift is not None
+        while True:
+            await asyncio.sleep(self.drift_interval)
+            try:
+                await asyncio.to_thread(self.drift.evaluate)
+            except Exception:
+                logger.exception("drift evaluation failed; will try again")
 
 
 __all__ = ["Monitoring", "telemetry_client_id"]

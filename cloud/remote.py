@@ -38,7 +38,8 @@ from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from protos.grpc_errors import error_from_status
 
 if TYPE_CHECKING:
-    from cloud.devices import Device, Selector
+    from cloud.devices import Device, DeviceFilter, Selector
+    from cloud.drift import Alert, DriftRow
     from cloud.rollouts import Policy, Rollout, RolloutDevice
 
 logger = logging.getLogger(__name__)
@@ -199,16 +200,25 @@ class GrpcClient:
     # -- devices
 
     def list_devices(
-        self, selector: Selector | None, *, state: str | None, online_only: bool
+        self,
+        selector: Selector | None,
+        *,
+        state: str | None = None,
+        online_only: bool = False,
+        where: DeviceFilter | None = None,
     ) -> list[Device]:
-        resp = self._call(
-            self._stub.ListDevices,
-            fleet_pb2.ListDevicesRequest(
-                selector=str(selector) if selector is not None else "",
-                state=state or "",
-                online_only=online_only,
-            ),
+        req = fleet_pb2.ListDevicesRequest(
+            selector=str(selector) if selector is not None else "",
+            state=state or "",
+            online_only=online_only,
         )
+        if where is not None:
+            req.state = req.state or where.state
+            req.group = where.group
+            req.version = where.version_text
+            req.connectivity = where.connectivity
+            req.stale_s = where.stale_s
+        resp = self._call(self._stub.ListDevices, req)
         return [device_from_pb(d) for d in resp.devices]
 
     def get_device(self, device_id: str) -> Device:
@@ -323,6 +333,20 @@ class GrpcClient:
             fleet_pb2.ControlRolloutRequest(rollout_id=rollout_id, action=action),
         )
         return rollout_from_pb(msg)[0]
+
+    # -- drift
+
+    def drift(self, *, by: str, model: str | None) -> list[DriftRow]:
+        from cloud.drift.convert import drift_from_pb
+
+        resp = self._call(self._stub.GetDrift, fleet_pb2.GetDriftRequest(model=model or "", by=by))
+        return [drift_from_pb(r) for r in resp.rows]
+
+    def alerts(self, *, include_resolved: bool) -> list[Alert]:
+        from cloud.drift.convert import alert_from_pb
+
+        resp = self._call(self._stub.ListAlerts, fleet_pb2.ListAlertsRequest(all=include_resolved))
+        return [alert_from_pb(a) for a in resp.alerts]
 
     def close(self) -> None:
         self._channel.close()

@@ -163,6 +163,10 @@ async def serve(
                 devices=local.devices,
                 rollouts=local.rollouts,
                 metrics_listen=settings.metrics_listen,
+                registry=local.registry,
+                drift_threshold=settings.drift_threshold,
+                drift_window=settings.drift_window,
+                drift_interval=settings.drift_interval,
             ) as monitoring,
         ):
             if settings.fl:

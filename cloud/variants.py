@@ -15,7 +15,7 @@ from cloud.artifacts import ArtifactStore
 from cloud.evaluation import EvalSet, evaluate
 from cloud.registry import NewVariant
 from protos.errors import InvalidArgument
-from protos.manifest import GoldenSample, Manifest, TensorSpec, sign_manifest
+from protos.manifest import DriftReference, GoldenSample, Manifest, TensorSpec, sign_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,21 @@ class BuiltVariant:
     golden: GoldenSample
     deployable: bool
     reason: str
+    drift: DriftReference | None = None
+
+
+def drift_reference(x: np.ndarray, outputs: np.ndarray) -> DriftReference | None:
+    """The version's drift reference from holdout inputs and this variant's outputs on them;
+    None when the holdout is too small to have meaningful deciles (no drift monitoring)."""
+    from models.sketch import MIN_REFERENCE_ROWS, build_reference, classes
+
+    if len(x) < MIN_REFERENCE_ROWS:
+        logger.info("holdout of %d rows: no drift reference (needs %d)", len(x), MIN_REFERENCE_ROWS)
+        return None
+    predicted = classes(outputs)
+    n_classes = int(outputs.reshape(len(outputs), -1).shape[1]) if outputs.ndim >= 2 else 0
+    n_classes = max(n_classes, int(predicted.max()) + 1 if len(predicted) else 1)
+    return build_reference(x, predicted, n_classes)
 
 
 def measure(
@@ -118,6 +133,7 @@ def measure(
         golden,
         deployable,
         reason,
+        drift_reference(evalset.x, ev.outputs),
     )
 
 
@@ -152,6 +168,7 @@ def sign_variants(
                 requires=("dynamic-int8",)
                 if b.quantization.get("mode") == "dynamic" and b.kind.runtime == "litert"
                 else (),
+                drift=b.drift,
             )
             signed = sign_manifest(manifest, key)
             out.append(

@@ -78,6 +78,32 @@ class GoldenSample:
 
 
 @dataclass(frozen=True)
+class DriftReference:
+    """A version's reference sketch (see `models.sketch`): per input feature its bin
+    edges and the holdout's share per bin, and the share per predicted class."""
+
+    scheme: int
+    features: tuple[str, ...]
+    edges: tuple[tuple[float, ...], ...]
+    inputs: tuple[tuple[float, ...], ...]
+    predictions: tuple[float, ...]
+    samples: int
+
+    def __post_init__(self) -> None:
+        if not len(self.features) == len(self.edges) == len(self.inputs):
+            raise InvalidArgument(
+                f"drift reference: {len(self.features)} features, {len(self.edges)} edge lists "
+                f"and {len(self.inputs)} proportion lists; expected one of each per feature"
+            )
+        for name, e, p in zip(self.features, self.edges, self.inputs, strict=True):
+            if len(p) != len(e) + 1:
+                raise InvalidArgument(
+                    f"drift reference feature {name!r}: {len(p)} proportions for "
+                    f"{len(e)} edges; expected edges + 1"
+                )
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: str
     version: int
@@ -91,6 +117,7 @@ class Manifest:
     labels: Mapping[str, str] = field(default_factory=dict)
     golden: GoldenSample | None = None
     requires: tuple[str, ...] = ()
+    drift: DriftReference | None = None
 
     @property
     def ref(self) -> str:
@@ -156,7 +183,29 @@ def encode_manifest(m: Manifest) -> bytes:
                 atol=g.atol,
             )
         )
+    if m.drift is not None:
+        msg.drift.CopyFrom(drift_reference_to_proto(m.drift))
     return msg.SerializeToString(deterministic=True)
+
+
+def drift_reference_to_proto(r: DriftReference) -> model_pb2.DriftReference:
+    msg = model_pb2.DriftReference(
+        scheme=r.scheme, predictions=list(r.predictions), samples=r.samples
+    )
+    for name, edges, props in zip(r.features, r.edges, r.inputs, strict=True):
+        msg.inputs.add(name=name, edges=list(edges), proportions=list(props))
+    return msg
+
+
+def drift_reference_from_proto(msg: model_pb2.DriftReference) -> DriftReference:
+    return DriftReference(
+        scheme=msg.scheme,
+        features=tuple(f.name for f in msg.inputs),
+        edges=tuple(tuple(f.edges) for f in msg.inputs),
+        inputs=tuple(tuple(f.proportions) for f in msg.inputs),
+        predictions=tuple(msg.predictions),
+        samples=msg.samples,
+    )
 
 
 def decode_manifest(data: bytes) -> Manifest:
@@ -198,6 +247,7 @@ def decode_manifest(data: bytes) -> Manifest:
         labels=dict(msg.labels),
         golden=golden,
         requires=tuple(msg.requires),
+        drift=drift_reference_from_proto(msg.drift) if msg.HasField("drift") else None,
     )
 
 

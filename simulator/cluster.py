@@ -316,6 +316,12 @@ class SimCluster:
     async def drop_link(self, ids: str | Iterable[str]) -> None:
         await self.command("drop_link", ids)
 
+    async def drift(
+        self, ids: str | Iterable[str], *, shift: float = 0.0, scale: float = 1.0
+    ) -> None:
+        """Shift/scale these devices' live inputs (``x * scale + shift``); 0 and 1 end it."""
+        await self.command("drift", ids, shift=shift, scale=scale)
+
     async def crash(self, ids: str | Iterable[str], *, reboot_after: float = -1.0) -> None:
         """Kill the agents abruptly; boot them again after `reboot_after` s (< 0: never)."""
         await self.command("crash", ids, reboot_after=reboot_after)
@@ -343,6 +349,8 @@ class SimCluster:
             await self.slow_link(ids, fault.arg)
         elif fault.kind == "crash":
             await self.crash(ids, reboot_after=fault.arg)
+        elif fault.kind == "drift":
+            await self.drift(ids, shift=fault.arg, scale=fault.scale)
         else:
             await self.command(fault.kind, ids)
         return ids

@@ -6,8 +6,10 @@ Each item is ``KIND[:WHO][@WHEN][=ARG]``:
   mid-whatever, will published; it boots again on the same state directory after
   ARG, default 2s, or never with ``=never``), ``restart`` (crash-free reboot on the same state
   directory), ``corrupt`` (the next ARG chunks, default 1, get a flipped byte),
-  ``lose`` (the next ARG chunks, default 1, never reach the updater), ``slow_link``
-  (chunk downlink capped at ARG, e.g. ``64kB/s``, ``1MB/s``).
+  ``lose`` (the next ARG chunks, default 1, never reach the updater),
+  ``slow_link`` (chunk downlink capped at ARG, e.g. ``64kB/s``, ``1MB/s``),
+  ``drift`` (live inputs become ``x * SCALE + SHIFT``; ARG ``SHIFT``, ``xSCALE`` or
+  ``SHIFTxSCALE``, e.g. ``=4``, ``=x1.5``, ``=2x0.5``; default ``=4``).
 - WHO: a device count (``3``) or a share of the fleet (``10%``); default 1 device.
 - WHEN: seconds after the fleet is up (``5s``, ``500ms``, ``2m``); default 0.
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 from protos.errors import InvalidArgument
 
-KINDS = ("drop_link", "crash", "restart", "corrupt", "lose", "slow_link")
+KINDS = ("drop_link", "crash", "restart", "corrupt", "lose", "slow_link", "drift")
 _ITEM = re.compile(
     r"^(?P<kind>[a-z_]+)(?::(?P<who>\d+%?))?(?:@(?P<when>[\d.]+(?:ms|s|m)?))?(?:=(?P<arg>.+))?$"
 )
@@ -40,7 +42,10 @@ class Fault:
     kind: str
     who: str  # "3" or "10%"
     at: float  # seconds after start
-    arg: float  # corrupt: chunks; slow_link: bytes/s; crash: reboot after s (<0 never)
+    arg: (
+        float  # corrupt: chunks; slow_link: bytes/s; crash: reboot after s (<0 never); drift: shift
+    )
+    scale: float = 1.0  # drift: input scale
 
     def count(self, fleet_size: int) -> int:
         if self.who.endswith("%"):
@@ -74,6 +79,23 @@ def _rate(text: str, item: str) -> float:
     return value
 
 
+def _drift(text: str | None, item: str) -> tuple[float, float]:
+    """(shift, scale) from ``SHIFT``, ``xSCALE`` or ``SHIFTxSCALE``."""
+    if not text:
+        return 4.0, 1.0
+    shift_text, sep, scale_text = text.partition("x")
+    try:
+        shift = float(shift_text) if shift_text else 0.0
+        scale = float(scale_text) if sep else 1.0
+    except ValueError:
+        raise InvalidArgument(
+            f"fault {item!r}: drift takes SHIFT, xSCALE or SHIFTxSCALE, e.g. =4, =x1.5, =2x0.5"
+        ) from None
+    if scale <= 0:
+        raise InvalidArgument(f"fault {item!r}: drift scale {scale:g} must be > 0")
+    return shift, scale
+
+
 def parse_faults(spec: str) -> list[Fault]:
     """Parse a comma-separated fault plan; `InvalidArgument` naming the bad item."""
     out: list[Fault] = []
@@ -94,7 +116,10 @@ def parse_faults(spec: str) -> list[Fault]:
             raise InvalidArgument(f"fault {item!r}: device count must be >= 1")
         at = _seconds(m.group("when")) if m.group("when") else 0.0
         arg_text = m.group("arg")
-        if kind == "slow_link":
+        scale = 1.0
+        if kind == "drift":
+            arg, scale = _drift(arg_text, item)
+        elif kind == "slow_link":
             if not arg_text:
                 raise InvalidArgument(f"fault {item!r}: slow_link needs a rate, e.g. =64kB/s")
             arg = _rate(arg_text, item)
@@ -116,7 +141,7 @@ def parse_faults(spec: str) -> list[Fault]:
             raise InvalidArgument(f"fault {item!r}: {kind} takes no =ARG")
         else:
             arg = 0.0
-        out.append(Fault(kind, who, at, arg))
+        out.append(Fault(kind, who, at, arg, scale))
     return sorted(out, key=lambda f: f.at)
 
 

@@ -24,7 +24,9 @@ agent:
   byte of the chunk data flipped before the updater sees it, so the real
   per-chunk digest check rejects it and the chunk is fetched again).
   `slow_link` caps a device's chunk downlink (bytes/s): chunks reach the updater
-  only as fast as such a link carries them.
+  only as fast as such a link carries them. `drift` shifts and scales the
+  device's input stream (`InputDrift`, applied by `simulator.traffic.Traffic`
+  before each predict), so the agent's drift sketches see it.
 
 Agents start in batches (`batch_size`, default 100): each batch is connected
 before the next one dials, so a thousand agents do not hit the broker at once.
@@ -37,6 +39,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +112,20 @@ class _ScaledHolder(ModelHolder):
         return super().swap(self.prepare(new))
 
 
+# -- drift: the device's input stream changes ----------------------------------------
+
+
+@dataclass(frozen=True)
+class InputDrift:
+    """Inputs as a drifted sensor would send them: ``x * scale + shift``."""
+
+    shift: float = 0.0
+    scale: float = 1.0
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x * np.float32(self.scale) + np.float32(self.shift), dtype=x.dtype)
+
+
 # -- corruption: flip one byte of a chunk's data ------------------------------------
 
 
@@ -156,6 +173,7 @@ class SimulatedDevice:
         self._lose_pending = 0
         self._link_bps = 0.0  # 0: no cap
         self._link_free_at = 0.0
+        self.input_drift: InputDrift | None = None  # applied to live traffic
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.agent = self._new_agent()
@@ -169,11 +187,10 @@ class SimulatedDevice:
             capabilities=self.profile.capabilities(),
             durable=False,
             want_interval=self.want_interval,
+            holder=_ScaledHolder(self.profile.speed_factor)
+            if self.profile.speed_factor > 1.0
+            else None,
         )
-        if self.profile.speed_factor > 1.0:
-            holder = _ScaledHolder(self.profile.speed_factor)
-            agent.holder = holder
-            agent.updater.holder = holder
         on_chunk = agent.updater.on_chunk
 
         async def maybe_corrupt(payload: bytes) -> None:
@@ -333,6 +350,14 @@ class SimulatedDevice:
             raise InvalidArgument(f"lose_next_chunks: n {n} must be >= 0")
         self._lose_pending += n
 
+    def drift(self, *, shift: float = 0.0, scale: float = 1.0) -> None:
+        """From now on this device's live inputs arrive as ``x * scale + shift``
+        (shift 0 and scale 1 end the drift)."""
+        if scale <= 0:
+            raise InvalidArgument(f"drift: scale {scale} must be > 0")
+        self.input_drift = None if (shift, scale) == (0.0, 1.0) else InputDrift(shift, scale)
+        logger.info("%s: input drift %s", self.device_id, self.input_drift or "ended")
+
     def corrupt_next_chunks(self, n: int) -> None:
         """Flip a byte in the data of the next `n` chunks this device receives."""
         if n < 0:
@@ -362,6 +387,7 @@ class SimulatedFleet:
         alpha: float = 0.5,
         dataset: str = "digits",
         want_interval: float = 2.0,
+        telemetry_interval: float = 10.0,
         batch_size: int = DEFAULT_BATCH,
         connect_timeout: float = 60.0,
         first: int = 0,
@@ -398,6 +424,7 @@ class SimulatedFleet:
                 # hundreds of sessions share this machine's cores: one thread each, or
                 # their idle intra-op pools spin against each other
                 inference_threads=1,
+                telemetry_interval=telemetry_interval,
             )
             self._devices[dev_id] = SimulatedDevice(
                 settings, prof, want_interval=want_interval, data_dir=data_dirs.get(dev_id)
@@ -521,10 +548,14 @@ class SimulatedFleet:
         for dev in self._pick(ids):
             dev.slow_link(bytes_per_s)
 
+    def drift(self, ids: str | Iterable[str], *, shift: float = 0.0, scale: float = 1.0) -> None:
+        for dev in self._pick(ids):
+            dev.drift(shift=shift, scale=scale)
+
     def _pick(self, ids: str | Iterable[str]) -> Sequence[SimulatedDevice]:
         if isinstance(ids, str):
             ids = [ids]
         return [self.device(i) for i in ids]
 
 
-__all__ = ["Enrollment", "SimulatedDevice", "SimulatedFleet", "corrupt_chunk"]
+__all__ = ["Enrollment", "InputDrift", "SimulatedDevice", "SimulatedFleet", "corrupt_chunk"]

@@ -3,7 +3,8 @@
 On a real device an application calls the local InferenceService; here a worker
 thread calls `agent.holder.predict` directly (the same call the service makes),
 one row at a time, optionally with its label, so the agent's observers (shadow
-evaluation) see live inputs. Devices serving no model yet are skipped.
+evaluation, drift sketches) see live inputs; a device with an injected
+`InputDrift` gets its rows shifted/scaled first. Devices serving no model yet are skipped.
 
 ::
 
@@ -91,10 +92,12 @@ class Traffic:
                 holder = dev.agent.holder
                 if holder.active is None:
                     continue
+                drift = dev.input_drift
                 for i in self._rng.integers(0, len(self.x), size=n):
                     labels = (int(self.y[i]),) if self.labelled and self.y is not None else ()
+                    x = self.x[i : i + 1] if drift is None else drift.apply(self.x[i : i + 1])
                     try:
-                        holder.predict(self.x[i : i + 1], labels=labels)
+                        holder.predict(x, labels=labels)
                         self.predictions += 1
                     except FleetError:
                         self.errors += 1

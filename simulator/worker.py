@@ -10,7 +10,7 @@ its slice and speaks JSON lines:
   (checked every ``interval`` seconds), ``{"event": "done", "id": N, "error": …}``
   after each command, and ``{"event": "error", "error": …}`` if it fails.
 - stdin, parent → worker: ``{"id": N, "cmd": "drop_link" | "crash" | "restart" |
-  "corrupt" | "slow_link" | "stop", ...}``. EOF on stdin stops the fleet cleanly.
+  "corrupt" | "slow_link" | "drift" | "traffic" | "stop", ...}``. EOF on stdin stops the fleet cleanly.
 
 Logs go to stderr (and the worker's own log file when the spec names one), so
 stdout carries nothing but the protocol.
@@ -87,12 +87,14 @@ async def _apply(fleet: Any, cmd: dict[str, Any]) -> None:
     elif what == "slow_link":
         for i in ids:
             fleet.slow_link(i, float(cmd["bytes_per_s"]))
+    elif what == "drift":
+        fleet.drift(ids, shift=float(cmd.get("shift", 0.0)), scale=float(cmd.get("scale", 1.0)))
     elif what == "traffic":
         _start_traffic(fleet, ids, cmd)
     else:
         raise InvalidArgument(
             f"simulator command {what!r} unknown; accepted: drop_link, crash, restart, "
-            "corrupt, lose, slow_link, traffic, stop"
+            "corrupt, lose, slow_link, drift, traffic, stop"
         )
 
 
@@ -167,6 +169,7 @@ async def run(spec: dict[str, Any]) -> None:
         first=int(spec.get("first", 0)),
         total=spec.get("total"),
         want_interval=float(spec.get("want_interval", 2.0)),
+        telemetry_interval=float(spec.get("telemetry_interval", 10.0)),
         batch_size=int(spec.get("batch_size", 100)),
         connect_timeout=float(spec.get("connect_timeout", 120.0)),
     )

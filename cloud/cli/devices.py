@@ -41,15 +41,30 @@ def ls(
             "--state", help="Only devices in this update state, e.g. active, failed, enrolled."
         ),
     ] = None,
+    group: Annotated[str | None, typer.Option("--group", "-g", help="Only this group.")] = None,
+    version: Annotated[
+        str | None,
+        typer.Option("--version", help="Only devices serving NAME or NAME:VERSION."),
+    ] = None,
     online: Annotated[bool, typer.Option("--online", help="Only devices online now.")] = False,
+    offline: Annotated[bool, typer.Option("--offline", help="Only devices offline now.")] = False,
+    stale: Annotated[
+        str | None,
+        typer.Option(
+            "--stale", help="Only devices last seen longer ago than this (30s, 5m, 2h, 1d)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List enrolled devices."""
+    """List enrolled devices, optionally filtered."""
     from cloud.cli.output import device_json, emit_json, print_devices
-    from cloud.devices import Selector
+    from cloud.devices import DeviceFilter, Selector
 
     sel = Selector.parse(selector) if selector else None
-    devices = client_of(ctx).list_devices(sel, state=state, online_only=online)
+    where = DeviceFilter.parse(
+        state=state, group=group, version=version, online=online, offline=offline, stale=stale
+    )
+    devices = client_of(ctx).list_devices(sel, where=where)
     if as_json:
         emit_json([device_json(d) for d in devices])
     else:

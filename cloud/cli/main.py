@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from cloud.cli import devices as devices_cli
+from cloud.cli import drift as drift_cli
 from cloud.cli import fl as fl_cli
 from cloud.cli import models as models_cli
 from cloud.cli import rollouts as rollouts_cli
@@ -35,6 +36,8 @@ app.add_typer(devices_cli.app, name="devices")
 app.add_typer(rollouts_cli.app, name="rollouts")
 app.add_typer(fl_cli.app, name="fl")
 app.command("sim")(sim_cli.sim)
+app.command("drift")(drift_cli.drift)
+app.command("alerts")(drift_cli.alerts)
 
 
 @app.callback()

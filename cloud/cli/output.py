@@ -17,6 +17,7 @@ from cloud.registry import ModelSummary, ModelVersion
 if TYPE_CHECKING:
     from cloud.client import DeployReport, FleetStatus
     from cloud.devices import Device
+    from cloud.drift import Alert, DriftRow
 
 # piped output gets a wide fixed width so tables never wrap mid-cell
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -249,6 +250,83 @@ def print_device(d: Device) -> None:
         )
         out.print(f"  runtimes:   {', '.join(caps.get('runtimes', [])) or '-'}")
         out.print(f"  providers:  {', '.join(caps.get('providers', [])) or '-'}")
+
+
+def drift_json(r: DriftRow) -> dict[str, Any]:
+    return {
+        **asdict(r),
+        "inputs": dict(r.inputs),
+        "input_psi": r.input_psi,
+        "worst_feature": r.worst_feature,
+        "enough_samples": r.enough,
+        "drifting": r.drifting,
+    }
+
+
+def print_drift(rows: Sequence[DriftRow]) -> None:
+    if not rows:
+        err.print("no drift sketches in the window (no live traffic on a version with a reference)")
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("SCOPE", "SUBJECT", "VERSION", "DEVICES", "ROWS", "PSI INPUTS", "PSI PREDS", ""):
+        t.add_column(col)
+    for r in rows:
+        verdict = "few samples" if not r.enough else "DRIFT" if r.drifting else "ok"
+        t.add_row(
+            r.scope,
+            r.subject,
+            f"{r.model}:{r.version}",
+            str(r.devices),
+            str(r.rows),
+            f"{r.input_psi:.3f} ({r.worst_feature})",
+            f"{r.predictions:.3f}",
+            verdict,
+        )
+    out.print(t)
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def alert_json(a: Alert) -> dict[str, Any]:
+    return asdict(a)
+
+
+def print_alerts(alerts: Sequence[Alert]) -> None:
+    if not alerts:
+        err.print("no drift alerts")
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in (
+        "ID",
+        "STATE",
+        "SCOPE",
+        "SUBJECT",
+        "VERSION",
+        "METRIC",
+        "PSI",
+        "MAX",
+        "FIRST",
+        "LAST",
+    ):
+        t.add_column(col)
+    for a in alerts:
+        t.add_row(
+            str(a.id),
+            a.state,
+            a.scope,
+            a.subject,
+            f"{a.model}:{a.version}",
+            a.metric,
+            f"{a.psi:.3f}",
+            f"{a.max_psi:.3f}",
+            _when(a.first_seen_ms),
+            _when(a.last_seen_ms),
+        )
+    out.print(t)
 
 
 def deploy_json(r: DeployReport) -> dict[str, Any]:

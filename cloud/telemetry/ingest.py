@@ -53,11 +53,7 @@ def _bounds(values: Sequence[float]) -> str:
     return text
 
 
-def decode_row(topic_device: str, payload: bytes, *, received_ms: int) -> tuple[Any, ...]:
-    """One `Telemetry` payload as a `telemetry` row (in `COLUMNS` order);
-    `InvalidArgument` naming the device
-    for a payload that does not parse, reports for another device, or carries a
-    histogram whose counts don't match its bounds."""
+def _parse(topic_device: str, payload: bytes) -> Any:
     msg = device_pb2.Telemetry()
     try:
         msg.ParseFromString(payload)
@@ -77,6 +73,11 @@ def decode_row(topic_device: str, payload: bytes, *, received_ms: int) -> tuple[
             f"telemetry from {topic_device!r}: latency histogram has {len(lat.counts)} counts "
             f"for {len(lat.bounds_us)} bounds; expected bounds + 1"
         )
+    return msg
+
+
+def _row(topic_device: str, msg: Any, received_ms: int) -> tuple[Any, ...]:
+    lat = msg.latency
     return (
         topic_device,
         msg.seq,
@@ -96,6 +97,52 @@ def decode_row(topic_device: str, payload: bytes, *, received_ms: int) -> tuple[
         msg.cpu_percent,
         msg.spooled,
     )
+
+
+def _drift_rows(topic_device: str, msg: Any, received_ms: int) -> list[tuple[Any, ...]]:
+    """`drift_sketches` rows (`DRIFT_COLUMNS` order) for the window's sketches."""
+    end = msg.window_end_ms or received_ms
+    out = []
+    for sk in msg.drift:
+        if not sk.model.model or not sk.rows:
+            continue
+        counts = (
+            '{"inputs":['
+            + ",".join(_ints(c.counts) for c in sk.inputs)
+            + '],"predictions":'
+            + _ints(sk.predictions)
+            + "}"
+        )
+        out.append(
+            (
+                topic_device,
+                msg.seq,
+                end,
+                sk.model.model,
+                sk.model.version,
+                sk.model.variant,
+                sk.rows,
+                counts,
+            )
+        )
+    return out
+
+
+def decode_row(topic_device: str, payload: bytes, *, received_ms: int) -> tuple[Any, ...]:
+    """One `Telemetry` payload as a `telemetry` row (in `COLUMNS` order);
+    `InvalidArgument` naming the device
+    for a payload that does not parse, reports for another device, or carries a
+    histogram whose counts don't match its bounds."""
+    return _row(topic_device, _parse(topic_device, payload), received_ms)
+
+
+def decode(
+    topic_device: str, payload: bytes, *, received_ms: int
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """`decode_row` plus the payload's drift sketches as `drift_sketches` rows."""
+    msg = _parse(topic_device, payload)
+    row = _row(topic_device, msg, received_ms)
+    return row, (_drift_rows(topic_device, msg, received_ms) if msg.drift else [])
 
 
 class TelemetryIngest:
@@ -118,6 +165,7 @@ class TelemetryIngest:
         self.batch = batch
         self.on_written = on_written
         self._rows: list[tuple[Any, ...]] = []
+        self._drift: list[tuple[Any, ...]] = []  # drift_sketches rows
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -134,7 +182,7 @@ class TelemetryIngest:
     def add(self, topic_device: str, payload: bytes) -> None:
         """Decode and buffer one message; raises `InvalidArgument` for a bad one."""
         try:
-            row = decode_row(topic_device, payload, received_ms=int(time.time() * 1000))
+            row, drift = decode(topic_device, payload, received_ms=int(time.time() * 1000))
         except InvalidArgument:
             self.rejected += 1
             raise
@@ -143,6 +191,8 @@ class TelemetryIngest:
                 self.dropped += 1
                 return
             self._rows.append(row)
+            if drift:
+                self._drift.extend(drift)
             self.received += 1
             full = len(self._rows) >= self.batch
         if full:
@@ -179,7 +229,8 @@ class TelemetryIngest:
         while True:
             with self._lock:
                 rows, self._rows = self._rows[: self.batch], self._rows[self.batch :]
-            if not rows:
+                drift, self._drift = self._drift, []
+            if not rows and not drift:
                 return True
             try:
                 self.store.insert_many(rows)
@@ -187,6 +238,7 @@ class TelemetryIngest:
                 self.write_errors += 1
                 with self._lock:
                     self._rows[:0] = rows
+                    self._drift[:0] = drift
                 logger.warning(
                     "telemetry: could not write %d rows (%s); %d buffered, retrying",
                     len(rows),
@@ -194,11 +246,20 @@ class TelemetryIngest:
                     len(self._rows),
                 )
                 return False
+            try:
+                self.store.insert_drift(drift)
+            except Exception as e:  # telemetry is in; keep the sketches for the next flush
+                self.write_errors += 1
+                with self._lock:
+                    self._drift[:0] = drift
+                logger.warning("telemetry: could not write %d drift sketches (%s)", len(drift), e)
+                return False
             self.written += len(rows)
             self._count(len(rows))
             if self.on_written is not None:
                 try:
-                    self.on_written(sorted({r[0] for r in rows}))
+                    if rows:
+                        self.on_written(sorted({r[0] for r in rows}))
                 except Exception:
                     logger.exception("telemetry: on_written failed")
 
@@ -298,4 +359,4 @@ class TelemetrySubscriber:
         self.ingest.stop()
 
 
-__all__ = ["MAX_BUFFER", "TelemetryIngest", "TelemetrySubscriber", "decode_row"]
+__all__ = ["MAX_BUFFER", "TelemetryIngest", "TelemetrySubscriber", "decode", "decode_row"]

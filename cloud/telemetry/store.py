@@ -74,8 +74,39 @@ telemetry_hourly = sa.Table(
     sa.Column("rss_max", sa.BigInteger, nullable=False),
 )
 
+#: One row per (telemetry window, model): live traffic binned with the model's drift
+#: reference (models/sketch.py). `counts` is JSON {"inputs": [[…], …], "predictions": […]}.
+drift_sketches = sa.Table(
+    "drift_sketches",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("window_end_ms", sa.BigInteger, nullable=False, index=True),
+    sa.Column("model", sa.String(63), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("variant", sa.String(32), nullable=False),
+    sa.Column("rows", sa.BigInteger, nullable=False),
+    sa.Column("counts", sa.Text, nullable=False),
+    sa.UniqueConstraint("device_id", "seq", "model", "version", "variant", name="uq_drift_window"),
+)
+
 HOUR_MS = 3_600_000
 COLUMNS = tuple(c.name for c in telemetry.columns if c.name != "id")
+DRIFT_COLUMNS = tuple(c.name for c in drift_sketches.columns if c.name != "id")
+
+
+@dataclass(frozen=True)
+class SketchRow:
+    """Drift counts of one device and model variant, summed over a time window."""
+
+    device_id: str
+    model: str
+    version: int
+    variant: str
+    rows: int
+    inputs: tuple[tuple[int, ...], ...]
+    predictions: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -117,7 +148,9 @@ def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float 
 
 class TelemetryStore:
     def __init__(self, url: str) -> None:
-        self._db = Database(url, what="telemetry database", tables=[telemetry, telemetry_hourly])
+        self._db = Database(
+            url, what="telemetry database", tables=[telemetry, telemetry_hourly, drift_sketches]
+        )
         self.url = self._db.url
         self._dialect = self._db.engine.dialect.name
 
@@ -159,6 +192,58 @@ class TelemetryStore:
                     f"INSERT OR IGNORE INTO telemetry ({cols}) VALUES ({marks})", list(rows)
                 )
         return len(rows)
+
+    def insert_drift(self, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Insert drift sketches (tuples in `DRIFT_COLUMNS` order) in one transaction;
+        a re-delivered window is skipped. Returns how many were given."""
+        if not rows:
+            return 0
+        if self._dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        stmt = insert(drift_sketches).on_conflict_do_nothing()
+        with self._db.engine.begin() as conn:
+            conn.execute(stmt, [dict(zip(DRIFT_COLUMNS, r, strict=True)) for r in rows])
+        return len(rows)
+
+    def drift_window(
+        self, *, since_ms: int, model: str | None = None, version: int | None = None
+    ) -> list[SketchRow]:
+        """Drift counts per (device, model, version, variant) over windows ending at or
+        after `since_ms`, summed; sketches whose bins disagree with the first one seen
+        for their variant are left out."""
+        q = sa.select(
+            drift_sketches.c.device_id,
+            drift_sketches.c.model,
+            drift_sketches.c.version,
+            drift_sketches.c.variant,
+            drift_sketches.c.rows,
+            drift_sketches.c.counts,
+        ).where(drift_sketches.c.window_end_ms >= since_ms)
+        if model is not None:
+            q = q.where(drift_sketches.c.model == model)
+        if version is not None:
+            q = q.where(drift_sketches.c.version == version)
+        sums: dict[tuple[str, str, int, str], tuple[int, list[list[int]], list[int]]] = {}
+        with self._db.engine.connect() as conn:
+            for r in conn.execute(q):
+                c = json.loads(r.counts)
+                key = (r.device_id, r.model, int(r.version), r.variant)
+                have = sums.get(key)
+                if have is None:
+                    sums[key] = (int(r.rows), c["inputs"], c["predictions"])
+                    continue
+                try:
+                    inputs = [_merge(a, b) for a, b in zip(have[1], c["inputs"], strict=True)]
+                    preds = _merge(have[2], c["predictions"])
+                except ValueError:
+                    continue  # other bins (a sketch definition change): not mixed in
+                sums[key] = (have[0] + int(r.rows), inputs, preds)
+        return [
+            SketchRow(d, m, v, var, n, tuple(tuple(x) for x in inp), tuple(p))
+            for (d, m, v, var), (n, inp, p) in sorted(sums.items())
+        ]
 
     # -- queries ------------------------------------------------------------------
 
@@ -323,6 +408,8 @@ class TelemetryStore:
                         )
                     )
             conn.execute(sa.delete(telemetry).where(telemetry.c.window_end_ms < cutoff))
+            # drift sketches are only read over recent windows: no rollup, same retention
+            conn.execute(sa.delete(drift_sketches).where(drift_sketches.c.window_end_ms < cutoff))
             dropped = conn.execute(
                 sa.delete(telemetry_hourly).where(
                     telemetry_hourly.c.hour_ms < now - int(rollup_retention.total_seconds() * 1000)
@@ -333,4 +420,4 @@ class TelemetryStore:
         return len(old), int(dropped or 0)
 
 
-__all__ = ["COLUMNS", "Percentiles", "TelemetryStore", "quantile"]
+__all__ = ["COLUMNS", "DRIFT_COLUMNS", "Percentiles", "SketchRow", "TelemetryStore", "quantile"]

@@ -311,3 +311,52 @@ def test_sigterm_stops_serve_and_its_broker(tmp_path: Path) -> None:
 
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
             pass
+
+
+def test_devices_ls_filters_locally_and_through_the_coordinator(
+    cli: Cli, home: Path, served: ServeInfo
+) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from cloud.config import load_settings
+    from cloud.devices import DeviceStore
+
+    store = DeviceStore(load_settings(home=home).registry_url)
+    long_ago = datetime.now(timezone.utc) - timedelta(hours=2)
+    try:
+        for device, group in (("f-a1", "fa"), ("f-a2", "fa"), ("f-b1", "fb")):
+            store.enroll(device, group=group)
+        v1 = {"model": "digits", "version": 1, "variant": "fp32", "sha256": "ab"}
+        store.record_status("f-a1", {"online": True, "active": v1})
+        store.record_status("f-a2", {"online": False}, now=long_ago)
+        store.record_reported(
+            "f-b1", {"state": "failed", "active": {**v1, "version": 2}}, now=long_ago
+        )
+    finally:
+        store.close()
+    sel = ("--selector", "device=f-a1,f-a2,f-b1")
+    cases = [
+        (("--group", "fa"), ["f-a1", "f-a2"]),
+        (("--group", "fa", "--online"), ["f-a1"]),
+        (("--group", "fa", "--offline"), ["f-a2"]),
+        ((*sel, "--version", "digits:1"), ["f-a1"]),
+        ((*sel, "--version", "digits"), ["f-a1", "f-b1"]),
+        ((*sel, "--state", "failed"), ["f-b1"]),
+        ((*sel, "--stale", "1h"), ["f-a2", "f-b1"]),
+        ((*sel, "--stale", "3h"), []),
+    ]
+    for remote in (False, True):
+        h = ("--home", str(home), *(("--coordinator", served.grpc) if remote else ()))
+        for args, want in cases:
+            r = cli(*h, "devices", "ls", *args, "--json")
+            assert r.code == 0, (args, r.err)
+            assert [d["device_id"] for d in json.loads(r.out)] == want, (remote, args)
+        r = cli(*h, "devices", "ls", "--stale", "soon")
+        assert r.code == 1 and "--stale 'soon' is not a duration" in r.err
+        r = cli(*h, "devices", "ls", "--online", "--offline")
+        assert r.code == 1 and "--online and --offline exclude each other" in r.err
+        # drift and alerts answer in both modes (nothing has sent traffic here)
+        r = cli(*h, "alerts", "--all", "--json")
+        assert r.code == 0 and json.loads(r.out) == [], r.err
+        r = cli(*h, "drift", "--by", "device", "--json")
+        assert r.code == 0 and json.loads(r.out) == [], r.err

@@ -268,3 +268,23 @@ def test_stopping_devices_that_are_still_connecting_does_not_hang(
         assert not any(d.running for d in fleet.devices)
 
     asyncio.run(main())
+
+
+def test_drift_faults_parse_and_shift_the_input_stream() -> None:
+    from simulator.faults import parse_faults
+    from simulator.fleet import InputDrift
+
+    plan = parse_faults("drift:25%@30s=4,drift:2=x1.5,drift=2x0.5,drift")
+    assert [(f.who, f.at, f.arg, f.scale) for f in plan] == [
+        ("2", 0.0, 0.0, 1.5),
+        ("1", 0.0, 2.0, 0.5),
+        ("1", 0.0, 4.0, 1.0),
+        ("25%", 30.0, 4.0, 1.0),
+    ]
+    with pytest.raises(InvalidArgument, match="drift takes SHIFT, xSCALE or SHIFTxSCALE"):
+        parse_faults("drift=up")
+    with pytest.raises(InvalidArgument, match="drift scale 0 must be > 0"):
+        parse_faults("drift=x0")
+    x = np.array([[1.0, 2.0]], dtype=np.float32)
+    y = InputDrift(shift=1.0, scale=2.0).apply(x)
+    assert y.dtype == np.float32 and y.tolist() == [[3.0, 5.0]]

@@ -516,6 +516,7 @@ class Telemetry(_message.Message):
     CPU_PERCENT_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     SPOOLED_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     window_start_ms: _builtins.int
     window_end_ms: _builtins.int
@@ -531,6 +532,10 @@ class Telemetry(_message.Message):
     def active(self) -> Global___ModelRef: ...
     @_builtins.property
     def latency(self) -> Global___Histogram: ...
+    @_builtins.property
+    def drift(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftSketch]:
+        """this window's live traffic per model (usually one)"""
+
     def __init__(
         self,
         *,
@@ -545,14 +550,76 @@ class Telemetry(_message.Message):
         cpu_percent: _builtins.float = ...,
         seq: _builtins.int = ...,
         spooled: _builtins.bool = ...,
+        drift: _abc.Iterable[Global___DriftSketch] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "cpu_percent", b"cpu_percent", "device_id", b"device_id", "errors", b"errors", "latency", b"latency", "predictions", b"predictions", "rss_bytes", b"rss_bytes", "seq", b"seq", "spooled", b"spooled", "window_end_ms", b"window_end_ms", "window_start_ms", b"window_start_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "cpu_percent", b"cpu_percent", "device_id", b"device_id", "drift", b"drift", "errors", b"errors", "latency", b"latency", "predictions", b"predictions", "rss_bytes", b"rss_bytes", "seq", b"seq", "spooled", b"spooled", "window_end_ms", b"window_end_ms", "window_start_ms", b"window_start_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Telemetry: _TypeAlias = Telemetry  # noqa: Y015
+
+@_typing.final
+class DriftCounts(_message.Message):
+    """Counts per bin of one input feature, in the reference's order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftCounts: _TypeAlias = DriftCounts  # noqa: Y015
+
+@_typing.final
+class DriftSketch(_message.Message):
+    """One window of live traffic binned with a model's DriftReference edges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    rows: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___ModelRef:
+        """the model that served these rows"""
+
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftCounts]:
+        """one per DriftReference.inputs"""
+
+    @_builtins.property
+    def predictions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """rows per predicted class"""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelRef | None = ...,
+        rows: _builtins.int = ...,
+        inputs: _abc.Iterable[Global___DriftCounts] | None = ...,
+        predictions: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "predictions", b"predictions", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftSketch: _TypeAlias = DriftSketch  # noqa: Y015
 
 @_typing.final
 class ShadowModelStats(_message.Message):

@@ -578,21 +578,37 @@ class ListDevicesRequest(_message.Message):
     SELECTOR_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     ONLINE_ONLY_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CONNECTIVITY_FIELD_NUMBER: _builtins.int
+    STALE_S_FIELD_NUMBER: _builtins.int
     selector: _builtins.str
     """all | group=G | tag=k=v | device=ID[,ID…]"""
     state: _builtins.str
     """filter by UpdateState name, e.g. active"""
     online_only: _builtins.bool
+    group: _builtins.str
+    """only this group"""
+    version: _builtins.str
+    """serving NAME or NAME:VERSION"""
+    connectivity: _builtins.str
+    """online | offline | "" (both)"""
+    stale_s: _builtins.float
+    """last seen more than this many seconds ago (0: off)"""
     def __init__(
         self,
         *,
         selector: _builtins.str = ...,
         state: _builtins.str = ...,
         online_only: _builtins.bool = ...,
+        group: _builtins.str = ...,
+        version: _builtins.str = ...,
+        connectivity: _builtins.str = ...,
+        stale_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["online_only", b"online_only", "selector", b"selector", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connectivity", b"connectivity", "group", b"group", "online_only", b"online_only", "selector", b"selector", "stale_s", b"stale_s", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1392,3 +1408,226 @@ class StatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class GetDriftRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    BY_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """NAME or NAME:VERSION; empty: every version"""
+    by: _builtins.str
+    """device | group | fleet"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDriftRequest: _TypeAlias = GetDriftRequest  # noqa: Y015
+
+@_typing.final
+class DriftInfo(_message.Message):
+    """PSI of one subject's traffic on one model version over the drift window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    MIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    """fleet | group | device"""
+    subject: _builtins.str
+    """"*", group name or device id"""
+    model: _builtins.str
+    version: _builtins.int
+    devices: _builtins.int
+    rows: _builtins.int
+    predictions: _builtins.float
+    """PSI of the predicted classes"""
+    threshold: _builtins.float
+    min_samples: _builtins.int
+    @_builtins.property
+    def inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """PSI per input feature"""
+
+    def __init__(
+        self,
+        *,
+        scope: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        devices: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        inputs: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        predictions: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        min_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "inputs", b"inputs", "min_samples", b"min_samples", "model", b"model", "predictions", b"predictions", "rows", b"rows", "scope", b"scope", "subject", b"subject", "threshold", b"threshold", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftInfo: _TypeAlias = DriftInfo  # noqa: Y015
+
+@_typing.final
+class GetDriftResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftInfo]: ...
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___DriftInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDriftResponse: _TypeAlias = GetDriftResponse  # noqa: Y015
+
+@_typing.final
+class ListAlertsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALL_FIELD_NUMBER: _builtins.int
+    all: _builtins.bool
+    def __init__(
+        self,
+        *,
+        all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsRequest: _TypeAlias = ListAlertsRequest  # noqa: Y015
+
+@_typing.final
+class DriftAlert(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PSI_FIELD_NUMBER: _builtins.int
+    MAX_PSI_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    FIRST_SEEN_MS_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
+    RESOLVED_MS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    scope: _builtins.str
+    """device | group"""
+    subject: _builtins.str
+    model: _builtins.str
+    version: _builtins.int
+    metric: _builtins.str
+    """inputs | predictions"""
+    state: _builtins.str
+    """open | resolved"""
+    psi: _builtins.float
+    """latest"""
+    max_psi: _builtins.float
+    threshold: _builtins.float
+    rows: _builtins.int
+    detail: _builtins.str
+    first_seen_ms: _builtins.int
+    last_seen_ms: _builtins.int
+    resolved_ms: _builtins.int
+    """0 while open"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        scope: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        metric: _builtins.str = ...,
+        state: _builtins.str = ...,
+        psi: _builtins.float = ...,
+        max_psi: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        rows: _builtins.int = ...,
+        detail: _builtins.str = ...,
+        first_seen_ms: _builtins.int = ...,
+        last_seen_ms: _builtins.int = ...,
+        resolved_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "first_seen_ms", b"first_seen_ms", "id", b"id", "last_seen_ms", b"last_seen_ms", "max_psi", b"max_psi", "metric", b"metric", "model", b"model", "psi", b"psi", "resolved_ms", b"resolved_ms", "rows", b"rows", "scope", b"scope", "state", b"state", "subject", b"subject", "threshold", b"threshold", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftAlert: _TypeAlias = DriftAlert  # noqa: Y015
+
+@_typing.final
+class ListAlertsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftAlert]: ...
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[Global___DriftAlert] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015

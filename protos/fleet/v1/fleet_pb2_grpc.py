@@ -118,6 +118,16 @@ class FleetServiceStub:
                 request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
                 _registered_method=True)
+        self.GetDrift = channel.unary_unary(
+                '/fleet.v1.FleetService/GetDrift',
+                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/fleet.v1.FleetService/ListAlerts',
+                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -225,6 +235,19 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDrift(self, request, context):
+        """Drift: PSI of live traffic against each version's reference, and drift alerts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -307,6 +330,16 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.ControlRollout,
                     request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.FromString,
                     response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.SerializeToString,
+            ),
+            'GetDrift': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDrift,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsRequest.FromString,
+                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -745,6 +778,60 @@ class FleetService:
             '/fleet.v1.FleetService/ControlRollout',
             protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
             protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDrift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/GetDrift',
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ListAlerts',
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsRequest.SerializeToString,
+            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

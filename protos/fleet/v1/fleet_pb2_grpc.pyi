@@ -55,6 +55,9 @@ class FleetServiceStub:
     WatchRollout: _grpc.UnaryStreamMultiCallable[_fleet_pb2.GetRolloutRequest, _fleet_pb2.RolloutInfo]
     """The rollout now, then again whenever it changes; ends once it is final."""
     ControlRollout: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ControlRolloutRequest, _fleet_pb2.RolloutInfo]
+    GetDrift: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetDriftRequest, _fleet_pb2.GetDriftResponse]
+    """Drift: PSI of live traffic against each version's reference, and drift alerts."""
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListAlertsRequest, _fleet_pb2.ListAlertsResponse]
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -83,6 +86,9 @@ class FleetServiceAsyncStub(FleetServiceStub):
     WatchRollout: _aio.UnaryStreamMultiCallable[_fleet_pb2.GetRolloutRequest, _fleet_pb2.RolloutInfo]  # type: ignore[assignment]
     """The rollout now, then again whenever it changes; ends once it is final."""
     ControlRollout: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ControlRolloutRequest, _fleet_pb2.RolloutInfo]  # type: ignore[assignment]
+    GetDrift: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetDriftRequest, _fleet_pb2.GetDriftResponse]  # type: ignore[assignment]
+    """Drift: PSI of live traffic against each version's reference, and drift alerts."""
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListAlertsRequest, _fleet_pb2.ListAlertsResponse]  # type: ignore[assignment]
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator (fleet CLI) ⇄ coordinator (fleet serve). Every call carries the
@@ -204,5 +210,20 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _fleet_pb2.ControlRolloutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.RolloutInfo, _abc.Awaitable[_fleet_pb2.RolloutInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def GetDrift(
+        self,
+        request: _fleet_pb2.GetDriftRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.GetDriftResponse, _abc.Awaitable[_fleet_pb2.GetDriftResponse]]:
+        """Drift: PSI of live traffic against each version's reference, and drift alerts."""
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _fleet_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.ListAlertsResponse, _abc.Awaitable[_fleet_pb2.ListAlertsResponse]]: ...
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -169,6 +169,7 @@ class ModelManifest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     GOLDEN_FIELD_NUMBER: _builtins.int
     REQUIRES_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     variant: _builtins.str
@@ -194,6 +195,13 @@ class ModelManifest(_message.Message):
     def requires(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Requirements a device must meet: e.g. "dynamic-int8" (never for tflite-runtime)."""
 
+    @_builtins.property
+    def drift(self) -> Global___DriftReference:
+        """Reference sketch of inputs and predictions on the holdout set (models/sketch.py);
+        absent when the version had no evaluation data. Devices bin live traffic with
+        its edges and send the counts in Telemetry.drift.
+        """
+
     def __init__(
         self,
         *,
@@ -209,14 +217,83 @@ class ModelManifest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         golden: Global___GoldenSample | None = ...,
         requires: _abc.Iterable[_builtins.str] | None = ...,
+        drift: Global___DriftReference | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["golden", b"golden"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["drift", b"drift", "golden", b"golden"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "golden", b"golden", "inputs", b"inputs", "labels", b"labels", "model", b"model", "outputs", b"outputs", "requires", b"requires", "runtime", b"runtime", "sha256", b"sha256", "size", b"size", "variant", b"variant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "drift", b"drift", "golden", b"golden", "inputs", b"inputs", "labels", b"labels", "model", b"model", "outputs", b"outputs", "requires", b"requires", "runtime", b"runtime", "sha256", b"sha256", "size", b"size", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelManifest: _TypeAlias = ModelManifest  # noqa: Y015
+
+@_typing.final
+class DriftFeature(_message.Message):
+    """One per-sample input feature of a drift sketch: bin edges and the holdout's share per bin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EDGES_FIELD_NUMBER: _builtins.int
+    PROPORTIONS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """mean | std | halves | alternation"""
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """interior edges, increasing; bins = len(edges) + 1"""
+
+    @_builtins.property
+    def proportions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """holdout share per bin"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        edges: _abc.Iterable[_builtins.float] | None = ...,
+        proportions: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edges", b"edges", "name", b"name", "proportions", b"proportions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftFeature: _TypeAlias = DriftFeature  # noqa: Y015
+
+@_typing.final
+class DriftReference(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEME_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    scheme: _builtins.int
+    """sketch definition version (models/sketch.py SCHEME)"""
+    samples: _builtins.int
+    """holdout rows the reference was built from"""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftFeature]: ...
+    @_builtins.property
+    def predictions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """holdout share per predicted class"""
+
+    def __init__(
+        self,
+        *,
+        scheme: _builtins.int = ...,
+        inputs: _abc.Iterable[Global___DriftFeature] | None = ...,
+        predictions: _abc.Iterable[_builtins.float] | None = ...,
+        samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "predictions", b"predictions", "samples", b"samples", "scheme", b"scheme"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftReference: _TypeAlias = DriftReference  # noqa: Y015
 
 @_typing.final
 class SignedManifest(_message.Message):

@@ -1,0 +1,207 @@
+"""Drift end to end: real agents (simulator) on a real Mosquitto, telemetry through the
+real TelemetrySubscriber into the database, the coordinator's drift monitor, alerts,
+`/metrics` and the CLI.
+
+Two groups of devices serve digits:1 with live labelled traffic; the input stream of
+one group is shifted (`SimulatedFleet.drift`): that group, and only it, gets drift
+alerts; when the drift ends they resolve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud.broker import ManagedBroker, find_mosquitto
+from cloud.client import LocalClient
+from cloud.config import load_settings
+from cloud.coordinator import Coordinator
+from cloud.devices import DeviceStore, Selector
+from cloud.monitoring import Monitoring
+from cloud.registry import ModelRef
+from cloud.signing import load_private_key
+from protos.errors import NotFound
+from protos.manifest import SignedManifest, decode_manifest
+from simulator.fleet import SimulatedFleet
+from simulator.traffic import Traffic
+from tests.conftest import Cli
+
+try:
+    find_mosquitto()
+except NotFound:
+    pytest.skip("mosquitto is not installed", allow_module_level=True)
+
+GROUPS = {"north": 3, "south": 3}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    h = tmp_path_factory.mktemp("drift") / "home"
+    client = LocalClient(load_settings(home=h))
+    client.init()
+    client.train(
+        "digits", "digits", arch="mlp", epochs=3, seed=0, batch_size=64, lr=3e-3, on_epoch=None
+    )
+    client.close()
+    return h
+
+
+def test_every_variant_ships_a_drift_reference(home: Path) -> None:
+    client = LocalClient(load_settings(home=home))
+    try:
+        mv = client.get_version(ModelRef("digits", 1))
+        for v in mv.variants:
+            ref = decode_manifest(SignedManifest.from_bytes(v.signed_manifest).manifest_bytes).drift
+            assert ref is not None and ref.samples == mv.metrics["holdout_samples"]
+            assert len(ref.predictions) == 10
+    finally:
+        client.close()
+
+
+def _open(monitoring: Monitoring) -> list[tuple[str, str]]:
+    assert monitoring.alerts is not None
+    return sorted({(a.scope, a.subject) for a in monitoring.alerts.find()})
+
+
+def test_drift_injected_into_one_group_alerts_that_group_only(
+    home: Path, broker: ManagedBroker, tmp_path: Path, cli: Cli
+) -> None:
+    from models.data import load_dataset
+
+    settings = load_settings(home=home)
+    ds = load_dataset("digits")
+    x, y = ds.x.astype(np.float32), ds.y
+
+    async def main() -> None:
+        client = LocalClient(settings)
+        devices = DeviceStore(settings.registry_url)
+        fleet = SimulatedFleet(
+            sum(GROUPS.values()),
+            broker_url=broker.url,
+            public_key_pem=settings.public_key_path.read_text(),
+            state_root=tmp_path / "devices",
+            profile="gpu",
+            id_prefix="drift",
+            want_interval=0.5,
+            telemetry_interval=0.5,
+        )
+        ids = fleet.ids()
+        members = {"north": ids[: GROUPS["north"]], "south": ids[GROUPS["north"] :]}
+        for group, group_ids in members.items():
+            for i in group_ids:
+                devices.enroll(i, group=group)
+        try:
+            async with (
+                fleet,
+                Coordinator(
+                    broker_url=broker.url,
+                    registry=client.registry,
+                    store=client.pipeline.store,
+                    devices=devices,
+                    signing_key=lambda: load_private_key(settings.signing_key_path),
+                    chunk_size=16 * 1024,
+                    gather=0.05,
+                ) as coord,
+                Monitoring(
+                    db_url=settings.registry_url,
+                    broker_url=broker.url,
+                    home=str(home),
+                    devices=devices,
+                    registry=client.registry,
+                    metrics_listen="127.0.0.1:0",
+                    drift_window=5.0,
+                    drift_interval=0.5,
+                ) as monitoring,
+            ):
+                drift = monitoring.drift
+                assert drift is not None
+                async with asyncio.timeout(30):
+                    while len(await asyncio.to_thread(devices.find, None, online=True)) < len(ids):
+                        await asyncio.sleep(0.1)
+                out = await coord.deploy(ModelRef("digits", 1), Selector.parse("all"))
+                settled = await coord.wait_settled(out, timeout=60)
+                assert {d.state for d in settled.values()} == {"active"}
+
+                async def until(pred: object, what: str, timeout: float = 40) -> None:
+                    deadline = time.monotonic() + timeout
+                    while not pred():  # type: ignore[operator]
+                        assert time.monotonic() < deadline, (
+                            f"{what}: alerts {_open(monitoring)}, last "
+                            f"{[(r.scope, r.subject, r.rows, r.input_psi) for r in drift.last]}"
+                        )
+                        await asyncio.sleep(0.2)
+
+                def groups_scored() -> bool:
+                    return {r.subject for r in drift.last if r.scope == "group" and r.enough} == {
+                        "north",
+                        "south",
+                    }
+
+                async with Traffic(fleet.devices, x, y, rate=50):
+                    # clean traffic: both groups scored, nothing drifts
+                    await until(groups_scored, "both groups scored")
+                    await asyncio.sleep(2.0)
+                    assert _open(monitoring) == []
+                    assert all(not r.drifting for r in drift.last), drift.last
+
+                    fleet.drift(members["south"], shift=4.0)
+                    await until(
+                        lambda: ("group", "south") in _open(monitoring), "south group alert"
+                    )
+                    await asyncio.sleep(2.0)  # a few more evaluations: north stays clean
+                    opened = _open(monitoring)
+                    assert [s for scope, s in opened if scope == "group"] == ["south"]
+                    assert {s for scope, s in opened if scope == "device"} <= set(members["south"])
+                    rows = {(r.scope, r.subject): r for r in drift.last}
+                    assert rows[("group", "south")].inputs["mean"] > 1.0
+                    assert not rows[("group", "north")].drifting
+                    assert rows[("fleet", "*")].drifting  # reported fleet-wide, not alerted
+
+                    metrics = await asyncio.to_thread(
+                        lambda: (
+                            urllib.request.urlopen(monitoring.metrics_url, timeout=10)
+                            .read()
+                            .decode()
+                        )
+                    )
+                    assert (
+                        'edgefleet_drift_psi{scope="group",subject="south",model="digits",'
+                        'version="1",metric="inputs"}' in metrics
+                    )
+                    assert (
+                        'edgefleet_drift_alerts_open{scope="group"} 2'
+                    )  # inputs, predictions in metrics
+
+                    fleet.drift(members["south"])  # the sensors are fixed
+                    await until(lambda: _open(monitoring) == [], "alerts resolved")
+        finally:
+            devices.close()
+            client.close()
+
+    asyncio.run(main())
+
+    # the CLI reads the same tables
+    h = ("--home", str(home))
+    r = cli(*h, "alerts", "--all", "--json")
+    assert r.code == 0, r.err
+    alerts = json.loads(r.out)
+    assert {a["subject"] for a in alerts if a["scope"] == "group"} == {"south"}
+    assert {a["state"] for a in alerts} == {"resolved"}
+    r = cli(*h, "alerts")
+    assert r.code == 0 and "no drift alerts" in r.err
+    r = cli(*h, "drift", "--by", "group", "--model", "digits:1", "--json")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)
+    assert {(x["scope"], x["subject"]) for x in rows} == {
+        ("fleet", "*"),
+        ("group", "north"),
+        ("group", "south"),
+    }
+    r = cli(*h, "drift", "--by", "team")
+    assert r.code == 1 and "--by 'team' unknown; accepted: device, group, fleet" in r.err
