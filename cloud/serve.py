@@ -169,9 +169,9 @@ async def serve(
                 drift_interval=settings.drift_interval,
             ) as monitoring,
         ):
-            if settings.fl:
-                federation = await start_federation(settings, local, coordinator)
             controller = RolloutController(coordinator, local.rollouts)
+            if settings.fl:
+                federation = await start_federation(settings, local, controller)
             control_task = asyncio.create_task(controller.run(), name="rollout-controller")
             try:
                 server = grpc.aio.server(
@@ -235,7 +235,7 @@ async def serve(
         local.close()
 
 
-async def start_federation(settings: CloudSettings, local: LocalClient, coordinator: Any) -> Any:
+async def start_federation(settings: CloudSettings, local: LocalClient, rollouts: Any) -> Any:
     """The SuperLink and federated runs (`--fl`); needs Flower installed (edgefleet[fl])."""
     from cloud.fl.federation import Federation
     from cloud.fl.store import FlStore
@@ -248,7 +248,7 @@ async def start_federation(settings: CloudSettings, local: LocalClient, coordina
         pipeline=local.pipeline,
         devices=local.devices,
         store=store,
-        coordinator=coordinator,
+        rollouts=rollouts,
     )
     try:
         await federation.start()

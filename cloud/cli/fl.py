@@ -230,7 +230,11 @@ def start(
     ] = "all",
     then_deploy: Annotated[
         str,
-        typer.Option("--then-deploy", help="Put the result on a canary slice, e.g. canary=10%."),
+        typer.Option(
+            "--then-deploy",
+            help="Start a staged rollout of the result: canary=10% (optionally ,bake=30s); "
+            "the run waits for the canary stage.",
+        ),
     ] = "",
     min_samples: Annotated[
         int, typer.Option("--min-samples", min=1, help="Local samples a device needs.")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloud.config import CloudSettings
 from cloud.devices import DeviceStore, Selector
-from cloud.fl.canary import CanaryPlan, deploy_canary
+from cloud.fl.canary import CanaryPlan, start_canary
 from cloud.fl.selection import select_participants
 from cloud.fl.store import FlRun, FlStore
 from cloud.fl.superlink import SuperLink, SuperLinkOptions
@@ -32,8 +32,8 @@ from models.fl.journal import read_events
 from protos.errors import FleetError, InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
-    from cloud.coordinator import Coordinator
     from cloud.pipeline import Pipeline
+    from cloud.rollouts.controller import RolloutController
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +136,13 @@ class Federation:
         pipeline: Pipeline,
         devices: DeviceStore,
         store: FlStore,
-        coordinator: Coordinator | None = None,
+        rollouts: RolloutController | None = None,
     ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.devices = devices
         self.store = store
-        self.coordinator = coordinator
+        self.rollouts = rollouts
         host, _, port = settings.fl_listen.rpartition(":")
         if not host or not port.isdigit():
             raise InvalidArgument(
@@ -257,8 +257,8 @@ class Federation:
         """Check, choose participants, record the run and drive it in the background."""
         req.check()
         self._require()
-        if req.then_deploy and self.coordinator is None:
-            raise Unavailable("--then-deploy needs the coordinator's MQTT side (fleet serve)")
+        if req.then_deploy and self.rollouts is None:
+            raise Unavailable("--then-deploy needs the coordinator's rollout controller")
         parent = await asyncio.to_thread(self.pipeline.registry.get_version, req.ref)
         if not parent.checkpoint_sha256:
             raise InvalidArgument(
@@ -351,10 +351,10 @@ class Federation:
             if req.variants:
                 await asyncio.to_thread(self.pipeline.quantize, ref, list(req.variants))
             if req.then_deploy:
-                assert self.coordinator is not None
+                assert self.rollouts is not None
                 await self._update(run.run_id, status="deploying")
-                result = await deploy_canary(
-                    self.coordinator,
+                result = await start_canary(
+                    self.rollouts,
                     ref,
                     req.selector,
                     CanaryPlan.parse(req.then_deploy),
@@ -363,7 +363,9 @@ class Federation:
                 await self._update(run.run_id, deploy=result.to_dict())
                 if not result.ok:
                     raise Unavailable(
-                        f"{mv.ref} registered, but its canary did not go active: {result.states}"
+                        f"{mv.ref} registered, but the canary stage of rollout "
+                        f"{result.rollout_id} is {result.stage} ({result.state}"
+                        f"{': ' + result.reason if result.reason else ''}): {result.states}"
                     )
             await self._update(run.run_id, status="succeeded")
         except FleetError as e:

@@ -179,7 +179,7 @@ def test_federated_round_registers_a_version_and_canaries_it(
                     "--variants",
                     "int8",
                     "--then-deploy",
-                    "canary=10%",
+                    "canary=10%,bake=0s",
                     "--round-timeout",
                     "90",
                     "--json",
@@ -199,7 +199,9 @@ def test_federated_round_registers_a_version_and_canaries_it(
     (rnd,) = run["history"]
     assert sorted(rnd["participants"]) == DEVICES
     assert 0.5 < rnd["evaluate"]["eval-accuracy"] <= 1.0  # on the devices' own held-out data
-    assert run["deploy"]["ok"] and len(run["deploy"]["targets"]) == 1  # 10% of 3 -> 1
+    deploy = run["deploy"]  # a staged rollout whose canary stage (10% of 3 -> 1) finished
+    assert deploy["ok"] and deploy["stage"] == "done" and len(deploy["targets"]) == 1
+    assert deploy["ref"] == "digits:2" and deploy["states"] == {deploy["targets"][0]: "active"}
 
     v1, v2 = versions(home)
     lin = v2.lineage

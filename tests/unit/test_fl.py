@@ -85,14 +85,18 @@ def test_run_options_are_checked_before_anything_starts() -> None:
     assert RunRequest(ref=ok.ref, dp_clip=1.0, dp_noise=0.5).dp == {"clip": 1.0, "noise": 0.5}
 
 
-def test_canary_plan_parses_percentages_only_in_range() -> None:
-    assert CanaryPlan.parse("canary=10%").fraction == pytest.approx(0.1)
-    assert CanaryPlan.parse("canary=0.25").fraction == pytest.approx(0.25)
-    assert str(CanaryPlan.parse("canary=10%")) == "canary=10%"
+def test_canary_plan_becomes_a_rollout_policy() -> None:
+    plan = CanaryPlan.parse("canary=10%")
+    assert plan.fraction == pytest.approx(0.1) and str(plan) == "canary=10%"
+    assert plan.policy().canary == pytest.approx(0.1) and plan.policy().waves[-1] == 1.0
+    quick = CanaryPlan.parse("canary=0.25,bake=30s")
+    assert quick.policy().bake_s == 30.0 and quick.policy().canary == pytest.approx(0.25)
     for bad, msg in (
-        ("waves=3", "accepted: canary="),
-        ("canary=0%", ">0%"),
-        ("canary=x", "not a number"),
+        ("waves=3", "'waves=3' not understood"),
+        ("bake=5s", "no canary share"),
+        ("canary=0%", "--then-deploy canary"),
+        ("canary=x", "not a percentage"),
+        ("canary=10%,bake=soon", "not a duration"),
     ):
         with pytest.raises(InvalidArgument, match=msg):
             CanaryPlan.parse(bad)
