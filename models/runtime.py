@@ -43,7 +43,13 @@ class ModelSession(ABC):
     def check_input(self, x: np.ndarray) -> np.ndarray:
         """Validate `x` against the input spec; raise `InvalidArgument` naming it."""
         spec = self.inputs[0]
-        want = np.dtype(spec.dtype)
+        # per-request hot path: the expected dtype and fixed dims are worked out once
+        cached = self.__dict__.get("_input_check")
+        if cached is None or cached[0] is not spec:
+            fixed = tuple((i, d) for i, d in enumerate(spec.shape) if i > 0 and d >= 0)
+            cached = (spec, np.dtype(spec.dtype), len(spec.shape), fixed)
+            self.__dict__["_input_check"] = cached
+        _spec, want, ndim, fixed = cached
         if x.dtype != want:
             if x.dtype.kind in "fiu" and want.kind == "f":
                 x = x.astype(want)
@@ -51,13 +57,12 @@ class ModelSession(ABC):
                 raise InvalidArgument(
                     f"input dtype {x.dtype} does not fit {spec.describe()}; send {spec.dtype}"
                 )
-        if x.ndim != len(spec.shape) or any(
-            d >= 0 and d != s for d, s in zip(spec.shape[1:], x.shape[1:], strict=False)
-        ):
+        shape = x.shape
+        if x.ndim != ndim or any(shape[i] != d for i, d in fixed):
             raise InvalidArgument(
                 f"input shape {tuple(x.shape)} does not fit {spec.describe()} (N is the batch size)"
             )
-        return np.ascontiguousarray(x)
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self._run(self.check_input(x))
