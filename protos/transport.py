@@ -171,6 +171,16 @@ class MqttSettings:
     def endpoint(self) -> _Endpoint:
         return _parse_url(self.url)
 
+    def tls_context(self) -> ssl.SSLContext:
+        """The TLS context for mqtts:// (system CAs, or `ca_file`); `InvalidArgument`
+        naming the file when it cannot be used."""
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise InvalidArgument(
+                f"CA file {self.ca_file!r} for {self.url} cannot be used: {e}"
+            ) from None
+
 
 def _parse_url(url: str) -> _Endpoint:
     accepted = "accepted: mqtt://HOST[:PORT], mqtts://HOST[:PORT]"
@@ -626,7 +636,7 @@ class MqttTransport:
                 f"MQTT transport {self.label} is already running; it is reusable but not reentrant"
             )
         if self.settings.endpoint.tls and self._tls is None:
-            self._tls = self._tls_context()
+            self._tls = self.settings.tls_context()
         self._running = True
         self._fatal = None
         self._ready = asyncio.Event()
@@ -851,14 +861,6 @@ class MqttTransport:
             finally:
                 if msg.ack is not None:
                     msg.ack()
-
-    def _tls_context(self) -> ssl.SSLContext:
-        try:
-            return ssl.create_default_context(cafile=self.settings.ca_file)
-        except (OSError, ssl.SSLError) as e:
-            raise InvalidArgument(
-                f"CA file {self.settings.ca_file!r} for {self.settings.url} cannot be used: {e}"
-            ) from None
 
     def _backoff(self, attempt: int) -> float:
         s = self.settings

@@ -17,7 +17,6 @@ this path runs at close to a bare paho client.
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -246,14 +245,7 @@ class TelemetryIngest:
                     len(self._rows),
                 )
                 return False
-            try:
-                self.store.insert_drift(drift)
-            except Exception as e:  # telemetry is in; keep the sketches for the next flush
-                self.write_errors += 1
-                with self._lock:
-                    self._drift[:0] = drift
-                logger.warning("telemetry: could not write %d drift sketches (%s)", len(drift), e)
-                return False
+            # the rows are committed: count them even if the sketches must wait
             self.written += len(rows)
             self._count(len(rows))
             if self.on_written is not None:
@@ -262,6 +254,14 @@ class TelemetryIngest:
                         self.on_written(sorted({r[0] for r in rows}))
                 except Exception:
                     logger.exception("telemetry: on_written failed")
+            try:
+                self.store.insert_drift(drift)
+            except Exception as e:  # telemetry is in; keep the sketches for the next flush
+                self.write_errors += 1
+                with self._lock:
+                    self._drift[:0] = drift
+                logger.warning("telemetry: could not write %d drift sketches (%s)", len(drift), e)
+                return False
 
     def _count(self, n: int) -> None:
         self._rate_n += n
@@ -305,12 +305,7 @@ class TelemetrySubscriber:
         if settings.username is not None:
             c.username_pw_set(settings.username, settings.password)
         if settings.endpoint.tls:
-            try:
-                c.tls_set_context(ssl.create_default_context(cafile=settings.ca_file))
-            except (OSError, ssl.SSLError) as e:
-                raise InvalidArgument(
-                    f"CA file {settings.ca_file!r} for {settings.url} cannot be used: {e}"
-                ) from None
+            c.tls_set_context(settings.tls_context())
         c.reconnect_delay_set(
             min_delay=max(1, int(settings.backoff_base)), max_delay=int(settings.backoff_cap)
         )
