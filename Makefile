@@ -42,17 +42,17 @@ test-slow: install
 	$(BIN)/pytest -m slow -q
 
 demo: install
-	$(PYTHON) -m simulator.demo
+	$(PYTHON) -m edgefleet.simulator.demo
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check cloud agent models simulator protos/*.py tests bench
+	$(BIN)/ruff format --check edgefleet/__init__.py cloud agent models simulator protos/*.py tests bench
 	$(BIN)/mypy
 
 bench: install
 	$(PYTHON) -m bench
 
-PROTOS := $(wildcard protos/fleet/v1/*.proto)
+PROTOS := $(wildcard edgefleet/protos/fleet/v1/*.proto)
 protos: install
 	PATH="$(abspath $(BIN)):$$PATH" $(PYTHON) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
 	@# grpc stubs for files without services are empty: keep only real ones

@@ -15,20 +15,20 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from agent.capabilities import detect
-from agent.config import AgentSettings
-from agent.drift import DriftMonitor
-from agent.fl import FlSidecar, fl_capability
-from agent.inference import ModelHolder
-from agent.serde import UpdateState, encode_status
-from agent.server import AgentStatus, serve
-from agent.telemetry import Spool, Telemetry
-from agent.updater import Updater
-from protos.errors import FleetError
-from protos.flower import fl_features
-from protos.manifest import load_public_key
-from protos.topics import Topics
-from protos.transport import Message, MqttSettings, MqttTransport, Will
+from edgefleet.agent.capabilities import detect
+from edgefleet.agent.config import AgentSettings
+from edgefleet.agent.drift import DriftMonitor
+from edgefleet.agent.fl import FlSidecar, fl_capability
+from edgefleet.agent.inference import ModelHolder
+from edgefleet.agent.serde import UpdateState, encode_status
+from edgefleet.agent.server import AgentStatus, serve
+from edgefleet.agent.telemetry import Spool, Telemetry
+from edgefleet.agent.updater import Updater
+from edgefleet.protos.errors import FleetError
+from edgefleet.protos.flower import fl_features
+from edgefleet.protos.manifest import load_public_key
+from edgefleet.protos.topics import Topics
+from edgefleet.protos.transport import Message, MqttSettings, MqttTransport, Will
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import os
 import platform
 from dataclasses import dataclass
 
-from models.runtime import available_runtimes
+from edgefleet.models.runtime import available_runtimes
 
 # execution provider -> accelerator class, best first
 PROVIDER_CLASS: dict[str, str] = {

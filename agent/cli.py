@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from protos.errors import FleetError
+from edgefleet.protos.errors import FleetError
 
 app = typer.Typer(
     name="fleet-agent",
@@ -33,7 +33,7 @@ def _callback(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True
 @app.command()
 def info(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Runtimes, execution providers and memory this device really has."""
-    from agent.capabilities import detect
+    from edgefleet.agent.capabilities import detect
 
     caps = detect()
     if as_json:
@@ -57,8 +57,13 @@ def verify(
     ] = True,
 ) -> None:
     """Check signature, size and sha256; then load the model and self-test it."""
-    from agent.selftest import self_test
-    from protos.manifest import SignedManifest, check_artifact, load_public_key, verify_manifest
+    from edgefleet.agent.selftest import self_test
+    from edgefleet.protos.manifest import (
+        SignedManifest,
+        check_artifact,
+        load_public_key,
+        verify_manifest,
+    )
 
     key = load_public_key(_read(public_key, "public key"))
     m = verify_manifest(SignedManifest.from_bytes(_read(manifest, "manifest")), key)
@@ -92,7 +97,7 @@ def enroll(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
 ) -> None:
     """Install an enrolment bundle: writes the agent config (mode 0600)."""
-    from agent.config import config_from_bundle, write_config
+    from edgefleet.agent.config import config_from_bundle, write_config
 
     settings = config_from_bundle(_read(bundle, "bundle"), state_dir=state_dir, listen=listen)
     write_config(config, settings, force=force)
@@ -111,8 +116,8 @@ def run(
     import asyncio
     import signal
 
-    from agent.agent import Agent
-    from agent.config import load_config
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.config import load_config
 
     settings = load_config(config)
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
@@ -128,7 +133,7 @@ def run(
 
 
 def _read(path: Path, what: str) -> bytes:
-    from protos.errors import NotFound
+    from edgefleet.protos.errors import NotFound
 
     try:
         return path.read_bytes()

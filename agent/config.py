@@ -50,8 +50,8 @@ BUNDLE_FIELDS = ("device_id", "broker_url", "signing_public_key")
 
 def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSettings:
     """Validate an enrolment bundle (JSON from `fleet devices enroll`)."""
-    from protos.errors import InvalidArgument
-    from protos.manifest import load_public_key
+    from edgefleet.protos.errors import InvalidArgument
+    from edgefleet.protos.manifest import load_public_key
 
     try:
         bundle = json.loads(data)
@@ -86,7 +86,7 @@ def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSet
 
 
 def write_config(path: Path, settings: AgentSettings, *, force: bool) -> None:
-    from protos.errors import AlreadyExists
+    from edgefleet.protos.errors import AlreadyExists
 
     if path.exists() and not force:
         raise AlreadyExists(f"agent config {path} exists; pass --force to replace it")
@@ -100,7 +100,7 @@ def write_config(path: Path, settings: AgentSettings, *, force: bool) -> None:
 
 def load_config(path: Path) -> AgentSettings:
     """The config file, with FLEET_AGENT_* variables overriding it."""
-    from protos.errors import InvalidArgument, NotFound
+    from edgefleet.protos.errors import InvalidArgument, NotFound
 
     try:
         values = json.loads(path.read_text())
@@ -121,7 +121,7 @@ def load_config(path: Path) -> AgentSettings:
 
 
 def _settings(values: dict[str, Any], what: str) -> AgentSettings:
-    from protos.errors import InvalidArgument
+    from edgefleet.protos.errors import InvalidArgument
 
     try:
         return AgentSettings(**values)

@@ -36,7 +36,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from protos.errors import Conflict, DataLoss, InvalidArgument
+from edgefleet.protos.errors import Conflict, DataLoss, InvalidArgument
 
 logger = logging.getLogger(__name__)
 

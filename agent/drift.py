@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.inference import ActiveModel, Observation
-from agent.serde import ModelRef
-from models.sketch import Counts, sketch
-from protos.manifest import DriftReference
+from edgefleet.agent.inference import ActiveModel, Observation
+from edgefleet.agent.serde import ModelRef
+from edgefleet.models.sketch import Counts, sketch
+from edgefleet.protos.manifest import DriftReference
 
 logger = logging.getLogger(__name__)
 

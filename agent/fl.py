@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentSettings
-from models.fl.shards import count_samples
-from protos.flower import (
+from edgefleet.agent.config import AgentSettings
+from edgefleet.models.fl.shards import count_samples
+from edgefleet.protos.flower import (
     FlowerProcess,
     find_flower,
     flower_available,

@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.capabilities import PROVIDER_CLASS
-from agent.resources import rss_bytes
-from agent.selftest import self_test
-from agent.serde import ModelRef
-from models.runtime import ModelSession, OnnxSession, open_session
-from protos.errors import FleetError, InvalidArgument, Unavailable
-from protos.manifest import Manifest
+from edgefleet.agent.capabilities import PROVIDER_CLASS
+from edgefleet.agent.resources import rss_bytes
+from edgefleet.agent.selftest import self_test
+from edgefleet.agent.serde import ModelRef
+from edgefleet.models.runtime import ModelSession, OnnxSession, open_session
+from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
+from edgefleet.protos.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

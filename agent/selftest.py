@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.runtime import ModelSession, open_session
-from protos.errors import InvalidArgument
-from protos.manifest import Manifest
+from edgefleet.models.runtime import ModelSession, open_session
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.manifest import Manifest
 
 
 def self_test(manifest: Manifest, model: bytes, session: ModelSession | None = None) -> float:

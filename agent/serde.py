@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
-from protos.errors import InvalidArgument
-from protos.fleet.v1 import device_pb2, inference_pb2, model_pb2
-from protos.manifest import DTYPES, Manifest, TensorSpec
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.fleet.v1 import device_pb2, inference_pb2, model_pb2
+from edgefleet.protos.manifest import DTYPES, Manifest, TensorSpec
 
 if TYPE_CHECKING:
-    from agent.drift import DriftWindow
-    from agent.inference import LatencyHistogram
+    from edgefleet.agent.drift import DriftWindow
+    from edgefleet.agent.inference import LatencyHistogram
 
 PredictRequest: TypeAlias = inference_pb2.PredictRequest
 PredictResponse: TypeAlias = inference_pb2.PredictResponse

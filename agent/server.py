@@ -23,12 +23,12 @@ from typing import NoReturn
 import grpc
 import numpy as np
 
-from agent import serde
-from agent.inference import NO_MODEL, ActiveModel, ModelHolder
-from agent.serde import UpdateState
-from protos.errors import FleetError, InvalidArgument, Unavailable
-from protos.fleet.v1 import inference_pb2_grpc
-from protos.grpc_errors import grpc_status
+from edgefleet.agent import serde
+from edgefleet.agent.inference import NO_MODEL, ActiveModel, ModelHolder
+from edgefleet.agent.serde import UpdateState
+from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
+from edgefleet.protos.fleet.v1 import inference_pb2_grpc
+from edgefleet.protos.grpc_errors import grpc_status
 
 logger = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from agent.inference import ActiveModel, ModelHolder, Observation
-from agent.resources import rss_bytes
-from agent.serde import ShadowSettings, ShadowStats, encode_shadow_report
-from protos.errors import FleetError
+from edgefleet.agent.inference import ActiveModel, ModelHolder, Observation
+from edgefleet.agent.resources import rss_bytes
+from edgefleet.agent.serde import ShadowSettings, ShadowStats, encode_shadow_report
+from edgefleet.protos.errors import FleetError
 
 logger = logging.getLogger(__name__)
 

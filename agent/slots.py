@@ -34,9 +34,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.download import fsync_dir
-from protos.errors import Conflict, DataLoss, FleetError, InvalidArgument, NotFound
-from protos.manifest import SignedManifest, decode_manifest
+from edgefleet.agent.download import fsync_dir
+from edgefleet.protos.errors import Conflict, DataLoss, FleetError, InvalidArgument, NotFound
+from edgefleet.protos.manifest import SignedManifest, decode_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from agent.drift import DriftMonitor
-from agent.inference import ModelHolder
-from agent.resources import rss_bytes
-from agent.serde import encode_telemetry, mark_spooled
-from protos.errors import FleetError
+from edgefleet.agent.drift import DriftMonitor
+from edgefleet.agent.inference import ModelHolder
+from edgefleet.agent.resources import rss_bytes
+from edgefleet.agent.serde import encode_telemetry, mark_spooled
+from edgefleet.protos.errors import FleetError
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.download import PartialDownload
-from agent.inference import ActiveModel, ModelHolder, load
-from agent.serde import (
+from edgefleet.agent.download import PartialDownload
+from edgefleet.agent.inference import ActiveModel, ModelHolder, load
+from edgefleet.agent.serde import (
     Desired,
     ModelRef,
     Reason,
@@ -28,11 +28,17 @@ from agent.serde import (
     encode_reported,
     encode_want,
 )
-from agent.shadow import ShadowEvaluator
-from agent.slots import EXTENSIONS, InstalledModel, ModelSlots
-from protos.errors import DataLoss, FleetError, InvalidArgument, NotFound, Unauthenticated
-from protos.manifest import Manifest, SignedManifest, check_artifact, key_id, verify_manifest
-from protos.topics import Topics
+from edgefleet.agent.shadow import ShadowEvaluator
+from edgefleet.agent.slots import EXTENSIONS, InstalledModel, ModelSlots
+from edgefleet.protos.errors import DataLoss, FleetError, InvalidArgument, NotFound, Unauthenticated
+from edgefleet.protos.manifest import (
+    Manifest,
+    SignedManifest,
+    check_artifact,
+    key_id,
+    verify_manifest,
+)
+from edgefleet.protos.topics import Topics
 
 logger = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ def machine() -> list[str]:
             versions.append(f"{dist} {version(dist)}")
         except Exception:  # not installed: say so rather than fail
             versions.append(f"{dist} -")
-    from cloud.pipeline import code_version
+    from edgefleet.cloud.pipeline import code_version
 
     return [
         f"date:    {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",

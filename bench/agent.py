@@ -52,10 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _model() -> tuple[Any, bytes, Any]:
     """A trained digits MLP: (manifest, fp32 bytes, eval inputs)."""
-    from cloud.client import LocalClient
-    from cloud.config import load_settings
-    from cloud.evaluation import EvalSet
-    from protos.manifest import SignedManifest, decode_manifest
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.evaluation import EvalSet
+    from edgefleet.protos.manifest import SignedManifest, decode_manifest
 
     home = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     client = LocalClient(
@@ -97,10 +97,10 @@ async def _overhead(
     import grpc
     import onnxruntime as ort
 
-    from agent.inference import ModelHolder, load
-    from agent.serde import encode_predict_request
-    from agent.server import serve
-    from protos.fleet.v1 import inference_pb2_grpc
+    from edgefleet.agent.inference import ModelHolder, load
+    from edgefleet.agent.serde import encode_predict_request
+    from edgefleet.agent.server import serve
+    from edgefleet.protos.fleet.v1 import inference_pb2_grpc
 
     x1 = np.ascontiguousarray(x[:1])
     raw = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -160,10 +160,10 @@ async def _swap_under_load(
 ) -> tuple[int, int, float, float]:
     import grpc
 
-    from agent.inference import ModelHolder, load
-    from agent.serde import encode_predict_request
-    from agent.server import serve
-    from protos.fleet.v1 import inference_pb2_grpc
+    from edgefleet.agent.inference import ModelHolder, load
+    from edgefleet.agent.serde import encode_predict_request
+    from edgefleet.agent.server import serve
+    from edgefleet.protos.fleet.v1 import inference_pb2_grpc
 
     holder = ModelHolder()
     models = [load(manifest, data, providers=("CPUExecutionProvider",)) for _ in range(2)]
@@ -204,10 +204,10 @@ async def _swap_under_load(
 _RSS_PROBE = r"""
 import asyncio, json, sys, gc
 from pathlib import Path
-from agent.inference import ModelHolder, load
-from agent.server import serve
-from protos.manifest import SignedManifest, verify_manifest, load_public_key
-from protos.manifest import decode_manifest
+from edgefleet.agent.inference import ModelHolder, load
+from edgefleet.agent.server import serve
+from edgefleet.protos.manifest import SignedManifest, verify_manifest, load_public_key
+from edgefleet.protos.manifest import decode_manifest
 data = Path(sys.argv[1]).read_bytes()
 manifest = decode_manifest(Path(sys.argv[2]).read_bytes())
 async def main():
@@ -225,7 +225,7 @@ asyncio.run(main())
 
 
 def _idle_rss(manifest: Any, data: bytes) -> dict[str, Any]:
-    from protos.manifest import encode_manifest
+    from edgefleet.protos.manifest import encode_manifest
 
     d = Path(tempfile.mkdtemp(prefix="bench-rss-"))
     (d / "m.onnx").write_bytes(data)

@@ -35,9 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _version(home: Path) -> tuple[Any, Any]:
-    from cloud.client import LocalClient
-    from cloud.config import load_settings
-    from cloud.registry import ModelRef
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.registry import ModelRef
 
     client = LocalClient(
         load_settings(
@@ -52,13 +52,13 @@ def _version(home: Path) -> tuple[Any, Any]:
 async def _ours(
     n: int, client: Any, home: Path, root: Path, processes: int | None
 ) -> dict[str, float]:
-    from cloud.broker import ManagedBroker
-    from cloud.config import load_settings
-    from cloud.coordinator import Coordinator
-    from cloud.devices import DeviceStore, Selector
-    from cloud.registry import ModelRef
-    from cloud.signing import load_private_key
-    from simulator.cluster import SimCluster
+    from edgefleet.cloud.broker import ManagedBroker
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.coordinator import Coordinator
+    from edgefleet.cloud.devices import DeviceStore, Selector
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.cloud.signing import load_private_key
+    from edgefleet.simulator.cluster import SimCluster
 
     settings = load_settings(home=home)
     bdir = root / "broker"
@@ -106,8 +106,8 @@ async def _ours(
 
 
 async def _baseline(n: int, size: int, root: Path) -> dict[str, float]:
-    from cloud.broker import ManagedBroker
-    from protos.transport import Message, MqttSettings, MqttTransport
+    from edgefleet.cloud.broker import ManagedBroker
+    from edgefleet.protos.transport import Message, MqttSettings, MqttTransport
 
     bdir = root / "broker-baseline"
     bdir.mkdir(parents=True)

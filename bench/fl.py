@@ -34,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _central(holdout: float = 0.2, seed: int = 0) -> float:
-    from cloud.training.train import TrainConfig, predict, train
-    from models.data import load_dataset, split
+    from edgefleet.cloud.training.train import TrainConfig, predict, train
+    from edgefleet.models.data import load_dataset, split
 
     ds = load_dataset("digits")
     tr, ho = split(ds, holdout=holdout, seed=seed)
@@ -44,7 +44,7 @@ def _central(holdout: float = 0.2, seed: int = 0) -> float:
 
 
 def _simulated(args: argparse.Namespace, root: Path, central: float) -> Table:
-    from simulator.fl import FederatedSimulation
+    from edgefleet.simulator.fl import FederatedSimulation
 
     t = Table(
         f"FL simulation: {args.fl_devices} devices, non-IID digits (alpha 0.5), FedAvg",
@@ -97,14 +97,14 @@ def _simulated(args: argparse.Namespace, root: Path, central: float) -> Table:
 
 
 def _real(args: argparse.Namespace, root: Path) -> Table:
-    from cloud.fl.superlink import SuperLink, SuperLinkOptions
-    from cloud.fl.tls import ensure_tls, new_node_key
-    from models.data import load_dataset
-    from models.fl import APP_DIR, EVENTS_FILE
-    from models.fl.journal import read_events
-    from protos.flower import FlowerProcess, find_flower, flower_env, free_port
-    from simulator.data import write_partitions
-    from simulator.fl import initial_checkpoint
+    from edgefleet.cloud.fl.superlink import SuperLink, SuperLinkOptions
+    from edgefleet.cloud.fl.tls import ensure_tls, new_node_key
+    from edgefleet.models.data import load_dataset
+    from edgefleet.models.fl import APP_DIR, EVENTS_FILE
+    from edgefleet.models.fl.journal import read_events
+    from edgefleet.protos.flower import FlowerProcess, find_flower, flower_env, free_port
+    from edgefleet.simulator.data import write_partitions
+    from edgefleet.simulator.fl import initial_checkpoint
 
     ids = ["dev-0", "dev-1", "dev-2"]
     data = write_partitions(root / "devices", ids, alpha=0.5)

@@ -102,8 +102,8 @@ class ModelResult:
 
 
 def run(args: argparse.Namespace) -> list[Table]:
-    from cloud.client import LocalClient
-    from cloud.config import load_settings
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
 
     with _fleet_home(args.keep_home) as home:
         settings = load_settings(
@@ -146,10 +146,10 @@ def _fleet_home(keep: bool) -> Iterator[Path]:
 
 
 def _build(client: Any, arch: str, args: argparse.Namespace) -> ModelResult:
-    from cloud.evaluation import EvalSet, predictions
-    from cloud.registry import ModelRef
-    from models.runtime import open_session
-    from protos.errors import InvalidArgument
+    from edgefleet.cloud.evaluation import EvalSet, predictions
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.models.runtime import open_session
+    from edgefleet.protos.errors import InvalidArgument
 
     name = f"{DATA}-{arch}"
     kw = {k: getattr(args, k) for k in ("epochs", "seed") if getattr(args, k) is not None}
@@ -217,7 +217,7 @@ def _build(client: Any, arch: str, args: argparse.Namespace) -> ModelResult:
 
 
 def _default_max_drop() -> float:
-    from cloud.variants import DEFAULT_MAX_DROP
+    from edgefleet.cloud.variants import DEFAULT_MAX_DROP
 
     return DEFAULT_MAX_DROP
 
@@ -236,8 +236,8 @@ def _float_weights(fp32_onnx: bytes) -> int:
 
 
 def _time(result: ModelResult, *, repeats: int, runs: dict[int, int]) -> None:
-    from cloud.evaluation import batch_of
-    from models.runtime import open_session
+    from edgefleet.cloud.evaluation import batch_of
+    from edgefleet.models.runtime import open_session
 
     names = list(result.variants)
     sessions = {n: open_session(v.data, v.runtime, threads=1) for n, v in result.variants.items()}

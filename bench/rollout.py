@@ -47,9 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _setup(home: Path) -> Any:
     import numpy as np
 
-    from cloud.client import LocalClient
-    from cloud.config import load_settings
-    from models.data import load_dataset
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.models.data import load_dataset
 
     client = LocalClient(
         load_settings(
@@ -88,15 +88,15 @@ async def _follow(store: Any, rollout_id: str, timeout: float) -> Any:
 
 
 async def _run(args: argparse.Namespace, client: Any, home: Path, root: Path) -> dict[str, Any]:
-    from cloud.broker import ManagedBroker
-    from cloud.config import load_settings
-    from cloud.coordinator import Coordinator
-    from cloud.devices import DeviceStore, Selector
-    from cloud.registry import ModelRef
-    from cloud.rollouts import RolloutStore
-    from cloud.rollouts.controller import RolloutController
-    from cloud.signing import load_private_key
-    from simulator.cluster import SimCluster
+    from edgefleet.cloud.broker import ManagedBroker
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.coordinator import Coordinator
+    from edgefleet.cloud.devices import DeviceStore, Selector
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.cloud.rollouts import RolloutStore
+    from edgefleet.cloud.rollouts.controller import RolloutController
+    from edgefleet.cloud.signing import load_private_key
+    from edgefleet.simulator.cluster import SimCluster
 
     n = args.rollout_devices
     settings = load_settings(home=home)
@@ -155,7 +155,7 @@ async def _run(args: argparse.Namespace, client: Any, home: Path, root: Path) ->
 
 
 def _policy(args: argparse.Namespace, **gates: Any) -> Any:
-    from cloud.rollouts import Policy
+    from edgefleet.cloud.rollouts import Policy
 
     return Policy(
         canary=0.1,
@@ -171,8 +171,8 @@ def _policy(args: argparse.Namespace, **gates: Any) -> Any:
 async def _good(
     args: argparse.Namespace, coord: Any, controller: Any, store: Any, sim: Any, n: int
 ) -> dict[str, Any]:
-    from cloud.devices import Selector
-    from cloud.registry import ModelRef
+    from edgefleet.cloud.devices import Selector
+    from edgefleet.cloud.registry import ModelRef
 
     mv = coord.registry.get_version(ModelRef("digits", 2))
     shas = [v.sha256 for v in mv.variants]
@@ -213,8 +213,8 @@ async def _manual_rollback(
 async def _bad(
     args: argparse.Namespace, controller: Any, store: Any, sim: Any, n: int
 ) -> dict[str, Any]:
-    from cloud.devices import Selector
-    from cloud.registry import ModelRef
+    from edgefleet.cloud.devices import Selector
+    from edgefleet.cloud.registry import ModelRef
 
     r, _ = await controller.create(
         ModelRef("digits", 3), Selector.parse("all"), _policy(args, min_accuracy=0.8)

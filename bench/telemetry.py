@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _payloads(n: int) -> list[tuple[str, bytes]]:
-    from protos.fleet.v1 import device_pb2
+    from edgefleet.protos.fleet.v1 import device_pb2
 
     bounds = [100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000]
     out = []
@@ -152,8 +152,8 @@ def _drain_raw(port: int, n: int, *, client_id: str, v5: bool) -> float:
 
 
 def _drain_ours(port: int, n: int, db_url: str) -> tuple[float, int]:
-    from cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
-    from protos.transport import MqttSettings
+    from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
+    from edgefleet.protos.transport import MqttSettings
 
     store = TelemetryStore(db_url)
     ingest = TelemetryIngest(store)
@@ -180,8 +180,8 @@ def _drain_ours(port: int, n: int, db_url: str) -> tuple[float, int]:
 
 
 def run(args: argparse.Namespace) -> list[Table]:
-    from cloud.broker import ManagedBroker
-    from cloud.telemetry.ingest import SHARE_GROUP
+    from edgefleet.cloud.broker import ManagedBroker
+    from edgefleet.cloud.telemetry.ingest import SHARE_GROUP
     from tests.support.postgres import PostgresUnavailable, TempPostgres
 
     n = args.telemetry_messages

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from protos.errors import NotFound, Unavailable
+from edgefleet.protos.errors import NotFound, Unavailable
 
 logger = logging.getLogger(__name__)
 

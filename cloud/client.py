@@ -18,13 +18,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cloud.config import DEFAULT_MQTT_PORT, CloudSettings, ServeInfo, write_config
-from cloud.registry import ModelRef, ModelSummary, ModelVersion, RegistryStore
+from edgefleet.cloud.config import DEFAULT_MQTT_PORT, CloudSettings, ServeInfo, write_config
+from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion, RegistryStore
 
 if TYPE_CHECKING:
-    from cloud.devices import Device, DeviceFilter, DeviceStore, Selector
-    from cloud.drift import Alert, DriftMonitor, DriftRow
-    from cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
+    from edgefleet.cloud.devices import Device, DeviceFilter, DeviceStore, Selector
+    from edgefleet.cloud.drift import Alert, DriftMonitor, DriftRow
+    from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
 
 logger = logging.getLogger(__name__)
 
@@ -185,30 +185,30 @@ class LocalClient:
 
     @cached_property
     def registry(self) -> RegistryStore:
-        from cloud.registry import open_registry
+        from edgefleet.cloud.registry import open_registry
 
         self._require_init()
         return open_registry(self.settings.registry_url)
 
     @cached_property
     def devices(self) -> DeviceStore:
-        from cloud.devices import DeviceStore
+        from edgefleet.cloud.devices import DeviceStore
 
         self._require_init()
         return DeviceStore(self.settings.registry_url)
 
     @cached_property
     def rollouts(self) -> RolloutStore:
-        from cloud.rollouts import RolloutStore
+        from edgefleet.cloud.rollouts import RolloutStore
 
         self._require_init()
         return RolloutStore(self.settings.registry_url)
 
     @cached_property
     def pipeline(self) -> Any:
-        from cloud.artifacts import open_artifact_store
-        from cloud.pipeline import Pipeline
-        from cloud.signing import load_private_key
+        from edgefleet.cloud.artifacts import open_artifact_store
+        from edgefleet.cloud.pipeline import Pipeline
+        from edgefleet.cloud.signing import load_private_key
 
         store = open_artifact_store(
             self.settings.artifacts, s3_endpoint_url=self.settings.s3_endpoint_url
@@ -218,7 +218,7 @@ class LocalClient:
         )
 
     def _require_init(self) -> None:
-        from protos.errors import NotFound
+        from edgefleet.protos.errors import NotFound
 
         if not self.settings.signing_key_path.exists():
             raise NotFound(
@@ -226,11 +226,11 @@ class LocalClient:
             )
 
     def init(self) -> InitResult:
-        from cloud.artifacts import open_artifact_store
-        from cloud.registry import open_registry
-        from cloud.signing import create_keypair, load_public
-        from protos.errors import Unavailable
-        from protos.manifest import key_id
+        from edgefleet.cloud.artifacts import open_artifact_store
+        from edgefleet.cloud.registry import open_registry
+        from edgefleet.cloud.signing import create_keypair, load_public
+        from edgefleet.protos.errors import Unavailable
+        from edgefleet.protos.manifest import key_id
 
         s = self.settings
         try:
@@ -281,7 +281,7 @@ class LocalClient:
         )
 
     def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[Any]]:
-        from cloud.signing import load_public
+        from edgefleet.cloud.signing import load_public
 
         return self.pipeline.verify(ref, load_public(self.settings.public_key_path))  # type: ignore[no-any-return]
 
@@ -345,7 +345,7 @@ class LocalClient:
         return url
 
     def deploy(self, ref: ModelRef, selector: Selector, **_kw: Any) -> DeployReport:
-        from protos.errors import Unavailable
+        from edgefleet.protos.errors import Unavailable
 
         raise Unavailable(
             f"deploy needs a running coordinator: start 'fleet serve' for {self.settings.home_dir} "
@@ -361,10 +361,10 @@ class LocalClient:
         needs the coordinator's controller."""
         import time
 
-        from cloud.coordinator import plan_deploy
-        from cloud.rollouts import Policy
-        from cloud.rollouts.controller import build_rollout
-        from protos.errors import Unavailable
+        from edgefleet.cloud.coordinator import plan_deploy
+        from edgefleet.cloud.rollouts import Policy
+        from edgefleet.cloud.rollouts.controller import build_rollout
+        from edgefleet.protos.errors import Unavailable
 
         if not dry_run:
             raise Unavailable(
@@ -397,7 +397,7 @@ class LocalClient:
             time.sleep(interval)
 
     def control_rollout(self, rollout_id: str, action: str) -> Rollout:
-        from protos.errors import Unavailable
+        from edgefleet.protos.errors import Unavailable
 
         self.rollouts.get(rollout_id)  # NotFound first
         raise Unavailable(
@@ -409,8 +409,8 @@ class LocalClient:
 
     @cached_property
     def drift_monitor(self) -> DriftMonitor:
-        from cloud.drift import AlertStore, DriftMonitor
-        from cloud.telemetry import TelemetryStore
+        from edgefleet.cloud.drift import AlertStore, DriftMonitor
+        from edgefleet.cloud.telemetry import TelemetryStore
 
         s = self.settings
         return DriftMonitor(
@@ -424,7 +424,7 @@ class LocalClient:
 
     def drift(self, *, by: str, model: str | None) -> list[DriftRow]:
         """PSI now, from the telemetry in the database (what `fleet serve` alerts on)."""
-        from cloud.drift.monitor import check_by, parse_model
+        from edgefleet.cloud.drift.monitor import check_by, parse_model
 
         check_by(by)
         name, version = parse_model(model)
@@ -472,7 +472,7 @@ def create_token(path: Path) -> bool:
 
 
 def read_token(path: Path) -> str:
-    from protos.errors import Unauthenticated
+    from edgefleet.protos.errors import Unauthenticated
 
     try:
         token = path.read_text().strip()
@@ -497,6 +497,6 @@ def coordinator_version() -> str:
 
 
 def _redact(url: str) -> str:
-    from cloud.db import normalize_url
+    from edgefleet.cloud.db import normalize_url
 
     return normalize_url(url).render_as_string(hide_password=True)

@@ -16,7 +16,7 @@ import tomllib
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument
 
 CONFIG_FILE = "config.toml"
 SERVE_FILE = "serve.json"

@@ -19,13 +19,13 @@ from types import TracebackType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.artifacts import ArtifactStore
-from cloud.devices import Device, DeviceEvent, DeviceStore, Selector
-from cloud.devices.store import Sign
-from cloud.distribution import DEFAULT_CHUNK_SIZE, Broadcaster
-from cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
-from cloud.selection import DeviceProfile, choose_variant
-from cloud.serde import (
+from edgefleet.cloud.artifacts import ArtifactStore
+from edgefleet.cloud.devices import Device, DeviceEvent, DeviceStore, Selector
+from edgefleet.cloud.devices.store import Sign
+from edgefleet.cloud.distribution import DEFAULT_CHUNK_SIZE, Broadcaster
+from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
+from edgefleet.cloud.selection import DeviceProfile, choose_variant
+from edgefleet.cloud.serde import (
     ShadowReport,
     decode_reported,
     decode_shadow_report,
@@ -33,10 +33,10 @@ from cloud.serde import (
     decode_want,
     encode_desired,
 )
-from protos.errors import FleetError, InvalidArgument, NotFound
-from protos.manifest import SignedManifest
-from protos.topics import Topics
-from protos.transport import Message, MqttSettings, MqttTransport
+from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound
+from edgefleet.protos.manifest import SignedManifest
+from edgefleet.protos.topics import Topics
+from edgefleet.protos.transport import Message, MqttSettings, MqttTransport
 
 logger = logging.getLogger(__name__)
 

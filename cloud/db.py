@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DataError, DBAPIError, OperationalError
 from sqlmodel import Session
 
-from protos.errors import InvalidArgument, Unavailable
+from edgefleet.protos.errors import InvalidArgument, Unavailable
 
 _DRIVERS = {
     "sqlite": "sqlite",

@@ -11,9 +11,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from cloud.serde import encode_chunk
-from protos.errors import FleetError, InvalidArgument
-from protos.topics import Topics
+from edgefleet.cloud.serde import encode_chunk
+from edgefleet.protos.errors import FleetError, InvalidArgument
+from edgefleet.protos.topics import Topics
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The project's one error hierarchy (defined in `protos.errors`, shared with the agent)."""
 
-from protos.errors import (
+from edgefleet.protos.errors import (
     AlreadyExists,
     Conflict,
     DataLoss,

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.runtime import ModelSession, open_session
-from protos.errors import InvalidArgument
-from protos.manifest import TensorSpec
+from edgefleet.models.runtime import ModelSession, open_session
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.manifest import TensorSpec
 
 
 @dataclass(frozen=True)

@@ -25,23 +25,23 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
-from cloud.client import DeviceOutcome, EnrollmentBundle, LocalClient, coordinator_version
-from cloud.coordinator import FINAL_STATES
-from cloud.devices import Device, DeviceFilter, Selector
-from cloud.registry import ModelRef, ModelSummary, ModelVersion
-from cloud.registry.entities import Lineage, Variant, check_model_name, check_stage
-from protos.errors import (
+from edgefleet.cloud.client import DeviceOutcome, EnrollmentBundle, LocalClient, coordinator_version
+from edgefleet.cloud.coordinator import FINAL_STATES
+from edgefleet.cloud.devices import Device, DeviceFilter, Selector
+from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
+from edgefleet.cloud.registry.entities import Lineage, Variant, check_model_name, check_stage
+from edgefleet.protos.errors import (
     FleetError,
     InvalidArgument,
     Unavailable,
 )
-from protos.fleet.v1 import device_pb2, fleet_pb2, fleet_pb2_grpc, model_pb2
-from protos.grpc_errors import grpc_status
-from protos.manifest import DTYPES, RUNTIMES, TensorSpec
+from edgefleet.protos.fleet.v1 import device_pb2, fleet_pb2, fleet_pb2_grpc, model_pb2
+from edgefleet.protos.grpc_errors import grpc_status
+from edgefleet.protos.manifest import DTYPES, RUNTIMES, TensorSpec
 
 if TYPE_CHECKING:
-    from cloud.coordinator import Coordinator
-    from cloud.rollouts.controller import RolloutController
+    from edgefleet.cloud.coordinator import Coordinator
+    from edgefleet.cloud.rollouts.controller import RolloutController
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def device_to_pb(d: Device) -> fleet_pb2.DeviceInfo:
 
 
 def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
-    from cloud.serde import decode_reported
+    from edgefleet.cloud.serde import decode_reported
 
     return Device(
         device_id=m.device_id,
@@ -471,7 +471,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def Quantize(
         self, request: fleet_pb2.QuantizeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.Progress]:
-        from cloud.variants import parse_variants
+        from edgefleet.cloud.variants import parse_variants
 
         def work(push: Callable[[fleet_pb2.Progress], None]) -> ModelVersion:
             def progress(what: str, done: int, total: int) -> None:
@@ -559,7 +559,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def GetDrift(
         self, request: fleet_pb2.GetDriftRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.GetDriftResponse:
-        from cloud.drift.convert import drift_to_pb
+        from edgefleet.cloud.drift.convert import drift_to_pb
 
         async with _Mapped(context):
             rows = await asyncio.to_thread(
@@ -570,7 +570,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def ListAlerts(
         self, request: fleet_pb2.ListAlertsRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.ListAlertsResponse:
-        from cloud.drift.convert import alert_to_pb
+        from edgefleet.cloud.drift.convert import alert_to_pb
 
         async with _Mapped(context):
             found = await asyncio.to_thread(lambda: self.local.alerts(include_resolved=request.all))
@@ -579,7 +579,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def ListRollouts(
         self, request: fleet_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.ListRolloutsResponse:
-        from cloud.rollouts.convert import rollout_to_pb
+        from edgefleet.cloud.rollouts.convert import rollout_to_pb
 
         async with _Mapped(context):
             found = await asyncio.to_thread(
@@ -590,7 +590,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def GetRollout(
         self, request: fleet_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.RolloutInfo:
-        from cloud.rollouts.convert import rollout_to_pb
+        from edgefleet.cloud.rollouts.convert import rollout_to_pb
 
         async with _Mapped(context):
             r, devs = await asyncio.to_thread(self.local.get_rollout, request.rollout_id)
@@ -599,7 +599,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def WatchRollout(
         self, request: fleet_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.RolloutInfo]:
-        from cloud.rollouts.convert import rollout_to_pb
+        from edgefleet.cloud.rollouts.convert import rollout_to_pb
 
         async with _Mapped(context):
             last: fleet_pb2.RolloutInfo | None = None
@@ -620,7 +620,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def ControlRollout(
         self, request: fleet_pb2.ControlRolloutRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.RolloutInfo:
-        from cloud.rollouts.convert import rollout_to_pb
+        from edgefleet.cloud.rollouts.convert import rollout_to_pb
 
         async with _Mapped(context):
             r = await self._controller().control(request.rollout_id, request.action)
@@ -629,8 +629,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def _staged(
         self, request: fleet_pb2.DeployRequest, ref: ModelRef, selector: Selector
     ) -> fleet_pb2.Progress:
-        from cloud.rollouts.convert import policy_from_pb, rollout_to_pb
-        from cloud.rollouts.policy import Policy
+        from edgefleet.cloud.rollouts.convert import policy_from_pb, rollout_to_pb
+        from edgefleet.cloud.rollouts.policy import Policy
 
         policy = (
             policy_from_pb(request.policy) if request.HasField("policy") else Policy.all_at_once()

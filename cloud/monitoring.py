@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
-from cloud.drift import AlertStore, DriftMonitor
-from cloud.metrics import (
+from edgefleet.cloud.drift import AlertStore, DriftMonitor
+from edgefleet.cloud.metrics import (
     Family,
     MetricsRegistry,
     Sample,
@@ -31,8 +31,8 @@ from cloud.metrics import (
     latency_families,
     serve_metrics,
 )
-from cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
-from protos.transport import MqttSettings
+from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
+from edgefleet.protos.transport import MqttSettings
 
 logger = logging.getLogger(__name__)
 

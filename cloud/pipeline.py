@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from cloud.artifacts import ArtifactStore
-from cloud.evaluation import EvalSet, predictions
-from cloud.registry import Lineage, ModelRef, ModelVersion, NewVersion, RegistryStore
-from cloud.variants import DEFAULT_MAX_DROP, KINDS, BuiltVariant, measure, sign_variants
-from protos.errors import DataLoss, FleetError, InvalidArgument, NotFound
-from protos.manifest import SignedManifest, check_artifact, verify_manifest
+from edgefleet.cloud.artifacts import ArtifactStore
+from edgefleet.cloud.evaluation import EvalSet, predictions
+from edgefleet.cloud.registry import Lineage, ModelRef, ModelVersion, NewVersion, RegistryStore
+from edgefleet.cloud.variants import DEFAULT_MAX_DROP, KINDS, BuiltVariant, measure, sign_variants
+from edgefleet.protos.errors import DataLoss, FleetError, InvalidArgument, NotFound
+from edgefleet.protos.manifest import SignedManifest, check_artifact, verify_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +93,11 @@ class Pipeline:
         progress: Progress = _noop,
     ) -> ModelVersion:
         """`options` go to the architecture, e.g. {"hidden": [512, 448]} for a wider MLP."""
-        from cloud.registry.entities import check_model_name
-        from cloud.training.export import INPUT_NAME
-        from cloud.training.train import TrainConfig, predict, train
-        from models.arch import ARCHITECTURES, to_checkpoint
-        from models.data import load_dataset, split
+        from edgefleet.cloud.registry.entities import check_model_name
+        from edgefleet.cloud.training.export import INPUT_NAME
+        from edgefleet.cloud.training.train import TrainConfig, predict, train
+        from edgefleet.models.arch import ARCHITECTURES, to_checkpoint
+        from edgefleet.models.data import load_dataset, split
 
         check_model_name(name)
         if arch not in ARCHITECTURES:
@@ -165,9 +165,9 @@ class Pipeline:
         progress: Progress,
     ) -> ModelVersion:
         """Export fp32 ONNX, check it agrees with torch, register it with its checkpoint."""
-        from cloud.quantize.compact import compact_onnx
-        from cloud.training.export import export_onnx
-        from models.checkpoint import dump_checkpoint
+        from edgefleet.cloud.quantize.compact import compact_onnx
+        from edgefleet.cloud.training.export import export_onnx
+        from edgefleet.models.checkpoint import dump_checkpoint
 
         progress("export onnx", 0, 1)
         fp32 = compact_onnx(export_onnx(module, tuple(evalset.x.shape[1:])))
@@ -215,9 +215,9 @@ class Pipeline:
         The weights must fit the parent's architecture exactly; they are evaluated on
         the parent's holdout and go through the same export check as `train`.
         """
-        from cloud.training.train import predict
-        from models.arch import from_checkpoint
-        from models.checkpoint import load_checkpoint
+        from edgefleet.cloud.training.train import predict
+        from edgefleet.models.arch import from_checkpoint
+        from edgefleet.models.checkpoint import load_checkpoint
 
         key = self._signing_key()
         parent = self.registry.get_version(parent_ref)
@@ -265,7 +265,7 @@ class Pipeline:
         )
 
     def _holdout_outputs(self, model: bytes, evalset: EvalSet) -> np.ndarray:
-        from models.runtime import open_session
+        from edgefleet.models.runtime import open_session
 
         return open_session(model, "onnxruntime").run(evalset.x)
 
@@ -286,7 +286,7 @@ class Pipeline:
         existing = {v.name for v in mv.variants}
         clash = sorted(existing & set(variants))
         if clash and not force:
-            from protos.errors import AlreadyExists
+            from edgefleet.protos.errors import AlreadyExists
 
             raise AlreadyExists(
                 f"{mv.ref} already has variant(s) {', '.join(clash)}; pass --force to rebuild them"
@@ -313,21 +313,21 @@ class Pipeline:
             kind = KINDS[name]
             data: bytes
             if name == "int8":
-                from cloud.quantize.compact import compact_onnx
-                from cloud.quantize.onnx_variants import quantize_static_int8
+                from edgefleet.cloud.quantize.compact import compact_onnx
+                from edgefleet.cloud.quantize.onnx_variants import quantize_static_int8
 
                 data, qcfg = quantize_static_int8(base, evalset.calibration)
                 data = compact_onnx(data)
             elif name == "int8-dynamic":
-                from cloud.quantize.onnx_variants import quantize_dynamic_int8
+                from edgefleet.cloud.quantize.onnx_variants import quantize_dynamic_int8
 
                 data, qcfg = quantize_dynamic_int8(base)
             elif name == "fp16":
-                from cloud.quantize.onnx_variants import convert_fp16
+                from edgefleet.cloud.quantize.onnx_variants import convert_fp16
 
                 data, qcfg = convert_fp16(base)
             else:
-                from cloud.quantize.tflite_variants import to_tflite_fp32, to_tflite_int8
+                from edgefleet.cloud.quantize.tflite_variants import to_tflite_fp32, to_tflite_int8
 
                 if module is None:
                     module = self._module(mv)
@@ -349,8 +349,8 @@ class Pipeline:
         return self.registry.add_variants(mv.model, mv.version, make(mv.version), replace=force)
 
     def _module(self, mv: ModelVersion) -> Any:
-        from models.arch import from_checkpoint
-        from models.checkpoint import load_checkpoint
+        from edgefleet.models.arch import from_checkpoint
+        from edgefleet.models.checkpoint import load_checkpoint
 
         assert mv.checkpoint_sha256
         return from_checkpoint(load_checkpoint(self.store.get(mv.checkpoint_sha256)))
@@ -358,8 +358,8 @@ class Pipeline:
     # -- import -------------------------------------------------------------------
 
     def import_model(self, path: Path, name: str, *, eval_data: Path | None = None) -> ModelVersion:
-        from cloud.registry.entities import check_model_name
-        from models.runtime import open_session
+        from edgefleet.cloud.registry.entities import check_model_name
+        from edgefleet.models.runtime import open_session
 
         check_model_name(name)
         key = self._signing_key()
@@ -496,7 +496,7 @@ def _base_variant(mv: ModelVersion) -> str:
 def _detect_format(path: Path, data: bytes) -> tuple[str, str, str]:
     """(format, runtime, variant name) from the bytes, not the file name."""
     if len(data) >= 8 and data[4:8] == b"TFL3":
-        from models.runtime import open_session
+        from edgefleet.models.runtime import open_session
 
         s = open_session(data, "litert")
         quantized = s.inputs[0].dtype in ("int8", "uint8")
@@ -530,7 +530,7 @@ def _detect_format(path: Path, data: bytes) -> tuple[str, str, str]:
 
 
 def _read_eval_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from models.data import load_dataset
+    from edgefleet.models.data import load_dataset
 
     if path.suffix.lower() != ".npz":
         raise InvalidArgument(f"--eval-data {path.name}: expected a .npz file with arrays X and y")

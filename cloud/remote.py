@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
-from cloud.client import (
+from edgefleet.cloud.client import (
     DeployReport,
     DeployStart,
     DeviceDone,
@@ -24,7 +24,7 @@ from cloud.client import (
     EnrollmentBundle,
     FleetStatus,
 )
-from cloud.grpc_service import (
+from edgefleet.cloud.grpc_service import (
     DEPLOY_DEADLINE_MARGIN,
     bundle_from_pb,
     device_from_pb,
@@ -32,15 +32,15 @@ from cloud.grpc_service import (
     summary_from_pb,
     version_from_pb,
 )
-from cloud.registry import ModelRef, ModelSummary, ModelVersion
-from protos.errors import FleetError, InvalidArgument, Unavailable
-from protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
-from protos.grpc_errors import error_from_status
+from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
+from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
+from edgefleet.protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+from edgefleet.protos.grpc_errors import error_from_status
 
 if TYPE_CHECKING:
-    from cloud.devices import Device, DeviceFilter, Selector
-    from cloud.drift import Alert, DriftRow
-    from cloud.rollouts import Policy, Rollout, RolloutDevice
+    from edgefleet.cloud.devices import Device, DeviceFilter, Selector
+    from edgefleet.cloud.drift import Alert, DriftRow
+    from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class GrpcClient:
         return version_from_pb(resp.version), list(resp.archived)
 
     def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[Any]]:
-        from cloud.pipeline import VerifyResult
+        from edgefleet.cloud.pipeline import VerifyResult
 
         resp = self._call(self._stub.Verify, fleet_pb2.GetVersionRequest(ref=str(ref)))
         return version_from_pb(resp.version), [
@@ -290,7 +290,7 @@ class GrpcClient:
     def create_rollout(
         self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool
     ) -> tuple[Rollout, list[RolloutDevice]]:
-        from cloud.rollouts.convert import policy_to_pb, rollout_from_pb
+        from edgefleet.cloud.rollouts.convert import policy_to_pb, rollout_from_pb
 
         req = fleet_pb2.DeployRequest(ref=str(ref), selector=str(selector), dry_run=dry_run)
         if policy is not None:
@@ -301,7 +301,7 @@ class GrpcClient:
         raise FleetError(f"coordinator at {self.address} ended Deploy without a rollout")
 
     def list_rollouts(self, *, active_only: bool) -> list[Rollout]:
-        from cloud.rollouts.convert import rollout_from_pb
+        from edgefleet.cloud.rollouts.convert import rollout_from_pb
 
         resp = self._call(
             self._stub.ListRollouts, fleet_pb2.ListRolloutsRequest(active_only=active_only)
@@ -309,14 +309,14 @@ class GrpcClient:
         return [rollout_from_pb(r)[0] for r in resp.rollouts]
 
     def get_rollout(self, rollout_id: str) -> tuple[Rollout, list[RolloutDevice]]:
-        from cloud.rollouts.convert import rollout_from_pb
+        from edgefleet.cloud.rollouts.convert import rollout_from_pb
 
         return rollout_from_pb(
             self._call(self._stub.GetRollout, fleet_pb2.GetRolloutRequest(rollout_id=rollout_id))
         )
 
     def watch_rollout(self, rollout_id: str) -> Iterator[Rollout]:
-        from cloud.rollouts.convert import rollout_from_pb
+        from edgefleet.cloud.rollouts.convert import rollout_from_pb
 
         req = fleet_pb2.GetRolloutRequest(rollout_id=rollout_id)
         try:
@@ -326,7 +326,7 @@ class GrpcClient:
             self._fail(e)
 
     def control_rollout(self, rollout_id: str, action: str) -> Rollout:
-        from cloud.rollouts.convert import rollout_from_pb
+        from edgefleet.cloud.rollouts.convert import rollout_from_pb
 
         msg = self._call(
             self._stub.ControlRollout,
@@ -337,13 +337,13 @@ class GrpcClient:
     # -- drift
 
     def drift(self, *, by: str, model: str | None) -> list[DriftRow]:
-        from cloud.drift.convert import drift_from_pb
+        from edgefleet.cloud.drift.convert import drift_from_pb
 
         resp = self._call(self._stub.GetDrift, fleet_pb2.GetDriftRequest(model=model or "", by=by))
         return [drift_from_pb(r) for r in resp.rows]
 
     def alerts(self, *, include_resolved: bool) -> list[Alert]:
-        from cloud.drift.convert import alert_from_pb
+        from edgefleet.cloud.drift.convert import alert_from_pb
 
         resp = self._call(self._stub.ListAlerts, fleet_pb2.ListAlertsRequest(all=include_resolved))
         return [alert_from_pb(a) for a in resp.alerts]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cloud.registry import ModelVersion, Variant
-from protos.errors import InvalidArgument
+from edgefleet.cloud.registry import ModelVersion, Variant
+from edgefleet.protos.errors import InvalidArgument
 
 PREFERENCES: dict[str, tuple[str, ...]] = {
     "gpu": ("fp16", "fp32", "int8"),

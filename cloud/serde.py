@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
 
-from protos.errors import InvalidArgument
-from protos.fleet.v1 import device_pb2, model_pb2
-from protos.manifest import SignedManifest, key_id
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.fleet.v1 import device_pb2, model_pb2
+from edgefleet.protos.manifest import SignedManifest, key_id
 
 ACTIONS = {
     "activate": device_pb2.DesiredState.ACTION_ACTIVATE,

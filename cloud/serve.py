@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cloud.broker import ManagedBroker, find_mosquitto
-from cloud.client import LocalClient, read_token
-from cloud.config import CloudSettings, ServeInfo
-from protos.errors import InvalidArgument, Unavailable
+from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
+from edgefleet.cloud.client import LocalClient, read_token
+from edgefleet.cloud.config import CloudSettings, ServeInfo
+from edgefleet.protos.errors import InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +111,13 @@ async def serve(
     """Run the coordinator until `shutdown()` returns."""
     import grpc
 
-    from cloud.coordinator import Coordinator
-    from cloud.fl.service import FederatedServicer
-    from cloud.grpc_service import FleetServicer, TokenAuth
-    from cloud.monitoring import Monitoring
-    from cloud.rollouts.controller import RolloutController
-    from cloud.signing import load_private_key
-    from protos.fleet.v1 import federated_pb2_grpc, fleet_pb2_grpc
+    from edgefleet.cloud.coordinator import Coordinator
+    from edgefleet.cloud.fl.service import FederatedServicer
+    from edgefleet.cloud.grpc_service import FleetServicer, TokenAuth
+    from edgefleet.cloud.monitoring import Monitoring
+    from edgefleet.cloud.rollouts.controller import RolloutController
+    from edgefleet.cloud.signing import load_private_key
+    from edgefleet.protos.fleet.v1 import federated_pb2_grpc, fleet_pb2_grpc
 
     host, _port = check_listen(settings.grpc_listen)
     local = LocalClient(settings)
@@ -237,9 +237,9 @@ async def serve(
 
 async def start_federation(settings: CloudSettings, local: LocalClient, rollouts: Any) -> Any:
     """The SuperLink and federated runs (`--fl`); needs Flower installed (edgefleet[fl])."""
-    from cloud.fl.federation import Federation
-    from cloud.fl.store import FlStore
-    from protos.flower import find_flower
+    from edgefleet.cloud.fl.federation import Federation
+    from edgefleet.cloud.fl.store import FlStore
+    from edgefleet.protos.flower import find_flower
 
     find_flower("flower-superlink")  # NotFound with install hints before anything starts
     store = FlStore(settings.registry_url)

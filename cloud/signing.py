@@ -8,8 +8,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protos.errors import InvalidArgument, NotFound
-from protos.manifest import load_public_key
+from edgefleet.protos.errors import InvalidArgument, NotFound
+from edgefleet.protos.manifest import load_public_key
 
 
 def create_keypair(private_path: Path, public_path: Path) -> bool:

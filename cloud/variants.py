@@ -11,11 +11,17 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.artifacts import ArtifactStore
-from cloud.evaluation import EvalSet, evaluate
-from cloud.registry import NewVariant
-from protos.errors import InvalidArgument
-from protos.manifest import DriftReference, GoldenSample, Manifest, TensorSpec, sign_manifest
+from edgefleet.cloud.artifacts import ArtifactStore
+from edgefleet.cloud.evaluation import EvalSet, evaluate
+from edgefleet.cloud.registry import NewVariant
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.manifest import (
+    DriftReference,
+    GoldenSample,
+    Manifest,
+    TensorSpec,
+    sign_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +89,7 @@ class BuiltVariant:
 def drift_reference(x: np.ndarray, outputs: np.ndarray) -> DriftReference | None:
     """The version's drift reference from holdout inputs and this variant's outputs on them;
     None when the holdout is too small to have meaningful deciles (no drift monitoring)."""
-    from models.sketch import MIN_REFERENCE_ROWS, build_reference, classes
+    from edgefleet.models.sketch import MIN_REFERENCE_ROWS, build_reference, classes
 
     if len(x) < MIN_REFERENCE_ROWS:
         logger.info("holdout of %d rows: no drift reference (needs %d)", len(x), MIN_REFERENCE_ROWS)
@@ -105,7 +111,7 @@ def measure(
     latency_runs: int = 100,
 ) -> BuiltVariant:
     """Evaluate `data` in its runtime and apply the accuracy gate."""
-    from cloud.artifacts.base import digest
+    from edgefleet.cloud.artifacts.base import digest
 
     ev = evaluate(data, kind.runtime, evalset, latency_runs=latency_runs)
     x1 = np.ascontiguousarray(evalset.x[:1].astype(np.float32))

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import ArchConfig, Checkpoint
-from protos.errors import InvalidArgument
+from edgefleet.models.checkpoint import ArchConfig, Checkpoint
+from edgefleet.protos.errors import InvalidArgument
 
 Builder = Callable[[ArchConfig], nn.Module]
 ARCHITECTURES: dict[str, Builder] = {}

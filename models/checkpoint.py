@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument
 
 _META = "__edgefleet_meta__"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protos.errors import InvalidArgument, NotFound
+from edgefleet.protos.errors import InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from protos.errors import InvalidArgument, Unavailable
-from protos.manifest import TensorSpec
+from edgefleet.protos.errors import InvalidArgument, Unavailable
+from edgefleet.protos.manifest import TensorSpec
 
 logger = logging.getLogger(__name__)
 

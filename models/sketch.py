@@ -42,8 +42,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from protos.errors import InvalidArgument
-from protos.manifest import DriftReference
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.manifest import DriftReference
 
 #: Version of this sketch definition, carried in every reference.
 SCHEME = 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from protos.fleet.v1 import errors_pb2
+from edgefleet.protos.fleet.v1 import errors_pb2
 
 ErrorCode = errors_pb2.ErrorCode
 

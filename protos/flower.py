@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from protos.errors import NotFound
+from edgefleet.protos.errors import NotFound
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from protos.errors import (
+from edgefleet.protos.errors import (
     AlreadyExists,
     Conflict,
     DataLoss,

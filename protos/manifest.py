@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
-from protos.errors import DataLoss, InvalidArgument, Unauthenticated
-from protos.fleet.v1 import model_pb2
+from edgefleet.protos.errors import DataLoss, InvalidArgument, Unauthenticated
+from edgefleet.protos.fleet.v1 import model_pb2
 
 DTYPES: dict[str, int] = {
     "float32": model_pb2.DTYPE_FLOAT32,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument
 
 PREFIX = "ef/v1"
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

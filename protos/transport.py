@@ -52,7 +52,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from protos.errors import Conflict, FleetError, InvalidArgument, Unauthenticated, Unavailable
+from edgefleet.protos.errors import (
+    Conflict,
+    FleetError,
+    InvalidArgument,
+    Unauthenticated,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from paho.mqtt.client import SocketLike

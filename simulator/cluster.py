@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protos.errors import InvalidArgument, NotFound, Unavailable
-from simulator.faults import Fault
-from simulator.plan import Enrollment, plan
-from simulator.profiles import Mix, Profile, parse_profile
+from edgefleet.protos.errors import InvalidArgument, NotFound, Unavailable
+from edgefleet.simulator.faults import Fault
+from edgefleet.simulator.plan import Enrollment, plan
+from edgefleet.simulator.profiles import Mix, Profile, parse_profile
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class SimCluster:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "simulator.worker",
+            "edgefleet.simulator.worker",
             json.dumps(spec),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.fl.shards import SHARD_GLOB, read_shards
-from protos.errors import InvalidArgument
+from edgefleet.models.fl.shards import SHARD_GLOB, read_shards
+from edgefleet.protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def write_partitions(
     subdir: str = "data",
 ) -> dict[str, Path]:
     """Partition `dataset` over the devices and write each one's shards to ``root/<id>/<subdir>``."""
-    from models.data import load_dataset
+    from edgefleet.models.data import load_dataset
 
     ds = load_dataset(dataset)
     parts = partition(ds.x, ds.y, len(device_ids), alpha=alpha, seed=seed)

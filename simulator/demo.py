@@ -24,7 +24,7 @@ def step(title: str) -> None:
 
 
 def pipeline(home: Path, root: Path) -> int:
-    from cloud.cli.main import run
+    from edgefleet.cloud.cli.main import run
 
     h = ["--home", str(home)]
     steps = [
@@ -53,17 +53,17 @@ async def fleet(home: Path, root: Path) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from agent.serde import decode_predict_response, encode_predict_request
-    from cloud.broker import ManagedBroker
-    from cloud.client import LocalClient
-    from cloud.config import load_settings
-    from cloud.coordinator import Coordinator
-    from cloud.devices import DeviceStore, Selector
-    from cloud.evaluation import EvalSet
-    from cloud.registry import ModelRef
-    from cloud.signing import load_private_key
-    from protos.fleet.v1 import inference_pb2_grpc
-    from simulator.fleet import SimulatedFleet
+    from edgefleet.agent.serde import decode_predict_response, encode_predict_request
+    from edgefleet.cloud.broker import ManagedBroker
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.coordinator import Coordinator
+    from edgefleet.cloud.devices import DeviceStore, Selector
+    from edgefleet.cloud.evaluation import EvalSet
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.cloud.signing import load_private_key
+    from edgefleet.protos.fleet.v1 import inference_pb2_grpc
+    from edgefleet.simulator.fleet import SimulatedFleet
 
     out, err = Console(highlight=False), Console(stderr=True, highlight=False)
     settings = load_settings(home=home)

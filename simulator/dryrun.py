@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from cloud.config import CloudSettings
-from cloud.devices import Selector
-from cloud.registry import ModelRef, ModelVersion, RegistryStore
-from cloud.rollouts import Policy, Rollout
-from protos.errors import InvalidArgument
+from edgefleet.cloud.config import CloudSettings
+from edgefleet.cloud.devices import Selector
+from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore
+from edgefleet.cloud.rollouts import Policy, Rollout
+from edgefleet.protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -157,15 +157,15 @@ async def _simulate(
     rate: float,
     progress: Progress,
 ) -> SimResult:
-    from cloud.broker import ManagedBroker
-    from cloud.client import LocalClient
-    from cloud.coordinator import Coordinator
-    from cloud.devices import DeviceStore
-    from cloud.evaluation import EvalSet
-    from cloud.rollouts import RolloutStore
-    from cloud.rollouts.controller import RolloutController
-    from cloud.signing import load_private_key
-    from simulator.cluster import SimCluster
+    from edgefleet.cloud.broker import ManagedBroker
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.coordinator import Coordinator
+    from edgefleet.cloud.devices import DeviceStore
+    from edgefleet.cloud.evaluation import EvalSet
+    from edgefleet.cloud.rollouts import RolloutStore
+    from edgefleet.cloud.rollouts.controller import RolloutController
+    from edgefleet.cloud.signing import load_private_key
+    from edgefleet.simulator.cluster import SimCluster
 
     client = LocalClient(settings)
     registry, store = client.registry, client.pipeline.store

@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument
 
 KINDS = ("drop_link", "crash", "restart", "corrupt", "lose", "slow_link", "drift")
 _ITEM = re.compile(

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from models.fl import APP_DIR, EVENTS_FILE
-from models.fl.journal import read_events
-from models.fl.shards import partition_name
-from protos.errors import InvalidArgument, Unavailable
+from edgefleet.models.fl import APP_DIR, EVENTS_FILE
+from edgefleet.models.fl.journal import read_events
+from edgefleet.models.fl.shards import partition_name
+from edgefleet.protos.errors import InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def initial_checkpoint(
     """An untrained model whose input normalization is fitted on `x` (torch)."""
     import torch
 
-    from models.arch import Normalize, build, to_checkpoint
-    from models.checkpoint import ArchConfig, dump_checkpoint
+    from edgefleet.models.arch import Normalize, build, to_checkpoint
+    from edgefleet.models.checkpoint import ArchConfig, dump_checkpoint
 
     torch.manual_seed(seed)
     cfg = ArchConfig(arch, tuple(int(d) for d in x.shape[1:]), num_classes)
@@ -108,7 +108,7 @@ class FederatedSimulation:
         holdout: float = 0.2,
         client_cpus: int = 1,
     ) -> None:
-        from cloud.fl.superlink import SuperLink, SuperLinkOptions
+        from edgefleet.cloud.fl.superlink import SuperLink, SuperLinkOptions
 
         if devices < 2:
             raise InvalidArgument(f"simulation of {devices} devices: at least 2 needed")
@@ -147,8 +147,8 @@ class FederatedSimulation:
 
     def prepare(self) -> None:
         """Partitions, central holdout, starting checkpoint and the app folder."""
-        from models.data import load_dataset, split
-        from simulator.data import label_skew, partition, write_shards
+        from edgefleet.models.data import load_dataset, split
+        from edgefleet.simulator.data import label_skew, partition, write_shards
 
         ds = load_dataset(self.dataset)
         train, hold = split(ds, holdout=self.holdout, seed=self.seed)
@@ -161,8 +161,12 @@ class FederatedSimulation:
         self.app_dir.mkdir(parents=True, exist_ok=True)
         text = (APP_DIR / "pyproject.toml").read_text()
         text = text.replace(
-            'serverapp = "models.fl.server_app:app"', 'serverapp = "simulator.fl_app:server"'
-        ).replace('clientapp = "models.fl.client_app:app"', 'clientapp = "simulator.fl_app:client"')
+            'serverapp = "edgefleet.models.fl.server_app:app"',
+            'serverapp = "edgefleet.simulator.fl_app:server"',
+        ).replace(
+            'clientapp = "edgefleet.models.fl.client_app:app"',
+            'clientapp = "edgefleet.simulator.fl_app:client"',
+        )
         (self.app_dir / "pyproject.toml").write_text(text + ATTACK_KEYS)
 
     def attackers(self, fraction: float) -> list[int]:

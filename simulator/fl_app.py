@@ -24,10 +24,10 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRe
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
 
-from models.fl import EVENTS_FILE
-from models.fl.client_app import build
-from models.fl.journal import Journal, failures_recorded
-from protos.errors import InvalidArgument
+from edgefleet.models.fl import EVENTS_FILE
+from edgefleet.models.fl.client_app import build
+from edgefleet.models.fl.journal import Journal, failures_recorded
+from edgefleet.protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ def compare(grid: Grid, context: Context) -> None:
 
 
 def _compare(grid: Grid, rc: Mapping[str, Any], out: Path, journal: Journal) -> None:
-    from models.fl.grid import FleetGrid
-    from models.fl.server_app import federate
-    from models.fl.task import evaluate, module_from
+    from edgefleet.models.fl.grid import FleetGrid
+    from edgefleet.models.fl.server_app import federate
+    from edgefleet.models.fl.task import evaluate, module_from
 
     t0 = time.monotonic()
     base = Path(str(rc["checkpoint"])).read_bytes()

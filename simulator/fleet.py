@@ -45,14 +45,14 @@ from typing import Any
 
 import numpy as np
 
-from agent.agent import Agent
-from agent.config import AgentSettings
-from agent.inference import ActiveModel, ModelHolder
-from agent.serde import UpdateState, decode_chunk
-from models.runtime import ModelSession
-from protos.errors import Conflict, InvalidArgument, NotFound, Unavailable
-from simulator.plan import Enrollment, plan
-from simulator.profiles import Mix, Profile, parse_profile
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.config import AgentSettings
+from edgefleet.agent.inference import ActiveModel, ModelHolder
+from edgefleet.agent.serde import UpdateState, decode_chunk
+from edgefleet.models.runtime import ModelSession
+from edgefleet.protos.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from edgefleet.simulator.plan import Enrollment, plan
+from edgefleet.simulator.profiles import Mix, Profile, parse_profile
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ class SimulatedFleet:
         profiles = [e.profile for e in planned]
         data_dirs: dict[str, Path] = {}
         if data:
-            from simulator.data import write_partitions
+            from edgefleet.simulator.data import write_partitions
 
             data_dirs = write_partitions(state_root, ids, dataset=dataset, alpha=alpha, seed=seed)
         self._devices: dict[str, SimulatedDevice] = {}

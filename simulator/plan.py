@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protos.errors import InvalidArgument
-from protos.topics import check_device_id
-from simulator.profiles import Mix, Profile, parse_profile
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.topics import check_device_id
+from edgefleet.simulator.profiles import Mix, Profile, parse_profile
 
 
 @dataclass(frozen=True)

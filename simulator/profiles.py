@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from types import TracebackType
 
 import numpy as np
 
-from protos.errors import FleetError, InvalidArgument
-from simulator.fleet import SimulatedDevice
+from edgefleet.protos.errors import FleetError, InvalidArgument
+from edgefleet.simulator.fleet import SimulatedDevice
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protos.errors import FleetError, InvalidArgument
+from edgefleet.protos.errors import FleetError, InvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _start_traffic(fleet: Any, ids: list[str], cmd: dict[str, Any]) -> None:
     rate 0 stops them."""
     import numpy as np
 
-    from simulator.traffic import Traffic
+    from edgefleet.simulator.traffic import Traffic
 
     for t in _traffic:
         t.stop()
@@ -155,7 +155,7 @@ async def _report(fleet: Any, interval: float, stop: asyncio.Event) -> None:
 
 
 async def run(spec: dict[str, Any]) -> None:
-    from simulator.fleet import SimulatedFleet
+    from edgefleet.simulator.fleet import SimulatedFleet
 
     fleet = SimulatedFleet(
         int(spec["n"]),

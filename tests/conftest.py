@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from cloud.broker import ManagedBroker
+    from edgefleet.cloud.broker import ManagedBroker
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -42,7 +42,7 @@ def fleet_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
     """Run `fleet ARGS…` in this process: exit code, stdout, stderr."""
-    from cloud.cli.main import run
+    from edgefleet.cloud.cli.main import run
 
     def invoke(*args: str) -> CliResult:
         capsys.readouterr()
@@ -56,7 +56,7 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
 @pytest.fixture
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedBroker]:
     """A real Mosquitto on a free 127.0.0.1 port, private to the test."""
-    from cloud.broker import ManagedBroker
+    from edgefleet.cloud.broker import ManagedBroker
 
     state = Path(tempfile.mkdtemp(prefix="fleet-mqtt-"))
     os.chmod(state, 0o777)

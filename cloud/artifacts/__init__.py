@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import urlparse
 
-from cloud.artifacts.base import ArtifactStore, BlobRef, digest
-from cloud.artifacts.local import LocalArtifactStore
-from cloud.artifacts.s3 import S3ArtifactStore
-from protos.errors import InvalidArgument
+from edgefleet.cloud.artifacts.base import ArtifactStore, BlobRef, digest
+from edgefleet.cloud.artifacts.local import LocalArtifactStore
+from edgefleet.cloud.artifacts.s3 import S3ArtifactStore
+from edgefleet.protos.errors import InvalidArgument
 
 _BACKENDS: dict[str, Callable[..., ArtifactStore]] = {
     "": LocalArtifactStore,

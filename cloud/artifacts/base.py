@@ -7,7 +7,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from protos.errors import DataLoss, InvalidArgument
+from edgefleet.protos.errors import DataLoss, InvalidArgument
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

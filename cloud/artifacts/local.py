@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from cloud.artifacts.base import ArtifactStore, check_digest
-from protos.errors import NotFound, Unavailable
+from edgefleet.cloud.artifacts.base import ArtifactStore, check_digest
+from edgefleet.protos.errors import NotFound, Unavailable
 
 
 class LocalArtifactStore(ArtifactStore):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
-from cloud.artifacts.base import ArtifactStore, check_digest
-from protos.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
+from edgefleet.cloud.artifacts.base import ArtifactStore, check_digest
+from edgefleet.protos.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _AUTH = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}

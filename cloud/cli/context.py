@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 if TYPE_CHECKING:
-    from cloud.config import CloudSettings
+    from edgefleet.cloud.config import CloudSettings
 
 
 @dataclass
@@ -32,7 +32,7 @@ class State:
 
 def settings_of(ctx: typer.Context, **serve_options: Any) -> CloudSettings:
     """The settings for this invocation (flags > FLEET_* > config.toml), built once."""
-    from cloud.config import load_settings
+    from edgefleet.cloud.config import load_settings
 
     state: State = ctx.find_root().obj
     if state._settings is None or serve_options:
@@ -50,8 +50,8 @@ def settings_of(ctx: typer.Context, **serve_options: Any) -> CloudSettings:
 
 
 def _remote(ctx: typer.Context, settings: CloudSettings, address: str) -> Any:
-    from cloud.client import read_token
-    from cloud.remote import GrpcClient
+    from edgefleet.cloud.client import read_token
+    from edgefleet.cloud.remote import GrpcClient
 
     token = settings.token or read_token(settings.token_path)
     client = GrpcClient(address, token)
@@ -61,7 +61,7 @@ def _remote(ctx: typer.Context, settings: CloudSettings, address: str) -> Any:
 
 def client_of(ctx: typer.Context) -> Any:
     """The FleetClient for this invocation (built once, closed when the CLI exits)."""
-    from cloud.client import LocalClient
+    from edgefleet.cloud.client import LocalClient
 
     state: State = ctx.find_root().obj
     if state._client is None:
@@ -76,8 +76,8 @@ def client_of(ctx: typer.Context) -> Any:
 
 def coordinator_of(ctx: typer.Context) -> Any:
     """A client for a running coordinator: --coordinator, else FLEET_HOME/serve.json."""
-    from cloud.config import ServeInfo
-    from protos.errors import Unavailable
+    from edgefleet.cloud.config import ServeInfo
+    from edgefleet.protos.errors import Unavailable
 
     settings = settings_of(ctx)
     if settings.coordinator:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cloud.cli.context import client_of
+from edgefleet.cloud.cli.context import client_of
 
 app = typer.Typer(help="Enrolled devices: state, capabilities, enrolment.", no_args_is_help=True)
 
@@ -17,7 +17,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 
 
 def parse_tags(items: list[str] | None) -> dict[str, str]:
-    from protos.errors import InvalidArgument
+    from edgefleet.protos.errors import InvalidArgument
 
     tags: dict[str, str] = {}
     for item in items or []:
@@ -57,8 +57,8 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List enrolled devices, optionally filtered."""
-    from cloud.cli.output import device_json, emit_json, print_devices
-    from cloud.devices import DeviceFilter, Selector
+    from edgefleet.cloud.cli.output import device_json, emit_json, print_devices
+    from edgefleet.cloud.devices import DeviceFilter, Selector
 
     sel = Selector.parse(selector) if selector else None
     where = DeviceFilter.parse(
@@ -78,7 +78,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one device: state, active model, capabilities."""
-    from cloud.cli.output import device_json, emit_json, print_device
+    from edgefleet.cloud.cli.output import device_json, emit_json, print_device
 
     d = client_of(ctx).get_device(device_id)
     if as_json:
@@ -111,8 +111,8 @@ def enroll(
     ] = False,
 ) -> None:
     """Enrol a device and write its enrolment bundle (JSON) for `fleet-agent enroll`."""
-    from cloud.cli.output import err
-    from protos.errors import Unavailable
+    from edgefleet.cloud.cli.output import err
+    from edgefleet.protos.errors import Unavailable
 
     tags = parse_tags(tag)
     client = client_of(ctx)
@@ -120,7 +120,7 @@ def enroll(
     def bundle_text() -> str:
         bundle = client.enroll_device(device_id, group=group, tags=tags).to_json()
         if fl:
-            from cloud.cli.fl import enroll_fl
+            from edgefleet.cloud.cli.fl import enroll_fl
 
             bundle["fl"] = enroll_fl(ctx, device_id).to_json()
         return json.dumps(bundle, indent=2)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cloud.cli.context import client_of
+from edgefleet.cloud.cli.context import client_of
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -22,7 +22,7 @@ def drift(
     as_json: JsonOpt = False,
 ) -> None:
     """PSI of recent live traffic against each version's reference (inputs and predictions)."""
-    from cloud.cli.output import drift_json, emit_json, print_drift
+    from edgefleet.cloud.cli.output import drift_json, emit_json, print_drift
 
     rows = client_of(ctx).drift(by=by, model=model)
     if as_json:
@@ -39,7 +39,7 @@ def alerts(
     as_json: JsonOpt = False,
 ) -> None:
     """Drift alerts: a device or group whose PSI went above the threshold."""
-    from cloud.cli.output import alert_json, emit_json, print_alerts
+    from edgefleet.cloud.cli.output import alert_json, emit_json, print_alerts
 
     found = client_of(ctx).alerts(include_resolved=include_resolved)
     if as_json:

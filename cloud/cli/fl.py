@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cloud.cli.context import coordinator_of, settings_of
+from edgefleet.cloud.cli.context import coordinator_of, settings_of
 
 if TYPE_CHECKING:
-    from cloud.fl.federation import FlEnrollment
-    from cloud.fl.store import FlRun
+    from edgefleet.cloud.fl.federation import FlEnrollment
+    from edgefleet.cloud.fl.store import FlRun
 
 app = typer.Typer(
     help="Federated learning: train on devices' own data with Flower, register the result.",
@@ -26,7 +26,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 
 
 def _remote(ctx: typer.Context) -> Any:
-    from cloud.fl.remote import FederatedClient
+    from edgefleet.cloud.fl.remote import FederatedClient
 
     return FederatedClient(coordinator_of(ctx))
 
@@ -35,8 +35,8 @@ class _LocalRuns:
     """`ls`/`show` without a running coordinator: the database directly."""
 
     def __init__(self, ctx: typer.Context) -> None:
-        from cloud.client import LocalClient
-        from cloud.fl.store import FlStore
+        from edgefleet.cloud.client import LocalClient
+        from edgefleet.cloud.fl.store import FlStore
 
         settings = settings_of(ctx)
         LocalClient(settings)._require_init()
@@ -51,7 +51,7 @@ class _LocalRuns:
 
 
 def _runs(ctx: typer.Context) -> Any:
-    from cloud.config import ServeInfo
+    from edgefleet.cloud.config import ServeInfo
 
     settings = settings_of(ctx)
     if settings.coordinator or ServeInfo.read(settings.serve_path):
@@ -62,10 +62,10 @@ def _runs(ctx: typer.Context) -> Any:
 def enroll_fl(ctx: typer.Context, device_id: str) -> FlEnrollment:
     """A node key for `device_id`: through the running coordinator (registered with its
     SuperLink at once), else recorded here and registered when `fleet serve --fl` starts."""
-    from cloud.client import LocalClient
-    from cloud.config import ServeInfo
-    from cloud.fl.federation import advertised, enroll_node
-    from cloud.fl.store import FlStore
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import ServeInfo
+    from edgefleet.cloud.fl.federation import advertised, enroll_node
+    from edgefleet.cloud.fl.store import FlStore
 
     settings = settings_of(ctx)
     if settings.coordinator or ServeInfo.read(settings.serve_path):
@@ -120,7 +120,7 @@ def round_line(r: FlRun, h: Any) -> str:
 
 
 def print_run(r: FlRun) -> None:
-    from cloud.cli.output import out
+    from edgefleet.cloud.cli.output import out
 
     out.print(f"run          {r.run_id}  (Flower run {r.flower_run_id or '-'})")
     out.print(f"status       {r.status}" + (f": {r.reason}" if r.reason else ""))
@@ -142,7 +142,7 @@ def print_run(r: FlRun) -> None:
 def print_runs(runs: list[FlRun]) -> None:
     from rich.table import Table
 
-    from cloud.cli.output import out
+    from edgefleet.cloud.cli.output import out
 
     t = Table(box=None, pad_edge=False)
     for col in ("RUN", "FROM", "STRATEGY", "ROUNDS", "STATUS", "RESULT", "PARTICIPANTS", "CREATED"):
@@ -163,7 +163,7 @@ def print_runs(runs: list[FlRun]) -> None:
 
 def _follow(start: Any, as_json: bool) -> None:
     """Call `start(on_update)`; print each new round to stderr; the result to stdout."""
-    from cloud.cli.output import emit_json, err
+    from edgefleet.cloud.cli.output import emit_json, err
 
     seen: dict[str, Any] = {"rounds": 0, "status": ""}
 
@@ -259,10 +259,10 @@ def start(
     as_json: JsonOpt = False,
 ) -> None:
     """Run federated rounds from NAME:VERSION; register the result as the next version."""
-    from cloud.devices import Selector
-    from cloud.fl.federation import RunRequest
-    from cloud.registry import ModelRef
-    from cloud.variants import parse_variants
+    from edgefleet.cloud.devices import Selector
+    from edgefleet.cloud.fl.federation import RunRequest
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.cloud.variants import parse_variants
 
     req = RunRequest(
         ref=ModelRef.parse(ref),
@@ -307,7 +307,7 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List federated runs, newest first."""
-    from cloud.cli.output import emit_json
+    from edgefleet.cloud.cli.output import emit_json
 
     runs = _runs(ctx).list(model=model, limit=limit)
     if as_json:
@@ -323,7 +323,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """One run: participants and skips with reasons, each round, the result, the canary."""
-    from cloud.cli.output import emit_json
+    from edgefleet.cloud.cli.output import emit_json
 
     r = _runs(ctx).get(run_id)
     if as_json:

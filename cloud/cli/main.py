@@ -15,14 +15,14 @@ from typing import Annotated, Any
 
 import typer
 
-from cloud.cli import devices as devices_cli
-from cloud.cli import drift as drift_cli
-from cloud.cli import fl as fl_cli
-from cloud.cli import models as models_cli
-from cloud.cli import rollouts as rollouts_cli
-from cloud.cli import sim as sim_cli
-from cloud.cli.context import State, client_of, coordinator_of, settings_of
-from protos.errors import FleetError
+from edgefleet.cloud.cli import devices as devices_cli
+from edgefleet.cloud.cli import drift as drift_cli
+from edgefleet.cloud.cli import fl as fl_cli
+from edgefleet.cloud.cli import models as models_cli
+from edgefleet.cloud.cli import rollouts as rollouts_cli
+from edgefleet.cloud.cli import sim as sim_cli
+from edgefleet.cloud.cli.context import State, client_of, coordinator_of, settings_of
+from edgefleet.protos.errors import FleetError
 
 app = typer.Typer(
     name="fleet",
@@ -113,8 +113,8 @@ def main_callback(
 @app.command()
 def init(ctx: typer.Context) -> None:
     """Create FLEET_HOME: config, registry database, artifact store, signing key, API token."""
-    from cloud.cli.output import err, out
-    from cloud.client import LocalClient
+    from edgefleet.cloud.cli.output import err, out
+    from edgefleet.cloud.client import LocalClient
 
     result = LocalClient(settings_of(ctx)).init()
     out.print(f"FLEET_HOME  {result.home}")
@@ -149,7 +149,7 @@ def train(
     """Train a model, export fp32 ONNX and register it as a new version."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cloud.cli.output import emit_json, err, print_version, version_json
+    from edgefleet.cloud.cli.output import emit_json, err, print_version, version_json
 
     client = client_of(ctx)
     with Progress(
@@ -211,9 +211,9 @@ def quantize(
     """Build quantized / converted variants, evaluate each in its runtime, gate and sign them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cloud.cli.output import emit_json, err, print_version, version_json
-    from cloud.registry import ModelRef
-    from cloud.variants import parse_variants
+    from edgefleet.cloud.cli.output import emit_json, err, print_version, version_json
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.cloud.variants import parse_variants
 
     names = parse_variants(variants)
     parsed = ModelRef.parse(ref)
@@ -323,9 +323,9 @@ def serve(
     import asyncio
     import signal
 
-    from cloud.cli.output import err
-    from cloud.config import ServeInfo
-    from cloud.serve import serve as run_serve
+    from edgefleet.cloud.cli.output import err
+    from edgefleet.cloud.config import ServeInfo
+    from edgefleet.cloud.serve import serve as run_serve
 
     settings = settings_of(
         ctx,
@@ -461,10 +461,10 @@ def deploy(
     devices for --bake, then checks the gates; a failed gate rolls back (or pauses).
     Exit 0 done; 1 failed, rolled back or aborted; 3 paused.
     """
-    from cloud.devices import Selector
-    from cloud.registry import ModelRef
-    from cloud.rollouts import parse_policy
-    from protos.errors import InvalidArgument
+    from edgefleet.cloud.devices import Selector
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.cloud.rollouts import parse_policy
+    from edgefleet.protos.errors import InvalidArgument
 
     parsed = ModelRef.parse(ref)
     selector = Selector.parse(to)
@@ -497,9 +497,9 @@ def deploy(
 
 
 def _dry_run(ctx: typer.Context, ref: Any, selector: Any, policy: Any, as_json: bool) -> None:
-    from cloud.cli.output import emit_json, err, out
-    from cloud.cli.rollout_view import print_rollout, rollout_json
-    from cloud.config import ServeInfo
+    from edgefleet.cloud.cli.output import emit_json, err, out
+    from edgefleet.cloud.cli.rollout_view import print_rollout, rollout_json
+    from edgefleet.cloud.config import ServeInfo
 
     settings = settings_of(ctx)
     live = settings.coordinator or ServeInfo.read(settings.serve_path)
@@ -515,9 +515,9 @@ def _dry_run(ctx: typer.Context, ref: Any, selector: Any, policy: Any, as_json: 
 def _dry_run_sim(
     ctx: typer.Context, ref: Any, selector: Any, policy: Any, n: int, profile: str, as_json: bool
 ) -> None:
-    from cloud.cli.output import emit_json, err, out
-    from cloud.rollouts import Policy
-    from simulator.dryrun import print_simulation, simulate
+    from edgefleet.cloud.cli.output import emit_json, err, out
+    from edgefleet.cloud.rollouts import Policy
+    from edgefleet.simulator.dryrun import print_simulation, simulate
 
     result = simulate(
         settings_of(ctx),
@@ -537,9 +537,9 @@ def _dry_run_sim(
 def _staged(
     ctx: typer.Context, ref: Any, selector: Any, policy: Any, *, watch: bool, as_json: bool
 ) -> None:
-    from cloud.cli.output import emit_json, err, out
-    from cloud.cli.rollout_view import outcome_code, print_rollout, rollout_json
-    from cloud.cli.rollouts import watch_until_outcome
+    from edgefleet.cloud.cli.output import emit_json, err, out
+    from edgefleet.cloud.cli.rollout_view import outcome_code, print_rollout, rollout_json
+    from edgefleet.cloud.cli.rollouts import watch_until_outcome
 
     client = coordinator_of(ctx)
     r, _devices = client.create_rollout(ref, selector, policy, dry_run=False)
@@ -564,8 +564,8 @@ def _all_at_once(
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cloud.cli.output import deploy_json, emit_json, err, print_deploy
-    from cloud.client import DeviceOutcome
+    from edgefleet.cloud.cli.output import deploy_json, emit_json, err, print_deploy
+    from edgefleet.cloud.client import DeviceOutcome
 
     client = coordinator_of(ctx)
     with Progress(
@@ -608,8 +608,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Coordinator, broker and device counts (through the coordinator when one runs)."""
-    from cloud.cli.output import emit_json, print_status, status_json
-    from cloud.config import ServeInfo
+    from edgefleet.cloud.cli.output import emit_json, print_status, status_json
+    from edgefleet.cloud.config import ServeInfo
 
     settings = settings_of(ctx)
     live = settings.coordinator or ServeInfo.read(settings.serve_path)
@@ -629,7 +629,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, prog_name="fleet", standalone_mode=False)
     except FleetError as e:
-        from cloud.cli.output import err
+        from edgefleet.cloud.cli.output import err
 
         err.print(f"[bold red]error[/bold red] ({e.kind}): {e}", markup=True, highlight=False)
         return 1

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cloud.cli.context import client_of
+from edgefleet.cloud.cli.context import client_of
 
 app = typer.Typer(
     help="The model registry: versions, variants, stages, signatures.", no_args_is_help=True
@@ -23,8 +23,8 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List models, or the versions of one model."""
-    from cloud.cli.output import emit_json, print_models, print_versions, version_json
-    from cloud.registry.entities import check_model_name
+    from edgefleet.cloud.cli.output import emit_json, print_models, print_versions, version_json
+    from edgefleet.cloud.registry.entities import check_model_name
 
     client = client_of(ctx)
     if name is None:
@@ -48,8 +48,8 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a version: lineage, and each variant's size, accuracy and latency."""
-    from cloud.cli.output import emit_json, print_version, version_json
-    from cloud.registry import ModelRef
+    from edgefleet.cloud.cli.output import emit_json, print_version, version_json
+    from edgefleet.cloud.registry import ModelRef
 
     mv = client_of(ctx).get_version(ModelRef.parse(ref))
     if as_json:
@@ -69,7 +69,7 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Register a model trained elsewhere (ONNX or TFLite) as a new version."""
-    from cloud.cli.output import emit_json, print_version, version_json
+    from edgefleet.cloud.cli.output import emit_json, print_version, version_json
 
     mv = client_of(ctx).import_model(file, name, eval_data=eval_data)
     if as_json:
@@ -91,9 +91,9 @@ def promote(
     as_json: JsonOpt = False,
 ) -> None:
     """Move a version to a stage; others in that stage are archived."""
-    from cloud.cli.output import emit_json, err, out
-    from cloud.registry import ModelRef
-    from cloud.registry.entities import check_stage
+    from edgefleet.cloud.cli.output import emit_json, err, out
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.cloud.registry.entities import check_stage
 
     check_stage(stage)
     mv, archived = client_of(ctx).promote(
@@ -118,8 +118,8 @@ def verify(
     """Check every variant's bytes against its signed manifest. Exit 1 if any fails."""
     from rich.table import Table
 
-    from cloud.cli.output import emit_json, err, out
-    from cloud.registry import ModelRef
+    from edgefleet.cloud.cli.output import emit_json, err, out
+    from edgefleet.cloud.registry import ModelRef
 
     mv, results = client_of(ctx).verify(ModelRef.parse(ref))
     bad = [r for r in results if not r.ok]
@@ -147,8 +147,8 @@ def export(
     ] = None,
 ) -> None:
     """Write variants with their signed manifests (and weights.npz) to a folder."""
-    from cloud.cli.output import out
-    from cloud.registry import ModelRef
+    from edgefleet.cloud.cli.output import out
+    from edgefleet.cloud.registry import ModelRef
 
     for p in client_of(ctx).export(ModelRef.parse(ref), out_dir, variants=variant or []):
         out.print(str(p))

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from cloud.registry import ModelSummary, ModelVersion
+from edgefleet.cloud.registry import ModelSummary, ModelVersion
 
 if TYPE_CHECKING:
-    from cloud.client import DeployReport, FleetStatus
-    from cloud.devices import Device
-    from cloud.drift import Alert, DriftRow
+    from edgefleet.cloud.client import DeployReport, FleetStatus
+    from edgefleet.cloud.devices import Device
+    from edgefleet.cloud.drift import Alert, DriftRow
 
 # piped output gets a wide fixed width so tables never wrap mid-cell
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)

@@ -11,8 +11,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from cloud.rollouts.model import FINAL, Rollout, RolloutDevice, Stage
-from cloud.rollouts.policy import format_duration
+from edgefleet.cloud.rollouts.model import FINAL, Rollout, RolloutDevice, Stage
+from edgefleet.cloud.rollouts.policy import format_duration
 
 #: exit codes of `fleet rollouts watch` (and a watched `fleet deploy`)
 EXIT_DONE = 0

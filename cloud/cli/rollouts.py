@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cloud.cli.context import client_of, coordinator_of, settings_of
+from edgefleet.cloud.cli.context import client_of, coordinator_of, settings_of
 
 if TYPE_CHECKING:
-    from cloud.rollouts import Rollout
+    from edgefleet.cloud.rollouts import Rollout
 
 app = typer.Typer(
     help="Staged rollouts: progress per stage and gate, and control by hand.",
@@ -22,7 +22,7 @@ IdArg = Annotated[str, typer.Argument(metavar="ID", help="Rollout id (fleet roll
 
 def _reader(ctx: typer.Context) -> Any:
     """The coordinator when one runs (or --coordinator), else the database in-process."""
-    from cloud.config import ServeInfo
+    from edgefleet.cloud.config import ServeInfo
 
     settings = settings_of(ctx)
     live = settings.coordinator or ServeInfo.read(settings.serve_path)
@@ -36,8 +36,8 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """Rollouts, newest first."""
-    from cloud.cli.output import emit_json, out
-    from cloud.cli.rollout_view import print_rollouts, rollout_json
+    from edgefleet.cloud.cli.output import emit_json, out
+    from edgefleet.cloud.cli.rollout_view import print_rollouts, rollout_json
 
     found = _reader(ctx).list_rollouts(active_only=active)
     if as_json:
@@ -49,8 +49,8 @@ def ls(
 @app.command("show")
 def show(ctx: typer.Context, rollout_id: IdArg, as_json: JsonOpt = False) -> None:
     """One rollout: stages, gates, estimated finish, and every device's state."""
-    from cloud.cli.output import emit_json, out
-    from cloud.cli.rollout_view import print_rollout, rollout_json
+    from edgefleet.cloud.cli.output import emit_json, out
+    from edgefleet.cloud.cli.rollout_view import print_rollout, rollout_json
 
     r, devices = _reader(ctx).get_rollout(rollout_id)
     if as_json:
@@ -63,8 +63,8 @@ def watch_until_outcome(client: Any, rollout_id: str) -> Rollout:
     """Draw the rollout live on stderr until it is final or paused; return it."""
     from rich.live import Live
 
-    from cloud.cli.output import err
-    from cloud.cli.rollout_view import watch_view
+    from edgefleet.cloud.cli.output import err
+    from edgefleet.cloud.cli.rollout_view import watch_view
 
     class _View:
         rollout: Rollout | None = None
@@ -80,7 +80,7 @@ def watch_until_outcome(client: Any, rollout_id: str) -> Rollout:
             if r.final or r.state == "paused":
                 break
     if last is None:
-        from protos.errors import FleetError
+        from edgefleet.protos.errors import FleetError
 
         raise FleetError(f"watch of rollout {rollout_id} ended without news")
     return last
@@ -89,8 +89,8 @@ def watch_until_outcome(client: Any, rollout_id: str) -> Rollout:
 @app.command("watch")
 def watch(ctx: typer.Context, rollout_id: IdArg) -> None:
     """Live progress per stage and gate. Exit 0 done, 1 rolled back or aborted, 3 paused."""
-    from cloud.cli.output import err
-    from cloud.cli.rollout_view import outcome_code
+    from edgefleet.cloud.cli.output import err
+    from edgefleet.cloud.cli.rollout_view import outcome_code
 
     r = watch_until_outcome(_reader(ctx), rollout_id)
     err.print(f"rollout {r.rollout_id}: {r.state}" + (f" ({r.reason})" if r.reason else ""))
@@ -98,8 +98,8 @@ def watch(ctx: typer.Context, rollout_id: IdArg) -> None:
 
 
 def _control(ctx: typer.Context, rollout_id: str, action: str, as_json: bool) -> None:
-    from cloud.cli.output import emit_json, err
-    from cloud.cli.rollout_view import rollout_json
+    from edgefleet.cloud.cli.output import emit_json, err
+    from edgefleet.cloud.cli.rollout_view import rollout_json
 
     r = coordinator_of(ctx).control_rollout(rollout_id, action)
     if as_json:

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cloud.cli.context import coordinator_of, settings_of
+from edgefleet.cloud.cli.context import coordinator_of, settings_of
 
 if TYPE_CHECKING:
-    from simulator.cluster import SimCluster
-    from simulator.faults import Fault
+    from edgefleet.simulator.cluster import SimCluster
+    from edgefleet.simulator.faults import Fault
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ BUNDLE_FILE = "enrollment.json"
 
 def _enroll(client: Any, plan: list[Any], state_dir: Path) -> dict[str, Any]:
     """Enrol every planned device not enrolled yet; the bundle fields they share."""
-    from protos.errors import AlreadyExists, Conflict
+    from edgefleet.protos.errors import AlreadyExists, Conflict
 
     cached = state_dir / BUNDLE_FILE
     shared: dict[str, Any] | None = None
@@ -109,7 +109,7 @@ async def _run(
                     if duration is not None and time.monotonic() - start >= duration:
                         break
                     if failed := sim.failed_workers():
-                        from protos.errors import Unavailable
+                        from edgefleet.protos.errors import Unavailable
 
                         raise Unavailable(f"simulator workers stopped: {'; '.join(failed)}")
                     live.update(table())
@@ -166,10 +166,10 @@ def sim(
     ),
 ) -> None:
     """Run simulated devices (real agent code) against the running coordinator."""
-    from cloud.cli.output import emit_json
-    from simulator.cluster import SimCluster
-    from simulator.faults import parse_faults
-    from simulator.plan import plan
+    from edgefleet.cloud.cli.output import emit_json
+    from edgefleet.simulator.cluster import SimCluster
+    from edgefleet.simulator.faults import parse_faults
+    from edgefleet.simulator.plan import plan
 
     plan_ = plan(devices, profile, seed=seed, id_prefix=id_prefix)  # validates early
     fault_plan = parse_faults(faults)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument
 
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -55,7 +55,7 @@ class DeviceFilter:
         stale: str | None = None,
     ) -> DeviceFilter:
         """From CLI options; `version` is NAME or NAME:VERSION."""
-        from cloud.registry import ModelRef
+        from edgefleet.cloud.registry import ModelRef
 
         if online and offline:
             raise InvalidArgument("--online and --offline exclude each other; give one")

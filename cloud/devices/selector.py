@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from protos.errors import InvalidArgument
-from protos.topics import check_device_id
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.topics import check_device_id
 
 ACCEPTED = (
     "all, group=G[,G2…], tag=KEY=VALUE (with ',' and, '|' or, KEY!=VALUE, KEY), device=ID[,ID…]"

@@ -13,11 +13,11 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from cloud.db import Database
-from cloud.devices.selector import Selector
-from cloud.registry.tables import UtcDateTime
-from protos.errors import AlreadyExists, NotFound
-from protos.topics import check_device_id
+from edgefleet.cloud.db import Database
+from edgefleet.cloud.devices.selector import Selector
+from edgefleet.cloud.registry.tables import UtcDateTime
+from edgefleet.protos.errors import AlreadyExists, NotFound
+from edgefleet.protos.topics import check_device_id
 
 logger = logging.getLogger(__name__)
 

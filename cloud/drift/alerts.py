@@ -16,8 +16,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from cloud.db import Database
-from protos.errors import InvalidArgument
+from edgefleet.cloud.db import Database
+from edgefleet.protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from cloud.drift.alerts import Alert
-from cloud.drift.monitor import DriftRow
-from protos.fleet.v1 import fleet_pb2
+from edgefleet.cloud.drift.alerts import Alert
+from edgefleet.cloud.drift.monitor import DriftRow
+from edgefleet.protos.fleet.v1 import fleet_pb2
 
 
 def _fields(value: Any) -> dict[str, Any]:

@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from cloud.drift.alerts import Alert, AlertStore, Finding, check_threshold
-from cloud.registry import ModelRef, RegistryStore
-from cloud.telemetry.store import SketchRow, TelemetryStore
-from models.sketch import MIN_SAMPLES, Counts, WorstInput, score
-from protos.errors import InvalidArgument, NotFound
-from protos.manifest import DriftReference, SignedManifest, decode_manifest
+from edgefleet.cloud.drift.alerts import Alert, AlertStore, Finding, check_threshold
+from edgefleet.cloud.registry import ModelRef, RegistryStore
+from edgefleet.cloud.telemetry.store import SketchRow, TelemetryStore
+from edgefleet.models.sketch import MIN_SAMPLES, Counts, WorstInput, score
+from edgefleet.protos.errors import InvalidArgument, NotFound
+from edgefleet.protos.manifest import DriftReference, SignedManifest, decode_manifest
 
 logger = logging.getLogger(__name__)
 

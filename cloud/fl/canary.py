@@ -14,13 +14,13 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cloud.devices import Selector
-from protos.errors import InvalidArgument
+from edgefleet.cloud.devices import Selector
+from edgefleet.protos.errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from cloud.registry import ModelRef
-    from cloud.rollouts import Policy
-    from cloud.rollouts.controller import RolloutController
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.cloud.rollouts import Policy
+    from edgefleet.cloud.rollouts.controller import RolloutController
 
 ACCEPTED = "canary=PERCENT%[,bake=DURATION], e.g. canary=10% or canary=10%,bake=30s"
 
@@ -32,7 +32,7 @@ class CanaryPlan:
 
     @classmethod
     def parse(cls, text: str) -> CanaryPlan:
-        from cloud.rollouts.policy import parse_duration, parse_fraction
+        from edgefleet.cloud.rollouts.policy import parse_duration, parse_fraction
 
         fraction: float | None = None
         bake: float | None = None
@@ -51,8 +51,8 @@ class CanaryPlan:
         return cls(fraction, bake)
 
     def policy(self) -> Policy:
-        from cloud.rollouts import Policy
-        from cloud.rollouts.policy import DEFAULT_WAVES
+        from edgefleet.cloud.rollouts import Policy
+        from edgefleet.cloud.rollouts.policy import DEFAULT_WAVES
 
         # the engine's waves, less those the canary already covers
         p = Policy(canary=self.fraction, waves=tuple(w for w in DEFAULT_WAVES if w > self.fraction))

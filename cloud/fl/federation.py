@@ -18,22 +18,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cloud.config import CloudSettings
-from cloud.devices import DeviceStore, Selector
-from cloud.fl.canary import CanaryPlan, start_canary
-from cloud.fl.selection import select_participants
-from cloud.fl.store import FlRun, FlStore
-from cloud.fl.superlink import SuperLink, SuperLinkOptions
-from cloud.fl.tls import ensure_tls, new_node_key
-from cloud.registry import ModelRef
-from cloud.variants import DEFAULT_VARIANTS, KINDS
-from models.fl import APP_DIR, EVENTS_FILE, STRATEGIES, WEIGHTS_FILE
-from models.fl.journal import read_events
-from protos.errors import FleetError, InvalidArgument, NotFound, Unavailable
+from edgefleet.cloud.config import CloudSettings
+from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.fl.canary import CanaryPlan, start_canary
+from edgefleet.cloud.fl.selection import select_participants
+from edgefleet.cloud.fl.store import FlRun, FlStore
+from edgefleet.cloud.fl.superlink import SuperLink, SuperLinkOptions
+from edgefleet.cloud.fl.tls import ensure_tls, new_node_key
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.variants import DEFAULT_VARIANTS, KINDS
+from edgefleet.models.fl import APP_DIR, EVENTS_FILE, STRATEGIES, WEIGHTS_FILE
+from edgefleet.models.fl.journal import read_events
+from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
-    from cloud.pipeline import Pipeline
-    from cloud.rollouts.controller import RolloutController
+    from edgefleet.cloud.pipeline import Pipeline
+    from edgefleet.cloud.rollouts.controller import RolloutController
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class Federation:
         task.add_done_callback(self._tasks.discard)
 
     async def _supervise(self) -> None:
-        from protos.flower import full_jitter
+        from edgefleet.protos.flower import full_jitter
 
         attempt = 0
         while not self._stop.is_set():

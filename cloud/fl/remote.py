@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from cloud.fl.federation import FlEnrollment, RunRequest
-from cloud.fl.service import enrollment_from_pb, request_to_pb, run_from_pb
-from cloud.fl.store import FlRun
-from cloud.remote import GrpcClient
-from protos.errors import FleetError
-from protos.fleet.v1 import federated_pb2, federated_pb2_grpc
+from edgefleet.cloud.fl.federation import FlEnrollment, RunRequest
+from edgefleet.cloud.fl.service import enrollment_from_pb, request_to_pb, run_from_pb
+from edgefleet.cloud.fl.store import FlRun
+from edgefleet.cloud.remote import GrpcClient
+from edgefleet.protos.errors import FleetError
+from edgefleet.protos.fleet.v1 import federated_pb2, federated_pb2_grpc
 
 
 class FederatedClient:

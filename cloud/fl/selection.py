@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cloud.devices import Device
-from cloud.fl.store import FlNode
-from protos.flower import parse_fl_features
+from edgefleet.cloud.devices import Device
+from edgefleet.cloud.fl.store import FlNode
+from edgefleet.protos.flower import parse_fl_features
 
 BUSY_STATES = ("downloading", "verifying", "loading", "self_test")
 

@@ -12,14 +12,14 @@ from datetime import datetime, timezone
 
 import grpc
 
-from cloud.devices import Selector
-from cloud.fl.federation import Federation, FlEnrollment, RunRequest
-from cloud.fl.store import FlRun
-from cloud.grpc_service import _Mapped
-from cloud.registry import ModelRef
-from cloud.variants import DEFAULT_VARIANTS
-from protos.errors import Conflict
-from protos.fleet.v1 import federated_pb2, federated_pb2_grpc
+from edgefleet.cloud.devices import Selector
+from edgefleet.cloud.fl.federation import Federation, FlEnrollment, RunRequest
+from edgefleet.cloud.fl.store import FlRun
+from edgefleet.cloud.grpc_service import _Mapped
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.variants import DEFAULT_VARIANTS
+from edgefleet.protos.errors import Conflict
+from edgefleet.protos.fleet.v1 import federated_pb2, federated_pb2_grpc
 
 
 def _ms(dt: datetime | None) -> int:

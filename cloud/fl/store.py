@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from cloud.db import Database
-from cloud.registry.tables import UtcDateTime
-from protos.errors import AlreadyExists, NotFound
+from edgefleet.cloud.db import Database
+from edgefleet.cloud.registry.tables import UtcDateTime
+from edgefleet.protos.errors import AlreadyExists, NotFound
 
 RUN_STATES = ("pending", "running", "registering", "deploying", "succeeded", "failed")
 FINAL_RUN_STATES = ("succeeded", "failed")

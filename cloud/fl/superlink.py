@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloud.fl.tls import TlsFiles
-from protos.errors import FleetError, InvalidArgument, NotFound, Unavailable
-from protos.flower import FlowerProcess, find_flower, flower_env, free_port
+from edgefleet.cloud.fl.tls import TlsFiles
+from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound, Unavailable
+from edgefleet.protos.flower import FlowerProcess, find_flower, flower_env, free_port
 
 logger = logging.getLogger(__name__)
 

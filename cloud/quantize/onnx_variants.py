@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from protos.errors import Unavailable
+from edgefleet.protos.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ BATCHES = (1, 64)
 
 
 def _quiet() -> contextlib.AbstractContextManager[None]:
-    from cloud.quiet import captured_output
+    from edgefleet.cloud.quiet import captured_output
 
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -1,6 +1,6 @@
 """The model registry: models, immutable versions, variants, stages, lineage."""
 
-from cloud.registry.entities import (
+from edgefleet.cloud.registry.entities import (
     STAGES,
     Lineage,
     ModelRef,
@@ -10,11 +10,11 @@ from cloud.registry.entities import (
     NewVersion,
     Variant,
 )
-from cloud.registry.store import RegistryStore
+from edgefleet.cloud.registry.store import RegistryStore
 
 
 def open_registry(url: str) -> RegistryStore:
-    from cloud.registry.sql import SqlRegistryStore
+    from edgefleet.cloud.registry.sql import SqlRegistryStore
 
     return SqlRegistryStore(url)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from protos.errors import InvalidArgument
-from protos.manifest import TensorSpec
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.manifest import TensorSpec
 
 STAGES = ("none", "staging", "production", "archived")
 SOURCES = ("train", "import", "federated")
@@ -148,7 +148,7 @@ class ModelVersion(NewVersion):
         for v in self.variants:
             if v.name == name:
                 return v
-        from protos.errors import NotFound
+        from edgefleet.protos.errors import NotFound
 
         have = ", ".join(v.name for v in self.variants) or "none"
         raise NotFound(f"{self.ref} has no variant {name!r}; variants: {have}")

@@ -12,8 +12,8 @@ from contextlib import AbstractContextManager
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
-from cloud.db import Database
-from cloud.registry.entities import (
+from edgefleet.cloud.db import Database
+from edgefleet.cloud.registry.entities import (
     Lineage,
     ModelRef,
     ModelSummary,
@@ -24,10 +24,10 @@ from cloud.registry.entities import (
     check_model_name,
     check_stage,
 )
-from cloud.registry.store import RegistryStore
-from cloud.registry.tables import ModelRow, VariantRow, VersionRow
-from protos.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
-from protos.manifest import RUNTIMES, TensorSpec
+from edgefleet.cloud.registry.store import RegistryStore
+from edgefleet.cloud.registry.tables import ModelRow, VariantRow, VersionRow
+from edgefleet.protos.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from edgefleet.protos.manifest import RUNTIMES, TensorSpec
 
 logger = logging.getLogger(__name__)
 

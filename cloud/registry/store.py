@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
-from cloud.registry.entities import (
+from edgefleet.cloud.registry.entities import (
     ModelRef,
     ModelSummary,
     ModelVersion,

@@ -30,10 +30,10 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cloud.devices import Device, Selector
-from cloud.registry import ModelRef
-from cloud.rollouts import gates as g
-from cloud.rollouts.model import (
+from edgefleet.cloud.devices import Device, Selector
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.rollouts import gates as g
+from edgefleet.cloud.rollouts.model import (
     ABORTED,
     ADVANCING,
     CANARY,
@@ -60,12 +60,12 @@ from cloud.rollouts.model import (
     Stage,
     check_transition,
 )
-from cloud.rollouts.policy import Policy
-from cloud.rollouts.store import RolloutStore
-from protos.errors import Conflict, FleetError, InvalidArgument, NotFound
+from edgefleet.cloud.rollouts.policy import Policy
+from edgefleet.cloud.rollouts.store import RolloutStore
+from edgefleet.protos.errors import Conflict, FleetError, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
-    from cloud.coordinator import Coordinator, Plan
+    from edgefleet.cloud.coordinator import Coordinator, Plan
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from cloud.rollouts.model import GateResult, Rollout, RolloutDevice, Stage
-from cloud.rollouts.policy import Policy
-from protos.fleet.v1 import device_pb2, fleet_pb2
+from edgefleet.cloud.rollouts.model import GateResult, Rollout, RolloutDevice, Stage
+from edgefleet.cloud.rollouts.policy import Policy
+from edgefleet.protos.fleet.v1 import device_pb2, fleet_pb2
 
 _OPTIONAL = ("max_latency_regression", "max_memory_mb", "min_agreement", "min_accuracy")
 

@@ -15,8 +15,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cloud.rollouts.model import D_FAILED, D_SHADOW, GateResult, RolloutDevice
-from cloud.rollouts.policy import Policy
+from edgefleet.cloud.rollouts.model import D_FAILED, D_SHADOW, GateResult, RolloutDevice
+from edgefleet.cloud.rollouts.policy import Policy
 
 SELF_TEST_REASON = "self_test_failed"
 

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cloud.rollouts.policy import Policy
-from protos.errors import Conflict
+from edgefleet.cloud.rollouts.policy import Policy
+from edgefleet.protos.errors import Conflict
 
 PENDING = "pending"
 CANARY = "canary"

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument
 
 ON_FAILURE = ("rollback", "pause")
 DEFAULT_CANARY = 0.10

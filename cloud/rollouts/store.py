@@ -26,18 +26,18 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from cloud.db import Database
-from cloud.devices.store import DeviceRow, Sign, issue_desired
-from cloud.registry.tables import UtcDateTime
-from cloud.rollouts.model import (
+from edgefleet.cloud.db import Database
+from edgefleet.cloud.devices.store import DeviceRow, Sign, issue_desired
+from edgefleet.cloud.registry.tables import UtcDateTime
+from edgefleet.cloud.rollouts.model import (
     FINAL,
     Rollout,
     RolloutDevice,
     Stage,
     check_transition,
 )
-from cloud.rollouts.policy import Policy
-from protos.errors import AlreadyExists, Conflict, NotFound
+from edgefleet.cloud.rollouts.policy import Policy
+from edgefleet.protos.errors import AlreadyExists, Conflict, NotFound
 
 logger = logging.getLogger(__name__)
 

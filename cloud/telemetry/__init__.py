@@ -1,7 +1,7 @@
 """Device telemetry in the coordinator: decode, buffer, batch-insert, roll up."""
 
-from cloud.telemetry.ingest import TelemetryIngest, TelemetrySubscriber, decode_row
-from cloud.telemetry.store import Percentiles, TelemetryStore, quantile
+from edgefleet.cloud.telemetry.ingest import TelemetryIngest, TelemetrySubscriber, decode_row
+from edgefleet.cloud.telemetry.store import Percentiles, TelemetryStore, quantile
 
 __all__ = [
     "Percentiles",

@@ -24,11 +24,11 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from cloud.telemetry.store import TelemetryStore
-from protos.errors import InvalidArgument
-from protos.fleet.v1 import device_pb2
-from protos.topics import Topics
-from protos.transport import MqttSettings
+from edgefleet.cloud.telemetry.store import TelemetryStore
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.fleet.v1 import device_pb2
+from edgefleet.protos.topics import Topics
+from edgefleet.protos.transport import MqttSettings
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class TelemetrySubscriber:
             logger.warning("telemetry message on %r rejected: %s", msg._topic[:200], e)
 
     def start(self, *, timeout: float = 30.0) -> None:
-        from protos.errors import Unavailable
+        from edgefleet.protos.errors import Unavailable
 
         ep = self.settings.endpoint
         self.ingest.start()

@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from cloud.db import Database
+from edgefleet.cloud.db import Database
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _check_batch_dynamic(data: bytes) -> None:
 
 def _quiet() -> contextlib.AbstractContextManager[None]:
     """The exporter prints progress and warnings to stdout/stderr; keep them in the log."""
-    from cloud.quiet import captured_output
+    from edgefleet.cloud.quiet import captured_output
 
     os.environ.setdefault("TORCH_LOGS", "-all")
     return captured_output("torch.onnx", silence=("torch.onnx",))

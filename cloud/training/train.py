@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.arch import Normalize, build
-from models.checkpoint import ArchConfig
-from models.data import Dataset
-from protos.errors import InvalidArgument
+from edgefleet.models.arch import Normalize, build
+from edgefleet.models.checkpoint import ArchConfig
+from edgefleet.models.data import Dataset
+from edgefleet.protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from models.fl.shards import data_dir_of, local_split, read_shards
-from protos.errors import FleetError
+from edgefleet.models.fl.shards import data_dir_of, local_split, read_shards
+from edgefleet.protos.errors import FleetError
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def _fail(msg: Message, context: Context, e: Exception) -> Message:
 
 
 def train(msg: Message, context: Context) -> Message:
-    from models.checkpoint import load_checkpoint
-    from models.fl.task import FitConfig, check_labels, fit, module_from, trainable
+    from edgefleet.models.checkpoint import load_checkpoint
+    from edgefleet.models.fl.task import FitConfig, check_labels, fit, module_from, trainable
 
     cfg = _config(msg)
     try:
@@ -89,8 +89,8 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    from models.fl.task import evaluate as eval_module
-    from models.fl.task import module_from
+    from edgefleet.models.fl.task import evaluate as eval_module
+    from edgefleet.models.fl.task import module_from
 
     cfg = _config(msg)
     try:

@@ -20,8 +20,8 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from models.fl.journal import Journal
-from protos.errors import Unavailable
+from edgefleet.models.fl.journal import Journal
+from edgefleet.protos.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def failures_recorded(journal: Journal) -> Iterator[None]:
     """End a ServerApp's work with a ``failed`` event instead of an exception: ours
     (FleetError), Flower's strategies and DP wrappers rejecting settings (ValueError),
     files (OSError)."""
-    from protos.errors import FleetError
+    from edgefleet.protos.errors import FleetError
 
     try:
         yield

@@ -19,12 +19,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from models.fl import EVENTS_FILE, WEIGHTS_FILE
-from models.fl.journal import Journal, failures_recorded
-from protos.errors import FleetError, InvalidArgument
+from edgefleet.models.fl import EVENTS_FILE, WEIGHTS_FILE
+from edgefleet.models.fl.journal import Journal, failures_recorded
+from edgefleet.protos.errors import FleetError, InvalidArgument
 
 if TYPE_CHECKING:
-    from models.fl.grid import FleetGrid
+    from edgefleet.models.fl.grid import FleetGrid
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run(grid: Grid, context: Context, out: Path, journal: Journal) -> None:
-    from models.fl.grid import FleetGrid
+    from edgefleet.models.fl.grid import FleetGrid
 
     rc = context.run_config
     t0 = time.monotonic()
@@ -78,8 +78,8 @@ def federate(
     `extra_config` goes to every ClientApp message; `evaluate_fn` is Flower's
     server-side evaluation hook (the simulator measures a central holdout with it).
     """
-    from models.fl.strategies import build_strategy
-    from models.fl.task import merged_checkpoint, module_from, trainable
+    from edgefleet.models.fl.strategies import build_strategy
+    from edgefleet.models.fl.task import merged_checkpoint, module_from, trainable
 
     initial = trainable(module_from(base))
     strategy = build_strategy(rc, len(fleet.devices))

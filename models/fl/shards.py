@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protos.errors import InvalidArgument, NotFound
+from edgefleet.protos.errors import InvalidArgument, NotFound
 
 SHARD_GLOB = "shard-*.npz"
 HOLDOUT = 0.2

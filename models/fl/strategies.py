@@ -19,8 +19,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from models.fl import STRATEGIES
-from protos.errors import InvalidArgument
+from edgefleet.models.fl import STRATEGIES
+from edgefleet.protos.errors import InvalidArgument
 
 
 def build_strategy(rc: Mapping[str, Any], participants: int) -> Strategy:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.arch import from_checkpoint, to_checkpoint
-from models.checkpoint import Checkpoint, dump_checkpoint, load_checkpoint
-from protos.errors import InvalidArgument
+from edgefleet.models.arch import from_checkpoint, to_checkpoint
+from edgefleet.models.checkpoint import Checkpoint, dump_checkpoint, load_checkpoint
+from edgefleet.protos.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud.artifacts import ArtifactStore, open_artifact_store
-from cloud.registry import RegistryStore, open_registry
+from edgefleet.cloud.artifacts import ArtifactStore, open_artifact_store
+from edgefleet.cloud.registry import RegistryStore, open_registry
 from tests.support.postgres import PostgresUnavailable, TempPostgres
 
 _AWS_ENV = {

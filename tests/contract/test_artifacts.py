@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from cloud.artifacts import ArtifactStore, BlobRef, digest, open_artifact_store
-from protos.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from edgefleet.cloud.artifacts import ArtifactStore, BlobRef, digest, open_artifact_store
+from edgefleet.protos.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 
 # -- helpers --------------------------------------------------------------------------
 

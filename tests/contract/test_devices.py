@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cloud.devices import DeviceStore, Selector
-from protos.errors import AlreadyExists, InvalidArgument, NotFound
+from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.protos.errors import AlreadyExists, InvalidArgument, NotFound
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cloud.drift import AlertStore, Finding
-from cloud.telemetry import TelemetryStore
-from protos.errors import InvalidArgument
+from edgefleet.cloud.drift import AlertStore, Finding
+from edgefleet.cloud.telemetry import TelemetryStore
+from edgefleet.protos.errors import InvalidArgument
 
 NOW = 1_700_000_000_000
 

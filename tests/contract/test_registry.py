@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud.registry import (
+from edgefleet.cloud.registry import (
     STAGES,
     Lineage,
     ModelRef,
@@ -21,9 +21,9 @@ from cloud.registry import (
     RegistryStore,
     open_registry,
 )
-from cloud.registry.entities import check_stage
-from protos.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from protos.manifest import TensorSpec
+from edgefleet.cloud.registry.entities import check_stage
+from edgefleet.protos.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from edgefleet.protos.manifest import TensorSpec
 
 # -- helpers --------------------------------------------------------------------------
 

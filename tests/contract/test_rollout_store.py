@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from cloud.devices import DeviceStore
-from cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore, Stage
-from protos.errors import AlreadyExists, Conflict, NotFound
+from edgefleet.cloud.devices import DeviceStore
+from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore, Stage
+from edgefleet.protos.errors import AlreadyExists, Conflict, NotFound
 
 
 @pytest.fixture

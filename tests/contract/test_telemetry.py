@@ -8,9 +8,9 @@ from datetime import timedelta
 
 import pytest
 
-from cloud.telemetry import TelemetryStore, decode_row, quantile
-from protos.errors import InvalidArgument
-from protos.fleet.v1 import device_pb2
+from edgefleet.cloud.telemetry import TelemetryStore, decode_row, quantile
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.fleet.v1 import device_pb2
 
 BOUNDS = [100, 1000, 10000]
 HOUR = 3_600_000

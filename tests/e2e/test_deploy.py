@@ -14,16 +14,16 @@ import grpc
 import numpy as np
 import pytest
 
-from agent.agent import Agent
-from agent.config import AgentSettings
-from cloud.broker import ManagedBroker
-from cloud.client import LocalClient
-from cloud.config import load_settings
-from cloud.coordinator import Coordinator
-from cloud.devices import DeviceStore, Selector
-from cloud.evaluation import EvalSet
-from cloud.registry import ModelRef
-from cloud.signing import load_private_key
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.config import AgentSettings
+from edgefleet.cloud.broker import ManagedBroker
+from edgefleet.cloud.client import LocalClient
+from edgefleet.cloud.config import load_settings
+from edgefleet.cloud.coordinator import Coordinator
+from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.evaluation import EvalSet
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.signing import load_private_key
 
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -125,11 +125,11 @@ def test_deploy_reaches_every_device_on_its_variant(
                 mv = client.registry.get_version(ModelRef("digits", 1))
                 ev = EvalSet.from_bytes(client.pipeline.store.get(mv.evalset_sha256))
                 port = agents["dev-cpu-0"].port
-                from agent.serde import (
+                from edgefleet.agent.serde import (
                     decode_predict_response,
                     encode_predict_request,
                 )
-                from protos.fleet.v1 import inference_pb2_grpc
+                from edgefleet.protos.fleet.v1 import inference_pb2_grpc
 
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                     stub = inference_pb2_grpc.InferenceServiceStub(ch)

@@ -18,18 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.broker import ManagedBroker, find_mosquitto
-from cloud.client import LocalClient
-from cloud.config import load_settings
-from cloud.coordinator import Coordinator
-from cloud.devices import DeviceStore, Selector
-from cloud.monitoring import Monitoring
-from cloud.registry import ModelRef
-from cloud.signing import load_private_key
-from protos.errors import NotFound
-from protos.manifest import SignedManifest, decode_manifest
-from simulator.fleet import SimulatedFleet
-from simulator.traffic import Traffic
+from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
+from edgefleet.cloud.client import LocalClient
+from edgefleet.cloud.config import load_settings
+from edgefleet.cloud.coordinator import Coordinator
+from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.monitoring import Monitoring
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.signing import load_private_key
+from edgefleet.protos.errors import NotFound
+from edgefleet.protos.manifest import SignedManifest, decode_manifest
+from edgefleet.simulator.fleet import SimulatedFleet
+from edgefleet.simulator.traffic import Traffic
 from tests.conftest import Cli
 
 try:
@@ -72,7 +72,7 @@ def _open(monitoring: Monitoring) -> list[tuple[str, str]]:
 def test_drift_injected_into_one_group_alerts_that_group_only(
     home: Path, broker: ManagedBroker, tmp_path: Path, cli: Cli
 ) -> None:
-    from models.data import load_dataset
+    from edgefleet.models.data import load_dataset
 
     settings = load_settings(home=home)
     ds = load_dataset("digits")

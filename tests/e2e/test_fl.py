@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from cloud.broker import find_mosquitto
-from cloud.config import ServeInfo
-from protos.errors import NotFound
-from protos.flower import flower_available
+from edgefleet.cloud.broker import find_mosquitto
+from edgefleet.cloud.config import ServeInfo
+from edgefleet.protos.errors import NotFound
+from edgefleet.protos.flower import flower_available
 from tests.e2e.test_serve import REPO, _env, fleet_serve
 
 try:
@@ -38,9 +38,9 @@ DEVICES = ["sim-0000", "sim-0001", "sim-0002"]
 @pytest.fixture(scope="module")
 def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A FLEET_HOME holding digits:1 (an MLP trained centrally for a few epochs)."""
-    from cloud.cli.main import run
-    from cloud.client import LocalClient
-    from cloud.config import load_settings
+    from edgefleet.cloud.cli.main import run
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
 
     h = tmp_path_factory.mktemp("fl") / "home"
     assert run(["--home", str(h), "init"]) == 0
@@ -63,7 +63,7 @@ def coordinator(trained: Path, tmp: Path) -> Iterator[tuple[Path, ServeInfo]]:
 
 def enroll(home: Path, tmp: Path) -> dict[str, dict[str, Any]]:
     """`fleet devices enroll ID --fl` for each device: its bundle."""
-    from cloud.cli.main import run
+    from edgefleet.cloud.cli.main import run
 
     bundles = {}
     for d in DEVICES:
@@ -77,8 +77,8 @@ def enroll(home: Path, tmp: Path) -> dict[str, dict[str, Any]]:
 
 def sim_fleet(info: ServeInfo, home: Path, tmp: Path, bundles: dict[str, dict[str, Any]]) -> Any:
     """Three simulated devices (real agents), each with its FL sidecar configured."""
-    from agent.config import config_from_bundle
-    from simulator.fleet import SimulatedFleet
+    from edgefleet.agent.config import config_from_bundle
+    from edgefleet.simulator.fleet import SimulatedFleet
 
     fleet = SimulatedFleet(
         len(DEVICES),
@@ -104,7 +104,7 @@ def sim_fleet(info: ServeInfo, home: Path, tmp: Path, bundles: dict[str, dict[st
 
 async def fl_ready(home: Path, fleet: Any, n: int) -> None:
     """Wait until the coordinator has seen `n` devices online with a ready FL sidecar."""
-    from cloud.devices import DeviceStore
+    from edgefleet.cloud.devices import DeviceStore
 
     store = DeviceStore(f"sqlite:///{home / 'registry.db'}")
     try:
@@ -123,7 +123,7 @@ async def fleet_cli(home: Path, *args: str, timeout: float = 300) -> tuple[int, 
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "cloud.cli.main",
+        "edgefleet.cloud.cli.main",
         "--home",
         str(home),
         *args,
@@ -143,8 +143,8 @@ async def fleet_cli(home: Path, *args: str, timeout: float = 300) -> tuple[int, 
 
 
 def versions(home: Path) -> list[Any]:
-    from cloud.client import LocalClient
-    from cloud.config import load_settings
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
 
     client = LocalClient(load_settings(home=home))
     try:
@@ -295,10 +295,10 @@ async def unregistered_sidecar(
     info: ServeInfo, bundle: dict[str, Any], tmp: Path
 ) -> AsyncIterator[Any]:
     """A device's sidecar holding a key the coordinator never registered."""
-    from agent.config import AgentSettings
-    from agent.fl import FlSidecar
-    from cloud.fl.tls import new_node_key
-    from simulator.data import write_partitions
+    from edgefleet.agent.config import AgentSettings
+    from edgefleet.agent.fl import FlSidecar
+    from edgefleet.cloud.fl.tls import new_node_key
+    from edgefleet.simulator.data import write_partitions
 
     data = write_partitions(tmp / "rogue", ["rogue"], seed=1)["rogue"]
     settings = AgentSettings(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from protos.flower import flower_available
+from edgefleet.protos.flower import flower_available
 
 pytest.importorskip("ray", reason="Flower's simulation runtime needs edgefleet[fl-sim]")
 if not flower_available():
@@ -18,7 +18,7 @@ if not flower_available():
 
 
 def test_robust_strategies_resist_poisoning_that_breaks_fedavg(tmp_path: Path) -> None:
-    from simulator.fl import FederatedSimulation
+    from edgefleet.simulator.fl import FederatedSimulation
 
     with FederatedSimulation(tmp_path, devices=20, alpha=5.0, seed=0) as sim:
         report = sim.run(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.cli.main import run
+from edgefleet.cloud.cli.main import run
 from tests.conftest import Cli
 
 ALL_VARIANTS = ("fp32", "int8", "fp16", "tflite-fp32", "tflite-int8")
@@ -122,7 +122,7 @@ def test_verify_export_and_agent_verify(cli: Cli, trained: Path, tmp_path: Path)
     agent = [
         sys.executable,
         "-m",
-        "agent.cli",
+        "edgefleet.agent.cli",
         "verify",
         str(model),
         "--manifest",
@@ -274,7 +274,7 @@ def test_import_sklearn_model_matches_original(cli: Cli, tmp_path: Path) -> None
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from models.runtime import open_session
+    from edgefleet.models.runtime import open_session
 
     d = load_digits()
     x = d.data.astype(np.float32)

@@ -28,19 +28,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cloud.broker import ManagedBroker, find_mosquitto
-from cloud.client import LocalClient
-from cloud.config import CloudSettings, ServeInfo, load_settings
-from cloud.coordinator import Coordinator
-from cloud.devices import DeviceStore, Selector
-from cloud.registry import ModelRef
-from cloud.rollouts import Policy, Rollout, RolloutStore
-from cloud.rollouts.controller import RolloutController
-from cloud.signing import load_private_key
-from protos.errors import Conflict, NotFound
-from protos.topics import Topics
-from simulator.fleet import SimulatedFleet
-from simulator.traffic import Traffic
+from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
+from edgefleet.cloud.client import LocalClient
+from edgefleet.cloud.config import CloudSettings, ServeInfo, load_settings
+from edgefleet.cloud.coordinator import Coordinator
+from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.rollouts import Policy, Rollout, RolloutStore
+from edgefleet.cloud.rollouts.controller import RolloutController
+from edgefleet.cloud.signing import load_private_key
+from edgefleet.protos.errors import Conflict, NotFound
+from edgefleet.protos.topics import Topics
+from edgefleet.simulator.fleet import SimulatedFleet
+from edgefleet.simulator.traffic import Traffic
 from tests.conftest import Cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ GOOD, BAD, SLOW = 2, 3, 4
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """digits:1 (in service), :2 (as good), :3 (labels shifted: collapses), :4 (8x wider)."""
-    from models.data import load_dataset
+    from edgefleet.models.data import load_dataset
 
     root = tmp_path_factory.mktemp("rollouts")
     h = root / "home"
@@ -76,7 +76,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
-    from models.data import load_dataset
+    from edgefleet.models.data import load_dataset
 
     ds = load_dataset("digits")
     return ds.x.astype(np.float32), ds.y
@@ -310,7 +310,7 @@ def _serve(home: Path, broker_url: str) -> tuple[subprocess.Popen[bytes], ServeI
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "cloud.cli.main", "--home", str(home), "serve"),
+            *(sys.executable, "-m", "edgefleet.cloud.cli.main", "--home", str(home), "serve"),
             *("--broker", broker_url, "--grpc-listen", "127.0.0.1:0"),
         ],
         cwd=REPO,
@@ -351,8 +351,8 @@ def test_coordinator_killed_mid_rollout_resumes_where_it_was(
 ) -> None:
     import json
 
-    from cloud.client import read_token
-    from cloud.remote import GrpcClient
+    from edgefleet.cloud.client import read_token
+    from edgefleet.cloud.remote import GrpcClient
 
     settings = load_settings(home=home)
     token = read_token(settings.token_path)
@@ -462,8 +462,8 @@ def _generations(home: Path) -> dict[str, int]:
 def _cli_fixtures(home: Path) -> str:
     """Ten devices that reported a birth (GPU class, running digits:1), and a finished
     rollout whose canary failed the accuracy gate; returns its id."""
-    from cloud.rollouts import GateResult, Rollout, Stage
-    from simulator.profiles import GPU
+    from edgefleet.cloud.rollouts import GateResult, Rollout, Stage
+    from edgefleet.simulator.profiles import GPU
 
     url = load_settings(home=home).registry_url
     devices, store = DeviceStore(url), RolloutStore(url)

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from cloud.broker import find_mosquitto
-from cloud.config import ServeInfo
-from protos.errors import NotFound
+from edgefleet.cloud.broker import find_mosquitto
+from edgefleet.cloud.config import ServeInfo
+from edgefleet.protos.errors import NotFound
 from tests.conftest import Cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ def fleet_serve(home: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[byte
         [
             sys.executable,
             "-m",
-            "cloud.cli.main",
+            "edgefleet.cloud.cli.main",
             "--home",
             str(home),
             "serve",
@@ -95,10 +95,10 @@ def fleet_serve(home: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[byte
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An initialised FLEET_HOME holding digits:1 with an int8 variant."""
-    from cloud.cli.main import run
-    from cloud.client import LocalClient
-    from cloud.config import load_settings
-    from cloud.registry import ModelRef
+    from edgefleet.cloud.cli.main import run
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.registry import ModelRef
 
     h = tmp_path_factory.mktemp("serve") / "home"
     assert run(["--home", str(h), "init"]) == 0
@@ -203,8 +203,8 @@ def test_deploy_to_a_device_never_online_fails(cli: Cli, home: Path, served: Ser
 
 
 def test_deploy_to_two_agents(cli: Cli, home: Path, served: ServeInfo, tmp_path: Path) -> None:
-    from agent.agent import Agent
-    from agent.config import AgentSettings
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.config import AgentSettings
 
     h = ("--home", str(home), "--coordinator", served.grpc)
     bundles: dict[str, dict[str, Any]] = {}
@@ -284,7 +284,7 @@ def test_deploy_to_two_agents(cli: Cli, home: Path, served: ServeInfo, tmp_path:
 
 
 def test_sigterm_stops_serve_and_its_broker(tmp_path: Path) -> None:
-    from cloud.cli.main import run
+    from edgefleet.cloud.cli.main import run
 
     home = tmp_path / "home"
     assert run(["--home", str(home), "init"]) == 0
@@ -318,8 +318,8 @@ def test_devices_ls_filters_locally_and_through_the_coordinator(
 ) -> None:
     from datetime import datetime, timedelta, timezone
 
-    from cloud.config import load_settings
-    from cloud.devices import DeviceStore
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.devices import DeviceStore
 
     store = DeviceStore(load_settings(home=home).registry_url)
     long_ago = datetime.now(timezone.utc) - timedelta(hours=2)

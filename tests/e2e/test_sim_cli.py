@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cloud.config import ServeInfo
-from simulator.cluster import SimCluster
-from simulator.faults import parse_faults
+from edgefleet.cloud.config import ServeInfo
+from edgefleet.simulator.cluster import SimCluster
+from edgefleet.simulator.faults import parse_faults
 from tests.conftest import Cli
 from tests.e2e.test_serve import REPO, _env, fleet_serve
 from tests.e2e.test_serve import home as home
@@ -27,7 +27,7 @@ def served(home: Path) -> Iterator[ServeInfo]:
 
 
 def _fleet(home: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "cloud.cli.main", "--home", str(home), *args]
+    return [sys.executable, "-m", "edgefleet.cloud.cli.main", "--home", str(home), *args]
 
 
 def test_fleet_sim_runs_devices_that_a_deploy_reaches_through_faults(

@@ -13,13 +13,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.serde import UpdateState
-from protos.fleet.v1 import device_pb2
-from protos.transport import Message, MqttSettings, MqttTransport
-from simulator.fleet import SimulatedFleet
+from edgefleet.agent.serde import UpdateState
+from edgefleet.protos.fleet.v1 import device_pb2
+from edgefleet.protos.transport import Message, MqttSettings, MqttTransport
+from edgefleet.simulator.fleet import SimulatedFleet
 
 if TYPE_CHECKING:
-    from cloud.broker import ManagedBroker
+    from edgefleet.cloud.broker import ManagedBroker
 
 pytestmark = pytest.mark.slow
 
@@ -88,9 +88,9 @@ def test_a_thousand_agents_come_online_on_one_loop(broker: ManagedBroker, tmp_pa
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cloud.client import LocalClient
-    from cloud.config import load_settings
-    from cloud.registry import ModelRef
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.registry import ModelRef
 
     h = tmp_path_factory.mktemp("simdeploy") / "home"
     client = LocalClient(load_settings(home=h))
@@ -112,13 +112,13 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_deploy_survives_corrupt_chunks_and_a_crash_mid_download(
     home: Path, broker: ManagedBroker, tmp_path: Path
 ) -> None:
-    from cloud.client import LocalClient
-    from cloud.config import load_settings
-    from cloud.coordinator import Coordinator
-    from cloud.devices import DeviceStore, Selector
-    from cloud.registry import ModelRef
-    from cloud.signing import load_private_key
-    from protos.topics import Topics
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.coordinator import Coordinator
+    from edgefleet.cloud.devices import DeviceStore, Selector
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.cloud.signing import load_private_key
+    from edgefleet.protos.topics import Topics
 
     settings = load_settings(home=home)
     client = LocalClient(settings)

@@ -7,9 +7,9 @@ import asyncio
 import time
 from pathlib import Path
 
-from cloud.broker import ManagedBroker
-from cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
-from protos.transport import MqttSettings, MqttTransport
+from edgefleet.cloud.broker import ManagedBroker
+from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
+from edgefleet.protos.transport import MqttSettings, MqttTransport
 from tests.contract.test_telemetry import NOW, payload
 
 

@@ -17,21 +17,21 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.agent import Agent
-from agent.config import AgentSettings
-from cloud.broker import ManagedBroker
-from cloud.client import LocalClient
-from cloud.config import CloudSettings, load_settings
-from cloud.coordinator import Coordinator
-from cloud.devices import DeviceStore, Selector
-from cloud.distribution import chunk_digests
-from cloud.registry import ModelRef
-from cloud.serde import decode_reported, encode_desired
-from cloud.signing import load_private_key
-from protos.fleet.v1 import device_pb2
-from protos.manifest import SignedManifest, decode_manifest, sign_manifest
-from protos.topics import Topics
-from protos.transport import MqttSettings, MqttTransport
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.config import AgentSettings
+from edgefleet.cloud.broker import ManagedBroker
+from edgefleet.cloud.client import LocalClient
+from edgefleet.cloud.config import CloudSettings, load_settings
+from edgefleet.cloud.coordinator import Coordinator
+from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.distribution import chunk_digests
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.serde import decode_reported, encode_desired
+from edgefleet.cloud.signing import load_private_key
+from edgefleet.protos.fleet.v1 import device_pb2
+from edgefleet.protos.manifest import SignedManifest, decode_manifest, sign_manifest
+from edgefleet.protos.topics import Topics
+from edgefleet.protos.transport import MqttSettings, MqttTransport
 
 CPU = {
     "runtimes": ["onnxruntime", "litert"],

@@ -10,8 +10,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import config_from_bundle, load_config, write_config
-from protos.errors import AlreadyExists, InvalidArgument, NotFound
+from edgefleet.agent.config import config_from_bundle, load_config, write_config
+from edgefleet.protos.errors import AlreadyExists, InvalidArgument, NotFound
 
 
 def pem() -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud.broker import ManagedBroker
-from protos.errors import NotFound
+from edgefleet.cloud.broker import ManagedBroker
+from edgefleet.protos.errors import NotFound
 
 
 def _get_retained(b: ManagedBroker, topic: str, timeout: float = 5.0) -> bytes | None:
@@ -46,7 +46,7 @@ def test_broker_serves_and_keeps_retained_across_restart(broker: ManagedBroker) 
 def test_missing_binary_says_how_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import cloud.broker as cb
+    import edgefleet.cloud.broker as cb
 
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(cb, "_SEARCH", ())

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import from_arrays, load_dataset, split
-from protos.errors import InvalidArgument, NotFound
+from edgefleet.models.data import from_arrays, load_dataset, split
+from edgefleet.protos.errors import InvalidArgument, NotFound
 
 
 def test_digits_shape_and_classes() -> None:

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from cloud.distribution import Broadcaster, chunk_digests
-from protos.errors import InvalidArgument
-from protos.fleet.v1 import device_pb2
-from protos.topics import Topics
+from edgefleet.cloud.distribution import Broadcaster, chunk_digests
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.fleet.v1 import device_pb2
+from edgefleet.protos.topics import Topics
 
 DATA = bytes(range(256)) * 1000  # 256,000 bytes
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -73,7 +73,7 @@ def test_chunk_digests_and_validation() -> None:
 
 
 def test_publish_failure_keeps_chunks_pending_until_the_link_is_back() -> None:
-    from protos.errors import Unavailable
+    from edgefleet.protos.errors import Unavailable
 
     sent: list[int] = []
     fail = {"left": 3}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.download import PartialDownload
-from protos.errors import Conflict, DataLoss, InvalidArgument
+from edgefleet.agent.download import PartialDownload
+from edgefleet.protos.errors import Conflict, DataLoss, InvalidArgument
 
 CHUNK = 16 * 1024
 
@@ -54,7 +54,7 @@ class Records(logging.Handler):
 @pytest.fixture
 def records() -> Iterator[Records]:
     """Log records of agent.download (works with `-p no:logging`, unlike caplog)."""
-    log = logging.getLogger("agent.download")
+    log = logging.getLogger("edgefleet.agent.download")
     handler, old_level = Records(), log.level
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)

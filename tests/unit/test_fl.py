@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.devices import Device
-from cloud.fl.canary import CanaryPlan
-from cloud.fl.federation import RunRequest
-from cloud.fl.selection import select_participants
-from cloud.fl.store import FlNode
-from cloud.registry import ModelRef
-from models.fl.journal import Journal, read_events
-from models.fl.shards import count_samples, data_dir_of, local_split
-from protos.errors import InvalidArgument
-from protos.flower import fl_features, parse_fl_features
+from edgefleet.cloud.devices import Device
+from edgefleet.cloud.fl.canary import CanaryPlan
+from edgefleet.cloud.fl.federation import RunRequest
+from edgefleet.cloud.fl.selection import select_participants
+from edgefleet.cloud.fl.store import FlNode
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.models.fl.journal import Journal, read_events
+from edgefleet.models.fl.shards import count_samples, data_dir_of, local_split
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.flower import fl_features, parse_fl_features
 
 
 def _device(device_id: str, *, online: bool = True, features: list[str] | None = None) -> Device:
@@ -104,7 +104,7 @@ def test_canary_plan_becomes_a_rollout_policy() -> None:
 
 def test_attacker_updates_point_the_other_way_and_farther() -> None:
     pytest.importorskip("flwr")
-    from simulator.fl_app import poisoned
+    from edgefleet.simulator.fl_app import poisoned
 
     sent = {"w": np.zeros(3, np.float32)}
     trained = {"w": np.array([1.0, -2.0, 0.5], np.float32)}
@@ -117,7 +117,7 @@ def test_attacker_updates_point_the_other_way_and_farther() -> None:
 
 def test_participants_text_maps_nodes_to_devices() -> None:
     pytest.importorskip("flwr")
-    from models.fl.server_app import parse_participants
+    from edgefleet.models.fl.server_app import parse_participants
 
     assert parse_participants("cam-1=18446744073709551615,cam-2=7") == {
         18446744073709551615: "cam-1",
@@ -128,11 +128,18 @@ def test_participants_text_maps_nodes_to_devices() -> None:
 
 
 def test_round_weights_keep_the_buffers_of_the_start(tmp_path: Path) -> None:
-    from cloud.training.train import TrainConfig, train
-    from models.arch import to_checkpoint
-    from models.checkpoint import dump_checkpoint, load_checkpoint
-    from models.data import load_dataset
-    from models.fl.task import FitConfig, evaluate, fit, merged_checkpoint, module_from, trainable
+    from edgefleet.cloud.training.train import TrainConfig, train
+    from edgefleet.models.arch import to_checkpoint
+    from edgefleet.models.checkpoint import dump_checkpoint, load_checkpoint
+    from edgefleet.models.data import load_dataset
+    from edgefleet.models.fl.task import (
+        FitConfig,
+        evaluate,
+        fit,
+        merged_checkpoint,
+        module_from,
+        trainable,
+    )
 
     ds = load_dataset("digits")
     r = train(ds.subset(np.arange(300)), TrainConfig(arch="mlp", epochs=1))
@@ -153,7 +160,7 @@ def test_round_weights_keep_the_buffers_of_the_start(tmp_path: Path) -> None:
 
 
 def test_local_data_split_and_location(tmp_path: Path) -> None:
-    from simulator.data import write_shards
+    from edgefleet.simulator.data import write_shards
 
     write_shards(tmp_path / "d", np.zeros((50, 4), np.float32), np.arange(50) % 3)
     assert count_samples(tmp_path / "d") == 50

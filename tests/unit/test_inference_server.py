@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import serde
-from agent.inference import ActiveModel, ModelHolder, load
-from agent.serde import ModelRef, UpdateState
-from agent.server import AgentStatus, check_address, serve
-from models.runtime import OnnxSession, open_session
-from protos.errors import FleetError, InvalidArgument, Unavailable
-from protos.fleet.v1 import inference_pb2, inference_pb2_grpc, model_pb2
-from protos.manifest import GoldenSample, Manifest, sign_manifest, verify_manifest
+from edgefleet.agent import serde
+from edgefleet.agent.inference import ActiveModel, ModelHolder, load
+from edgefleet.agent.serde import ModelRef, UpdateState
+from edgefleet.agent.server import AgentStatus, check_address, serve
+from edgefleet.models.runtime import OnnxSession, open_session
+from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
+from edgefleet.protos.fleet.v1 import inference_pb2, inference_pb2_grpc, model_pb2
+from edgefleet.protos.manifest import GoldenSample, Manifest, sign_manifest, verify_manifest
 
 FEATURES = 64
 CLASSES = 10
@@ -41,9 +41,9 @@ class Built:
 def _export(seed: int) -> bytes:
     import torch
 
-    from cloud.training.export import export_onnx
-    from models.arch import build
-    from models.checkpoint import ArchConfig
+    from edgefleet.cloud.training.export import export_onnx
+    from edgefleet.models.arch import build
+    from edgefleet.models.checkpoint import ArchConfig
 
     torch.manual_seed(seed)
     return export_onnx(build(ArchConfig("mlp", (FEATURES,), CLASSES)), (FEATURES,))

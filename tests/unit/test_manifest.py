@@ -7,8 +7,8 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protos.errors import DataLoss, InvalidArgument, Unauthenticated
-from protos.manifest import (
+from edgefleet.protos.errors import DataLoss, InvalidArgument, Unauthenticated
+from edgefleet.protos.manifest import (
     GoldenSample,
     Manifest,
     SignedManifest,

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud.metrics import (
+from edgefleet.cloud.metrics import (
     Family,
     MetricsRegistry,
     Sample,
@@ -15,7 +15,7 @@ from cloud.metrics import (
     render,
     serve_metrics,
 )
-from cloud.telemetry import Percentiles
+from edgefleet.cloud.telemetry import Percentiles
 
 
 @dataclass

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.checkpoint import ArchConfig, dump_checkpoint, load_checkpoint
-from protos.errors import InvalidArgument
+from edgefleet.models.checkpoint import ArchConfig, dump_checkpoint, load_checkpoint
+from edgefleet.protos.errors import InvalidArgument
 
 
 def test_checkpoint_roundtrip_rebuilds_the_same_function() -> None:
     import torch
 
-    from models.arch import build, from_checkpoint, to_checkpoint
+    from edgefleet.models.arch import build, from_checkpoint, to_checkpoint
 
     torch.manual_seed(0)
     cfg = ArchConfig("cnn", (64,), 10)
@@ -23,7 +23,7 @@ def test_checkpoint_roundtrip_rebuilds_the_same_function() -> None:
 
 
 def test_checkpoint_that_does_not_fit_is_named() -> None:
-    from models.arch import build, from_checkpoint, to_checkpoint
+    from edgefleet.models.arch import build, from_checkpoint, to_checkpoint
 
     ck = to_checkpoint(ArchConfig("mlp", (64,), 10), build(ArchConfig("mlp", (64,), 10)))
     wrong = load_checkpoint(dump_checkpoint(ck))
@@ -35,7 +35,7 @@ def test_checkpoint_that_does_not_fit_is_named() -> None:
 
 
 def test_unknown_arch_and_non_square_cnn() -> None:
-    from models.arch import build
+    from edgefleet.models.arch import build
 
     with pytest.raises(InvalidArgument, match="available: cnn, mlp"):
         build(ArchConfig("resnet", (64,), 10))
@@ -47,15 +47,15 @@ def test_unknown_arch_and_non_square_cnn() -> None:
 def tiny_onnx() -> bytes:
     import torch
 
-    from cloud.training.export import export_onnx
-    from models.arch import build
+    from edgefleet.cloud.training.export import export_onnx
+    from edgefleet.models.arch import build
 
     torch.manual_seed(0)
     return export_onnx(build(ArchConfig("mlp", (64,), 10)), (64,))
 
 
 def test_onnx_session_dynamic_batch_and_shape_errors(tiny_onnx: bytes) -> None:
-    from models.runtime import open_session
+    from edgefleet.models.runtime import open_session
 
     s = open_session(tiny_onnx, "onnxruntime")
     assert s.inputs[0].shape == (-1, 64) and s.provider == "CPUExecutionProvider"

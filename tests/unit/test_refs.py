@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cloud.registry import ModelRef
-from protos.errors import InvalidArgument
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.protos.errors import InvalidArgument
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from cloud.devices import Selector
-from cloud.rollouts import Policy, RolloutDevice, parse_policy
-from cloud.rollouts.controller import plan_stages
-from cloud.rollouts.gates import failure_budget, install_gates, quality_gates
-from cloud.rollouts.model import check_transition
-from cloud.rollouts.policy import parse_duration
-from protos.errors import Conflict, InvalidArgument
+from edgefleet.cloud.devices import Selector
+from edgefleet.cloud.rollouts import Policy, RolloutDevice, parse_policy
+from edgefleet.cloud.rollouts.controller import plan_stages
+from edgefleet.cloud.rollouts.gates import failure_budget, install_gates, quality_gates
+from edgefleet.cloud.rollouts.model import check_transition
+from edgefleet.cloud.rollouts.policy import parse_duration
+from edgefleet.protos.errors import Conflict, InvalidArgument
 
 
 def test_no_policy_flag_means_all_at_once() -> None:

@@ -4,9 +4,9 @@ from typing import Any
 
 import pytest
 
-from cloud.registry import Lineage, ModelVersion, Variant
-from cloud.selection import DeviceProfile, choose_variant
-from protos.errors import InvalidArgument
+from edgefleet.cloud.registry import Lineage, ModelVersion, Variant
+from edgefleet.cloud.selection import DeviceProfile, choose_variant
+from edgefleet.protos.errors import InvalidArgument
 
 
 def variant(

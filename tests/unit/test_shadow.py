@@ -8,12 +8,12 @@ import random
 import numpy as np
 import pytest
 
-from agent import serde
-from agent.inference import ModelHolder, Observation, load
-from agent.serde import ShadowSettings
-from agent.shadow import ShadowEvaluator
-from cloud.serde import decode_shadow_report
-from protos.errors import InvalidArgument
+from edgefleet.agent import serde
+from edgefleet.agent.inference import ModelHolder, Observation, load
+from edgefleet.agent.serde import ShadowSettings
+from edgefleet.agent.shadow import ShadowEvaluator
+from edgefleet.cloud.serde import decode_shadow_report
+from edgefleet.protos.errors import InvalidArgument
 from tests.unit.test_inference_server import Built, _export, _manifest, _x
 
 

@@ -13,19 +13,19 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.serde import decode_chunk
-from models.data import load_dataset
-from models.runtime import ModelSession
-from protos.errors import InvalidArgument, NotFound
-from protos.fleet.v1 import device_pb2
-from protos.manifest import TensorSpec
-from protos.transport import Message, MqttSettings, MqttTransport
-from simulator.data import label_skew, partition, read_shards, write_shards
-from simulator.fleet import SimulatedFleet, _SlowedSession, corrupt_chunk
-from simulator.profiles import MIXED, PROFILES, Mix, Profile, parse_profile
+from edgefleet.agent.serde import decode_chunk
+from edgefleet.models.data import load_dataset
+from edgefleet.models.runtime import ModelSession
+from edgefleet.protos.errors import InvalidArgument, NotFound
+from edgefleet.protos.fleet.v1 import device_pb2
+from edgefleet.protos.manifest import TensorSpec
+from edgefleet.protos.transport import Message, MqttSettings, MqttTransport
+from edgefleet.simulator.data import label_skew, partition, read_shards, write_shards
+from edgefleet.simulator.fleet import SimulatedFleet, _SlowedSession, corrupt_chunk
+from edgefleet.simulator.profiles import MIXED, PROFILES, Mix, Profile, parse_profile
 
 if TYPE_CHECKING:
-    from cloud.broker import ManagedBroker
+    from edgefleet.cloud.broker import ManagedBroker
 
 
 # -- profiles ---------------------------------------------------------------------------
@@ -271,8 +271,8 @@ def test_stopping_devices_that_are_still_connecting_does_not_hang(
 
 
 def test_drift_faults_parse_and_shift_the_input_stream() -> None:
-    from simulator.faults import parse_faults
-    from simulator.fleet import InputDrift
+    from edgefleet.simulator.faults import parse_faults
+    from edgefleet.simulator.fleet import InputDrift
 
     plan = parse_faults("drift:25%@30s=4,drift:2=x1.5,drift=2x0.5,drift")
     assert [(f.who, f.at, f.arg, f.scale) for f in plan] == [

@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from agent.drift import FOLD_ROWS, DriftMonitor
-from agent.inference import ModelHolder, Observation, load
-from agent.serde import encode_telemetry
-from cloud.telemetry.ingest import decode
-from models.sketch import (
+from edgefleet.agent.drift import FOLD_ROWS, DriftMonitor
+from edgefleet.agent.inference import ModelHolder, Observation, load
+from edgefleet.agent.serde import encode_telemetry
+from edgefleet.cloud.telemetry.ingest import decode
+from edgefleet.models.sketch import (
     FEATURES,
     MIN_SAMPLES,
     Counts,
@@ -24,8 +24,8 @@ from models.sketch import (
     score,
     sketch,
 )
-from protos.errors import InvalidArgument
-from protos.manifest import decode_manifest, encode_manifest
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.manifest import decode_manifest, encode_manifest
 from tests.unit.test_inference_server import FEATURES as N_IN
 from tests.unit.test_inference_server import _export, _manifest
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.download import PartialDownload
-from agent.slots import InstalledModel, ModelSlots
-from protos.errors import Conflict, DataLoss, InvalidArgument, NotFound
-from protos.manifest import Manifest, SignedManifest, TensorSpec, sign_manifest
+from edgefleet.agent.download import PartialDownload
+from edgefleet.agent.slots import InstalledModel, ModelSlots
+from edgefleet.protos.errors import Conflict, DataLoss, InvalidArgument, NotFound
+from edgefleet.protos.manifest import Manifest, SignedManifest, TensorSpec, sign_manifest
 
 KEY = Ed25519PrivateKey.generate()
 

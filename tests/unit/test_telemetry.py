@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.inference import ModelHolder
-from agent.telemetry import Spool, Telemetry
-from protos.errors import Unavailable
-from protos.fleet.v1 import device_pb2
+from edgefleet.agent.inference import ModelHolder
+from edgefleet.agent.telemetry import Spool, Telemetry
+from edgefleet.protos.errors import Unavailable
+from edgefleet.protos.fleet.v1 import device_pb2
 
 
 def decode(p: bytes) -> device_pb2.Telemetry:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from protos.errors import InvalidArgument
-from protos.topics import Topics
+from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.topics import Topics
 
 SHA = "ab" * 32
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from cloud.broker import ManagedBroker, free_port
-from protos.errors import Conflict, InvalidArgument, Unauthenticated, Unavailable
-from protos.transport import Message, MqttSettings, MqttTransport, Will
+from edgefleet.cloud.broker import ManagedBroker, free_port
+from edgefleet.protos.errors import Conflict, InvalidArgument, Unauthenticated, Unavailable
+from edgefleet.protos.transport import Message, MqttSettings, MqttTransport, Will
 
 WAIT = 5.0
 
@@ -49,7 +49,7 @@ class _Records(logging.Handler):
 
 @pytest.fixture
 def records() -> Iterator[_Records]:
-    log = logging.getLogger("protos.transport")
+    log = logging.getLogger("edgefleet.protos.transport")
     handler, level = _Records(), log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)

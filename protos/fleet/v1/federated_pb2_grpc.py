@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.fleet.v1 import federated_pb2 as protos_dot_fleet_dot_v1_dot_federated__pb2
+from edgefleet.protos.fleet.v1 import federated_pb2 as edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/fleet/v1/federated_pb2_grpc.py depends on'
+        + ' but the generated code in edgefleet/protos/fleet/v1/federated_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -40,28 +40,28 @@ class FederatedServiceStub:
         """
         self.StartRun = channel.unary_stream(
                 '/fleet.v1.FederatedService/StartRun',
-                request_serializer=protos_dot_fleet_dot_v1_dot_federated__pb2.StartRunRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.StartRunRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
                 _registered_method=True)
         self.WatchRun = channel.unary_stream(
                 '/fleet.v1.FederatedService/WatchRun',
-                request_serializer=protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
                 _registered_method=True)
         self.GetRun = channel.unary_unary(
                 '/fleet.v1.FederatedService/GetRun',
-                request_serializer=protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
                 _registered_method=True)
         self.ListRuns = channel.unary_unary(
                 '/fleet.v1.FederatedService/ListRuns',
-                request_serializer=protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
         self.EnrollNode = channel.unary_unary(
                 '/fleet.v1.FederatedService/EnrollNode',
-                request_serializer=protos_dot_fleet_dot_v1_dot_federated__pb2.EnrollNodeRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_federated__pb2.NodeEnrollment.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.EnrollNodeRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.NodeEnrollment.FromString,
                 _registered_method=True)
 
 
@@ -108,28 +108,28 @@ def add_FederatedServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'StartRun': grpc.unary_stream_rpc_method_handler(
                     servicer.StartRun,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_federated__pb2.StartRunRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.StartRunRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.SerializeToString,
             ),
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.SerializeToString,
             ),
             'GetRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRun,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.SerializeToString,
             ),
             'ListRuns': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRuns,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsResponse.SerializeToString,
             ),
             'EnrollNode': grpc.unary_unary_rpc_method_handler(
                     servicer.EnrollNode,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_federated__pb2.EnrollNodeRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_federated__pb2.NodeEnrollment.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.EnrollNodeRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.NodeEnrollment.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -161,8 +161,8 @@ class FederatedService:
             request,
             target,
             '/fleet.v1.FederatedService/StartRun',
-            protos_dot_fleet_dot_v1_dot_federated__pb2.StartRunRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.StartRunRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -188,8 +188,8 @@ class FederatedService:
             request,
             target,
             '/fleet.v1.FederatedService/WatchRun',
-            protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -215,8 +215,8 @@ class FederatedService:
             request,
             target,
             '/fleet.v1.FederatedService/GetRun',
-            protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.RunInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -242,8 +242,8 @@ class FederatedService:
             request,
             target,
             '/fleet.v1.FederatedService/ListRuns',
-            protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.ListRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -269,8 +269,8 @@ class FederatedService:
             request,
             target,
             '/fleet.v1.FederatedService/EnrollNode',
-            protos_dot_fleet_dot_v1_dot_federated__pb2.EnrollNodeRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_federated__pb2.NodeEnrollment.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.EnrollNodeRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_federated__pb2.NodeEnrollment.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.fleet.v1 import fleet_pb2 as protos_dot_fleet_dot_v1_dot_fleet__pb2
+from edgefleet.protos.fleet.v1 import fleet_pb2 as edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/fleet/v1/fleet_pb2_grpc.py depends on'
+        + ' but the generated code in edgefleet/protos/fleet/v1/fleet_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -40,93 +40,93 @@ class FleetServiceStub:
         """
         self.ListModels = channel.unary_unary(
                 '/fleet.v1.FleetService/ListModels',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.ListVersions = channel.unary_unary(
                 '/fleet.v1.FleetService/ListVersions',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsResponse.FromString,
                 _registered_method=True)
         self.GetVersion = channel.unary_unary(
                 '/fleet.v1.FleetService/GetVersion',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ModelVersionInfo.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ModelVersionInfo.FromString,
                 _registered_method=True)
         self.Train = channel.unary_stream(
                 '/fleet.v1.FleetService/Train',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.TrainRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.TrainRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
                 _registered_method=True)
         self.Quantize = channel.unary_stream(
                 '/fleet.v1.FleetService/Quantize',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.QuantizeRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.QuantizeRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
                 _registered_method=True)
         self.Promote = channel.unary_unary(
                 '/fleet.v1.FleetService/Promote',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteResponse.FromString,
                 _registered_method=True)
         self.Verify = channel.unary_unary(
                 '/fleet.v1.FleetService/Verify',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.VerifyResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.VerifyResponse.FromString,
                 _registered_method=True)
         self.ListDevices = channel.unary_unary(
                 '/fleet.v1.FleetService/ListDevices',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
         self.GetDevice = channel.unary_unary(
                 '/fleet.v1.FleetService/GetDevice',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDeviceRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.DeviceInfo.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDeviceRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.DeviceInfo.FromString,
                 _registered_method=True)
         self.EnrollDevice = channel.unary_unary(
                 '/fleet.v1.FleetService/EnrollDevice',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollmentBundle.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollmentBundle.FromString,
                 _registered_method=True)
         self.Deploy = channel.unary_stream(
                 '/fleet.v1.FleetService/Deploy',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.DeployRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.DeployRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/fleet.v1.FleetService/Status',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusResponse.FromString,
                 _registered_method=True)
         self.ListRollouts = channel.unary_unary(
                 '/fleet.v1.FleetService/ListRollouts',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsResponse.FromString,
                 _registered_method=True)
         self.GetRollout = channel.unary_unary(
                 '/fleet.v1.FleetService/GetRollout',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
                 _registered_method=True)
         self.WatchRollout = channel.unary_stream(
                 '/fleet.v1.FleetService/WatchRollout',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
                 _registered_method=True)
         self.ControlRollout = channel.unary_unary(
                 '/fleet.v1.FleetService/ControlRollout',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
                 _registered_method=True)
         self.GetDrift = channel.unary_unary(
                 '/fleet.v1.FleetService/GetDrift',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftResponse.FromString,
                 _registered_method=True)
         self.ListAlerts = channel.unary_unary(
                 '/fleet.v1.FleetService/ListAlerts',
-                request_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsResponse.FromString,
                 _registered_method=True)
 
 
@@ -253,93 +253,93 @@ def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsResponse.SerializeToString,
             ),
             'ListVersions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVersions,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsResponse.SerializeToString,
             ),
             'GetVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.GetVersion,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ModelVersionInfo.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ModelVersionInfo.SerializeToString,
             ),
             'Train': grpc.unary_stream_rpc_method_handler(
                     servicer.Train,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.TrainRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.TrainRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.SerializeToString,
             ),
             'Quantize': grpc.unary_stream_rpc_method_handler(
                     servicer.Quantize,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.QuantizeRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.QuantizeRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.SerializeToString,
             ),
             'Promote': grpc.unary_unary_rpc_method_handler(
                     servicer.Promote,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteResponse.SerializeToString,
             ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.VerifyResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.VerifyResponse.SerializeToString,
             ),
             'ListDevices': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDevices,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesResponse.SerializeToString,
             ),
             'GetDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDevice,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDeviceRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.DeviceInfo.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDeviceRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.DeviceInfo.SerializeToString,
             ),
             'EnrollDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.EnrollDevice,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollmentBundle.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollmentBundle.SerializeToString,
             ),
             'Deploy': grpc.unary_stream_rpc_method_handler(
                     servicer.Deploy,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.DeployRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.DeployRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusResponse.SerializeToString,
             ),
             'ListRollouts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRollouts,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsResponse.SerializeToString,
             ),
             'GetRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRollout,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.SerializeToString,
             ),
             'WatchRollout': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRollout,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.SerializeToString,
             ),
             'ControlRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.ControlRollout,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.SerializeToString,
             ),
             'GetDrift': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDrift,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftResponse.SerializeToString,
             ),
             'ListAlerts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAlerts,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -371,8 +371,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/ListModels',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -398,8 +398,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/ListVersions',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -425,8 +425,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/GetVersion',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ModelVersionInfo.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ModelVersionInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -452,8 +452,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/Train',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.TrainRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.TrainRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -479,8 +479,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/Quantize',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.QuantizeRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.QuantizeRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -506,8 +506,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/Promote',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.PromoteResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -533,8 +533,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/Verify',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.VerifyResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetVersionRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -560,8 +560,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/ListDevices',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListDevicesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -587,8 +587,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/GetDevice',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDeviceRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.DeviceInfo.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDeviceRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.DeviceInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -614,8 +614,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/EnrollDevice',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollmentBundle.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollmentBundle.FromString,
             options,
             channel_credentials,
             insecure,
@@ -641,8 +641,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/Deploy',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.DeployRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.DeployRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.Progress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -668,8 +668,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/Status',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -695,8 +695,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/ListRollouts',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListRolloutsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -722,8 +722,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/GetRollout',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -749,8 +749,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/WatchRollout',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -776,8 +776,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/ControlRollout',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.RolloutInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -803,8 +803,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/GetDrift',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.GetDriftResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -830,8 +830,8 @@ class FleetService:
             request,
             target,
             '/fleet.v1.FleetService/ListAlerts',
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ListAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

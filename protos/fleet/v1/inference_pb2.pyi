@@ -4,11 +4,11 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from edgefleet.protos.fleet.v1 import device_pb2 as _device_pb2
+from edgefleet.protos.fleet.v1 import model_pb2 as _model_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from protos.fleet.v1 import device_pb2 as _device_pb2
-from protos.fleet.v1 import model_pb2 as _model_pb2
 import builtins as _builtins
 import sys
 import typing as _typing

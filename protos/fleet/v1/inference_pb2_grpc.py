@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.fleet.v1 import inference_pb2 as protos_dot_fleet_dot_v1_dot_inference__pb2
+from edgefleet.protos.fleet.v1 import inference_pb2 as edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/fleet/v1/inference_pb2_grpc.py depends on'
+        + ' but the generated code in edgefleet/protos/fleet/v1/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class InferenceServiceStub:
         """
         self.Predict = channel.unary_unary(
                 '/fleet.v1.InferenceService/Predict',
-                request_serializer=protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.PredictStream = channel.stream_stream(
                 '/fleet.v1.InferenceService/PredictStream',
-                request_serializer=protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.GetModelMetadata = channel.unary_unary(
                 '/fleet.v1.InferenceService/GetModelMetadata',
-                request_serializer=protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadata.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadata.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/fleet.v1.InferenceService/Health',
-                request_serializer=protos_dot_fleet_dot_v1_dot_inference__pb2.HealthRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet_dot_v1_dot_inference__pb2.HealthResponse.FromString,
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.HealthRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.HealthResponse.FromString,
                 _registered_method=True)
 
 
@@ -91,23 +91,23 @@ def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.SerializeToString,
             ),
             'PredictStream': grpc.stream_stream_rpc_method_handler(
                     servicer.PredictStream,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.SerializeToString,
             ),
             'GetModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelMetadata,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadata.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadata.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=protos_dot_fleet_dot_v1_dot_inference__pb2.HealthRequest.FromString,
-                    response_serializer=protos_dot_fleet_dot_v1_dot_inference__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.HealthRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,8 +136,8 @@ class InferenceService:
             request,
             target,
             '/fleet.v1.InferenceService/Predict',
-            protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -163,8 +163,8 @@ class InferenceService:
             request_iterator,
             target,
             '/fleet.v1.InferenceService/PredictStream',
-            protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -190,8 +190,8 @@ class InferenceService:
             request,
             target,
             '/fleet.v1.InferenceService/GetModelMetadata',
-            protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadata.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.ModelMetadata.FromString,
             options,
             channel_credentials,
             insecure,
@@ -217,8 +217,8 @@ class InferenceService:
             request,
             target,
             '/fleet.v1.InferenceService/Health',
-            protos_dot_fleet_dot_v1_dot_inference__pb2.HealthRequest.SerializeToString,
-            protos_dot_fleet_dot_v1_dot_inference__pb2.HealthResponse.FromString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.HealthRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_inference__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,8 +4,8 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from edgefleet.protos.fleet.v1 import inference_pb2 as _inference_pb2
 from grpc import aio as _aio
-from protos.fleet.v1 import inference_pb2 as _inference_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
