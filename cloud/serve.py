@@ -157,7 +157,7 @@ async def serve(
                 telemetry=False,
             ) as coordinator,
             Monitoring(
-                db_url=settings.registry_url,
+                db=local.database,
                 broker_url=broker_url,
                 home=str(settings.home_dir),
                 devices=local.devices,
@@ -242,7 +242,7 @@ async def start_federation(settings: CloudSettings, local: LocalClient, rollouts
     from edgefleet.protos.flower import find_flower
 
     find_flower("flower-superlink")  # NotFound with install hints before anything starts
-    store = FlStore(settings.registry_url)
+    store = FlStore(local.database)
     federation = Federation(
         settings,
         pipeline=local.pipeline,

@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
-from edgefleet.cloud.db import Database
+from edgefleet.cloud.db import DatabaseUser
 from edgefleet.cloud.registry.entities import (
     Lineage,
     ModelRef,
@@ -34,17 +34,11 @@ logger = logging.getLogger(__name__)
 _RETRIES = 20
 
 
-class SqlRegistryStore(RegistryStore):
-    def __init__(self, url: str) -> None:
-        self._db = Database(
-            url,
-            what="registry database",
-            tables=[ModelRow.__table__, VersionRow.__table__, VariantRow.__table__],  # type: ignore[attr-defined]
-        )
-        self.url = self._db.url
+class SqlRegistryStore(DatabaseUser, RegistryStore):
+    what = "registry database"
 
     def close(self) -> None:
-        self._db.close()
+        DatabaseUser.close(self)
 
     def _session(self) -> AbstractContextManager[Session]:
         return self._db.session()

@@ -8,8 +8,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-metadata = SQLModel.metadata
-
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
