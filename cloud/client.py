@@ -14,10 +14,12 @@ import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import edgefleet
 from edgefleet.cloud.config import DEFAULT_MQTT_PORT, CloudSettings, ServeInfo, write_config
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion, RegistryStore
 
@@ -309,9 +311,9 @@ class LocalClient:
         if state:
             found = [d for d in found if d.state == state.lower()]
         if where is not None:
-            from datetime import datetime, timezone
+            from datetime import datetime
 
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             found = [d for d in found if where.matches(d, now=now)]
         return found
 
@@ -497,12 +499,7 @@ def read_token(path: Path) -> str:
 
 
 def coordinator_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("edgefleet")
-    except PackageNotFoundError:
-        return "0+unknown"
+    return edgefleet.__version__
 
 
 def _redact(url: str) -> str:

@@ -17,31 +17,18 @@ import contextlib
 import ipaddress
 import logging
 import os
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
 from edgefleet.cloud.client import LocalClient, read_token
 from edgefleet.cloud.config import CloudSettings, ServeInfo
+from edgefleet.protos.backoff import Backoff
 from edgefleet.protos.errors import InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
 
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    base: float = 0.5
-    cap: float = 30.0
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        upper: float = min(self.cap, self.base * 2 ** max(0, attempt - 1))
-        return (rng or random).uniform(0, upper)
 
 
 def _is_loopback(host: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 
@@ -49,7 +49,7 @@ def run_to_pb(r: FlRun) -> federated_pb2.RunInfo:
 
 def run_from_pb(m: federated_pb2.RunInfo) -> FlRun:
     def when(ms: int) -> datetime | None:
-        return datetime.fromtimestamp(ms / 1000, timezone.utc) if ms else None
+        return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
 
     return FlRun(
         run_id=m.run_id,
@@ -66,7 +66,7 @@ def run_from_pb(m: federated_pb2.RunInfo) -> FlRun:
         flower_run_id=int(m.flower_run_id) if m.flower_run_id else None,
         result_version=m.result_version or None,
         deploy=json.loads(m.deploy_json or "{}"),
-        created_at=when(m.created_at_ms) or datetime.now(timezone.utc),
+        created_at=when(m.created_at_ms) or datetime.now(UTC),
         finished_at=when(m.finished_at_ms),
     )
 

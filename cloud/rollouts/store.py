@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _ts(dt: datetime | None) -> float:
@@ -51,7 +51,7 @@ def _ts(dt: datetime | None) -> float:
 
 
 def _dt(ts: float) -> datetime | None:
-    return datetime.fromtimestamp(ts, timezone.utc) if ts else None
+    return datetime.fromtimestamp(ts, UTC) if ts else None
 
 
 class RolloutRow(SQLModel, table=True):

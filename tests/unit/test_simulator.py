@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.serde import decode_chunk
 from edgefleet.models.data import load_dataset
 from edgefleet.models.runtime import ModelSession
@@ -47,13 +48,13 @@ def test_profiles_claim_what_the_brief_says() -> None:
     assert gpu["accelerator"] == "gpu"
     npu = PROFILES["npu"].capabilities()
     assert {"QNNExecutionProvider", "OpenVINOExecutionProvider"} <= set(npu["providers"])
-    assert PROFILES["litert"].runtimes == ("litert",)
+    assert PROFILES["litert"].caps.runtimes == ("litert",)
     armv7 = PROFILES["armv7"].capabilities()
     assert armv7["tflite_runtime_legacy"] is True
     assert armv7["runtimes"] == ["litert"]
-    assert PROFILES["cpu"].runtimes == ("onnxruntime", "litert")
+    assert PROFILES["cpu"].caps.runtimes == ("onnxruntime", "litert")
     with pytest.raises(InvalidArgument, match="speed_factor 0.5"):
-        Profile("fast", ("onnxruntime",), (), "cpu", 1, speed_factor=0.5)
+        Profile("fast", Capabilities("x86_64", ("onnxruntime",), (), "cpu", 1), speed_factor=0.5)
 
 
 def test_mixed_is_exact_and_deterministic_by_seed() -> None:
@@ -216,9 +217,9 @@ def test_fifty_devices_come_online_crash_with_a_will_and_restart(
                 await fleet.wait(all_online, timeout=10, what="50 online births")
                 for dev in fleet.devices:
                     st = statuses[dev.device_id]
-                    assert tuple(st.capabilities.runtimes) == dev.profile.runtimes
-                    assert tuple(st.capabilities.providers) == dev.profile.providers
-                    assert st.capabilities.accelerator == dev.profile.accelerator
+                    assert tuple(st.capabilities.runtimes) == dev.profile.caps.runtimes
+                    assert tuple(st.capabilities.providers) == dev.profile.caps.providers
+                    assert st.capabilities.accelerator == dev.profile.caps.accelerator
                 kinds = {statuses[d.device_id].capabilities.accelerator for d in fleet.devices}
                 assert kinds == {"cpu", "gpu", "npu"}
 

@@ -397,7 +397,7 @@ def _make_pki(d: Path) -> tuple[Path, Path]:
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def cert(
         subject: str,
