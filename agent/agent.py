@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import edgefleet
 from edgefleet.agent.capabilities import detect
 from edgefleet.agent.config import AgentSettings
 from edgefleet.agent.drift import DriftMonitor
@@ -32,7 +33,7 @@ from edgefleet.protos.transport import Message, MqttSettings, MqttTransport, Wil
 
 logger = logging.getLogger(__name__)
 
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = edgefleet.__version__  # package metadata, like the coordinator's
 
 
 class Agent:

@@ -23,13 +23,13 @@ from typing import Any
 
 from edgefleet.agent.config import AgentSettings
 from edgefleet.models.fl.shards import count_samples
+from edgefleet.protos.backoff import Backoff
 from edgefleet.protos.flower import (
     FlowerProcess,
     find_flower,
     flower_available,
     flower_env,
     free_port,
-    full_jitter,
 )
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class FlSidecar:
                 if asyncio.get_running_loop().time() - started > 60:
                     attempt = 0  # it ran a good while: this is a fresh failure
                 attempt += 1
-                delay = full_jitter(attempt, base=self.backoff_base, cap=self.backoff_cap)
+                delay = Backoff(self.backoff_base, self.backoff_cap).delay(attempt)
                 self.state = "waiting"
                 logger.warning(
                     "%s: flower-supernode stopped (%s); retrying in %.1fs (attempt %d)",

@@ -37,11 +37,10 @@ from pathlib import Path
 from edgefleet.agent.download import fsync_dir
 from edgefleet.protos.errors import Conflict, DataLoss, FleetError, InvalidArgument, NotFound
 from edgefleet.protos.manifest import SignedManifest, decode_manifest
+from edgefleet.protos.variants import EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
-#: manifest runtime -> artifact file extension
-EXTENSIONS: dict[str, str] = {"onnxruntime": "onnx", "litert": "tflite"}
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_SUFFIX = ".manifest"

@@ -39,10 +39,11 @@ from edgefleet.protos.manifest import (
     verify_manifest,
 )
 from edgefleet.protos.topics import Topics
+from edgefleet.protos.variants import NAMES as VARIANT_NAMES
 
 logger = logging.getLogger(__name__)
 
-KNOWN_VARIANTS = ("fp32", "int8", "int8-dynamic", "fp16", "tflite-fp32", "tflite-int8")
+KNOWN_VARIANTS = VARIANT_NAMES  # the catalogue shared with the coordinator
 Publish = Callable[[str, bytes, bool], Awaitable[None]]  # topic, payload, retain
 Subscribe = Callable[[str], Awaitable[None]]
 

@@ -74,7 +74,7 @@ def machine() -> list[str]:
     from edgefleet.cloud.pipeline import code_version
 
     return [
-        f"date:    {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"date:    {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
         f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {cpu}, "
         f"{platform.system()} {platform.machine()}",
         f"python:  {platform.python_version()}; {', '.join(versions)}",

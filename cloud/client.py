@@ -14,14 +14,17 @@ import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import edgefleet
 from edgefleet.cloud.config import DEFAULT_MQTT_PORT, CloudSettings, ServeInfo, write_config
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion, RegistryStore
 
 if TYPE_CHECKING:
+    from edgefleet.cloud.db import Database
     from edgefleet.cloud.devices import Device, DeviceFilter, DeviceStore, Selector
     from edgefleet.cloud.drift import Alert, DriftMonitor, DriftRow
     from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
@@ -184,25 +187,30 @@ class LocalClient:
         self.settings = settings
 
     @cached_property
+    def database(self) -> Database:
+        """The one database (one engine) every store here shares; schema checked on open."""
+        from edgefleet.cloud.db import Database
+
+        self._require_init()
+        return Database(self.settings.registry_url)
+
+    @cached_property
     def registry(self) -> RegistryStore:
         from edgefleet.cloud.registry import open_registry
 
-        self._require_init()
-        return open_registry(self.settings.registry_url)
+        return open_registry(self.database)
 
     @cached_property
     def devices(self) -> DeviceStore:
         from edgefleet.cloud.devices import DeviceStore
 
-        self._require_init()
-        return DeviceStore(self.settings.registry_url)
+        return DeviceStore(self.database)
 
     @cached_property
     def rollouts(self) -> RolloutStore:
         from edgefleet.cloud.rollouts import RolloutStore
 
-        self._require_init()
-        return RolloutStore(self.settings.registry_url)
+        return RolloutStore(self.database)
 
     @cached_property
     def pipeline(self) -> Any:
@@ -227,7 +235,7 @@ class LocalClient:
 
     def init(self) -> InitResult:
         from edgefleet.cloud.artifacts import open_artifact_store
-        from edgefleet.cloud.registry import open_registry
+        from edgefleet.cloud.db import Database
         from edgefleet.cloud.signing import create_keypair, load_public
         from edgefleet.protos.errors import Unavailable
         from edgefleet.protos.manifest import key_id
@@ -237,8 +245,9 @@ class LocalClient:
             s.home_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise Unavailable(f"cannot create FLEET_HOME {s.home_dir}: {e.strerror}") from None
-        # check the stores before writing anything: a bad URL leaves nothing behind
-        open_registry(s.registry_url).close()
+        # check the stores before writing anything: a bad URL leaves nothing behind;
+        # an empty database gets the current schema (migrations), an old one is refused
+        Database(s.registry_url).close()
         store = open_artifact_store(s.artifacts, s3_endpoint_url=s.s3_endpoint_url)
         store.check()
         created = create_keypair(s.signing_key_path, s.public_key_path)
@@ -302,9 +311,9 @@ class LocalClient:
         if state:
             found = [d for d in found if d.state == state.lower()]
         if where is not None:
-            from datetime import datetime, timezone
+            from datetime import datetime
 
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             found = [d for d in found if where.matches(d, now=now)]
         return found
 
@@ -414,8 +423,8 @@ class LocalClient:
 
         s = self.settings
         return DriftMonitor(
-            telemetry=TelemetryStore(self.settings.registry_url),
-            alerts=AlertStore(self.settings.registry_url),
+            telemetry=TelemetryStore(self.database),
+            alerts=AlertStore(self.database),
             registry=self.registry,
             devices=self.devices,
             threshold=s.drift_threshold,
@@ -458,6 +467,8 @@ class LocalClient:
         if "drift_monitor" in self.__dict__:
             self.drift_monitor.telemetry.close()
             self.drift_monitor.alerts.close()
+        if "database" in self.__dict__:
+            self.database.close()
 
 
 def create_token(path: Path) -> bool:
@@ -488,12 +499,7 @@ def read_token(path: Path) -> str:
 
 
 def coordinator_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("edgefleet")
-    except PackageNotFoundError:
-        return "0+unknown"
+    return edgefleet.__version__
 
 
 def _redact(url: str) -> str:

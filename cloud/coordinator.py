@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import TracebackType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -173,7 +173,7 @@ class Coordinator:
                 _device, sha, missing, resume = decode_want(msg.payload)
                 self.broadcaster.on_want(sha, missing, resume=resume)
                 return
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             if kind == "status":
                 status = decode_status(msg.payload) if msg.payload else {"online": False}
                 self._inbox.append(DeviceEvent("status", ident, status, now))

@@ -6,8 +6,7 @@ to worker threads; `Deploy` drives the `Coordinator` and streams one `Progress`
 per device reaching a final state, then a `DeployResult`. FleetErrors become gRPC
 status codes (`protos.grpc_errors`) and come back as the same class in `cloud.remote`.
 
-The conversions between registry/device values and `fleet_pb2` messages live here,
-in both directions, so the client and the server agree on them.
+The conversions between values and `fleet_pb2` messages are `cloud.api.convert`.
 """
 
 from __future__ import annotations
@@ -15,29 +14,35 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from datetime import datetime, timezone
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
-from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
-from edgefleet.cloud.client import DeviceOutcome, EnrollmentBundle, LocalClient, coordinator_version
+from edgefleet.cloud.api import DEFAULT_DEPLOY_TIMEOUT, DEPLOY_DEADLINE_MARGIN
+from edgefleet.cloud.api.convert import (
+    bundle_to_pb,
+    device_to_pb,
+    outcome_to_fields,
+    policy_from_pb,
+    rollout_to_pb,
+    summary_to_pb,
+    version_to_pb,
+)
+from edgefleet.cloud.client import DeviceOutcome, LocalClient, coordinator_version
 from edgefleet.cloud.coordinator import FINAL_STATES
 from edgefleet.cloud.devices import Device, DeviceFilter, Selector
-from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
-from edgefleet.cloud.registry.entities import Lineage, Variant, check_model_name, check_stage
+from edgefleet.cloud.registry import ModelRef, ModelVersion
+from edgefleet.cloud.registry.entities import check_model_name, check_stage
 from edgefleet.protos.errors import (
     FleetError,
     InvalidArgument,
     Unavailable,
 )
-from edgefleet.protos.fleet.v1 import device_pb2, fleet_pb2, fleet_pb2_grpc, model_pb2
+from edgefleet.protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from edgefleet.protos.grpc_errors import grpc_status
-from edgefleet.protos.manifest import DTYPES, RUNTIMES, TensorSpec
 
 if TYPE_CHECKING:
     from edgefleet.cloud.coordinator import Coordinator
@@ -46,251 +51,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-DEFAULT_DEPLOY_TIMEOUT = 300.0
-#: the client's deadline is the deploy timeout plus this; the server waits for devices
-#: until the deadline minus this, so the final DeployResult always gets through
-DEPLOY_DEADLINE_MARGIN = 5.0
-
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_RUNTIME_NAMES = {v: k for k, v in RUNTIMES.items()}
-
-
-# -- conversions ------------------------------------------------------------------------
-
-
-def _ms(dt: datetime | None) -> int:
-    return int(dt.timestamp() * 1000) if dt is not None else 0
-
-
-def _dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc)
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
-
-
-def spec_to_pb(t: TensorSpec) -> model_pb2.TensorSpec:
-    return model_pb2.TensorSpec(name=t.name, dtype=DTYPES[t.dtype], shape=list(t.shape))  # type: ignore[arg-type]
-
-
-def spec_from_pb(t: model_pb2.TensorSpec) -> TensorSpec:
-    return TensorSpec(t.name, _DTYPE_NAMES.get(t.dtype, "float32"), tuple(t.shape))
-
-
-def version_to_pb(mv: ModelVersion) -> fleet_pb2.ModelVersionInfo:
-    lin = mv.lineage
-    info = fleet_pb2.ModelVersionInfo(
-        model=mv.model,
-        version=mv.version,
-        stage=mv.stage,
-        arch=mv.arch,
-        inputs=[spec_to_pb(t) for t in mv.inputs],
-        outputs=[spec_to_pb(t) for t in mv.outputs],
-        classes=list(mv.classes),
-        metrics={k: float(v) for k, v in mv.metrics.items()},
-        lineage=fleet_pb2.Lineage(
-            source=lin.source,
-            parent_version=lin.parent_version or 0,
-            dataset_name=lin.dataset_name,
-            dataset_digest=lin.dataset_digest,
-            training_config_json=_json(dict(lin.training_config)),
-            code_version=lin.code_version,
-            federated_json=_json(dict(lin.federated)) if lin.federated is not None else "",
-            origin_json=_json(dict(lin.origin)),
-        ),
-        checkpoint_sha256=mv.checkpoint_sha256 or "",
-        created_at_ms=_ms(mv.created_at),
-    )
-    for v in mv.variants:
-        vi = info.variants.add(
-            name=v.name,
-            runtime=RUNTIMES.get(v.runtime, model_pb2.RUNTIME_UNSPECIFIED),
-            sha256=v.sha256,
-            size=v.size,
-            latency_ms={k: float(x) for k, x in v.latency_ms.items()},
-            quantization_json=_json(dict(v.quantization)),
-            deployable=v.deployable,
-            reason=v.reason,
-            signed_manifest=v.signed_manifest,
-        )
-        if v.accuracy is not None:
-            vi.accuracy = v.accuracy
-    return info
-
-
-def version_from_pb(m: fleet_pb2.ModelVersionInfo) -> ModelVersion:
-    lin = m.lineage
-    created = _dt(m.created_at_ms)
-    return ModelVersion(
-        arch=m.arch,
-        inputs=tuple(spec_from_pb(t) for t in m.inputs),
-        outputs=tuple(spec_from_pb(t) for t in m.outputs),
-        classes=tuple(m.classes),
-        metrics=dict(m.metrics),
-        lineage=Lineage(
-            source=lin.source,
-            parent_version=lin.parent_version or None,
-            dataset_name=lin.dataset_name,
-            dataset_digest=lin.dataset_digest,
-            training_config=json.loads(lin.training_config_json or "{}"),
-            code_version=lin.code_version,
-            federated=json.loads(lin.federated_json) if lin.federated_json else None,
-            origin=json.loads(lin.origin_json or "{}"),
-        ),
-        checkpoint_sha256=m.checkpoint_sha256 or None,
-        evalset_sha256=None,  # not part of the contract: stays on the coordinator
-        model=m.model,
-        version=m.version,
-        stage=m.stage,
-        created_at=created,
-        variants=tuple(
-            Variant(
-                name=v.name,
-                runtime=_RUNTIME_NAMES.get(v.runtime, "unknown"),
-                sha256=v.sha256,
-                size=v.size,
-                accuracy=v.accuracy if v.HasField("accuracy") else None,
-                latency_ms=dict(v.latency_ms),
-                quantization=json.loads(v.quantization_json or "{}"),
-                deployable=v.deployable,
-                reason=v.reason,
-                signed_manifest=v.signed_manifest,
-                created_at=created,
-            )
-            for v in m.variants
-        ),
-    )
-
-
-def summary_to_pb(s: ModelSummary) -> fleet_pb2.ModelSummary:
-    return fleet_pb2.ModelSummary(
-        name=s.name,
-        versions=s.versions,
-        latest_version=s.latest_version or 0,
-        production_version=s.production_version or 0,
-        created_at_ms=_ms(s.created_at),
-    )
-
-
-def summary_from_pb(m: fleet_pb2.ModelSummary) -> ModelSummary:
-    return ModelSummary(
-        name=m.name,
-        created_at=_dt(m.created_at_ms),
-        versions=m.versions,
-        latest_version=m.latest_version or None,
-        production_version=m.production_version or None,
-    )
-
-
-def _parse_into(d: Mapping[str, Any], msg: T, what: str) -> T | None:
-    try:
-        ParseDict(dict(d), msg, ignore_unknown_fields=True)  # type: ignore[type-var]
-    except ParseError as e:
-        logger.warning("%s not representable: %s", what, e)
-        return None
-    return msg
-
-
-def _to_dict(msg: Any) -> dict[str, Any]:
-    return MessageToDict(msg, preserving_proto_field_name=True, use_integers_for_enums=False)
-
-
-def device_to_pb(d: Device) -> fleet_pb2.DeviceInfo:
-    info = fleet_pb2.DeviceInfo(
-        device_id=d.device_id,
-        group=d.group,
-        tags=dict(d.tags),
-        online=d.online,
-        last_seen_ms=_ms(d.last_seen),
-        desired_generation=d.desired_generation,
-    )
-    if d.capabilities:
-        caps = _parse_into(d.capabilities, device_pb2.Capabilities(), f"{d.device_id} capabilities")
-        if caps is not None:
-            info.capabilities.CopyFrom(caps)
-    if d.active:
-        act = _parse_into(d.active, device_pb2.ModelRef(), f"{d.device_id} active model")
-        if act is not None:
-            info.active.CopyFrom(act)
-    if d.reported:
-        rep = dict(d.reported)
-        rep["state"] = "UPDATE_STATE_" + str(rep.get("state", "unspecified")).upper()
-        rep["reason"] = "REASON_CODE_" + str(rep.get("reason", "unspecified")).upper()
-        parsed = _parse_into(rep, device_pb2.ReportedState(), f"{d.device_id} reported state")
-        if parsed is not None:
-            info.reported.CopyFrom(parsed)
-    return info
-
-
-def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
-    from edgefleet.cloud.serde import decode_reported
-
-    return Device(
-        device_id=m.device_id,
-        group=m.group,
-        tags=dict(m.tags),
-        enrolled_at=_dt(0),  # not part of the contract
-        online=m.online,
-        last_seen=_dt(m.last_seen_ms) if m.last_seen_ms else None,
-        agent_version="",
-        capabilities=_to_dict(m.capabilities) if m.HasField("capabilities") else {},
-        active=_to_dict(m.active) if m.HasField("active") else {},
-        reported=(
-            decode_reported(m.reported.SerializeToString()) if m.HasField("reported") else {}
-        ),
-        desired_generation=m.desired_generation,
-        rollout_id="",
-    )
-
-
-def bundle_to_pb(b: EnrollmentBundle) -> fleet_pb2.EnrollmentBundle:
-    return fleet_pb2.EnrollmentBundle(
-        device_id=b.device_id,
-        broker_url=b.broker_url,
-        username=b.username or "",
-        password=b.password or "",
-        signing_public_key=b.signing_public_key.encode(),
-        ca_certificate=(b.ca_certificate or "").encode(),
-        topic_prefix=b.topic_prefix,
-        group=b.group,
-        tags=dict(b.tags),
-    )
-
-
-def bundle_from_pb(m: fleet_pb2.EnrollmentBundle) -> EnrollmentBundle:
-    return EnrollmentBundle(
-        device_id=m.device_id,
-        broker_url=m.broker_url,
-        signing_public_key=m.signing_public_key.decode(),
-        topic_prefix=m.topic_prefix,
-        group=m.group,
-        tags=dict(m.tags),
-        username=m.username or None,
-        password=m.password or None,
-        ca_certificate=m.ca_certificate.decode() or None,
-    )
-
-
-def outcome_to_fields(o: DeviceOutcome) -> dict[str, str]:
-    return {
-        "device": o.device_id,
-        "variant": o.variant,
-        "state": o.state,
-        "reason": o.reason,
-        "detail": o.detail,
-    }
-
-
-def outcome_from_fields(f: Mapping[str, str]) -> DeviceOutcome:
-    return DeviceOutcome(
-        device_id=f.get("device", ""),
-        variant=f.get("variant", ""),
-        state=f.get("state", ""),
-        reason=f.get("reason", ""),
-        detail=f.get("detail", ""),
-    )
 
 
 # -- errors and auth --------------------------------------------------------------------
@@ -579,8 +339,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def ListRollouts(
         self, request: fleet_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.ListRolloutsResponse:
-        from edgefleet.cloud.rollouts.convert import rollout_to_pb
-
         async with _Mapped(context):
             found = await asyncio.to_thread(
                 lambda: self.local.rollouts.find(active_only=request.active_only)
@@ -590,8 +348,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def GetRollout(
         self, request: fleet_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.RolloutInfo:
-        from edgefleet.cloud.rollouts.convert import rollout_to_pb
-
         async with _Mapped(context):
             r, devs = await asyncio.to_thread(self.local.get_rollout, request.rollout_id)
             return rollout_to_pb(r, devs)
@@ -599,8 +355,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def WatchRollout(
         self, request: fleet_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.RolloutInfo]:
-        from edgefleet.cloud.rollouts.convert import rollout_to_pb
-
         async with _Mapped(context):
             last: fleet_pb2.RolloutInfo | None = None
             while True:
@@ -620,8 +374,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def ControlRollout(
         self, request: fleet_pb2.ControlRolloutRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.RolloutInfo:
-        from edgefleet.cloud.rollouts.convert import rollout_to_pb
-
         async with _Mapped(context):
             r = await self._controller().control(request.rollout_id, request.action)
             return rollout_to_pb(r)
@@ -629,7 +381,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def _staged(
         self, request: fleet_pb2.DeployRequest, ref: ModelRef, selector: Selector
     ) -> fleet_pb2.Progress:
-        from edgefleet.cloud.rollouts.convert import policy_from_pb, rollout_to_pb
         from edgefleet.cloud.rollouts.policy import Policy
 
         policy = (

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
+from edgefleet.cloud.db import Database
 from edgefleet.cloud.drift import AlertStore, DriftMonitor
 from edgefleet.cloud.metrics import (
     Family,
@@ -46,7 +47,7 @@ class Monitoring:
     def __init__(
         self,
         *,
-        db_url: str,
+        db: Database | str,
         broker_url: str,
         home: str,
         devices: Any,
@@ -62,7 +63,7 @@ class Monitoring:
         drift_interval: float = 30.0,
         drift_min_samples: int = 200,
     ) -> None:
-        self.store = TelemetryStore(db_url)
+        self.store = TelemetryStore(db)
         self.ingest = TelemetryIngest(self.store, on_written=devices.touch)
         self.subscriber = TelemetrySubscriber(
             MqttSettings(
@@ -86,7 +87,7 @@ class Monitoring:
         self.alerts: AlertStore | None = None
         self.drift_interval = drift_interval
         if registry is not None:
-            self.alerts = AlertStore(db_url)
+            self.alerts = AlertStore(db)
             self.drift = DriftMonitor(
                 telemetry=self.store,
                 alerts=self.alerts,

@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+import edgefleet
 from edgefleet.cloud.artifacts import ArtifactStore
 from edgefleet.cloud.evaluation import EvalSet, predictions
+from edgefleet.cloud.quantize import BUILDERS, Sources
 from edgefleet.cloud.registry import Lineage, ModelRef, ModelVersion, NewVersion, RegistryStore
 from edgefleet.cloud.variants import DEFAULT_MAX_DROP, KINDS, BuiltVariant, measure, sign_variants
 from edgefleet.protos.errors import DataLoss, FleetError, InvalidArgument, NotFound
@@ -37,12 +39,7 @@ def _noop(_what: str, _done: int, _total: int) -> None:
 
 
 def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("edgefleet")
-    except PackageNotFoundError:
-        v = "0+unknown"
+    v = edgefleet.__version__
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -295,7 +292,8 @@ class Pipeline:
         if needs_ckpt and not mv.checkpoint_sha256:
             raise InvalidArgument(
                 f"{mv.ref} was imported ({mv.lineage.origin.get('format', 'no checkpoint')}): "
-                f"{', '.join(needs_ckpt)} need a trainable checkpoint; buildable: int8, int8-dynamic, fp16"
+                f"{', '.join(needs_ckpt)} need a trainable checkpoint; buildable: "
+                + ", ".join(n for n in BUILDERS if not KINDS[n].needs_checkpoint)
             )
         key = self._signing_key()
         fp32 = mv.variant(_base_variant(mv))
@@ -305,41 +303,21 @@ class Pipeline:
                 f"{mv.ref} has no evaluation data; re-import it with --eval-data to quantize"
             )
         evalset = EvalSet.from_bytes(self.store.get(mv.evalset_sha256))
-        module = None
-        tflite_fp32: bytes | None = None
+        sources = Sources(
+            base, evalset.calibration, mv.inputs[0].shape[1:], lambda: self._module(mv)
+        )
         built: list[BuiltVariant] = []
         for i, name in enumerate(variants):
             progress(name, i, len(variants))
-            kind = KINDS[name]
-            data: bytes
-            if name == "int8":
-                from edgefleet.cloud.quantize.compact import compact_onnx
-                from edgefleet.cloud.quantize.onnx_variants import quantize_static_int8
-
-                data, qcfg = quantize_static_int8(base, evalset.calibration)
-                data = compact_onnx(data)
-            elif name == "int8-dynamic":
-                from edgefleet.cloud.quantize.onnx_variants import quantize_dynamic_int8
-
-                data, qcfg = quantize_dynamic_int8(base)
-            elif name == "fp16":
-                from edgefleet.cloud.quantize.onnx_variants import convert_fp16
-
-                data, qcfg = convert_fp16(base)
-            else:
-                from edgefleet.cloud.quantize.tflite_variants import to_tflite_fp32, to_tflite_int8
-
-                if module is None:
-                    module = self._module(mv)
-                if tflite_fp32 is None:
-                    tflite_fp32, fcfg = to_tflite_fp32(module, mv.inputs[0].shape[1:])
-                if name == "tflite-fp32":
-                    data, qcfg = tflite_fp32, fcfg
-                else:
-                    data, qcfg = to_tflite_int8(tflite_fp32, evalset.calibration)
+            data, qcfg = BUILDERS[name](sources)
             built.append(
                 measure(
-                    kind, data, qcfg, evalset, baseline_accuracy=fp32.accuracy, max_drop=max_drop
+                    KINDS[name],
+                    data,
+                    qcfg,
+                    evalset,
+                    baseline_accuracy=fp32.accuracy,
+                    max_drop=max_drop,
                 )
             )
         progress("register", len(variants), len(variants))

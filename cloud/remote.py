@@ -16,6 +16,16 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
+from edgefleet.cloud.api import DEPLOY_DEADLINE_MARGIN
+from edgefleet.cloud.api.convert import (
+    bundle_from_pb,
+    device_from_pb,
+    outcome_from_fields,
+    policy_to_pb,
+    rollout_from_pb,
+    summary_from_pb,
+    version_from_pb,
+)
 from edgefleet.cloud.client import (
     DeployReport,
     DeployStart,
@@ -23,14 +33,6 @@ from edgefleet.cloud.client import (
     DeviceOutcome,
     EnrollmentBundle,
     FleetStatus,
-)
-from edgefleet.cloud.grpc_service import (
-    DEPLOY_DEADLINE_MARGIN,
-    bundle_from_pb,
-    device_from_pb,
-    outcome_from_fields,
-    summary_from_pb,
-    version_from_pb,
 )
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
@@ -290,8 +292,6 @@ class GrpcClient:
     def create_rollout(
         self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool
     ) -> tuple[Rollout, list[RolloutDevice]]:
-        from edgefleet.cloud.rollouts.convert import policy_to_pb, rollout_from_pb
-
         req = fleet_pb2.DeployRequest(ref=str(ref), selector=str(selector), dry_run=dry_run)
         if policy is not None:
             req.policy.CopyFrom(policy_to_pb(policy))
@@ -301,23 +301,17 @@ class GrpcClient:
         raise FleetError(f"coordinator at {self.address} ended Deploy without a rollout")
 
     def list_rollouts(self, *, active_only: bool) -> list[Rollout]:
-        from edgefleet.cloud.rollouts.convert import rollout_from_pb
-
         resp = self._call(
             self._stub.ListRollouts, fleet_pb2.ListRolloutsRequest(active_only=active_only)
         )
         return [rollout_from_pb(r)[0] for r in resp.rollouts]
 
     def get_rollout(self, rollout_id: str) -> tuple[Rollout, list[RolloutDevice]]:
-        from edgefleet.cloud.rollouts.convert import rollout_from_pb
-
         return rollout_from_pb(
             self._call(self._stub.GetRollout, fleet_pb2.GetRolloutRequest(rollout_id=rollout_id))
         )
 
     def watch_rollout(self, rollout_id: str) -> Iterator[Rollout]:
-        from edgefleet.cloud.rollouts.convert import rollout_from_pb
-
         req = fleet_pb2.GetRolloutRequest(rollout_id=rollout_id)
         try:
             for msg in self._stub.WatchRollout(req, metadata=self._metadata, timeout=None):
@@ -326,8 +320,6 @@ class GrpcClient:
             self._fail(e)
 
     def control_rollout(self, rollout_id: str, action: str) -> Rollout:
-        from edgefleet.cloud.rollouts.convert import rollout_from_pb
-
         msg = self._call(
             self._stub.ControlRollout,
             fleet_pb2.ControlRolloutRequest(rollout_id=rollout_id, action=action),

@@ -17,31 +17,18 @@ import contextlib
 import ipaddress
 import logging
 import os
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
 from edgefleet.cloud.client import LocalClient, read_token
 from edgefleet.cloud.config import CloudSettings, ServeInfo
+from edgefleet.protos.backoff import Backoff
 from edgefleet.protos.errors import InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
 
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    base: float = 0.5
-    cap: float = 30.0
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        upper: float = min(self.cap, self.base * 2 ** max(0, attempt - 1))
-        return (rng or random).uniform(0, upper)
 
 
 def _is_loopback(host: str) -> bool:
@@ -157,7 +144,7 @@ async def serve(
                 telemetry=False,
             ) as coordinator,
             Monitoring(
-                db_url=settings.registry_url,
+                db=local.database,
                 broker_url=broker_url,
                 home=str(settings.home_dir),
                 devices=local.devices,
@@ -242,7 +229,7 @@ async def start_federation(settings: CloudSettings, local: LocalClient, rollouts
     from edgefleet.protos.flower import find_flower
 
     find_flower("flower-superlink")  # NotFound with install hints before anything starts
-    store = FlStore(settings.registry_url)
+    store = FlStore(local.database)
     federation = Federation(
         settings,
         pipeline=local.pipeline,

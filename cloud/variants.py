@@ -1,4 +1,5 @@
-"""The variant catalogue: how each deployable variant is built, gated and signed."""
+"""Building on the variant catalogue (`protos.variants`): gating, measuring and signing
+each deployable variant; their builders are `cloud.quantize.BUILDERS`."""
 
 from __future__ import annotations
 
@@ -22,37 +23,12 @@ from edgefleet.protos.manifest import (
     TensorSpec,
     sign_manifest,
 )
+from edgefleet.protos.variants import KINDS as KINDS
+from edgefleet.protos.variants import VariantKind as VariantKind
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class VariantKind:
-    name: str
-    runtime: str
-    extension: str
-    needs_checkpoint: bool
-    golden_tolerance: float  # fraction of the output's magnitude a device may differ by
-    summary: str
-
-
-KINDS: dict[str, VariantKind] = {
-    k.name: k
-    for k in (
-        VariantKind("fp32", "onnxruntime", "onnx", False, 0.01, "ONNX float32 (export)"),
-        VariantKind("int8", "onnxruntime", "onnx", False, 0.1, "ONNX static int8 QDQ, calibrated"),
-        VariantKind(
-            "int8-dynamic", "onnxruntime", "onnx", False, 0.1, "ONNX dynamic int8 (no convolutions)"
-        ),
-        VariantKind(
-            "fp16", "onnxruntime", "onnx", False, 0.05, "ONNX float16, float32 I/O (GPU/NPU)"
-        ),
-        VariantKind("tflite-fp32", "litert", "tflite", True, 0.01, "TFLite float32 (LiteRT)"),
-        VariantKind(
-            "tflite-int8", "litert", "tflite", True, 0.1, "TFLite static int8, float32 I/O"
-        ),
-    )
-}
 DEFAULT_VARIANTS = ("int8", "fp16", "tflite-fp32", "tflite-int8")
 DEFAULT_MAX_DROP = 1.0  # accuracy points
 

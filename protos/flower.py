@@ -4,8 +4,8 @@ No `flwr` import: both sides run Flower's own executables as child processes.
 `FlowerProcess` starts one in its own session with the environment Flower needs
 here (telemetry and update checks off, a private FLWR_HOME) and stops it with
 everything it spawned: Flower starts its ServerApp/ClientApp processes in their
-own sessions, so a process group is not enough and descendants are found by
-parent pid (/proc) and stopped one by one.
+own sessions, so a process group is not enough and descendants are found with
+psutil and stopped one by one.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import shutil
 import signal
 import socket
@@ -22,6 +21,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import psutil
 
 from edgefleet.protos.errors import NotFound
 
@@ -76,11 +77,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def full_jitter(attempt: int, *, base: float = 1.0, cap: float = 60.0) -> float:
-    """Seconds before restart `attempt` (1, 2, …): capped exponential backoff, full jitter."""
-    return random.uniform(0, min(cap, base * 2 ** min(max(attempt, 1) - 1, 32)))
-
-
 def fl_features(*, ready: bool, reason: str = "", samples: int = 0) -> list[str]:
     """How an agent states its federated sidecar in `Capabilities.features`."""
     if ready:
@@ -105,28 +101,12 @@ def parse_fl_features(features: Sequence[str]) -> dict[str, object] | None:
     return out
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (Linux /proc; [] elsewhere)."""
-    children: dict[int, list[int]] = {}
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every live process below `pid`."""
     try:
-        entries = os.listdir("/proc")
-    except OSError:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
         return []
-    for e in entries:
-        if not e.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{e}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(e))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 class FlowerProcess:
@@ -175,38 +155,35 @@ class FlowerProcess:
         if proc is None:
             return
         tree = descendants(proc.pid)
-        for pid in [proc.pid, *tree]:
-            _signal(pid, signal.SIGTERM)
+        _signal(proc.pid, signal.SIGTERM)
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
         deadline = time.monotonic() + timeout
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             _signal(proc.pid, signal.SIGKILL)
             proc.wait(timeout)
-        for pid in tree:  # ours are reaped by their parents; wait for them to go
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid):
-                _signal(pid, signal.SIGKILL)
+        # ours are reaped by their parents; wait for them to go
+        _, alive = psutil.wait_procs(tree, timeout=max(0.0, deadline - time.monotonic()))
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
     def kill(self) -> None:
         """Die at once, children included (SIGKILL): a crash, for faults and tests."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        for pid in [proc.pid, *descendants(proc.pid)]:
-            _signal(pid, signal.SIGKILL)
+        tree = descendants(proc.pid)
+        _signal(proc.pid, signal.SIGKILL)
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         proc.wait(10)
 
 
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"

@@ -37,7 +37,6 @@ import contextlib
 import inspect
 import ipaddress
 import logging
-import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,6 +51,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgefleet.protos.backoff import Backoff
 from edgefleet.protos.errors import (
     Conflict,
     FleetError,
@@ -869,8 +869,7 @@ class MqttTransport:
                     msg.ack()
 
     def _backoff(self, attempt: int) -> float:
-        s = self.settings
-        return random.uniform(0, min(s.backoff_cap, s.backoff_base * 2 ** min(attempt - 1, 32)))
+        return Backoff(self.settings.backoff_base, self.settings.backoff_cap).delay(attempt)
 
     async def _run(self) -> None:
         attempt = 0

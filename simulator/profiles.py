@@ -20,23 +20,19 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.protos.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
 class Profile:
-    """One kind of simulated hardware."""
+    """One kind of simulated hardware: the agent's own `Capabilities` it claims, and how
+    much slower than this machine it runs."""
 
     name: str
-    runtimes: tuple[str, ...]
-    providers: tuple[str, ...]
-    accelerator: str  # gpu | npu | cpu
-    memory_mb: int
-    tflite_runtime_legacy: bool = False
+    caps: Capabilities
     speed_factor: float = 1.0
-    machine: str = "x86_64"
 
     def __post_init__(self) -> None:
         if self.speed_factor < 1.0:
@@ -44,19 +40,12 @@ class Profile:
                 f"profile {self.name!r}: speed_factor {self.speed_factor} must be >= 1 "
                 "(a simulated device is never faster than the machine running it)"
             )
-        if not self.runtimes:
+        if not self.caps.runtimes:
             raise InvalidArgument(f"profile {self.name!r} names no runtime")
 
-    def capabilities(self) -> dict[str, Any]:
-        """The capabilities dict an `Agent` reports (the shape of `Capabilities.to_dict()`)."""
-        return {
-            "machine": self.machine,
-            "runtimes": list(self.runtimes),
-            "providers": list(self.providers),
-            "accelerator": self.accelerator,
-            "memory_mb": self.memory_mb,
-            "tflite_runtime_legacy": self.tflite_runtime_legacy,
-        }
+    def capabilities(self) -> dict[str, object]:
+        """What an `Agent` with these capabilities reports."""
+        return self.caps.to_dict()
 
     def assign(self, n: int, *, seed: int = 0) -> list[Profile]:
         """This profile for each of `n` devices (`seed` is unused; same shape as `Mix.assign`)."""
@@ -66,50 +55,57 @@ class Profile:
 
 CPU = Profile(
     "cpu",
-    runtimes=("onnxruntime", "litert"),
-    providers=("CPUExecutionProvider",),
-    accelerator="cpu",
-    memory_mb=2048,
+    Capabilities(
+        machine="x86_64",
+        runtimes=("onnxruntime", "litert"),
+        providers=("CPUExecutionProvider",),
+        accelerator="cpu",
+        memory_mb=2048,
+    ),
     speed_factor=3.0,
 )
 GPU = Profile(
     "gpu",
-    runtimes=("onnxruntime",),
-    # claimed: the session falls back to CPU where CUDA is not installed
-    providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
-    accelerator="gpu",
-    memory_mb=8192,
+    Capabilities(
+        machine="aarch64",
+        runtimes=("onnxruntime",),
+        # claimed: the session falls back to CPU where CUDA is not installed
+        providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+        accelerator="gpu",
+        memory_mb=8192,
+    ),
     speed_factor=1.0,
-    machine="aarch64",
 )
 NPU = Profile(
     "npu",
-    runtimes=("onnxruntime",),
-    # claimed: the session falls back to CPU where neither is installed
-    providers=("QNNExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider"),
-    accelerator="npu",
-    memory_mb=4096,
+    Capabilities(
+        machine="aarch64",
+        runtimes=("onnxruntime",),
+        # claimed: the session falls back to CPU where neither is installed
+        providers=("QNNExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider"),
+        accelerator="npu",
+        memory_mb=4096,
+    ),
     speed_factor=1.5,
-    machine="aarch64",
 )
 LITERT = Profile(
     "litert",
-    runtimes=("litert",),
-    providers=(),
-    accelerator="cpu",
-    memory_mb=1024,
+    Capabilities(
+        machine="aarch64", runtimes=("litert",), providers=(), accelerator="cpu", memory_mb=1024
+    ),
     speed_factor=5.0,
-    machine="aarch64",
 )
 ARMV7 = Profile(
     "armv7",
-    runtimes=("litert",),
-    providers=(),
-    accelerator="cpu",
-    memory_mb=512,
-    tflite_runtime_legacy=True,
+    Capabilities(
+        machine="armv7l",
+        runtimes=("litert",),
+        providers=(),
+        accelerator="cpu",
+        memory_mb=512,
+        tflite_runtime_legacy=True,
+    ),
     speed_factor=10.0,
-    machine="armv7l",
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (CPU, GPU, NPU, LITERT, ARMV7)}

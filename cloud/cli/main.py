@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from edgefleet.cloud.cli import db as db_cli
 from edgefleet.cloud.cli import devices as devices_cli
 from edgefleet.cloud.cli import drift as drift_cli
 from edgefleet.cloud.cli import fl as fl_cli
@@ -35,6 +36,7 @@ app.add_typer(models_cli.app, name="models")
 app.add_typer(devices_cli.app, name="devices")
 app.add_typer(rollouts_cli.app, name="rollouts")
 app.add_typer(fl_cli.app, name="fl")
+app.add_typer(db_cli.app, name="db")
 app.command("sim")(sim_cli.sim)
 app.command("drift")(drift_cli.drift)
 app.command("alerts")(drift_cli.alerts)

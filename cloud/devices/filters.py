@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from edgefleet.protos.errors import InvalidArgument
@@ -97,7 +97,7 @@ class DeviceFilter:
         if self.connectivity and d.online != (self.connectivity == "online"):
             return False
         if self.stale_s and d.last_seen is not None:
-            now = now or datetime.now(timezone.utc)
+            now = now or datetime.now(UTC)
             if (now - d.last_seen).total_seconds() <= self.stale_s:
                 return False
         return True

@@ -6,14 +6,14 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from edgefleet.cloud.db import Database
+from edgefleet.cloud.db import DatabaseUser
 from edgefleet.cloud.devices.selector import Selector
 from edgefleet.cloud.registry.tables import UtcDateTime
 from edgefleet.protos.errors import AlreadyExists, NotFound
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class DeviceRow(SQLModel, table=True):
@@ -150,13 +150,8 @@ def _apply(row: DeviceRow, e: DeviceEvent) -> None:
             row.active = dict(e.payload["active"])
 
 
-class DeviceStore:
-    def __init__(self, url: str) -> None:
-        self._db = Database(url, what="device database", tables=[DeviceRow.__table__])  # type: ignore[attr-defined]
-        self.url = self._db.url
-
-    def close(self) -> None:
-        self._db.close()
+class DeviceStore(DatabaseUser):
+    what = "device database"
 
     def _session(self) -> AbstractContextManager[Session]:
         return self._db.session()

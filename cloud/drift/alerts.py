@@ -16,15 +16,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from edgefleet.cloud.db import Database
+from edgefleet.cloud.db import DatabaseUser, metadata
 from edgefleet.protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
 SCOPES = ("device", "group")
 METRICS = ("inputs", "predictions")
-
-metadata = sa.MetaData()
 
 drift_alerts = sa.Table(
     "drift_alerts",
@@ -90,13 +88,8 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
-class AlertStore:
-    def __init__(self, url: str) -> None:
-        self._db = Database(url, what="alert database", tables=[drift_alerts])
-        self.url = self._db.url
-
-    def close(self) -> None:
-        self._db.close()
+class AlertStore(DatabaseUser):
+    what = "alert database"
 
     def apply(
         self, findings: Sequence[Finding], *, threshold: float, now_ms: int | None = None

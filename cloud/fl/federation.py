@@ -29,6 +29,7 @@ from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.variants import DEFAULT_VARIANTS, KINDS
 from edgefleet.models.fl import APP_DIR, EVENTS_FILE, STRATEGIES, WEIGHTS_FILE
 from edgefleet.models.fl.journal import read_events
+from edgefleet.protos.backoff import Backoff
 from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
@@ -195,9 +196,8 @@ class Federation:
         task.add_done_callback(self._tasks.discard)
 
     async def _supervise(self) -> None:
-        from edgefleet.protos.flower import full_jitter
-
         attempt = 0
+        backoff = Backoff(0.5, 30.0)
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
@@ -207,7 +207,7 @@ class Federation:
                 attempt = 0
                 continue
             attempt += 1
-            delay = full_jitter(attempt, base=0.5, cap=30.0)
+            delay = backoff.delay(attempt)
             logger.warning(
                 "flower-superlink exited; restarting, retrying in %.1fs (attempt %d)",
                 delay,

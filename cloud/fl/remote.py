@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from edgefleet.cloud.api.convert import enrollment_from_pb, request_to_pb, run_from_pb
 from edgefleet.cloud.fl.federation import FlEnrollment, RunRequest
-from edgefleet.cloud.fl.service import enrollment_from_pb, request_to_pb, run_from_pb
 from edgefleet.cloud.fl.store import FlRun
 from edgefleet.cloud.remote import GrpcClient
 from edgefleet.protos.errors import FleetError

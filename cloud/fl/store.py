@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from edgefleet.cloud.db import Database
+from edgefleet.cloud.db import DatabaseUser
 from edgefleet.cloud.registry.tables import UtcDateTime
 from edgefleet.protos.errors import AlreadyExists, NotFound
 
@@ -27,7 +27,7 @@ FINAL_RUN_STATES = ("succeeded", "failed")
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class FlNodeRow(SQLModel, table=True):
@@ -127,16 +127,8 @@ def _run(r: FlRunRow) -> FlRun:
     )
 
 
-class FlStore:
-    def __init__(self, url: str) -> None:
-        self._db = Database(
-            url,
-            what="federated-learning database",
-            tables=[FlNodeRow.__table__, FlRunRow.__table__],  # type: ignore[attr-defined]
-        )
-
-    def close(self) -> None:
-        self._db.close()
+class FlStore(DatabaseUser):
+    what = "federated-learning database"
 
     def _session(self) -> AbstractContextManager[Session]:
         return self._db.session()

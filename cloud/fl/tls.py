@@ -79,7 +79,7 @@ def _cert_names(path: Path) -> set[str]:
 def ensure_tls(directory: Path, *, hosts: Iterable[str] = ()) -> TlsFiles:
     """The CA and a server certificate valid for loopback and `hosts` (made if missing)."""
     files = TlsFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key_path = directory / "ca.key"
     if not files.ca_cert.exists() or not ca_key_path.exists():
         ca_key = ec.generate_private_key(ec.SECP384R1())

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import random
 import re
-import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
+import stamina
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
-from edgefleet.cloud.db import Database
+from edgefleet.cloud.db import DatabaseUser
 from edgefleet.cloud.registry.entities import (
     Lineage,
     ModelRef,
@@ -34,17 +33,11 @@ logger = logging.getLogger(__name__)
 _RETRIES = 20
 
 
-class SqlRegistryStore(RegistryStore):
-    def __init__(self, url: str) -> None:
-        self._db = Database(
-            url,
-            what="registry database",
-            tables=[ModelRow.__table__, VersionRow.__table__, VariantRow.__table__],  # type: ignore[attr-defined]
-        )
-        self.url = self._db.url
+class SqlRegistryStore(DatabaseUser, RegistryStore):
+    what = "registry database"
 
     def close(self) -> None:
-        self._db.close()
+        DatabaseUser.close(self)
 
     def _session(self) -> AbstractContextManager[Session]:
         return self._db.session()
@@ -60,50 +53,59 @@ class SqlRegistryStore(RegistryStore):
         check_model_name(model)
         if not 0 < len(new.arch) <= 64:
             raise InvalidArgument(f"arch {new.arch!r}: 1-64 characters")
-        for attempt in range(_RETRIES):
-            try:
-                with self._session() as s:
-                    m = s.exec(select(ModelRow).where(ModelRow.name == model)).first()
-                    if m is None:
-                        m = ModelRow(name=model)
-                        s.add(m)
-                        s.flush()
-                    assert m.id is not None
-                    top = s.exec(
-                        select(func.max(VersionRow.version)).where(VersionRow.model_id == m.id)
-                    ).one()
-                    row = VersionRow(
-                        model_id=m.id,
-                        version=(top or 0) + 1,
-                        arch=new.arch,
-                        spec={
-                            "inputs": [t.to_dict() for t in new.inputs],
-                            "outputs": [t.to_dict() for t in new.outputs],
-                            "classes": list(new.classes),
-                        },
-                        metrics=dict(new.metrics),
-                        lineage=new.lineage.to_dict(),
-                        checkpoint_sha256=new.checkpoint_sha256,
-                        evalset_sha256=new.evalset_sha256,
-                    )
-                    s.add(row)
-                    s.flush()
-                    assert row.id is not None
-                    made = variants(row.version) if variants else ()
-                    _check_variant_names(made)
-                    for v in made:
-                        s.add(_variant_row(row.id, v))
-                    s.commit()
-                    logger.info("registered %s:%d", model, row.version)
-                    return self._load(s, m, row)
-            except IntegrityError:
-                # another writer took this number (or created the model): try again
-                delay = min(0.5, 0.01 * 2**attempt) * random.random()
-                logger.debug(
-                    "version number taken; retrying in %.3fs (attempt %d)", delay, attempt + 1
-                )
-                time.sleep(delay)
-        raise Conflict(f"could not allocate a version of {model!r} after {_RETRIES} attempts")
+        try:
+            # another writer may take this number (or create the model) first: try again
+            for attempt in stamina.retry_context(
+                on=IntegrityError, attempts=_RETRIES, wait_initial=0.01, wait_max=0.5, timeout=None
+            ):
+                with attempt:
+                    return self._create_version_once(model, new, variants)
+        except IntegrityError:
+            raise Conflict(
+                f"could not allocate a version of {model!r} after {_RETRIES} attempts"
+            ) from None
+        raise AssertionError("unreachable: stamina retries or raises")
+
+    def _create_version_once(
+        self,
+        model: str,
+        new: NewVersion,
+        variants: Callable[[int], Sequence[NewVariant]] | None,
+    ) -> ModelVersion:
+        with self._session() as s:
+            m = s.exec(select(ModelRow).where(ModelRow.name == model)).first()
+            if m is None:
+                m = ModelRow(name=model)
+                s.add(m)
+                s.flush()
+            assert m.id is not None
+            top = s.exec(
+                select(func.max(VersionRow.version)).where(VersionRow.model_id == m.id)
+            ).one()
+            row = VersionRow(
+                model_id=m.id,
+                version=(top or 0) + 1,
+                arch=new.arch,
+                spec={
+                    "inputs": [t.to_dict() for t in new.inputs],
+                    "outputs": [t.to_dict() for t in new.outputs],
+                    "classes": list(new.classes),
+                },
+                metrics=dict(new.metrics),
+                lineage=new.lineage.to_dict(),
+                checkpoint_sha256=new.checkpoint_sha256,
+                evalset_sha256=new.evalset_sha256,
+            )
+            s.add(row)
+            s.flush()
+            assert row.id is not None
+            made = variants(row.version) if variants else ()
+            _check_variant_names(made)
+            for v in made:
+                s.add(_variant_row(row.id, v))
+            s.commit()
+            logger.info("registered %s:%d", model, row.version)
+            return self._load(s, m, row)
 
     def add_variants(
         self, model: str, version: int, variants: Sequence[NewVariant], *, replace: bool = False

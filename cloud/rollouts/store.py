@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from edgefleet.cloud.db import Database
+from edgefleet.cloud.db import DatabaseUser
 from edgefleet.cloud.devices.store import DeviceRow, Sign, issue_desired
 from edgefleet.cloud.registry.tables import UtcDateTime
 from edgefleet.cloud.rollouts.model import (
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _ts(dt: datetime | None) -> float:
@@ -51,7 +51,7 @@ def _ts(dt: datetime | None) -> float:
 
 
 def _dt(ts: float) -> datetime | None:
-    return datetime.fromtimestamp(ts, timezone.utc) if ts else None
+    return datetime.fromtimestamp(ts, UTC) if ts else None
 
 
 class RolloutRow(SQLModel, table=True):
@@ -137,14 +137,8 @@ def _device(r: RolloutDeviceRow) -> RolloutDevice:
 DEVICE_FIELDS = ("phase", "state", "reason", "detail", "last_seen", "shadow", "previous")
 
 
-class RolloutStore:
-    def __init__(self, url: str) -> None:
-        tables = [DeviceRow.__table__, RolloutRow.__table__, RolloutDeviceRow.__table__]  # type: ignore[attr-defined]
-        self._db = Database(url, what="rollout database", tables=tables)
-        self.url = self._db.url
-
-    def close(self) -> None:
-        self._db.close()
+class RolloutStore(DatabaseUser):
+    what = "rollout database"
 
     def _row(self, s: Session, rollout_id: str) -> RolloutRow:
         row = s.exec(select(RolloutRow).where(RolloutRow.rollout_id == rollout_id)).first()

@@ -27,11 +27,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from edgefleet.cloud.db import Database
+from edgefleet.cloud.db import Database, DatabaseUser, metadata
 
 logger = logging.getLogger(__name__)
-
-metadata = sa.MetaData()
 
 telemetry = sa.Table(
     "telemetry",
@@ -146,16 +144,12 @@ def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float 
     return float(bounds[-1])
 
 
-class TelemetryStore:
-    def __init__(self, url: str) -> None:
-        self._db = Database(
-            url, what="telemetry database", tables=[telemetry, telemetry_hourly, drift_sketches]
-        )
-        self.url = self._db.url
-        self._dialect = self._db.engine.dialect.name
+class TelemetryStore(DatabaseUser):
+    what = "telemetry database"
 
-    def close(self) -> None:
-        self._db.close()
+    def __init__(self, db: Database | str) -> None:
+        super().__init__(db)
+        self._dialect = self._db.engine.dialect.name
 
     # -- ingest -------------------------------------------------------------------
 

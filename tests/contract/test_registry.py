@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -238,7 +238,7 @@ def test_list_models_summarises_each_model(registry: RegistryStore) -> None:
 
 
 def test_timestamps_are_timezone_aware_utc(registry: RegistryStore, registry_url: str) -> None:
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     made = registry.create_version("digits", new_version(), lambda n: [new_variant()])
     got = registry.get_version(ModelRef("digits", 1))
     stamps = {
@@ -251,7 +251,7 @@ def test_timestamps_are_timezone_aware_utc(registry: RegistryStore, registry_url
     naive = sorted(what for what, ts in stamps.items() if ts.tzinfo is None)
     assert naive == [], f"naive datetimes from {registry_url.split(':')[0]}: {naive}"
     for ts in stamps.values():  # and they are the same instant on every backend
-        assert before - timedelta(seconds=5) <= ts <= datetime.now(timezone.utc)
+        assert before - timedelta(seconds=5) <= ts <= datetime.now(UTC)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -316,13 +317,13 @@ def test_sigterm_stops_serve_and_its_broker(tmp_path: Path) -> None:
 def test_devices_ls_filters_locally_and_through_the_coordinator(
     cli: Cli, home: Path, served: ServeInfo
 ) -> None:
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from edgefleet.cloud.config import load_settings
     from edgefleet.cloud.devices import DeviceStore
 
     store = DeviceStore(load_settings(home=home).registry_url)
-    long_ago = datetime.now(timezone.utc) - timedelta(hours=2)
+    long_ago = datetime.now(UTC) - timedelta(hours=2)
     try:
         for device, group in (("f-a1", "fa"), ("f-a2", "fa"), ("f-b1", "fb")):
             store.enroll(device, group=group)

@@ -4,7 +4,7 @@ the attacker's arithmetic, checkpoints in and out of a round, the journal."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ def _device(device_id: str, *, online: bool = True, features: list[str] | None =
         device_id=device_id,
         group="",
         tags={},
-        enrolled_at=datetime.now(timezone.utc),
+        enrolled_at=datetime.now(UTC),
         online=online,
         last_seen=None,
         agent_version="0.1.0",
@@ -51,7 +51,7 @@ def test_fl_features_round_trip() -> None:
 
 
 def test_participants_are_chosen_with_a_reason_for_each_skip() -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     nodes = {d: FlNode(d, "ecdsa-sha2-nistp384 AAAA", i + 1, now) for i, d in enumerate("abcdf")}
     nodes["e"] = FlNode("e", "ecdsa-sha2-nistp384 AAAA", None, now)
     devices = [

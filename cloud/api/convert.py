@@ -1,0 +1,582 @@
+"""Every conversion between the coordinator's values and the gRPC messages (fleet.v1
+FleetService and FederatedService), both directions, in one place: the server
+(`cloud.grpc_service`, `cloud.fl.service`) and the clients (`cloud.remote`,
+`cloud.fl.remote`) import them from here, and tests/unit/test_convert.py round-trips
+each one. Times travel as integer milliseconds since the epoch, 0 for "none".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
+
+from edgefleet.cloud.client import DeviceOutcome, EnrollmentBundle
+from edgefleet.cloud.devices import Device, Selector
+from edgefleet.cloud.fl.federation import FlEnrollment, RunRequest
+from edgefleet.cloud.fl.store import FlRun
+from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
+from edgefleet.cloud.registry.entities import Lineage, Variant
+from edgefleet.cloud.rollouts.model import GateResult, Rollout, RolloutDevice, Stage
+from edgefleet.cloud.rollouts.policy import Policy
+from edgefleet.cloud.variants import DEFAULT_VARIANTS
+from edgefleet.protos.fleet.v1 import device_pb2, federated_pb2, fleet_pb2, model_pb2
+from edgefleet.protos.manifest import DTYPES, RUNTIMES, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_RUNTIME_NAMES = {v: k for k, v in RUNTIMES.items()}
+_OPTIONAL = ("max_latency_regression", "max_memory_mb", "min_agreement", "min_accuracy")
+
+
+# -- time -------------------------------------------------------------------------------
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+
+def _ms(dt: datetime | None) -> int:
+    """A datetime as epoch milliseconds (None: 0), exactly: no float on the way (a naive
+    datetime is local time, as `datetime.timestamp` reads it)."""
+    if dt is None:
+        return 0
+    aware = dt.astimezone() if dt.tzinfo is None else dt
+    return (aware - _EPOCH) // _ONE_MS
+
+
+def _dt(ms: int) -> datetime:
+    """Epoch milliseconds as an aware UTC datetime."""
+    return _EPOCH + ms * _ONE_MS
+
+
+def _ms_s(ts: float) -> int:
+    """Epoch seconds (rollout values; 0.0 for "none") as milliseconds, to the nearest."""
+    return round(ts * 1000) if ts else 0
+
+
+def _s_ms(ms: int) -> float:
+    return ms / 1000 if ms else 0.0
+
+
+# -- registry and devices ---------------------------------------------------------------
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def spec_to_pb(t: TensorSpec) -> model_pb2.TensorSpec:
+    return model_pb2.TensorSpec(name=t.name, dtype=DTYPES[t.dtype], shape=list(t.shape))  # type: ignore[arg-type]
+
+
+def spec_from_pb(t: model_pb2.TensorSpec) -> TensorSpec:
+    return TensorSpec(t.name, _DTYPE_NAMES.get(t.dtype, "float32"), tuple(t.shape))
+
+
+def version_to_pb(mv: ModelVersion) -> fleet_pb2.ModelVersionInfo:
+    lin = mv.lineage
+    info = fleet_pb2.ModelVersionInfo(
+        model=mv.model,
+        version=mv.version,
+        stage=mv.stage,
+        arch=mv.arch,
+        inputs=[spec_to_pb(t) for t in mv.inputs],
+        outputs=[spec_to_pb(t) for t in mv.outputs],
+        classes=list(mv.classes),
+        metrics={k: float(v) for k, v in mv.metrics.items()},
+        lineage=fleet_pb2.Lineage(
+            source=lin.source,
+            parent_version=lin.parent_version or 0,
+            dataset_name=lin.dataset_name,
+            dataset_digest=lin.dataset_digest,
+            training_config_json=_json(dict(lin.training_config)),
+            code_version=lin.code_version,
+            federated_json=_json(dict(lin.federated)) if lin.federated is not None else "",
+            origin_json=_json(dict(lin.origin)),
+        ),
+        checkpoint_sha256=mv.checkpoint_sha256 or "",
+        created_at_ms=_ms(mv.created_at),
+    )
+    for v in mv.variants:
+        vi = info.variants.add(
+            name=v.name,
+            runtime=RUNTIMES.get(v.runtime, model_pb2.RUNTIME_UNSPECIFIED),
+            sha256=v.sha256,
+            size=v.size,
+            latency_ms={k: float(x) for k, x in v.latency_ms.items()},
+            quantization_json=_json(dict(v.quantization)),
+            deployable=v.deployable,
+            reason=v.reason,
+            signed_manifest=v.signed_manifest,
+        )
+        if v.accuracy is not None:
+            vi.accuracy = v.accuracy
+    return info
+
+
+def version_from_pb(m: fleet_pb2.ModelVersionInfo) -> ModelVersion:
+    lin = m.lineage
+    created = _dt(m.created_at_ms)
+    return ModelVersion(
+        arch=m.arch,
+        inputs=tuple(spec_from_pb(t) for t in m.inputs),
+        outputs=tuple(spec_from_pb(t) for t in m.outputs),
+        classes=tuple(m.classes),
+        metrics=dict(m.metrics),
+        lineage=Lineage(
+            source=lin.source,
+            parent_version=lin.parent_version or None,
+            dataset_name=lin.dataset_name,
+            dataset_digest=lin.dataset_digest,
+            training_config=json.loads(lin.training_config_json or "{}"),
+            code_version=lin.code_version,
+            federated=json.loads(lin.federated_json) if lin.federated_json else None,
+            origin=json.loads(lin.origin_json or "{}"),
+        ),
+        checkpoint_sha256=m.checkpoint_sha256 or None,
+        evalset_sha256=None,  # not part of the contract: stays on the coordinator
+        model=m.model,
+        version=m.version,
+        stage=m.stage,
+        created_at=created,
+        variants=tuple(
+            Variant(
+                name=v.name,
+                runtime=_RUNTIME_NAMES.get(v.runtime, "unknown"),
+                sha256=v.sha256,
+                size=v.size,
+                accuracy=v.accuracy if v.HasField("accuracy") else None,
+                latency_ms=dict(v.latency_ms),
+                quantization=json.loads(v.quantization_json or "{}"),
+                deployable=v.deployable,
+                reason=v.reason,
+                signed_manifest=v.signed_manifest,
+                created_at=created,
+            )
+            for v in m.variants
+        ),
+    )
+
+
+def summary_to_pb(s: ModelSummary) -> fleet_pb2.ModelSummary:
+    return fleet_pb2.ModelSummary(
+        name=s.name,
+        versions=s.versions,
+        latest_version=s.latest_version or 0,
+        production_version=s.production_version or 0,
+        created_at_ms=_ms(s.created_at),
+    )
+
+
+def summary_from_pb(m: fleet_pb2.ModelSummary) -> ModelSummary:
+    return ModelSummary(
+        name=m.name,
+        created_at=_dt(m.created_at_ms),
+        versions=m.versions,
+        latest_version=m.latest_version or None,
+        production_version=m.production_version or None,
+    )
+
+
+def _parse_into(d: Mapping[str, Any], msg: T, what: str) -> T | None:
+    try:
+        ParseDict(dict(d), msg, ignore_unknown_fields=True)  # type: ignore[type-var]
+    except ParseError as e:
+        logger.warning("%s not representable: %s", what, e)
+        return None
+    return msg
+
+
+def _to_dict(msg: Any) -> dict[str, Any]:
+    return MessageToDict(msg, preserving_proto_field_name=True, use_integers_for_enums=False)
+
+
+def device_to_pb(d: Device) -> fleet_pb2.DeviceInfo:
+    info = fleet_pb2.DeviceInfo(
+        device_id=d.device_id,
+        group=d.group,
+        tags=dict(d.tags),
+        online=d.online,
+        last_seen_ms=_ms(d.last_seen),
+        desired_generation=d.desired_generation,
+    )
+    if d.capabilities:
+        caps = _parse_into(d.capabilities, device_pb2.Capabilities(), f"{d.device_id} capabilities")
+        if caps is not None:
+            info.capabilities.CopyFrom(caps)
+    if d.active:
+        act = _parse_into(d.active, device_pb2.ModelRef(), f"{d.device_id} active model")
+        if act is not None:
+            info.active.CopyFrom(act)
+    if d.reported:
+        rep = dict(d.reported)
+        rep["state"] = "UPDATE_STATE_" + str(rep.get("state", "unspecified")).upper()
+        rep["reason"] = "REASON_CODE_" + str(rep.get("reason", "unspecified")).upper()
+        parsed = _parse_into(rep, device_pb2.ReportedState(), f"{d.device_id} reported state")
+        if parsed is not None:
+            info.reported.CopyFrom(parsed)
+    return info
+
+
+def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
+    from edgefleet.cloud.serde import decode_reported
+
+    return Device(
+        device_id=m.device_id,
+        group=m.group,
+        tags=dict(m.tags),
+        enrolled_at=_dt(0),  # not part of the contract
+        online=m.online,
+        last_seen=_dt(m.last_seen_ms) if m.last_seen_ms else None,
+        agent_version="",
+        capabilities=_to_dict(m.capabilities) if m.HasField("capabilities") else {},
+        active=_to_dict(m.active) if m.HasField("active") else {},
+        reported=(
+            decode_reported(m.reported.SerializeToString()) if m.HasField("reported") else {}
+        ),
+        desired_generation=m.desired_generation,
+        rollout_id="",
+    )
+
+
+def bundle_to_pb(b: EnrollmentBundle) -> fleet_pb2.EnrollmentBundle:
+    return fleet_pb2.EnrollmentBundle(
+        device_id=b.device_id,
+        broker_url=b.broker_url,
+        username=b.username or "",
+        password=b.password or "",
+        signing_public_key=b.signing_public_key.encode(),
+        ca_certificate=(b.ca_certificate or "").encode(),
+        topic_prefix=b.topic_prefix,
+        group=b.group,
+        tags=dict(b.tags),
+    )
+
+
+def bundle_from_pb(m: fleet_pb2.EnrollmentBundle) -> EnrollmentBundle:
+    return EnrollmentBundle(
+        device_id=m.device_id,
+        broker_url=m.broker_url,
+        signing_public_key=m.signing_public_key.decode(),
+        topic_prefix=m.topic_prefix,
+        group=m.group,
+        tags=dict(m.tags),
+        username=m.username or None,
+        password=m.password or None,
+        ca_certificate=m.ca_certificate.decode() or None,
+    )
+
+
+def outcome_to_fields(o: DeviceOutcome) -> dict[str, str]:
+    return {
+        "device": o.device_id,
+        "variant": o.variant,
+        "state": o.state,
+        "reason": o.reason,
+        "detail": o.detail,
+    }
+
+
+def outcome_from_fields(f: Mapping[str, str]) -> DeviceOutcome:
+    return DeviceOutcome(
+        device_id=f.get("device", ""),
+        variant=f.get("variant", ""),
+        state=f.get("state", ""),
+        reason=f.get("reason", ""),
+        detail=f.get("detail", ""),
+    )
+
+
+# -- rollouts -----------------------------------------------------------------------
+
+
+def policy_to_pb(p: Policy) -> fleet_pb2.RolloutPolicy:
+    msg = fleet_pb2.RolloutPolicy(
+        canary=p.canary,
+        waves=list(p.waves),
+        bake_s=p.bake_s,
+        max_failure_rate=p.max_failure_rate,
+        on_failure=p.on_failure,
+        min_samples=p.min_samples,
+        stage_timeout_s=p.stage_timeout_s,
+        sample_rate=p.sample_rate,
+    )
+    for name in _OPTIONAL:
+        value = getattr(p, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def policy_from_pb(m: fleet_pb2.RolloutPolicy) -> Policy:
+    """Validated like the CLI's flags (InvalidArgument names the field)."""
+    kw: dict[str, Any] = {
+        "canary": m.canary,
+        "waves": tuple(m.waves),
+        "bake_s": m.bake_s,
+        "max_failure_rate": m.max_failure_rate,
+        "on_failure": m.on_failure or "rollback",
+        "min_samples": m.min_samples or 20,
+        "stage_timeout_s": m.stage_timeout_s or 300.0,
+        "sample_rate": m.sample_rate or 1.0,
+    }
+    for name in _OPTIONAL:
+        if m.HasField(name):  # type: ignore[arg-type]
+            kw[name] = getattr(m, name)
+    return Policy(**kw)
+
+
+def _gate_to_pb(x: GateResult) -> fleet_pb2.GateResult:
+    return fleet_pb2.GateResult(
+        name=x.name, ok=x.ok, value=x.value, threshold=x.threshold, detail=x.detail
+    )
+
+
+def _stage_to_pb(s: Stage, eta: float) -> fleet_pb2.StageInfo:
+    return fleet_pb2.StageInfo(
+        name=s.name,
+        fraction=s.fraction,
+        devices=s.devices,
+        state=s.state,
+        by_state=dict(s.by_state),
+        started_ms=_ms_s(s.started_at),
+        bake_started_ms=_ms_s(s.bake_started_at),
+        finished_ms=_ms_s(s.finished_at),
+        eta_ms=_ms_s(eta),
+        gates=[_gate_to_pb(x) for x in s.gates],
+        samples=s.samples,
+    )
+
+
+def _device_to_pb(d: RolloutDevice, now: float) -> fleet_pb2.RolloutDeviceInfo:
+    msg = fleet_pb2.RolloutDeviceInfo(
+        device_id=d.device_id,
+        stage=d.stage,
+        variant=d.variant,
+        phase=d.phase,
+        state=d.state,
+        reason=d.reason,
+        detail=d.detail,
+        generation=d.generation,
+        last_seen_ms=_ms_s(d.last_seen),
+        staleness_s=d.staleness(now) if d.last_seen else -1.0,
+        shadow=dict(d.shadow),
+    )
+    if d.previous:
+        p = d.previous
+        msg.previous.CopyFrom(
+            device_pb2.ModelRef(
+                model=str(p.get("model", "")),
+                version=int(p.get("version", 0)),
+                variant=str(p.get("variant", "")),
+                sha256=str(p.get("sha256", "")),
+            )
+        )
+    return msg
+
+
+def rollout_to_pb(
+    r: Rollout, devices: Sequence[RolloutDevice] = (), *, now: float | None = None
+) -> fleet_pb2.RolloutInfo:
+    now = time.time() if now is None else now
+    etas = r.etas(now)
+    return fleet_pb2.RolloutInfo(
+        rollout_id=r.rollout_id,
+        ref=r.ref,
+        selector=r.selector,
+        policy=policy_to_pb(r.policy),
+        state=r.state,
+        reason=r.reason,
+        stage=r.stage,
+        stages=[_stage_to_pb(s, eta) for s, eta in zip(r.stages, etas, strict=True)],
+        devices=[_device_to_pb(d, now) for d in devices],
+        created_ms=_ms_s(r.created_at),
+        updated_ms=_ms_s(r.updated_at),
+        finished_ms=_ms_s(r.finished_at),
+        skipped=len(r.skipped),
+        dry_run=r.dry_run,
+        skipped_devices=dict(r.skipped),
+    )
+
+
+def rollout_from_pb(m: fleet_pb2.RolloutInfo) -> tuple[Rollout, list[RolloutDevice]]:
+    r = Rollout(
+        rollout_id=m.rollout_id,
+        ref=m.ref,
+        model=m.ref.split(":")[0],
+        version=int(m.ref.split(":")[1]) if ":" in m.ref else 0,
+        selector=m.selector,
+        policy=policy_from_pb(m.policy),
+        state=m.state,
+        stages=tuple(
+            Stage(
+                name=s.name,
+                fraction=s.fraction,
+                devices=s.devices,
+                state=s.state,
+                started_at=_s_ms(s.started_ms),
+                bake_started_at=_s_ms(s.bake_started_ms),
+                finished_at=_s_ms(s.finished_ms),
+                gates=tuple(
+                    GateResult(x.name, x.ok, x.value, x.threshold, x.detail) for x in s.gates
+                ),
+                samples=s.samples,
+                by_state=dict(s.by_state),
+            )
+            for s in m.stages
+        ),
+        stage=m.stage,
+        reason=m.reason,
+        created_at=_s_ms(m.created_ms),
+        updated_at=_s_ms(m.updated_ms),
+        finished_at=_s_ms(m.finished_ms),
+        skipped=dict(m.skipped_devices),
+        dry_run=m.dry_run,
+    )
+    devices = [
+        RolloutDevice(
+            rollout_id=m.rollout_id,
+            device_id=d.device_id,
+            stage=d.stage,
+            variant=d.variant,
+            sha256="",
+            previous=(
+                {
+                    "model": d.previous.model,
+                    "version": d.previous.version,
+                    "variant": d.previous.variant,
+                    "sha256": d.previous.sha256,
+                }
+                if d.previous.model
+                else None
+            ),
+            phase=d.phase,
+            generation=d.generation,
+            state=d.state,
+            reason=d.reason,
+            detail=d.detail,
+            last_seen=_s_ms(d.last_seen_ms),
+            shadow=dict(d.shadow),
+        )
+        for d in m.devices
+    ]
+    return r, devices
+
+
+# -- federated learning -------------------------------------------------------------
+
+
+def run_to_pb(r: FlRun) -> federated_pb2.RunInfo:
+    return federated_pb2.RunInfo(
+        run_id=r.run_id,
+        model=r.model,
+        parent_version=r.parent_version,
+        strategy=r.strategy,
+        rounds=r.rounds,
+        status=r.status,
+        reason=r.reason,
+        participants=list(r.participants),
+        skipped=dict(r.skipped),
+        history_json=json.dumps([dict(h) for h in r.history], sort_keys=True),
+        flower_run_id=str(r.flower_run_id or ""),
+        result_version=r.result_version or 0,
+        deploy_json=json.dumps(dict(r.deploy), sort_keys=True),
+        config_json=json.dumps(dict(r.config), sort_keys=True),
+        created_at_ms=_ms(r.created_at),
+        finished_at_ms=_ms(r.finished_at),
+    )
+
+
+def run_from_pb(m: federated_pb2.RunInfo) -> FlRun:
+    return FlRun(
+        run_id=m.run_id,
+        model=m.model,
+        parent_version=m.parent_version,
+        strategy=m.strategy,
+        rounds=m.rounds,
+        config=json.loads(m.config_json or "{}"),
+        status=m.status,
+        reason=m.reason,
+        participants=tuple(m.participants),
+        skipped=dict(m.skipped),
+        history=tuple(json.loads(m.history_json or "[]")),
+        flower_run_id=int(m.flower_run_id) if m.flower_run_id else None,
+        result_version=m.result_version or None,
+        deploy=json.loads(m.deploy_json or "{}"),
+        created_at=_dt(m.created_at_ms) if m.created_at_ms else datetime.now(UTC),
+        finished_at=_dt(m.finished_at_ms) if m.finished_at_ms else None,
+    )
+
+
+def request_to_pb(req: RunRequest) -> federated_pb2.StartRunRequest:
+    return federated_pb2.StartRunRequest(
+        ref=str(req.ref),
+        rounds=req.rounds,
+        strategy=req.strategy,
+        min_clients=req.min_clients,
+        fraction=req.fraction,
+        local_epochs=req.local_epochs,
+        lr=req.lr,
+        dp_clip=req.dp_clip,
+        dp_noise=req.dp_noise,
+        selector=str(req.selector),
+        then_deploy=req.then_deploy,
+        round_timeout=req.round_timeout,
+        join_timeout=req.join_timeout,
+        min_samples=req.min_samples,
+        idle_only=req.idle_only,
+        variants=list(req.variants),
+        deploy_timeout=req.deploy_timeout,
+    )
+
+
+def request_from_pb(m: federated_pb2.StartRunRequest) -> RunRequest:
+    d = RunRequest(ref=ModelRef.parse(m.ref))
+    return RunRequest(
+        ref=d.ref,
+        rounds=m.rounds or d.rounds,
+        strategy=m.strategy or d.strategy,
+        min_clients=m.min_clients or d.min_clients,
+        fraction=m.fraction or d.fraction,
+        local_epochs=m.local_epochs or d.local_epochs,
+        lr=m.lr or d.lr,
+        dp_clip=m.dp_clip,
+        dp_noise=m.dp_noise,
+        selector=Selector.parse(m.selector or "all"),
+        then_deploy=m.then_deploy,
+        round_timeout=m.round_timeout or d.round_timeout,
+        join_timeout=m.join_timeout or d.join_timeout,
+        min_samples=m.min_samples or d.min_samples,
+        idle_only=m.idle_only,
+        variants=tuple(m.variants) if m.variants else DEFAULT_VARIANTS,
+        deploy_timeout=m.deploy_timeout or d.deploy_timeout,
+    )
+
+
+def enrollment_to_pb(e: FlEnrollment) -> federated_pb2.NodeEnrollment:
+    return federated_pb2.NodeEnrollment(
+        device_id=e.device_id,
+        superlink=e.superlink,
+        ca_certificate=e.ca_certificate,
+        private_key=e.private_key,
+        node_id=str(e.node_id or ""),
+    )
+
+
+def enrollment_from_pb(m: federated_pb2.NodeEnrollment) -> FlEnrollment:
+    return FlEnrollment(
+        m.device_id,
+        m.superlink,
+        m.ca_certificate,
+        m.private_key,
+        int(m.node_id) if m.node_id else None,
+    )
