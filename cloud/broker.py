@@ -15,8 +15,12 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from edgefleet.protos.errors import NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from edgefleet.cloud.identity import BrokerAuth
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,11 @@ class ManagedBroker:
     """Start, supervise and stop a private Mosquitto. Usable as a context manager.
 
     Listens on `host:port` (loopback by default; port 0 picks a free one),
-    anonymous access on loopback only, persistence and log in `state_dir`.
+    persistence and log in `state_dir`. With `auth` (cloud.identity.BrokerAuth) anonymous
+    access is off: devices use `url` with a password (client id forced to the username),
+    the coordinator its own loopback listener (`coordinator_url`), and each of
+    `auth.tls_listeners` takes TLS with a client certificate. Without `auth` it is
+    anonymous (benchmarks only).
     """
 
     def __init__(
@@ -56,8 +64,12 @@ class ManagedBroker:
         max_inflight: int = 100,
         max_inflight_bytes: int = 512 * 1024,
         max_queued: int = 100_000,
+        auth: BrokerAuth | None = None,
+        coordinator_port: int = 0,
     ) -> None:
         self.state_dir = state_dir
+        self.auth = auth
+        self.coordinator_port = (coordinator_port or free_port()) if auth is not None else 0
         self.host = host
         self.port = port or free_port(host)
         self.persistence = persistence
@@ -69,6 +81,17 @@ class ManagedBroker:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def coordinator_url(self) -> str:
+        """Where the coordinator's own clients connect (the device URL without `auth`)."""
+        if self.auth is None:
+            return self.url
+        return f"mqtt://127.0.0.1:{self.coordinator_port}"
+
+    @property
+    def tls_urls(self) -> list[str]:
+        return [f"mqtts://{h}:{p}" for h, p in (self.auth.tls_listeners if self.auth else ())]
 
     @property
     def log_path(self) -> Path:
@@ -87,10 +110,8 @@ class ManagedBroker:
             except (KeyError, OSError):
                 pass
         conf = self.state_dir / "mosquitto.conf"
-        lines = [
-            "# written by edgefleet; regenerated at every start",
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+        lines = ["# written by edgefleet; regenerated at every start", *self._listeners()]
+        lines += [
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.state_dir}/",
             f"log_dest file {self.log_path}",
@@ -107,6 +128,45 @@ class ManagedBroker:
         ]
         conf.write_text("\n".join(lines) + "\n")
         return conf
+
+    def _listeners(self) -> list[str]:
+        a = self.auth
+        if a is None:
+            return [f"listener {self.port} {self.host}", "allow_anonymous true"]
+        devices = [
+            "allow_anonymous false",
+            f"acl_file {a.device_acl}",
+            # the client id is the username (the device id): nobody takes over a session
+            "use_username_as_clientid true",
+        ]
+        lines = [
+            "per_listener_settings true",
+            f"listener {self.coordinator_port} 127.0.0.1",
+            "allow_anonymous false",
+            f"password_file {a.coordinator_passwd}",
+            f"acl_file {a.coordinator_acl}",
+            f"listener {self.port} {self.host}",
+            f"password_file {a.device_passwd}",
+            *devices,
+        ]
+        for host, port in a.tls_listeners:
+            lines += [
+                f"listener {port} {host}",
+                f"cafile {a.ca_file}",
+                f"certfile {a.server_cert}",
+                f"keyfile {a.server_key}",
+                f"crlfile {a.crl_file}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                *devices,
+            ]
+        return lines
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its password and ACL files and drops clients that no
+        longer authenticate; other sessions stay connected."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGHUP)
 
     def start(self, *, timeout: float = 10.0) -> ManagedBroker:
         if self._proc is not None and self._proc.poll() is None:
