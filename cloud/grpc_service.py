@@ -253,6 +253,8 @@ def bundle_to_pb(b: EnrollmentBundle) -> fleet_pb2.EnrollmentBundle:
         password=b.password or "",
         signing_public_key=b.signing_public_key.encode(),
         ca_certificate=(b.ca_certificate or "").encode(),
+        client_certificate=(b.client_certificate or "").encode(),
+        client_key=(b.client_key or "").encode(),
         topic_prefix=b.topic_prefix,
         group=b.group,
         tags=dict(b.tags),
@@ -270,6 +272,8 @@ def bundle_from_pb(m: fleet_pb2.EnrollmentBundle) -> EnrollmentBundle:
         username=m.username or None,
         password=m.password or None,
         ca_certificate=m.ca_certificate.decode() or None,
+        client_certificate=m.client_certificate.decode() or None,
+        client_key=m.client_key.decode() or None,
     )
 
 
@@ -525,13 +529,16 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self, request: fleet_pb2.EnrollDeviceRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.EnrollmentBundle:
         async with _Mapped(context):
-            d = await asyncio.to_thread(
-                lambda: self.local.devices.enroll(
-                    request.device_id, group=request.group, tags=dict(request.tags)
+            b = await asyncio.to_thread(
+                lambda: self.local.enroll_device(
+                    request.device_id,
+                    group=request.group,
+                    tags=dict(request.tags),
+                    broker_url=self.advertise_broker,
                 )
             )
-            logger.info("enrolled %s (group %r)", d.device_id, d.group)
-            return bundle_to_pb(self.local.bundle(d, broker_url=self.advertise_broker))
+            logger.info("enrolled %s (group %r)", b.device_id, b.group)
+            return bundle_to_pb(b)
 
     async def Status(
         self, request: fleet_pb2.StatusRequest, context: grpc.aio.ServicerContext

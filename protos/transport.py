@@ -208,6 +208,36 @@ class MqttSettings:
         return ctx
 
 
+@dataclass(frozen=True)
+class MqttAccess:
+    """Where and as whom to connect: the part of `MqttSettings` a deployment decides
+    (a broker URL and a credential); each client adds its own client id and options."""
+
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @classmethod
+    def of(cls, access: str | MqttAccess) -> MqttAccess:
+        return cls(access) if isinstance(access, str) else access
+
+    def settings(self, client_id: str, **options: Any) -> MqttSettings:
+        tls = _parse_url(self.url).tls
+        return MqttSettings(
+            url=self.url,
+            client_id=client_id,
+            username=self.username,
+            password=self.password,
+            ca_file=self.ca_file if tls else None,
+            cert_file=self.cert_file if tls else None,
+            key_file=self.key_file if tls else None,
+            **options,
+        )
+
+
 def _parse_url(url: str) -> _Endpoint:
     accepted = "accepted: mqtt://HOST[:PORT], mqtts://HOST[:PORT]"
     try:

@@ -125,3 +125,55 @@ def write_broker_material(
     _write(auth.server_cert, cert.read_text(), owner=owner)
     _write(auth.server_key, key.read_text(), owner=owner)
     return auth
+
+
+def write_single_listener(identities: IdentityStore, auth: BrokerAuth, *, topics: Topics) -> Path:
+    """For your own broker: one password file and one ACL holding devices and the
+    coordinator (brokers without per-listener files), and an example mosquitto.conf with
+    the three listeners `fleet serve` would run. Returns the combined ACL's path."""
+    owner = _mosquitto_owner()
+    hashes = {
+        **identities.password_hashes(kind="device"),
+        **identities.password_hashes(kind="coordinator"),
+    }
+    _write(auth.directory / "all.passwd", password_file(hashes), owner=owner)
+    combined = auth.directory / "all.acl"
+    revoked = [
+        u for u, r in identities.users().items() if r.get("kind") == "device" and r.get("revoked")
+    ]
+    _write(
+        combined,
+        coordinator_acl(topics) + "\n" + device_acl(topics, revoked=revoked),
+        owner=owner,
+    )
+    d = auth.directory
+    conf = f"""# example: Mosquitto 2.0 with edgefleet identities (see docs/operators.md)
+per_listener_settings true
+
+# the coordinator (loopback or a private network only)
+listener 1884 127.0.0.1
+allow_anonymous false
+password_file {d / "coordinator.passwd"}
+acl_file {d / "coordinator.acl"}
+
+# devices with a password (client id forced to the username = device id)
+listener 1883
+allow_anonymous false
+password_file {d / "devices.passwd"}
+acl_file {d / "devices.acl"}
+use_username_as_clientid true
+
+# devices with their client certificate (CN = device id)
+listener 8883
+cafile {d / "ca.pem"}
+certfile {d / "server.pem"}
+keyfile {d / "server.key"}
+crlfile {d / "crl.pem"}
+require_certificate true
+use_identity_as_username true
+use_username_as_clientid true
+allow_anonymous false
+acl_file {d / "devices.acl"}
+"""
+    _write(d / "mosquitto.conf", conf, owner=owner)
+    return combined
