@@ -139,6 +139,7 @@ async def serve(
     broker_stop = asyncio.Event()
     supervisor: asyncio.Task[None] | None = None
     watcher: asyncio.Task[None] | None = None
+    apply_credentials: Callable[[], None] | None = None
     own = local.identities.coordinator()
     if settings.broker:
         broker_url = settings.broker
@@ -173,8 +174,14 @@ async def serve(
         supervisor = asyncio.create_task(
             supervise_broker(broker, broker_stop), name="broker-supervisor"
         )
+        managed = broker
+
+        def apply_credentials() -> None:
+            material()
+            managed.reload()
+
         watcher = asyncio.create_task(
-            watch_identities(local.identities, broker, material, broker_stop),
+            watch_identities(local.identities, apply_credentials, broker_stop),
             name="identity-watcher",
         )
     server: grpc.aio.Server | None = None
@@ -217,7 +224,11 @@ async def serve(
                 )
                 fleet_pb2_grpc.add_FleetServiceServicer_to_server(
                     FleetServicer(
-                        local, coordinator, advertise_broker=advertise, controller=controller
+                        local,
+                        coordinator,
+                        advertise_broker=advertise,
+                        controller=controller,
+                        on_credentials=apply_credentials,
                     ),
                     server,
                 )
@@ -291,8 +302,7 @@ def advertised_url(listeners: list[tuple[str, int]]) -> str:
 
 async def watch_identities(
     identities: IdentityStore,
-    broker: ManagedBroker,
-    material: Callable[[], object],
+    apply: Callable[[], None],
     stop: asyncio.Event,
     *,
     interval: float = 0.5,
@@ -317,8 +327,7 @@ async def watch_identities(
             continue
         seen = now
         try:
-            await asyncio.to_thread(material)
-            broker.reload()
+            await asyncio.to_thread(apply)
             logger.info("MQTT credentials changed: broker reloaded")
         except Exception:
             logger.exception("could not apply the new MQTT credentials")

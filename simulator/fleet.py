@@ -38,7 +38,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ from edgefleet.simulator.profiles import Mix, Profile, parse_profile
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 100
+#: device id -> its MQTT password (a mapping, or a callable asked at start)
+Credentials = Mapping[str, str] | Callable[[str], str]
 #: How long a clean stop may take before the agent task is cancelled again. A stop
 #: can hang: on Python 3.11 `asyncio.wait_for` swallows a cancellation that lands in
 #: the same loop step as the awaited result, so `MqttTransport.close()` cancelling
@@ -392,9 +394,11 @@ class SimulatedFleet:
         connect_timeout: float = 60.0,
         first: int = 0,
         total: int | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         if n < 1:
             raise InvalidArgument(f"simulated fleet size {n} must be >= 1")
+        self.credentials = credentials
         if batch_size < 1:
             raise InvalidArgument(f"batch_size {batch_size} must be >= 1")
         self.profile = parse_profile(profile)
@@ -430,9 +434,25 @@ class SimulatedFleet:
                 settings, prof, want_interval=want_interval, data_dir=data_dirs.get(dev_id)
             )
 
+    def _apply_credentials(self) -> None:
+        """Each device's MQTT password (username = device id), from `credentials`: a
+        mapping, or a callable asked once the devices are enrolled."""
+        if self.credentials is None:
+            return
+        for d in self.devices:
+            dev = d.settings.device_id
+            password: str | None = (
+                self.credentials(dev) if callable(self.credentials) else self.credentials.get(dev)
+            )
+            if password is None:
+                raise NotFound(f"simulated device {dev!r} has no MQTT credential")
+            d.settings.username = dev
+            d.settings.password = password
+
     # lifecycle
     async def __aenter__(self) -> SimulatedFleet:
         start = time.monotonic()
+        self._apply_credentials()
         devices = self.devices
         try:
             for b in range(0, len(devices), self.batch_size):

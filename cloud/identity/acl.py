@@ -8,7 +8,7 @@ subscriptions cloud/telemetry uses.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from edgefleet.protos.topics import Topics
@@ -43,29 +43,28 @@ def device_rules(topics: Topics) -> tuple[Rule, ...]:
     )
 
 
-def device_acl(topics: Topics, *, revoked: Iterable[str] = ()) -> str:
+def _all(topics: Topics | Sequence[Topics]) -> list[Topics]:
+    return [topics] if isinstance(topics, Topics) else list(dict.fromkeys(topics))
+
+
+def device_acl(topics: Topics | Sequence[Topics], *, revoked: Iterable[str] = ()) -> str:
     """A Mosquitto acl_file for the device listeners: the pattern lines, and a `deny`
     block per revoked device (a revoked device whose TLS session is still open can then
     neither publish nor receive; the CRL refuses its next connection)."""
     lines = [
         "# written by edgefleet from the topic tree; regenerated, do not edit",
-        f"# devices: username = client id = device id, prefix {topics.prefix}",
+        "# devices: username = client id = device id",
     ]
     for user in sorted(set(revoked)):
         lines += [f"user {user}", "topic deny #"]
-    lines += [f"pattern {r.access} {r.topic}" for r in device_rules(topics)]
+    for t in _all(topics):
+        lines += [f"pattern {r.access} {r.topic}" for r in device_rules(t)]
     return "\n".join(lines) + "\n"
 
 
-def coordinator_acl(topics: Topics, user: str = COORDINATOR_USER) -> str:
+def coordinator_acl(topics: Topics | Sequence[Topics], user: str = COORDINATOR_USER) -> str:
     """A Mosquitto acl_file for the coordinator's listener."""
-    p = topics.prefix
-    return "\n".join(
-        [
-            "# written by edgefleet; the coordinator's rights",
-            f"user {user}",
-            f"topic readwrite {p}/#",
-            f"topic read $share/+/{p}/#",
-            "",
-        ]
-    )
+    lines = ["# written by edgefleet; the coordinator's rights", f"user {user}"]
+    for t in _all(topics):
+        lines += [f"topic readwrite {t.prefix}/#", f"topic read $share/+/{t.prefix}/#"]
+    return "\n".join(lines) + "\n"

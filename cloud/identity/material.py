@@ -14,7 +14,7 @@ Layout (per_listener_settings true):
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,11 +91,12 @@ def write_broker_material(
     identities: IdentityStore,
     directory: Path,
     *,
-    topics: Topics,
+    topics: Topics | Sequence[Topics],
     tls_listeners: Iterable[tuple[str, int]] = (),
     tls_hosts: Iterable[str] = (),
 ) -> BrokerAuth:
-    """Write (or rewrite, before a reload) the password, ACL, certificate and CRL files."""
+    """Write (or rewrite, before a reload) the password, ACL, certificate and CRL files.
+    Several `topics` prefixes may share one broker (tests give each their own)."""
     listeners = tuple(tls_listeners)
     auth = BrokerAuth(directory, listeners)
     owner = _mosquitto_owner()
