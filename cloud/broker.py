@@ -162,11 +162,29 @@ class ManagedBroker:
             ]
         return lines
 
-    def reload(self) -> None:
-        """SIGHUP: Mosquitto re-reads its password and ACL files and drops clients that no
-        longer authenticate; other sessions stay connected."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGHUP)
+    def reload(self, *, timeout: float = 5.0) -> None:
+        """SIGHUP: Mosquitto re-reads its password and ACL files and the CRL, and drops
+        clients that no longer authenticate; other sessions stay connected. Returns once
+        the broker logged the reload (a connection made after that sees the new files:
+        the broker applies them before it reads the next packet)."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        try:
+            offset = self.log_path.stat().st_size
+        except FileNotFoundError:
+            offset = 0
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with self.log_path.open("rb") as f:
+                    f.seek(offset)
+                    if b"Reloading config." in f.read():
+                        return
+            except FileNotFoundError:
+                pass
+            time.sleep(0.01)
+        logger.warning("mosquitto (%s) did not confirm a reload within %.0fs", self.url, timeout)
 
     def start(self, *, timeout: float = 10.0) -> ManagedBroker:
         if self._proc is not None and self._proc.poll() is None:

@@ -106,7 +106,7 @@ class SimCluster:
         }
         #: device id -> MQTT password (username = device id); each worker gets its share
         #: in a 0600 file (never on a command line)
-        self._passwords = dict(credentials or {})
+        self.credentials: dict[str, str] = dict(credentials or {})
         if isinstance(profile, (Profile, Mix)) and parse_profile(self.profile.name) != profile:
             raise InvalidArgument(
                 f"profile {self.profile.name!r} is not a built-in one; a SimCluster's workers "
@@ -154,11 +154,11 @@ class SimCluster:
     async def _spawn(self, index: int, first: int, n: int) -> None:
         spec = dict(self._spec, n=n, first=first)
         spec["log_file"] = str(self.state_root / f"worker-{index}.log")
-        if self._passwords:
+        if self.credentials:
             mine = {
-                e.device_id: self._passwords[e.device_id]
+                e.device_id: self.credentials[e.device_id]
                 for e in self.enrollments[first : first + n]
-                if e.device_id in self._passwords
+                if e.device_id in self.credentials
             }
             path = self.state_root / f"worker-{index}.credentials.json"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

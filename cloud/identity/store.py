@@ -97,27 +97,37 @@ class IdentityStore:
     def enroll(self, device_id: str) -> DeviceCredential:
         """A new password and client certificate for `device_id`. Enrolling again
         replaces both: the previous certificate is revoked."""
-        check_device_id(device_id)
-        password = new_password()
-        issued = self.ca.issue(device_id)
+        return self.enroll_many([device_id])[device_id]
+
+    def enroll_many(self, device_ids: Iterable[str]) -> dict[str, DeviceCredential]:
+        """`enroll` for many devices with one write of the records."""
+        issued = {}
+        for device_id in device_ids:
+            check_device_id(device_id)
+            issued[device_id] = (new_password(), self.ca.issue(device_id))
         with self._locked() as data:
-            old = data["users"].get(device_id)
-            if old and old.get("serial"):
-                data["revoked_serials"].append(int(old["serial"]))
-            data["users"][device_id] = {
-                "kind": "device",
-                "hash": hash_password(password),
-                "serial": issued.serial,
-                "revoked": False,
-            }
-        return DeviceCredential(
-            device_id=device_id,
-            username=device_id,
-            password=password,
-            cert_pem=issued.cert_pem,
-            key_pem=issued.key_pem,
-            ca_pem=self.ca.cert_pem,
-        )
+            for device_id, (password, cert) in issued.items():
+                old = data["users"].get(device_id)
+                if old and old.get("serial"):
+                    data["revoked_serials"].append(int(old["serial"]))
+                data["users"][device_id] = {
+                    "kind": "device",
+                    "hash": hash_password(password),
+                    "serial": cert.serial,
+                    "revoked": False,
+                }
+        ca_pem = self.ca.cert_pem
+        return {
+            device_id: DeviceCredential(
+                device_id=device_id,
+                username=device_id,
+                password=password,
+                cert_pem=cert.cert_pem,
+                key_pem=cert.key_pem,
+                ca_pem=ca_pem,
+            )
+            for device_id, (password, cert) in issued.items()
+        }
 
     def revoke(self, device_id: str) -> bool:
         """Remove the device's password entry and put its certificate on the CRL.
