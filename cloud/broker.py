@@ -43,6 +43,40 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _accepts(address: tuple[str, int], username: str, password: str) -> bool:
+    """Whether the broker accepts this login (one MQTT 3.1.1 CONNECT, then DISCONNECT)."""
+
+    def field(text: str) -> bytes:
+        data = text.encode()
+        return len(data).to_bytes(2, "big") + data
+
+    body = (
+        field("MQTT")
+        + bytes([4, 0b11000010])  # level 4; username, password, clean session
+        + (10).to_bytes(2, "big")
+        + field(f"probe-{os.getpid()}-{time.monotonic_ns()}")
+        + field(username)
+        + field(password)
+    )
+    n, size = len(body), b""
+    while True:  # MQTT variable-length "remaining length"
+        n, digit = n >> 7, n & 0x7F
+        size += bytes([digit | (0x80 if n else 0)])
+        if not n:
+            break
+    packet = b"\x10" + size + body
+    try:
+        with socket.create_connection(address, timeout=2) as s:
+            s.sendall(packet)
+            ack = s.recv(4)
+            ok = len(ack) == 4 and ack[0] == 0x20 and ack[3] == 0
+            if ok:
+                s.sendall(b"\xe0\x00")
+            return ok
+    except OSError:
+        return False
+
+
 class ManagedBroker:
     """Start, supervise and stop a private Mosquitto. Usable as a context manager.
 
@@ -164,27 +198,23 @@ class ManagedBroker:
 
     def reload(self, *, timeout: float = 5.0) -> None:
         """SIGHUP: Mosquitto re-reads its password and ACL files and the CRL, and drops
-        clients that no longer authenticate; other sessions stay connected. Returns once
-        the broker logged the reload (a connection made after that sees the new files:
-        the broker applies them before it reads the next packet)."""
+        clients that no longer authenticate; other sessions stay connected. With `auth`,
+        returns once the broker accepts the probe user of the files just written (so a
+        connection made after that sees them)."""
         if self._proc is None or self._proc.poll() is not None:
             return
-        try:
-            offset = self.log_path.stat().st_size
-        except FileNotFoundError:
-            offset = 0
         self._proc.send_signal(signal.SIGHUP)
+        if self.auth is None:
+            return
+        from edgefleet.cloud.identity.material import PROBE_USER
+
+        secret = self.auth.probe_secret.read_text().strip()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                with self.log_path.open("rb") as f:
-                    f.seek(offset)
-                    if b"Reloading config." in f.read():
-                        return
-            except FileNotFoundError:
-                pass
+            if _accepts(("127.0.0.1", self.coordinator_port), PROBE_USER, secret):
+                return
             time.sleep(0.01)
-        logger.warning("mosquitto (%s) did not confirm a reload within %.0fs", self.url, timeout)
+        logger.warning("mosquitto (%s) did not apply a reload within %.0fs", self.url, timeout)
 
     def start(self, *, timeout: float = 10.0) -> ManagedBroker:
         if self._proc is not None and self._proc.poll() is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefleet.cloud.identity.acl import coordinator_acl, device_acl
-from edgefleet.cloud.identity.passwords import password_file
+from edgefleet.cloud.identity.passwords import hash_password, new_password, password_file
 from edgefleet.cloud.identity.store import IdentityStore
 from edgefleet.protos.topics import Topics
 
@@ -62,6 +62,15 @@ class BrokerAuth:
     @property
     def crl_file(self) -> Path:
         return self.directory / "crl.pem"
+
+    @property
+    def probe_secret(self) -> Path:
+        """A throwaway user of the coordinator listener, new at every write: once it
+        can log in, the broker has read this version of the files."""
+        return self.directory / "probe.secret"
+
+
+PROBE_USER = "reload-probe@edgefleet"
 
 
 def _write(path: Path, text: str, *, owner: tuple[int, int] | None) -> None:
@@ -110,9 +119,13 @@ def write_broker_material(
         password_file(identities.password_hashes(kind="device")),
         owner=owner,
     )
+    probe = new_password()
+    _write(auth.probe_secret, probe, owner=None)
     _write(
         auth.coordinator_passwd,
-        password_file(identities.password_hashes(kind="coordinator")),
+        password_file(
+            {**identities.password_hashes(kind="coordinator"), PROBE_USER: hash_password(probe)}
+        ),
         owner=owner,
     )
     revoked = [
