@@ -43,6 +43,30 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _reachable_by_mosquitto(path: Path) -> bool:
+    """Whether the 'mosquitto' user may walk down to `path` (search bit on every parent)."""
+    try:
+        import pwd
+
+        pw = pwd.getpwnam("mosquitto")
+    except (KeyError, ImportError):
+        return True  # no such user: mosquitto does not drop privileges
+    for p in [path, *path.parents]:
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        if st.st_uid == pw.pw_uid:
+            ok = bool(st.st_mode & 0o100)
+        elif st.st_gid == pw.pw_gid:
+            ok = bool(st.st_mode & 0o010)
+        else:
+            ok = bool(st.st_mode & 0o001)
+        if not ok:
+            return False
+    return True
+
+
 def _accepts(address: tuple[str, int], username: str, password: str) -> bool:
     """Whether the broker accepts this login (one MQTT 3.1.1 CONNECT, then DISCONNECT)."""
 
@@ -145,6 +169,14 @@ class ManagedBroker:
                 pass
         conf = self.state_dir / "mosquitto.conf"
         lines = ["# written by edgefleet; regenerated at every start", *self._listeners()]
+        if (
+            self.auth is not None
+            and os.geteuid() == 0
+            and not _reachable_by_mosquitto(self.auth.directory)
+        ):
+            # it reads the password/ACL files after dropping to 'mosquitto', which cannot
+            # enter a 0700 FLEET_HOME: it keeps the coordinator's user instead
+            lines.append("user root")
         lines += [
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.state_dir}/",

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -238,3 +246,152 @@ def test_a_revoked_device_cannot_reconnect_while_others_keep_their_sessions(
             await d.t.publish(T.telemetry("dev-d"), b"still here", qos=1)
 
     asyncio.run(main())
+
+
+# -- a device on another host ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def other_host() -> Iterator[tuple[str, str, str]]:
+    """A network namespace joined to this one by a veth pair on a private /30:
+    (namespace, address here, address there). Skips where namespaces cannot be made."""
+    if shutil.which("ip") is None:
+        pytest.skip("the 'ip' tool (iproute2) is not installed")
+    tag = uuid.uuid4().hex[:6]
+    ns, here_if, there_if = f"ef-{tag}", f"efh{tag}", f"efn{tag}"
+    net = int(tag, 16) % 250 + 1
+    here, there = f"10.231.{net}.1", f"10.231.{net}.2"
+    made = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace (needs root): {made.stderr.strip()}")
+    try:
+        for cmd in (
+            ["ip", "link", "add", here_if, "type", "veth", "peer", "name", there_if],
+            ["ip", "link", "set", there_if, "netns", ns],
+            ["ip", "addr", "add", f"{here}/30", "dev", here_if],
+            ["ip", "link", "set", here_if, "up"],
+            ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{there}/30", "dev", there_if],
+            ["ip", "netns", "exec", ns, "ip", "link", "set", there_if, "up"],
+            ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
+        ):
+            subprocess.run(cmd, check=True, capture_output=True)
+        yield ns, here, there
+    finally:
+        subprocess.run(["ip", "link", "del", here_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(pred: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_a_device_on_another_host_connects_over_tls_and_is_served_a_model(
+    cli: Cli, tmp_path: Path
+) -> None:
+    from edgefleet.cloud.registry import ModelRef
+    from tests.e2e.test_serve import _env, fleet_serve
+
+    home = tmp_path / "home"
+    assert cli("--home", str(home), "init").code == 0
+    local = LocalClient(load_settings(home=home))
+    local.train(
+        "digits", "digits", arch="mlp", epochs=2, seed=0, batch_size=64, lr=3e-3, on_epoch=None
+    )
+    local.quantize(
+        ModelRef("digits", 1), ["int8"], max_drop=100.0, force=False, progress=lambda *_: None
+    )
+    local.close()
+    h = ("--home", str(home))
+    with other_host() as (ns, here, there):
+        port = _free_port(here)
+        with fleet_serve(home, "--mqtt-listen", f"{here}:{port}") as (_proc, info):
+            assert info.advertise_broker == f"mqtts://{here}:{port}"
+            bundle = tmp_path / "edge-ns.json"
+            r = cli(*h, "devices", "enroll", "edge-ns", "--out", str(bundle))
+            assert r.code == 0, r.err
+            b = json.loads(bundle.read_text())
+            assert b["broker_url"] == f"mqtts://{here}:{port}"
+            assert "BEGIN CERTIFICATE" in b["client_certificate"]
+            # a second device that is not on the other host: its credential is not used there
+            assert cli(*h, "devices", "enroll", "bystander").code == 0
+
+            device = tmp_path / "device"
+            in_ns = ["ip", "netns", "exec", ns, sys.executable, "-m", "edgefleet.agent.cli"]
+            cfg = device / "agent.json"
+            enrol = subprocess.run(
+                [*in_ns, "enroll", str(bundle), "--config", str(cfg)]
+                + ["--state-dir", str(device / "state"), "--listen", ""],
+                cwd=REPO,
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert enrol.returncode == 0, enrol.stderr
+            assert os.stat(cfg).st_mode & 0o777 == 0o600
+            key = device / "state" / "credentials" / "client.key"
+            assert os.stat(key).st_mode & 0o777 == 0o600
+            # the namespace really is another host: the coordinator's loopback is not there
+            probe = subprocess.run(
+                ["ip", "netns", "exec", ns, sys.executable, "-c", _DIAL, "127.0.0.1",
+                 info.broker_url.rsplit(":", 1)[1]],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )  # fmt: skip
+            assert probe.stdout.strip() == "refused", probe.stdout + probe.stderr
+            log = (device / "agent.log").open("w")
+            agent = subprocess.Popen(
+                [*in_ns, "-v", "run", "--config", str(cfg)],
+                cwd=REPO,
+                env=_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+
+                def online() -> bool:
+                    r = cli(*h, "devices", "show", "edge-ns", "--json")
+                    return r.code == 0 and bool(json.loads(r.out).get("online"))
+
+                _wait_for(online, 90, "the agent in the namespace to come online")
+                r = cli(*h, "deploy", "digits:1", "--to", "device=edge-ns", "--timeout", "90")
+                assert r.code == 0, r.out + r.err + (device / "agent.log").read_text()[-3000:]
+                row = next(ln.split() for ln in r.out.splitlines() if ln.startswith("edge-ns"))
+                assert row[1:3] == ["int8", "active"], row
+                shown = json.loads(cli(*h, "devices", "show", "edge-ns", "--json").out)
+                assert shown["active"]["variant"] == "int8"
+            finally:
+                agent.terminate()
+                try:
+                    agent.wait(30)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
+                    agent.wait()
+                log.close()
+    # it connected over the veth with its certificate (CN = username = client id); the
+    # broker's log is complete once it stopped
+    broker_log = (home / "broker" / "mosquitto.log").read_text()
+    assert f"connected from {there}:" in broker_log, broker_log[-2000:]
+    assert "as edge-ns (p5, c1, k30, u'edge-ns')" in broker_log, broker_log[-2000:]
+
+
+_DIAL = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("connected")
+except OSError:
+    print("refused")
+"""
