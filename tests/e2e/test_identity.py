@@ -34,6 +34,7 @@ from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.errors import NotFound, Unauthenticated, Unavailable
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttAccess, MqttSettings, MqttTransport
+from tests.conftest import Cli
 from tests.support.identity import SecureBroker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -328,9 +329,9 @@ def test_a_device_on_another_host_connects_over_tls_and_is_served_a_model(
             device = tmp_path / "device"
             in_ns = ["ip", "netns", "exec", ns, sys.executable, "-m", "edgefleet.agent.cli"]
             cfg = device / "agent.json"
+            args = ["--config", str(cfg), "--state-dir", str(device / "state"), "--listen", ""]
             enrol = subprocess.run(
-                [*in_ns, "enroll", str(bundle), "--config", str(cfg)]
-                + ["--state-dir", str(device / "state"), "--listen", ""],
+                [*in_ns, "enroll", str(bundle), *args],
                 cwd=REPO,
                 env=_env(),
                 capture_output=True,
@@ -342,13 +343,23 @@ def test_a_device_on_another_host_connects_over_tls_and_is_served_a_model(
             key = device / "state" / "credentials" / "client.key"
             assert os.stat(key).st_mode & 0o777 == 0o600
             # the namespace really is another host: the coordinator's loopback is not there
+            loopback_port = info.broker_url.rsplit(":", 1)[1]
             probe = subprocess.run(
-                ["ip", "netns", "exec", ns, sys.executable, "-c", _DIAL, "127.0.0.1",
-                 info.broker_url.rsplit(":", 1)[1]],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    sys.executable,
+                    "-c",
+                    _DIAL,
+                    "127.0.0.1",
+                    loopback_port,
+                ],
                 capture_output=True,
                 text=True,
                 timeout=30,
-            )  # fmt: skip
+            )
             assert probe.stdout.strip() == "refused", probe.stdout + probe.stderr
             log = (device / "agent.log").open("w")
             agent = subprocess.Popen(
