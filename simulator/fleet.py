@@ -398,7 +398,6 @@ class SimulatedFleet:
     ) -> None:
         if n < 1:
             raise InvalidArgument(f"simulated fleet size {n} must be >= 1")
-        self.credentials = credentials
         if batch_size < 1:
             raise InvalidArgument(f"batch_size {batch_size} must be >= 1")
         self.profile = parse_profile(profile)
@@ -433,26 +432,31 @@ class SimulatedFleet:
             self._devices[dev_id] = SimulatedDevice(
                 settings, prof, want_interval=want_interval, data_dir=data_dirs.get(dev_id)
             )
+        self.credentials = credentials
 
-    def _apply_credentials(self) -> None:
-        """Each device's MQTT password (username = device id), from `credentials`: a
-        mapping, or a callable asked once the devices are enrolled."""
-        if self.credentials is None:
+    @property
+    def credentials(self) -> Credentials | None:
+        return self._credentials
+
+    @credentials.setter
+    def credentials(self, credentials: Credentials | None) -> None:
+        """Each device's MQTT password (username = device id): a mapping, or a callable
+        asked per device; applied to devices started from now on."""
+        self._credentials = credentials
+        if credentials is None:
             return
         for d in self.devices:
             dev = d.settings.device_id
             password: str | None = (
-                self.credentials(dev) if callable(self.credentials) else self.credentials.get(dev)
+                credentials(dev) if callable(credentials) else credentials.get(dev)
             )
             if password is None:
                 raise NotFound(f"simulated device {dev!r} has no MQTT credential")
-            d.settings.username = dev
-            d.settings.password = password
+            d.configure(username=dev, password=password)
 
     # lifecycle
     async def __aenter__(self) -> SimulatedFleet:
         start = time.monotonic()
-        self._apply_credentials()
         devices = self.devices
         try:
             for b in range(0, len(devices), self.batch_size):

@@ -10,6 +10,7 @@ Tests with their own topic prefix call `allow_prefix(prefix)` (or pass it to
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,7 +26,9 @@ class SecureBroker:
     def __init__(self, root: Path, *, persistence: bool = True, tls_host: str = "127.0.0.1"):
         self.root = root
         self.identities = IdentityStore(root / "keys")
-        self.prefixes: list[str] = [PREFIX]
+        #: the default prefix, and "test" so the coordinator's credential covers the
+        #: test/<random> prefixes tests make up (devices under those need allow_prefix)
+        self.prefixes: list[str] = [PREFIX, "test"]
         self.tls_host = tls_host
         self.tls_port = free_port(tls_host)
         self._creds: dict[str, DeviceCredential] = {}
@@ -85,6 +88,21 @@ class SecureBroker:
 
     def password_for(self, device_id: str) -> str:
         return self.enroll(device_id).password
+
+    def passwords(self, device_ids: Iterable[str], *, prefix: str | None = None) -> dict[str, str]:
+        """Credentials for many devices with one reload: {device id: password}."""
+        if prefix is not None and prefix not in self.prefixes:
+            self.prefixes.append(prefix)
+        new = [d for d in dict.fromkeys(device_ids) if d not in self._creds]
+        self._creds.update(self.identities.enroll_many(new))
+        self.apply()
+        return {d: c.password for d, c in self._creds.items()}
+
+    def enroll_fleet(self, fleet: Any, *, prefix: str | None = None) -> None:
+        """Give a SimulatedFleet / SimCluster its devices' passwords (and allow `prefix`)."""
+        ids = [e.device_id for e in fleet.ids_for_enrollment()]
+        got = self.passwords(ids, prefix=prefix)
+        fleet.credentials = {d: got[d] for d in ids}
 
     def credentials_for(self, device_id: str, *, prefix: str | None = None) -> MqttAccess:
         cred = self.enroll(device_id, prefix=prefix)
