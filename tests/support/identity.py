@@ -126,6 +126,13 @@ class SecureBroker:
             key_file=str(d / "client.key"),
         )
 
+    def use_identities(self, identities: IdentityStore) -> None:
+        """Take the credentials from `identities` (e.g. a FLEET_HOME's, for a `fleet serve
+        --broker` against this broker: what `fleet broker acl` hands an operator)."""
+        self.identities = identities
+        self._creds.clear()
+        self.apply()
+
     def revoke(self, device_id: str) -> None:
         self.identities.revoke(device_id)
         self._creds.pop(device_id, None)
