@@ -61,13 +61,17 @@ class Agent:
         self.fl = FlSidecar(settings) if fl is not None and fl["ready"] else None
         self.holder = holder if holder is not None else ModelHolder()
         self.boot_id = uuid.uuid4().hex[:12]
+        tls = settings.broker_url.lower().startswith("mqtts:")
         self.transport = MqttTransport(
             MqttSettings(
+                # the broker forces client id = username = device id (docs/protocol.md)
                 url=settings.broker_url,
-                client_id=f"dev-{self.device_id}",
+                client_id=self.device_id,
                 username=settings.username,
                 password=settings.password,
-                ca_file=settings.ca_file,
+                ca_file=settings.ca_file if tls else None,
+                cert_file=settings.cert_file if tls else None,
+                key_file=settings.key_file if tls else None,
                 flow_control=True,
             ),
             will=Will(

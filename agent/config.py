@@ -22,7 +22,9 @@ class AgentSettings(BaseSettings):
     broker_url: str = Field(description="mqtt://host:port or mqtts://host:port")
     username: str | None = None
     password: str | None = None
-    ca_file: str | None = None
+    ca_file: str | None = Field(default=None, description="CA of the broker (mqtts://)")
+    cert_file: str | None = Field(default=None, description="this device's client certificate")
+    key_file: str | None = Field(default=None, description="its private key (mode 0600)")
     public_key_pem: str = Field(description="the coordinator's Ed25519 signing key (PEM)")
     topic_prefix: str = "ef/v1"
     listen: str = Field(
@@ -46,6 +48,37 @@ class AgentSettings(BaseSettings):
 
 
 BUNDLE_FIELDS = ("device_id", "broker_url", "signing_public_key")
+#: bundle field -> file under STATE_DIR/credentials (folder 0700, files 0600)
+CREDENTIAL_FILES = {
+    "ca_certificate": ("ca_file", "ca.pem"),
+    "client_certificate": ("cert_file", "client.pem"),
+    "client_key": ("key_file", "client.key"),
+}
+
+
+def store_credentials(bundle: dict[str, Any], directory: Path) -> dict[str, str]:
+    """Write the bundle's CA, client certificate and key as files; {setting: path}."""
+    from edgefleet.protos.errors import InvalidArgument
+
+    paths: dict[str, str] = {}
+    for field, (setting, name) in CREDENTIAL_FILES.items():
+        pem = bundle.get(field)
+        if not pem:
+            continue
+        if not isinstance(pem, str) or "-----BEGIN " not in pem or len(pem) > 64 * 1024:
+            raise InvalidArgument(f"enrolment bundle field {field} is not a PEM text")
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)
+        path = directory / name
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(pem)
+        os.replace(tmp, path)
+        paths[setting] = str(path)
+    if ("cert_file" in paths) != ("key_file" in paths):
+        raise InvalidArgument("enrolment bundle has a client certificate or key without the other")
+    return paths
 
 
 def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSettings:
@@ -65,6 +98,7 @@ def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSet
             f"enrolment bundle lacks {', '.join(missing)}; needs {', '.join(BUNDLE_FIELDS)}"
         )
     load_public_key(str(bundle["signing_public_key"]).encode())  # fail now, not at first update
+    files = store_credentials(bundle, state_dir / "credentials")
     values: dict[str, Any] = {
         "device_id": bundle["device_id"],
         "broker_url": bundle["broker_url"],
@@ -76,6 +110,7 @@ def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSet
         "tags": bundle.get("tags") or {},
         "state_dir": state_dir,
         "listen": listen,
+        **files,
     }
     fl = bundle.get("fl")
     if isinstance(fl, dict) and fl.get("superlink"):

@@ -15,8 +15,12 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from edgefleet.protos.errors import NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from edgefleet.cloud.identity import BrokerAuth
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +43,73 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _reachable_by_mosquitto(path: Path) -> bool:
+    """Whether the 'mosquitto' user may walk down to `path` (search bit on every parent)."""
+    try:
+        import pwd
+
+        pw = pwd.getpwnam("mosquitto")
+    except (KeyError, ImportError):
+        return True  # no such user: mosquitto does not drop privileges
+    for p in [path, *path.parents]:
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        if st.st_uid == pw.pw_uid:
+            ok = bool(st.st_mode & 0o100)
+        elif st.st_gid == pw.pw_gid:
+            ok = bool(st.st_mode & 0o010)
+        else:
+            ok = bool(st.st_mode & 0o001)
+        if not ok:
+            return False
+    return True
+
+
+def _accepts(address: tuple[str, int], username: str, password: str) -> bool:
+    """Whether the broker accepts this login (one MQTT 3.1.1 CONNECT, then DISCONNECT)."""
+
+    def field(text: str) -> bytes:
+        data = text.encode()
+        return len(data).to_bytes(2, "big") + data
+
+    body = (
+        field("MQTT")
+        + bytes([4, 0b11000010])  # level 4; username, password, clean session
+        + (10).to_bytes(2, "big")
+        + field(f"probe-{os.getpid()}-{time.monotonic_ns()}")
+        + field(username)
+        + field(password)
+    )
+    n, size = len(body), b""
+    while True:  # MQTT variable-length "remaining length"
+        n, digit = n >> 7, n & 0x7F
+        size += bytes([digit | (0x80 if n else 0)])
+        if not n:
+            break
+    packet = b"\x10" + size + body
+    try:
+        with socket.create_connection(address, timeout=2) as s:
+            s.sendall(packet)
+            ack = s.recv(4)
+            ok = len(ack) == 4 and ack[0] == 0x20 and ack[3] == 0
+            if ok:
+                s.sendall(b"\xe0\x00")
+            return ok
+    except OSError:
+        return False
+
+
 class ManagedBroker:
     """Start, supervise and stop a private Mosquitto. Usable as a context manager.
 
     Listens on `host:port` (loopback by default; port 0 picks a free one),
-    anonymous access on loopback only, persistence and log in `state_dir`.
+    persistence and log in `state_dir`. With `auth` (cloud.identity.BrokerAuth) anonymous
+    access is off: devices use `url` with a password (client id forced to the username),
+    the coordinator its own loopback listener (`coordinator_url`), and each of
+    `auth.tls_listeners` takes TLS with a client certificate. Without `auth` it is
+    anonymous (benchmarks only).
     """
 
     def __init__(
@@ -56,8 +122,12 @@ class ManagedBroker:
         max_inflight: int = 100,
         max_inflight_bytes: int = 512 * 1024,
         max_queued: int = 100_000,
+        auth: BrokerAuth | None = None,
+        coordinator_port: int = 0,
     ) -> None:
         self.state_dir = state_dir
+        self.auth = auth
+        self.coordinator_port = (coordinator_port or free_port()) if auth is not None else 0
         self.host = host
         self.port = port or free_port(host)
         self.persistence = persistence
@@ -69,6 +139,17 @@ class ManagedBroker:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def coordinator_url(self) -> str:
+        """Where the coordinator's own clients connect (the device URL without `auth`)."""
+        if self.auth is None:
+            return self.url
+        return f"mqtt://127.0.0.1:{self.coordinator_port}"
+
+    @property
+    def tls_urls(self) -> list[str]:
+        return [f"mqtts://{h}:{p}" for h, p in (self.auth.tls_listeners if self.auth else ())]
 
     @property
     def log_path(self) -> Path:
@@ -87,10 +168,16 @@ class ManagedBroker:
             except (KeyError, OSError):
                 pass
         conf = self.state_dir / "mosquitto.conf"
-        lines = [
-            "# written by edgefleet; regenerated at every start",
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+        lines = ["# written by edgefleet; regenerated at every start", *self._listeners()]
+        if (
+            self.auth is not None
+            and os.geteuid() == 0
+            and not _reachable_by_mosquitto(self.auth.directory)
+        ):
+            # it reads the password/ACL files after dropping to 'mosquitto', which cannot
+            # enter a 0700 FLEET_HOME: it keeps the coordinator's user instead
+            lines.append("user root")
+        lines += [
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.state_dir}/",
             f"log_dest file {self.log_path}",
@@ -107,6 +194,59 @@ class ManagedBroker:
         ]
         conf.write_text("\n".join(lines) + "\n")
         return conf
+
+    def _listeners(self) -> list[str]:
+        a = self.auth
+        if a is None:
+            return [f"listener {self.port} {self.host}", "allow_anonymous true"]
+        devices = [
+            "allow_anonymous false",
+            f"acl_file {a.device_acl}",
+            # the client id is the username (the device id): nobody takes over a session
+            "use_username_as_clientid true",
+        ]
+        lines = [
+            "per_listener_settings true",
+            f"listener {self.coordinator_port} 127.0.0.1",
+            "allow_anonymous false",
+            f"password_file {a.coordinator_passwd}",
+            f"acl_file {a.coordinator_acl}",
+            f"listener {self.port} {self.host}",
+            f"password_file {a.device_passwd}",
+            *devices,
+        ]
+        for host, port in a.tls_listeners:
+            lines += [
+                f"listener {port} {host}",
+                f"cafile {a.ca_file}",
+                f"certfile {a.server_cert}",
+                f"keyfile {a.server_key}",
+                f"crlfile {a.crl_file}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                *devices,
+            ]
+        return lines
+
+    def reload(self, *, timeout: float = 5.0) -> None:
+        """SIGHUP: Mosquitto re-reads its password and ACL files and the CRL, and drops
+        clients that no longer authenticate; other sessions stay connected. With `auth`,
+        returns once the broker accepts the probe user of the files just written (so a
+        connection made after that sees them)."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.send_signal(signal.SIGHUP)
+        if self.auth is None:
+            return
+        from edgefleet.cloud.identity.material import PROBE_USER
+
+        secret = self.auth.probe_secret.read_text().strip()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _accepts(("127.0.0.1", self.coordinator_port), PROBE_USER, secret):
+                return
+            time.sleep(0.01)
+        logger.warning("mosquitto (%s) did not apply a reload within %.0fs", self.url, timeout)
 
     def start(self, *, timeout: float = 10.0) -> ManagedBroker:
         if self._proc is not None and self._proc.poll() is None:

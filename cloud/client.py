@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from edgefleet.cloud.db import Database
     from edgefleet.cloud.devices import Device, DeviceFilter, DeviceStore, Selector
     from edgefleet.cloud.drift import Alert, DriftMonitor, DriftRow
+    from edgefleet.cloud.identity import DeviceCredential, IdentityStore
     from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class EnrollmentBundle:
     username: str | None = None
     password: str | None = None
     ca_certificate: str | None = None  # PEM, for mqtts:// with a private CA
+    client_certificate: str | None = field(default=None, repr=False)  # PEM, CN = device id
+    client_key: str | None = field(default=None, repr=False)  # PEM
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +72,8 @@ class EnrollmentBundle:
             "password": self.password,
             "signing_public_key": self.signing_public_key,
             "ca_certificate": self.ca_certificate,
+            "client_certificate": self.client_certificate,
+            "client_key": self.client_key,
             "topic_prefix": self.topic_prefix,
             "group": self.group,
             "tags": dict(self.tags),
@@ -207,6 +212,13 @@ class LocalClient:
         return DeviceStore(self.database)
 
     @cached_property
+    def identities(self) -> IdentityStore:
+        from edgefleet.cloud.identity import IdentityStore
+
+        self._require_init()
+        return IdentityStore(self.settings.identity_dir)
+
+    @cached_property
     def rollouts(self) -> RolloutStore:
         from edgefleet.cloud.rollouts import RolloutStore
 
@@ -321,19 +333,56 @@ class LocalClient:
         return self.devices.get(device_id)
 
     def enroll_device(
-        self, device_id: str, *, group: str, tags: Mapping[str, str]
+        self,
+        device_id: str,
+        *,
+        group: str,
+        tags: Mapping[str, str],
+        broker_url: str | None = None,
     ) -> EnrollmentBundle:
-        d = self.devices.enroll(device_id, group=group, tags=tags)
-        return self.bundle(d, broker_url=self.advertised_broker())
+        """Enrol the device and issue its MQTT credential (password + client certificate;
+        a running `fleet serve` reloads its broker when the credentials change)."""
+        from edgefleet.protos.topics import check_device_id
 
-    def bundle(self, d: Device, *, broker_url: str) -> EnrollmentBundle:
+        check_device_id(device_id)
+        cred = self.identities.enroll(device_id)
+        try:
+            d = self.devices.enroll(device_id, group=group, tags=tags)
+        except BaseException:
+            self.identities.revoke(device_id)
+            raise
+        return self.bundle(d, broker_url=broker_url or self.advertised_broker(), credential=cred)
+
+    def bundle(
+        self, d: Device, *, broker_url: str, credential: DeviceCredential | None = None
+    ) -> EnrollmentBundle:
         return EnrollmentBundle(
             device_id=d.device_id,
             broker_url=broker_url,
             signing_public_key=self.settings.public_key_path.read_text(),
             group=d.group,
             tags=dict(d.tags),
+            username=credential.username if credential else None,
+            password=credential.password if credential else None,
+            ca_certificate=credential.ca_pem if credential else None,
+            client_certificate=credential.cert_pem if credential else None,
+            client_key=credential.key_pem if credential else None,
         )
+
+    def revoke_device(self, device_id: str, *, reason: str = "revoked") -> tuple[Device, list[str]]:
+        """Remove the device's MQTT credential (password entry gone, certificate on the CRL;
+        a running `fleet serve` reloads its broker), mark it revoked and close its open
+        rollout states. Returns the device and the rollouts whose states were closed."""
+        self.devices.get(device_id)  # NotFound first
+        try:
+            self.identities.revoke(device_id)
+        except Exception as e:  # enrolled before identities existed: nothing to remove
+            logger.warning("%s", e)
+        d = self.devices.revoke(device_id)
+        closed = self.rollouts.close_device(
+            device_id, reason=reason, detail=f"device {device_id} was {reason} by an operator"
+        )
+        return d, closed
 
     def advertised_broker(self) -> str:
         """The broker URL devices should use: flag/env, else the running `fleet serve`'s."""

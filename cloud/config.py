@@ -38,6 +38,10 @@ class CloudSettings(BaseSettings):
     advertise_broker: str = Field(
         default="", description="broker URL devices are told to use (FLEET_ADVERTISE_BROKER)"
     )
+    mqtt_listen: str = Field(
+        default="",
+        description="TLS listeners of the managed broker, HOST:PORT[,HOST:PORT] (FLEET_MQTT_LISTEN)",
+    )
     mqtt_port: int = Field(
         default=DEFAULT_MQTT_PORT, ge=0, le=65535, description="managed broker port (0: free)"
     )
@@ -89,6 +93,23 @@ class CloudSettings(BaseSettings):
     @property
     def token_path(self) -> Path:
         return self.home_dir / "keys" / "token"
+
+    @property
+    def identity_dir(self) -> Path:
+        """The fleet CA and the MQTT credentials (cloud.identity)."""
+        return self.home_dir / "keys" / "mqtt"
+
+    @property
+    def mqtt_listeners(self) -> list[tuple[str, int]]:
+        out = []
+        for item in filter(None, (x.strip() for x in self.mqtt_listen.split(","))):
+            host, sep, port = item.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise InvalidArgument(
+                    f"--mqtt-listen {item!r} is not HOST:PORT; e.g. 0.0.0.0:8883 or 10.0.0.5:8883"
+                )
+            out.append((host.strip("[]"), int(port)))
+        return out
 
     @property
     def serve_path(self) -> Path:

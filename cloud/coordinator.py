@@ -36,7 +36,7 @@ from edgefleet.cloud.serde import (
 from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
-from edgefleet.protos.transport import Message, MqttSettings, MqttTransport
+from edgefleet.protos.transport import Message, MqttAccess, MqttTransport
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Coordinator:
     def __init__(
         self,
         *,
-        broker_url: str,
+        broker_url: str | MqttAccess,
         registry: RegistryStore,
         store: ArtifactStore,
         devices: DeviceStore,
@@ -118,7 +118,7 @@ class Coordinator:
         self._signing_key = signing_key
         self.chunk_size = chunk_size
         self.transport = MqttTransport(
-            MqttSettings(url=broker_url, client_id=f"coordinator-{uuid.uuid4().hex[:8]}"),
+            MqttAccess.of(broker_url).settings(f"coordinator-{uuid.uuid4().hex[:8]}"),
             on_connect=self._subscribe,
             on_message=self._on_message,
         )

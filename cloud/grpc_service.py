@@ -139,7 +139,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         controller: RolloutController | None = None,
         default_timeout: float = DEFAULT_DEPLOY_TIMEOUT,
         watch_interval: float = 0.5,
+        on_credentials: Callable[[], None] | None = None,
     ) -> None:
+        #: applies new credentials to the managed broker before a bundle is returned
+        self.on_credentials = on_credentials
         self.local = local
         self.coordinator = coordinator
         self.controller = controller
@@ -285,13 +288,18 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self, request: fleet_pb2.EnrollDeviceRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.EnrollmentBundle:
         async with _Mapped(context):
-            d = await asyncio.to_thread(
-                lambda: self.local.devices.enroll(
-                    request.device_id, group=request.group, tags=dict(request.tags)
+            b = await asyncio.to_thread(
+                lambda: self.local.enroll_device(
+                    request.device_id,
+                    group=request.group,
+                    tags=dict(request.tags),
+                    broker_url=self.advertise_broker,
                 )
             )
-            logger.info("enrolled %s (group %r)", d.device_id, d.group)
-            return bundle_to_pb(self.local.bundle(d, broker_url=self.advertise_broker))
+            if self.on_credentials is not None:
+                await asyncio.to_thread(self.on_credentials)
+            logger.info("enrolled %s (group %r)", b.device_id, b.group)
+            return bundle_to_pb(b)
 
     async def Status(
         self, request: fleet_pb2.StatusRequest, context: grpc.aio.ServicerContext

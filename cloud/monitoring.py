@@ -33,7 +33,7 @@ from edgefleet.cloud.metrics import (
     serve_metrics,
 )
 from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
-from edgefleet.protos.transport import MqttSettings
+from edgefleet.protos.transport import MqttAccess, MqttSettings
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Monitoring:
         self,
         *,
         db: Database | str,
-        broker_url: str,
+        broker_url: str | MqttAccess,
         home: str,
         devices: Any,
         rollouts: Any | None = None,
@@ -66,12 +66,16 @@ class Monitoring:
         self.store = TelemetryStore(db)
         self.ingest = TelemetryIngest(self.store, on_written=devices.touch)
         self.subscriber = TelemetrySubscriber(
-            MqttSettings(
-                url=broker_url,
-                client_id=telemetry_client_id(home),
-                username=username,
-                password=password,
-                ca_file=ca_file,
+            (
+                MqttAccess.of(broker_url).settings(telemetry_client_id(home))
+                if username is None
+                else MqttSettings(
+                    url=str(broker_url),
+                    client_id=telemetry_client_id(home),
+                    username=username,
+                    password=password,
+                    ca_file=ca_file,
+                )
             ),
             self.ingest,
         )

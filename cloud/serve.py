@@ -17,14 +17,19 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
 from edgefleet.cloud.client import LocalClient, read_token
 from edgefleet.cloud.config import CloudSettings, ServeInfo
+from edgefleet.cloud.identity import BrokerAuth, IdentityStore, write_broker_material
 from edgefleet.protos.backoff import Backoff
 from edgefleet.protos.errors import InvalidArgument, Unavailable
+from edgefleet.protos.topics import Topics
+from edgefleet.protos.transport import MqttAccess
 
 logger = logging.getLogger(__name__)
 
@@ -120,23 +125,58 @@ async def serve(
     broker: ManagedBroker | None = None
     broker_stop = asyncio.Event()
     supervisor: asyncio.Task[None] | None = None
+    watcher: asyncio.Task[None] | None = None
+    apply_credentials: Callable[[], None] | None = None
+    own = local.identities.coordinator()
     if settings.broker:
         broker_url = settings.broker
+        access = MqttAccess(
+            settings.broker,
+            username=own.username,
+            password=own.password,
+            ca_file=own.ca_file,
+            cert_file=own.cert_file,
+            key_file=own.key_file,
+        )
+        advertise = settings.advertise_broker or broker_url
     else:
         find_mosquitto()  # NotFound with install hints, before anything else starts
-        broker = ManagedBroker(settings.broker_dir, port=settings.mqtt_port)
+        listeners = settings.mqtt_listeners
+        advertise = settings.advertise_broker or advertised_url(listeners)
+
+        def material() -> BrokerAuth:
+            return write_broker_material(
+                local.identities,
+                settings.broker_dir / "auth",
+                topics=Topics(),
+                tls_listeners=listeners,
+                tls_hosts=[urlsplit(advertise).hostname or ""] if advertise else [],
+            )
+
+        broker = ManagedBroker(settings.broker_dir, port=settings.mqtt_port, auth=material())
         await asyncio.to_thread(broker.start)
         broker_url = broker.url
+        advertise = advertise or broker.url
+        access = MqttAccess(broker.coordinator_url, username=own.username, password=own.password)
         supervisor = asyncio.create_task(
             supervise_broker(broker, broker_stop), name="broker-supervisor"
         )
-    advertise = settings.advertise_broker or broker_url
+        managed = broker
+
+        def apply_credentials() -> None:
+            material()
+            managed.reload()
+
+        watcher = asyncio.create_task(
+            watch_identities(local.identities, apply_credentials, broker_stop),
+            name="identity-watcher",
+        )
     server: grpc.aio.Server | None = None
     federation = None
     try:
         async with (
             Coordinator(
-                broker_url=broker_url,
+                broker_url=access,
                 registry=local.registry,
                 store=local.pipeline.store,
                 devices=local.devices,
@@ -145,7 +185,7 @@ async def serve(
             ) as coordinator,
             Monitoring(
                 db=local.database,
-                broker_url=broker_url,
+                broker_url=access,
                 home=str(settings.home_dir),
                 devices=local.devices,
                 rollouts=local.rollouts,
@@ -171,7 +211,11 @@ async def serve(
                 )
                 fleet_pb2_grpc.add_FleetServiceServicer_to_server(
                     FleetServicer(
-                        local, coordinator, advertise_broker=advertise, controller=controller
+                        local,
+                        coordinator,
+                        advertise_broker=advertise,
+                        controller=controller,
+                        on_credentials=apply_credentials,
                     ),
                     server,
                 )
@@ -214,12 +258,66 @@ async def serve(
         broker_stop.set()
         if supervisor is not None:
             await supervisor
+        if watcher is not None:
+            await watcher
         if broker is not None:
             await asyncio.to_thread(broker.stop)
         current = ServeInfo.read(settings.serve_path)
         if current is not None and current.pid == os.getpid():
             settings.serve_path.unlink(missing_ok=True)
         local.close()
+
+
+def advertised_url(listeners: list[tuple[str, int]]) -> str:
+    """The URL bundles name: the first TLS listener (its host, or this machine's name
+    when it listens on every address); "" for the loopback listener only."""
+    if not listeners:
+        return ""
+    host, port = listeners[0]
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+        logger.warning(
+            "--mqtt-listen %s:%d: bundles name %s; pass --advertise-broker "
+            "mqtts://HOST:%d if devices reach this machine by another name",
+            listeners[0][0],
+            port,
+            host,
+            port,
+        )
+    return f"mqtts://{host}:{port}" if ":" not in host else f"mqtts://[{host}]:{port}"
+
+
+async def watch_identities(
+    identities: IdentityStore,
+    apply: Callable[[], None],
+    stop: asyncio.Event,
+    *,
+    interval: float = 0.5,
+) -> None:
+    """Rewrite the broker's password/ACL/CRL files and reload it (SIGHUP: other sessions
+    stay) whenever the credentials change (`fleet devices enroll|revoke`)."""
+    records = identities.directory / "credentials.json"
+
+    def stamp() -> float:
+        try:
+            return records.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    seen = stamp()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        now = stamp()
+        if now == seen or stop.is_set():
+            continue
+        seen = now
+        try:
+            await asyncio.to_thread(apply)
+            logger.info("MQTT credentials changed: broker reloaded")
+        except Exception:
+            logger.exception("could not apply the new MQTT credentials")
 
 
 async def start_federation(settings: CloudSettings, local: LocalClient, rollouts: Any) -> Any:

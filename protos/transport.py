@@ -137,6 +137,9 @@ class MqttSettings:
     password: str | None = field(default=None, repr=False)
     keepalive: int = 30
     ca_file: str | None = None
+    #: client certificate and its key (PEM files) for mutual TLS
+    cert_file: str | None = None
+    key_file: str | None = None
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     connect_timeout: float = 10.0
@@ -165,6 +168,14 @@ class MqttSettings:
             raise InvalidArgument(
                 f"ca_file {self.ca_file!r} is set but {self.url} is plain TCP; use mqtts:// for TLS"
             )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise InvalidArgument(
+                f"MQTT client certificate for {self.url}: give both cert_file and key_file"
+            )
+        if self.cert_file is not None and not endpoint.tls:
+            raise InvalidArgument(
+                f"cert_file {self.cert_file!r} is set but {self.url} is plain TCP; use mqtts://"
+            )
         if not (0 < self.backoff_base <= self.backoff_cap):
             raise InvalidArgument(
                 f"MQTT backoff base {self.backoff_base} / cap {self.backoff_cap} are invalid; "
@@ -178,14 +189,53 @@ class MqttSettings:
         return _parse_url(self.url)
 
     def tls_context(self) -> ssl.SSLContext:
-        """The TLS context for mqtts:// (system CAs, or `ca_file`); `InvalidArgument`
-        naming the file when it cannot be used."""
+        """The TLS context for mqtts:// (system CAs, or `ca_file`; the client certificate
+        when given); `InvalidArgument` naming the file when it cannot be used."""
         try:
-            return ssl.create_default_context(cafile=self.ca_file)
+            ctx = ssl.create_default_context(cafile=self.ca_file)
         except (OSError, ssl.SSLError) as e:
             raise InvalidArgument(
                 f"CA file {self.ca_file!r} for {self.url} cannot be used: {e}"
             ) from None
+        if self.cert_file is not None:
+            try:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as e:
+                raise InvalidArgument(
+                    f"client certificate {self.cert_file!r} / key {self.key_file!r} for "
+                    f"{self.url} cannot be used: {e}"
+                ) from None
+        return ctx
+
+
+@dataclass(frozen=True)
+class MqttAccess:
+    """Where and as whom to connect: the part of `MqttSettings` a deployment decides
+    (a broker URL and a credential); each client adds its own client id and options."""
+
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @classmethod
+    def of(cls, access: str | MqttAccess) -> MqttAccess:
+        return cls(access) if isinstance(access, str) else access
+
+    def settings(self, client_id: str, **options: Any) -> MqttSettings:
+        tls = _parse_url(self.url).tls
+        return MqttSettings(
+            url=self.url,
+            client_id=client_id,
+            username=self.username,
+            password=self.password,
+            ca_file=self.ca_file if tls else None,
+            cert_file=self.cert_file if tls else None,
+            key_file=self.key_file if tls else None,
+            **options,
+        )
 
 
 def _parse_url(url: str) -> _Endpoint:

@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ class SimCluster:
         batch_size: int = 100,
         connect_timeout: float = 120.0,
         log_level: str = "WARNING",
+        credentials: Mapping[str, str] | None = None,
     ) -> None:
         self.profile = parse_profile(profile)
         self.enrollments = plan(n, self.profile, seed=seed, id_prefix=id_prefix)
@@ -103,6 +104,9 @@ class SimCluster:
             "connect_timeout": connect_timeout,
             "log_level": log_level,
         }
+        #: device id -> MQTT password (username = device id); each worker gets its share
+        #: in a 0600 file (never on a command line)
+        self.credentials: dict[str, str] = dict(credentials or {})
         if isinstance(profile, (Profile, Mix)) and parse_profile(self.profile.name) != profile:
             raise InvalidArgument(
                 f"profile {self.profile.name!r} is not a built-in one; a SimCluster's workers "
@@ -150,6 +154,17 @@ class SimCluster:
     async def _spawn(self, index: int, first: int, n: int) -> None:
         spec = dict(self._spec, n=n, first=first)
         spec["log_file"] = str(self.state_root / f"worker-{index}.log")
+        if self.credentials:
+            mine = {
+                e.device_id: self.credentials[e.device_id]
+                for e in self.enrollments[first : first + n]
+                if e.device_id in self.credentials
+            }
+            path = self.state_root / f"worker-{index}.credentials.json"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(mine, f)
+            spec["passwords_file"] = str(path)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

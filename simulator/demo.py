@@ -60,9 +60,12 @@ async def fleet(home: Path, root: Path) -> int:
     from edgefleet.cloud.coordinator import Coordinator
     from edgefleet.cloud.devices import DeviceStore, Selector
     from edgefleet.cloud.evaluation import EvalSet
+    from edgefleet.cloud.identity import BrokerAuth, write_broker_material
     from edgefleet.cloud.registry import ModelRef
     from edgefleet.cloud.signing import load_private_key
     from edgefleet.protos.fleet.v1 import inference_pb2_grpc
+    from edgefleet.protos.topics import Topics
+    from edgefleet.protos.transport import MqttAccess
     from edgefleet.simulator.fleet import SimulatedFleet
 
     out, err = Console(highlight=False), Console(stderr=True, highlight=False)
@@ -72,11 +75,18 @@ async def fleet(home: Path, root: Path) -> int:
     broker_dir = root / "broker"
     broker_dir.mkdir(parents=True)
     broker_dir.chmod(0o777)
-    step("coordinator: Mosquitto on loopback + MQTT coordinator")
-    with ManagedBroker(broker_dir) as broker:
-        err.print(f"broker {broker.url}")
+    step("coordinator: Mosquitto on loopback (identities on) + MQTT coordinator")
+
+    def material() -> BrokerAuth:
+        return write_broker_material(client.identities, broker_dir / "auth", topics=Topics())
+
+    own = client.identities.coordinator()
+    with ManagedBroker(broker_dir, auth=material()) as broker:
+        err.print(f"broker {broker.url} (anonymous access off)")
         async with Coordinator(
-            broker_url=broker.url,
+            broker_url=MqttAccess(
+                broker.coordinator_url, username=own.username, password=own.password
+            ),
             registry=client.registry,
             store=client.pipeline.store,
             devices=devices,
@@ -94,8 +104,13 @@ async def fleet(home: Path, root: Path) -> int:
                 id_prefix="demo",
                 listen_first=True,
             )
+            passwords: dict[str, str] = {}
             for e in sim.ids_for_enrollment():
-                devices.enroll(e.device_id, group=e.group, tags=e.tags)
+                b = client.enroll_device(e.device_id, group=e.group, tags=e.tags)
+                passwords[e.device_id] = b.password or ""
+            sim.credentials = passwords
+            material()
+            broker.reload()  # the new devices' credentials
             async with sim:
                 while len(await asyncio.to_thread(devices.find, online=True)) < DEVICES:
                     await asyncio.sleep(0.1)

@@ -162,9 +162,12 @@ async def _simulate(
     from edgefleet.cloud.coordinator import Coordinator
     from edgefleet.cloud.devices import DeviceStore
     from edgefleet.cloud.evaluation import EvalSet
+    from edgefleet.cloud.identity import IdentityStore, write_broker_material
     from edgefleet.cloud.rollouts import RolloutStore
     from edgefleet.cloud.rollouts.controller import RolloutController
     from edgefleet.cloud.signing import load_private_key
+    from edgefleet.protos.topics import Topics
+    from edgefleet.protos.transport import MqttAccess
     from edgefleet.simulator.cluster import SimCluster
 
     client = LocalClient(settings)
@@ -177,8 +180,16 @@ async def _simulate(
     ev = EvalSet.from_bytes(store.get(base.evalset_sha256))
     db = f"sqlite:///{tmp / 'sim.db'}"
     dev_store, rollouts = DeviceStore(db), RolloutStore(db)
-    broker = ManagedBroker(tmp / "broker")
-    await asyncio.to_thread(broker.start)
+    # identities on, as in `fleet serve`: a throwaway CA and credentials for this run
+    identities = IdentityStore(tmp / "identities")
+    auth_dir = tmp / "broker" / "auth"
+    broker = ManagedBroker(
+        tmp / "broker", auth=write_broker_material(identities, auth_dir, topics=Topics())
+    )
+    own = identities.coordinator()
+    coordinator_access = MqttAccess(
+        broker.coordinator_url, username=own.username, password=own.password
+    )
     t0 = time.monotonic()
     try:
         # real agents in worker processes (one per ~250 devices, at most one per core)
@@ -192,11 +203,15 @@ async def _simulate(
         )
         for e in fleet.ids_for_enrollment():
             dev_store.enroll(e.device_id, group=e.group, tags=e.tags)
+        issued = identities.enroll_many(e.device_id for e in fleet.ids_for_enrollment())
+        fleet.credentials.update({d: c.password for d, c in issued.items()})
+        write_broker_material(identities, auth_dir, topics=Topics())
+        await asyncio.to_thread(broker.start)
         progress(f"starting {devices} simulated devices ({profile})")
         async with (
             fleet,
             Coordinator(
-                broker_url=broker.url,
+                broker_url=coordinator_access,
                 registry=registry,
                 store=store,
                 devices=dev_store,

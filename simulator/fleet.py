@@ -38,7 +38,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ from edgefleet.simulator.profiles import Mix, Profile, parse_profile
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 100
+#: device id -> its MQTT password (a mapping, or a callable asked at start)
+Credentials = Mapping[str, str] | Callable[[str], str]
 #: How long a clean stop may take before the agent task is cancelled again. A stop
 #: can hang: on Python 3.11 `asyncio.wait_for` swallows a cancellation that lands in
 #: the same loop step as the awaited result, so `MqttTransport.close()` cancelling
@@ -392,6 +394,7 @@ class SimulatedFleet:
         connect_timeout: float = 60.0,
         first: int = 0,
         total: int | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         if n < 1:
             raise InvalidArgument(f"simulated fleet size {n} must be >= 1")
@@ -429,6 +432,27 @@ class SimulatedFleet:
             self._devices[dev_id] = SimulatedDevice(
                 settings, prof, want_interval=want_interval, data_dir=data_dirs.get(dev_id)
             )
+        self.credentials = credentials
+
+    @property
+    def credentials(self) -> Credentials | None:
+        return self._credentials
+
+    @credentials.setter
+    def credentials(self, credentials: Credentials | None) -> None:
+        """Each device's MQTT password (username = device id): a mapping, or a callable
+        asked per device; applied to devices started from now on."""
+        self._credentials = credentials
+        if credentials is None:
+            return
+        for d in self.devices:
+            dev = d.settings.device_id
+            password: str | None = (
+                credentials(dev) if callable(credentials) else credentials.get(dev)
+            )
+            if password is None:
+                raise NotFound(f"simulated device {dev!r} has no MQTT credential")
+            d.configure(username=dev, password=password)
 
     # lifecycle
     async def __aenter__(self) -> SimulatedFleet:

@@ -154,6 +154,13 @@ async def _report(fleet: Any, interval: float, stop: asyncio.Event) -> None:
                 await stop.wait()
 
 
+def _passwords(path: str | None) -> dict[str, str] | None:
+    if not path:
+        return None
+    data: dict[str, str] = json.loads(Path(path).read_text())
+    return data
+
+
 async def run(spec: dict[str, Any]) -> None:
     from edgefleet.simulator.fleet import SimulatedFleet
 
@@ -172,6 +179,7 @@ async def run(spec: dict[str, Any]) -> None:
         telemetry_interval=float(spec.get("telemetry_interval", 10.0)),
         batch_size=int(spec.get("batch_size", 100)),
         connect_timeout=float(spec.get("connect_timeout", 120.0)),
+        credentials=_passwords(spec.get("passwords_file")),
     )
     start = time.monotonic()
     async with fleet:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from edgefleet.cloud.broker import ManagedBroker
+    from tests.support.identity import SecureBroker
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -54,12 +54,13 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
 
 
 @pytest.fixture
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedBroker]:
-    """A real Mosquitto on a free 127.0.0.1 port, private to the test."""
-    from edgefleet.cloud.broker import ManagedBroker
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    """A real Mosquitto on free 127.0.0.1 ports, private to the test, with identities on
+    (no anonymous access): `broker.credentials_for(device_id)`, `broker.coordinator()`."""
+    from tests.support.identity import SecureBroker
 
     state = Path(tempfile.mkdtemp(prefix="fleet-mqtt-"))
     os.chmod(state, 0o777)
-    with ManagedBroker(state, persistence=True) as b:
+    with SecureBroker(state, persistence=True) as b:
         yield b
     shutil.rmtree(state, ignore_errors=True)

@@ -256,6 +256,8 @@ def bundle_to_pb(b: EnrollmentBundle) -> fleet_pb2.EnrollmentBundle:
         password=b.password or "",
         signing_public_key=b.signing_public_key.encode(),
         ca_certificate=(b.ca_certificate or "").encode(),
+        client_certificate=(b.client_certificate or "").encode(),
+        client_key=(b.client_key or "").encode(),
         topic_prefix=b.topic_prefix,
         group=b.group,
         tags=dict(b.tags),
@@ -273,6 +275,8 @@ def bundle_from_pb(m: fleet_pb2.EnrollmentBundle) -> EnrollmentBundle:
         username=m.username or None,
         password=m.password or None,
         ca_certificate=m.ca_certificate.decode() or None,
+        client_certificate=m.client_certificate.decode() or None,
+        client_key=m.client_key.decode() or None,
     )
 
 

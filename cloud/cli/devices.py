@@ -87,6 +87,42 @@ def show(
         print_device(d)
 
 
+def _revoke(ctx: typer.Context, device_id: str, reason: str) -> None:
+    from edgefleet.cloud.cli.context import settings_of
+    from edgefleet.cloud.cli.output import err
+    from edgefleet.cloud.client import LocalClient
+
+    local = LocalClient(settings_of(ctx))
+    try:
+        d, closed = local.revoke_device(device_id, reason=reason)
+    finally:
+        local.close()
+    err.print(
+        f"{reason} {d.device_id}: MQTT credential removed (a running 'fleet serve' reloads "
+        f"its broker); open rollout states closed: {', '.join(closed) or 'none'}"
+    )
+
+
+@app.command()
+def revoke(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+) -> None:
+    """Revoke a device: its password and certificate stop working, its session is cut,
+    its open rollout states are closed; it stays listed as revoked."""
+    _revoke(ctx, device_id, "revoked")
+
+
+@app.command("rm")
+def rm(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+) -> None:
+    """Remove a device: revoke it (see 'revoke'); it stays in the database as removed
+    so its history and rollouts still read."""
+    _revoke(ctx, device_id, "removed")
+
+
 @app.command()
 def enroll(
     ctx: typer.Context,

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from edgefleet.cloud.cli import broker as broker_cli
 from edgefleet.cloud.cli import db as db_cli
 from edgefleet.cloud.cli import devices as devices_cli
 from edgefleet.cloud.cli import drift as drift_cli
@@ -37,6 +38,7 @@ app.add_typer(devices_cli.app, name="devices")
 app.add_typer(rollouts_cli.app, name="rollouts")
 app.add_typer(fl_cli.app, name="fl")
 app.add_typer(db_cli.app, name="db")
+app.add_typer(broker_cli.app, name="broker")
 app.command("sim")(sim_cli.sim)
 app.command("drift")(drift_cli.drift)
 app.command("alerts")(drift_cli.alerts)
@@ -290,6 +292,16 @@ def serve(
             "name than the coordinator [env FLEET_ADVERTISE_BROKER].",
         ),
     ] = None,
+    mqtt_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--mqtt-listen",
+            envvar="FLEET_MQTT_LISTEN",
+            help="TLS listener(s) of the managed broker for devices on the network, "
+            "HOST:PORT[,HOST:PORT], e.g. 0.0.0.0:8883; devices need their client certificate "
+            "[env FLEET_MQTT_LISTEN; default: loopback only].",
+        ),
+    ] = None,
     graceful_timeout: Annotated[
         float,
         typer.Option("--graceful-timeout", min=0, help="Seconds calls in flight get at shutdown."),
@@ -335,6 +347,7 @@ def serve(
         mqtt_port=mqtt_port,
         grpc_listen=grpc_listen,
         advertise_broker=advertise_broker,
+        mqtt_listen=mqtt_listen,
         metrics_listen=metrics_listen,
         fl=fl,
         fl_listen=fl_listen,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -27,16 +28,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BUNDLE_FILE = "enrollment.json"
+CREDENTIALS_FILE = "credentials.json"
 
 
 def _enroll(client: Any, plan: list[Any], state_dir: Path) -> dict[str, Any]:
-    """Enrol every planned device not enrolled yet; the bundle fields they share."""
+    """Enrol every planned device not enrolled yet; the bundle fields they share, and
+    under "passwords" each device's MQTT password (kept in STATE_DIR, mode 0600)."""
     from edgefleet.protos.errors import AlreadyExists, Conflict
 
     cached = state_dir / BUNDLE_FILE
+    secrets = state_dir / CREDENTIALS_FILE
     shared: dict[str, Any] | None = None
     if cached.exists():
         shared = json.loads(cached.read_text())
+    passwords: dict[str, str] = json.loads(secrets.read_text()) if secrets.exists() else {}
     known: list[str] = []
     for e in plan:
         try:
@@ -44,6 +49,8 @@ def _enroll(client: Any, plan: list[Any], state_dir: Path) -> dict[str, Any]:
         except AlreadyExists:
             known.append(e.device_id)
             continue
+        if b.password:
+            passwords[e.device_id] = b.password
         if shared is None:
             shared = {
                 "broker_url": b.broker_url,
@@ -57,7 +64,10 @@ def _enroll(client: Any, plan: list[Any], state_dir: Path) -> dict[str, Any]:
         )
     state_dir.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(shared, indent=2))
-    return shared
+    fd = os.open(secrets, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(passwords, f)
+    return {**shared, "passwords": passwords}
 
 
 async def _run(
@@ -186,6 +196,7 @@ def sim(
         seed=seed,
         topic_prefix=shared.get("topic_prefix", "ef/v1"),
         id_prefix=id_prefix,
+        credentials=shared["passwords"] or None,
     )
     try:
         summary = asyncio.run(

@@ -44,6 +44,8 @@ class DeviceRow(SQLModel, table=True):
     desired_generation: int = 0
     desired: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
     rollout_id: str = ""
+    #: set by `fleet devices revoke|rm`: its credential is gone and what it sends is ignored
+    revoked_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,12 @@ class Device:
     rollout_id: str
     boot_id: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    revoked_at: datetime | None = None
 
     @property
     def state(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
         return str(self.reported.get("state", "enrolled"))
 
 
@@ -120,6 +125,7 @@ def _device(r: DeviceRow) -> Device:
         desired_generation=r.desired_generation,
         rollout_id=r.rollout_id,
         boot_id=r.boot_id,
+        revoked_at=r.revoked_at,
     )
 
 
@@ -177,6 +183,17 @@ class DeviceStore(DatabaseUser):
                 raise AlreadyExists(f"device {device_id!r} is already enrolled") from None
             return _device(row)
 
+    def revoke(self, device_id: str, *, now: datetime | None = None) -> Device:
+        """Mark the device revoked (offline, nothing it sends recorded any more)."""
+        with self._session() as s:
+            row = self._row(s, device_id)
+            if row.revoked_at is None:
+                row.revoked_at = now or _now()
+            row.online = False
+            s.add(row)
+            s.commit()
+            return _device(row)
+
     def get(self, device_id: str) -> Device:
         with self._session() as s:
             return _device(self._row(s, device_id))
@@ -223,6 +240,9 @@ class DeviceStore(DatabaseUser):
                 row = rows.get(e.device_id)
                 if row is None:
                     logger.warning("%s from unenrolled device %r ignored", e.kind, e.device_id)
+                    continue
+                if row.revoked_at is not None:
+                    logger.warning("%s from revoked device %r ignored", e.kind, e.device_id)
                     continue
                 _apply(row, e)
                 applied += 1

@@ -30,6 +30,9 @@ from edgefleet.cloud.db import DatabaseUser
 from edgefleet.cloud.devices.store import DeviceRow, Sign, issue_desired
 from edgefleet.cloud.registry.tables import UtcDateTime
 from edgefleet.cloud.rollouts.model import (
+    D_PENDING,
+    D_SHADOW,
+    D_SKIPPED,
     FINAL,
     Rollout,
     RolloutDevice,
@@ -243,6 +246,28 @@ class RolloutStore(DatabaseUser):
             s.add(row)
             s.commit()
             return _rollout(row)
+
+    def close_device(self, device_id: str, *, reason: str, detail: str) -> list[str]:
+        """Close the device's open states (pending or shadowing) in rollouts that are not
+        final: phase skipped with `reason`. Returns the rollouts touched."""
+        with self._db.session() as s:
+            open_ids = [
+                r.rollout_id
+                for r in s.exec(select(RolloutRow).where(col(RolloutRow.state).not_in(FINAL)))
+            ]
+            rows = s.exec(
+                select(RolloutDeviceRow)
+                .where(RolloutDeviceRow.device_id == device_id)
+                .where(col(RolloutDeviceRow.rollout_id).in_(open_ids))
+                .where(col(RolloutDeviceRow.phase).in_([D_PENDING, D_SHADOW]))
+            ).all()
+            for row in rows:
+                row.phase = D_SKIPPED
+                row.reason = reason[:64]
+                row.detail = detail
+                s.add(row)
+            s.commit()
+            return sorted({r.rollout_id for r in rows})
 
     def update_devices(self, rollout_id: str, changes: Mapping[str, Mapping[str, Any]]) -> None:
         """Per device id, new values for some of `DEVICE_FIELDS` (one statement per field set)."""

@@ -11,13 +11,21 @@ import pytest
 
 from edgefleet.cloud.broker import ManagedBroker
 from edgefleet.protos.errors import NotFound
+from tests.support.identity import SecureBroker
 
 
-def _get_retained(b: ManagedBroker, topic: str, timeout: float = 5.0) -> bytes | None:
+def _connect(c: mqtt.Client, b: SecureBroker) -> None:
+    """As the coordinator, on its own listener (anonymous access is off)."""
+    own = b.coordinator()
+    c.username_pw_set(own.username, own.password)
+    c.connect("127.0.0.1", b.coordinator_port)
+
+
+def _get_retained(b: SecureBroker, topic: str, timeout: float = 5.0) -> bytes | None:
     got: list[bytes] = []
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="")
     c.on_message = lambda _c, _u, msg: got.append(msg.payload)
-    c.connect(b.host, b.port)
+    _connect(c, b)
     c.subscribe(topic, qos=1)
     deadline = time.monotonic() + timeout
     while not got and time.monotonic() < deadline:
@@ -26,10 +34,10 @@ def _get_retained(b: ManagedBroker, topic: str, timeout: float = 5.0) -> bytes |
     return got[0] if got else None
 
 
-def test_broker_serves_and_keeps_retained_across_restart(broker: ManagedBroker) -> None:
+def test_broker_serves_and_keeps_retained_across_restart(broker: SecureBroker) -> None:
     assert broker.host == "127.0.0.1" and broker.running
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    c.connect(broker.host, broker.port)
+    _connect(c, broker)
     c.loop_start()
     c.publish("ef/v1/test/retained", b"hello", qos=1, retain=True).wait_for_publish(5)
     c.loop_stop()

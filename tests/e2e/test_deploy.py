@@ -16,7 +16,6 @@ import pytest
 
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentSettings
-from edgefleet.cloud.broker import ManagedBroker
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
 from edgefleet.cloud.coordinator import Coordinator
@@ -24,6 +23,7 @@ from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.evaluation import EvalSet
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.signing import load_private_key
+from tests.support.identity import SecureBroker
 
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -61,7 +61,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_deploy_reaches_every_device_on_its_variant(
-    home: Path, broker: ManagedBroker, tmp_path: Path
+    home: Path, broker: SecureBroker, tmp_path: Path
 ) -> None:
     settings = load_settings(home=home)
     client = LocalClient(settings)
@@ -78,7 +78,7 @@ def test_deploy_reaches_every_device_on_its_variant(
                     AgentSettings(
                         device_id=dev_id,
                         state_dir=tmp_path / dev_id,
-                        broker_url=broker.url,
+                        **broker.agent_settings(dev_id),
                         public_key_pem=pem,
                         listen="127.0.0.1:0" if dev_id == "dev-cpu-0" else "",
                     ),
@@ -95,7 +95,7 @@ def test_deploy_reaches_every_device_on_its_variant(
                 for a, r in zip(agents.values(), ready, strict=True)
             ]
             async with Coordinator(
-                broker_url=broker.url,
+                broker_url=broker.coordinator(),
                 registry=client.registry,
                 store=client.pipeline.store,
                 devices=devices,

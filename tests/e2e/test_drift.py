@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
+from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
 from edgefleet.cloud.coordinator import Coordinator
@@ -31,6 +31,7 @@ from edgefleet.protos.manifest import SignedManifest, decode_manifest
 from edgefleet.simulator.fleet import SimulatedFleet
 from edgefleet.simulator.traffic import Traffic
 from tests.conftest import Cli
+from tests.support.identity import SecureBroker
 
 try:
     find_mosquitto()
@@ -70,7 +71,7 @@ def _open(monitoring: Monitoring) -> list[tuple[str, str]]:
 
 
 def test_drift_injected_into_one_group_alerts_that_group_only(
-    home: Path, broker: ManagedBroker, tmp_path: Path, cli: Cli
+    home: Path, broker: SecureBroker, tmp_path: Path, cli: Cli
 ) -> None:
     from edgefleet.models.data import load_dataset
 
@@ -91,6 +92,7 @@ def test_drift_injected_into_one_group_alerts_that_group_only(
             want_interval=0.5,
             telemetry_interval=0.5,
         )
+        broker.enroll_fleet(fleet)
         ids = fleet.ids()
         members = {"north": ids[: GROUPS["north"]], "south": ids[GROUPS["north"] :]}
         for group, group_ids in members.items():
@@ -100,7 +102,7 @@ def test_drift_injected_into_one_group_alerts_that_group_only(
             async with (
                 fleet,
                 Coordinator(
-                    broker_url=broker.url,
+                    broker_url=broker.coordinator(),
                     registry=client.registry,
                     store=client.pipeline.store,
                     devices=devices,
@@ -110,7 +112,7 @@ def test_drift_injected_into_one_group_alerts_that_group_only(
                 ) as coord,
                 Monitoring(
                     db_url=settings.registry_url,
-                    broker_url=broker.url,
+                    broker_url=broker.coordinator(),
                     home=str(home),
                     devices=devices,
                     registry=client.registry,

@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
+from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import CloudSettings, ServeInfo, load_settings
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.identity import IdentityStore
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutStore
 from edgefleet.cloud.rollouts.controller import RolloutController
@@ -42,6 +43,7 @@ from edgefleet.protos.topics import Topics
 from edgefleet.simulator.fleet import SimulatedFleet
 from edgefleet.simulator.traffic import Traffic
 from tests.conftest import Cli
+from tests.support.identity import SecureBroker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,7 +127,7 @@ class Harness:
 @asynccontextmanager
 async def harness(
     home: Path,
-    broker: ManagedBroker,
+    broker: SecureBroker,
     tmp_path: Path,
     digits: tuple[np.ndarray, np.ndarray],
     *,
@@ -149,13 +151,14 @@ async def harness(
         topic_prefix=prefix,
         want_interval=0.5,
     )
+    broker.enroll_fleet(fleet, prefix=prefix)
     for e in fleet.ids_for_enrollment():
         devices.enroll(e.device_id, group=name, tags={**e.tags, "test": name})
     try:
         async with (
             fleet,
             Coordinator(
-                broker_url=broker.url,
+                broker_url=broker.coordinator(),
                 registry=client.registry,
                 store=client.pipeline.store,
                 devices=devices,
@@ -192,7 +195,7 @@ def run(coro: object) -> None:
 
 
 def test_good_model_goes_through_canary_and_every_wave(
-    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+    home: Path, broker: SecureBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     policy = Policy(
         canary=0.1,
@@ -226,7 +229,7 @@ def test_good_model_goes_through_canary_and_every_wave(
 
 
 def test_collapsed_accuracy_is_stopped_at_the_canary_and_rolled_back(
-    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+    home: Path, broker: SecureBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     policy = Policy(canary=0.25, waves=(1.0,), bake_s=1.0, min_accuracy=0.8, min_samples=20)
 
@@ -252,7 +255,7 @@ def test_collapsed_accuracy_is_stopped_at_the_canary_and_rolled_back(
 
 
 def test_slower_model_trips_the_latency_gate_then_rolls_back_by_hand(
-    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+    home: Path, broker: SecureBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     policy = Policy(
         canary=0.5,
@@ -282,7 +285,7 @@ def test_slower_model_trips_the_latency_gate_then_rolls_back_by_hand(
 
 
 def test_broker_restart_mid_wave_ends_with_every_device_final(
-    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+    home: Path, broker: SecureBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     policy = Policy(canary=0.2, waves=(1.0,), bake_s=1.0, min_agreement=0.8, min_samples=10)
 
@@ -344,7 +347,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def test_coordinator_killed_mid_rollout_resumes_where_it_was(
     home: Path,
-    broker: ManagedBroker,
+    broker: SecureBroker,
     tmp_path: Path,
     digits: tuple[np.ndarray, np.ndarray],
     cli: Cli,
@@ -368,6 +371,9 @@ def test_coordinator_killed_mid_rollout_resumes_where_it_was(
         id_prefix="kill",
         want_interval=0.5,
     )
+    # `fleet serve --broker` connects with FLEET_HOME's coordinator credential
+    broker.use_identities(IdentityStore(settings.identity_dir))
+    broker.enroll_fleet(fleet)
     for e in fleet.ids_for_enrollment():
         devices.enroll(e.device_id, group="kill")
     selector = Selector.parse("group=kill")
@@ -375,7 +381,7 @@ def test_coordinator_killed_mid_rollout_resumes_where_it_was(
     address: list[str] = []
 
     def start() -> GrpcClient:
-        proc, info = _serve(home, broker.url)
+        proc, info = _serve(home, broker.coordinator_url)
         procs.append(proc)
         address[:] = [info.grpc]
         return GrpcClient(info.grpc, token)
@@ -546,7 +552,7 @@ def test_dry_run_on_a_simulated_fleet_reports_stages_and_the_rollback(home: Path
 
 
 def test_abort_ends_the_shadows_and_changes_nothing_else(
-    home: Path, broker: ManagedBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+    home: Path, broker: SecureBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     policy = Policy(canary=0.5, waves=(1.0,), bake_s=60.0, min_agreement=0.5)
 

@@ -227,6 +227,8 @@ def test_deploy_to_two_agents(cli: Cli, home: Path, served: ServeInfo, tmp_path:
                     device_id=b["device_id"],
                     state_dir=tmp_path / b["device_id"],
                     broker_url=b["broker_url"],
+                    username=b["username"],
+                    password=b["password"],
                     public_key_pem=b["signing_public_key"],
                     topic_prefix=b["topic_prefix"],
                     group=b["group"],

@@ -7,7 +7,6 @@ import asyncio
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -15,11 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.serde import UpdateState
 from edgefleet.protos.fleet.v1 import device_pb2
-from edgefleet.protos.transport import Message, MqttSettings, MqttTransport
+from edgefleet.protos.transport import Message, MqttTransport
 from edgefleet.simulator.fleet import SimulatedFleet
-
-if TYPE_CHECKING:
-    from edgefleet.cloud.broker import ManagedBroker
+from tests.support.identity import SecureBroker
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +35,7 @@ def _pem() -> str:
     ).decode()
 
 
-def test_a_thousand_agents_come_online_on_one_loop(broker: ManagedBroker, tmp_path: Path) -> None:
+def test_a_thousand_agents_come_online_on_one_loop(broker: SecureBroker, tmp_path: Path) -> None:
     n = 1000
     prefix = f"test/{uuid.uuid4().hex[:10]}"
     online: dict[str, bool] = {}
@@ -50,7 +47,7 @@ def test_a_thousand_agents_come_online_on_one_loop(broker: ManagedBroker, tmp_pa
 
     async def main() -> None:
         watcher = MqttTransport(
-            MqttSettings(url=broker.url, client_id=f"watch-{uuid.uuid4().hex[:6]}"),
+            broker.watcher(),
             on_message=on_status,
         )
         await watcher.subscribe(f"{prefix}/dev/+/status", qos=1)
@@ -60,6 +57,7 @@ def test_a_thousand_agents_come_online_on_one_loop(broker: ManagedBroker, tmp_pa
                 n, broker_url=broker.url, public_key_pem=_pem(), state_root=tmp_path,
                 topic_prefix=prefix, seed=1,
             )  # fmt: skip
+            broker.enroll_fleet(fleet, prefix=prefix)
             t0 = time.monotonic()
             async with fleet:
                 up = time.monotonic() - t0
@@ -110,7 +108,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_deploy_survives_corrupt_chunks_and_a_crash_mid_download(
-    home: Path, broker: ManagedBroker, tmp_path: Path
+    home: Path, broker: SecureBroker, tmp_path: Path
 ) -> None:
     from edgefleet.cloud.client import LocalClient
     from edgefleet.cloud.config import load_settings
@@ -133,6 +131,7 @@ def test_deploy_survives_corrupt_chunks_and_a_crash_mid_download(
         seed=5,
         want_interval=0.5,
     )
+    broker.enroll_fleet(fleet, prefix=prefix)
     for e in fleet.ids_for_enrollment():
         devices.enroll(e.device_id, group=e.group, tags=e.tags)
     corrupt, victim = "sim-0001", "sim-0002"
@@ -142,7 +141,7 @@ def test_deploy_survives_corrupt_chunks_and_a_crash_mid_download(
         async with (
             asyncio.timeout(60),
             Coordinator(
-                broker_url=broker.url,
+                broker_url=broker.coordinator(),
                 registry=client.registry,
                 store=client.pipeline.store,
                 devices=devices,

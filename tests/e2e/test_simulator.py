@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.protos.errors import NotFound
 from edgefleet.protos.fleet.v1 import device_pb2
-from edgefleet.protos.transport import Message, MqttSettings, MqttTransport
+from edgefleet.protos.transport import Message, MqttTransport
 from edgefleet.simulator.fleet import SimulatedFleet
 
 if TYPE_CHECKING:
-    from edgefleet.cloud.broker import ManagedBroker
+    from tests.support.identity import SecureBroker
 
 
 # -- 50 real agents on a real broker ------------------------------------------------------
@@ -32,7 +32,7 @@ def _pem() -> str:
 
 
 def test_fifty_devices_come_online_crash_with_a_will_and_restart(
-    broker: ManagedBroker, tmp_path: Path
+    broker: SecureBroker, tmp_path: Path
 ) -> None:
     prefix = f"test/{uuid.uuid4().hex[:10]}"
     statuses: dict[str, device_pb2.DeviceStatus] = {}
@@ -44,7 +44,7 @@ def test_fifty_devices_come_online_crash_with_a_will_and_restart(
 
     async def main() -> None:
         watcher = MqttTransport(
-            MqttSettings(url=broker.url, client_id=f"watch-{uuid.uuid4().hex[:6]}"),
+            broker.watcher(),
             on_message=on_status,
         )
         await watcher.subscribe(f"{prefix}/dev/+/status", qos=1)
@@ -58,6 +58,7 @@ def test_fifty_devices_come_online_crash_with_a_will_and_restart(
             topic_prefix=prefix,
             listen_first=True,
         )
+        broker.enroll_fleet(fleet, prefix=prefix)
         assert len(fleet.ids_for_enrollment()) == 50
         assert fleet.ids_for_enrollment()[3].group == fleet.device("sim-0003").profile.name
         async with asyncio.timeout(60), watcher:
@@ -111,7 +112,7 @@ def test_fifty_devices_come_online_crash_with_a_will_and_restart(
 
 
 def test_stopping_devices_that_are_still_connecting_does_not_hang(
-    broker: ManagedBroker, tmp_path: Path
+    broker: SecureBroker, tmp_path: Path
 ) -> None:
     # MqttTransport.close() during the connect can lose its cancel (Python 3.11
     # wait_for); SimulatedDevice.stop cancels again after its grace period
@@ -119,6 +120,7 @@ def test_stopping_devices_that_are_still_connecting_does_not_hang(
         fleet = SimulatedFleet(
             20, broker_url=broker.url, public_key_pem=_pem(), state_root=tmp_path, profile="cpu"
         )
+        broker.enroll_fleet(fleet)
         async with asyncio.timeout(20):
             await asyncio.gather(*(d.start() for d in fleet.devices))
             await asyncio.gather(*(d.stop(grace=0.5) for d in fleet.devices))

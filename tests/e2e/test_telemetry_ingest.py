@@ -7,10 +7,10 @@ import asyncio
 import time
 from pathlib import Path
 
-from edgefleet.cloud.broker import ManagedBroker
 from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
-from edgefleet.protos.transport import MqttSettings, MqttTransport
+from edgefleet.protos.transport import MqttTransport
 from tests.contract.test_telemetry import NOW, payload
+from tests.support.identity import SecureBroker
 
 
 def _wait(pred: object, timeout: float = 30.0) -> None:
@@ -20,22 +20,24 @@ def _wait(pred: object, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-async def _publish(url: str, items: list[tuple[str, bytes]]) -> None:
-    async with MqttTransport(MqttSettings(url=url, client_id="telemetry-pub")) as t:
+async def _publish(broker: SecureBroker, items: list[tuple[str, bytes]]) -> None:
+    # one publisher speaking for many devices: the coordinator's credential (a device's
+    # own would only let it publish its own telemetry; tests/e2e/test_identity.py)
+    async with MqttTransport(broker.coordinator().settings("telemetry-pub")) as t:
         await t.wait_connected(timeout=10)
         for topic, data in items:
             await t.publish(topic, data, qos=1)
 
 
 def test_ingest_through_the_broker_with_a_persistent_session(
-    broker: ManagedBroker, tmp_path: Path
+    broker: SecureBroker, tmp_path: Path
 ) -> None:
     store = TelemetryStore(f"sqlite:///{tmp_path / 't.db'}")
     seen: list[str] = []
 
     def subscriber() -> tuple[TelemetrySubscriber, TelemetryIngest]:
         ingest = TelemetryIngest(store, interval=0.05, on_written=seen.extend)
-        settings = MqttSettings(url=broker.url, client_id="coordinator-telemetry-test")
+        settings = broker.coordinator().settings("coordinator-telemetry-test")
         return TelemetrySubscriber(settings, ingest), ingest
 
     topic = "ef/v1/dev/{}/telemetry"
@@ -49,7 +51,7 @@ def test_ingest_through_the_broker_with_a_persistent_session(
     sub, ingest = subscriber()
     sub.start()
     try:
-        asyncio.run(_publish(broker.url, good + bad))
+        asyncio.run(_publish(broker, good + bad))
         _wait(lambda: ingest.written == 20 and ingest.rejected == 2)
     finally:
         sub.stop()
@@ -58,7 +60,7 @@ def test_ingest_through_the_broker_with_a_persistent_session(
 
     # published while the coordinator's subscriber is down: queued by the broker
     later = [(topic.format("t9"), payload("t9", i, NOW, [0, 1, 0, 0])) for i in range(10)]
-    asyncio.run(_publish(broker.url, later))
+    asyncio.run(_publish(broker, later))
     sub, ingest = subscriber()
     sub.start()
     try:

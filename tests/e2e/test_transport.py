@@ -22,14 +22,19 @@ import pytest
 from edgefleet.cloud.broker import ManagedBroker, free_port
 from edgefleet.protos.errors import Conflict, InvalidArgument, Unauthenticated, Unavailable
 from edgefleet.protos.transport import Message, MqttSettings, MqttTransport, Will
+from tests.support.identity import SecureBroker
 
 WAIT = 5.0
 
 
-def _settings(url: str, client_id: str, **kw: object) -> MqttSettings:
+def _settings(where: str | SecureBroker, client_id: str, **kw: object) -> MqttSettings:
+    """Fast retries; with the test broker, the coordinator's credential on its listener
+    (these tests are about the transport, not about device identities)."""
     fast: dict[str, object] = {"backoff_base": 0.05, "backoff_cap": 0.5, "connect_timeout": 5.0}
     fast.update(kw)
-    return MqttSettings(url=url, client_id=client_id, **fast)  # type: ignore[arg-type]
+    if isinstance(where, str):
+        return MqttSettings(url=where, client_id=client_id, **fast)  # type: ignore[arg-type]
+    return where.coordinator().settings(client_id, **fast)
 
 
 def _prefix() -> str:
@@ -72,13 +77,13 @@ async def _next(it: object, timeout: float = WAIT) -> Message:
 # -- delivery ---------------------------------------------------------------------
 
 
-def test_roundtrip_qos1_and_retained_for_a_later_subscriber(broker: ManagedBroker) -> None:
+def test_roundtrip_qos1_and_retained_for_a_later_subscriber(broker: SecureBroker) -> None:
     p = _prefix()
 
     async def main() -> None:
         async with (
-            MqttTransport(_settings(broker.url, "sub")) as sub,
-            MqttTransport(_settings(broker.url, "pub")) as pub,
+            MqttTransport(_settings(broker, "sub")) as sub,
+            MqttTransport(_settings(broker, "pub")) as pub,
         ):
             async with asyncio.timeout(WAIT):
                 await sub.wait_connected()
@@ -98,7 +103,7 @@ def test_roundtrip_qos1_and_retained_for_a_later_subscriber(broker: ManagedBroke
                 await _next(inbox, timeout=0.3)
 
         # subscribed before connecting: the intent goes out with the connection
-        late = MqttTransport(_settings(broker.url, "late"))
+        late = MqttTransport(_settings(broker, "late"))
         await late.subscribe(f"{p}/kept")
         async with late:
             msg = await _next(late.messages())
@@ -108,7 +113,7 @@ def test_roundtrip_qos1_and_retained_for_a_later_subscriber(broker: ManagedBroke
 
 
 def test_on_message_gets_messages_in_order_and_survives_a_failing_handler(
-    broker: ManagedBroker,
+    broker: SecureBroker,
 ) -> None:
     p = _prefix()
     got: list[bytes] = []
@@ -120,8 +125,8 @@ def test_on_message_gets_messages_in_order_and_survives_a_failing_handler(
         got.append(msg.payload)
 
     async def main() -> None:
-        sub = MqttTransport(_settings(broker.url, "sub"), on_message=handle)
-        async with sub, MqttTransport(_settings(broker.url, "pub")) as pub:
+        sub = MqttTransport(_settings(broker, "sub"), on_message=handle)
+        async with sub, MqttTransport(_settings(broker, "pub")) as pub:
             await sub.subscribe(f"{p}/x")
             async with asyncio.timeout(WAIT):
                 await sub.wait_connected()
@@ -139,7 +144,7 @@ def test_on_message_gets_messages_in_order_and_survives_a_failing_handler(
 # -- will ---------------------------------------------------------------------------
 
 
-def test_will_on_dropped_connection_but_not_on_clean_exit(broker: ManagedBroker) -> None:
+def test_will_on_dropped_connection_but_not_on_clean_exit(broker: SecureBroker) -> None:
     p = _prefix()
     status = f"{p}/dev/d1/status"
     births = 0
@@ -150,10 +155,10 @@ def test_will_on_dropped_connection_but_not_on_clean_exit(broker: ManagedBroker)
             births += 1
             await dev.publish(status, b"online", retain=True)
 
-        watcher = MqttTransport(_settings(broker.url, "watcher"))
+        watcher = MqttTransport(_settings(broker, "watcher"))
         await watcher.subscribe(status)
         dev = MqttTransport(
-            _settings(broker.url, "d1"), will=Will(status, b"offline"), on_connect=birth
+            _settings(broker, "d1"), will=Will(status, b"offline"), on_connect=birth
         )
         async with watcher:
             inbox = watcher.messages()
@@ -174,7 +179,7 @@ def test_will_on_dropped_connection_but_not_on_clean_exit(broker: ManagedBroker)
                 await _next(inbox, timeout=1.0)
 
         # and the retained status still says online
-        async with MqttTransport(_settings(broker.url, "later")) as later:
+        async with MqttTransport(_settings(broker, "later")) as later:
             await later.subscribe(status)
             assert (await _next(later.messages())).payload == b"online"
 
@@ -185,7 +190,7 @@ def test_will_on_dropped_connection_but_not_on_clean_exit(broker: ManagedBroker)
 
 
 def test_subscriptions_and_on_connect_survive_a_broker_restart(
-    broker: ManagedBroker, records: _Records
+    broker: SecureBroker, records: _Records
 ) -> None:
     p = _prefix()
     connects = {"sub": 0, "pub": 0}
@@ -197,8 +202,8 @@ def test_subscriptions_and_on_connect_survive_a_broker_restart(
         return on_connect
 
     async def main() -> None:
-        sub = MqttTransport(_settings(broker.url, "sub"), on_connect=counter("sub"))
-        pub = MqttTransport(_settings(broker.url, "pub"), on_connect=counter("pub"))
+        sub = MqttTransport(_settings(broker, "sub"), on_connect=counter("sub"))
+        pub = MqttTransport(_settings(broker, "pub"), on_connect=counter("pub"))
         async with sub, pub:
             await sub.subscribe(f"{p}/#")
             async with asyncio.timeout(WAIT):
@@ -244,14 +249,12 @@ def test_publish_while_disconnected_raises_unavailable_and_retries_with_backoff(
     assert "(attempt 3)" in retries[2]
 
 
-def test_keepalive_detects_a_stalled_broker_and_acks_time_out(broker: ManagedBroker) -> None:
+def test_keepalive_detects_a_stalled_broker_and_acks_time_out(broker: SecureBroker) -> None:
     assert broker.pid is not None
     pid = broker.pid
 
     async def main() -> None:
-        async with MqttTransport(
-            _settings(broker.url, "ka", keepalive=1, connect_timeout=1.0)
-        ) as t:
+        async with MqttTransport(_settings(broker, "ka", keepalive=1, connect_timeout=1.0)) as t:
             await t.wait_connected(WAIT)
             await asyncio.sleep(2.5)  # idle for more than keepalive: pings keep it up
             assert t.connected
@@ -268,9 +271,9 @@ def test_keepalive_detects_a_stalled_broker_and_acks_time_out(broker: ManagedBro
     asyncio.run(main())
 
 
-def test_reusable_but_not_reentrant(broker: ManagedBroker) -> None:
+def test_reusable_but_not_reentrant(broker: SecureBroker) -> None:
     async def main() -> None:
-        t = MqttTransport(_settings(broker.url, "again"))
+        t = MqttTransport(_settings(broker, "again"))
         for _ in range(2):
             async with t:
                 await t.wait_connected(WAIT)
@@ -438,7 +441,7 @@ def test_tls_roundtrip_and_untrusted_certificate(state_dir: Path) -> None:
 # -- scale --------------------------------------------------------------------------
 
 
-async def _fleet(broker: ManagedBroker, n: int, *, restart: bool = False) -> dict[str, float]:
+async def _fleet(broker: SecureBroker, n: int, *, restart: bool = False) -> dict[str, float]:
     """n clients on this one event loop: connect, subscribe, all receive one broadcast;
     with `restart`, the broker restarts and all receive a second broadcast."""
     p = _prefix()
@@ -457,7 +460,7 @@ async def _fleet(broker: ManagedBroker, n: int, *, restart: bool = False) -> dic
 
     async def broadcast(payload: bytes) -> float:
         all_in.clear()
-        async with MqttTransport(_settings(broker.url, f"caster-{payload.decode()}")) as caster:
+        async with MqttTransport(_settings(broker, f"caster-{payload.decode()}")) as caster:
             await caster.wait_connected(WAIT)
             t = time.perf_counter()
             await caster.publish(f"{p}/all", payload)
@@ -470,7 +473,7 @@ async def _fleet(broker: ManagedBroker, n: int, *, restart: bool = False) -> dic
     clients = [
         MqttTransport(
             _settings(
-                broker.url, f"sim-{i:05d}", connect_timeout=30.0, backoff_base=0.5, backoff_cap=5.0
+                broker, f"sim-{i:05d}", connect_timeout=30.0, backoff_base=0.5, backoff_cap=5.0
             ),
             on_connect=on_connect,
             on_message=on_message,
@@ -504,10 +507,10 @@ async def _fleet(broker: ManagedBroker, n: int, *, restart: bool = False) -> dic
     return {k: round(v, 2) for k, v in timings.items()}
 
 
-def test_1000_clients_on_one_event_loop(broker: ManagedBroker) -> None:
+def test_1000_clients_on_one_event_loop(broker: SecureBroker) -> None:
     print("1000 clients:", asyncio.run(_fleet(broker, 1000)))
 
 
 @pytest.mark.slow
-def test_3000_clients_on_one_event_loop_survive_a_broker_restart(broker: ManagedBroker) -> None:
+def test_3000_clients_on_one_event_loop_survive_a_broker_restart(broker: SecureBroker) -> None:
     print("3000 clients:", asyncio.run(_fleet(broker, 3000, restart=True)))

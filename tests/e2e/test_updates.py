@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentSettings
-from edgefleet.cloud.broker import ManagedBroker
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import CloudSettings, load_settings
 from edgefleet.cloud.coordinator import Coordinator
@@ -31,7 +30,8 @@ from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.manifest import SignedManifest, decode_manifest, sign_manifest
 from edgefleet.protos.topics import Topics
-from edgefleet.protos.transport import MqttSettings, MqttTransport
+from edgefleet.protos.transport import MqttTransport
+from tests.support.identity import SecureBroker
 
 CPU = {
     "runtimes": ["onnxruntime", "litert"],
@@ -67,7 +67,7 @@ class Harness:
     settings: CloudSettings
     client: LocalClient
     devices: DeviceStore
-    broker: ManagedBroker
+    broker: SecureBroker
     coord: Coordinator
     agents: dict[str, Agent]
     tasks: dict[str, asyncio.Task[None]]
@@ -84,7 +84,7 @@ class Harness:
             AgentSettings(
                 device_id=dev_id,
                 state_dir=self.state_root / dev_id,
-                broker_url=self.broker.url,
+                **self.broker.agent_settings(dev_id),
                 public_key_pem=self.settings.public_key_path.read_text(),
                 listen="",
                 telemetry_interval=0.5,
@@ -124,7 +124,7 @@ class Harness:
 
 @asynccontextmanager
 async def harness(
-    home: Path, broker: ManagedBroker, tmp: Path, ids: list[str], *, rate: float = 0.0
+    home: Path, broker: SecureBroker, tmp: Path, ids: list[str], *, rate: float = 0.0
 ) -> AsyncIterator[Harness]:
     settings = load_settings(home=home, db_url=f"sqlite:///{tmp / 'fleet.db'}")
     client = LocalClient(load_settings(home=home))
@@ -145,15 +145,13 @@ async def harness(
             t.ParseFromString(msg.payload)
             telemetry.append(t)
 
-    watcher = MqttTransport(
-        MqttSettings(url=broker.url, client_id="test-watcher"), on_message=on_msg
-    )
+    watcher = MqttTransport(broker.watcher("test-watcher"), on_message=on_msg)
     await watcher.subscribe(topics.all_devices("reported"))
     await watcher.subscribe(topics.all_devices("telemetry"))
     async with (
         watcher,
         Coordinator(
-            broker_url=broker.url,
+            broker_url=broker.coordinator(),
             registry=client.registry,
             store=client.pipeline.store,
             devices=devices,
@@ -182,7 +180,7 @@ def run(coro: Any) -> None:
 
 
 def test_bad_updates_are_refused_and_the_device_keeps_serving(
-    home: Path, broker: ManagedBroker, tmp_path: Path
+    home: Path, broker: SecureBroker, tmp_path: Path
 ) -> None:
     async def main() -> None:
         async with harness(home, broker, tmp_path, ["d1"]) as h:
@@ -192,7 +190,9 @@ def test_bad_updates_are_refused_and_the_device_keeps_serving(
             v1 = agent.holder.active
             assert v1 is not None and v1.ref.version == 1
             topic = Topics().desired("d1")
-            raw = MqttTransport(MqttSettings(url=broker.url, client_id="attacker"))
+            # bad content from the coordinator's side of the broker (only it may write a
+            # desired state: tests/e2e/test_identity.py)
+            raw = MqttTransport(broker.watcher("attacker"))
             mv2 = h.client.registry.get_version(ModelRef("digits", 2))
             art = h.client.pipeline.store.get(mv2.variant("int8").sha256)
             good_manifest = SignedManifest.from_bytes(mv2.variant("int8").signed_manifest)
@@ -289,7 +289,7 @@ def chunk_msg(m: SignedManifest, index: int, art: bytes, data: bytes) -> bytes:
 
 
 def test_agent_killed_mid_download_resumes_without_refetching(
-    home: Path, broker: ManagedBroker, tmp_path: Path
+    home: Path, broker: SecureBroker, tmp_path: Path
 ) -> None:
     async def main() -> None:
         async with harness(home, broker, tmp_path, ["d1"], rate=6000.0) as h:
@@ -319,7 +319,7 @@ def test_agent_killed_mid_download_resumes_without_refetching(
 
 
 def test_broker_restart_mid_deploy_still_activates_every_device(
-    home: Path, broker: ManagedBroker, tmp_path: Path
+    home: Path, broker: SecureBroker, tmp_path: Path
 ) -> None:
     ids = [f"d{i}" for i in range(5)]
 
@@ -340,7 +340,7 @@ def test_broker_restart_mid_deploy_still_activates_every_device(
 
 
 def test_serves_while_the_broker_is_down_and_delivers_spooled_telemetry(
-    home: Path, broker: ManagedBroker, tmp_path: Path
+    home: Path, broker: SecureBroker, tmp_path: Path
 ) -> None:
     async def main() -> None:
         async with harness(home, broker, tmp_path, ["d1"]) as h:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -20,10 +19,6 @@ from edgefleet.protos.manifest import TensorSpec
 from edgefleet.simulator.data import label_skew, partition, read_shards, write_shards
 from edgefleet.simulator.fleet import _SlowedSession, corrupt_chunk
 from edgefleet.simulator.profiles import MIXED, PROFILES, Mix, Profile, parse_profile
-
-if TYPE_CHECKING:
-    pass
-
 
 # -- profiles ---------------------------------------------------------------------------
 

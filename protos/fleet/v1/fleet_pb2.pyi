@@ -803,6 +803,8 @@ class EnrollmentBundle(_message.Message):
     TOPIC_PREFIX_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    CLIENT_KEY_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     broker_url: _builtins.str
     """mqtt://host:port or mqtts://"""
@@ -815,6 +817,10 @@ class EnrollmentBundle(_message.Message):
     topic_prefix: _builtins.str
     """ef/v1"""
     group: _builtins.str
+    client_certificate: _builtins.bytes
+    """PEM: X.509, CN = device id (mutual TLS)"""
+    client_key: _builtins.bytes
+    """PEM: its private key (EC P-256)"""
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -829,10 +835,12 @@ class EnrollmentBundle(_message.Message):
         topic_prefix: _builtins.str = ...,
         group: _builtins.str = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        client_certificate: _builtins.bytes = ...,
+        client_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker_url", b"broker_url", "ca_certificate", b"ca_certificate", "device_id", b"device_id", "group", b"group", "password", b"password", "signing_public_key", b"signing_public_key", "tags", b"tags", "topic_prefix", b"topic_prefix", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker_url", b"broker_url", "ca_certificate", b"ca_certificate", "client_certificate", b"client_certificate", "client_key", b"client_key", "device_id", b"device_id", "group", b"group", "password", b"password", "signing_public_key", b"signing_public_key", "tags", b"tags", "topic_prefix", b"topic_prefix", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

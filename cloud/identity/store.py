@@ -1,0 +1,188 @@
+"""Credential records under FLEET_HOME/keys/mqtt: the CA, the coordinator's own
+credential, and per device a password hash and a certificate serial.
+
+Only hashes are kept for devices; the plaintext password and the private key go into the
+enrolment bundle once. `credentials.json` is rewritten atomically under a file lock, so
+`fleet devices enroll` in a shell and a running `fleet serve` can both update it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgefleet.cloud.identity.acl import COORDINATOR_USER
+from edgefleet.cloud.identity.ca import LOOPBACK_NAMES, FleetCA, cert_names, write_private
+from edgefleet.cloud.identity.passwords import hash_password, new_password
+from edgefleet.protos.errors import NotFound
+from edgefleet.protos.topics import check_device_id
+
+
+@dataclass(frozen=True)
+class DeviceCredential:
+    """What a device gets at enrolment (plaintext: goes into its bundle only)."""
+
+    device_id: str
+    username: str
+    password: str
+    cert_pem: str
+    key_pem: str
+    ca_pem: str
+
+
+@dataclass(frozen=True)
+class ClientFiles:
+    """A credential as files, for the coordinator's own MQTT clients."""
+
+    username: str
+    password: str
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+class IdentityStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)
+        self.ca = FleetCA(directory)
+        self._records = directory / "credentials.json"
+        self._lock = directory / ".lock"
+
+    # -- records --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        fd = os.open(self._lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = self._read()
+            yield data
+            write_private(self._records, json.dumps(data, indent=1, sort_keys=True).encode())
+        finally:
+            os.close(fd)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self._records.read_text())
+        except FileNotFoundError:
+            data = {}
+        data.setdefault("users", {})
+        data.setdefault("revoked_serials", [])
+        return data
+
+    def users(self) -> dict[str, dict[str, Any]]:
+        return dict(self._read()["users"])
+
+    def password_hashes(self, *, kind: str) -> dict[str, str]:
+        """{username: $7$ hash} of the live (not revoked) users of `kind`."""
+        return {
+            u: str(r["hash"])
+            for u, r in self._read()["users"].items()
+            if r.get("kind") == kind and not r.get("revoked")
+        }
+
+    def revoked_serials(self) -> list[int]:
+        return [int(s) for s in self._read()["revoked_serials"]]
+
+    # -- devices --------------------------------------------------------------------
+
+    def enroll(self, device_id: str) -> DeviceCredential:
+        """A new password and client certificate for `device_id`. Enrolling again
+        replaces both: the previous certificate is revoked."""
+        return self.enroll_many([device_id])[device_id]
+
+    def enroll_many(self, device_ids: Iterable[str]) -> dict[str, DeviceCredential]:
+        """`enroll` for many devices with one write of the records."""
+        issued = {}
+        for device_id in device_ids:
+            check_device_id(device_id)
+            issued[device_id] = (new_password(), self.ca.issue(device_id))
+        with self._locked() as data:
+            for device_id, (password, cert) in issued.items():
+                old = data["users"].get(device_id)
+                if old and old.get("serial"):
+                    data["revoked_serials"].append(int(old["serial"]))
+                data["users"][device_id] = {
+                    "kind": "device",
+                    "hash": hash_password(password),
+                    "serial": cert.serial,
+                    "revoked": False,
+                }
+        ca_pem = self.ca.cert_pem
+        return {
+            device_id: DeviceCredential(
+                device_id=device_id,
+                username=device_id,
+                password=password,
+                cert_pem=cert.cert_pem,
+                key_pem=cert.key_pem,
+                ca_pem=ca_pem,
+            )
+            for device_id, (password, cert) in issued.items()
+        }
+
+    def revoke(self, device_id: str) -> bool:
+        """Remove the device's password entry and put its certificate on the CRL.
+        False when it was already revoked."""
+        with self._locked() as data:
+            rec = data["users"].get(device_id)
+            if rec is None or rec.get("kind") != "device":
+                raise NotFound(f"device {device_id!r} has no MQTT credential")
+            if rec.get("revoked"):
+                return False
+            rec["revoked"] = True
+            if rec.get("serial"):
+                data["revoked_serials"].append(int(rec["serial"]))
+        return True
+
+    def crl_pem(self) -> str:
+        return self.ca.crl(self.revoked_serials())
+
+    # -- the coordinator -------------------------------------------------------------
+
+    def coordinator(self) -> ClientFiles:
+        """The coordinator's credential (password + client certificate), made on first use."""
+        secret = self.directory / "coordinator.secret"
+        cert = self.directory / "coordinator.pem"
+        key = self.directory / "coordinator.key"
+        if not secret.exists() or not cert.exists():
+            password = new_password()
+            issued = self.ca.issue(COORDINATOR_USER)
+            write_private(key, issued.key_pem.encode())
+            cert.write_text(issued.cert_pem)
+            with self._locked() as data:
+                data["users"][COORDINATOR_USER] = {
+                    "kind": "coordinator",
+                    "hash": hash_password(password),
+                    "serial": issued.serial,
+                    "revoked": False,
+                }
+            write_private(secret, password.encode())
+        return ClientFiles(
+            username=COORDINATOR_USER,
+            password=secret.read_text().strip(),
+            ca_file=str(self.ca.cert_path),
+            cert_file=str(cert),
+            key_file=str(key),
+        )
+
+    def server_cert(self, hosts: Iterable[str]) -> tuple[Path, Path]:
+        """The broker's certificate (server.pem, server.key), valid for loopback and `hosts`;
+        issued again when a host is missing from it."""
+        names = [*LOOPBACK_NAMES, *(h.strip("[]") for h in hosts if h)]
+        names = [n for n in dict.fromkeys(names) if n not in ("0.0.0.0", "::")]
+        cert = self.directory / "server.pem"
+        key = self.directory / "server.key"
+        if not cert.exists() or not set(names) <= cert_names(cert.read_bytes()):
+            issued = self.ca.issue("edgefleet MQTT broker", server_hosts=names)
+            write_private(key, issued.key_pem.encode())
+            cert.write_text(issued.cert_pem)
+        return cert, key
