@@ -142,6 +142,9 @@ def ensure(engine: sa.Engine, *, what: str, location: Path = HERE) -> None:
             if now.revision != target or now.legacy:
                 raise
         return
+    if st.legacy:  # a table 0.1.0 did not make is named before any upgrade is suggested
+        with engine.connect() as conn:
+            check_legacy(conn, what)
     raise _outdated(what, st, location)
 
 

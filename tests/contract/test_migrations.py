@@ -80,7 +80,7 @@ def load_legacy(url: str) -> None:
 
 
 def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every 0.1.0 table, in primary-key order."""
+    """Every row of every 0.1.0 table (its 0.1.0 columns), in primary-key order."""
     engine = sa.create_engine(url)
     try:
         meta = sa.MetaData()
@@ -89,7 +89,8 @@ def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
         with engine.connect() as conn:
             for name, table in meta.tables.items():
                 order = list(table.primary_key.columns)
-                cols = sorted(table.columns, key=lambda c: c.name)
+                legacy = LEGACY_TABLES[name]
+                cols = sorted((c for c in table.columns if c.name in legacy), key=lambda c: c.name)
                 out[name] = [tuple(r) for r in conn.execute(sa.select(*cols).order_by(*order))]
         return out
     finally:
@@ -198,12 +199,13 @@ def test_legacy_catalogue_is_what_revision_0001_creates(registry_url: str) -> No
 
 # -- a later release: a copy of the shipped scripts plus one revision ------------------
 
-REVISION_0002 = '''"""add model_versions.note (test only)"""
+NEXT = "9001"  # a revision of a later release, on top of the shipped head (test only)
+REVISION_NEXT = '''"""add model_versions.note (test only)"""
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9001"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -221,13 +223,15 @@ def downgrade() -> None:
 
 @pytest.fixture
 def scripts_0002(tmp_path: Path) -> Iterator[Path]:
-    """The shipped migrations plus a revision 0002 that rebuilds a referenced table on
+    """The shipped migrations plus a later revision that rebuilds a referenced table on
     SQLite (batch mode: copy, drop, rename) with the variants pointing at it."""
     where = tmp_path / "migrations"
     shutil.copytree(
         migrations.HERE, where, ignore=shutil.ignore_patterns("__pycache__", "__init__.py")
     )
-    (where / "versions" / "0002_note.py").write_text(REVISION_0002)
+    (where / "versions" / "9001_note.py").write_text(
+        REVISION_NEXT.replace("{head}", migrations.head())
+    )
     yield where
 
 
@@ -238,30 +242,35 @@ def test_older_schema_is_refused_then_upgraded_keeping_rows(
     db = Database(legacy_url, check=False)
     try:
         name = db.name
-        for _ in range(2):  # as made by 0.1.0, then stamped at 0001
+        shipped = migrations.head()
+        for at in ("0001", shipped):  # as made by 0.1.0, then upgraded to the shipped head
             with pytest.raises(SchemaOutdated) as ei:
                 migrations.ensure(db.engine, what=name, location=scripts_0002)
             msg = str(ei.value)
             assert "\n" not in msg
-            assert msg.startswith(f"{name} is at schema 0001")
-            assert msg.endswith("this fleet needs 0002: run `fleet db upgrade`")
-            db.upgrade()  # to 0001 (the shipped head)
+            assert msg.startswith(f"{name} is at schema {at}")
+            assert msg.endswith(f"this fleet needs {NEXT}: run `fleet db upgrade`")
+            db.upgrade()  # to the shipped head
         was, now = migrations.upgrade(db.engine, what=name, location=scripts_0002)
-        assert (was.revision, now) == ("0001", "0002")
+        assert (was.revision, now) == (shipped, NEXT)
         migrations.ensure(db.engine, what=name, location=scripts_0002)  # now accepted
-        with pytest.raises(SchemaOutdated, match=r"at schema 0002, which this fleet does not"):
-            migrations.ensure(db.engine, what=name)  # the shipped scripts stop at 0001
+        with pytest.raises(SchemaOutdated, match=rf"at schema {NEXT}, which this fleet does not"):
+            migrations.ensure(db.engine, what=name)  # the shipped scripts stop before it
     finally:
         db.close()
     after = snapshot(legacy_url)
     for table, rows in before.items():
         if table != "model_versions":
             assert after[table] == rows, table
-    # the rebuilt table: same rows, one more column ("note" sorts between two others)
-    cols = sorted(c for c in LEGACY_TABLES["model_versions"])
-    at = sorted([*cols, "note"]).index("note")
-    assert [r[:at] + r[at + 1 :] for r in after["model_versions"]] == before["model_versions"]
-    assert {r[at] for r in after["model_versions"]} == {""}
+    # the rebuilt table: same rows (its 0.1.0 columns), and the new column filled in
+    assert after["model_versions"] == before["model_versions"]
+    engine = sa.create_engine(legacy_url)
+    try:
+        with engine.connect() as conn:
+            notes = conn.exec_driver_sql("SELECT note FROM model_versions").scalars().all()
+    finally:
+        engine.dispose()
+    assert notes == [""] * len(before["model_versions"])
 
 
 def test_0_1_0_table_with_other_columns_is_refused(tmp_path: Path) -> None:
