@@ -23,17 +23,20 @@ from edgefleet.cloud.artifacts import ArtifactStore
 from edgefleet.cloud.devices import Device, DeviceEvent, DeviceStore, Selector
 from edgefleet.cloud.devices.store import Sign
 from edgefleet.cloud.distribution import DEFAULT_CHUNK_SIZE, Broadcaster
-from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
-from edgefleet.cloud.selection import DeviceProfile, choose_variant
-from edgefleet.cloud.serde import (
+from edgefleet.cloud.inbound import (
+    Refusals,
+    Refused,
     ShadowReport,
     decode_reported,
     decode_shadow_report,
     decode_status,
+    decode_telemetry,
     decode_want,
-    encode_desired,
 )
-from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound
+from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
+from edgefleet.cloud.selection import DeviceProfile, choose_variant
+from edgefleet.cloud.serde import encode_desired
+from edgefleet.protos.errors import InvalidArgument, NotFound
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import Message, MqttSettings, MqttTransport
@@ -41,6 +44,8 @@ from edgefleet.protos.transport import Message, MqttSettings, MqttTransport
 logger = logging.getLogger(__name__)
 
 FINAL_STATES = ("active", "failed", "rolled_back")
+#: devices whose latest shadow report is kept in memory (one per device)
+MAX_SHADOW = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class Coordinator:
         gather: float = 0.2,
         flush_interval: float = 0.05,
         telemetry: bool = True,
+        refusals: Refusals | None = None,
     ) -> None:
         self.topics = topics or Topics()
         self.registry = registry
@@ -135,6 +141,8 @@ class Coordinator:
         self.desired_bytes = 0
         self.flush_interval = flush_interval
         self.telemetry = telemetry
+        #: messages refused at the boundary, by kind and reason (exported on /metrics)
+        self.refusals = refusals if refusals is not None else Refusals()
         self._inbox: list[DeviceEvent] = []
         self._inbox_ready = asyncio.Event()
 
@@ -167,30 +175,44 @@ class Coordinator:
         await self.transport.publish(topic, payload, qos=1)
 
     async def _on_message(self, msg: Message) -> None:
+        """Decode once (`cloud.inbound`), then act; a refused message is counted and
+        dropped without holding up anyone else's."""
         try:
             space, ident, kind = self.topics.parse(msg.topic)
+        except InvalidArgument as e:
+            self.refusals.refuse("topic", "?", "bad_topic", str(e))
+            return
+        try:
             if space == "art":
-                _device, sha, missing, resume = decode_want(msg.payload)
-                self.broadcaster.on_want(sha, missing, resume=resume)
+                want = decode_want(ident, msg.payload)
+                self.broadcaster.on_want(want.sha256, list(want.missing), resume=want.resume)
                 return
             now = datetime.now(timezone.utc)
             if kind == "status":
-                status = decode_status(msg.payload) if msg.payload else {"online": False}
-                self._inbox.append(DeviceEvent("status", ident, status, now))
+                status = decode_status(ident, msg.payload)
+                self._inbox.append(DeviceEvent("status", ident, status.to_record(), now))
             elif kind == "reported":
-                rep = decode_reported(msg.payload)
-                self._inbox.append(DeviceEvent("reported", ident, rep, now))
+                if not msg.payload:  # a cleared retained report
+                    return
+                rep = decode_reported(ident, msg.payload)
+                self._inbox.append(DeviceEvent("reported", ident, rep.to_record(), now))
             elif kind == "telemetry":
+                decode_telemetry(ident, msg.payload, received_ms=int(now.timestamp() * 1000))
                 self._inbox.append(DeviceEvent("seen", ident, {}, now))
             elif kind == "shadow":
-                if msg.payload:
-                    self.shadow_reports[ident] = decode_shadow_report(msg.payload)
+                if not msg.payload:
+                    self.shadow_reports.pop(ident, None)
+                    return
+                report = decode_shadow_report(ident, msg.payload)
+                if ident not in self.shadow_reports and len(self.shadow_reports) >= MAX_SHADOW:
+                    raise Refused("too_many", f"{MAX_SHADOW} devices already hold shadow reports")
+                self.shadow_reports[ident] = report
                 return
             else:
                 return
             self._inbox_ready.set()
-        except FleetError as e:
-            logger.warning("message on %s rejected: %s", msg.topic, e)
+        except Refused as e:
+            self.refusals.refuse(kind, ident, e.reason, str(e))
 
     async def _write_events(self) -> None:
         """Apply what devices said to the database in batches: one transaction per

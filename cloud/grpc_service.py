@@ -225,7 +225,7 @@ def device_to_pb(d: Device) -> fleet_pb2.DeviceInfo:
 
 
 def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
-    from edgefleet.cloud.serde import decode_reported
+    from edgefleet.cloud.inbound import decode_reported
 
     return Device(
         device_id=m.device_id,
@@ -238,7 +238,9 @@ def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
         capabilities=_to_dict(m.capabilities) if m.HasField("capabilities") else {},
         active=_to_dict(m.active) if m.HasField("active") else {},
         reported=(
-            decode_reported(m.reported.SerializeToString()) if m.HasField("reported") else {}
+            decode_reported(None, m.reported.SerializeToString()).to_record()
+            if m.HasField("reported")
+            else {}
         ),
         desired_generation=m.desired_generation,
         rollout_id="",

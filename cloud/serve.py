@@ -114,6 +114,7 @@ async def serve(
     from edgefleet.cloud.coordinator import Coordinator
     from edgefleet.cloud.fl.service import FederatedServicer
     from edgefleet.cloud.grpc_service import FleetServicer, TokenAuth
+    from edgefleet.cloud.inbound import Refusals
     from edgefleet.cloud.monitoring import Monitoring
     from edgefleet.cloud.rollouts.controller import RolloutController
     from edgefleet.cloud.signing import load_private_key
@@ -144,6 +145,7 @@ async def serve(
             supervise_broker(broker, broker_stop), name="broker-supervisor"
         )
     advertise = settings.advertise_broker or broker_url
+    refusals = Refusals()  # one count of refused device messages for /metrics
     server: grpc.aio.Server | None = None
     federation = None
     try:
@@ -155,6 +157,7 @@ async def serve(
                 devices=local.devices,
                 signing_key=lambda: load_private_key(settings.signing_key_path),
                 telemetry=False,
+                refusals=refusals,
             ) as coordinator,
             Monitoring(
                 db_url=settings.registry_url,
@@ -167,6 +170,7 @@ async def serve(
                 drift_threshold=settings.drift_threshold,
                 drift_window=settings.drift_window,
                 drift_interval=settings.drift_interval,
+                refusals=refusals,
             ) as monitoring,
         ):
             controller = RolloutController(coordinator, local.rollouts)

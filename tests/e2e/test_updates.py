@@ -25,8 +25,9 @@ from edgefleet.cloud.config import CloudSettings, load_settings
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.distribution import chunk_digests
+from edgefleet.cloud.inbound import decode_reported
 from edgefleet.cloud.registry import ModelRef
-from edgefleet.cloud.serde import decode_reported, encode_desired
+from edgefleet.cloud.serde import encode_desired
 from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.manifest import SignedManifest, decode_manifest, sign_manifest
@@ -139,7 +140,7 @@ async def harness(
     async def on_msg(msg: Any) -> None:
         _, dev, kind = topics.parse(msg.topic)
         if kind == "reported" and dev in reports:
-            reports[dev].append(decode_reported(msg.payload))
+            reports[dev].append(decode_reported(dev, msg.payload).to_record())
         elif kind == "telemetry":
             t = device_pb2.Telemetry()
             t.ParseFromString(msg.payload)
