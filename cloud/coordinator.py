@@ -35,8 +35,8 @@ from edgefleet.cloud.inbound import (
 )
 from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
 from edgefleet.cloud.selection import DeviceProfile, choose_variant
-from edgefleet.cloud.serde import encode_desired
-from edgefleet.protos.errors import InvalidArgument, NotFound
+from edgefleet.cloud.serde import DESIRED_TTL_S, encode_desired
+from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import Message, MqttSettings, MqttTransport
@@ -116,6 +116,8 @@ class Coordinator:
         flush_interval: float = 0.05,
         telemetry: bool = True,
         refusals: Refusals | None = None,
+        key_list: Callable[[], bytes] | None = None,
+        desired_ttl_s: float = DESIRED_TTL_S,
     ) -> None:
         self.topics = topics or Topics()
         self.registry = registry
@@ -143,6 +145,12 @@ class Coordinator:
         self.telemetry = telemetry
         #: messages refused at the boundary, by kind and reason (exported on /metrics)
         self.refusals = refusals if refusals is not None else Refusals()
+        #: the root-signed key list (`cloud.keys`), published retained on `{prefix}/keys`
+        #: at connect and whenever it changes (rotation, revocation)
+        self._key_list = key_list
+        self._keys_published: bytes | None = None
+        self._keys_task: asyncio.Task[None] | None = None
+        self.desired_ttl_s = desired_ttl_s
         self._inbox: list[DeviceEvent] = []
         self._inbox_ready = asyncio.Event()
 
@@ -151,12 +159,15 @@ class Coordinator:
         self._task = asyncio.create_task(self.broadcaster.run(), name="broadcaster")
         self._writer = asyncio.create_task(self._write_events(), name="device-events")
         await self.transport.wait_connected(timeout=30)
+        if self._key_list is not None:
+            await self.publish_keys()
+            self._keys_task = asyncio.create_task(self._watch_keys(), name="key-list")
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for task in (self._task, self._writer):
+        for task in (self._task, self._writer, self._keys_task):
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -170,6 +181,28 @@ class Coordinator:
         for kind in kinds:
             await self.transport.subscribe(self.topics.all_devices(kind), qos=1)
         await self.transport.subscribe(self.topics.all_wants(), qos=1)
+
+    async def publish_keys(self, *, force: bool = False) -> bool:
+        """Publish the key list retained on `{prefix}/keys` if it changed since the last
+        publish (or `force`). Returns whether it published."""
+        if self._key_list is None:
+            return False
+        data = await asyncio.to_thread(self._key_list)
+        if data == self._keys_published and not force:
+            return False
+        await self.transport.publish(self.topics.keys(), data, qos=1, retain=True, timeout=30)
+        self._keys_published = data
+        logger.info("key list published on %s (%d bytes)", self.topics.keys(), len(data))
+        return True
+
+    async def _watch_keys(self, interval: float = 2.0) -> None:
+        """`fleet keys rotate|revoke` writes a new list into FLEET_HOME: pass it on."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.publish_keys()
+            except FleetError as e:
+                logger.warning("key list not published (%s); will try again", e)
 
     async def _publish_chunk(self, topic: str, payload: bytes) -> None:
         await self.transport.publish(topic, payload, qos=1)
@@ -276,6 +309,7 @@ class Coordinator:
                 action=action,
                 key=key,
                 sample_rate=sample_rate,
+                ttl_s=self.desired_ttl_s,
             )
 
         return sign
@@ -286,6 +320,8 @@ class Coordinator:
         publishes wait for their acknowledgements at once; one at a time, a thousand
         round trips would take seconds."""
         gate = asyncio.Semaphore(window)
+        if self._key_list is not None:  # a key rotated a moment ago reaches devices first
+            await self.publish_keys()
 
         async def one(device_id: str, payload: bytes) -> None:
             async with gate:

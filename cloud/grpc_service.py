@@ -13,6 +13,7 @@ in both directions, so the client and the server agree on them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hmac
 import json
@@ -254,6 +255,8 @@ def bundle_to_pb(b: EnrollmentBundle) -> fleet_pb2.EnrollmentBundle:
         username=b.username or "",
         password=b.password or "",
         signing_public_key=b.signing_public_key.encode(),
+        root_public_key=b.root_public_key.encode(),
+        key_list=base64.b64decode(b.key_list),
         ca_certificate=(b.ca_certificate or "").encode(),
         topic_prefix=b.topic_prefix,
         group=b.group,
@@ -266,6 +269,8 @@ def bundle_from_pb(m: fleet_pb2.EnrollmentBundle) -> EnrollmentBundle:
         device_id=m.device_id,
         broker_url=m.broker_url,
         signing_public_key=m.signing_public_key.decode(),
+        root_public_key=m.root_public_key.decode(),
+        key_list=base64.b64encode(m.key_list).decode(),
         topic_prefix=m.topic_prefix,
         group=m.group,
         tags=dict(m.tags),

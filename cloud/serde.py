@@ -12,6 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgefleet.protos.fleet.v1 import device_pb2, model_pb2
 from edgefleet.protos.manifest import SignedManifest, key_id
 
+#: how long a signed desired state may start an update: long enough for a device that
+#: is off for a holiday, short enough that a captured one cannot be replayed forever
+DESIRED_TTL_S = 30 * 24 * 3600.0
+
 ACTIONS = {
     "activate": device_pb2.DesiredState.ACTION_ACTIVATE,
     "rollback": device_pb2.DesiredState.ACTION_ROLLBACK,
@@ -39,11 +43,14 @@ def encode_desired(
     key: Ed25519PrivateKey,
     sample_rate: float = 1.0,
     report_interval_ms: int = 1000,
+    ttl_s: float = DESIRED_TTL_S,
 ) -> bytes:
     """A signed DesiredState, ready to publish retained on dev/{id}/desired.
 
     `sample_rate` and `report_interval_ms` go with `action="shadow"` (ShadowPolicy).
+    The device refuses it as a new generation `ttl_s` seconds from now (0: never).
     """
+    now_ms = int(time.time() * 1000)
     desired = device_pb2.DesiredState(
         device_id=device_id,
         generation=generation,
@@ -54,7 +61,8 @@ def encode_desired(
         chunk_size=chunk_size,
         chunk_sha256=list(chunk_digests),
         action=ACTIONS[action],
-        issued_at_ms=int(time.time() * 1000),
+        issued_at_ms=now_ms,
+        not_after_ms=now_ms + int(ttl_s * 1000) if ttl_s else 0,
     )
     if action == "shadow":
         desired.shadow.CopyFrom(

@@ -115,6 +115,7 @@ async def serve(
     from edgefleet.cloud.fl.service import FederatedServicer
     from edgefleet.cloud.grpc_service import FleetServicer, TokenAuth
     from edgefleet.cloud.inbound import Refusals
+    from edgefleet.cloud.keys import KeyRing
     from edgefleet.cloud.monitoring import Monitoring
     from edgefleet.cloud.rollouts.controller import RolloutController
     from edgefleet.cloud.signing import load_private_key
@@ -146,6 +147,11 @@ async def serve(
         )
     advertise = settings.advertise_broker or broker_url
     refusals = Refusals()  # one count of refused device messages for /metrics
+    keyring = KeyRing(settings.keys_dir)
+    if keyring.ensure():  # a FLEET_HOME from before key lists
+        logger.warning(
+            "created root key %s: move it offline (docs/operators.md, Keys)", keyring.root_key_path
+        )
     server: grpc.aio.Server | None = None
     federation = None
     try:
@@ -156,6 +162,7 @@ async def serve(
                 store=local.pipeline.store,
                 devices=local.devices,
                 signing_key=lambda: load_private_key(settings.signing_key_path),
+                key_list=keyring.key_list_bytes,
                 telemetry=False,
                 refusals=refusals,
             ) as coordinator,
