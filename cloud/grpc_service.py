@@ -225,9 +225,21 @@ def device_to_pb(d: Device) -> fleet_pb2.DeviceInfo:
     return info
 
 
-def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
-    from edgefleet.cloud.inbound import decode_reported
+def _reported_dict(m: Any) -> dict[str, Any]:
+    """The coordinator's own copy of a device's report (trusted: it was checked when it
+    arrived), in the shape `DeviceStore` keeps."""
+    d = _to_dict(m)
+    d["state"] = (
+        str(d.get("state", "UPDATE_STATE_UNSPECIFIED")).removeprefix("UPDATE_STATE_").lower()
+    )
+    d["reason"] = (
+        str(d.get("reason", "REASON_CODE_UNSPECIFIED")).removeprefix("REASON_CODE_").lower()
+    )
+    d["generation"] = int(d.get("generation", 0))
+    return d
 
+
+def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
     return Device(
         device_id=m.device_id,
         group=m.group,
@@ -238,11 +250,7 @@ def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
         agent_version="",
         capabilities=_to_dict(m.capabilities) if m.HasField("capabilities") else {},
         active=_to_dict(m.active) if m.HasField("active") else {},
-        reported=(
-            decode_reported(None, m.reported.SerializeToString()).to_record()
-            if m.HasField("reported")
-            else {}
-        ),
+        reported=(_reported_dict(m.reported) if m.HasField("reported") else {}),
         desired_generation=m.desired_generation,
         rollout_id="",
     )
