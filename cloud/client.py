@@ -233,12 +233,10 @@ class LocalClient:
 
     @property
     def keyring(self) -> Any:
+        """FLEET_HOME's keys (`cloud.keys.KeyRing`)."""
         from edgefleet.cloud.keys import KeyRing
 
-        return KeyRing(self.settings.keys_dir, root_key=self.root_key)
-
-    #: where `fleet keys` finds the root key (--root-key); None: FLEET_HOME/keys/root.key
-    root_key: Path | None = None
+        return KeyRing(self.settings.keys_dir)
 
     def init(self, *, root_passphrase: bytes | None = None) -> InitResult:
         from edgefleet.cloud.artifacts import open_artifact_store

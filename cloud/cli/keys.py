@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from edgefleet.cloud.cli.context import settings_of
+
+if TYPE_CHECKING:
+    from edgefleet.cloud.keys import KeyRing
 
 app = typer.Typer(
     help="Signing keys: the root-signed key list devices trust; rotation and revocation.",
@@ -37,7 +40,7 @@ PassphraseOpt = Annotated[
 ]
 
 
-def _ring(ctx: typer.Context, root_key: Path | None = None):  # type: ignore[no-untyped-def]
+def _ring(ctx: typer.Context, root_key: Path | None = None) -> KeyRing:
     from edgefleet.cloud.keys import KeyRing
 
     return KeyRing(settings_of(ctx).keys_dir, root_key=root_key)

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -86,6 +86,24 @@ CLASSES = {
 }
 
 
+def _drive(examples: int, one: Callable[[random.Random], Awaitable[None]]) -> float:
+    """Run `one(rng)` for `examples` seeds Hypothesis draws (warnings muted: every
+    refusal would log); returns the seconds it took."""
+
+    @_settings(examples)
+    @given(st.integers(0, 2**64 - 1))
+    def run(seed: int) -> None:
+        asyncio.run(one(random.Random(seed)))  # type: ignore[arg-type]
+
+    logging.disable(logging.WARNING)
+    t0 = time.perf_counter()
+    try:
+        run()
+    finally:
+        logging.disable(logging.NOTSET)
+    return time.perf_counter() - t0
+
+
 def _inputs(rng: random.Random) -> list[tuple[str, str, bytes]]:
     valid = _valid()
     kinds = list(CLASSES)
@@ -131,18 +149,7 @@ def _fuzz_coordinator(tmp: Path, examples: int) -> dict[str, float]:
         await coord._flush_events()
         assert ingest.flush()
 
-    @_settings(examples)
-    @given(st.integers(0, 2**64 - 1))
-    def run(seed: int) -> None:
-        asyncio.run(feed(_inputs(random.Random(seed))))
-
-    logging.disable(logging.WARNING)
-    t0 = time.perf_counter()
-    try:
-        run()
-    finally:
-        logging.disable(logging.NOTSET)
-    elapsed = time.perf_counter() - t0
+    elapsed = _drive(examples, lambda rng: feed(_inputs(rng)))
 
     # no stall: good messages still land
     before = store.count()
@@ -256,18 +263,7 @@ def _fuzz_agent(tmp: Path, examples: int) -> dict[str, float]:
             await agent._on_message(Message(topic, data, 1, False))
             sent += 1
 
-    @_settings(examples)
-    @given(st.integers(0, 2**64 - 1))
-    def run(seed: int) -> None:
-        asyncio.run(feed(inputs(random.Random(seed))))
-
-    logging.disable(logging.WARNING)
-    t0 = time.perf_counter()
-    try:
-        run()
-    finally:
-        logging.disable(logging.NOTSET)
-    elapsed = time.perf_counter() - t0
+    elapsed = _drive(examples, lambda rng: feed(inputs(rng)))
 
     # no stall: a good desired state starts a download and its chunks complete it
     async def last() -> None:
