@@ -367,15 +367,11 @@ def decode_status(topic_device: str, data: bytes, *, now_ms: int | None = None) 
     )
 
 
-def decode_reported(
-    topic_device: str | None, data: bytes, *, now_ms: int | None = None
-) -> Reported:
-    """A retained reported state. `topic_device` None: a copy the coordinator itself
-    stored (the API's view), checked the same way except for the device id."""
-    dev = _id(topic_device, "reported state") if topic_device is not None else "?"
+def decode_reported(topic_device: str, data: bytes, *, now_ms: int | None = None) -> Reported:
+    """A retained reported state."""
+    dev = _id(topic_device, "reported state")
     m = _parse(device_pb2.ReportedState, data, "reported", dev)
-    if topic_device is not None:
-        _same_device(dev, m.device_id, "reported state")
+    _same_device(dev, m.device_id, "reported state")
     now = _now_ms() if now_ms is None else now_ms
     return Reported(
         device_id=m.device_id,
@@ -388,7 +384,7 @@ def decode_reported(
         chunks_have=_int(m.chunks_have, "chunks_have", high=m.chunks_total or MAX_CHUNKS),
         chunks_total=_int(m.chunks_total, "chunks_total", high=MAX_CHUNKS),
         provider=_str(m.provider, "provider"),
-        timestamp_ms=_ts(m.timestamp_ms, "timestamp_ms", now) if topic_device else 0,
+        timestamp_ms=_ts(m.timestamp_ms, "timestamp_ms", now),
     )
 
 

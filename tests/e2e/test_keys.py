@@ -194,6 +194,17 @@ def test_manifests_signed_before_a_rotation_still_verify_and_name_their_key(
     r = cli("models", "verify", "digits:1")
     assert r.code == 0, r.err
     assert f"key {signed_by}" in r.out
+    # what is registered from now on is signed by the new key
+    client = LocalClient(load_settings(home=fleet_home))
+    client.train(
+        "digits", "digits", arch="mlp", epochs=1, seed=1, batch_size=64, lr=3e-3, on_epoch=None
+    )
+    mv2 = client.registry.get_version(ModelRef("digits", 2))
+    current = KeyRing(fleet_home / "keys").key_list().current
+    client.close()
+    assert current is not None and current.key_id != signed_by
+    assert SignedManifest.from_bytes(mv2.variants[0].signed_manifest).key_id == current.key_id
+    assert f"key {current.key_id}" in cli("models", "verify", "digits:2").out
     r = cli("keys", "ls", "--json")
     roles = {k["key_id"]: k["role"] for k in json.loads(r.out)["keys"]}
     assert roles[signed_by] == "listed" and list(roles.values()).count("signing") == 1
