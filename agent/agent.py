@@ -21,13 +21,13 @@ from edgefleet.agent.config import AgentSettings
 from edgefleet.agent.drift import DriftMonitor
 from edgefleet.agent.fl import FlSidecar, fl_capability
 from edgefleet.agent.inference import ModelHolder
+from edgefleet.agent.keys import load_trust
 from edgefleet.agent.serde import UpdateState, encode_status
 from edgefleet.agent.server import AgentStatus, serve
 from edgefleet.agent.telemetry import Spool, Telemetry
 from edgefleet.agent.updater import Updater
 from edgefleet.protos.errors import FleetError
 from edgefleet.protos.flower import fl_features
-from edgefleet.protos.manifest import load_public_key
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import Message, MqttSettings, MqttTransport, Will
 
@@ -83,7 +83,12 @@ class Agent:
         self.updater = Updater(
             device_id=self.device_id,
             state_dir=settings.state_dir,
-            public_key=load_public_key(settings.public_key_pem.encode()),
+            trust=load_trust(
+                state_dir=settings.state_dir,
+                public_key_pem=settings.public_key_pem,
+                root_public_key_pem=settings.root_public_key_pem,
+                key_list_b64=settings.key_list,
+            ),
             holder=self.holder,
             runtimes=tuple(caps.get("runtimes", ())),
             providers=tuple(caps.get("providers", ())) or ("CPUExecutionProvider",),
@@ -135,6 +140,8 @@ class Agent:
         try:
             if msg.topic == self.topics.desired(self.device_id):
                 await self.updater.on_desired(msg.payload)
+            elif msg.topic == self.topics.keys():
+                await self.updater.on_keys(msg.payload)
             elif msg.topic.endswith("/chunk"):
                 await self.updater.on_chunk(msg.payload)
         except FleetError as e:
@@ -171,6 +178,8 @@ class Agent:
     async def _run_connected(
         self, shutdown: Callable[[], Awaitable[object]], ready: asyncio.Event | None
     ) -> None:
+        if self.updater.trust.rotatable:  # first: a rotated key list before the desired state
+            await self.transport.subscribe(self.topics.keys(), qos=1)
         await self.transport.subscribe(self.topics.desired(self.device_id), qos=1)
         async with self.transport:
             ticker = asyncio.create_task(self._ticker(), name=f"{self.device_id}-ticker")

@@ -26,6 +26,10 @@ class AgentSettings(BaseSettings):
     cert_file: str | None = Field(default=None, description="this device's client certificate")
     key_file: str | None = Field(default=None, description="its private key (mode 0600)")
     public_key_pem: str = Field(description="the coordinator's Ed25519 signing key (PEM)")
+    root_public_key_pem: str = Field(
+        default="", description="the fleet's root key (PEM): key lists signed by it are taken"
+    )
+    key_list: str = Field(default="", description="the enrolment key list (base64 SignedKeyList)")
     topic_prefix: str = "ef/v1"
     listen: str = Field(
         default="127.0.0.1:50051", description="InferenceService address; empty: off"
@@ -105,6 +109,8 @@ def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSet
         "username": bundle.get("username") or None,
         "password": bundle.get("password") or None,
         "public_key_pem": bundle["signing_public_key"],
+        "root_public_key_pem": bundle.get("root_public_key") or "",
+        "key_list": bundle.get("key_list") or "",
         "topic_prefix": bundle.get("topic_prefix") or "ef/v1",
         "group": bundle.get("group") or "",
         "tags": bundle.get("tags") or {},

@@ -290,6 +290,9 @@ class Reason(enum.IntEnum):
     DISK_FULL = device_pb2.REASON_CODE_DISK_FULL
     STALE_GENERATION = device_pb2.REASON_CODE_STALE_GENERATION
     NO_LAST_KNOWN_GOOD = device_pb2.REASON_CODE_NO_LAST_KNOWN_GOOD
+    EXPIRED = device_pb2.REASON_CODE_EXPIRED
+    KEY_REVOKED = device_pb2.REASON_CODE_KEY_REVOKED
+    UNTRUSTED_KEY = device_pb2.REASON_CODE_UNTRUSTED_KEY
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,7 @@ class Desired:
     chunk_digests: tuple[bytes, ...]
     action: str  # activate | rollback | shadow
     shadow: ShadowSettings = field(default_factory=lambda: ShadowSettings())
+    not_after_ms: int = 0  # refused as a new generation after this; 0: no expiry
 
 
 @dataclass(frozen=True)
@@ -330,8 +334,21 @@ class ShadowStats:
     correct: int
 
 
+#: bounds on what arrives over MQTT (a desired state lists one 32-byte digest per chunk)
+MAX_DESIRED_BYTES = 48 * 1024 * 1024
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+MAX_CHUNKS = 1 << 24
+MAX_ID = 128  # rollout ids, key ids
+INT63 = 2**63 - 1
+MAX_DETAIL = 2000  # a report's detail; the coordinator refuses more than 4096
+
+
 def decode_signed_desired(data: bytes) -> tuple[bytes, bytes, str]:
     """(desired bytes, signature, key id) of a `SignedDesiredState`; InvalidArgument if garbled."""
+    if len(data) > MAX_DESIRED_BYTES:
+        raise InvalidArgument(
+            f"desired state is {len(data)} bytes; at most {MAX_DESIRED_BYTES} accepted"
+        )
     msg = device_pb2.SignedDesiredState()
     try:
         msg.ParseFromString(data)
@@ -341,6 +358,10 @@ def decode_signed_desired(data: bytes) -> tuple[bytes, bytes, str]:
         ) from None
     if not msg.desired or not msg.signature:
         raise InvalidArgument("desired state lacks its body or its signature")
+    if len(msg.key_id) > MAX_ID:
+        raise InvalidArgument(
+            f"desired state key id is {len(msg.key_id)} characters; at most {MAX_ID}"
+        )
     return msg.desired, msg.signature, msg.key_id
 
 
@@ -369,6 +390,19 @@ def decode_desired(body: bytes) -> Desired:
             max_per_second=int(msg.shadow.max_per_second),
             report_interval=max(0.1, msg.shadow.report_interval_ms / 1000 or 1.0),
         )
+    if msg.generation > INT63:
+        raise InvalidArgument(f"desired state generation {msg.generation} is past 2^63 - 1")
+    if len(msg.rollout_id) > MAX_ID:
+        raise InvalidArgument(f"desired state rollout id is {len(msg.rollout_id)} characters")
+    if msg.chunk_size > MAX_CHUNK_SIZE:
+        raise InvalidArgument(
+            f"desired state chunk size {msg.chunk_size} is over {MAX_CHUNK_SIZE} bytes"
+        )
+    if len(msg.chunk_sha256) > MAX_CHUNKS or any(len(d) != 32 for d in msg.chunk_sha256):
+        raise InvalidArgument(
+            f"desired state lists {len(msg.chunk_sha256)} chunk digests; each must be 32 bytes, "
+            f"at most {MAX_CHUNKS}"
+        )
     sm = msg.manifest
     return Desired(
         device_id=msg.device_id,
@@ -382,6 +416,7 @@ def decode_desired(body: bytes) -> Desired:
         chunk_digests=tuple(msg.chunk_sha256),
         action=actions[msg.action],
         shadow=shadow,
+        not_after_ms=int(msg.not_after_ms),
     )
 
 
@@ -445,7 +480,7 @@ def encode_reported(
         generation=generation,
         state=int(state),  # type: ignore[arg-type]
         reason=int(reason),  # type: ignore[arg-type]
-        detail=detail,
+        detail=detail[:MAX_DETAIL],
         chunks_have=chunks_have,
         chunks_total=chunks_total,
         provider=provider,
@@ -475,6 +510,8 @@ def encode_want(
 
 
 def decode_chunk(data: bytes) -> tuple[str, int, int, bytes]:
+    if len(data) > MAX_CHUNK_SIZE + 1024:
+        raise InvalidArgument(f"artifact chunk is {len(data)} bytes; at most {MAX_CHUNK_SIZE}")
     msg = device_pb2.ArtifactChunk()
     try:
         msg.ParseFromString(data)
@@ -482,6 +519,11 @@ def decode_chunk(data: bytes) -> tuple[str, int, int, bytes]:
         raise InvalidArgument(
             f"artifact chunk ({len(data)} bytes) is not valid protobuf: {e}"
         ) from None
+    if len(msg.sha256) != 64 or not msg.index < msg.total <= MAX_CHUNKS:
+        raise InvalidArgument(
+            f"artifact chunk {msg.index} of {msg.total} for {msg.sha256[:70]!r}: expects a "
+            f"64-hex digest and index < total <= {MAX_CHUNKS}"
+        )
     return msg.sha256, int(msg.index), int(msg.total), msg.data
 
 

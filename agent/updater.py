@@ -8,15 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edgefleet.agent.download import PartialDownload
 from edgefleet.agent.inference import ActiveModel, ModelHolder, load
+from edgefleet.agent.keys import save_key_list
 from edgefleet.agent.serde import (
     Desired,
     ModelRef,
@@ -30,14 +29,16 @@ from edgefleet.agent.serde import (
 )
 from edgefleet.agent.shadow import ShadowEvaluator
 from edgefleet.agent.slots import EXTENSIONS, InstalledModel, ModelSlots
-from edgefleet.protos.errors import DataLoss, FleetError, InvalidArgument, NotFound, Unauthenticated
-from edgefleet.protos.manifest import (
-    Manifest,
-    SignedManifest,
-    check_artifact,
-    key_id,
-    verify_manifest,
+from edgefleet.protos.errors import (
+    Conflict,
+    DataLoss,
+    FleetError,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
 )
+from edgefleet.protos.keys import KeyRefused, KeyTrust, verify_manifest_trusted
+from edgefleet.protos.manifest import Manifest, SignedManifest, check_artifact
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.variants import NAMES as VARIANT_NAMES
 
@@ -63,7 +64,7 @@ class Updater:
         *,
         device_id: str,
         state_dir: Path,
-        public_key: Ed25519PublicKey,
+        trust: KeyTrust,
         holder: ModelHolder,
         runtimes: Sequence[str],
         providers: Sequence[str],
@@ -81,8 +82,14 @@ class Updater:
         self.device_id = device_id
         self.slots = ModelSlots(state_dir)
         self._downloads_dir = state_dir / "downloads"
-        self._key = public_key
-        self._key_id = key_id(public_key)
+        self._state_dir = state_dir
+        self.trust = trust
+        #: messages this device would not act on, by reason (forged, garbled, not for it)
+        self.refused: Counter[str] = Counter()
+        self._warned: dict[str, float] = {}
+        #: the newest desired state signed by a key not (yet) in the key list: tried
+        #: again when a newer list arrives (it may carry the key)
+        self._parked: bytes | None = None
         self.holder = holder
         self._runtimes = tuple(runtimes)
         self._providers = tuple(providers)
@@ -124,24 +131,79 @@ class Updater:
     # -- messages -----------------------------------------------------------------
 
     async def on_desired(self, payload: bytes) -> None:
+        """A desired state this device cannot verify (forged, garbled, another device's)
+        is counted and logged, never reported: a retained FAILED would let anyone who
+        can publish make a healthy device look broken. The last report stands."""
         async with self._lock:
             if not payload:
                 return
             try:
                 desired = self._verify_desired(payload)
+            except KeyRefused as e:
+                if e.reason == "unknown" and self.trust.rotatable:
+                    self._parked = payload  # perhaps signed with a key in a list on its way
+                self._refuse(f"desired_{e.reason}", str(e))
+                return
             except Unauthenticated as e:
-                await self._report(0, UpdateState.FAILED, Reason.BAD_SIGNATURE, str(e))
+                self._refuse("desired_bad_signature", str(e))
                 return
             except InvalidArgument as e:
-                await self._report(0, UpdateState.FAILED, Reason.MALFORMED_MESSAGE, str(e))
+                self._refuse("desired_malformed", str(e))
                 return
+            self._parked = None
             if desired.generation <= self.accepted_generation and self.state != UpdateState.IDLE:
                 if desired.generation < self.accepted_generation:
                     logger.info(
                         "%s: ignoring stale generation %d", self.device_id, desired.generation
                     )
                 return
+            now_ms = int(time.time() * 1000)
+            if desired.not_after_ms and now_ms > desired.not_after_ms:
+                await self._report(
+                    desired.generation,
+                    UpdateState.FAILED,
+                    Reason.EXPIRED,
+                    f"desired state generation {desired.generation} expired at "
+                    f"{desired.not_after_ms} (now {now_ms}); the coordinator signs a fresh one "
+                    "when it publishes it again",
+                )
+                return
             await self._start(desired)
+
+    async def on_keys(self, payload: bytes) -> None:
+        """A key list from `{prefix}/keys`: taken if the root signed it and it is newer
+        than the one held (then saved, so it survives a restart); refused and counted
+        otherwise. A desired state parked for an unknown key is tried again."""
+        if not payload:
+            return
+        try:
+            new = self.trust.update(payload)
+        except Conflict as e:
+            self._refuse("key_list_old", str(e))
+            return
+        except (Unauthenticated, InvalidArgument) as e:
+            self._refuse("key_list_bad", str(e))
+            return
+        if new is None:
+            return
+        await asyncio.to_thread(save_key_list, self._state_dir, payload)
+        logger.info(
+            "%s: key list version %d: signing keys %s; revoked %s",
+            self.device_id,
+            new.version,
+            ", ".join(k.key_id for k in new.keys) or "none",
+            ", ".join(new.revoked) or "none",
+        )
+        parked, self._parked = self._parked, None
+        if parked is not None:
+            await self.on_desired(parked)
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self.refused[reason] += 1
+        now = time.monotonic()
+        if now - self._warned.get(reason, -1e9) >= 60.0:
+            self._warned[reason] = now
+            logger.warning("%s: refused (%s): %s", self.device_id, reason, detail)
 
     async def on_chunk(self, payload: bytes) -> None:
         dl = self._download
@@ -217,6 +279,14 @@ class Updater:
                     desired.manifest_bytes, desired.manifest_signature, desired.manifest_key_id
                 )
             )
+        except KeyRefused as e:
+            reason = {
+                "revoked": Reason.KEY_REVOKED,
+                "unknown": Reason.UNTRUSTED_KEY,
+                "expired": Reason.UNTRUSTED_KEY,
+            }.get(e.reason, Reason.BAD_SIGNATURE)
+            await self._report(gen, UpdateState.FAILED, reason, str(e))
+            return
         except Unauthenticated as e:
             await self._report(gen, UpdateState.FAILED, Reason.BAD_SIGNATURE, str(e))
             return
@@ -477,16 +547,7 @@ class Updater:
 
     def _verify_desired(self, payload: bytes) -> Desired:
         body, signature, kid = decode_signed_desired(payload)
-        if kid != self._key_id:
-            raise Unauthenticated(
-                f"desired state signed by key {kid or '(none)'}; this device trusts {self._key_id}"
-            )
-        try:
-            self._key.verify(signature, body)
-        except InvalidSignature:
-            raise Unauthenticated(
-                "desired state signature does not verify: altered in transit or forged"
-            ) from None
+        self.trust.verify(body, signature, kid, what="desired state")
         desired = decode_desired(body)
         if desired.device_id != self.device_id:
             raise InvalidArgument(
@@ -495,7 +556,7 @@ class Updater:
         return desired
 
     def _verify_manifest(self, signed: SignedManifest) -> Manifest:
-        return verify_manifest(signed, self._key)
+        return verify_manifest_trusted(signed, self.trust)
 
     def _ref(self, inst: InstalledModel | None) -> ModelRef | None:
         if inst is None:

@@ -42,6 +42,8 @@ class InitResult:
     artifacts: str
     config: Path
     created_token: bool = False
+    root_key_id: str = ""
+    created_root: bool = False
 
 
 BUNDLE_FORMAT = "edgefleet-enrollment/v1"
@@ -62,6 +64,8 @@ class EnrollmentBundle:
     ca_certificate: str | None = None  # PEM, for mqtts:// with a private CA
     client_certificate: str | None = field(default=None, repr=False)  # PEM, CN = device id
     client_key: str | None = field(default=None, repr=False)  # PEM
+    root_public_key: str = ""  # PEM: the root of the key list
+    key_list: str = ""  # base64 SignedKeyList: the online keys the device accepts
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +81,8 @@ class EnrollmentBundle:
             "topic_prefix": self.topic_prefix,
             "group": self.group,
             "tags": dict(self.tags),
+            "root_public_key": self.root_public_key,
+            "key_list": self.key_list,
         }
 
 
@@ -245,10 +251,17 @@ class LocalClient:
                 f"{self.settings.home_dir} is not initialised (no signing key): run 'fleet init' first"
             )
 
-    def init(self) -> InitResult:
+    @property
+    def keyring(self) -> Any:
+        """FLEET_HOME's keys (`cloud.keys.KeyRing`)."""
+        from edgefleet.cloud.keys import KeyRing
+
+        return KeyRing(self.settings.keys_dir)
+
+    def init(self, *, root_passphrase: bytes | None = None) -> InitResult:
         from edgefleet.cloud.artifacts import open_artifact_store
         from edgefleet.cloud.db import Database
-        from edgefleet.cloud.signing import create_keypair, load_public
+        from edgefleet.cloud.signing import load_public
         from edgefleet.protos.errors import Unavailable
         from edgefleet.protos.manifest import key_id
 
@@ -262,7 +275,8 @@ class LocalClient:
         Database(s.registry_url).close()
         store = open_artifact_store(s.artifacts, s3_endpoint_url=s.s3_endpoint_url)
         store.check()
-        created = create_keypair(s.signing_key_path, s.public_key_path)
+        created = not s.signing_key_path.exists()
+        created_root = self.keyring.ensure(passphrase=root_passphrase)
         created_token = create_token(s.token_path)
         cfg = write_config(s)
         return InitResult(
@@ -273,6 +287,8 @@ class LocalClient:
             artifacts=s.artifacts,
             config=cfg,
             created_token=created_token,
+            root_key_id=key_id(self.keyring.root_public()),
+            created_root=created_root,
         )
 
     def list_models(self) -> list[ModelSummary]:
@@ -304,7 +320,15 @@ class LocalClient:
     def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[Any]]:
         from edgefleet.cloud.signing import load_public
 
-        return self.pipeline.verify(ref, load_public(self.settings.public_key_path))  # type: ignore[no-any-return]
+        ring = self.keyring
+        if not self.settings.keys_dir.joinpath("keylist.pb").exists():  # before key lists
+            from edgefleet.protos.manifest import key_id
+
+            pub = load_public(self.settings.public_key_path)
+            return self.pipeline.verify(ref, {key_id(pub): pub})  # type: ignore[no-any-return]
+        return self.pipeline.verify(  # type: ignore[no-any-return]
+            ref, ring.public_keys(), revoked=ring.key_list().revoked
+        )
 
     def export(self, ref: ModelRef, out: Path, *, variants: Sequence[str]) -> list[Path]:
         return self.pipeline.export(ref, out, variants=variants)  # type: ignore[no-any-return]
@@ -356,7 +380,13 @@ class LocalClient:
     def bundle(
         self, d: Device, *, broker_url: str, credential: DeviceCredential | None = None
     ) -> EnrollmentBundle:
+        import base64
+
+        ring = self.keyring
+        ring.ensure()  # a FLEET_HOME from before key lists gets its root key now
         return EnrollmentBundle(
+            root_public_key=ring.root_pub_path.read_text(),
+            key_list=base64.b64encode(ring.key_list_bytes()).decode(),
             device_id=d.device_id,
             broker_url=broker_url,
             signing_public_key=self.settings.public_key_path.read_text(),

@@ -91,6 +91,11 @@ class CloudSettings(BaseSettings):
         return self.home_dir / "keys" / "signing.pub"
 
     @property
+    def keys_dir(self) -> Path:
+        """Root key, online key, key list (cloud.keys)."""
+        return self.home_dir / "keys"
+
+    @property
     def token_path(self) -> Path:
         return self.home_dir / "keys" / "token"
 

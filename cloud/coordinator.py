@@ -23,16 +23,19 @@ from edgefleet.cloud.artifacts import ArtifactStore
 from edgefleet.cloud.devices import Device, DeviceEvent, DeviceStore, Selector
 from edgefleet.cloud.devices.store import Sign
 from edgefleet.cloud.distribution import DEFAULT_CHUNK_SIZE, Broadcaster
-from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
-from edgefleet.cloud.selection import DeviceProfile, choose_variant
-from edgefleet.cloud.serde import (
+from edgefleet.cloud.inbound import (
+    Refusals,
+    Refused,
     ShadowReport,
     decode_reported,
     decode_shadow_report,
     decode_status,
+    decode_telemetry,
     decode_want,
-    encode_desired,
 )
+from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
+from edgefleet.cloud.selection import DeviceProfile, choose_variant
+from edgefleet.cloud.serde import DESIRED_TTL_S, encode_desired
 from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
@@ -41,6 +44,8 @@ from edgefleet.protos.transport import Message, MqttAccess, MqttTransport
 logger = logging.getLogger(__name__)
 
 FINAL_STATES = ("active", "failed", "rolled_back")
+#: devices whose latest shadow report is kept in memory (one per device)
+MAX_SHADOW = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,9 @@ class Coordinator:
         gather: float = 0.2,
         flush_interval: float = 0.05,
         telemetry: bool = True,
+        refusals: Refusals | None = None,
+        key_list: Callable[[], bytes] | None = None,
+        desired_ttl_s: float = DESIRED_TTL_S,
     ) -> None:
         self.topics = topics or Topics()
         self.registry = registry
@@ -135,6 +143,14 @@ class Coordinator:
         self.desired_bytes = 0
         self.flush_interval = flush_interval
         self.telemetry = telemetry
+        #: messages refused at the boundary, by kind and reason (exported on /metrics)
+        self.refusals = refusals if refusals is not None else Refusals()
+        #: the root-signed key list (`cloud.keys`), published retained on `{prefix}/keys`
+        #: at connect and whenever it changes (rotation, revocation)
+        self._key_list = key_list
+        self._keys_published: bytes | None = None
+        self._keys_task: asyncio.Task[None] | None = None
+        self.desired_ttl_s = desired_ttl_s
         self._inbox: list[DeviceEvent] = []
         self._inbox_ready = asyncio.Event()
 
@@ -143,12 +159,15 @@ class Coordinator:
         self._task = asyncio.create_task(self.broadcaster.run(), name="broadcaster")
         self._writer = asyncio.create_task(self._write_events(), name="device-events")
         await self.transport.wait_connected(timeout=30)
+        if self._key_list is not None:
+            await self.publish_keys()
+            self._keys_task = asyncio.create_task(self._watch_keys(), name="key-list")
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for task in (self._task, self._writer):
+        for task in (self._task, self._writer, self._keys_task):
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -163,34 +182,70 @@ class Coordinator:
             await self.transport.subscribe(self.topics.all_devices(kind), qos=1)
         await self.transport.subscribe(self.topics.all_wants(), qos=1)
 
+    async def publish_keys(self, *, force: bool = False) -> bool:
+        """Publish the key list retained on `{prefix}/keys` if it changed since the last
+        publish (or `force`). Returns whether it published."""
+        if self._key_list is None:
+            return False
+        data = await asyncio.to_thread(self._key_list)
+        if data == self._keys_published and not force:
+            return False
+        await self.transport.publish(self.topics.keys(), data, qos=1, retain=True, timeout=30)
+        self._keys_published = data
+        logger.info("key list published on %s (%d bytes)", self.topics.keys(), len(data))
+        return True
+
+    async def _watch_keys(self, interval: float = 2.0) -> None:
+        """`fleet keys rotate|revoke` writes a new list into FLEET_HOME: pass it on."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.publish_keys()
+            except FleetError as e:
+                logger.warning("key list not published (%s); will try again", e)
+
     async def _publish_chunk(self, topic: str, payload: bytes) -> None:
         await self.transport.publish(topic, payload, qos=1)
 
     async def _on_message(self, msg: Message) -> None:
+        """Decode once (`cloud.inbound`), then act; a refused message is counted and
+        dropped without holding up anyone else's."""
         try:
             space, ident, kind = self.topics.parse(msg.topic)
+        except InvalidArgument as e:
+            self.refusals.refuse("topic", "?", "bad_topic", str(e))
+            return
+        try:
             if space == "art":
-                _device, sha, missing, resume = decode_want(msg.payload)
-                self.broadcaster.on_want(sha, missing, resume=resume)
+                want = decode_want(ident, msg.payload)
+                self.broadcaster.on_want(want.sha256, list(want.missing), resume=want.resume)
                 return
             now = datetime.now(UTC)
             if kind == "status":
-                status = decode_status(msg.payload) if msg.payload else {"online": False}
-                self._inbox.append(DeviceEvent("status", ident, status, now))
+                status = decode_status(ident, msg.payload)
+                self._inbox.append(DeviceEvent("status", ident, status.to_record(), now))
             elif kind == "reported":
-                rep = decode_reported(msg.payload)
-                self._inbox.append(DeviceEvent("reported", ident, rep, now))
+                if not msg.payload:  # a cleared retained report
+                    return
+                rep = decode_reported(ident, msg.payload)
+                self._inbox.append(DeviceEvent("reported", ident, rep.to_record(), now))
             elif kind == "telemetry":
+                decode_telemetry(ident, msg.payload, received_ms=int(now.timestamp() * 1000))
                 self._inbox.append(DeviceEvent("seen", ident, {}, now))
             elif kind == "shadow":
-                if msg.payload:
-                    self.shadow_reports[ident] = decode_shadow_report(msg.payload)
+                if not msg.payload:
+                    self.shadow_reports.pop(ident, None)
+                    return
+                report = decode_shadow_report(ident, msg.payload)
+                if ident not in self.shadow_reports and len(self.shadow_reports) >= MAX_SHADOW:
+                    raise Refused("too_many", f"{MAX_SHADOW} devices already hold shadow reports")
+                self.shadow_reports[ident] = report
                 return
             else:
                 return
             self._inbox_ready.set()
-        except FleetError as e:
-            logger.warning("message on %s rejected: %s", msg.topic, e)
+        except Refused as e:
+            self.refusals.refuse(kind, ident, e.reason, str(e))
 
     async def _write_events(self) -> None:
         """Apply what devices said to the database in batches: one transaction per
@@ -254,6 +309,7 @@ class Coordinator:
                 action=action,
                 key=key,
                 sample_rate=sample_rate,
+                ttl_s=self.desired_ttl_s,
             )
 
         return sign
@@ -264,6 +320,8 @@ class Coordinator:
         publishes wait for their acknowledgements at once; one at a time, a thousand
         round trips would take seconds."""
         gate = asyncio.Semaphore(window)
+        if self._key_list is not None:  # a key rotated a moment ago reaches devices first
+            await self.publish_keys()
 
         async def one(device_id: str, payload: bytes) -> None:
             async with gate:

@@ -210,6 +210,23 @@ def ingest_families(ingest: Any) -> list[Family]:
     ]
 
 
+def refusal_families(refusals: Any) -> list[Family]:
+    """Inbound MQTT messages refused at the boundary (`cloud.inbound.Refusals`), by
+    message kind and reason."""
+    name = "edgefleet_inbound_refused_total"
+    return [
+        Family(
+            name,
+            "counter",
+            "Messages from devices refused at the coordinator's boundary, by kind and reason.",
+            [
+                Sample(name, n, (("kind", kind), ("reason", reason)))
+                for (kind, reason), n in sorted(refusals.snapshot().items())
+            ],
+        )
+    ]
+
+
 def drift_families(rows: Sequence[Any], open_alerts: Sequence[Any]) -> list[Family]:
     """PSI per model version, fleet-wide and per group (the latest evaluation), and
     open drift alerts per scope. Per-device PSI stays out (one series per device)."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from edgefleet.cloud.db import Database
 from edgefleet.cloud.drift import AlertStore, DriftMonitor
+from edgefleet.cloud.inbound import Refusals
 from edgefleet.cloud.metrics import (
     Family,
     MetricsRegistry,
@@ -30,6 +31,7 @@ from edgefleet.cloud.metrics import (
     drift_families,
     ingest_families,
     latency_families,
+    refusal_families,
     serve_metrics,
 )
 from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
@@ -62,9 +64,11 @@ class Monitoring:
         drift_window: float = 600.0,
         drift_interval: float = 30.0,
         drift_min_samples: int = 200,
+        refusals: Refusals | None = None,
     ) -> None:
         self.store = TelemetryStore(db)
-        self.ingest = TelemetryIngest(self.store, on_written=devices.touch)
+        self.refusals = refusals if refusals is not None else Refusals()
+        self.ingest = TelemetryIngest(self.store, on_written=devices.touch, refusals=self.refusals)
         self.subscriber = TelemetrySubscriber(
             (
                 MqttAccess.of(broker_url).settings(telemetry_client_id(home))
@@ -85,6 +89,7 @@ class Monitoring:
         self.metrics.add("devices", lambda: device_families(devices.find()))
         self.metrics.add("latency", lambda: latency_families(self.store.latency_percentiles()))
         self.metrics.add("ingest", lambda: ingest_families(self.ingest))
+        self.metrics.add("refused", lambda: refusal_families(self.refusals))
         if rollouts is not None:
             self.metrics.add("rollouts", self._rollout_families)
         self.drift: DriftMonitor | None = None

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from edgefleet.cloud.evaluation import EvalSet, predictions
 from edgefleet.cloud.quantize import BUILDERS, Sources
 from edgefleet.cloud.registry import Lineage, ModelRef, ModelVersion, NewVersion, RegistryStore
 from edgefleet.cloud.variants import DEFAULT_MAX_DROP, KINDS, BuiltVariant, measure, sign_variants
-from edgefleet.protos.errors import DataLoss, FleetError, InvalidArgument, NotFound
+from edgefleet.protos.errors import DataLoss, FleetError, InvalidArgument, NotFound, Unauthenticated
 from edgefleet.protos.manifest import SignedManifest, check_artifact, verify_manifest
 
 logger = logging.getLogger(__name__)
@@ -406,13 +406,28 @@ class Pipeline:
     # -- verify and export ----------------------------------------------------------
 
     def verify(
-        self, ref: ModelRef, public_key: Ed25519PublicKey
+        self,
+        ref: ModelRef,
+        keys: Mapping[str, Ed25519PublicKey],
+        *,
+        revoked: Sequence[str] = (),
     ) -> tuple[ModelVersion, list[VerifyResult]]:
+        """Each variant's signature (by a key in `keys`, not in `revoked`), manifest and
+        bytes; the detail names the key that signed."""
         mv = self.registry.get_version(ref)
         results = []
         for v in mv.variants:
             try:
-                manifest = verify_manifest(SignedManifest.from_bytes(v.signed_manifest), public_key)
+                signed = SignedManifest.from_bytes(v.signed_manifest)
+                if signed.key_id in revoked:
+                    raise Unauthenticated(f"signed by key {signed.key_id}, which is revoked")
+                public_key = keys.get(signed.key_id)
+                if public_key is None:
+                    raise Unauthenticated(
+                        f"signed by key {signed.key_id or '(none)'}, which this fleet does not "
+                        f"know (known: {', '.join(keys) or 'none'})"
+                    )
+                manifest = verify_manifest(signed, public_key)
                 if (manifest.model, manifest.version, manifest.variant, manifest.sha256) != (
                     mv.model,
                     mv.version,
@@ -426,7 +441,10 @@ class Pipeline:
                 check_artifact(manifest, self.store.get(v.sha256))
                 results.append(
                     VerifyResult(
-                        v.name, True, f"signature ok, sha256 {v.sha256[:12]}…, {v.size} bytes"
+                        v.name,
+                        True,
+                        f"signature ok (key {signed.key_id}), sha256 {v.sha256[:12]}…, "
+                        f"{v.size} bytes",
                     )
                 )
             except FleetError as e:

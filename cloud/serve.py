@@ -106,6 +106,8 @@ async def serve(
     from edgefleet.cloud.coordinator import Coordinator
     from edgefleet.cloud.fl.service import FederatedServicer
     from edgefleet.cloud.grpc_service import FleetServicer, TokenAuth
+    from edgefleet.cloud.inbound import Refusals
+    from edgefleet.cloud.keys import KeyRing
     from edgefleet.cloud.monitoring import Monitoring
     from edgefleet.cloud.rollouts.controller import RolloutController
     from edgefleet.cloud.signing import load_private_key
@@ -171,6 +173,12 @@ async def serve(
             watch_identities(local.identities, apply_credentials, broker_stop),
             name="identity-watcher",
         )
+    refusals = Refusals()  # one count of refused device messages for /metrics
+    keyring = KeyRing(settings.keys_dir)
+    if keyring.ensure():  # a FLEET_HOME from before key lists
+        logger.warning(
+            "created root key %s: move it offline (docs/operators.md, Keys)", keyring.root_key_path
+        )
     server: grpc.aio.Server | None = None
     federation = None
     try:
@@ -181,7 +189,9 @@ async def serve(
                 store=local.pipeline.store,
                 devices=local.devices,
                 signing_key=lambda: load_private_key(settings.signing_key_path),
+                key_list=keyring.key_list_bytes,
                 telemetry=False,
+                refusals=refusals,
             ) as coordinator,
             Monitoring(
                 db=local.database,
@@ -194,6 +204,7 @@ async def serve(
                 drift_threshold=settings.drift_threshold,
                 drift_window=settings.drift_window,
                 drift_interval=settings.drift_interval,
+                refusals=refusals,
             ) as monitoring,
         ):
             controller = RolloutController(coordinator, local.rollouts)

@@ -1,4 +1,5 @@
-"""The coordinator's Ed25519 signing key, created by `fleet init`."""
+"""Ed25519 key files: the coordinator's online signing key (`fleet init`) and, through
+`cloud.keys`, the root key."""
 
 from __future__ import annotations
 
@@ -32,17 +33,28 @@ def create_keypair(private_path: Path, public_path: Path) -> bool:
     return True
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def load_private_key(
+    path: Path, *, passphrase: bytes | None = None, what: str = "signing key"
+) -> Ed25519PrivateKey:
     try:
         pem = path.read_bytes()
     except FileNotFoundError:
-        raise NotFound(f"signing key {path} missing: run 'fleet init' first") from None
+        raise NotFound(f"{what} {path} missing: run 'fleet init' first") from None
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
+        key = serialization.load_pem_private_key(pem, password=passphrase or None)
+    except TypeError:
+        raise InvalidArgument(
+            f"{what} {path} is encrypted: give its passphrase (--root-passphrase or "
+            "FLEET_ROOT_PASSPHRASE)"
+            if not passphrase
+            else f"{what} {path} is not encrypted: give no passphrase"
+        ) from None
     except ValueError as e:
-        raise InvalidArgument(f"signing key {path} is not a PEM private key: {e}") from e
+        raise InvalidArgument(
+            f"{what} {path} cannot be read (a PEM private key; wrong passphrase?): {e}"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise InvalidArgument(f"signing key {path} is {type(key).__name__}; expected Ed25519")
+        raise InvalidArgument(f"{what} {path} is {type(key).__name__}; expected Ed25519")
     return key
 
 

@@ -63,6 +63,10 @@ class Topics:
     def chunk(self, sha256: str) -> str:
         return self.artifact(sha256, "chunk")
 
+    def keys(self) -> str:
+        """The root-signed list of signing keys (retained; protos.keys)."""
+        return f"{self.prefix}/keys"
+
     def all_devices(self, kind: str) -> str:
         """Wildcard filter over every device's `kind` topic."""
         return f"{self.prefix}/dev/+/{kind}"

@@ -7,6 +7,7 @@ each one. Times travel as integer milliseconds since the epoch, 0 for "none".
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -227,9 +228,21 @@ def device_to_pb(d: Device) -> fleet_pb2.DeviceInfo:
     return info
 
 
-def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
-    from edgefleet.cloud.serde import decode_reported
+def _reported_dict(m: Any) -> dict[str, Any]:
+    """The coordinator's own copy of a device's report (trusted: it was checked when it
+    arrived), in the shape `DeviceStore` keeps."""
+    d = _to_dict(m)
+    d["state"] = (
+        str(d.get("state", "UPDATE_STATE_UNSPECIFIED")).removeprefix("UPDATE_STATE_").lower()
+    )
+    d["reason"] = (
+        str(d.get("reason", "REASON_CODE_UNSPECIFIED")).removeprefix("REASON_CODE_").lower()
+    )
+    d["generation"] = int(d.get("generation", 0))
+    return d
 
+
+def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
     return Device(
         device_id=m.device_id,
         group=m.group,
@@ -240,9 +253,7 @@ def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
         agent_version="",
         capabilities=_to_dict(m.capabilities) if m.HasField("capabilities") else {},
         active=_to_dict(m.active) if m.HasField("active") else {},
-        reported=(
-            decode_reported(m.reported.SerializeToString()) if m.HasField("reported") else {}
-        ),
+        reported=(_reported_dict(m.reported) if m.HasField("reported") else {}),
         desired_generation=m.desired_generation,
         rollout_id="",
     )
@@ -255,6 +266,8 @@ def bundle_to_pb(b: EnrollmentBundle) -> fleet_pb2.EnrollmentBundle:
         username=b.username or "",
         password=b.password or "",
         signing_public_key=b.signing_public_key.encode(),
+        root_public_key=b.root_public_key.encode(),
+        key_list=base64.b64decode(b.key_list),
         ca_certificate=(b.ca_certificate or "").encode(),
         client_certificate=(b.client_certificate or "").encode(),
         client_key=(b.client_key or "").encode(),
@@ -269,6 +282,8 @@ def bundle_from_pb(m: fleet_pb2.EnrollmentBundle) -> EnrollmentBundle:
         device_id=m.device_id,
         broker_url=m.broker_url,
         signing_public_key=m.signing_public_key.decode(),
+        root_public_key=m.root_public_key.decode(),
+        key_list=base64.b64encode(m.key_list).decode(),
         topic_prefix=m.topic_prefix,
         group=m.group,
         tags=dict(m.tags),

@@ -20,6 +20,7 @@ from edgefleet.cloud.cli import db as db_cli
 from edgefleet.cloud.cli import devices as devices_cli
 from edgefleet.cloud.cli import drift as drift_cli
 from edgefleet.cloud.cli import fl as fl_cli
+from edgefleet.cloud.cli import keys as keys_cli
 from edgefleet.cloud.cli import models as models_cli
 from edgefleet.cloud.cli import rollouts as rollouts_cli
 from edgefleet.cloud.cli import sim as sim_cli
@@ -39,6 +40,7 @@ app.add_typer(rollouts_cli.app, name="rollouts")
 app.add_typer(fl_cli.app, name="fl")
 app.add_typer(db_cli.app, name="db")
 app.add_typer(broker_cli.app, name="broker")
+app.add_typer(keys_cli.app, name="keys")
 app.command("sim")(sim_cli.sim)
 app.command("drift")(drift_cli.drift)
 app.command("alerts")(drift_cli.alerts)
@@ -115,17 +117,26 @@ def main_callback(
 
 
 @app.command()
-def init(ctx: typer.Context) -> None:
-    """Create FLEET_HOME: config, registry database, artifact store, signing key, API token."""
+def init(
+    ctx: typer.Context,
+    root_passphrase: keys_cli.PassphraseOpt = None,
+) -> None:
+    """Create FLEET_HOME: config, registry database, artifact store, root and signing keys,
+    API token."""
     from edgefleet.cloud.cli.output import err, out
     from edgefleet.cloud.client import LocalClient
 
-    result = LocalClient(settings_of(ctx)).init()
+    result = LocalClient(settings_of(ctx)).init(
+        root_passphrase=root_passphrase.encode() if root_passphrase else None
+    )
     out.print(f"FLEET_HOME  {result.home}")
     out.print(f"registry    {result.registry}")
     out.print(f"artifacts   {result.artifacts}")
     out.print(
         f"signing key {result.key_id} ({'created' if result.created_key else 'kept existing'})"
+    )
+    out.print(
+        f"root key    {result.root_key_id} ({'created' if result.created_root else 'kept existing'})"
     )
     out.print(
         f"api token   {result.home / 'keys' / 'token'} "

@@ -22,11 +22,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
+from edgefleet.cloud.inbound import Refusals, Refused, Telemetry, decode_telemetry
 from edgefleet.cloud.telemetry.store import TelemetryStore
 from edgefleet.protos.errors import InvalidArgument
-from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttSettings
 
@@ -52,96 +50,62 @@ def _bounds(values: Sequence[float]) -> str:
     return text
 
 
-def _parse(topic_device: str, payload: bytes) -> Any:
-    msg = device_pb2.Telemetry()
-    try:
-        msg.ParseFromString(payload)
-    except DecodeError as e:
-        raise InvalidArgument(
-            f"telemetry from {topic_device!r} ({len(payload)} bytes) is not a valid "
-            f"Telemetry message: {e}"
-        ) from None
-    if msg.device_id and msg.device_id != topic_device:
-        raise InvalidArgument(
-            f"telemetry on {topic_device!r}'s topic names device {msg.device_id!r}; "
-            "a device may only report for itself"
-        )
-    lat = msg.latency
-    if lat.counts and len(lat.counts) != len(lat.bounds_us) + 1:
-        raise InvalidArgument(
-            f"telemetry from {topic_device!r}: latency histogram has {len(lat.counts)} counts "
-            f"for {len(lat.bounds_us)} bounds; expected bounds + 1"
-        )
-    return msg
-
-
-def _row(topic_device: str, msg: Any, received_ms: int) -> tuple[Any, ...]:
-    lat = msg.latency
+def _row(t: Telemetry, received_ms: int) -> tuple[Any, ...]:
+    a = t.active
     return (
-        topic_device,
-        msg.seq,
-        msg.window_start_ms,
-        msg.window_end_ms or received_ms,
+        t.device_id,
+        t.seq,
+        t.window_start_ms,
+        t.window_end_ms or received_ms,
         received_ms,
-        msg.active.model,
-        msg.active.version,
-        msg.active.variant,
-        msg.predictions,
-        msg.errors,
-        _bounds(lat.bounds_us),
-        _ints(lat.counts),
-        lat.sum_us,
-        lat.count,
-        msg.rss_bytes,
-        msg.cpu_percent,
-        msg.spooled,
+        a.model if a else "",
+        a.version if a else 0,
+        a.variant if a else "",
+        t.predictions,
+        t.errors,
+        _bounds(t.bounds_us),
+        _ints(t.counts),
+        t.sum_us,
+        t.count,
+        t.rss_bytes,
+        t.cpu_percent,
+        t.spooled,
     )
 
 
-def _drift_rows(topic_device: str, msg: Any, received_ms: int) -> list[tuple[Any, ...]]:
+def _drift_rows(t: Telemetry, received_ms: int) -> list[tuple[Any, ...]]:
     """`drift_sketches` rows (`DRIFT_COLUMNS` order) for the window's sketches."""
-    end = msg.window_end_ms or received_ms
+    end = t.window_end_ms or received_ms
     out = []
-    for sk in msg.drift:
-        if not sk.model.model or not sk.rows:
+    for sk in t.drift:
+        if not sk.rows:
             continue
         counts = (
             '{"inputs":['
-            + ",".join(_ints(c.counts) for c in sk.inputs)
+            + ",".join(_ints(c) for c in sk.inputs)
             + '],"predictions":'
             + _ints(sk.predictions)
             + "}"
         )
-        out.append(
-            (
-                topic_device,
-                msg.seq,
-                end,
-                sk.model.model,
-                sk.model.version,
-                sk.model.variant,
-                sk.rows,
-                counts,
-            )
-        )
+        m = sk.model
+        out.append((t.device_id, t.seq, end, m.model, m.version, m.variant, sk.rows, counts))
     return out
 
 
 def decode_row(topic_device: str, payload: bytes, *, received_ms: int) -> tuple[Any, ...]:
-    """One `Telemetry` payload as a `telemetry` row (in `COLUMNS` order);
-    `InvalidArgument` naming the device
-    for a payload that does not parse, reports for another device, or carries a
-    histogram whose counts don't match its bounds."""
-    return _row(topic_device, _parse(topic_device, payload), received_ms)
+    """One `Telemetry` payload as a `telemetry` row (in `COLUMNS` order); `Refused`
+    (an `InvalidArgument`) naming the device for a payload that `cloud.inbound`
+    refuses: one that does not parse, reports for another device, or carries a value
+    out of range."""
+    return _row(decode_telemetry(topic_device, payload, received_ms=received_ms), received_ms)
 
 
 def decode(
     topic_device: str, payload: bytes, *, received_ms: int
 ) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
     """`decode_row` plus the payload's drift sketches as `drift_sketches` rows."""
-    msg = _parse(topic_device, payload)
-    row = _row(topic_device, msg, received_ms)
-    return row, (_drift_rows(topic_device, msg, received_ms) if msg.drift else [])
+    t = decode_telemetry(topic_device, payload, received_ms=received_ms)
+    return _row(t, received_ms), (_drift_rows(t, received_ms) if t.drift else [])
 
 
 class TelemetryIngest:
@@ -158,8 +122,10 @@ class TelemetryIngest:
         interval: float = 0.25,
         batch: int = 20_000,
         on_written: Callable[[list[str]], None] | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         self.store = store
+        self.refusals = refusals if refusals is not None else Refusals()
         self.interval = interval
         self.batch = batch
         self.on_written = on_written
@@ -171,24 +137,28 @@ class TelemetryIngest:
         self._thread: threading.Thread | None = None
         self.received = 0
         self.written = 0
-        self.rejected = 0  # malformed payloads
+        self.rejected = 0  # payloads cloud.inbound refused
+        self.refused_rows = 0  # rows the database refused (isolated, dropped)
         self.dropped = 0  # buffer full while the database was away
         self.write_errors = 0
         self.rate = 0.0  # rows/s written, over the last few seconds
         self._rate_t = time.monotonic()
         self._rate_n = 0
 
-    def add(self, topic_device: str, payload: bytes) -> None:
-        """Decode and buffer one message; raises `InvalidArgument` for a bad one."""
+    def add(self, topic_device: str, payload: bytes) -> bool:
+        """Decode and buffer one message. A refused one is counted (`rejected`, and in
+        `refusals` by reason), warned about at most once a minute per device and
+        reason, and dropped: False."""
         try:
             row, drift = decode(topic_device, payload, received_ms=int(time.time() * 1000))
-        except InvalidArgument:
+        except Refused as e:
             self.rejected += 1
-            raise
+            self.refusals.refuse("telemetry", topic_device, e.reason, str(e))
+            return False
         with self._lock:
             if len(self._rows) >= MAX_BUFFER:
                 self.dropped += 1
-                return
+                return False
             self._rows.append(row)
             if drift:
                 self._drift.extend(drift)
@@ -196,6 +166,7 @@ class TelemetryIngest:
             full = len(self._rows) >= self.batch
         if full:
             self._wake.set()
+        return True
 
     @property
     def pending(self) -> int:
@@ -214,6 +185,13 @@ class TelemetryIngest:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._rows or self._drift:
+            logger.error(
+                "telemetry: %d rows and %d drift sketches not written at shutdown "
+                "(the database did not answer)",
+                len(self._rows),
+                len(self._drift),
+            )
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -224,7 +202,11 @@ class TelemetryIngest:
         self.flush()
 
     def flush(self) -> bool:
-        """Write everything buffered now; False (rows kept) if the database refused."""
+        """Write everything buffered now; False (rows kept) if the database is away.
+
+        A batch the database refuses for what is in it (a value it cannot store)
+        rather than for being away is split in halves until the rows it refuses
+        are alone: those are counted and dropped, every other row lands."""
         while True:
             with self._lock:
                 rows, self._rows = self._rows[: self.batch], self._rows[self.batch :]
@@ -232,7 +214,7 @@ class TelemetryIngest:
             if not rows and not drift:
                 return True
             try:
-                self.store.insert_many(rows)
+                written = self._insert(self.store.insert_many, rows, "telemetry")
             except Exception as e:  # the database went away: keep the rows, in order
                 self.write_errors += 1
                 with self._lock:
@@ -246,8 +228,8 @@ class TelemetryIngest:
                 )
                 return False
             # the rows are committed: count them even if the sketches must wait
-            self.written += len(rows)
-            self._count(len(rows))
+            self.written += written
+            self._count(written)
             if self.on_written is not None:
                 try:
                     if rows:
@@ -255,13 +237,37 @@ class TelemetryIngest:
                 except Exception:
                     logger.exception("telemetry: on_written failed")
             try:
-                self.store.insert_drift(drift)
+                self._insert(self.store.insert_drift, drift, "drift")
             except Exception as e:  # telemetry is in; keep the sketches for the next flush
                 self.write_errors += 1
                 with self._lock:
                     self._drift[:0] = drift
                 logger.warning("telemetry: could not write %d drift sketches (%s)", len(drift), e)
                 return False
+
+    def _insert(
+        self,
+        insert: Callable[[Sequence[tuple[Any, ...]]], int],
+        rows: list[tuple[Any, ...]],
+        what: str,
+    ) -> int:
+        """`insert(rows)`; rows the database refuses for their content are isolated by
+        bisection, counted and dropped. Returns how many rows were written; raises
+        what `insert` raised when the database itself is away."""
+        if not rows:
+            return 0
+        try:
+            insert(rows)
+            return len(rows)
+        except Exception as e:
+            if not _refused_by_content(e):
+                raise
+            if len(rows) == 1:
+                self.refused_rows += 1
+                self.refusals.refuse(what, str(rows[0][0]), "database_refused", str(e)[:200])
+                return 0
+        mid = len(rows) // 2
+        return self._insert(insert, rows[:mid], what) + self._insert(insert, rows[mid:], what)
 
     def _count(self, n: int) -> None:
         self._rate_n += n
@@ -332,8 +338,13 @@ class TelemetrySubscriber:
             if kind != "telemetry":
                 return
             self.ingest.add(device_id, msg.payload)
-        except (InvalidArgument, UnicodeDecodeError) as e:
-            logger.warning("telemetry message on %r rejected: %s", msg._topic[:200], e)
+        except (InvalidArgument, UnicodeDecodeError) as e:  # a topic outside the tree
+            self.ingest.refusals.refuse(
+                "telemetry",
+                "?",
+                getattr(e, "reason", "bad_topic"),
+                f"topic {msg._topic[:200]!r}: {e}",
+            )
 
     def start(self, *, timeout: float = 30.0) -> None:
         from edgefleet.protos.errors import Unavailable
@@ -352,6 +363,24 @@ class TelemetrySubscriber:
         self._client.disconnect()
         self._client.loop_stop()
         self.ingest.stop()
+
+
+def _refused_by_content(e: BaseException) -> bool:
+    """Whether the database refused a statement for a value in it (as opposed to being
+    unreachable, locked or out of space)."""
+    import sqlalchemy.exc as sa_exc
+
+    if isinstance(e, (OverflowError, ValueError, TypeError, UnicodeError)):
+        return True
+    if isinstance(e, (sa_exc.DataError, sa_exc.IntegrityError)):
+        return True
+    if isinstance(e, sa_exc.StatementError) and not isinstance(e, sa_exc.OperationalError):
+        return isinstance(e.orig, (OverflowError, ValueError, TypeError, UnicodeError))
+    # psycopg raises its own DataError family straight from COPY
+    return any(
+        c.__module__.startswith("psycopg") and c.__name__ in ("DataError", "IntegrityError")
+        for c in type(e).__mro__
+    )
 
 
 __all__ = ["MAX_BUFFER", "TelemetryIngest", "TelemetrySubscriber", "decode", "decode_row"]

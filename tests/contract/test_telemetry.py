@@ -94,3 +94,22 @@ def test_quantile_edges() -> None:
     assert quantile(BOUNDS, [0, 0, 0, 0], 0.5) is None
     assert quantile(BOUNDS, [1, 0, 0, 0], 0.99) == 100
     assert quantile(BOUNDS, [0, 0, 1, 1], 0.5) == 10000
+
+
+def test_a_row_the_database_refuses_is_isolated_and_the_rest_land(store: TelemetryStore) -> None:
+    """Should a value the decoder lets through be refused by the database (here a seq
+    past a signed 64-bit column, put in the buffer directly), only that row is dropped
+    and counted; its batch-mates are written."""
+    from edgefleet.cloud.inbound import Refusals
+    from edgefleet.cloud.telemetry import TelemetryIngest
+
+    refusals = Refusals()
+    ingest = TelemetryIngest(store, refusals=refusals)
+    rows = [row(f"d{i % 7}", i + 1, NOW - i, [1, 0, 0, 0]) for i in range(64)]
+    poison = (*rows[0][:1], 2**63, *rows[0][2:])
+    with ingest._lock:
+        ingest._rows.extend([*rows[:30], poison, *rows[30:]])
+    assert ingest.flush()
+    assert store.count() == 64
+    assert ingest.written == 64 and ingest.refused_rows == 1
+    assert refusals.snapshot() == {("telemetry", "database_refused"): 1}

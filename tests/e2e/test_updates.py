@@ -24,8 +24,9 @@ from edgefleet.cloud.config import CloudSettings, load_settings
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.distribution import chunk_digests
+from edgefleet.cloud.inbound import decode_reported
 from edgefleet.cloud.registry import ModelRef
-from edgefleet.cloud.serde import decode_reported, encode_desired
+from edgefleet.cloud.serde import encode_desired
 from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.manifest import SignedManifest, decode_manifest, sign_manifest
@@ -139,7 +140,7 @@ async def harness(
     async def on_msg(msg: Any) -> None:
         _, dev, kind = topics.parse(msg.topic)
         if kind == "reported" and dev in reports:
-            reports[dev].append(decode_reported(msg.payload))
+            reports[dev].append(decode_reported(dev, msg.payload).to_record())
         elif kind == "telemetry":
             t = device_pb2.Telemetry()
             t.ParseFromString(msg.payload)
@@ -226,21 +227,45 @@ def test_bad_updates_are_refused_and_the_device_keeps_serving(
                 assert agent.holder.active is v1  # still serving the last-known-good model
                 return r
 
+            async def silent(payload: bytes, reason: str) -> None:
+                """Refused without a report: the device's last report stands."""
+                before = agent.updater.refused[reason]
+                await raw.publish(topic, payload, qos=1, retain=False)
+                async with asyncio.timeout(10):
+                    while agent.updater.refused[reason] == before:
+                        await asyncio.sleep(0.02)
+                assert agent.holder.active is v1
+
             async with raw:
                 await raw.wait_connected(timeout=10)
-                # a malformed protobuf
-                r = await expect(b"\xff\xff\x00garbage", "malformed_message")
-                assert "not valid protobuf" in r["detail"]
-                # a desired state signed by another key
-                r = await expect(desired(key=Ed25519PrivateKey.generate()), "bad_signature")
-                assert "this device trusts" in r["detail"]
-                # a manifest whose bytes were altered after signing
+                n0 = len(h.reports["d1"])
+                # what the device cannot verify is nobody's report: a malformed protobuf,
+                # a desired state signed by another key, one for another device
+                await silent(b"\xff\xff\x00garbage", "desired_malformed")
+                await silent(desired(key=Ed25519PrivateKey.generate()), "desired_unknown")
+                other = encode_desired(
+                    device_id="d2",
+                    generation=999,
+                    rollout_id="attack",
+                    manifest=good_manifest,
+                    chunk_size=CHUNK,
+                    chunk_digests=chunk_digests(art, CHUNK),
+                    action="activate",
+                    key=h.key(),
+                )
+                await silent(other, "desired_malformed")
+                # a manifest whose bytes were altered after signing, in a desired state the
+                # coordinator signed: reported
                 forged = SignedManifest(
                     good_manifest.manifest_bytes[:-1] + b"\x01",
                     good_manifest.signature,
                     good_manifest.key_id,
                 )
                 await expect(desired(manifest=forged), "bad_signature")
+                # the refused ones left no report behind (MQTT keeps one publisher's order)
+                assert {(r["reason"], r["generation"]) for r in h.reports["d1"][n0:]} == {
+                    ("bad_signature", gen)
+                }
                 # a correctly signed manifest naming a variant this agent does not know
                 m = decode_manifest(good_manifest.manifest_bytes)
                 unknown = sign_manifest(replace(m, variant="int3"), h.key())

@@ -12,7 +12,7 @@ from edgefleet.agent import serde
 from edgefleet.agent.inference import ModelHolder, Observation, load
 from edgefleet.agent.serde import ShadowSettings
 from edgefleet.agent.shadow import ShadowEvaluator
-from edgefleet.cloud.serde import decode_shadow_report
+from edgefleet.cloud.inbound import decode_shadow_report
 from edgefleet.protos.errors import InvalidArgument
 from tests.unit.test_inference_server import Built, _export, _manifest, _x
 
@@ -95,7 +95,7 @@ def _evaluate(holder: ModelHolder, candidate: Built, rate: float, rows: int) -> 
 def test_a_candidate_identical_to_the_active_model_agrees_everywhere(v1: Built) -> None:
     holder = ModelHolder()
     holder.swap(load(v1.manifest, v1.data))
-    rep = decode_shadow_report(_evaluate(holder, v1, rate=1.0, rows=60))
+    rep = decode_shadow_report(None, _evaluate(holder, v1, rate=1.0, rows=60))
     s = rep.summary
     assert (rep.device_id, rep.generation, rep.rollout_id) == ("dev-1", 7, "r1")
     assert s["samples"] == 60 and s["agreed"] == 60 and s["labelled"] == 60
@@ -106,7 +106,7 @@ def test_a_candidate_identical_to_the_active_model_agrees_everywhere(v1: Built) 
 def test_a_different_candidate_is_measured_on_a_sample(v1: Built, v2: Built) -> None:
     holder = ModelHolder()
     holder.swap(load(v1.manifest, v1.data))
-    s = decode_shadow_report(_evaluate(holder, v2, rate=0.5, rows=200)).summary
+    s = decode_shadow_report(None, _evaluate(holder, v2, rate=0.5, rows=200)).summary
     assert 60 <= s["samples"] <= 140  # about half were sampled
     assert s["agreed"] < s["samples"]  # two random networks disagree somewhere
     assert s["candidate_correct"] == s["agreed"]  # the labels are the active model's answers

@@ -81,6 +81,12 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     REASON_CODE_DISK_FULL: _ReasonCode.ValueType  # 11
     REASON_CODE_STALE_GENERATION: _ReasonCode.ValueType  # 12
     REASON_CODE_NO_LAST_KNOWN_GOOD: _ReasonCode.ValueType  # 13
+    REASON_CODE_EXPIRED: _ReasonCode.ValueType  # 14
+    """desired state past its not_after_ms"""
+    REASON_CODE_KEY_REVOKED: _ReasonCode.ValueType  # 15
+    """manifest signed by a key the key list revokes"""
+    REASON_CODE_UNTRUSTED_KEY: _ReasonCode.ValueType  # 16
+    """manifest signed by a key not in the key list (or expired)"""
 
 class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
     """Why a device is in its state. Stable codes, for gates and operators."""
@@ -100,6 +106,12 @@ REASON_CODE_SELF_TEST_FAILED: ReasonCode.ValueType  # 10
 REASON_CODE_DISK_FULL: ReasonCode.ValueType  # 11
 REASON_CODE_STALE_GENERATION: ReasonCode.ValueType  # 12
 REASON_CODE_NO_LAST_KNOWN_GOOD: ReasonCode.ValueType  # 13
+REASON_CODE_EXPIRED: ReasonCode.ValueType  # 14
+"""desired state past its not_after_ms"""
+REASON_CODE_KEY_REVOKED: ReasonCode.ValueType  # 15
+"""manifest signed by a key the key list revokes"""
+REASON_CODE_UNTRUSTED_KEY: ReasonCode.ValueType  # 16
+"""manifest signed by a key not in the key list (or expired)"""
 Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
 
 @_typing.final
@@ -113,6 +125,7 @@ class ModelRef(_message.Message):
       ef/v1/dev/{id}/shadow     agent → cloud  retained  ShadowReport (while a candidate shadows)
       ef/v1/art/{sha256}/want   agent → cloud            ArtifactWant
       ef/v1/art/{sha256}/chunk  cloud → agents QoS 1     ArtifactChunk
+      ef/v1/keys                cloud → agents retained  SignedKeyList (keys.proto)
 
     Which model a device runs.
     """
@@ -310,6 +323,7 @@ class DesiredState(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_MS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     """strictly increasing per device; older ones are ignored"""
@@ -320,6 +334,11 @@ class DesiredState(_message.Message):
     """optional HTTP(S) source (e.g. presigned S3) instead of MQTT chunks"""
     action: Global___DesiredState.Action.ValueType
     issued_at_ms: _builtins.int
+    not_after_ms: _builtins.int
+    """A device refuses a new generation after this (unix ms; 0: no expiry). The
+    coordinator signs each desired state for 30 days and signs it again whenever
+    it publishes it again.
+    """
     @_builtins.property
     def manifest(self) -> _model_pb2.SignedManifest:
         """the variant to activate (its own signature is checked too)"""
@@ -345,10 +364,11 @@ class DesiredState(_message.Message):
         action: Global___DesiredState.Action.ValueType = ...,
         issued_at_ms: _builtins.int = ...,
         shadow: Global___ShadowPolicy | None = ...,
+        not_after_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "chunk_sha256", b"chunk_sha256", "chunk_size", b"chunk_size", "device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "manifest", b"manifest", "rollout_id", b"rollout_id", "shadow", b"shadow", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "chunk_sha256", b"chunk_sha256", "chunk_size", b"chunk_size", "device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "manifest", b"manifest", "not_after_ms", b"not_after_ms", "rollout_id", b"rollout_id", "shadow", b"shadow", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

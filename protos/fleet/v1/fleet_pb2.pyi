@@ -805,13 +805,15 @@ class EnrollmentBundle(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     CLIENT_CERTIFICATE_FIELD_NUMBER: _builtins.int
     CLIENT_KEY_FIELD_NUMBER: _builtins.int
+    ROOT_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    KEY_LIST_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     broker_url: _builtins.str
     """mqtt://host:port or mqtts://"""
     username: _builtins.str
     password: _builtins.str
     signing_public_key: _builtins.bytes
-    """PEM, Ed25519: the only key the device trusts"""
+    """PEM, Ed25519: the online key signing now"""
     ca_certificate: _builtins.bytes
     """PEM, for mqtts:// with a private CA"""
     topic_prefix: _builtins.str
@@ -821,6 +823,10 @@ class EnrollmentBundle(_message.Message):
     """PEM: X.509, CN = device id (mutual TLS)"""
     client_key: _builtins.bytes
     """PEM: its private key (EC P-256)"""
+    root_public_key: _builtins.bytes
+    """PEM, Ed25519: the root of the key list"""
+    key_list: _builtins.bytes
+    """serialized SignedKeyList (keys.proto)"""
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -837,10 +843,12 @@ class EnrollmentBundle(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         client_certificate: _builtins.bytes = ...,
         client_key: _builtins.bytes = ...,
+        root_public_key: _builtins.bytes = ...,
+        key_list: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker_url", b"broker_url", "ca_certificate", b"ca_certificate", "client_certificate", b"client_certificate", "client_key", b"client_key", "device_id", b"device_id", "group", b"group", "password", b"password", "signing_public_key", b"signing_public_key", "tags", b"tags", "topic_prefix", b"topic_prefix", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker_url", b"broker_url", "ca_certificate", b"ca_certificate", "client_certificate", b"client_certificate", "client_key", b"client_key", "device_id", b"device_id", "group", b"group", "key_list", b"key_list", "password", b"password", "root_public_key", b"root_public_key", "signing_public_key", b"signing_public_key", "tags", b"tags", "topic_prefix", b"topic_prefix", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
