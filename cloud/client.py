@@ -187,6 +187,8 @@ class LocalClient:
 
     def __init__(self, settings: CloudSettings) -> None:
         self.settings = settings
+        #: set by `fleet serve` for its own broker: apply changed credentials now
+        self.apply_credentials: Callable[[], None] | None = None
 
     @cached_property
     def registry(self) -> RegistryStore:
@@ -342,7 +344,20 @@ class LocalClient:
         except BaseException:
             self.identities.revoke(device_id)
             raise
+        self._wait_broker()
         return self.bundle(d, broker_url=broker_url or self.advertised_broker(), credential=cred)
+
+    def _wait_broker(self) -> None:
+        """With a `fleet serve` running here: return once its broker applied the change."""
+        if self.apply_credentials is not None:  # inside `fleet serve`
+            self.apply_credentials()
+            return
+        if ServeInfo.read(self.settings.serve_path) is None:
+            return
+        if not self.identities.wait_applied(self.identities.version()):
+            logger.warning(
+                "the running coordinator's broker has not applied the new credentials yet"
+            )
 
     def bundle(
         self, d: Device, *, broker_url: str, credential: DeviceCredential | None = None
@@ -370,6 +385,7 @@ class LocalClient:
         except Exception as e:  # enrolled before identities existed: nothing to remove
             logger.warning("%s", e)
         d = self.devices.revoke(device_id)
+        self._wait_broker()
         closed = self.rollouts.close_device(
             device_id, reason=reason, detail=f"device {device_id} was {reason} by an operator"
         )
