@@ -335,12 +335,21 @@ class LocalClient:
     ) -> EnrollmentBundle:
         """Enrol the device and issue its MQTT credential (password + client certificate;
         a running `fleet serve` reloads its broker when the credentials change)."""
+        from edgefleet.protos.errors import AlreadyExists, NotFound
         from edgefleet.protos.topics import check_device_id
 
         check_device_id(device_id)
+        try:
+            self.devices.get(device_id)
+        except NotFound:
+            pass
+        else:  # before a credential is issued: an existing device's must stay valid
+            raise AlreadyExists(f"device {device_id!r} is already enrolled")
         cred = self.identities.enroll(device_id)
         try:
             d = self.devices.enroll(device_id, group=group, tags=tags)
+        except AlreadyExists:  # enrolled meanwhile by someone else: theirs stands
+            raise
         except BaseException:
             self.identities.revoke(device_id)
             raise
