@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml packaging/agent/pyproject.toml constraints.txt
 	$(PYTHON) -m pip check
 	touch $(STAMP)
 
-# mosquitto and PostgreSQL are what the tests and the demo start on loopback; systemd-analyze
-# checks the agent's service unit.
+# mosquitto and PostgreSQL are what the tests and the demo start on loopback; iproute2's
+# `ip netns` makes the other hosts of tests/e2e/test_identity.py; systemd-analyze checks the
+# agent's service unit.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing="$$missing iproute2"; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \

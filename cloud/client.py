@@ -196,6 +196,8 @@ class LocalClient:
 
     def __init__(self, settings: CloudSettings) -> None:
         self.settings = settings
+        #: set by `fleet serve` for its own broker: apply changed credentials now
+        self.apply_credentials: Callable[[], None] | None = None
 
     @cached_property
     def database(self) -> Database:
@@ -366,16 +368,38 @@ class LocalClient:
     ) -> EnrollmentBundle:
         """Enrol the device and issue its MQTT credential (password + client certificate;
         a running `fleet serve` reloads its broker when the credentials change)."""
+        from edgefleet.protos.errors import AlreadyExists, NotFound
         from edgefleet.protos.topics import check_device_id
 
         check_device_id(device_id)
+        try:
+            self.devices.get(device_id)
+        except NotFound:
+            pass
+        else:  # before a credential is issued: an existing device's must stay valid
+            raise AlreadyExists(f"device {device_id!r} is already enrolled")
         cred = self.identities.enroll(device_id)
         try:
             d = self.devices.enroll(device_id, group=group, tags=tags)
+        except AlreadyExists:  # enrolled meanwhile by someone else: theirs stands
+            raise
         except BaseException:
             self.identities.revoke(device_id)
             raise
+        self._wait_broker()
         return self.bundle(d, broker_url=broker_url or self.advertised_broker(), credential=cred)
+
+    def _wait_broker(self) -> None:
+        """With a `fleet serve` running here: return once its broker applied the change."""
+        if self.apply_credentials is not None:  # inside `fleet serve`
+            self.apply_credentials()
+            return
+        if ServeInfo.read(self.settings.serve_path) is None:
+            return
+        if not self.identities.wait_applied(self.identities.version()):
+            logger.warning(
+                "the running coordinator's broker has not applied the new credentials yet"
+            )
 
     def bundle(
         self, d: Device, *, broker_url: str, credential: DeviceCredential | None = None
@@ -409,6 +433,7 @@ class LocalClient:
         except Exception as e:  # enrolled before identities existed: nothing to remove
             logger.warning("%s", e)
         d = self.devices.revoke(device_id)
+        self._wait_broker()
         closed = self.rollouts.close_device(
             device_id, reason=reason, detail=f"device {device_id} was {reason} by an operator"
         )

@@ -139,10 +139,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         controller: RolloutController | None = None,
         default_timeout: float = DEFAULT_DEPLOY_TIMEOUT,
         watch_interval: float = 0.5,
-        on_credentials: Callable[[], None] | None = None,
     ) -> None:
-        #: applies new credentials to the managed broker before a bundle is returned
-        self.on_credentials = on_credentials
         self.local = local
         self.coordinator = coordinator
         self.controller = controller
@@ -296,8 +293,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                     broker_url=self.advertise_broker,
                 )
             )
-            if self.on_credentials is not None:
-                await asyncio.to_thread(self.on_credentials)
             logger.info("enrolled %s (group %r)", b.device_id, b.group)
             return bundle_to_pb(b)
 

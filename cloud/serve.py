@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -128,7 +129,6 @@ async def serve(
     broker_stop = asyncio.Event()
     supervisor: asyncio.Task[None] | None = None
     watcher: asyncio.Task[None] | None = None
-    apply_credentials: Callable[[], None] | None = None
     own = local.identities.coordinator()
     if settings.broker:
         broker_url = settings.broker
@@ -165,9 +165,16 @@ async def serve(
         )
         managed = broker
 
+        applying = threading.Lock()  # gRPC enrolments and the watcher, from threads
+
         def apply_credentials() -> None:
-            material()
-            managed.reload()
+            with applying:
+                version = local.identities.version()
+                material()
+                managed.reload()
+                local.identities.mark_applied(version)
+
+        local.apply_credentials = apply_credentials
 
         watcher = asyncio.create_task(
             watch_identities(local.identities, apply_credentials, broker_stop),
@@ -226,7 +233,6 @@ async def serve(
                         coordinator,
                         advertise_broker=advertise,
                         controller=controller,
-                        on_credentials=apply_credentials,
                     ),
                     server,
                 )
@@ -303,29 +309,24 @@ async def watch_identities(
     apply: Callable[[], None],
     stop: asyncio.Event,
     *,
-    interval: float = 0.5,
+    interval: float = 0.2,
 ) -> None:
     """Rewrite the broker's password/ACL/CRL files and reload it (SIGHUP: other sessions
-    stay) whenever the credentials change (`fleet devices enroll|revoke`)."""
-    records = identities.directory / "credentials.json"
-
-    def stamp() -> float:
-        try:
-            return records.stat().st_mtime_ns
-        except FileNotFoundError:
-            return 0
-
-    seen = stamp()
+    stay) whenever the credentials change (`fleet devices enroll|revoke|rm` in a shell),
+    then record the version applied (the shell waits for it)."""
+    seen = identities.version()
+    identities.mark_applied(seen)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval):
                 await stop.wait()
-        now = stamp()
+        now = identities.version()
         if now == seen or stop.is_set():
             continue
         seen = now
         try:
             await asyncio.to_thread(apply)
+            identities.mark_applied(now)
             logger.info("MQTT credentials changed: broker reloaded")
         except Exception:
             logger.exception("could not apply the new MQTT credentials")

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,36 @@ class IdentityStore:
         data.setdefault("users", {})
         data.setdefault("revoked_serials", [])
         return data
+
+    # -- the running broker's view ---------------------------------------------------
+
+    def version(self) -> int:
+        """Changes whenever the records do (their mtime, ns)."""
+        try:
+            return self._records.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def mark_applied(self, version: int) -> None:
+        """Called by `fleet serve` once its broker runs with the records of `version`."""
+        write_private(self.directory / "applied", str(version).encode())
+
+    def wait_applied(self, version: int, *, timeout: float = 10.0) -> bool:
+        """Wait until a running `fleet serve` applied `version` (True), or `timeout`
+        passed (False). Returns True at once where no managed broker ever applied any."""
+        applied = self.directory / "applied"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if int(applied.read_text() or 0) >= version:
+                    return True
+            except FileNotFoundError:
+                return True
+            except ValueError:
+                pass
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
     def users(self) -> dict[str, dict[str, Any]]:
         return dict(self._read()["users"])

@@ -42,6 +42,7 @@ from edgefleet.cloud.rollouts.model import (
     D_PENDING,
     D_ROLLED_BACK,
     D_SHADOW,
+    D_SKIPPED,
     DONE,
     PAUSED,
     PENDING,
@@ -314,7 +315,7 @@ class RolloutController:
 
     async def _step_stage(self, r: Rollout) -> None:
         i, st, now, p = r.stage, r.current, self.clock(), r.policy
-        devs = await asyncio.to_thread(self.store.devices, r.rollout_id, stages=[i])
+        devs = _live(await asyncio.to_thread(self.store.devices, r.rollout_id, stages=[i]))
         if st.state == S_PENDING:
             await self._issue(r, devs, "shadow", phase=D_SHADOW)
             st = st.with_changes(state=S_INSTALLING, started_at=now)
@@ -355,7 +356,7 @@ class RolloutController:
         if st.state == S_ACTIVATING:
             issued = [d for d in devs if d.action == "activate"]
             issued = await self._refresh(r, issued, "activate", since=st.activated_at)
-            devs = await asyncio.to_thread(self.store.devices, r.rollout_id, stages=[i])
+            devs = _live(await asyncio.to_thread(self.store.devices, r.rollout_id, stages=[i]))
             st = st.with_changes(by_state=_by_state(devs))
             if not all(_settled(d) for d in issued):
                 await self._save(r.with_stage(i, st))
@@ -553,6 +554,12 @@ class RolloutController:
 
 def _phase_for(action: str) -> str:
     return {"shadow": D_SHADOW, "activate": D_ACTIVE, "rollback": D_ROLLED_BACK}[action]
+
+
+def _live(devs: Sequence[RolloutDevice]) -> list[RolloutDevice]:
+    """Devices still in the rollout: not skipped (a revoked or removed device's open
+    state is closed as skipped by `fleet devices revoke|rm`)."""
+    return [d for d in devs if d.phase != D_SKIPPED]
 
 
 def _settled(d: RolloutDevice) -> bool:

@@ -94,6 +94,8 @@ def sim_fleet(info: ServeInfo, home: Path, tmp: Path, bundles: dict[str, dict[st
             json.dumps(bundles[dev.device_id]).encode(), state_dir=tmp, listen=""
         )
         dev.configure(
+            username=cfg.username,
+            password=cfg.password,
             fl_superlink=cfg.fl_superlink,
             fl_ca_pem=cfg.fl_ca_pem,
             fl_private_key=cfg.fl_private_key,

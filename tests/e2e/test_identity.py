@@ -249,6 +249,97 @@ def test_a_revoked_device_cannot_reconnect_while_others_keep_their_sessions(
     asyncio.run(main())
 
 
+# -- revocation through `fleet serve` and the CLI ---------------------------------------
+
+
+def test_fleet_devices_revoke_and_rm_cut_the_device_and_close_its_rollout_states(
+    cli: Cli, tmp_path: Path
+) -> None:
+    from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
+    from edgefleet.cloud.rollouts.model import D_PENDING, D_SKIPPED, PAUSED, Stage
+    from tests.e2e.test_serve import fleet_serve
+
+    home = tmp_path / "home"
+    h = ("--home", str(home))
+    assert cli(*h, "init").code == 0
+    bundles = {}
+    tls_port = _free_port("127.0.0.1")
+    with fleet_serve(home, "--mqtt-listen", f"127.0.0.1:{tls_port}") as (_proc, info):
+        for d in ("dev-a", "dev-b", "dev-c"):
+            out = tmp_path / f"{d}.json"
+            r = cli(*h, "devices", "enroll", d, "--out", str(out))
+            assert r.code == 0, r.err
+            bundles[d] = json.loads(out.read_text())
+        assert bundles["dev-a"]["broker_url"] == f"mqtts://127.0.0.1:{tls_port}"
+        settings = load_settings(home=home)
+        rollouts = RolloutStore(settings.registry_url)
+        stage = Stage("canary", 1.0, 3)
+        rollouts.create(
+            Rollout(
+                "r-open", "digits:1", "digits", 1, "all", Policy.all_at_once(), PAUSED, (stage,)
+            ),
+            [RolloutDevice("r-open", d, 0, "int8", "0" * 64, None) for d in bundles],
+        )
+
+        def password(d: str) -> MqttSettings:
+            b = bundles[d]
+            access = MqttAccess(info.broker_url, username=b["username"], password=b["password"])
+            return _s(access, d)
+
+        def certificate(d: str) -> MqttSettings:
+            b, folder = bundles[d], tmp_path / d
+            folder.mkdir()
+            for name, field in (("ca.pem", "ca_certificate"), ("c.pem", "client_certificate")):
+                (folder / name).write_text(b[field])
+            (folder / "c.key").write_text(b["client_key"])
+            access = MqttAccess(
+                b["broker_url"],
+                ca_file=str(folder / "ca.pem"),
+                cert_file=str(folder / "c.pem"),
+                key_file=str(folder / "c.key"),
+            )
+            return _s(access, d)
+
+        async def main() -> None:
+            a_settings, b_settings = password("dev-a"), certificate("dev-b")
+            async with (
+                connected(a_settings) as a,
+                connected(b_settings) as b,
+                connected(password("dev-c")) as c,
+            ):
+                r = await asyncio.to_thread(cli, *h, "devices", "revoke", "dev-a")
+                assert r.code == 0, r.err
+                assert "r-open" in r.err
+                async with asyncio.timeout(10):  # the running broker reloaded: a is cut off
+                    while a.t.connected:
+                        await asyncio.sleep(0.05)
+                r = await asyncio.to_thread(cli, *h, "devices", "rm", "dev-b")
+                assert r.code == 0, r.err
+                async with asyncio.timeout(10):  # b's open session can do nothing more
+                    while True:
+                        try:
+                            await b.t.publish(T.telemetry("dev-b"), b"x", qos=1)
+                        except Unauthenticated:
+                            break
+                        await asyncio.sleep(0.1)
+                assert "Not authorized" in await refused(a_settings)
+                await refused(b_settings)  # on the CRL
+                assert c.t.connected and c.connects == 1  # its session was never dropped
+                await c.t.publish(T.telemetry("dev-c"), b"still here", qos=1)
+
+        asyncio.run(main())
+        shown = {d: json.loads(cli(*h, "devices", "show", d, "--json").out) for d in bundles}
+        assert shown["dev-a"]["state"] == "revoked" and not shown["dev-a"]["online"]
+        assert shown["dev-b"]["state"] == "revoked"
+        assert shown["dev-c"]["state"] != "revoked"
+        phases = {d.device_id: d for d in rollouts.devices("r-open")}
+        assert phases["dev-a"].phase == D_SKIPPED and phases["dev-a"].reason == "revoked"
+        assert phases["dev-b"].phase == D_SKIPPED and phases["dev-b"].reason == "removed"
+        assert phases["dev-c"].phase == D_PENDING
+        rollouts.close()
+        assert cli(*h, "devices", "revoke", "ghost").code != 0
+
+
 # -- a device on another host ----------------------------------------------------------
 
 

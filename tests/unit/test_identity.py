@@ -23,6 +23,7 @@ from edgefleet.cloud.identity import (
 from edgefleet.cloud.identity.acl import coordinator_acl
 from edgefleet.protos.errors import InvalidArgument, NotFound
 from edgefleet.protos.topics import Topics
+from tests.conftest import Cli
 
 
 def _mode(p: Path) -> int:
@@ -178,3 +179,37 @@ def test_agent_enrol_stores_credentials_0600(tmp_path: Path) -> None:
     bad = dict(bundle, client_key=None)
     with pytest.raises(InvalidArgument, match="without the other"):
         config_from_bundle(json.dumps(bad).encode(), state_dir=tmp_path / "st2", listen="")
+
+
+def test_enrol_bundles_carry_a_credential_and_broker_acl_writes_the_material(
+    cli: Cli, fleet_home: Path, tmp_path: Path
+) -> None:
+    assert cli("init").code == 0
+    out = tmp_path / "cam.json"
+    r = cli("devices", "enroll", "cam-1", "--out", str(out))
+    assert r.code == 0, r.err
+    bundle = json.loads(out.read_text())
+    assert bundle["username"] == "cam-1" and bundle["password"]
+    cert = x509.load_pem_x509_certificate(bundle["client_certificate"].encode())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cam-1"
+    # enrolling the id again is refused and leaves the device's credential valid
+    again = cli("devices", "enroll", "cam-1")
+    assert again.code != 0 and "already enrolled" in again.err
+    ids = IdentityStore(fleet_home / "keys" / "mqtt")
+    assert verify_password(bundle["password"], ids.password_hashes(kind="device")["cam-1"])
+
+    material = tmp_path / "material"
+    r = cli("broker", "acl", "--out", str(material), "--tls-host", "mq.example")
+    assert r.code == 0, r.err
+    for name in ("devices.acl", "devices.passwd", "all.acl", "all.passwd", "mosquitto.conf"):
+        assert (material / name).exists(), name
+    assert (material / "devices.passwd").read_text().startswith("cam-1:$7$")
+    assert f"{COORDINATOR_USER}:$7$" in (material / "all.passwd").read_text()
+    assert "use_username_as_clientid true" in (material / "mosquitto.conf").read_text()
+    assert bundle["password"] not in "".join(p.read_text() for p in material.iterdir())
+
+    assert cli("devices", "revoke", "cam-1").code == 0
+    assert json.loads(cli("devices", "show", "cam-1", "--json").out)["state"] == "revoked"
+    cli("broker", "acl", "--out", str(material))
+    assert "cam-1" not in (material / "devices.passwd").read_text()
+    assert "user cam-1\ntopic deny #" in (material / "devices.acl").read_text()
