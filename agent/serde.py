@@ -572,3 +572,47 @@ def mark_spooled(payload: bytes) -> bytes:
     msg.ParseFromString(payload)
     msg.spooled = True
     return bytes(msg.SerializeToString())
+
+
+#: An acknowledgement naming more ranges than this is refused (a spool holds at most
+#: tens of thousands of windows; the coordinator sends one range per batch and device).
+MAX_ACK_RANGES = 10_000
+
+
+def decode_telemetry_ack(device_id: str, data: bytes) -> list[tuple[int, int]]:
+    """The committed `seq` ranges (inclusive) of a `TelemetryAck` for this device;
+    `InvalidArgument` for one that does not parse, names another device or is too large."""
+    msg = device_pb2.TelemetryAck()
+    try:
+        msg.ParseFromString(data)
+    except Exception as e:
+        raise InvalidArgument(
+            f"telemetry ack ({len(data)} bytes) is not a valid TelemetryAck: {e}"
+        ) from None
+    if msg.device_id != device_id:
+        raise InvalidArgument(
+            f"telemetry ack names device {msg.device_id!r}; this is {device_id!r}"
+        )
+    if len(msg.committed) > MAX_ACK_RANGES:
+        raise InvalidArgument(
+            f"telemetry ack for {device_id!r} has {len(msg.committed)} ranges; "
+            f"accepted: at most {MAX_ACK_RANGES}"
+        )
+    out = []
+    for r in msg.committed:
+        if r.first > r.last:
+            raise InvalidArgument(
+                f"telemetry ack for {device_id!r}: range {r.first}-{r.last} is reversed"
+            )
+        out.append((int(r.first), int(r.last)))
+    return out
+
+
+def telemetry_seq(payload: bytes) -> int:
+    """The `seq` of an encoded `Telemetry` window (0 when it does not parse)."""
+    msg = device_pb2.Telemetry()
+    try:
+        msg.ParseFromString(payload)
+    except Exception:
+        return 0
+    return int(msg.seq)

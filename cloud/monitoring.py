@@ -32,7 +32,7 @@ from edgefleet.cloud.metrics import (
     serve_metrics,
 )
 from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
-from edgefleet.protos.transport import MqttSettings
+from edgefleet.protos.transport import COORDINATOR_BACKOFF_CAP, MqttSettings
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Monitoring:
                 username=username,
                 password=password,
                 ca_file=ca_file,
+                backoff_cap=COORDINATOR_BACKOFF_CAP,
             ),
             self.ingest,
         )
