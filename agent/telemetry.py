@@ -110,6 +110,11 @@ class Spool:
         _write(self.seq_path, str(self._seq).encode(), durable=self.durable)
         return self._seq
 
+    @property
+    def last_seq(self) -> int:
+        """The last `seq` issued (0: none yet): every window from 1 to it was produced."""
+        return self._seq
+
     def put(self, seq: int, payload: bytes) -> None:
         """Keep `payload` until `remove`d; drops the oldest windows beyond `max_records`."""
         _write(self._path(seq), payload, durable=self.durable)
