@@ -97,20 +97,10 @@ def _one(lines: list[str], messages: int, retained: int) -> float:
         pub.disconnect()
         time.sleep(2.5)  # an autosave of the retained store happens
         t0 = time.perf_counter()
+        line = b"t" * 200 + b"\n"
         subprocess.run(
-            [
-                "mosquitto_pub",
-                "-p",
-                str(port),
-                "-q",
-                "1",
-                "-t",
-                "bench/tel/1",
-                "-m",
-                "t" * 200,
-                "--repeat",
-                str(messages),
-            ],
+            ["mosquitto_pub", "-p", str(port), "-q", "1", "-t", "bench/tel/1", "-l"],
+            input=line * messages,
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -130,8 +120,11 @@ def run(args: argparse.Namespace) -> list[Table]:
     )
     base = 0.0
     for name, lines in CONFIGS.items():
-        rate = _one(lines, args.persistence_messages, args.persistence_retained)
+        n = args.persistence_messages
+        if "autosave_on_changes true" in lines:
+            n = min(n, 1000)  # ~70 msgs/s: a full run would take minutes
+        rate = _one(lines, n, args.persistence_retained)
         base = base or rate
         t.add(name, f"{rate:,.0f}", f"{rate / base:.2f}x")
-    t.notes.append("mosquitto_pub -q 1 --repeat N into mosquitto_sub -c -q 1; loopback")
+    t.notes.append("mosquitto_pub -q 1 -l (N lines) into mosquitto_sub -c -q 1; loopback")
     return [t]

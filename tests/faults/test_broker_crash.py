@@ -49,18 +49,6 @@ CPU = {
 LATE = "late-0"  # the device that is offline while the broker crashes
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    h = tmp_path_factory.mktemp("faults") / "home"
-    client = LocalClient(load_settings(home=h))
-    client.init()
-    client.train(
-        "digits", "digits", arch="mlp", epochs=1, seed=0, batch_size=64, lr=3e-3, on_epoch=None
-    )
-    client.close()
-    return h
-
-
 @dataclass
 class Figures:
     agents: int
@@ -260,7 +248,7 @@ async def campaign(
 
 
 def test_broker_sigkill_loses_no_telemetry_and_no_deployment(
-    home: Path, broker: ManagedBroker, tmp_path: Path
+    fault_home: Path, broker: ManagedBroker, tmp_path: Path
 ) -> None:
     async def crash(restart: Callable[[], Awaitable[None]]) -> int:
         await asyncio.sleep(1.5)  # telemetry flowing
@@ -270,7 +258,7 @@ def test_broker_sigkill_loses_no_telemetry_and_no_deployment(
         return 1
 
     figures = asyncio.run(
-        asyncio.wait_for(campaign(home, broker, tmp_path, n_agents=4, crash=crash), 240)
+        asyncio.wait_for(campaign(fault_home, broker, tmp_path, n_agents=4, crash=crash), 240)
     )
     print("\nbroker SIGKILL once:", figures.line())
     assert figures.lost == 0 and figures.kills == 1
@@ -278,7 +266,7 @@ def test_broker_sigkill_loses_no_telemetry_and_no_deployment(
 
 @pytest.mark.slow
 def test_broker_sigkilled_repeatedly_for_40s_under_20_agents(
-    home: Path, broker: ManagedBroker, tmp_path: Path
+    fault_home: Path, broker: ManagedBroker, tmp_path: Path
 ) -> None:
     rng = random.Random(11)
 
@@ -297,7 +285,7 @@ def test_broker_sigkilled_repeatedly_for_40s_under_20_agents(
         return kills
 
     figures = asyncio.run(
-        asyncio.wait_for(campaign(home, broker, tmp_path, n_agents=20, crash=crash), 600)
+        asyncio.wait_for(campaign(fault_home, broker, tmp_path, n_agents=20, crash=crash), 600)
     )
     print("\nbroker SIGKILLed repeatedly:", figures.line())
     assert figures.lost == 0 and figures.kills >= 6
