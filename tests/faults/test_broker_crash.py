@@ -31,15 +31,12 @@ import sqlalchemy as sa
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentSettings
 from edgefleet.cloud.broker import ManagedBroker
-from edgefleet.cloud.client import LocalClient
-from edgefleet.cloud.config import load_settings
-from edgefleet.cloud.coordinator import Coordinator
-from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.devices import Selector
 from edgefleet.cloud.registry import ModelRef
-from edgefleet.cloud.signing import load_private_key
 from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
 from edgefleet.cloud.telemetry.store import telemetry as telemetry_table
 from edgefleet.protos.transport import COORDINATOR_BACKOFF_CAP, MqttSettings
+from tests.faults.conftest import cloud
 
 CPU = {
     "runtimes": ["onnxruntime"],
@@ -143,9 +140,8 @@ async def campaign(
     n_agents: int,
     crash: Callable[[Callable[[], Awaitable[None]]], Awaitable[int]],
 ) -> Figures:
-    settings = load_settings(home=home, db_url=f"sqlite:///{tmp / 'fleet.db'}")
-    client = LocalClient(load_settings(home=home))
-    devices = DeviceStore(settings.registry_url)
+    c = cloud(home, tmp)
+    settings, devices = c.settings, c.devices
     store = TelemetryStore(settings.registry_url)
     ids = [f"dev-{i:02d}" for i in range(n_agents)]
     for d in [*ids, LATE]:
@@ -161,16 +157,8 @@ async def campaign(
     fleet = Fleet(broker, settings.public_key_path.read_text(), tmp / "agents")
     figures = Figures(agents=n_agents, kills=0)
     try:
-        async with Coordinator(
-            broker_url=broker.url,
-            registry=client.registry,
-            store=client.pipeline.store,
-            devices=devices,
-            signing_key=lambda: load_private_key(settings.signing_key_path),
-            chunk_size=8 * 1024,
-            gather=0.05,
-            reassert_interval=3600,  # only reconnections and births may re-assert here
-        ) as coord:
+        # only reconnections and births may re-assert here
+        async with c.coordinator(broker.url, reassert_interval=3600) as coord:
             for d in [*ids, LATE]:
                 await fleet.start(d)
 
@@ -241,9 +229,8 @@ async def campaign(
     figures.duplicated = ingest.duplicated
     figures.resent = fleet.resent
     assert ingest.refused == 0
-    devices.close()
     store.close()
-    client.close()
+    c.close()
     return figures
 
 
