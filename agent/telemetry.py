@@ -117,7 +117,15 @@ class Spool:
 
     def put(self, seq: int, payload: bytes) -> None:
         """Keep `payload` until `remove`d; drops the oldest windows beyond `max_records`."""
+        self.write(seq, payload)
+        self.add(seq)
+
+    def write(self, seq: int, payload: bytes) -> None:
+        """Only the file (safe off the event loop); `add` then counts it in."""
         _write(self._path(seq), payload, durable=self.durable)
+
+    def add(self, seq: int) -> None:
+        """Count a `write`-n window in; drops the oldest beyond `max_records`."""
         i = bisect.bisect_left(self._seqs, seq)
         if i == len(self._seqs) or self._seqs[i] != seq:
             self._seqs.insert(i, seq)
@@ -212,7 +220,8 @@ class Telemetry:
 
     async def _put(self, seq: int, payload: bytes) -> None:
         if self.spool.durable:  # a flushed write waits on the disk: off the loop
-            await asyncio.to_thread(self.spool.put, seq, payload)
+            await asyncio.to_thread(self.spool.write, seq, payload)
+            self.spool.add(seq)  # the index changes on the loop only (acks change it too)
         else:
             self.spool.put(seq, payload)
         if self.spool.dropped != self._dropped_seen:  # a full spool dropped the oldest
@@ -226,7 +235,10 @@ class Telemetry:
         stats = self.holder.snapshot_and_reset()
         now = int(time.time() * 1000)
         active = self.holder.active
-        seq = self.spool.next_seq()
+        if self.spool.durable:  # emit is its only caller: nothing else touches the counter
+            seq = await asyncio.to_thread(self.spool.next_seq)
+        else:
+            seq = self.spool.next_seq()
         payload = encode_telemetry(
             device_id=self.device_id,
             seq=seq,
