@@ -47,6 +47,9 @@ class AgentProcess:
                 stderr=log,
             )
 
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
     def kill(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
@@ -116,7 +119,7 @@ def trials(fault_home: Path, broker: ManagedBroker, tmp: Path, n: int, seed: int
                 agent.start()
                 settled = await coord.wait_settled(outcome, timeout=90)
                 d = settled[DEV]
-                assert d.state == "active", (i, d.reported)
+                assert d.state == "active", (i, d.reported, agent.log_tail())
                 assert int(d.reported.get("generation", 0)) == target.generation, d.reported
                 assert d.active.get("version") in (version, str(version)), d.active
                 recover.append(time.monotonic() - t0)
@@ -140,6 +143,7 @@ def test_agent_sigkilled_mid_update_always_ends_on_a_verified_model(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~8 s a trial on 2 cores
 def test_agent_sigkilled_mid_update_200_times(
     fault_home: Path, broker: ManagedBroker, tmp_path: Path
 ) -> None:
