@@ -318,6 +318,38 @@ def test_agent_killed_mid_download_resumes_without_refetching(
     run(main())
 
 
+def test_a_restart_after_activation_but_before_its_report_reports_it(
+    home: Path, broker: ManagedBroker, tmp_path: Path
+) -> None:
+    """Killed between recording the generation on disk and reporting it: the last report
+    the broker keeps says `loading`; the restarted agent must say `active` again."""
+    from edgefleet.agent.serde import Reason, UpdateState, encode_reported
+
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, ["d1"]) as h:
+            out = await h.deploy(1)
+            (target,) = out.targets
+            assert (await h.coord.wait_settled(out, timeout=30))["d1"].state == "active"
+            await h.crash("d1")
+            stale = encode_reported(
+                device_id="d1",
+                generation=target.generation,
+                state=UpdateState.LOADING,
+                reason=Reason.OK,
+                detail="",
+                active=None,
+                last_known_good=None,
+            )
+            await h.coord.transport.publish(Topics().reported("d1"), stale, qos=1, retain=True)
+            await h.wait_report("d1", lambda r: r["state"] == "loading")
+            h.reports["d1"].clear()
+            await h.start_agent("d1")
+            r = await h.wait_report("d1", lambda r: r["state"] != "loading")
+            assert r["state"] == "active" and int(r["generation"]) == target.generation, r
+
+    run(main())
+
+
 def test_broker_restart_mid_deploy_still_activates_every_device(
     home: Path, broker: ManagedBroker, tmp_path: Path
 ) -> None:
