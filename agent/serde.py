@@ -15,7 +15,7 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,8 @@ from edgefleet.protos.fleet.v1 import device_pb2, inference_pb2, model_pb2
 from edgefleet.protos.manifest import DTYPES, Manifest, TensorSpec
 
 if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
     from edgefleet.agent.drift import DriftWindow
     from edgefleet.agent.inference import LatencyHistogram
 
@@ -330,15 +332,21 @@ class ShadowStats:
     correct: int
 
 
-def decode_signed_desired(data: bytes) -> tuple[bytes, bytes, str]:
-    """(desired bytes, signature, key id) of a `SignedDesiredState`; InvalidArgument if garbled."""
-    msg = device_pb2.SignedDesiredState()
+_Msg = TypeVar("_Msg", bound="Message")
+
+
+def _parse(msg: _Msg, data: bytes, what: str) -> _Msg:
+    """`msg` filled from `data`; InvalidArgument naming `what` if it does not parse."""
     try:
         msg.ParseFromString(data)
     except Exception as e:  # protobuf's DecodeError
-        raise InvalidArgument(
-            f"desired state ({len(data)} bytes) is not valid protobuf: {e}"
-        ) from None
+        raise InvalidArgument(f"{what} ({len(data)} bytes) is not valid protobuf: {e}") from None
+    return msg
+
+
+def decode_signed_desired(data: bytes) -> tuple[bytes, bytes, str]:
+    """(desired bytes, signature, key id) of a `SignedDesiredState`; InvalidArgument if garbled."""
+    msg = _parse(device_pb2.SignedDesiredState(), data, "desired state")
     if not msg.desired or not msg.signature:
         raise InvalidArgument("desired state lacks its body or its signature")
     return msg.desired, msg.signature, msg.key_id
@@ -475,13 +483,7 @@ def encode_want(
 
 
 def decode_chunk(data: bytes) -> tuple[str, int, int, bytes]:
-    msg = device_pb2.ArtifactChunk()
-    try:
-        msg.ParseFromString(data)
-    except Exception as e:
-        raise InvalidArgument(
-            f"artifact chunk ({len(data)} bytes) is not valid protobuf: {e}"
-        ) from None
+    msg = _parse(device_pb2.ArtifactChunk(), data, "artifact chunk")
     return msg.sha256, int(msg.index), int(msg.total), msg.data
 
 
@@ -582,13 +584,7 @@ MAX_ACK_RANGES = 10_000
 def decode_telemetry_ack(device_id: str, data: bytes) -> list[tuple[int, int]]:
     """The committed `seq` ranges (inclusive) of a `TelemetryAck` for this device;
     `InvalidArgument` for one that does not parse, names another device or is too large."""
-    msg = device_pb2.TelemetryAck()
-    try:
-        msg.ParseFromString(data)
-    except Exception as e:
-        raise InvalidArgument(
-            f"telemetry ack ({len(data)} bytes) is not a valid TelemetryAck: {e}"
-        ) from None
+    msg = _parse(device_pb2.TelemetryAck(), data, "telemetry ack")
     if msg.device_id != device_id:
         raise InvalidArgument(
             f"telemetry ack names device {msg.device_id!r}; this is {device_id!r}"
