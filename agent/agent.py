@@ -22,7 +22,7 @@ from edgefleet.agent.drift import DriftMonitor
 from edgefleet.agent.fl import FlSidecar, fl_capability
 from edgefleet.agent.inference import ModelHolder
 from edgefleet.agent.keys import load_trust
-from edgefleet.agent.serde import UpdateState, encode_status
+from edgefleet.agent.serde import UpdateState, decode_telemetry_ack, encode_status
 from edgefleet.agent.server import AgentStatus, serve
 from edgefleet.agent.telemetry import Spool, Telemetry
 from edgefleet.agent.updater import Updater
@@ -104,13 +104,17 @@ class Agent:
         self.telemetry = Telemetry(
             device_id=self.device_id,
             holder=self.holder,
-            spool=Spool(settings.state_dir / "spool"),
+            spool=Spool(
+                settings.state_dir / "spool",
+                max_records=settings.telemetry_spool_max,
+                durable=durable,
+            ),
             publish=lambda p: self.transport.publish(
                 self.topics.telemetry(self.device_id), p, qos=1
             ),
             drift=DriftMonitor(),
+            ack_timeout=settings.telemetry_ack_timeout,
         )
-        self._flush_needed = False
         self._stopping = False
         self.port: int | None = None
 
@@ -134,7 +138,7 @@ class Agent:
             self.topics.status(self.device_id), self._status(online=True), qos=1, retain=True
         )
         await self.updater.on_reconnect()
-        self._flush_needed = True
+        self.telemetry.reconnected()
 
     async def _on_message(self, msg: Message) -> None:
         try:
@@ -142,6 +146,8 @@ class Agent:
                 await self.updater.on_desired(msg.payload)
             elif msg.topic == self.topics.keys():
                 await self.updater.on_keys(msg.payload)
+            elif msg.topic == self.topics.ack(self.device_id):
+                self.telemetry.on_ack(decode_telemetry_ack(self.device_id, msg.payload))
             elif msg.topic.endswith("/chunk"):
                 await self.updater.on_chunk(msg.payload)
         except FleetError as e:
@@ -181,6 +187,7 @@ class Agent:
         if self.updater.trust.rotatable:  # first: a rotated key list before the desired state
             await self.transport.subscribe(self.topics.keys(), qos=1)
         await self.transport.subscribe(self.topics.desired(self.device_id), qos=1)
+        await self.transport.subscribe(self.topics.ack(self.device_id), qos=1)
         async with self.transport:
             ticker = asyncio.create_task(self._ticker(), name=f"{self.device_id}-ticker")
             if ready is not None:
@@ -211,9 +218,8 @@ class Agent:
                     await self.updater.tick()
                 if self.updater.shadow is not None:
                     await self.updater.shadow.step()
-                if self._flush_needed and self.transport.connected:
-                    self._flush_needed = False
-                    await self.telemetry.flush()
+                if self.transport.connected:  # unacknowledged windows, rate-limited
+                    await self.telemetry.replay()
                 if loop.time() >= next_window:
                     next_window += self.settings.telemetry_interval
                     await self.telemetry.emit()

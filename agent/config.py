@@ -35,6 +35,15 @@ class AgentSettings(BaseSettings):
         default="127.0.0.1:50051", description="InferenceService address; empty: off"
     )
     telemetry_interval: float = 10.0
+    telemetry_ack_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a sent telemetry window waits for the coordinator's ack "
+        "before it is sent again (doubling per window up to 600 s)",
+    )
+    telemetry_spool_max: int = Field(
+        default=10_000, ge=1, description="unacknowledged windows kept on disk (oldest dropped)"
+    )
     inference_threads: int = Field(
         default=0,
         ge=0,

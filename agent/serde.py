@@ -15,7 +15,7 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,8 @@ from edgefleet.protos.fleet.v1 import device_pb2, inference_pb2, model_pb2
 from edgefleet.protos.manifest import DTYPES, Manifest, TensorSpec
 
 if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
     from edgefleet.agent.drift import DriftWindow
     from edgefleet.agent.inference import LatencyHistogram
 
@@ -342,6 +344,17 @@ MAX_ID = 128  # rollout ids, key ids
 INT63 = 2**63 - 1
 MAX_DETAIL = 2000  # a report's detail; the coordinator refuses more than 4096
 
+_Msg = TypeVar("_Msg", bound="Message")
+
+
+def _parse(msg: _Msg, data: bytes, what: str) -> _Msg:
+    """`msg` filled from `data`; InvalidArgument naming `what` if it does not parse."""
+    try:
+        msg.ParseFromString(data)
+    except Exception as e:  # protobuf's DecodeError
+        raise InvalidArgument(f"{what} ({len(data)} bytes) is not valid protobuf: {e}") from None
+    return msg
+
 
 def decode_signed_desired(data: bytes) -> tuple[bytes, bytes, str]:
     """(desired bytes, signature, key id) of a `SignedDesiredState`; InvalidArgument if garbled."""
@@ -349,13 +362,7 @@ def decode_signed_desired(data: bytes) -> tuple[bytes, bytes, str]:
         raise InvalidArgument(
             f"desired state is {len(data)} bytes; at most {MAX_DESIRED_BYTES} accepted"
         )
-    msg = device_pb2.SignedDesiredState()
-    try:
-        msg.ParseFromString(data)
-    except Exception as e:  # protobuf's DecodeError
-        raise InvalidArgument(
-            f"desired state ({len(data)} bytes) is not valid protobuf: {e}"
-        ) from None
+    msg = _parse(device_pb2.SignedDesiredState(), data, "desired state")
     if not msg.desired or not msg.signature:
         raise InvalidArgument("desired state lacks its body or its signature")
     if len(msg.key_id) > MAX_ID:
@@ -512,13 +519,7 @@ def encode_want(
 def decode_chunk(data: bytes) -> tuple[str, int, int, bytes]:
     if len(data) > MAX_CHUNK_SIZE + 1024:
         raise InvalidArgument(f"artifact chunk is {len(data)} bytes; at most {MAX_CHUNK_SIZE}")
-    msg = device_pb2.ArtifactChunk()
-    try:
-        msg.ParseFromString(data)
-    except Exception as e:
-        raise InvalidArgument(
-            f"artifact chunk ({len(data)} bytes) is not valid protobuf: {e}"
-        ) from None
+    msg = _parse(device_pb2.ArtifactChunk(), data, "artifact chunk")
     if len(msg.sha256) != 64 or not msg.index < msg.total <= MAX_CHUNKS:
         raise InvalidArgument(
             f"artifact chunk {msg.index} of {msg.total} for {msg.sha256[:70]!r}: expects a "
@@ -614,3 +615,41 @@ def mark_spooled(payload: bytes) -> bytes:
     msg.ParseFromString(payload)
     msg.spooled = True
     return bytes(msg.SerializeToString())
+
+
+#: An acknowledgement naming more ranges than this is refused (a spool holds at most
+#: tens of thousands of windows; the coordinator sends one range per batch and device).
+MAX_ACK_RANGES = 10_000
+
+
+def decode_telemetry_ack(device_id: str, data: bytes) -> list[tuple[int, int]]:
+    """The committed `seq` ranges (inclusive) of a `TelemetryAck` for this device;
+    `InvalidArgument` for one that does not parse, names another device or is too large."""
+    msg = _parse(device_pb2.TelemetryAck(), data, "telemetry ack")
+    if msg.device_id != device_id:
+        raise InvalidArgument(
+            f"telemetry ack names device {msg.device_id!r}; this is {device_id!r}"
+        )
+    if len(msg.committed) > MAX_ACK_RANGES:
+        raise InvalidArgument(
+            f"telemetry ack for {device_id!r} has {len(msg.committed)} ranges; "
+            f"accepted: at most {MAX_ACK_RANGES}"
+        )
+    out = []
+    for r in msg.committed:
+        if r.first > r.last:
+            raise InvalidArgument(
+                f"telemetry ack for {device_id!r}: range {r.first}-{r.last} is reversed"
+            )
+        out.append((int(r.first), int(r.last)))
+    return out
+
+
+def telemetry_seq(payload: bytes) -> int:
+    """The `seq` of an encoded `Telemetry` window (0 when it does not parse)."""
+    msg = device_pb2.Telemetry()
+    try:
+        msg.ParseFromString(payload)
+    except Exception:
+        return 0
+    return int(msg.seq)

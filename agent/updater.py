@@ -106,6 +106,7 @@ class Updater:
         self._lock = asyncio.Lock()
         self.state = UpdateState.IDLE
         self.accepted_generation = self.slots.generation
+        self._reported_since_start = False
 
     # -- startup ------------------------------------------------------------------
 
@@ -156,6 +157,8 @@ class Updater:
                     logger.info(
                         "%s: ignoring stale generation %d", self.device_id, desired.generation
                     )
+                elif not self._reported_since_start:
+                    await self._confirm(desired)
                 return
             now_ms = int(time.time() * 1000)
             if desired.not_after_ms and now_ms > desired.not_after_ms:
@@ -204,6 +207,32 @@ class Updater:
         if now - self._warned.get(reason, -1e9) >= 60.0:
             self._warned[reason] = now
             logger.warning("%s: refused (%s): %s", self.device_id, reason, detail)
+
+    async def _confirm(self, desired: Desired) -> None:
+        """The agent was killed after recording this generation on disk but before it
+        reported it: report it now (else the coordinator would wait forever on the
+        report the killed process last sent, e.g. `loading`)."""
+        serving = self.holder.active
+        if serving is None or self.state != UpdateState.ACTIVE:
+            return
+        try:
+            manifest = self._verify_manifest(
+                SignedManifest(
+                    desired.manifest_bytes, desired.manifest_signature, desired.manifest_key_id
+                )
+            )
+        except FleetError:
+            return
+        if manifest.sha256 != serving.ref.sha256:
+            return
+        state = UpdateState.ROLLED_BACK if desired.action == "rollback" else UpdateState.ACTIVE
+        logger.info(
+            "%s: generation %d was done before a restart: reporting it %s",
+            self.device_id,
+            desired.generation,
+            state.name.lower(),
+        )
+        await self._report(desired.generation, state, Reason.OK, "", provider=serving.provider)
 
     async def on_chunk(self, payload: bytes) -> None:
         dl = self._download
@@ -581,6 +610,7 @@ class Updater:
         dl: _Download | None = None,
         provider: str = "",
     ) -> None:
+        self._reported_since_start = True
         active = self.holder.active
         payload = encode_reported(
             device_id=self.device_id,

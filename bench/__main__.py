@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "agent": "bench.agent",
     "fanout": "bench.fanout",
     "telemetry": "bench.telemetry",
+    "persistence": "bench.persistence",
     "rollout": "bench.rollout",
     "fl": "bench.fl",
 }

@@ -180,6 +180,9 @@ class ManagedBroker:
         lines += [
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.state_dir}/",
+            # save sessions, subscriptions and retained messages every second (the
+            # default is 1800 s: a crash lost them all); bench/persistence.py measures it
+            "autosave_interval 1",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",

@@ -4,6 +4,13 @@ One asyncio object: `async with Coordinator(...) as c:` connects, subscribes to
 every device's status/reported/telemetry and every artifact's wants, and runs
 the broadcaster. `deploy()` publishes signed desired state to the selected
 devices, each with the variant that fits its reported capabilities.
+
+The database, not the broker, is the source of truth for desired state: the
+coordinator re-asserts (re-publishes, retained, in paced batches) the desired
+state of every device whose reported generation is below its desired one on
+every (re)connection of its MQTT client, for each device that comes online, and
+every `reassert_interval` seconds. A broker that lost its retained messages (a
+crash before its autosave) therefore cannot make a device miss a deployment.
 """
 
 from __future__ import annotations
@@ -39,7 +46,12 @@ from edgefleet.cloud.serde import DESIRED_TTL_S, encode_desired
 from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
-from edgefleet.protos.transport import Message, MqttAccess, MqttTransport
+from edgefleet.protos.transport import (
+    COORDINATOR_BACKOFF_CAP,
+    Message,
+    MqttAccess,
+    MqttTransport,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +130,9 @@ class Coordinator:
         refusals: Refusals | None = None,
         key_list: Callable[[], bytes] | None = None,
         desired_ttl_s: float = DESIRED_TTL_S,
+        reassert_interval: float = 60.0,
+        reassert_batch: int = 256,
+        reassert_pause: float = 0.1,
     ) -> None:
         self.topics = topics or Topics()
         self.registry = registry
@@ -126,7 +141,9 @@ class Coordinator:
         self._signing_key = signing_key
         self.chunk_size = chunk_size
         self.transport = MqttTransport(
-            MqttAccess.of(broker_url).settings(f"coordinator-{uuid.uuid4().hex[:8]}"),
+            MqttAccess.of(broker_url).settings(
+                f"coordinator-{uuid.uuid4().hex[:8]}", backoff_cap=COORDINATOR_BACKOFF_CAP
+            ),
             on_connect=self._subscribe,
             on_message=self._on_message,
         )
@@ -153,11 +170,22 @@ class Coordinator:
         self.desired_ttl_s = desired_ttl_s
         self._inbox: list[DeviceEvent] = []
         self._inbox_ready = asyncio.Event()
+        # desired-state reconciliation
+        self.reassert_interval = reassert_interval
+        self.reassert_batch = reassert_batch
+        self.reassert_pause = reassert_pause
+        self.reasserted = 0  # desired states re-published so far
+        self._desired_lock = asyncio.Lock()  # a re-assert never overtakes a newer deploy
+        self._reassert_wake = asyncio.Event()
+        self._reassert_all = True
+        self._born: set[str] = set()
+        self._reconciler: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Coordinator:
         await self.transport.__aenter__()
         self._task = asyncio.create_task(self.broadcaster.run(), name="broadcaster")
         self._writer = asyncio.create_task(self._write_events(), name="device-events")
+        self._reconciler = asyncio.create_task(self._reconcile(), name="desired-reconciler")
         await self.transport.wait_connected(timeout=30)
         if self._key_list is not None:
             await self.publish_keys()
@@ -167,7 +195,7 @@ class Coordinator:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for task in (self._task, self._writer, self._keys_task):
+        for task in (self._task, self._writer, self._keys_task, self._reconciler):
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -181,6 +209,9 @@ class Coordinator:
         for kind in kinds:
             await self.transport.subscribe(self.topics.all_devices(kind), qos=1)
         await self.transport.subscribe(self.topics.all_wants(), qos=1)
+        # (re)connected: the broker may have restarted without its retained store
+        self._reassert_all = True
+        self._reassert_wake.set()
 
     async def publish_keys(self, *, force: bool = False) -> bool:
         """Publish the key list retained on `{prefix}/keys` if it changed since the last
@@ -267,6 +298,10 @@ class Coordinator:
                 self._inbox_ready.set()
                 await asyncio.sleep(1.0)
                 return
+            born = {e.device_id for e in batch if e.kind == "status" and e.payload.get("online")}
+            if born:  # recorded first, so their reported generations are current
+                self._born |= born
+                self._reassert_wake.set()
         async with self._changed:
             self._changed.notify_all()
 
@@ -319,6 +354,10 @@ class Coordinator:
         chunks within moments of each other and share one broadcast. Up to `window`
         publishes wait for their acknowledgements at once; one at a time, a thousand
         round trips would take seconds."""
+        async with self._desired_lock:
+            await self._publish_desired(signed, window=window)
+
+    async def _publish_desired(self, signed: Mapping[str, bytes], *, window: int) -> None:
         gate = asyncio.Semaphore(window)
         if self._key_list is not None:  # a key rotated a moment ago reaches devices first
             await self.publish_keys()
@@ -331,6 +370,56 @@ class Coordinator:
             self.desired_bytes += len(payload)
 
         await asyncio.gather(*(one(d, p) for d, p in signed.items()))
+
+    # -- reconciliation ---------------------------------------------------------------
+
+    async def reassert(self, device_ids: Sequence[str] | None = None) -> int:
+        """Re-publish (retained) the desired state of the devices (all, or these) that have
+        not reported it yet, `reassert_batch` at a time with `reassert_pause` between
+        batches. The database is read under the same lock deploys publish under, so an
+        older state never lands after a newer one. Returns how many were published."""
+        async with self._desired_lock:
+            pending = await asyncio.to_thread(self.devices.unreached, device_ids)
+            items = sorted(pending.items())
+            for i in range(0, len(items), self.reassert_batch):
+                if i:
+                    await asyncio.sleep(self.reassert_pause)
+                await self._publish_desired(
+                    dict(items[i : i + self.reassert_batch]), window=self.reassert_batch
+                )
+        if items:
+            self.reasserted += len(items)
+            logger.info(
+                "re-asserted the desired state of %d devices that have not reached it",
+                len(items),
+            )
+        return len(items)
+
+    async def _reconcile(self) -> None:
+        """Wake on a (re)connection, on device births or every `reassert_interval` s."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.reassert_interval):
+                    await self._reassert_wake.wait()
+            if not self._reassert_wake.is_set():
+                self._reassert_all = True  # the periodic pass
+            self._reassert_wake.clear()
+            if not self.transport.connected:
+                try:
+                    await self.transport.wait_connected(timeout=self.reassert_interval)
+                except FleetError:
+                    continue
+            everyone, born = self._reassert_all, self._born
+            self._reassert_all, self._born = False, set()
+            try:
+                await self.reassert(None if everyone else sorted(born))
+            except FleetError as e:  # the link dropped mid-way: the reconnect re-runs it
+                logger.warning("re-asserting desired states: %s", e)
+                self._reassert_all = True
+            except Exception:  # the database went away: try again at the next pass
+                logger.exception("re-asserting desired states failed")
+                self._reassert_all = True
+            await asyncio.sleep(self.reassert_pause)  # coalesce a burst of births
 
     async def deploy(
         self, ref: ModelRef, selector: Selector, *, action: str = "activate"

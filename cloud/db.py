@@ -8,8 +8,10 @@ an empty database gets the current schema; an older one is refused with what to 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,8 +50,28 @@ def normalize_url(url: str) -> sa.URL:
     return u
 
 
+def _read_only_file(u: sa.URL) -> Path | None:
+    """The SQLite file when it exists on storage this process cannot write (a read-only
+    mount, a folder without write permission): it is then opened read-only."""
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    path = Path(u.database)
+    if not path.is_file():
+        return None
+    folder = path.parent
+    try:
+        ro = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        ro = False
+    return path if ro or not os.access(folder, os.W_OK) or not os.access(path, os.W_OK) else None
+
+
 class Database:
     """An engine plus error translation; `what` names it in messages ("registry database").
+
+    A SQLite file on read-only storage is opened read-only (`immutable`): reads work,
+    and every write is refused with one line saying why. A full disk is `Unavailable`
+    with "no space left on device".
 
     With `check` (the default) the schema is checked on open: an empty database is
     migrated to the current revision, an older one raises `SchemaOutdated`.
@@ -62,6 +84,16 @@ class Database:
         self.what = what
         sqlite = u.get_backend_name() == "sqlite"
         args: dict[str, Any] = {"timeout": 30} if sqlite else {"connect_timeout": 5}
+        self._folder = (
+            Path(u.database).parent if sqlite and u.database not in (None, "", ":memory:") else None
+        )
+        ro = _read_only_file(u)
+        self.read_only = ro is not None
+        if ro is not None:
+            # WAL needs its -shm file beside the database: read it as an immutable file
+            u = u.set(database=f"file:{ro}", query={"mode": "ro", "immutable": "1", "uri": "true"})
+            self.engine = sa.create_engine(u, connect_args=args)
+            return
         self.engine = sa.create_engine(u, pool_pre_ping=True, connect_args=args)
         if sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -83,9 +115,31 @@ class Database:
         try:
             yield
         except OperationalError as e:
-            raise Unavailable(f"{self.name} unreachable: {reason(e)}") from None
+            raise self._error(e) from None
         except DataError as e:  # a value the column cannot hold: callers should catch it first
             raise InvalidArgument(f"{self.name} refused a value: {reason(e)}") from None
+
+    def _disk_full(self) -> bool:
+        """SQLite says "disk I/O error" when it cannot even create its WAL files."""
+        if self._folder is None:
+            return False
+        try:
+            st = os.statvfs(self._folder)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 64 * 1024
+
+    def _error(self, e: DBAPIError) -> Unavailable:
+        why = reason(e)
+        low = why.lower()
+        if self.read_only or "readonly" in low or "read-only" in low:
+            return Unavailable(
+                f"{self.name} is read-only ({why}): write commands are refused, "
+                "read commands still work"
+            )
+        if "disk is full" in low or "no space left" in low or self._disk_full():
+            return Unavailable(f"{self.name}: no space left on device ({why})")
+        return Unavailable(f"{self.name} unreachable: {why}")
 
     @contextmanager
     def session(self) -> Iterator[Session]:

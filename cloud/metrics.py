@@ -180,7 +180,7 @@ def ingest_families(ingest: Any) -> list[Family]:
         one(
             "edgefleet_telemetry_written_total",
             "counter",
-            "Telemetry rows committed.",
+            "New telemetry rows committed.",
             ingest.written,
         ),
         one(
@@ -190,10 +190,22 @@ def ingest_families(ingest: Any) -> list[Family]:
             ingest.rejected,
         ),
         one(
-            "edgefleet_telemetry_dropped_total",
+            "edgefleet_telemetry_duplicated_total",
             "counter",
-            "Telemetry rows dropped with the buffer full.",
-            ingest.dropped,
+            "Telemetry windows received again after they were committed (skipped).",
+            ingest.duplicated,
+        ),
+        one(
+            "edgefleet_telemetry_refused_total",
+            "counter",
+            "Telemetry windows refused with the buffer full (not acknowledged: devices resend).",
+            ingest.refused,
+        ),
+        one(
+            "edgefleet_telemetry_acked_total",
+            "counter",
+            "Telemetry windows acknowledged to their devices once committed.",
+            ingest.acked,
         ),
         one(
             "edgefleet_telemetry_ingest_rate",

@@ -35,7 +35,7 @@ from edgefleet.cloud.metrics import (
     serve_metrics,
 )
 from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
-from edgefleet.protos.transport import MqttAccess, MqttSettings
+from edgefleet.protos.transport import COORDINATOR_BACKOFF_CAP, MqttAccess, MqttSettings
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ class Monitoring:
         self.ingest = TelemetryIngest(self.store, on_written=devices.touch, refusals=self.refusals)
         self.subscriber = TelemetrySubscriber(
             (
-                MqttAccess.of(broker_url).settings(telemetry_client_id(home))
+                MqttAccess.of(broker_url).settings(
+                    telemetry_client_id(home), backoff_cap=COORDINATOR_BACKOFF_CAP
+                )
                 if username is None
                 else MqttSettings(
                     url=str(broker_url),
@@ -79,6 +81,7 @@ class Monitoring:
                     username=username,
                     password=password,
                     ca_file=ca_file,
+                    backoff_cap=COORDINATOR_BACKOFF_CAP,
                 )
             ),
             self.ingest,

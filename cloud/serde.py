@@ -73,3 +73,22 @@ def encode_desired(
         desired=body, signature=key.sign(body), key_id=key_id(key.public_key())
     )
     return bytes(signed.SerializeToString(deterministic=True))
+
+
+def seq_ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted, disjoint, inclusive ranges covering `seqs` ([1, 2, 3, 7] -> [(1, 3), (7, 7)])."""
+    out: list[tuple[int, int]] = []
+    for s in sorted(set(seqs)):
+        if out and s == out[-1][1] + 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
+def encode_telemetry_ack(device_id: str, seqs: Sequence[int]) -> bytes:
+    """The `TelemetryAck` telling `device_id` that these windows are committed."""
+    msg = device_pb2.TelemetryAck(device_id=device_id)
+    for first, last in seq_ranges(seqs):
+        msg.committed.add(first=first, last=last)
+    return bytes(msg.SerializeToString())

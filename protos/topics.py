@@ -10,7 +10,7 @@ from edgefleet.protos.errors import InvalidArgument
 PREFIX = "ef/v1"
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-DEVICE_KINDS = ("status", "desired", "reported", "telemetry", "shadow")
+DEVICE_KINDS = ("status", "desired", "reported", "telemetry", "shadow", "ack")
 ARTIFACT_KINDS = ("want", "chunk")
 
 
@@ -47,6 +47,10 @@ class Topics:
 
     def shadow(self, device_id: str) -> str:
         return self.device(device_id, "shadow")
+
+    def ack(self, device_id: str) -> str:
+        """Coordinator -> device: which telemetry windows are committed (not retained)."""
+        return self.device(device_id, "ack")
 
     def artifact(self, sha256: str, kind: str) -> str:
         if kind not in ARTIFACT_KINDS:

@@ -122,6 +122,12 @@ class _Endpoint:
     tls: bool
 
 
+#: Reconnect backoff cap for the coordinator's own clients: one client per process,
+#: usually next to its broker, so retrying every second or two costs nothing and a
+#: restarted broker has its subscriber back at once (devices keep the default cap).
+COORDINATOR_BACKOFF_CAP = 2.0
+
+
 @dataclass(frozen=True)
 class MqttSettings:
     """Where and how to connect. `url` is mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
@@ -1045,4 +1051,4 @@ class MqttTransport:
             self._ready.set()
 
 
-__all__ = ["Message", "MqttSettings", "MqttTransport", "Will"]
+__all__ = ["COORDINATOR_BACKOFF_CAP", "Message", "MqttSettings", "MqttTransport", "Will"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from edgefleet.cloud.artifacts.base import ArtifactStore, check_digest
+from edgefleet.cloud.errors import storage_error
 from edgefleet.protos.errors import NotFound, Unavailable
 
 
@@ -32,16 +34,27 @@ class LocalArtifactStore(ArtifactStore):
 
     def _write(self, sha256: str, data: bytes) -> None:
         path = self._path(sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        made = not path.parent.exists()
+        tmp: str | None = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as e:
+            # nothing half-written: the temporary file goes, and the folder made for it
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if made:
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
+            if isinstance(e, OSError):
+                what = f"artifact store {self.uri}: cannot store blob {sha256[:16]}… ({len(data)} bytes)"
+                if (err := storage_error(e, what)) is not None:
+                    raise err from None
             raise
 
     def _read(self, sha256: str) -> bytes:

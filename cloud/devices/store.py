@@ -295,6 +295,34 @@ class DeviceStore(DatabaseUser):
             s.add(row)
             s.commit()
 
+    def unreached(self, device_ids: Sequence[str] | None = None) -> dict[str, bytes]:
+        """{device: signed desired state} for the devices (all, or these) whose reported
+        generation is below their desired one: what the coordinator re-publishes so
+        that a broker which lost its retained messages cannot make a device miss it."""
+        q = sa.select(
+            col(DeviceRow.device_id), col(DeviceRow.reported), col(DeviceRow.desired_generation)
+        ).where(col(DeviceRow.desired_generation) > 0, col(DeviceRow.desired).is_not(None))
+        if device_ids is not None:
+            if not device_ids:
+                return {}
+            q = q.where(col(DeviceRow.device_id).in_(list(device_ids)))
+        out: dict[str, bytes] = {}
+        with self._session() as s:
+            behind = [
+                str(r[0])
+                for r in s.execute(q).all()
+                if int((r[1] or {}).get("generation", 0) or 0) < int(r[2])
+            ]
+            for i in range(0, len(behind), _BATCH):
+                part = behind[i : i + _BATCH]
+                rows = s.execute(
+                    sa.select(col(DeviceRow.device_id), col(DeviceRow.desired)).where(
+                        col(DeviceRow.device_id).in_(part)
+                    )
+                ).all()
+                out.update({str(r[0]): bytes(r[1]) for r in rows if r[1]})
+        return out
+
     def desired(self, device_id: str) -> bytes | None:
         with self._session() as s:
             return self._row(s, device_id).desired

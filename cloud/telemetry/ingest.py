@@ -112,7 +112,9 @@ class TelemetryIngest:
     """Thread-safe row buffer plus a writer thread that flushes every `interval` s.
 
     `on_written(device_ids)` runs after each committed batch (the coordinator marks
-    those devices as seen, in one statement).
+    those devices as seen, in one statement); `on_committed({device: [seq, ...]})`
+    then gets every window of the batch, new or duplicate, all now in the database
+    (the subscriber acknowledges them to the devices).
     """
 
     def __init__(
@@ -123,12 +125,14 @@ class TelemetryIngest:
         batch: int = 20_000,
         on_written: Callable[[list[str]], None] | None = None,
         refusals: Refusals | None = None,
+        on_committed: Callable[[dict[str, list[int]]], None] | None = None,
     ) -> None:
         self.store = store
         self.refusals = refusals if refusals is not None else Refusals()
         self.interval = interval
         self.batch = batch
         self.on_written = on_written
+        self.on_committed = on_committed
         self._rows: list[tuple[Any, ...]] = []
         self._drift: list[tuple[Any, ...]] = []  # drift_sketches rows
         self._lock = threading.Lock()
@@ -136,10 +140,12 @@ class TelemetryIngest:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.received = 0
-        self.written = 0
+        self.written = 0  # new rows committed
+        self.duplicated = 0  # rows committed before (a window sent again): skipped
         self.rejected = 0  # payloads cloud.inbound refused
         self.refused_rows = 0  # rows the database refused (isolated, dropped)
-        self.dropped = 0  # buffer full while the database was away
+        self.refused = 0  # buffer full while the database was away: not acknowledged
+        self.acked = 0  # windows acknowledged to their devices after commit
         self.write_errors = 0
         self.rate = 0.0  # rows/s written, over the last few seconds
         self._rate_t = time.monotonic()
@@ -157,7 +163,7 @@ class TelemetryIngest:
             return False
         with self._lock:
             if len(self._rows) >= MAX_BUFFER:
-                self.dropped += 1
+                self.refused += 1  # never acknowledged: the device sends it again
                 return False
             self._rows.append(row)
             if drift:
@@ -214,7 +220,8 @@ class TelemetryIngest:
             if not rows and not drift:
                 return True
             try:
-                written = self._insert(self.store.insert_many, rows, "telemetry")
+                before = self.refused_rows
+                new = self._insert(self.store.insert_many, rows, "telemetry")
             except Exception as e:  # the database went away: keep the rows, in order
                 self.write_errors += 1
                 with self._lock:
@@ -228,14 +235,11 @@ class TelemetryIngest:
                 )
                 return False
             # the rows are committed: count them even if the sketches must wait
-            self.written += written
-            self._count(written)
-            if self.on_written is not None:
-                try:
-                    if rows:
-                        self.on_written(sorted({r[0] for r in rows}))
-                except Exception:
-                    logger.exception("telemetry: on_written failed")
+            self.written += new
+            self.duplicated += len(rows) - new - (self.refused_rows - before)
+            self._count(len(rows))
+            if rows:
+                self._committed(rows)  # refused rows too: they can never land, resending won't help
             try:
                 self._insert(self.store.insert_drift, drift, "drift")
             except Exception as e:  # telemetry is in; keep the sketches for the next flush
@@ -251,14 +255,13 @@ class TelemetryIngest:
         rows: list[tuple[Any, ...]],
         what: str,
     ) -> int:
-        """`insert(rows)`; rows the database refuses for their content are isolated by
-        bisection, counted and dropped. Returns how many rows were written; raises
-        what `insert` raised when the database itself is away."""
+        """`insert(rows)` (which returns how many rows were new); rows the database refuses
+        for their content are isolated by bisection, counted and dropped. Returns how many
+        new rows were written; raises what `insert` raised when the database is away."""
         if not rows:
             return 0
         try:
-            insert(rows)
-            return len(rows)
+            return insert(rows)
         except Exception as e:
             if not _refused_by_content(e):
                 raise
@@ -268,6 +271,23 @@ class TelemetryIngest:
                 return 0
         mid = len(rows) // 2
         return self._insert(insert, rows[:mid], what) + self._insert(insert, rows[mid:], what)
+
+    def _committed(self, rows: list[tuple[Any, ...]]) -> None:
+        if self.on_written is not None:
+            try:
+                self.on_written(sorted({r[0] for r in rows}))
+            except Exception:
+                logger.exception("telemetry: on_written failed")
+        if self.on_committed is not None:
+            seqs: dict[str, list[int]] = {}
+            for r in rows:
+                seqs.setdefault(r[0], []).append(int(r[1]))
+            try:
+                self.on_committed(seqs)
+            except Exception:  # unacknowledged windows come again: no loss
+                logger.exception("telemetry: on_committed failed")
+            else:
+                self.acked += len(rows)
 
     def _count(self, n: int) -> None:
         self._rate_n += n
@@ -279,7 +299,13 @@ class TelemetryIngest:
 
 class TelemetrySubscriber:
     """A dedicated MQTT client for telemetry: paho's own network thread, persistent
-    session, shared subscription, automatic reconnect. `start()` / `stop()`."""
+    session, shared subscription, automatic reconnect (1 s, then at most
+    `settings.backoff_cap`), resubscribed on every connect. `start()` / `stop()`.
+
+    With `ack` (the default) it becomes the ingest's `on_committed`: after each
+    committed batch every device that sent windows gets a `TelemetryAck` naming
+    them on `dev/{id}/ack` (QoS 1, not retained), and only then deletes them from
+    its spool."""
 
     def __init__(
         self,
@@ -288,6 +314,7 @@ class TelemetrySubscriber:
         *,
         topics: Topics | None = None,
         shared: bool = True,
+        ack: bool = True,
     ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
@@ -312,13 +339,26 @@ class TelemetrySubscriber:
             c.username_pw_set(settings.username, settings.password)
         if settings.endpoint.tls:
             c.tls_set_context(settings.tls_context())
-        c.reconnect_delay_set(
-            min_delay=max(1, int(settings.backoff_base)), max_delay=int(settings.backoff_cap)
-        )
+        c.reconnect_delay_set(min_delay=1, max_delay=max(1, int(settings.backoff_cap)))
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         self._client = c
+        if ack:
+            ingest.on_committed = self._ack
+
+    def _ack(self, seqs: dict[str, list[int]]) -> None:
+        """Writer thread: acknowledge committed windows (paho's publish is thread-safe;
+        one that cannot go out now is a window the device sends again)."""
+        from edgefleet.cloud.serde import encode_telemetry_ack
+
+        for device_id, device_seqs in seqs.items():
+            try:
+                topic = self.topics.ack(device_id)
+            except InvalidArgument as e:  # no topic to answer on: nothing to acknowledge
+                logger.warning("telemetry ack not sent: %s", e)
+                continue
+            self._client.publish(topic, encode_telemetry_ack(device_id, device_seqs), qos=1)
 
     def _on_connect(self, c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:  # paho retries with backoff

@@ -155,7 +155,8 @@ class TelemetryStore(DatabaseUser):
 
     def insert_many(self, rows: Sequence[tuple[Any, ...]]) -> int:
         """Insert telemetry windows (tuples in `COLUMNS` order) in one transaction;
-        duplicates of (device_id, seq) are skipped. Returns how many were given.
+        duplicates of (device_id, seq) are skipped. Returns how many were new (the rest
+        were already stored: a window sent again, a QoS 1 redelivery).
 
         Straight to the driver, no per-row SQLAlchemy work: SQLite gets one
         ``executemany`` of INSERT OR IGNORE; PostgreSQL a COPY into a temporary
@@ -180,12 +181,14 @@ class TelemetryStore(DatabaseUser):
                         f"INSERT INTO telemetry ({cols}) SELECT {cols} FROM telemetry_in "
                         "ON CONFLICT ON CONSTRAINT uq_telemetry_device_seq DO NOTHING"
                     )
+                    inserted = int(cur.rowcount)
             else:
                 marks = ", ".join("?" for _ in COLUMNS)
-                conn.exec_driver_sql(
+                res = conn.exec_driver_sql(
                     f"INSERT OR IGNORE INTO telemetry ({cols}) VALUES ({marks})", list(rows)
                 )
-        return len(rows)
+                inserted = int(res.rowcount)  # executemany: the rows really inserted
+        return inserted
 
     def insert_drift(self, rows: Sequence[tuple[Any, ...]]) -> int:
         """Insert drift sketches (tuples in `DRIFT_COLUMNS` order) in one transaction;

@@ -43,6 +43,11 @@ def export_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
                 verbose=False,
             )
         except Exception as e:  # torch raises many unrelated types here
+            from edgefleet.cloud.errors import find_storage_error
+
+            disk = find_storage_error(e, f"ONNX export of {type(module).__name__} to {tmp}")
+            if disk is not None:  # the disk, not the model
+                raise disk from None
             raise InvalidArgument(f"ONNX export failed for {type(module).__name__}: {e}") from e
         data = path.read_bytes()
     _check_batch_dynamic(data)

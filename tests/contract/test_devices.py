@@ -48,6 +48,21 @@ def test_status_reported_and_generations(devices: DeviceStore) -> None:
     assert got.state == "active" and got.active == {"model": "m"}
 
 
+def test_unreached_desired_states_are_what_gets_reasserted(devices: DeviceStore) -> None:
+    for d in ("d1", "d2", "d3", "d4"):
+        devices.enroll(d)
+    issued = devices.issue(["d1", "d2", "d3"], lambda d, g: f"{d}@{g}".encode(), rollout_id="r1")
+    assert issued["d1"] == (1, b"d1@1")
+    # d2 reached it (reported as a string, as protobuf JSON gives uint64), d3 failed it:
+    # both reported that generation; d1 never did; d4 has nothing desired
+    devices.record_reported("d2", {"state": "active", "generation": "1"})
+    devices.record_reported("d3", {"state": "failed", "generation": 1})
+    assert devices.unreached() == {"d1": b"d1@1"}
+    assert devices.unreached(["d2", "d4"]) == {} and devices.unreached([]) == {}
+    devices.issue(["d2"], lambda d, g: f"{d}@{g}".encode(), rollout_id="r2")
+    assert devices.unreached() == {"d1": b"d1@1", "d2": b"d2@2"}
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

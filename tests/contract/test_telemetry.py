@@ -46,7 +46,7 @@ def test_batches_insert_and_duplicates_are_ignored(store: TelemetryStore) -> Non
     assert store.insert_many(rows) == 500
     assert store.count() == 500
     # the same windows again (a spool flushed twice, a QoS 1 redelivery) add nothing
-    store.insert_many([*rows[:100], row("d0", 999, NOW, [0, 0, 0, 1])])
+    assert store.insert_many([*rows[:100], row("d0", 999, NOW, [0, 0, 0, 1])]) == 1  # new ones
     assert store.count() == 501
 
 

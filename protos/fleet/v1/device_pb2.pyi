@@ -581,6 +581,59 @@ class Telemetry(_message.Message):
 Global___Telemetry: _TypeAlias = Telemetry  # noqa: Y015
 
 @_typing.final
+class TelemetryAck(_message.Message):
+    """Coordinator -> device on dev/{id}/ack (QoS 1, not retained), after each committed
+    batch: these telemetry windows are in the database, so the agent may delete them from
+    its spool. A window never acknowledged is sent again (a duplicate is dropped by its
+    (device_id, seq) key and acknowledged again).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    @_builtins.property
+    def committed(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeqRange]:
+        """sorted, disjoint, inclusive"""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        committed: _abc.Iterable[Global___SeqRange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TelemetryAck: _TypeAlias = TelemetryAck  # noqa: Y015
+
+@_typing.final
+class SeqRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    first: _builtins.int
+    last: _builtins.int
+    def __init__(
+        self,
+        *,
+        first: _builtins.int = ...,
+        last: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SeqRange: _TypeAlias = SeqRange  # noqa: Y015
+
+@_typing.final
 class DriftCounts(_message.Message):
     """Counts per bin of one input feature, in the reference's order."""
 
