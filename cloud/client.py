@@ -233,17 +233,25 @@ class LocalClient:
         from edgefleet.protos.manifest import key_id
 
         s = self.settings
+        fresh = not s.home_dir.exists()
         try:
             s.home_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise Unavailable(f"cannot create FLEET_HOME {s.home_dir}: {e.strerror}") from None
-        # check the stores before writing anything: a bad URL leaves nothing behind
-        open_registry(s.registry_url).close()
-        store = open_artifact_store(s.artifacts, s3_endpoint_url=s.s3_endpoint_url)
-        store.check()
-        created = create_keypair(s.signing_key_path, s.public_key_path)
-        created_token = create_token(s.token_path)
-        cfg = write_config(s)
+        try:
+            # check the stores before writing anything: a bad URL leaves nothing behind
+            store = open_artifact_store(s.artifacts, s3_endpoint_url=s.s3_endpoint_url)
+            store.check()
+            open_registry(s.registry_url).close()
+            created = create_keypair(s.signing_key_path, s.public_key_path)
+            created_token = create_token(s.token_path)
+            cfg = write_config(s)
+        except BaseException:
+            if fresh:  # a failed first init leaves no half-made FLEET_HOME behind
+                import shutil
+
+                shutil.rmtree(s.home_dir, ignore_errors=True)
+            raise
         return InitResult(
             home=s.home_dir,
             created_key=created,

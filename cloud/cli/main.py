@@ -28,7 +28,6 @@ app = typer.Typer(
     name="fleet",
     help="edgefleet: train, quantize, sign and ship models to device fleets.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 app.add_typer(models_cli.app, name="models")
@@ -40,15 +39,32 @@ app.command("drift")(drift_cli.drift)
 app.command("alerts")(drift_cli.alerts)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from edgefleet import __version__
+
+        sys.stdout.write(f"fleet (edgefleet) {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_callback(
     ctx: typer.Context,
+    _show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the edgefleet version and exit.",
+        ),
+    ] = False,
     home: Annotated[
         Path | None,
         typer.Option(
             "--home",
             envvar="FLEET_HOME",
-            help="State folder [env FLEET_HOME; default ~/.edgefleet].",
+            help="State folder (default ~/.edgefleet).",
         ),
     ] = None,
     db_url: Annotated[
@@ -56,7 +72,7 @@ def main_callback(
         typer.Option(
             "--db-url",
             envvar="FLEET_DB_URL",
-            help="Registry database: sqlite:///PATH or postgresql://… [env FLEET_DB_URL].",
+            help="Registry database: sqlite:///PATH or postgresql://… (default SQLite in FLEET_HOME).",
         ),
     ] = None,
     artifacts: Annotated[
@@ -64,7 +80,7 @@ def main_callback(
         typer.Option(
             "--artifacts",
             envvar="FLEET_ARTIFACT_URI",
-            help="Artifact store: file:///PATH or s3://BUCKET/PREFIX [env FLEET_ARTIFACT_URI].",
+            help="Artifact store: file:///PATH or s3://BUCKET/PREFIX (default FLEET_HOME/artifacts).",
         ),
     ] = None,
     s3_endpoint_url: Annotated[
@@ -72,7 +88,7 @@ def main_callback(
         typer.Option(
             "--s3-endpoint-url",
             envvar="FLEET_S3_ENDPOINT_URL",
-            help="S3-compatible endpoint [env FLEET_S3_ENDPOINT_URL].",
+            help="S3-compatible endpoint (MinIO, Ceph…) for s3:// stores.",
         ),
     ] = None,
     coordinator: Annotated[
@@ -81,7 +97,7 @@ def main_callback(
             "--coordinator",
             envvar="FLEET_COORDINATOR",
             help="HOST:PORT of a running 'fleet serve'; commands go through it "
-            "[env FLEET_COORDINATOR; default: run in-process].",
+            "(default: in-process, or the 'fleet serve' of FLEET_HOME).",
         ),
     ] = None,
     token: Annotated[
@@ -89,7 +105,7 @@ def main_callback(
         typer.Option(
             "--token",
             envvar="FLEET_TOKEN",
-            help="API token for --coordinator [env FLEET_TOKEN; default FLEET_HOME/keys/token].",
+            help="API token for --coordinator (default: FLEET_HOME/keys/token).",
         ),
     ] = None,
     verbose: Annotated[
@@ -100,6 +116,9 @@ def main_callback(
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    from edgefleet.cloud.quiet import quiet_third_party
+
+    quiet_third_party(verbose)
     ctx.obj = State(
         home=home,
         db_url=db_url,
@@ -111,11 +130,35 @@ def main_callback(
 
 
 @app.command()
-def init(ctx: typer.Context) -> None:
-    """Create FLEET_HOME: config, registry database, artifact store, signing key, API token."""
+def init(
+    ctx: typer.Context,
+    db_url: Annotated[
+        str | None,
+        typer.Option(
+            "--db-url",
+            help="Registry database to record in config.toml (same as the global --db-url).",
+        ),
+    ] = None,
+    artifacts: Annotated[
+        str | None,
+        typer.Option(
+            "--artifacts",
+            help="Artifact store to record in config.toml (same as the global --artifacts).",
+        ),
+    ] = None,
+) -> None:
+    """Create FLEET_HOME: config, registry database, artifact store, signing key, API token.
+
+    Both stores are checked first; a failed first init leaves no FLEET_HOME behind.
+    """
     from edgefleet.cloud.cli.output import err, out
     from edgefleet.cloud.client import LocalClient
 
+    state: State = ctx.find_root().obj
+    if db_url:
+        state.db_url, state._settings = db_url, None
+    if artifacts:
+        state.artifacts, state._settings = artifacts, None
     result = LocalClient(settings_of(ctx)).init()
     out.print(f"FLEET_HOME  {result.home}")
     out.print(f"registry    {result.registry}")
@@ -246,8 +289,7 @@ def serve(
         typer.Option(
             "--broker",
             envvar="FLEET_BROKER",
-            help="Use this broker (mqtt://HOST:PORT or mqtts://…) instead of starting Mosquitto "
-            "[env FLEET_BROKER].",
+            help="Use this broker (mqtt://HOST:PORT or mqtts://…) instead of starting Mosquitto.",
         ),
     ] = None,
     mqtt_port: Annotated[
@@ -257,8 +299,8 @@ def serve(
             envvar="FLEET_MQTT_PORT",
             min=0,
             max=65535,
-            help="Port of the managed broker on 127.0.0.1; 0 picks a free one "
-            "[env FLEET_MQTT_PORT; default 1883].",
+            help="Port of the managed broker on 127.0.0.1 (default 1883); 0 picks a free one. "
+            "A port held by another program is an error naming it.",
         ),
     ] = None,
     grpc_listen: Annotated[
@@ -266,8 +308,7 @@ def serve(
         typer.Option(
             "--grpc-listen",
             envvar="FLEET_GRPC_LISTEN",
-            help="FleetService address; port 0 picks a free one "
-            "[env FLEET_GRPC_LISTEN; default 127.0.0.1:7443].",
+            help="FleetService address (default 127.0.0.1:7443); port 0 picks a free one.",
         ),
     ] = None,
     metrics_listen: Annotated[
@@ -275,8 +316,8 @@ def serve(
         typer.Option(
             "--metrics-listen",
             envvar="FLEET_METRICS_LISTEN",
-            help="Prometheus /metrics address, or 'off'; port 0 picks a free one "
-            "[env FLEET_METRICS_LISTEN; default 127.0.0.1:9464].",
+            help="Prometheus /metrics address, or 'off' (default 127.0.0.1:9464); "
+            "port 0 picks a free one.",
         ),
     ] = None,
     advertise_broker: Annotated[
@@ -285,7 +326,7 @@ def serve(
             "--advertise-broker",
             envvar="FLEET_ADVERTISE_BROKER",
             help="Broker URL put in enrolment bundles, when devices reach the broker by another "
-            "name than the coordinator [env FLEET_ADVERTISE_BROKER].",
+            "name than the coordinator.",
         ),
     ] = None,
     graceful_timeout: Annotated[
@@ -297,8 +338,8 @@ def serve(
         typer.Option(
             "--fl/--no-fl",
             envvar="FLEET_FL",
-            help="Run a Flower SuperLink for federated learning (needs edgefleet[fl]) "
-            "[env FLEET_FL; default off].",
+            help="Run a Flower SuperLink for federated learning (needs edgefleet\\[fl]; "
+            "default off).",
         ),
     ] = None,
     fl_listen: Annotated[
@@ -306,8 +347,8 @@ def serve(
         typer.Option(
             "--fl-listen",
             envvar="FLEET_FL_LISTEN",
-            help="SuperLink address devices' SuperNodes dial; port 0 picks a free one "
-            "[env FLEET_FL_LISTEN; default 127.0.0.1:9092].",
+            help="SuperLink address devices' SuperNodes dial (default 127.0.0.1:9092); "
+            "port 0 picks a free one.",
         ),
     ] = None,
     fl_advertise: Annotated[
@@ -315,7 +356,7 @@ def serve(
         typer.Option(
             "--fl-advertise",
             envvar="FLEET_FL_ADVERTISE",
-            help="SuperLink HOST:PORT put in enrolment bundles [env FLEET_FL_ADVERTISE].",
+            help="SuperLink HOST:PORT put in enrolment bundles.",
         ),
     ] = None,
 ) -> None:
@@ -383,7 +424,7 @@ def deploy(
     ] = None,
     waves: Annotated[
         str | None,
-        typer.Option("--waves", help="Cumulative shares after the canary [default 25%,50%,100%]."),
+        typer.Option("--waves", help="Cumulative shares after the canary (default 25%,50%,100%)."),
     ] = None,
     bake: Annotated[
         str | None,
@@ -391,7 +432,9 @@ def deploy(
     ] = None,
     max_failure_rate: Annotated[
         str | None,
-        typer.Option("--max-failure-rate", help="Install/self-test failures per stage [2%]."),
+        typer.Option(
+            "--max-failure-rate", help="Install/self-test failures per stage (default 2%)."
+        ),
     ] = None,
     max_latency_regression: Annotated[
         str | None,
@@ -414,21 +457,29 @@ def deploy(
     ] = None,
     on_failure: Annotated[
         str | None,
-        typer.Option("--on-failure", help="When a gate fails: rollback or pause [rollback]."),
+        typer.Option(
+            "--on-failure", help="When a gate fails: rollback or pause (default rollback)."
+        ),
     ] = None,
     min_samples: Annotated[
         int | None,
         typer.Option(
-            "--min-samples", min=1, help="Shadow samples a stage needs for quality gates [20]."
+            "--min-samples",
+            min=1,
+            help="Shadow samples a stage needs for quality gates (default 20).",
         ),
     ] = None,
     stage_timeout: Annotated[
         str | None,
-        typer.Option("--stage-timeout", help="Devices not settled by then count as failed [5m]."),
+        typer.Option(
+            "--stage-timeout", help="Devices not settled by then count as failed (default 5m)."
+        ),
     ] = None,
     sample_rate: Annotated[
         str | None,
-        typer.Option("--sample-rate", help="Share of live predictions shadow-evaluated [100%]."),
+        typer.Option(
+            "--sample-rate", help="Share of live predictions shadow-evaluated (default 100%)."
+        ),
     ] = None,
     dry_run: Annotated[
         bool,
@@ -624,6 +675,8 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 1 FleetError, 2 usage, 130 interrupted)."""
     import click
 
+    if not sys.stdout.isatty():  # piped help is not squeezed into 80 columns
+        os.environ.setdefault("TERMINAL_WIDTH", "120")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
