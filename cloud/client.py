@@ -73,32 +73,6 @@ class EnrollmentBundle:
 
 
 @dataclass(frozen=True)
-class DeviceOutcome:
-    """Where one targeted device ended up after a deploy."""
-
-    device_id: str
-    variant: str
-    state: str  # active | failed | rolled_back | skipped | timeout
-    reason: str
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.state == "active"
-
-
-@dataclass(frozen=True)
-class DeployReport:
-    rollout_id: str
-    ref: str
-    targeted: int
-    active: int
-    failed: int
-    bytes_sent: int
-    devices: tuple[DeviceOutcome, ...]
-
-
-@dataclass(frozen=True)
 class FleetStatus:
     coordinator: str  # HOST:PORT, or "" when none is running
     coordinator_version: str
@@ -106,10 +80,6 @@ class FleetStatus:
     devices: int
     online: int
     by_state: Mapping[str, int]
-
-
-DeployStart = Callable[[str, int], None]  # rollout id, devices targeted
-DeviceDone = Callable[[DeviceOutcome], None]
 
 
 class FleetClient(Protocol):
@@ -155,15 +125,6 @@ class FleetClient(Protocol):
     def enroll_device(
         self, device_id: str, *, group: str, tags: Mapping[str, str]
     ) -> EnrollmentBundle: ...
-    def deploy(
-        self,
-        ref: ModelRef,
-        selector: Selector,
-        *,
-        timeout: float,
-        on_start: DeployStart | None,
-        on_device: DeviceDone | None,
-    ) -> DeployReport: ...
     def status(self) -> FleetStatus: ...
     def create_rollout(
         self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool
@@ -351,16 +312,6 @@ class LocalClient:
             url,
         )
         return url
-
-    def deploy(self, ref: ModelRef, selector: Selector, **_kw: Any) -> DeployReport:
-        from edgefleet.protos.errors import Unavailable
-
-        raise Unavailable(
-            f"deploy needs a running coordinator: start 'fleet serve' for {self.settings.home_dir} "
-            "or pass --coordinator HOST:PORT"
-        )
-
-    # -- rollouts -----------------------------------------------------------------
 
     def create_rollout(
         self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool

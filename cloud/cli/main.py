@@ -502,7 +502,11 @@ def deploy(
     ] = True,
     timeout: Annotated[
         float,
-        typer.Option("--timeout", min=1, help="Seconds to wait for every device to settle."),
+        typer.Option(
+            "--timeout",
+            min=1,
+            help="Plain deploy: seconds online devices get to settle before they count as failed.",
+        ),
     ] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -560,7 +564,11 @@ def _dry_run(ctx: typer.Context, ref: Any, selector: Any, policy: Any, as_json: 
         emit_json(rollout_json(r, devices))
     else:
         print_rollout(out, r, devices)
-    err.print(f"dry run: nothing was sent ({sum(s.devices for s in r.stages)} devices planned)")
+    err.print(
+        f"dry run: nothing was sent ({sum(s.devices for s in r.stages)} devices planned); "
+        "the real rollout puts the same devices in each stage while the selected devices "
+        "stay the same"
+    )
 
 
 def _dry_run_sim(
@@ -613,43 +621,50 @@ def _staged(
 def _all_at_once(
     ctx: typer.Context, parsed: Any, selector: Any, *, timeout: float, as_json: bool
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from edgefleet.cloud.cli.output import deploy_json, emit_json, err, print_deploy
-    from edgefleet.cloud.client import DeviceOutcome
+    """A plain deploy: a one-stage rollout (`Policy.all_at_once`), stored and listed like
+    any other; devices offline now are named at once and update when they reconnect."""
+    from edgefleet.cloud.cli.output import emit_json, err, out
+    from edgefleet.cloud.cli.rollout_view import print_plain_deploy, rollout_json
+    from edgefleet.cloud.cli.rollouts import watch_until_outcome
+    from edgefleet.cloud.devices import Selector
+    from edgefleet.cloud.rollouts import Policy
+    from edgefleet.cloud.rollouts.controller import OFFLINE
 
     client = coordinator_of(ctx)
-    with Progress(
-        TextColumn("[bold]deploy[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("active {task.fields[active]} failed {task.fields[failed]}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(f"{parsed} -> {selector}", total=None, active=0, failed=0)
-        counts = {"active": 0, "failed": 0}
-
-        def on_start(rollout_id: str, total: int) -> None:
-            bar.update(task, total=total, description=f"{parsed} -> {selector} ({rollout_id})")
-
-        def on_device(o: DeviceOutcome) -> None:
-            counts["active" if o.ok else "failed"] += 1
-            bar.update(task, advance=1, active=counts["active"], failed=counts["failed"])
-
-        report = client.deploy(
-            parsed, selector, timeout=timeout, on_start=on_start, on_device=on_device
-        )
-    if as_json:
-        emit_json(deploy_json(report))
-    else:
-        print_deploy(report)
+    policy = Policy.all_at_once().with_changes(stage_timeout_s=timeout)
+    r, _devices = client.create_rollout(parsed, selector, policy, dry_run=False)
+    total = sum(s.devices for s in r.stages)
     err.print(
-        f"{report.ref} rollout {report.rollout_id}: {report.active} of {report.targeted} active, "
-        f"{report.failed} failed"
+        f"rollout {r.rollout_id}: {r.ref} to {total} devices at once "
+        f"(fleet rollouts show {r.rollout_id})"
     )
-    if report.failed:
+    for dev, why in sorted(r.skipped.items()):
+        err.print(f"skipped {dev}: {why}")
+    _r, planned = client.get_rollout(r.rollout_id)
+    ids = tuple(d.device_id for d in planned)
+    offline = sorted(
+        d.device_id for d in client.list_devices(Selector("device", devices=ids)) if not d.online
+    )
+    if offline:
+        more = f" and {len(offline) - 10} more" if len(offline) > 10 else ""
+        err.print(
+            f"offline now: {', '.join(offline[:10])}{more}; their desired state is kept and "
+            "they update when they reconnect"
+        )
+    r = watch_until_outcome(client, r.rollout_id)
+    r, devices = client.get_rollout(r.rollout_id)
+    if as_json:
+        emit_json(rollout_json(r, devices))
+    else:
+        print_plain_deploy(out, r, devices)
+    active = sum(d.state == "active" for d in devices)
+    failed = sum(d.phase == "failed" for d in devices)
+    waiting = sum(d.reason == OFFLINE and d.state != "active" for d in devices)
+    err.print(
+        f"{r.ref} rollout {r.rollout_id}: {active} of {len(devices)} active, {failed} failed"
+        + (f", {waiting} offline (they update when they reconnect)" if waiting else "")
+    )
+    if failed or r.state != "done":
         raise typer.Exit(1)
 
 

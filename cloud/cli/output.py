@@ -15,7 +15,7 @@ from rich.table import Table
 from edgefleet.cloud.registry import ModelSummary, ModelVersion
 
 if TYPE_CHECKING:
-    from edgefleet.cloud.client import DeployReport, FleetStatus
+    from edgefleet.cloud.client import FleetStatus
     from edgefleet.cloud.devices import Device
     from edgefleet.cloud.drift import Alert, DriftRow
 
@@ -343,28 +343,6 @@ def print_alerts(alerts: Sequence[Alert]) -> None:
             _when(a.first_seen_ms),
             _when(a.last_seen_ms),
         )
-    out.print(t)
-
-
-def deploy_json(r: DeployReport) -> dict[str, Any]:
-    return {
-        "rollout_id": r.rollout_id,
-        "ref": r.ref,
-        "targeted": r.targeted,
-        "active": r.active,
-        "failed": r.failed,
-        "bytes_sent": r.bytes_sent,
-        "devices": [asdict(o) for o in r.devices],
-    }
-
-
-def print_deploy(r: DeployReport) -> None:
-    t = Table(box=None, pad_edge=False)
-    for col in ("DEVICE", "VARIANT", "STATE", "REASON"):
-        t.add_column(col)
-    for o in sorted(r.devices, key=lambda o: o.device_id):
-        reason = o.reason if o.ok or not o.detail else f"{o.reason}: {o.detail}"
-        t.add_row(o.device_id, o.variant or "-", o.state, reason or "-")
     out.print(t)
 
 

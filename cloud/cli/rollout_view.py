@@ -230,3 +230,19 @@ def print_rollout(console: Any, r: Rollout, devices: Sequence[RolloutDevice]) ->
 
 def is_final(state: str) -> bool:
     return state in FINAL
+
+
+def print_plain_deploy(console: Any, r: Rollout, devices: Sequence[RolloutDevice]) -> None:
+    """Where each device of a plain deploy ended: DEVICE VARIANT STATE REASON."""
+    t = Table(box=None, pad_edge=False)
+    for col in ("DEVICE", "VARIANT", "STATE", "REASON"):
+        t.add_column(col)
+    for d in sorted(devices, key=lambda d: d.device_id):
+        state = d.state or ("failed" if d.phase == "failed" else "waiting")
+        reason = d.reason or "-"
+        if d.detail and state != "active":
+            reason = f"{reason}: {d.detail}"
+        t.add_row(d.device_id, d.variant, state, reason)
+    for dev, why in sorted(r.skipped.items()):
+        t.add_row(dev, "-", "skipped", why)
+    console.print(t)
