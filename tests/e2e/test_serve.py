@@ -40,8 +40,11 @@ def _env() -> dict[str, str]:
 
 
 @contextmanager
-def fleet_serve(home: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], ServeInfo]]:
-    """`fleet serve` (plus `extra` options) on free loopback ports; yields once serve.json names it."""
+def fleet_serve(
+    home: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], ServeInfo]]:
+    """`fleet serve` (plus `extra` options, `env` variables) on free loopback ports; yields
+    once serve.json names it."""
     serve_json = home / "serve.json"
     proc = subprocess.Popen(
         [
@@ -60,7 +63,7 @@ def fleet_serve(home: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[byte
             *extra,
         ],
         cwd=REPO,
-        env=_env(),
+        env={**_env(), **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
