@@ -146,6 +146,13 @@ def init(
             help="Artifact store to record in config.toml (same as the global --artifacts).",
         ),
     ] = None,
+    s3_endpoint_url: Annotated[
+        str | None,
+        typer.Option(
+            "--s3-endpoint-url",
+            help="S3-compatible endpoint to record in config.toml (same as the global option).",
+        ),
+    ] = None,
 ) -> None:
     """Create FLEET_HOME: config, registry database, artifact store, signing key, API token.
 
@@ -159,6 +166,8 @@ def init(
         state.db_url, state._settings = db_url, None
     if artifacts:
         state.artifacts, state._settings = artifacts, None
+    if s3_endpoint_url:
+        state.s3_endpoint_url, state._settings = s3_endpoint_url, None
     result = LocalClient(settings_of(ctx)).init()
     out.print(f"FLEET_HOME  {result.home}")
     out.print(f"registry    {result.registry}")

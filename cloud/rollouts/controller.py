@@ -475,7 +475,15 @@ class RolloutController:
         issued = await self._refresh(r, issued, "rollback", since=r.updated_at)
         if all(_settled(d) for d in issued):
             now = self.clock()
-            await self._save(r.with_changes(state=ROLLED_BACK, finished_at=now))
+            # each stage's device counts as they are now (not "shadowing" as when it failed)
+            devs = await asyncio.to_thread(self.store.devices, r.rollout_id)
+            stages = tuple(
+                st.with_changes(by_state=_by_state([d for d in devs if d.stage == k]))
+                if st.by_state
+                else st
+                for k, st in enumerate(r.stages)
+            )
+            await self._save(r.with_changes(state=ROLLED_BACK, finished_at=now, stages=stages))
             logger.warning(
                 "rollout %s: rolled back (%d devices) after: %s",
                 r.rollout_id,

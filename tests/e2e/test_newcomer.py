@@ -137,8 +137,9 @@ def test_sim_traffic_gates_a_broken_model_at_the_canary_and_drift_alerts_its_gro
     shown = json.loads(cli(*h, "rollouts", "show", rollout["rollout_id"], "--json").out)
     real_canary = {d["device_id"] for d in shown["devices"] if d["stage"] == 0}
     assert real_canary == planned
-    # the wave never started; every device serves the good version
+    # the wave never started; the canary is counted as it is now, not as "shadowing"
     assert {d["phase"] for d in shown["devices"] if d["stage"] == 1} == {"pending"}
+    assert shown["stages"][0]["by_state"] == {"rolled_back": 3}, shown["stages"][0]
     wait_for(
         "every device back on digits:1",
         lambda: all(d["active"].get("version") == 1 for d in devices()),
