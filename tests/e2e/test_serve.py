@@ -39,6 +39,15 @@ def _env() -> dict[str, str]:
     return env
 
 
+def serve_argv(home: Path, *extra: str) -> list[str]:
+    """`fleet serve` on free loopback ports (MQTT, gRPC, metrics), then `extra` options."""
+    return [
+        *(sys.executable, "-m", "edgefleet.cloud.cli.main", "--home", str(home), "serve"),
+        *("--mqtt-port", "0", "--grpc-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"),
+        *extra,
+    ]
+
+
 @contextmanager
 def fleet_serve(
     home: Path, *extra: str, env: dict[str, str] | None = None
@@ -47,21 +56,7 @@ def fleet_serve(
     once serve.json names it."""
     serve_json = home / "serve.json"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgefleet.cloud.cli.main",
-            "--home",
-            str(home),
-            "serve",
-            "--mqtt-port",
-            "0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            *extra,
-        ],
+        serve_argv(home, *extra),
         cwd=REPO,
         env={**_env(), **(env or {})},
         stdin=subprocess.DEVNULL,

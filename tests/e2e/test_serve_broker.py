@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from edgefleet.cloud.broker import ManagedBroker, find_mosquitto, free_port
 from edgefleet.cloud.config import ServeInfo
 from edgefleet.protos.errors import NotFound
-from tests.e2e.test_serve import REPO, _env, fleet_serve
+from tests.e2e.test_serve import REPO, _env, fleet_serve, serve_argv
 
 try:
     find_mosquitto()
@@ -37,19 +36,7 @@ def home(tmp_path: Path) -> Path:
 
 def serve_fails(home: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edgefleet.cloud.cli.main",
-            "--home",
-            str(home),
-            "serve",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-            *extra,
-        ],
+        serve_argv(home, "--metrics-listen", "off", *extra),
         cwd=REPO,
         env=_env(),
         stdin=subprocess.DEVNULL,
