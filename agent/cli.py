@@ -20,13 +20,31 @@ app = typer.Typer(
     name="fleet-agent",
     help="edgefleet device agent.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from edgefleet import __version__
+
+        sys.stdout.write(f"fleet-agent (edgefleet) {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def _callback(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0) -> None:
+def _callback(
+    verbose: Annotated[
+        int,
+        typer.Option("--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
+    ] = 0,
+    _show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), stream=sys.stderr)
 
 

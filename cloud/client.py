@@ -87,32 +87,6 @@ class EnrollmentBundle:
 
 
 @dataclass(frozen=True)
-class DeviceOutcome:
-    """Where one targeted device ended up after a deploy."""
-
-    device_id: str
-    variant: str
-    state: str  # active | failed | rolled_back | skipped | timeout
-    reason: str
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.state == "active"
-
-
-@dataclass(frozen=True)
-class DeployReport:
-    rollout_id: str
-    ref: str
-    targeted: int
-    active: int
-    failed: int
-    bytes_sent: int
-    devices: tuple[DeviceOutcome, ...]
-
-
-@dataclass(frozen=True)
 class FleetStatus:
     coordinator: str  # HOST:PORT, or "" when none is running
     coordinator_version: str
@@ -120,10 +94,6 @@ class FleetStatus:
     devices: int
     online: int
     by_state: Mapping[str, int]
-
-
-DeployStart = Callable[[str, int], None]  # rollout id, devices targeted
-DeviceDone = Callable[[DeviceOutcome], None]
 
 
 class FleetClient(Protocol):
@@ -169,15 +139,6 @@ class FleetClient(Protocol):
     def enroll_device(
         self, device_id: str, *, group: str, tags: Mapping[str, str]
     ) -> EnrollmentBundle: ...
-    def deploy(
-        self,
-        ref: ModelRef,
-        selector: Selector,
-        *,
-        timeout: float,
-        on_start: DeployStart | None,
-        on_device: DeviceDone | None,
-    ) -> DeployReport: ...
     def status(self) -> FleetStatus: ...
     def create_rollout(
         self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool
@@ -268,19 +229,27 @@ class LocalClient:
         from edgefleet.protos.manifest import key_id
 
         s = self.settings
+        fresh = not s.home_dir.exists()
         try:
             s.home_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise Unavailable(f"cannot create FLEET_HOME {s.home_dir}: {e.strerror}") from None
-        # check the stores before writing anything: a bad URL leaves nothing behind;
-        # an empty database gets the current schema (migrations), an old one is refused
-        Database(s.registry_url).close()
-        store = open_artifact_store(s.artifacts, s3_endpoint_url=s.s3_endpoint_url)
-        store.check()
-        created = not s.signing_key_path.exists()
-        created_root = self.keyring.ensure(passphrase=root_passphrase)
-        created_token = create_token(s.token_path)
-        cfg = write_config(s)
+        try:
+            # check the stores before writing anything: a bad URL leaves nothing behind;
+            # an empty database gets the current schema (migrations), an old one is refused
+            store = open_artifact_store(s.artifacts, s3_endpoint_url=s.s3_endpoint_url)
+            store.check()
+            Database(s.registry_url).close()
+            created = not s.signing_key_path.exists()
+            created_root = self.keyring.ensure(passphrase=root_passphrase)
+            created_token = create_token(s.token_path)
+            cfg = write_config(s)
+        except BaseException:
+            if fresh:  # a failed first init leaves no half-made FLEET_HOME behind
+                import shutil
+
+                shutil.rmtree(s.home_dir, ignore_errors=True)
+            raise
         return InitResult(
             home=s.home_dir,
             created_key=created,
@@ -456,16 +425,6 @@ class LocalClient:
             url,
         )
         return url
-
-    def deploy(self, ref: ModelRef, selector: Selector, **_kw: Any) -> DeployReport:
-        from edgefleet.protos.errors import Unavailable
-
-        raise Unavailable(
-            f"deploy needs a running coordinator: start 'fleet serve' for {self.settings.home_dir} "
-            "or pass --coordinator HOST:PORT"
-        )
-
-    # -- rollouts -----------------------------------------------------------------
 
     def create_rollout(
         self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool

@@ -147,7 +147,23 @@ class ServeInfo:
 
     @classmethod
     def read(cls, path: Path) -> ServeInfo | None:
-        """The file's content if it names a live process, else None."""
+        """The file's content if it names a live coordinator (its pid runs and its gRPC
+        port answers), else None."""
+        info = cls.load(path)
+        if info is None:
+            return None
+        try:
+            os.kill(info.pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+        # a live pid may be another program's now: the coordinator must answer on gRPC
+        return info if info.answers() else None
+
+    @classmethod
+    def load(cls, path: Path) -> ServeInfo | None:
+        """The file's content, alive or not; None when missing or unreadable."""
         try:
             d = json.loads(path.read_text())
             info = cls(
@@ -160,13 +176,20 @@ class ServeInfo:
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        try:
-            os.kill(info.pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass  # alive, another user's
         return info
+
+    def answers(self, timeout: float = 1.0) -> bool:
+        """Whether a gRPC server completes a handshake at `grpc` within `timeout`."""
+        import grpc
+
+        channel = grpc.insecure_channel(self.grpc)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            channel.close()
 
 
 def load_settings(**overrides: Any) -> CloudSettings:

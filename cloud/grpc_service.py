@@ -21,19 +21,16 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
-from edgefleet.cloud.api import DEFAULT_DEPLOY_TIMEOUT, DEPLOY_DEADLINE_MARGIN
 from edgefleet.cloud.api.convert import (
     bundle_to_pb,
     device_to_pb,
-    outcome_to_fields,
     policy_from_pb,
     rollout_to_pb,
     summary_to_pb,
     version_to_pb,
 )
-from edgefleet.cloud.client import DeviceOutcome, LocalClient, coordinator_version
-from edgefleet.cloud.coordinator import FINAL_STATES
-from edgefleet.cloud.devices import Device, DeviceFilter, Selector
+from edgefleet.cloud.client import LocalClient, coordinator_version
+from edgefleet.cloud.devices import DeviceFilter, Selector
 from edgefleet.cloud.registry import ModelRef, ModelVersion
 from edgefleet.cloud.registry.entities import check_model_name, check_stage
 from edgefleet.protos.errors import (
@@ -137,7 +134,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         *,
         advertise_broker: str,
         controller: RolloutController | None = None,
-        default_timeout: float = DEFAULT_DEPLOY_TIMEOUT,
         watch_interval: float = 0.5,
     ) -> None:
         self.local = local
@@ -145,7 +141,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self.controller = controller
         self.watch_interval = watch_interval
         self.advertise_broker = advertise_broker
-        self.default_timeout = default_timeout
 
     # -- models
 
@@ -400,97 +395,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def Deploy(
         self, request: fleet_pb2.DeployRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.Progress]:
+        """Every deploy is a rollout the controller runs (a plain one: `Policy.all_at_once`),
+        stored, listed and watchable; this answers once it is created (WatchRollout follows)."""
         async with _Mapped(context):
             ref = ModelRef.parse(request.ref)
             selector = Selector.parse(request.selector or "all")
-            if request.HasField("policy") or request.dry_run:
-                yield await self._staged(request, ref, selector)
-                return
-            if self.controller is not None:  # not under a rollout's feet
-                found = await asyncio.to_thread(self.local.devices.find, selector)
-                await self.controller.check_free([d.device_id for d in found])
-            remaining = context.time_remaining()
-            timeout = (
-                self.default_timeout
-                if remaining is None
-                else max(1.0, remaining - DEPLOY_DEADLINE_MARGIN)
-            )
-            coord = self.coordinator
-            outcome = await coord.deploy(ref, selector)
-            shas = {t.sha256 for t in outcome.targets}
-            sent_before = sum(coord.broadcaster.stats(s).bytes_sent for s in shas)
-            total = len(outcome.targets) + len(outcome.skipped)
-            yield fleet_pb2.Progress(
-                step="deploy",
-                done=0,
-                total=total,
-                fields={"rollout_id": outcome.rollout_id, "ref": outcome.ref},
-            )
-            results: dict[str, DeviceOutcome] = {}
-
-            def progress(o: DeviceOutcome) -> fleet_pb2.Progress:
-                results[o.device_id] = o
-                return fleet_pb2.Progress(
-                    step="device", done=len(results), total=total, fields=outcome_to_fields(o)
-                )
-
-            for dev, why in outcome.skipped.items():
-                yield progress(DeviceOutcome(dev, "", "skipped", "no_variant", why))
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            devs: dict[str, Device] = {}
-            while len(results) < total and loop.time() < deadline:
-                devs = await coord.wait_settled(
-                    outcome, timeout=min(0.5, max(0.0, deadline - loop.time()))
-                )
-                for t in outcome.targets:
-                    d = devs.get(t.device_id)
-                    if (
-                        t.device_id in results
-                        or d is None
-                        or int(d.reported.get("generation", 0)) < t.generation
-                        or d.state not in FINAL_STATES
-                    ):
-                        continue
-                    yield progress(
-                        DeviceOutcome(
-                            t.device_id,
-                            t.variant,
-                            d.state,
-                            str(d.reported.get("reason", "")),
-                            str(d.reported.get("detail", "")),
-                        )
-                    )
-            for t in outcome.targets:
-                if t.device_id not in results:
-                    d = devs.get(t.device_id)
-                    last = d.state if d is not None else "unknown"
-                    yield progress(
-                        DeviceOutcome(
-                            t.device_id,
-                            t.variant,
-                            "timeout",
-                            last,
-                            f"no final state within {timeout:.0f}s (last reported: {last})",
-                        )
-                    )
-            active = sum(1 for o in results.values() if o.ok)
-            sent = sum(coord.broadcaster.stats(s).bytes_sent for s in shas) - sent_before
-            logger.info(
-                "rollout %s: %s active %d of %d", outcome.rollout_id, outcome.ref, active, total
-            )
-            yield fleet_pb2.Progress(
-                step="done",
-                done=total,
-                total=total,
-                deploy=fleet_pb2.DeployResult(
-                    rollout_id=outcome.rollout_id,
-                    targeted=total,
-                    active=active,
-                    failed=total - active,
-                    bytes_sent=max(0, sent),
-                ),
-            )
+            yield await self._staged(request, ref, selector)
 
 
 async def _in_thread(

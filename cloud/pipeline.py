@@ -435,16 +435,15 @@ class Pipeline:
                     v.sha256,
                 ):
                     raise DataLoss(
-                        f"manifest names {manifest.ref} sha256 {manifest.sha256[:12]}…; registry row is "
-                        f"{mv.ref}/{v.name} sha256 {v.sha256[:12]}…"
+                        f"manifest names {manifest.ref} sha256 {manifest.sha256}; registry row is "
+                        f"{mv.ref}/{v.name} sha256 {v.sha256}"
                     )
                 check_artifact(manifest, self.store.get(v.sha256))
                 results.append(
                     VerifyResult(
                         v.name,
                         True,
-                        f"signature ok (key {signed.key_id}), sha256 {v.sha256[:12]}…, "
-                        f"{v.size} bytes",
+                        f"signature ok (key {signed.key_id}), sha256 {v.sha256}, {v.size} bytes",
                     )
                 )
             except FleetError as e:
@@ -453,7 +452,7 @@ class Pipeline:
             if sha:
                 try:
                     self.store.get(sha)
-                    results.append(VerifyResult(label, True, f"sha256 {sha[:12]}…"))
+                    results.append(VerifyResult(label, True, f"sha256 {sha}"))
                 except FleetError as e:
                     results.append(VerifyResult(label, False, f"{e.kind}: {e}"))
         return mv, results

@@ -27,3 +27,15 @@ def captured_output(tool: str, *, silence: tuple[str, ...] = ()) -> Iterator[Non
     for line in (out.getvalue() + err.getvalue()).splitlines():
         if line.strip():
             logger.debug("%s: %s", tool, line)
+
+
+#: third-party loggers that talk at INFO/WARNING about their own internals
+NOISY_LOGGERS = ("absl", "tensorflow", "h5py", "onnxscript", "torch.onnx", "botocore", "flwr")
+
+
+def quiet_third_party(verbose: int = 0) -> None:
+    """CLI output shows edgefleet's messages only: libraries' loggers at ERROR unless -vv."""
+    if verbose >= 2:
+        return
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -16,24 +16,15 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
-from edgefleet.cloud.api import DEPLOY_DEADLINE_MARGIN
 from edgefleet.cloud.api.convert import (
     bundle_from_pb,
     device_from_pb,
-    outcome_from_fields,
     policy_to_pb,
     rollout_from_pb,
     summary_from_pb,
     version_from_pb,
 )
-from edgefleet.cloud.client import (
-    DeployReport,
-    DeployStart,
-    DeviceDone,
-    DeviceOutcome,
-    EnrollmentBundle,
-    FleetStatus,
-)
+from edgefleet.cloud.client import EnrollmentBundle, FleetStatus
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
 from edgefleet.protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
@@ -236,44 +227,6 @@ class GrpcClient:
                 self._stub.EnrollDevice,
                 fleet_pb2.EnrollDeviceRequest(device_id=device_id, group=group, tags=dict(tags)),
             )
-        )
-
-    def deploy(
-        self,
-        ref: ModelRef,
-        selector: Selector,
-        *,
-        timeout: float,
-        on_start: DeployStart | None = None,
-        on_device: DeviceDone | None = None,
-    ) -> DeployReport:
-        req = fleet_pb2.DeployRequest(ref=str(ref), selector=str(selector))
-        rollout_id, shown_ref = "", str(ref)
-        outcomes: list[DeviceOutcome] = []
-        for p in self._stream(self._stub.Deploy, req, timeout=timeout + DEPLOY_DEADLINE_MARGIN):
-            if p.HasField("deploy"):
-                r = p.deploy
-                return DeployReport(
-                    rollout_id=r.rollout_id,
-                    ref=shown_ref,
-                    targeted=r.targeted,
-                    active=r.active,
-                    failed=r.failed,
-                    bytes_sent=r.bytes_sent,
-                    devices=tuple(outcomes),
-                )
-            if p.step == "deploy":
-                rollout_id = p.fields.get("rollout_id", "")
-                shown_ref = p.fields.get("ref", shown_ref)
-                if on_start is not None:
-                    on_start(rollout_id, int(p.total))
-            elif p.step == "device":
-                o = outcome_from_fields(p.fields)
-                outcomes.append(o)
-                if on_device is not None:
-                    on_device(o)
-        raise FleetError(
-            f"coordinator at {self.address} ended Deploy {rollout_id or ''} without a result"
         )
 
     def status(self) -> FleetStatus:

@@ -92,6 +92,27 @@ async def supervise_broker(
             logger.warning("mosquitto restarted on %s (pid %s)", broker.url, broker.pid)
         except Unavailable as e:
             logger.warning("mosquitto restart failed: %s", e)
+        # a Conflict (another program took the port meanwhile) ends the supervisor: the
+        # coordinator stops rather than talk to a broker it did not start
+
+
+async def _until_shutdown(
+    shutdown: Callable[[], Awaitable[object]], supervisor: asyncio.Task[None] | None
+) -> None:
+    """Return when `shutdown()` does, or when the broker supervisor gave up (its error is
+    raised where the supervisor is awaited)."""
+    waiter = asyncio.ensure_future(shutdown())
+    watched: set[asyncio.Future[Any]] = {waiter}
+    if supervisor is not None:
+        watched.add(supervisor)
+    try:
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+    failed = supervisor is not None and supervisor.done() and not supervisor.cancelled()
+    if failed and supervisor is not None and (e := supervisor.exception()) is not None:
+        logger.error("the managed broker cannot run (%s); stopping the coordinator", e)
 
 
 async def serve(
@@ -259,7 +280,7 @@ async def serve(
                 logger.info("FleetService on %s; broker %s", info.grpc, broker_url)
                 if on_ready is not None:
                     on_ready(info)
-                await shutdown()
+                await _until_shutdown(shutdown, supervisor)
                 logger.info("shutting down: draining calls for up to %.0fs", graceful_timeout)
                 await server.stop(graceful_timeout)
                 server = None
@@ -279,7 +300,7 @@ async def serve(
             await watcher
         if broker is not None:
             await asyncio.to_thread(broker.stop)
-        current = ServeInfo.read(settings.serve_path)
+        current = ServeInfo.load(settings.serve_path)
         if current is not None and current.pid == os.getpid():
             settings.serve_path.unlink(missing_ok=True)
         local.close()

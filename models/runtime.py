@@ -7,9 +7,14 @@ a device with only LiteRT never imports onnxruntime, and the other way round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,6 +32,42 @@ _NP_DTYPES = {
     "tensor(int32)": "int32",
     "tensor(int64)": "int64",
 }
+
+
+#: lines native runtimes write to stderr on their own that say nothing to an operator
+_NATIVE_BANNERS = ("Created TensorFlow Lite XNNPACK delegate",)
+_native_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_native_banners() -> Iterator[None]:
+    """Hold back LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." banner.
+
+    The C++ runtime writes it straight to file descriptor 2 (no log level turns it off),
+    into the middle of progress bars. Whatever else reaches fd 2 meanwhile is written
+    back afterwards; the banner is logged at debug level instead.
+    """
+    with _native_lock:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no real fd 2 (embedded interpreter): nothing to do
+            yield
+            return
+        with tempfile.TemporaryFile() as buf:
+            os.dup2(buf.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                buf.seek(0)
+                for line in buf.read().decode(errors="replace").splitlines(keepends=True):
+                    if any(b in line for b in _NATIVE_BANNERS):
+                        logger.debug("runtime: %s", line.strip())
+                    else:
+                        sys.stderr.write(line)
+                sys.stderr.flush()
 
 
 class ModelSession(ABC):
@@ -119,8 +160,9 @@ class LiteRtSession(ModelSession):
     def __init__(self, model: bytes, *, threads: int = 0) -> None:
         Interpreter = _litert_interpreter()
         try:
-            self._interp = Interpreter(model_content=model, num_threads=threads or None)
-            self._interp.allocate_tensors()
+            with quiet_native_banners():
+                self._interp = Interpreter(model_content=model, num_threads=threads or None)
+                self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise InvalidArgument(f"LiteRT cannot load this model: {_first_line(e)}") from e
         self.provider = "CPU"

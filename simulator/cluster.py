@@ -81,6 +81,7 @@ class SimCluster:
         connect_timeout: float = 120.0,
         log_level: str = "WARNING",
         credentials: Mapping[str, str] | None = None,
+        telemetry_interval: float = 10.0,
     ) -> None:
         self.profile = parse_profile(profile)
         self.enrollments = plan(n, self.profile, seed=seed, id_prefix=id_prefix)
@@ -103,6 +104,7 @@ class SimCluster:
             "batch_size": batch_size,
             "connect_timeout": connect_timeout,
             "log_level": log_level,
+            "telemetry_interval": telemetry_interval,
         }
         #: device id -> MQTT password (username = device id); each worker gets its share
         #: in a 0600 file (never on a command line)
@@ -267,6 +269,10 @@ class SimCluster:
             out.update(w.snapshot.get("versions", {}))
         return out
 
+    def predictions(self) -> int:
+        """Live predictions made so far by the running traffic (`traffic`, `partition_traffic`)."""
+        return sum(int(w.snapshot.get("predictions", 0)) for w in self._workers)
+
     def online(self) -> int:
         return sum(int(w.snapshot.get("online", 0)) for w in self._workers)
 
@@ -323,10 +329,40 @@ class SimCluster:
         if errors:
             raise InvalidArgument(f"simulator {cmd}: {'; '.join(errors)}")
 
-    async def traffic(self, data: Path, *, rate: float, seed: int = 0) -> None:
-        """Live predictions (with labels, when `data` has y) on every device: `data` is an
-        .npz with X (and y); `rate` per device per second, 0 stops them."""
-        await self.command("traffic", self.ids(), data=str(data), rate=rate, seed=seed)
+    async def traffic(
+        self, data: Path, *, rate: float, seed: int = 0, labelled: float = 1.0
+    ) -> None:
+        """Live predictions on every device from one shared set: `data` is an .npz with X
+        (and y); `rate` per device per second, 0 stops them; `labelled` share with labels."""
+        await self.command(
+            "traffic", self.ids(), data=str(data), rate=rate, seed=seed, labelled=labelled
+        )
+
+    async def partition_traffic(
+        self,
+        *,
+        rate: float,
+        labelled: float = 1.0,
+        dataset: str = "digits",
+        alpha: float = 10.0,
+        seed: int = 0,
+    ) -> None:
+        """Live predictions on every device from its own non-IID partition of `dataset`
+        (the same split whatever the number of processes); `rate` 0 stops them."""
+        if rate < 0:
+            raise InvalidArgument(f"--traffic {rate:g}: predictions per second per device, >= 0")
+        if not 0.0 <= labelled <= 1.0:
+            raise InvalidArgument(f"--labelled {labelled:g}: a share between 0 and 1, e.g. 0.5")
+        await self.command(
+            "traffic",
+            self.ids(),
+            rate=rate,
+            labelled=labelled,
+            dataset=dataset,
+            alpha=alpha,
+            seed=seed,
+            total=self.n,
+        )
 
     async def drop_link(self, ids: str | Iterable[str]) -> None:
         await self.command("drop_link", ids)
@@ -355,7 +391,7 @@ class SimCluster:
 
     async def inject(self, fault: Fault, *, seed: int = 0) -> list[str]:
         """Apply one fault of a plan now; returns the devices it hit."""
-        ids = fault.pick(self.ids(), seed)
+        ids = fault.pick(self.ids(), seed, groups={e.device_id: e.group for e in self.enrollments})
         if fault.kind == "corrupt":
             await self.corrupt_next_chunks(ids, int(fault.arg))
         elif fault.kind == "lose":

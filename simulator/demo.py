@@ -1,197 +1,208 @@
-"""`make demo`: the main job, start to finish, on embedded defaults, then cleanup.
+"""`make demo`: the product's story in about a minute, on embedded defaults.
 
-A fresh FLEET_HOME under .demo/ (SQLite, file:// store, new signing key): train
-and quantize the digits CNN, start a coordinator with its own Mosquitto on
-loopback, start 20 simulated devices with mixed hardware profiles (real agent
-code), deploy, watch them activate, run predictions through one device's local
-gRPC API and compare on-device accuracy with the cloud's. Lives in `simulator`
-because it drives both sides; `cloud` and `agent` still never import each other.
+A fresh FLEET_HOME under .demo/ (SQLite, file:// store, new signing key). Train and
+quantize the digits model (digits:1), train a better one (digits:2) and a broken one on
+shuffled labels (digits:3); start a real coordinator (`fleet serve`, with its own Mosquitto
+on loopback); enrol 20 simulated devices (real agent code, three hardware groups) through
+it and send live traffic through each device's model from its own data; then, through the
+same CLI an operator uses:
+
+1. a plain deploy of digits:1 to every device;
+2. digits:2 through a canary and two waves, each baked on live traffic and gated on
+   on-device accuracy;
+3. digits:3 stopped at the canary by that gate, the fleet left on digits:2;
+4. the live inputs of one group drift; that group's drift alert opens, no other.
+
+Lives in `simulator` because it drives both sides; `cloud` and `agent` still never
+import each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 DEVICES = 20
+PROFILE = "cpu,gpu,npu"  # groups cpu, gpu, npu
+DRIFTED = "npu"
+GATE = ("--canary", "10%", "--waves", "50%,100%", "--bake", "4s", "--min-accuracy", "0.8")
+
+logger = logging.getLogger(__name__)
 
 
-def step(title: str) -> None:
-    sys.stderr.write(f"\n\033[1m== {title}\033[0m\n" if sys.stderr.isatty() else f"\n== {title}\n")
+def say(text: str) -> None:
+    bold = sys.stderr.isatty()
+    sys.stderr.write(f"\n\033[1m{text}\033[0m\n" if bold else f"\n{text}\n")
+    sys.stderr.flush()
 
 
-def pipeline(home: Path, root: Path) -> int:
+def fleet(home: Path, *args: str, quiet: bool = False, shown: bool = True) -> tuple[int, str]:
+    """`fleet --home HOME ARGS…` in this process, shown as the operator would type it
+    (unless not `shown`); with `quiet` its stdout is kept (and returned), not printed."""
     from edgefleet.cloud.cli.main import run
 
-    h = ["--home", str(home)]
-    steps = [
-        ("fleet init", [*h, "init"]),
-        (
-            "fleet train --model digits --arch cnn",
-            [*h, "train", "--model", "digits", "--arch", "cnn"],
-        ),
-        ("fleet quantize digits:1", [*h, "quantize", "digits:1"]),
-        ("fleet models show digits:1", [*h, "models", "show", "digits:1"]),
-        ("fleet models verify digits:1", [*h, "models", "verify", "digits:1"]),
-    ]
-    for title, argv in steps:
-        step(title)
-        code = run(argv)
-        if code != 0:
-            sys.stderr.write(f"demo: '{title}' failed with exit code {code}\n")
-            return code
-    return 0
+    if shown:
+        say("$ fleet " + " ".join(args))
+    if not quiet:
+        return run(["--home", str(home), *args]), ""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = run(["--home", str(home), *args])
+    return code, buf.getvalue()
 
 
-async def fleet(home: Path, root: Path) -> int:
-    import grpc
+def build(home: Path, root: Path) -> None:
     import numpy as np
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
-    from edgefleet.agent.serde import decode_predict_response, encode_predict_request
-    from edgefleet.cloud.broker import ManagedBroker
-    from edgefleet.cloud.client import LocalClient
-    from edgefleet.cloud.config import load_settings
-    from edgefleet.cloud.coordinator import Coordinator
-    from edgefleet.cloud.devices import DeviceStore, Selector
-    from edgefleet.cloud.evaluation import EvalSet
-    from edgefleet.cloud.identity import BrokerAuth, write_broker_material
-    from edgefleet.cloud.registry import ModelRef
-    from edgefleet.cloud.signing import load_private_key
-    from edgefleet.protos.fleet.v1 import inference_pb2_grpc
-    from edgefleet.protos.topics import Topics
-    from edgefleet.protos.transport import MqttAccess
-    from edgefleet.simulator.fleet import SimulatedFleet
+    from edgefleet.models.data import load_dataset
 
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
-    settings = load_settings(home=home)
-    client = LocalClient(settings)
-    devices = DeviceStore(settings.registry_url)
-    broker_dir = root / "broker"
-    broker_dir.mkdir(parents=True)
-    broker_dir.chmod(0o777)
-    step("coordinator: Mosquitto on loopback (identities on) + MQTT coordinator")
-
-    def material() -> BrokerAuth:
-        return write_broker_material(client.identities, broker_dir / "auth", topics=Topics())
-
-    own = client.identities.coordinator()
-    with ManagedBroker(broker_dir, auth=material()) as broker:
-        err.print(f"broker {broker.url} (anonymous access off)")
-        async with Coordinator(
-            broker_url=MqttAccess(
-                broker.coordinator_url, username=own.username, password=own.password
-            ),
-            registry=client.registry,
-            store=client.pipeline.store,
-            devices=devices,
-            signing_key=lambda: load_private_key(settings.signing_key_path),
-            chunk_size=16 * 1024,
-        ) as coord:
-            step(f"{DEVICES} simulated devices (mixed profiles: cpu, gpu, npu, litert)")
-            sim = SimulatedFleet(
-                DEVICES,
-                broker_url=broker.url,
-                public_key_pem=settings.public_key_path.read_text(),
-                state_root=root / "devices",
-                profile="mixed",
-                seed=0,
-                id_prefix="demo",
-                listen_first=True,
-            )
-            passwords: dict[str, str] = {}
-            for e in sim.ids_for_enrollment():
-                b = client.enroll_device(e.device_id, group=e.group, tags=e.tags)
-                passwords[e.device_id] = b.password or ""
-            sim.credentials = passwords
-            material()
-            broker.reload()  # the new devices' credentials
-            async with sim:
-                while len(await asyncio.to_thread(devices.find, online=True)) < DEVICES:
-                    await asyncio.sleep(0.1)
-                err.print(f"{DEVICES} devices online: {dict(sorted(sim_profiles(sim).items()))}")
-                step("fleet deploy digits:1 --to all")
-                outcome = await coord.deploy(ModelRef("digits", 1), Selector.parse("all"))
-                with Progress(
-                    TextColumn("devices active"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeElapsedColumn(),
-                    console=err,
-                ) as bar:
-                    task = bar.add_task("deploy", total=len(outcome.targets))
-                    async with asyncio.timeout(120):
-                        while True:
-                            states = sim.states()
-                            bar.update(task, completed=states.get("active", 0))
-                            if states.get("active", 0) + states.get("failed", 0) >= len(
-                                outcome.targets
-                            ):
-                                break
-                            await asyncio.sleep(0.1)
-                settled = await coord.wait_settled(outcome, timeout=30)
-                t = Table(box=None, pad_edge=False)
-                for col in ("DEVICE", "PROFILE", "VARIANT", "STATE", "PROVIDER"):
-                    t.add_column(col)
-                for tg in outcome.targets:
-                    d = settled[tg.device_id]
-                    t.add_row(
-                        tg.device_id,
-                        d.group,
-                        tg.variant,
-                        d.state,
-                        str(d.reported.get("provider", "")),
-                    )
-                out.print(t)
-                sent = sum(
-                    coord.broadcaster.stats(s).bytes_sent
-                    for s in {x.sha256 for x in outcome.targets}
-                )
-                size = sum(
-                    coord.broadcaster.stats(s).size for s in {x.sha256 for x in outcome.targets}
-                )
-                err.print(
-                    f"coordinator sent {sent:,} bytes for {len({x.sha256 for x in outcome.targets})} "
-                    f"artifacts of {size:,} bytes to {len(outcome.targets)} devices"
-                )
-                step("predictions through one device's local gRPC API")
-                first = sim.devices[0]
-                mv = client.registry.get_version(ModelRef("digits", 1))
-                assert mv.evalset_sha256
-                ev = EvalSet.from_bytes(client.pipeline.store.get(mv.evalset_sha256))
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as ch:
-                    stub = inference_pb2_grpc.InferenceServiceStub(ch)
-                    resp = decode_predict_response(await stub.Predict(encode_predict_request(ev.x)))
-                assert resp.model is not None and ev.y is not None
-                on_device = float((np.asarray(resp.output).argmax(1) == ev.y).mean())
-                cloud = mv.variant(resp.model.variant).accuracy
-                out.print(f"{first.device_id} serves {resp.model} ({first.profile.name} profile)")
-                out.print(
-                    f"on-device accuracy {on_device:.2%} on {len(ev.x)} holdout digits; "
-                    f"cloud evaluation of {resp.model.variant}: {cloud:.2%}"
-                )
-                failed = [
-                    tg.device_id
-                    for tg in outcome.targets
-                    if settled[tg.device_id].state != "active"
-                ]
-    devices.close()
-    client.close()
-    if failed:
-        sys.stderr.write(f"demo: {len(failed)} devices did not activate: {', '.join(failed)}\n")
-        return 1
-    return 0
+    ds = load_dataset("digits")
+    shuffled = root / "digits-shuffled-labels.npz"
+    np.savez(shuffled, X=ds.x, y=np.random.default_rng(0).permutation(ds.y))
+    steps: list[tuple[Sequence[str], bool]] = [
+        (("init",), True),
+        (("train", "--model", "digits", "--arch", "mlp", "--epochs", "6"), True),
+        (("quantize", "digits:1", "--variants", "int8,fp16"), False),
+        (("train", "--model", "digits", "--arch", "mlp", "--epochs", "10", "--seed", "1"), True),
+        (("train", "--model", "digits", "--data", str(shuffled), "--epochs", "2"), True),
+    ]
+    for args, quiet in steps:
+        code, _out = fleet(home, *args, quiet=quiet)
+        if code:
+            raise SystemExit(f"demo: 'fleet {' '.join(args)}' failed with exit code {code}")
+    sys.stderr.write(
+        "digits:1 and digits:2 are good; digits:3 learnt shuffled labels (about 10% accurate)\n"
+    )
 
 
-def sim_profiles(sim: object) -> dict[str, int]:
+def start_coordinator(home: Path) -> tuple[subprocess.Popen[bytes], Any]:
+    from edgefleet.cloud.config import ServeInfo
+
+    say("$ fleet serve   (coordinator + its own Mosquitto on loopback, free ports)")
+    env = {**os.environ, "FLEET_DRIFT_INTERVAL": "2", "FLEET_DRIFT_WINDOW": "20"}
+    log = (home / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "edgefleet.cloud.cli.main", "--home", str(home), "serve"),
+            *("--mqtt-port", "0", "--grpc-listen", "127.0.0.1:0", "--metrics-listen", "off"),
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: fleet serve exited; see {home / 'serve.log'}")
+        info = ServeInfo.read(home / "serve.json")
+        if info is not None and info.pid == proc.pid:
+            sys.stderr.write(f"FleetService on {info.grpc}; broker {info.broker_url}\n")
+            return proc, info
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"demo: fleet serve did not start; see {home / 'serve.log'}")
+
+
+def versions(home: Path) -> dict[str, int]:
     from collections import Counter
 
-    return dict(Counter(d.profile.name for d in sim.devices))  # type: ignore[attr-defined]
+    code, out = fleet(home, "devices", "ls", "--json", quiet=True, shown=False)
+    if code:
+        return {}
+    return dict(
+        Counter(f"digits:{d['active'].get('version', '-')}" for d in json.loads(out) if d["online"])
+    )
+
+
+async def story(home: Path, root: Path, info: Any) -> int:
+    from edgefleet.cloud.cli.sim import _enroll
+    from edgefleet.cloud.client import read_token
+    from edgefleet.cloud.remote import GrpcClient
+    from edgefleet.simulator.cluster import SimCluster
+    from edgefleet.simulator.plan import plan
+
+    say(
+        f"$ fleet sim --devices {DEVICES} --profile {PROFILE} --traffic 10   "
+        "(real agents; each predicts on its own data)"
+    )
+    planned = plan(DEVICES, PROFILE, id_prefix="demo")
+    client = GrpcClient(info.grpc, read_token(home / "keys" / "token"))
+    try:
+        shared = _enroll(client, planned, root / "devices")
+    finally:
+        client.close()
+    sim = SimCluster(
+        DEVICES,
+        broker_url=shared["broker_url"],
+        public_key_pem=shared["signing_public_key"],
+        state_root=root / "devices",
+        profile=PROFILE,
+        topic_prefix=shared["topic_prefix"],
+        id_prefix="demo",
+        telemetry_interval=2.0,
+        processes=1,
+    )
+    async with sim:
+        await sim.partition_traffic(rate=10, labelled=1.0)
+        groups: dict[str, int] = {}
+        for e in planned:
+            groups[e.group] = groups.get(e.group, 0) + 1
+        sys.stderr.write(
+            f"{sim.online()} devices online: "
+            + ", ".join(f"{n} {g}" for g, n in sorted(groups.items()))
+            + "\n"
+        )
+
+        async def cli(*args: str, quiet: bool = False, shown: bool = True) -> tuple[int, str]:
+            return await asyncio.to_thread(fleet, home, *args, quiet=quiet, shown=shown)
+
+        code, _ = await cli("deploy", "digits:1", "--to", "all", quiet=True)
+        if code:
+            return code
+        code, _ = await cli("deploy", "digits:2", "--to", "all", *GATE)
+        if code:
+            sys.stderr.write("demo: the good version did not roll out\n")
+            return code
+        code, _ = await cli("deploy", "digits:3", "--to", "all", *GATE)
+        if code != 1:
+            sys.stderr.write("demo: the broken version was not stopped at the canary\n")
+            return 1
+        on = await asyncio.to_thread(versions, home)
+        sys.stderr.write(f"the quality gate stopped digits:3 at the canary; devices serve {on}\n")
+        if on != {"digits:2": DEVICES}:
+            return 1
+
+        drifted = [e.device_id for e in planned if e.group == DRIFTED]
+        say(
+            f"(simulator) the {DRIFTED} group's sensors drift: live inputs x + 4 on "
+            f"{len(drifted)} devices"
+        )
+        await sim.drift(drifted, shift=4.0)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            code, out = await cli("alerts", "--json", quiet=True, shown=False)
+            subjects = {a["subject"] for a in json.loads(out or "[]") if a["scope"] == "group"}
+            if subjects:
+                break
+            await asyncio.sleep(2)
+        await cli("alerts")
+        if subjects != {DRIFTED}:
+            sys.stderr.write(f"demo: expected a drift alert for group {DRIFTED} only\n")
+            return 1
+    return 0
 
 
 def main() -> int:
@@ -200,15 +211,35 @@ def main() -> int:
     )
     root = Path(".demo").resolve()
     shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
     home = root / "home"
-    code = pipeline(home, root)
+    start = time.monotonic()
+    build(home, root)
+    proc, info = start_coordinator(home)
+    try:
+        code = asyncio.run(story(home, root, info))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    took = time.monotonic() - start
     if code:
+        sys.stderr.write(f"\ndemo FAILED after {took:.0f}s; logs in {root}\n")
         return code
-    code = asyncio.run(fleet(home, root))
     sys.stderr.write(
-        f"\ndemo {'done' if code == 0 else 'FAILED'}: state in {root} (delete it to clean up)\n"
+        f"\ndemo done in {took:.0f}s; state in {root} (delete it to clean up). Try next:\n"
+        f"  export FLEET_HOME={home}\n"
+        "  fleet rollouts ls                       # the three deploys, stored\n"
+        "  fleet models show digits:1              # variants: size, accuracy, latency\n"
+        "  fleet serve &                           # the coordinator again; in another shell:\n"
+        "  fleet sim --devices 20 --profile cpu,gpu --traffic 10 --faults 'drift:group=gpu@60s=4'\n"
+        "  fleet deploy digits:2 --to all --canary 10% --bake 10s --min-accuracy 0.9 --dry-run\n"
+        "  fleet drift --by group                  # PSI per group; fleet alerts after a minute\n"
     )
-    return code
+    return 0
 
 
 if __name__ == "__main__":

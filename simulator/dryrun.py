@@ -223,17 +223,23 @@ async def _simulate(
             while len(await asyncio.to_thread(dev_store.find, online=True)) < devices:
                 await asyncio.sleep(0.2)
             progress(f"devices online in {result.startup_s:.1f}s; installing baseline {base.ref}")
-            t1 = time.monotonic()
-            out = await coord.deploy(ModelRef(base.model, base.version), everyone)
-            await coord.wait_settled(out, timeout=300)
-            result.baseline_s = time.monotonic() - t1
             controller = RolloutController(coord, rollouts)
             task = asyncio.create_task(controller.run())
             data = tmp / "traffic.npz"
             arrays: dict[str, Any] = {"X": ev.x} if ev.y is None else {"X": ev.x, "y": ev.y}
             np.savez(data, **arrays)
-            await fleet.traffic(data, rate=rate)
             try:
+                t1 = time.monotonic()
+                # the baseline is a plain deploy: a one-stage rollout like any other
+                first, _devs = await controller.create(
+                    ModelRef(base.model, base.version), everyone, Policy.all_at_once()
+                )
+                done = await _follow(rollouts, first.rollout_id, lambda _line: None)
+                if done.state != "done":
+                    raise InvalidArgument(f"the simulated devices could not install {base.ref}")
+                await _until_all_on(fleet, base.ref, devices, timeout=300)
+                result.baseline_s = time.monotonic() - t1
+                await fleet.traffic(data, rate=rate)
                 t2 = time.monotonic()
                 r, _devs = await controller.create(ref, everyone, policy)
                 progress(f"rollout {r.rollout_id}: {policy.describe()}")

@@ -10,7 +10,8 @@ Each item is ``KIND[:WHO][@WHEN][=ARG]``:
   ``slow_link`` (chunk downlink capped at ARG, e.g. ``64kB/s``, ``1MB/s``),
   ``drift`` (live inputs become ``x * SCALE + SHIFT``; ARG ``SHIFT``, ``xSCALE`` or
   ``SHIFTxSCALE``, e.g. ``=4``, ``=x1.5``, ``=2x0.5``; default ``=4``).
-- WHO: a device count (``3``) or a share of the fleet (``10%``); default 1 device.
+- WHO: a device count (``3``), a share of the fleet (``10%``), or every device of a
+  group (``group=gpu``; simulated devices are grouped by profile); default 1 device.
 - WHEN: seconds after the fleet is up (``5s``, ``500ms``, ``2m``); default 0.
 
 Devices are picked deterministically from the seed, so a plan repeats.
@@ -20,18 +21,19 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from edgefleet.protos.errors import InvalidArgument
 
 KINDS = ("drop_link", "crash", "restart", "corrupt", "lose", "slow_link", "drift")
 _ITEM = re.compile(
-    r"^(?P<kind>[a-z_]+)(?::(?P<who>\d+%?))?(?:@(?P<when>[\d.]+(?:ms|s|m)?))?(?:=(?P<arg>.+))?$"
+    r"^(?P<kind>[a-z_]+)(?::(?P<who>\d+%?|group=[\w.-]+))?"
+    r"(?:@(?P<when>[\d.]+(?:ms|s|m)?))?(?:=(?P<arg>.+))?$"
 )
 _RATE = re.compile(r"^(?P<n>[\d.]+)\s*(?P<unit>[kKmM]?)(?:B|b)?(?:/s)?$")
 _ACCEPTED = (
-    "accepted: KIND[:COUNT|PCT%][@SECONDS][=ARG] with KIND one of "
+    "accepted: KIND[:COUNT|PCT%|group=G][@SECONDS][=ARG] with KIND one of "
     + ", ".join(KINDS)
     + ' (e.g. "drop_link:10%@5s,slow_link:5%=64kB/s,crash:2@10s,corrupt:1=3")'
 )
@@ -40,7 +42,7 @@ _ACCEPTED = (
 @dataclass(frozen=True)
 class Fault:
     kind: str
-    who: str  # "3" or "10%"
+    who: str  # "3", "10%" or "group=gpu"
     at: float  # seconds after start
     arg: (
         float  # corrupt: chunks; slow_link: bytes/s; crash: reboot after s (<0 never); drift: shift
@@ -48,12 +50,27 @@ class Fault:
     scale: float = 1.0  # drift: input scale
 
     def count(self, fleet_size: int) -> int:
+        if self.who.startswith("group="):
+            raise InvalidArgument(f"fault {self.kind}:{self.who} names a group, not a count")
         if self.who.endswith("%"):
             return max(1, round(fleet_size * float(self.who[:-1]) / 100))
         return min(int(self.who), fleet_size)
 
-    def pick(self, ids: Sequence[str], seed: int) -> list[str]:
-        """The devices this fault hits (deterministic for a seed and fault)."""
+    def pick(
+        self, ids: Sequence[str], seed: int, *, groups: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """The devices this fault hits (deterministic for a seed and fault); `groups` maps
+        device ids to their group, for ``group=G``."""
+        if self.who.startswith("group="):
+            name = self.who.removeprefix("group=")
+            hit = sorted(i for i in ids if (groups or {}).get(i) == name)
+            if not hit:
+                known = ", ".join(sorted(set((groups or {}).values()))) or "none"
+                raise InvalidArgument(
+                    f"fault {self.kind}:{self.who}: no simulated device in group {name!r}; "
+                    f"groups: {known}"
+                )
+            return hit
         rng = random.Random(f"{seed}:{self.kind}:{self.who}:{self.at}")
         return sorted(rng.sample(list(ids), self.count(len(ids))))
 

@@ -152,7 +152,8 @@ MIXES: dict[str, Mix] = {MIXED.name: MIXED}
 
 
 def parse_profile(spec: str | Profile | Mix) -> Profile | Mix:
-    """A built-in profile or mix by name ("cpu", "gpu", "npu", "litert", "armv7", "mixed")."""
+    """A built-in profile or mix by name ("cpu", "gpu", "npu", "litert", "armv7", "mixed"),
+    or built-in profiles in equal shares ("cpu,gpu")."""
     if isinstance(spec, (Profile, Mix)):
         return spec
     key = spec.strip().lower()
@@ -160,13 +161,17 @@ def parse_profile(spec: str | Profile | Mix) -> Profile | Mix:
         return PROFILES[key]
     if key in MIXES:
         return MIXES[key]
+    names = [n.strip() for n in key.split(",")]
+    if len(names) > 1 and all(n in PROFILES for n in names) and len(set(names)) == len(names):
+        # "cpu,gpu": those profiles in equal shares
+        return Mix(",".join(names), tuple((PROFILES[n], 1.0) for n in names))
     raise InvalidArgument(
         f"device profile {spec!r} is unknown; accepted: {', '.join(accepted_profiles())}"
     )
 
 
 def accepted_profiles() -> Sequence[str]:
-    return [*MIXES, *PROFILES]
+    return [*MIXES, *PROFILES, "P1,P2,… (equal shares)"]
 
 
 def _check_count(n: int) -> None:

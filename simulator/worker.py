@@ -47,6 +47,7 @@ def _snapshot(fleet: Any) -> dict[str, Any]:
         "online": fleet.online(),
         "boots": sum(d.boots for d in fleet.devices),
         "versions": dict(fleet.active_versions()),
+        "predictions": sum(t.predictions for t in _traffic),
     }
 
 
@@ -99,8 +100,9 @@ async def _apply(fleet: Any, cmd: dict[str, Any]) -> None:
 
 
 def _start_traffic(fleet: Any, ids: list[str], cmd: dict[str, Any]) -> None:
-    """Live predictions on these devices from an .npz (X, y), `rate` per device per second;
-    rate 0 stops them."""
+    """Live predictions on these devices, `rate` per device per second (0 stops them), a
+    `labelled` share with labels; rows from an .npz (X, y) in `data`, or, with
+    `dataset`, from each device's own partition of that dataset (`partitions`)."""
     import numpy as np
 
     from edgefleet.simulator.traffic import Traffic
@@ -111,11 +113,43 @@ def _start_traffic(fleet: Any, ids: list[str], cmd: dict[str, Any]) -> None:
     rate = float(cmd.get("rate", 0))
     if rate <= 0:
         return
-    with np.load(str(cmd["data"]), allow_pickle=False) as z:
-        x, y = z["X"], (z["y"] if "y" in z.files else None)
-    traffic = Traffic([fleet.device(i) for i in ids], x, y, rate=rate, seed=int(cmd.get("seed", 0)))
+    devices = [fleet.device(i) for i in ids]
+    seed = int(cmd.get("seed", 0))
+    labelled = float(cmd.get("labelled", 1.0))
+    if cmd.get("dataset"):
+        parts = partitions(
+            str(cmd["dataset"]),
+            ids,
+            total=int(cmd["total"]),
+            alpha=float(cmd.get("alpha", 0.5)),
+            seed=seed,
+        )
+        traffic = Traffic.from_partitions(devices, parts, rate=rate, labelled=labelled, seed=seed)
+    else:
+        with np.load(str(cmd["data"]), allow_pickle=False) as z:
+            x, y = z["X"], (z["y"] if "y" in z.files else None)
+        traffic = Traffic(devices, x, y, rate=rate, labelled=labelled, seed=seed)
     traffic.start()
     _traffic.append(traffic)
+
+
+def partitions(
+    dataset: str, ids: list[str], *, total: int, alpha: float, seed: int
+) -> dict[str, tuple[Any, Any]]:
+    """Each device's own rows: `dataset` split over the whole fleet of `total` devices with
+    Dirichlet(alpha) label skew (`simulator.data.partition`, the same split in every worker
+    process); device PREFIX-NNNN takes part NNNN (modulo the parts, past one per sample)."""
+    from edgefleet.models.data import load_dataset
+    from edgefleet.simulator.data import partition
+
+    ds = load_dataset(dataset)
+    k = min(total, len(ds.y))
+    parts = partition(ds.x, ds.y, k, alpha=alpha, seed=seed)
+    out: dict[str, tuple[Any, Any]] = {}
+    for dev in ids:
+        idx = parts[int(dev.rsplit("-", 1)[1]) % k]
+        out[dev] = (ds.x[idx], ds.y[idx])
+    return out
 
 
 async def _commands(fleet: Any, stop: asyncio.Event) -> None:

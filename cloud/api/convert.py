@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
-from edgefleet.cloud.client import DeviceOutcome, EnrollmentBundle
+from edgefleet.cloud.client import EnrollmentBundle
 from edgefleet.cloud.devices import Device, Selector
 from edgefleet.cloud.fl.federation import FlEnrollment, RunRequest
 from edgefleet.cloud.fl.store import FlRun
@@ -292,26 +292,6 @@ def bundle_from_pb(m: fleet_pb2.EnrollmentBundle) -> EnrollmentBundle:
         ca_certificate=m.ca_certificate.decode() or None,
         client_certificate=m.client_certificate.decode() or None,
         client_key=m.client_key.decode() or None,
-    )
-
-
-def outcome_to_fields(o: DeviceOutcome) -> dict[str, str]:
-    return {
-        "device": o.device_id,
-        "variant": o.variant,
-        "state": o.state,
-        "reason": o.reason,
-        "detail": o.detail,
-    }
-
-
-def outcome_from_fields(f: Mapping[str, str]) -> DeviceOutcome:
-    return DeviceOutcome(
-        device_id=f.get("device", ""),
-        variant=f.get("variant", ""),
-        state=f.get("state", ""),
-        reason=f.get("reason", ""),
-        detail=f.get("detail", ""),
     )
 
 

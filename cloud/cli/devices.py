@@ -11,7 +11,10 @@ import typer
 
 from edgefleet.cloud.cli.context import client_of
 
-app = typer.Typer(help="Enrolled devices: state, capabilities, enrolment.", no_args_is_help=True)
+app = typer.Typer(
+    help="Enrolled devices: state, capabilities, enrolment.",
+    no_args_is_help=True,
+)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 

@@ -82,6 +82,8 @@ def enroll_fl(ctx: typer.Context, device_id: str) -> FlEnrollment:
 
 
 def run_json(r: FlRun) -> dict[str, Any]:
+    from edgefleet.cloud.cli.output import iso_utc
+
     return {
         "run_id": r.run_id,
         "model": r.model,
@@ -97,8 +99,8 @@ def run_json(r: FlRun) -> dict[str, Any]:
         "result": r.result,
         "deploy": dict(r.deploy),
         "config": dict(r.config),
-        "created_at": r.created_at.isoformat(),
-        "finished_at": r.finished_at.isoformat() if r.finished_at else None,
+        "created_at": iso_utc(r.created_at),
+        "finished_at": iso_utc(r.finished_at),
     }
 
 

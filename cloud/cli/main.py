@@ -31,7 +31,6 @@ app = typer.Typer(
     name="fleet",
     help="edgefleet: train, quantize, sign and ship models to device fleets.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 app.add_typer(models_cli.app, name="models")
@@ -46,15 +45,32 @@ app.command("drift")(drift_cli.drift)
 app.command("alerts")(drift_cli.alerts)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from edgefleet import __version__
+
+        sys.stdout.write(f"fleet (edgefleet) {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_callback(
     ctx: typer.Context,
+    _show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the edgefleet version and exit.",
+        ),
+    ] = False,
     home: Annotated[
         Path | None,
         typer.Option(
             "--home",
             envvar="FLEET_HOME",
-            help="State folder [env FLEET_HOME; default ~/.edgefleet].",
+            help="State folder (default ~/.edgefleet).",
         ),
     ] = None,
     db_url: Annotated[
@@ -62,7 +78,7 @@ def main_callback(
         typer.Option(
             "--db-url",
             envvar="FLEET_DB_URL",
-            help="Registry database: sqlite:///PATH or postgresql://… [env FLEET_DB_URL].",
+            help="Registry database: sqlite:///PATH or postgresql://… (default SQLite in FLEET_HOME).",
         ),
     ] = None,
     artifacts: Annotated[
@@ -70,7 +86,7 @@ def main_callback(
         typer.Option(
             "--artifacts",
             envvar="FLEET_ARTIFACT_URI",
-            help="Artifact store: file:///PATH or s3://BUCKET/PREFIX [env FLEET_ARTIFACT_URI].",
+            help="Artifact store: file:///PATH or s3://BUCKET/PREFIX (default FLEET_HOME/artifacts).",
         ),
     ] = None,
     s3_endpoint_url: Annotated[
@@ -78,7 +94,7 @@ def main_callback(
         typer.Option(
             "--s3-endpoint-url",
             envvar="FLEET_S3_ENDPOINT_URL",
-            help="S3-compatible endpoint [env FLEET_S3_ENDPOINT_URL].",
+            help="S3-compatible endpoint (MinIO, Ceph…) for s3:// stores.",
         ),
     ] = None,
     coordinator: Annotated[
@@ -87,7 +103,7 @@ def main_callback(
             "--coordinator",
             envvar="FLEET_COORDINATOR",
             help="HOST:PORT of a running 'fleet serve'; commands go through it "
-            "[env FLEET_COORDINATOR; default: run in-process].",
+            "(default: in-process, or the 'fleet serve' of FLEET_HOME).",
         ),
     ] = None,
     token: Annotated[
@@ -95,7 +111,7 @@ def main_callback(
         typer.Option(
             "--token",
             envvar="FLEET_TOKEN",
-            help="API token for --coordinator [env FLEET_TOKEN; default FLEET_HOME/keys/token].",
+            help="API token for --coordinator (default: FLEET_HOME/keys/token).",
         ),
     ] = None,
     verbose: Annotated[
@@ -106,6 +122,9 @@ def main_callback(
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    from edgefleet.cloud.quiet import quiet_third_party
+
+    quiet_third_party(verbose)
     ctx.obj = State(
         home=home,
         db_url=db_url,
@@ -119,13 +138,44 @@ def main_callback(
 @app.command()
 def init(
     ctx: typer.Context,
+    db_url: Annotated[
+        str | None,
+        typer.Option(
+            "--db-url",
+            help="Registry database to record in config.toml (same as the global --db-url).",
+        ),
+    ] = None,
+    artifacts: Annotated[
+        str | None,
+        typer.Option(
+            "--artifacts",
+            help="Artifact store to record in config.toml (same as the global --artifacts).",
+        ),
+    ] = None,
+    s3_endpoint_url: Annotated[
+        str | None,
+        typer.Option(
+            "--s3-endpoint-url",
+            help="S3-compatible endpoint to record in config.toml (same as the global option).",
+        ),
+    ] = None,
     root_passphrase: keys_cli.PassphraseOpt = None,
 ) -> None:
     """Create FLEET_HOME: config, registry database, artifact store, root and signing keys,
-    API token."""
+    API token.
+
+    Both stores are checked first; a failed first init leaves no FLEET_HOME behind.
+    """
     from edgefleet.cloud.cli.output import err, out
     from edgefleet.cloud.client import LocalClient
 
+    state: State = ctx.find_root().obj
+    if db_url:
+        state.db_url, state._settings = db_url, None
+    if artifacts:
+        state.artifacts, state._settings = artifacts, None
+    if s3_endpoint_url:
+        state.s3_endpoint_url, state._settings = s3_endpoint_url, None
     result = LocalClient(settings_of(ctx)).init(
         root_passphrase=root_passphrase.encode() if root_passphrase else None
     )
@@ -261,8 +311,7 @@ def serve(
         typer.Option(
             "--broker",
             envvar="FLEET_BROKER",
-            help="Use this broker (mqtt://HOST:PORT or mqtts://…) instead of starting Mosquitto "
-            "[env FLEET_BROKER].",
+            help="Use this broker (mqtt://HOST:PORT or mqtts://…) instead of starting Mosquitto.",
         ),
     ] = None,
     mqtt_port: Annotated[
@@ -272,8 +321,8 @@ def serve(
             envvar="FLEET_MQTT_PORT",
             min=0,
             max=65535,
-            help="Port of the managed broker on 127.0.0.1; 0 picks a free one "
-            "[env FLEET_MQTT_PORT; default 1883].",
+            help="Port of the managed broker on 127.0.0.1 (default 1883); 0 picks a free one. "
+            "A port held by another program is an error naming it.",
         ),
     ] = None,
     grpc_listen: Annotated[
@@ -281,8 +330,7 @@ def serve(
         typer.Option(
             "--grpc-listen",
             envvar="FLEET_GRPC_LISTEN",
-            help="FleetService address; port 0 picks a free one "
-            "[env FLEET_GRPC_LISTEN; default 127.0.0.1:7443].",
+            help="FleetService address (default 127.0.0.1:7443); port 0 picks a free one.",
         ),
     ] = None,
     metrics_listen: Annotated[
@@ -290,8 +338,8 @@ def serve(
         typer.Option(
             "--metrics-listen",
             envvar="FLEET_METRICS_LISTEN",
-            help="Prometheus /metrics address, or 'off'; port 0 picks a free one "
-            "[env FLEET_METRICS_LISTEN; default 127.0.0.1:9464].",
+            help="Prometheus /metrics address, or 'off' (default 127.0.0.1:9464); "
+            "port 0 picks a free one.",
         ),
     ] = None,
     advertise_broker: Annotated[
@@ -300,7 +348,7 @@ def serve(
             "--advertise-broker",
             envvar="FLEET_ADVERTISE_BROKER",
             help="Broker URL put in enrolment bundles, when devices reach the broker by another "
-            "name than the coordinator [env FLEET_ADVERTISE_BROKER].",
+            "name than the coordinator.",
         ),
     ] = None,
     mqtt_listen: Annotated[
@@ -322,8 +370,8 @@ def serve(
         typer.Option(
             "--fl/--no-fl",
             envvar="FLEET_FL",
-            help="Run a Flower SuperLink for federated learning (needs edgefleet[fl]) "
-            "[env FLEET_FL; default off].",
+            help="Run a Flower SuperLink for federated learning (needs edgefleet\\[fl]; "
+            "default off).",
         ),
     ] = None,
     fl_listen: Annotated[
@@ -331,8 +379,8 @@ def serve(
         typer.Option(
             "--fl-listen",
             envvar="FLEET_FL_LISTEN",
-            help="SuperLink address devices' SuperNodes dial; port 0 picks a free one "
-            "[env FLEET_FL_LISTEN; default 127.0.0.1:9092].",
+            help="SuperLink address devices' SuperNodes dial (default 127.0.0.1:9092); "
+            "port 0 picks a free one.",
         ),
     ] = None,
     fl_advertise: Annotated[
@@ -340,7 +388,7 @@ def serve(
         typer.Option(
             "--fl-advertise",
             envvar="FLEET_FL_ADVERTISE",
-            help="SuperLink HOST:PORT put in enrolment bundles [env FLEET_FL_ADVERTISE].",
+            help="SuperLink HOST:PORT put in enrolment bundles.",
         ),
     ] = None,
 ) -> None:
@@ -409,7 +457,7 @@ def deploy(
     ] = None,
     waves: Annotated[
         str | None,
-        typer.Option("--waves", help="Cumulative shares after the canary [default 25%,50%,100%]."),
+        typer.Option("--waves", help="Cumulative shares after the canary (default 25%,50%,100%)."),
     ] = None,
     bake: Annotated[
         str | None,
@@ -417,7 +465,9 @@ def deploy(
     ] = None,
     max_failure_rate: Annotated[
         str | None,
-        typer.Option("--max-failure-rate", help="Install/self-test failures per stage [2%]."),
+        typer.Option(
+            "--max-failure-rate", help="Install/self-test failures per stage (default 2%)."
+        ),
     ] = None,
     max_latency_regression: Annotated[
         str | None,
@@ -440,21 +490,29 @@ def deploy(
     ] = None,
     on_failure: Annotated[
         str | None,
-        typer.Option("--on-failure", help="When a gate fails: rollback or pause [rollback]."),
+        typer.Option(
+            "--on-failure", help="When a gate fails: rollback or pause (default rollback)."
+        ),
     ] = None,
     min_samples: Annotated[
         int | None,
         typer.Option(
-            "--min-samples", min=1, help="Shadow samples a stage needs for quality gates [20]."
+            "--min-samples",
+            min=1,
+            help="Shadow samples a stage needs for quality gates (default 20).",
         ),
     ] = None,
     stage_timeout: Annotated[
         str | None,
-        typer.Option("--stage-timeout", help="Devices not settled by then count as failed [5m]."),
+        typer.Option(
+            "--stage-timeout", help="Devices not settled by then count as failed (default 5m)."
+        ),
     ] = None,
     sample_rate: Annotated[
         str | None,
-        typer.Option("--sample-rate", help="Share of live predictions shadow-evaluated [100%]."),
+        typer.Option(
+            "--sample-rate", help="Share of live predictions shadow-evaluated (default 100%)."
+        ),
     ] = None,
     dry_run: Annotated[
         bool,
@@ -477,7 +535,11 @@ def deploy(
     ] = True,
     timeout: Annotated[
         float,
-        typer.Option("--timeout", min=1, help="Seconds to wait for every device to settle."),
+        typer.Option(
+            "--timeout",
+            min=1,
+            help="Plain deploy: seconds online devices get to settle before they count as failed.",
+        ),
     ] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -535,7 +597,11 @@ def _dry_run(ctx: typer.Context, ref: Any, selector: Any, policy: Any, as_json: 
         emit_json(rollout_json(r, devices))
     else:
         print_rollout(out, r, devices)
-    err.print(f"dry run: nothing was sent ({sum(s.devices for s in r.stages)} devices planned)")
+    err.print(
+        f"dry run: nothing was sent ({sum(s.devices for s in r.stages)} devices planned); "
+        "the real rollout puts the same devices in each stage while the selected devices "
+        "stay the same"
+    )
 
 
 def _dry_run_sim(
@@ -588,43 +654,50 @@ def _staged(
 def _all_at_once(
     ctx: typer.Context, parsed: Any, selector: Any, *, timeout: float, as_json: bool
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from edgefleet.cloud.cli.output import deploy_json, emit_json, err, print_deploy
-    from edgefleet.cloud.client import DeviceOutcome
+    """A plain deploy: a one-stage rollout (`Policy.all_at_once`), stored and listed like
+    any other; devices offline now are named at once and update when they reconnect."""
+    from edgefleet.cloud.cli.output import emit_json, err, out
+    from edgefleet.cloud.cli.rollout_view import print_plain_deploy, rollout_json
+    from edgefleet.cloud.cli.rollouts import watch_until_outcome
+    from edgefleet.cloud.devices import Selector
+    from edgefleet.cloud.rollouts import Policy
+    from edgefleet.cloud.rollouts.controller import OFFLINE
 
     client = coordinator_of(ctx)
-    with Progress(
-        TextColumn("[bold]deploy[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("active {task.fields[active]} failed {task.fields[failed]}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(f"{parsed} -> {selector}", total=None, active=0, failed=0)
-        counts = {"active": 0, "failed": 0}
-
-        def on_start(rollout_id: str, total: int) -> None:
-            bar.update(task, total=total, description=f"{parsed} -> {selector} ({rollout_id})")
-
-        def on_device(o: DeviceOutcome) -> None:
-            counts["active" if o.ok else "failed"] += 1
-            bar.update(task, advance=1, active=counts["active"], failed=counts["failed"])
-
-        report = client.deploy(
-            parsed, selector, timeout=timeout, on_start=on_start, on_device=on_device
-        )
-    if as_json:
-        emit_json(deploy_json(report))
-    else:
-        print_deploy(report)
+    policy = Policy.all_at_once().with_changes(stage_timeout_s=timeout)
+    r, _devices = client.create_rollout(parsed, selector, policy, dry_run=False)
+    total = sum(s.devices for s in r.stages)
     err.print(
-        f"{report.ref} rollout {report.rollout_id}: {report.active} of {report.targeted} active, "
-        f"{report.failed} failed"
+        f"rollout {r.rollout_id}: {r.ref} to {total} devices at once "
+        f"(fleet rollouts show {r.rollout_id})"
     )
-    if report.failed:
+    for dev, why in sorted(r.skipped.items()):
+        err.print(f"skipped {dev}: {why}")
+    _r, planned = client.get_rollout(r.rollout_id)
+    ids = tuple(d.device_id for d in planned)
+    offline = sorted(
+        d.device_id for d in client.list_devices(Selector("device", devices=ids)) if not d.online
+    )
+    if offline:
+        more = f" and {len(offline) - 10} more" if len(offline) > 10 else ""
+        err.print(
+            f"offline now: {', '.join(offline[:10])}{more}; their desired state is kept and "
+            "they update when they reconnect"
+        )
+    r = watch_until_outcome(client, r.rollout_id)
+    r, devices = client.get_rollout(r.rollout_id)
+    if as_json:
+        emit_json(rollout_json(r, devices))
+    else:
+        print_plain_deploy(out, r, devices)
+    active = sum(d.state == "active" for d in devices)
+    failed = sum(d.phase == "failed" for d in devices)
+    waiting = sum(d.reason == OFFLINE and d.state != "active" for d in devices)
+    err.print(
+        f"{r.ref} rollout {r.rollout_id}: {active} of {len(devices)} active, {failed} failed"
+        + (f", {waiting} offline (they update when they reconnect)" if waiting else "")
+    )
+    if failed or r.state != "done":
         raise typer.Exit(1)
 
 
@@ -656,6 +729,8 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 1 FleetError, 2 usage, 130 interrupted)."""
     import click
 
+    if not sys.stdout.isatty():  # piped help is not squeezed into 80 columns
+        os.environ.setdefault("TERMINAL_WIDTH", "120")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:

@@ -10,7 +10,8 @@ import typer
 from edgefleet.cloud.cli.context import client_of
 
 app = typer.Typer(
-    help="The model registry: versions, variants, stages, signatures.", no_args_is_help=True
+    help="The model registry: versions, variants, stages, signatures.",
+    no_args_is_help=True,
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]

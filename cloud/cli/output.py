@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -15,7 +15,7 @@ from rich.table import Table
 from edgefleet.cloud.registry import ModelSummary, ModelVersion
 
 if TYPE_CHECKING:
-    from edgefleet.cloud.client import DeployReport, FleetStatus
+    from edgefleet.cloud.client import FleetStatus
     from edgefleet.cloud.devices import Device
     from edgefleet.cloud.drift import Alert, DriftRow
 
@@ -24,13 +24,26 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def iso_utc(when: datetime | float | None) -> str | None:
+    """The one time format of every --json output: ISO 8601 in UTC, e.g.
+    2026-11-29T05:28:27.123Z. Takes a datetime (naive ones are UTC) or epoch seconds;
+    None or 0 (never) gives None."""
+    if when is None or (not isinstance(when, datetime) and not when):
+        return None
+    if isinstance(when, datetime):
+        dt = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    else:
+        dt = datetime.fromtimestamp(float(when), timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_default, sort_keys=False) + "\n")
 
 
 def _default(o: Any) -> Any:
     if isinstance(o, datetime):
-        return o.isoformat()
+        return iso_utc(o)
     if isinstance(o, bytes):
         return o.hex()
     if is_dataclass(o) and not isinstance(o, type):
@@ -61,7 +74,7 @@ def version_json(mv: ModelVersion) -> dict[str, Any]:
         "model": mv.model,
         "version": mv.version,
         "stage": mv.stage,
-        "created_at": mv.created_at.isoformat(),
+        "created_at": iso_utc(mv.created_at),
         "arch": mv.arch,
         "inputs": [t.to_dict() for t in mv.inputs],
         "outputs": [t.to_dict() for t in mv.outputs],
@@ -197,7 +210,7 @@ def device_json(d: Device) -> dict[str, Any]:
         "group": d.group,
         "tags": dict(d.tags),
         "online": d.online,
-        "last_seen": d.last_seen.isoformat() if d.last_seen else None,
+        "last_seen": iso_utc(d.last_seen),
         "state": d.state,
         "active": dict(d.active),
         "capabilities": dict(d.capabilities),
@@ -292,7 +305,11 @@ def _when(ms: int | None) -> str:
 
 
 def alert_json(a: Alert) -> dict[str, Any]:
-    return asdict(a)
+    d = asdict(a)
+    for key in ("first_seen", "last_seen", "resolved"):
+        ms = d.pop(f"{key}_ms")
+        d[key] = iso_utc(ms / 1000) if ms else None
+    return d
 
 
 def print_alerts(alerts: Sequence[Alert]) -> None:
@@ -326,28 +343,6 @@ def print_alerts(alerts: Sequence[Alert]) -> None:
             _when(a.first_seen_ms),
             _when(a.last_seen_ms),
         )
-    out.print(t)
-
-
-def deploy_json(r: DeployReport) -> dict[str, Any]:
-    return {
-        "rollout_id": r.rollout_id,
-        "ref": r.ref,
-        "targeted": r.targeted,
-        "active": r.active,
-        "failed": r.failed,
-        "bytes_sent": r.bytes_sent,
-        "devices": [asdict(o) for o in r.devices],
-    }
-
-
-def print_deploy(r: DeployReport) -> None:
-    t = Table(box=None, pad_edge=False)
-    for col in ("DEVICE", "VARIANT", "STATE", "REASON"):
-        t.add_column(col)
-    for o in sorted(r.devices, key=lambda o: o.device_id):
-        reason = o.reason if o.ok or not o.detail else f"{o.reason}: {o.detail}"
-        t.add_row(o.device_id, o.variant or "-", o.state, reason or "-")
     out.print(t)
 
 

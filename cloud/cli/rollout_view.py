@@ -11,6 +11,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from edgefleet.cloud.cli.output import iso_utc
 from edgefleet.cloud.rollouts.model import FINAL, Rollout, RolloutDevice, Stage
 from edgefleet.cloud.rollouts.policy import format_duration
 
@@ -59,10 +60,14 @@ def rollout_json(r: Rollout, devices: Sequence[RolloutDevice] = ()) -> dict[str,
         "stage": r.stage,
         "dry_run": r.dry_run,
         "policy": r.policy.to_dict(),
-        "created_at": _when(r.created_at),
-        "finished_at": _when(r.finished_at) if r.finished_at else None,
+        "created_at": iso_utc(r.created_at),
+        "finished_at": iso_utc(r.finished_at),
         "stages": [
-            {**s.to_dict(), "eta": _when(eta) if eta else None}
+            {
+                **s.to_dict(),
+                **{k: iso_utc(v) for k, v in s.to_dict().items() if k.endswith("_at")},
+                "eta": iso_utc(eta),
+            }
             for s, eta in zip(r.stages, etas, strict=True)
         ],
         "skipped": dict(r.skipped),
@@ -77,7 +82,7 @@ def rollout_json(r: Rollout, devices: Sequence[RolloutDevice] = ()) -> dict[str,
                 "detail": d.detail,
                 "generation": d.generation,
                 "previous": dict(d.previous) if d.previous else None,
-                "last_seen": _when(d.last_seen) if d.last_seen else None,
+                "last_seen": iso_utc(d.last_seen),
                 "staleness_s": round(d.staleness(now), 1) if d.last_seen else None,
                 "shadow": dict(d.shadow),
             }
@@ -225,3 +230,19 @@ def print_rollout(console: Any, r: Rollout, devices: Sequence[RolloutDevice]) ->
 
 def is_final(state: str) -> bool:
     return state in FINAL
+
+
+def print_plain_deploy(console: Any, r: Rollout, devices: Sequence[RolloutDevice]) -> None:
+    """Where each device of a plain deploy ended: DEVICE VARIANT STATE REASON."""
+    t = Table(box=None, pad_edge=False)
+    for col in ("DEVICE", "VARIANT", "STATE", "REASON"):
+        t.add_column(col)
+    for d in sorted(devices, key=lambda d: d.device_id):
+        state = d.state or ("failed" if d.phase == "failed" else "waiting")
+        reason = d.reason or "-"
+        if d.detail and state != "active":
+            reason = f"{reason}: {d.detail}"
+        t.add_row(d.device_id, d.variant, state, reason)
+    for dev, why in sorted(r.skipped.items()):
+        t.add_row(dev, "-", "skipped", why)
+    console.print(t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -74,7 +75,9 @@ def watch_until_outcome(client: Any, rollout_id: str) -> Rollout:
 
     view = _View()
     last: Rollout | None = None
-    with Live(view, console=err, refresh_per_second=2, transient=False):
+    # drawn live on a terminal only: piped, the outcome printed after it says it all
+    live = Live(view, console=err, refresh_per_second=2, transient=False)
+    with live if err.is_terminal else contextlib.nullcontext():
         for r in client.watch_rollout(rollout_id):
             view.rollout = last = r
             if r.final or r.state == "paused":

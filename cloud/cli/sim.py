@@ -78,6 +78,9 @@ async def _run(
     duration: float | None,
     until_active: int | None,
     as_json: bool,
+    traffic: float = 0.0,
+    labelled: float = 1.0,
+    alpha: float = 10.0,
 ) -> dict[str, Any]:
     from rich.console import Console
     from rich.live import Live
@@ -99,15 +102,25 @@ async def _run(
         for state in sorted(sim.states()):
             t.add_column(state, justify="right")
         t.add_column("serving")
+        if traffic:
+            t.add_column("predictions", justify="right")
         t.add_row(
             str(sim.online()),
             *(str(n) for _, n in sorted(sim.states().items())),
             ", ".join(f"{v}×{n}" for v, n in sorted(sim.active_variants().items())) or "-",
+            *((f"{sim.predictions():,}",) if traffic else ()),
         )
         return t
 
     start = time.monotonic()
     async with sim:
+        if traffic:
+            await sim.partition_traffic(rate=traffic, labelled=labelled, alpha=alpha, seed=seed)
+            if not as_json:
+                console.print(
+                    f"live traffic: {traffic:g} predictions/s per device from its own data "
+                    f"partition, {labelled:.0%} labelled"
+                )
         injector = asyncio.create_task(sim.run_faults(faults, seed=seed, on_fault=on_fault))
         try:
             with Live(table(), console=console, refresh_per_second=4, transient=as_json) as live:
@@ -135,6 +148,7 @@ async def _run(
             "online": sim.online(),
             "states": dict(sim.states()),
             "variants": dict(sim.active_variants()),
+            "predictions": sim.predictions(),
             "faults": events,
         }
 
@@ -144,7 +158,10 @@ def sim(
     devices: Annotated[int, typer.Option("--devices", "-n", help="How many devices.", min=1)] = 20,
     profile: Annotated[
         str,
-        typer.Option(help="Hardware profile: cpu, gpu, npu, litert, armv7, or the mix 'mixed'."),
+        typer.Option(
+            help="Hardware profile: cpu, gpu, npu, litert, armv7, the mix 'mixed', or "
+            "profiles in equal shares, e.g. 'cpu,gpu'. Each device's group is its profile."
+        ),
     ] = "mixed",
     processes: Annotated[
         int | None,
@@ -153,9 +170,48 @@ def sim(
     faults: Annotated[
         str,
         typer.Option(
-            help="Fault plan, e.g. 'drop_link:10%@5s,slow_link:5%=64kB/s,crash:2@10s,corrupt:1=3'."
+            help="Fault plan, e.g. 'drop_link:10%@5s,slow_link:5%=64kB/s,crash:2@10s,corrupt:1=3'; "
+            "'drift:group=gpu@30s=4' shifts the live inputs of every gpu device by 4."
         ),
     ] = "",
+    traffic: Annotated[
+        float,
+        typer.Option(
+            "--traffic",
+            metavar="RATE",
+            min=0,
+            help="Live predictions per second per device, from the device's own data "
+            "partition (digits, non-IID), through its real model; 0: none.",
+        ),
+    ] = 0.0,
+    labelled: Annotated[
+        float,
+        typer.Option(
+            "--labelled",
+            metavar="FRACTION",
+            min=0,
+            max=1,
+            help="Share of the live predictions that carry their label (for --min-accuracy).",
+        ),
+    ] = 1.0,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            "--alpha",
+            min=0.01,
+            help="Label skew of the devices' data partitions (Dirichlet alpha): 0.1 each "
+            "device sees one or two classes, 100 nearly the same mix. Strong skew looks like "
+            "drift against the training data.",
+        ),
+    ] = 10.0,
+    telemetry_interval: Annotated[
+        float,
+        typer.Option(
+            "--telemetry-interval",
+            min=0.1,
+            help="Seconds between each device's telemetry (latency, drift sketches).",
+        ),
+    ] = 10.0,
     duration: Annotated[
         float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C).")
     ] = None,
@@ -197,6 +253,7 @@ def sim(
         topic_prefix=shared.get("topic_prefix", "ef/v1"),
         id_prefix=id_prefix,
         credentials=shared["passwords"] or None,
+        telemetry_interval=telemetry_interval,
     )
     try:
         summary = asyncio.run(
@@ -207,6 +264,9 @@ def sim(
                 duration=duration,
                 until_active=until_active,
                 as_json=as_json,
+                traffic=traffic,
+                labelled=labelled,
+                alpha=alpha,
             )
         )
     except KeyboardInterrupt:

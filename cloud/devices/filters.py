@@ -24,6 +24,19 @@ def parse_duration(text: str, *, option: str = "--stale") -> float:
     return float(m.group("n")) * _UNITS[m.group("unit")]
 
 
+def device_states() -> tuple[str, ...]:
+    """Every state a device can be listed in: 'enrolled' (never reported) and the
+    agent's update states (fleet.v1.UpdateState, lower case)."""
+    from edgefleet.protos.fleet.v1 import device_pb2
+
+    names = (
+        n.removeprefix("UPDATE_STATE_").lower()
+        for n in device_pb2.UpdateState.keys()  # noqa: SIM118 (an enum wrapper, not a dict)
+        if n != "UPDATE_STATE_UNSPECIFIED"
+    )
+    return ("enrolled", *names)
+
+
 @dataclass(frozen=True)
 class DeviceFilter:
     """What a listed device must match; None/empty fields do not filter."""
@@ -42,6 +55,10 @@ class DeviceFilter:
             )
         if self.stale_s < 0:
             raise InvalidArgument(f"staleness {self.stale_s}s must be >= 0")
+        if self.state and self.state not in (accepted := device_states()):
+            raise InvalidArgument(
+                f"device state {self.state!r} unknown; accepted: {', '.join(accepted)}"
+            )
 
     @classmethod
     def parse(

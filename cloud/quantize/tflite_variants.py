@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.models.runtime import quiet_native_banners
 from edgefleet.protos.errors import Unavailable
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ def to_tflite_int8(fp32: bytes, calibration: np.ndarray) -> tuple[bytes, dict[st
                 reps = -(-b // len(x))
                 batches = [{name: np.concatenate([x] * reps)[:b]}]
             calib[key] = batches
-        result = qt.calibrate(calib)
+        with quiet_native_banners():
+            result = qt.calibrate(calib)
         qt.quantize(result, enable_progress_report=False).export_model(str(dst), overwrite=True)
         data = dst.read_bytes()
     return data, {

@@ -73,17 +73,25 @@ logger = logging.getLogger(__name__)
 #: reported state that settles each action (besides "failed")
 SETTLED = {"shadow": "shadowing", "activate": "active", "rollback": "rolled_back"}
 ACTIONS = ("pause", "resume", "abort", "rollback")
+#: reason of a device a direct deploy did not wait for
+OFFLINE = "offline"
+OFFLINE_DETAIL = "desired state kept; it updates when it reconnects"
+
+
+def plan_key(ref: str, selector: Selector | str) -> str:
+    """What the stage order is keyed on: the version and the selector, never a random id,
+    so a dry run plans the very canary and waves the real rollout then uses (while the
+    selected devices stay the same)."""
+    return f"{ref}@{selector}"
 
 
 def plan_stages(
-    rollout_id: str, device_ids: Sequence[str], policy: Policy
+    key: str, device_ids: Sequence[str], policy: Policy
 ) -> tuple[list[Stage], dict[str, int]]:
-    """Split the devices into stages: a stable pseudo-random order from the rollout id,
-    cumulative counts per stage (the canary has at least one device), empty stages
-    dropped."""
-    order = sorted(
-        device_ids, key=lambda d: hashlib.sha256(f"{rollout_id}/{d}".encode()).hexdigest()
-    )
+    """Split the devices into stages: a stable pseudo-random order from `key` (see
+    `plan_key`), cumulative counts per stage (the canary has at least one device), empty
+    stages dropped."""
+    order = sorted(device_ids, key=lambda d: hashlib.sha256(f"{key}/{d}".encode()).hexdigest())
     n = len(order)
     stages: list[Stage] = []
     assign: dict[str, int] = {}
@@ -111,7 +119,9 @@ def build_rollout(
             + "; ".join(f"{d}: {why}" for d, why in list(plan.skipped.items())[:3])
         )
     rollout_id = uuid.uuid4().hex[:12]
-    stages, assign = plan_stages(rollout_id, [d.device_id for d, _v in plan.targets], policy)
+    stages, assign = plan_stages(
+        plan_key(plan.version.ref, selector), [d.device_id for d, _v in plan.targets], policy
+    )
     devices = sorted(
         (
             RolloutDevice(
@@ -316,6 +326,11 @@ class RolloutController:
     async def _step_stage(self, r: Rollout) -> None:
         i, st, now, p = r.stage, r.current, self.clock(), r.policy
         devs = _live(await asyncio.to_thread(self.store.devices, r.rollout_id, stages=[i]))
+        if st.state == S_PENDING and p.direct:
+            await self._issue(r, devs, "activate", phase=D_ACTIVE)
+            st = st.with_changes(state=S_ACTIVATING, started_at=now, activated_at=now)
+            await self._save(r.with_stage(i, st))
+            return
         if st.state == S_PENDING:
             await self._issue(r, devs, "shadow", phase=D_SHADOW)
             st = st.with_changes(state=S_INSTALLING, started_at=now)
@@ -356,9 +371,10 @@ class RolloutController:
         if st.state == S_ACTIVATING:
             issued = [d for d in devs if d.action == "activate"]
             issued = await self._refresh(r, issued, "activate", since=st.activated_at)
+            waiting = await self._offline(r, issued) if p.direct else set()
             devs = _live(await asyncio.to_thread(self.store.devices, r.rollout_id, stages=[i]))
             st = st.with_changes(by_state=_by_state(devs))
-            if not all(_settled(d) for d in issued):
+            if not all(_settled(d) or d.device_id in waiting for d in issued):
                 await self._save(r.with_stage(i, st))
                 return
             st = st.with_changes(state=S_DONE, finished_at=now)
@@ -372,6 +388,26 @@ class RolloutController:
                     "rollout %s: %s done; %s next", r.rollout_id, st.name, r.stages[i + 1].name
                 )
                 self._poke.set()
+
+    async def _offline(self, r: Rollout, devs: Sequence[RolloutDevice]) -> set[str]:
+        """Devices of a direct deploy that have not settled and are offline: their desired
+        state stays retained (and in the database), they update when they reconnect, and
+        the deploy does not wait for them."""
+        open_ = [d for d in devs if not _settled(d)]
+        if not open_:
+            return set()
+        found = await asyncio.to_thread(
+            self.coord.devices.find, Selector("device", devices=tuple(d.device_id for d in open_))
+        )
+        offline = {d.device_id for d in found if not d.online}
+        note = {
+            d.device_id: {"reason": OFFLINE, "detail": OFFLINE_DETAIL}
+            for d in open_
+            if d.device_id in offline and d.reason != OFFLINE
+        }
+        if note:
+            await asyncio.to_thread(self.store.update_devices, r.rollout_id, note)
+        return offline
 
     async def _fail(self, r: Rollout, st: Stage) -> None:
         bad = st.failed_gates
@@ -440,7 +476,15 @@ class RolloutController:
         issued = await self._refresh(r, issued, "rollback", since=r.updated_at)
         if all(_settled(d) for d in issued):
             now = self.clock()
-            await self._save(r.with_changes(state=ROLLED_BACK, finished_at=now))
+            # each stage's device counts as they are now (not "shadowing" as when it failed)
+            devs = await asyncio.to_thread(self.store.devices, r.rollout_id)
+            stages = tuple(
+                st.with_changes(by_state=_by_state([d for d in devs if d.stage == k]))
+                if st.by_state
+                else st
+                for k, st in enumerate(r.stages)
+            )
+            await self._save(r.with_changes(state=ROLLED_BACK, finished_at=now, stages=stages))
             logger.warning(
                 "rollout %s: rolled back (%d devices) after: %s",
                 r.rollout_id,
@@ -594,4 +638,4 @@ def _previous(d: Device) -> dict[str, Any] | None:
     }
 
 
-__all__ = ["ACTIONS", "RolloutController", "plan_stages"]
+__all__ = ["ACTIONS", "OFFLINE", "OFFLINE_DETAIL", "RolloutController", "plan_key", "plan_stages"]

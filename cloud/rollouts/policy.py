@@ -89,6 +89,18 @@ class Policy:
         return cls(canary=1.0, waves=(), bake_s=0.0, max_failure_rate=1.0)
 
     @property
+    def direct(self) -> bool:
+        """A plain deploy: one stage, nothing to bake or gate, so devices activate the
+        version at once (no shadow phase first), and devices offline now do not hold the
+        others up: their desired state is kept and they update when they reconnect."""
+        return (
+            len(self.stages) == 1
+            and self.bake_s == 0
+            and not self.quality_gates
+            and self.max_failure_rate >= 1.0
+        )
+
+    @property
     def stages(self) -> tuple[float, ...]:
         """Cumulative fractions, canary first."""
         return (self.canary, *self.waves)

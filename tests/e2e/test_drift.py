@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -195,6 +196,9 @@ def test_drift_injected_into_one_group_alerts_that_group_only(
     alerts = json.loads(r.out)
     assert {a["subject"] for a in alerts if a["scope"] == "group"} == {"south"}
     assert {a["state"] for a in alerts} == {"resolved"}
+    for a in alerts:  # ISO 8601 UTC like every other --json
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", a["first_seen"])
+        assert a["resolved"].endswith("Z") and "first_seen_ms" not in a
     r = cli(*h, "alerts")
     assert r.code == 0 and "no drift alerts" in r.err
     r = cli(*h, "drift", "--by", "group", "--model", "digits:1", "--json")

@@ -113,6 +113,12 @@ def test_verify_export_and_agent_verify(cli: Cli, trained: Path, tmp_path: Path)
     r = cli("--home", str(trained), "models", "verify", "digits:1")
     assert r.code == 0, r.err
     assert r.out.count(" ok ") >= len(ALL_VARIANTS) and "FAILED" not in r.out
+    r = cli("--home", str(trained), "models", "verify", "digits:1", "--json")
+    assert r.code == 0, r.err
+    shas = {v["name"]: v["sha256"] for v in show_json(cli, trained, "digits:1")["variants"]}
+    details = {x["variant"]: x["detail"] for x in json.loads(r.out)["results"]}
+    for name, sha in shas.items():  # full hashes, never shortened
+        assert len(sha) == 64 and f"sha256 {sha}," in details[name]
     out = tmp_path / "export"
     r = cli("--home", str(trained), "models", "export", "digits:1", "--out", str(out))
     assert r.code == 0, r.err

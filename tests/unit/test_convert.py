@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefleet.cloud.api import convert
-from edgefleet.cloud.client import DeviceOutcome, EnrollmentBundle
+from edgefleet.cloud.client import EnrollmentBundle
 from edgefleet.cloud.devices import Device, Selector
 from edgefleet.cloud.fl.federation import FlEnrollment, RunRequest
 from edgefleet.cloud.fl.store import FlRun
@@ -123,11 +123,6 @@ def test_model_summary_round_trips(name: str, when: datetime, n: int, prod: int 
 )
 def test_enrollment_bundle_round_trips(b: EnrollmentBundle) -> None:
     assert convert.bundle_from_pb(convert.bundle_to_pb(b)) == b
-
-
-@given(st.builds(DeviceOutcome, NAME, NAME, NAME, NAME, TEXT))
-def test_deploy_outcome_round_trips(o: DeviceOutcome) -> None:
-    assert convert.outcome_from_fields(convert.outcome_to_fields(o)) == o
 
 
 def test_device_round_trips_what_the_contract_carries() -> None:

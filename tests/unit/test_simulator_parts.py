@@ -174,3 +174,40 @@ def test_drift_faults_parse_and_shift_the_input_stream() -> None:
     x = np.array([[1.0, 2.0]], dtype=np.float32)
     y = InputDrift(shift=1.0, scale=2.0).apply(x)
     assert y.dtype == np.float32 and y.tolist() == [[3.0, 5.0]]
+
+
+def test_group_faults_and_profile_mixes() -> None:
+    from edgefleet.protos.errors import InvalidArgument
+    from edgefleet.simulator.faults import parse_faults
+    from edgefleet.simulator.plan import plan
+    from edgefleet.simulator.profiles import Mix, parse_profile
+
+    mix = parse_profile("cpu,gpu")
+    assert isinstance(mix, Mix) and mix.counts(6) == {"cpu": 3, "gpu": 3}
+    fleet = plan(6, "cpu,gpu", seed=0)
+    groups = {e.device_id: e.group for e in fleet}
+    (f,) = parse_faults("drift:group=gpu@2s=4")
+    assert (f.kind, f.who, f.at, f.arg) == ("drift", "group=gpu", 2.0, 4.0)
+    hit = f.pick(list(groups), 0, groups=groups)
+    assert hit == sorted(d for d, g in groups.items() if g == "gpu") and len(hit) == 3
+    (none,) = parse_faults("drift:group=npu=4")
+    with pytest.raises(
+        InvalidArgument, match="no simulated device in group 'npu'; groups: cpu, gpu"
+    ):
+        none.pick(list(groups), 0, groups=groups)
+
+
+def test_partition_traffic_gives_each_device_its_own_rows() -> None:
+    import numpy as np
+
+    from edgefleet.simulator.worker import partitions
+
+    ids = ["sim-0000", "sim-0001", "sim-0002"]
+    parts = partitions("digits", ids, total=3, alpha=0.1, seed=0)
+    again = partitions("digits", ids[1:], total=3, alpha=0.1, seed=0)  # another worker's slice
+    assert np.array_equal(parts["sim-0001"][0], again["sim-0001"][0])
+    sizes = [len(parts[i][0]) for i in ids]
+    assert sum(sizes) == 1797 and all(s > 0 for s in sizes)
+    # skewed: a device's label mix differs from another's
+    mixes = [np.bincount(parts[i][1], minlength=10) / len(parts[i][1]) for i in ids]
+    assert np.abs(mixes[0] - mixes[1]).sum() > 0.5
