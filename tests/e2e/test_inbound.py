@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.cloud.broker import ManagedBroker
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
 from edgefleet.cloud.coordinator import Coordinator
@@ -22,7 +21,8 @@ from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, Telemetry
 from edgefleet.cloud.telemetry.ingest import decode_row
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.topics import Topics
-from edgefleet.protos.transport import MqttSettings, MqttTransport
+from edgefleet.protos.transport import MqttTransport
+from tests.support.identity import SecureBroker
 
 TOPIC = "ef/v1/dev/{}/telemetry"
 
@@ -56,8 +56,13 @@ def _wait(pred: object, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-async def _publish(url: str, items: list[tuple[str, bytes]], *, retain: bool = False) -> None:
-    async with MqttTransport(MqttSettings(url=url, client_id="inbound-pub")) as t:
+async def _publish(
+    broker: SecureBroker, items: list[tuple[str, bytes]], *, retain: bool = False
+) -> None:
+    # what reaches the coordinator's boundary, whoever sent it: published with the
+    # coordinator's own rights (the broker's ACLs keep devices to their own topics;
+    # tests/e2e/test_identity.py)
+    async with MqttTransport(broker.coordinator().settings("inbound-pub")) as t:
         await t.wait_connected(timeout=10)
         for topic, data in items:
             await t.publish(topic, data, qos=1, retain=retain)
@@ -79,14 +84,12 @@ BAD: list[tuple[str, bytes, str]] = [
 
 
 def test_bad_telemetry_is_refused_while_everyone_elses_lands(
-    broker: ManagedBroker, tmp_path: Path
+    broker: SecureBroker, tmp_path: Path
 ) -> None:
     store = TelemetryStore(f"sqlite:///{tmp_path / 't.db'}")
     refusals = Refusals()
     ingest = TelemetryIngest(store, interval=0.05, refusals=refusals)
-    sub = TelemetrySubscriber(
-        MqttSettings(url=broker.url, client_id="coordinator-inbound-test"), ingest
-    )
+    sub = TelemetrySubscriber(broker.coordinator().settings("coordinator-inbound-test"), ingest)
     good = [
         (TOPIC.format(f"g{i % 4}"), telemetry(f"g{i % 4}", i).SerializeToString())
         for i in range(40)
@@ -96,12 +99,12 @@ def test_bad_telemetry_is_refused_while_everyone_elses_lands(
     items = good[:20] + bad + good[20:]
     sub.start()
     try:
-        asyncio.run(_publish(broker.url, items))
+        asyncio.run(_publish(broker, items))
         _wait(lambda: ingest.written == 40 and refusals.total() == len(BAD))
         assert store.count() == 40
         # still ingesting after the attack
         asyncio.run(
-            _publish(broker.url, [(TOPIC.format("g9"), telemetry("g9", 1).SerializeToString())])
+            _publish(broker, [(TOPIC.format("g9"), telemetry("g9", 1).SerializeToString())])
         )
         _wait(lambda: ingest.written == 41)
     finally:
@@ -155,7 +158,7 @@ def coordinator_home(tmp_path: Path) -> Path:
 
 
 def test_bad_control_messages_are_refused_and_good_ones_recorded(
-    broker: ManagedBroker, coordinator_home: Path
+    broker: SecureBroker, coordinator_home: Path
 ) -> None:
     settings = load_settings(home=coordinator_home)
     client = LocalClient(settings)
@@ -196,16 +199,16 @@ def test_bad_control_messages_are_refused_and_good_ones_recorded(
 
     async def main() -> None:
         async with Coordinator(
-            broker_url=broker.url,
+            broker_url=broker.coordinator(),
             registry=client.registry,
             store=client.pipeline.store,
             devices=devices,
             signing_key=lambda: load_private_key(settings.signing_key_path),
             flush_interval=0.01,
         ) as coord:
-            await _publish(broker.url, [(t, p) for t, p, _ in bad])
+            await _publish(broker, [(t, p) for t, p, _ in bad])
             await _publish(
-                broker.url,
+                broker,
                 [
                     (topics.status("d1"), status.SerializeToString()),
                     (topics.reported("d2"), reported("d2", generation=7)),

@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import config_from_bundle
-from edgefleet.cloud.broker import ManagedBroker
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
 from edgefleet.cloud.coordinator import Coordinator
@@ -30,8 +29,9 @@ from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.keys import sign_key_list
 from edgefleet.protos.manifest import SignedManifest
-from edgefleet.protos.transport import MqttSettings, MqttTransport
+from edgefleet.protos.transport import MqttTransport
 from tests.conftest import Cli
+from tests.support.identity import SecureBroker
 
 CPU = {
     "runtimes": ["onnxruntime"],
@@ -57,7 +57,7 @@ def _train(home: Path) -> None:
 
 
 def test_rotation_and_revocation_reach_a_device_that_was_offline(
-    fleet_home: Path, cli: Cli, broker: ManagedBroker, tmp_path: Path
+    fleet_home: Path, cli: Cli, broker: SecureBroker, tmp_path: Path
 ) -> None:
     assert cli("init").code == 0
     _train(fleet_home)  # versions 1-3, all signed by the first online key
@@ -70,12 +70,12 @@ def test_rotation_and_revocation_reach_a_device_that_was_offline(
     bundle = client.bundle(devices.enroll("k1"), broker_url=broker.url)
     agent_settings = config_from_bundle(
         json.dumps(bundle.to_json()).encode(), state_dir=tmp_path / "k1", listen=""
-    )
+    ).model_copy(update=broker.agent_settings("k1"))  # the test broker's own credential
     assert agent_settings.root_public_key_pem and agent_settings.key_list
 
     async def main() -> None:
         async with Coordinator(
-            broker_url=broker.url,
+            broker_url=broker.coordinator(),
             registry=client.registry,
             store=client.pipeline.store,
             devices=devices,
@@ -156,7 +156,9 @@ def test_rotation_and_revocation_reach_a_device_that_was_offline(
             assert held.version == 3 and first_key.key_id in held.revoked
 
             # key lists from anyone but the root, or older ones, are refused
-            async with MqttTransport(MqttSettings(url=broker.url, client_id="forger")) as t:
+            # published with the coordinator's rights (devices may not write the keys
+            # topic at all): the agent must still refuse what the root did not sign
+            async with MqttTransport(broker.watcher("forger")) as t:
                 await t.wait_connected(timeout=10)
                 forged = sign_key_list(held.successor(), Ed25519PrivateKey.generate())
                 await t.publish(coord.topics.keys(), forged, qos=1)

@@ -18,6 +18,7 @@ from edgefleet.cloud.broker import ManagedBroker, find_mosquitto, free_port
 from edgefleet.cloud.config import ServeInfo
 from edgefleet.protos.errors import NotFound
 from tests.e2e.test_serve import REPO, _env, fleet_serve, serve_argv
+from tests.support.identity import SecureBroker
 
 try:
     find_mosquitto()
@@ -81,7 +82,7 @@ def test_serve_refuses_a_port_held_by_another_program(home: Path) -> None:
     assert not (home / "serve.json").exists()
 
 
-def test_serve_refuses_a_port_held_by_a_foreign_broker(home: Path, broker: ManagedBroker) -> None:
+def test_serve_refuses_a_port_held_by_a_foreign_broker(home: Path, broker: SecureBroker) -> None:
     r = serve_fails(home, "--mqtt-port", str(broker.port))
     assert r.returncode == 1
     assert (
