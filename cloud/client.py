@@ -214,7 +214,11 @@ class LocalClient:
             self.settings.artifacts, s3_endpoint_url=self.settings.s3_endpoint_url
         )
         return Pipeline(
-            self.registry, store, lambda: load_private_key(self.settings.signing_key_path)
+            self.registry,
+            store,
+            lambda: load_private_key(
+                self.settings.signing_key_path, passphrase=self.settings.passphrase
+            ),
         )
 
     def _require_init(self) -> None:
@@ -226,6 +230,14 @@ class LocalClient:
             )
 
     def init(self) -> InitResult:
+        """Create FLEET_HOME; everything made here is private to its owner (umask 077)."""
+        old = os.umask(0o077)
+        try:
+            return self._init()
+        finally:
+            os.umask(old)
+
+    def _init(self) -> InitResult:
         from edgefleet.cloud.artifacts import open_artifact_store
         from edgefleet.cloud.registry import open_registry
         from edgefleet.cloud.signing import create_keypair, load_public
@@ -234,16 +246,20 @@ class LocalClient:
 
         s = self.settings
         try:
-            s.home_dir.mkdir(parents=True, exist_ok=True)
+            s.home_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
             raise Unavailable(f"cannot create FLEET_HOME {s.home_dir}: {e.strerror}") from None
         # check the stores before writing anything: a bad URL leaves nothing behind
         open_registry(s.registry_url).close()
         store = open_artifact_store(s.artifacts, s3_endpoint_url=s.s3_endpoint_url)
         store.check()
-        created = create_keypair(s.signing_key_path, s.public_key_path)
+        created = create_keypair(s.signing_key_path, s.public_key_path, passphrase=s.passphrase)
         created_token = create_token(s.token_path)
+        ensure_admin_token(s)
         cfg = write_config(s)
+        from edgefleet.cloud.home import secure_home
+
+        secure_home(s)
         return InitResult(
             home=s.home_dir,
             created_key=created,
@@ -469,6 +485,26 @@ def create_token(path: Path) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
     return True
+
+
+def ensure_admin_token(settings: CloudSettings) -> bool:
+    """Make FLEET_HOME/keys/token the admin token named `admin` in the database, unless a
+    token of that name exists (also a revoked one); whether it did."""
+    from edgefleet.cloud.access import open_access_store
+    from edgefleet.cloud.access.model import ADMIN, ADMIN_TOKEN_NAME
+
+    if not settings.token_path.exists():
+        return False
+    store = open_access_store(settings.registry_url)
+    try:
+        made = store.ensure_token(
+            ADMIN_TOKEN_NAME, ADMIN, read_token(settings.token_path), created_by="fleet init"
+        )
+    finally:
+        store.close()
+    if made:
+        logger.info("%s registered as the admin token %r", settings.token_path, ADMIN_TOKEN_NAME)
+    return made
 
 
 def read_token(path: Path) -> str:

@@ -61,26 +61,56 @@ class EpochStat:
 
 
 class GrpcClient:
-    def __init__(self, address: str, token: str, *, timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        *,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        """`tls`: verify the coordinator's certificate against `root_certificates`
+        (PEM; None: the system's roots)."""
         self.address = address
         self.timeout = timeout
+        self.tls = tls
         self._metadata = (("authorization", f"Bearer {token}"),)
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = fleet_pb2_grpc.FleetServiceStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel, for other services' stubs on the same coordinator."""
+        return self._channel
+
+    def call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
+        """A unary call with this client's token, deadline and error mapping."""
+        return self._call(method, request, timeout=timeout)
 
     # -- plumbing
 
     def _fail(self, e: grpc.RpcError) -> NoReturn:
         code = e.code()
         details = e.details() or ""
+        low = details.lower()
         if code == grpc.StatusCode.UNAVAILABLE and (
-            "failed to connect" in details.lower() or "connection refused" in details.lower()
+            "ssl" in low or "handshake" in low or "certificate" in low
+        ):
+            raise Unavailable(
+                f"coordinator at {self.address}: TLS handshake failed ({details.splitlines()[0]}); "
+                "check --ca / FLEET_CA names the CA that signed its certificate"
+            ) from None
+        if code == grpc.StatusCode.UNAVAILABLE and (
+            "failed to connect" in low or "connection refused" in low
         ):
             raise Unavailable(
                 f"coordinator at {self.address} is unreachable ({details.splitlines()[0]}): "

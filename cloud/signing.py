@@ -8,18 +8,26 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgefleet.protos.errors import InvalidArgument, NotFound
+from edgefleet.protos.errors import InvalidArgument, NotFound, Unauthenticated
 from edgefleet.protos.manifest import load_public_key
 
 
-def create_keypair(private_path: Path, public_path: Path) -> bool:
-    """Write a new key pair unless one exists; returns whether it created one."""
+def create_keypair(
+    private_path: Path, public_path: Path, *, passphrase: bytes | None = None
+) -> bool:
+    """Write a new key pair unless one exists (the private key encrypted with `passphrase`
+    when given); returns whether it created one."""
     if private_path.exists():
         return False
-    private_path.parent.mkdir(parents=True, exist_ok=True)
+    private_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
     pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -32,14 +40,32 @@ def create_keypair(private_path: Path, public_path: Path) -> bool:
     return True
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def is_encrypted(path: Path) -> bool:
+    """Whether the PEM at `path` is a passphrase-encrypted private key."""
+    try:
+        return b"ENCRYPTED PRIVATE KEY" in path.read_bytes()[:64]
+    except FileNotFoundError:
+        return False
+
+
+def load_private_key(path: Path, *, passphrase: bytes | None = None) -> Ed25519PrivateKey:
     try:
         pem = path.read_bytes()
     except FileNotFoundError:
         raise NotFound(f"signing key {path} missing: run 'fleet init' first") from None
+    encrypted = b"ENCRYPTED PRIVATE KEY" in pem[:64]
+    if encrypted and not passphrase:
+        raise Unauthenticated(
+            f"signing key {path} is encrypted: set FLEET_SIGNING_PASSPHRASE (or run "
+            "'fleet serve' in a terminal to be asked)"
+        )
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
+        key = serialization.load_pem_private_key(pem, password=passphrase if encrypted else None)
     except ValueError as e:
+        if encrypted:
+            raise Unauthenticated(
+                f"signing key {path}: the passphrase (FLEET_SIGNING_PASSPHRASE) does not open it"
+            ) from None
         raise InvalidArgument(f"signing key {path} is not a PEM private key: {e}") from e
     if not isinstance(key, Ed25519PrivateKey):
         raise InvalidArgument(f"signing key {path} is {type(key).__name__}; expected Ed25519")

@@ -87,6 +87,11 @@ def show(
         print_device(d)
 
 
+def bundle_holds_private_key(*, fl: bool) -> bool:
+    """Whether an enrolment bundle will carry private key material (never to stdout unasked)."""
+    return fl
+
+
 @app.command()
 def enroll(
     ctx: typer.Context,
@@ -98,7 +103,10 @@ def enroll(
     out_file: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Write the enrolment bundle here (mode 0600); default: stdout."
+            "--out",
+            "-o",
+            help="Write the enrolment bundle here (mode 0600); '-': stdout. A bundle holding a "
+            "private key (--fl) is printed only with '--out -'.",
         ),
     ] = None,
     fl: Annotated[
@@ -112,9 +120,14 @@ def enroll(
 ) -> None:
     """Enrol a device and write its enrolment bundle (JSON) for `fleet-agent enroll`."""
     from edgefleet.cloud.cli.output import err
-    from edgefleet.protos.errors import Unavailable
+    from edgefleet.protos.errors import InvalidArgument, Unavailable
 
     tags = parse_tags(tag)
+    if out_file is None and bundle_holds_private_key(fl=fl):
+        raise InvalidArgument(
+            f"the bundle for {device_id} holds a private key: write it with --out FILE "
+            "(mode 0600), or print it with --out -"
+        )
     client = client_of(ctx)
 
     def bundle_text() -> str:
@@ -125,7 +138,7 @@ def enroll(
             bundle["fl"] = enroll_fl(ctx, device_id).to_json()
         return json.dumps(bundle, indent=2)
 
-    if out_file is None:
+    if out_file is None or str(out_file) == "-":
         typer.echo(bundle_text())
         return
     # open the file first: a bundle that cannot be written must not leave a device enrolled

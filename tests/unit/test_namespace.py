@@ -33,7 +33,9 @@ def _top_level_imports(path: Path) -> list[str]:
             names = [node.module]
         else:
             continue
-        bad += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in PARTS]
+        bad += [
+            f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in PARTS
+        ]
     return bad
 
 
