@@ -165,14 +165,31 @@ class _Call:
             return grpc.StatusCode.CANCELLED.name, "call cancelled"
         return grpc.StatusCode.UNKNOWN.name, f"{type(e).__name__}: {e}"[:500]
 
+    async def _enter(self, request: Any, context: grpc.aio.ServicerContext) -> Caller | None:
+        """The caller, in `current_caller()` for the method; None once refused (aborted)."""
+        try:
+            caller = await self._admit(context)
+        except _Refused as r:
+            await self._refuse(request, context, r)
+            return None
+        _CALLER.set(caller)  # each call runs in its own task: no reset needed
+        return caller
+
+    async def _leave(
+        self,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        caller: Caller,
+        error: BaseException | None,
+    ) -> None:
+        result, message = self._outcome(context, error)
+        await self._record(request, caller.who, caller.role, caller.peer, result, message)
+
     def unary(self, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Any]:
         async def serve(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                caller = await self._admit(context)
-            except _Refused as r:
-                await self._refuse(request, context, r)
+            caller = await self._enter(request, context)
+            if caller is None:
                 return None
-            _CALLER.set(caller)  # each call runs in its own task: no reset needed
             error: BaseException | None = None
             try:
                 return await behavior(request, context)
@@ -180,20 +197,15 @@ class _Call:
                 error = e
                 raise
             finally:
-                await self._record(
-                    request, caller.who, caller.role, caller.peer, *self._outcome(context, error)
-                )
+                await self._leave(request, context, caller, error)
 
         return serve
 
     def stream(self, behavior: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[..., Any]:
         async def serve(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                caller = await self._admit(context)
-            except _Refused as r:
-                await self._refuse(request, context, r)
+            caller = await self._enter(request, context)
+            if caller is None:
                 return
-            _CALLER.set(caller)  # each call runs in its own task: no reset needed
             error: BaseException | None = None
             try:
                 async for item in behavior(request, context):
@@ -202,8 +214,6 @@ class _Call:
                 error = e
                 raise
             finally:
-                await self._record(
-                    request, caller.who, caller.role, caller.peer, *self._outcome(context, error)
-                )
+                await self._leave(request, context, caller, error)
 
         return serve
