@@ -5,9 +5,13 @@ deploy/promote/rollback/abort with the token's name, revocation, and FleetServic
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ import pytest
 
 from edgefleet.cloud.config import ServeInfo
 from tests.conftest import Cli
-from tests.e2e.test_serve import fleet_serve
+from tests.e2e.test_serve import REPO, _env, fleet_serve
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +207,92 @@ def test_fleet_serve_over_tls_with_a_generated_certificate(
         r = cli("--home", str(home), "--coordinator", info.grpc, "--ca", str(wrong), "status")
         assert r.code == 1
         assert "TLS handshake failed" in r.err and "--ca" in r.err
+
+
+# -- FleetService off loopback: a generated certificate, verified from another host -------
+
+
+@contextlib.contextmanager
+def other_host() -> Iterator[tuple[str, str]]:
+    """A network namespace joined to this one by a veth pair: (its name, our address)."""
+    import random
+    import uuid
+
+    name = f"efop-{uuid.uuid4().hex[:6]}"
+    net = random.randrange(1, 250)
+    ours, theirs = f"10.231.{net}.1", f"10.231.{net}.2"
+    veth = f"vo{name[-6:]}"
+    cmds = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name],
+        ["ip", "addr", "add", f"{ours}/30", "dev", veth],
+        ["ip", "link", "set", veth, "up"],
+        ["ip", "-n", name, "addr", "add", f"{theirs}/30", "dev", "eth0"],
+        ["ip", "-n", name, "link", "set", "eth0", "up"],
+        ["ip", "-n", name, "link", "set", "lo", "up"],
+    ]
+    try:
+        for c in cmds:
+            r = subprocess.run(c, capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                if os.environ.get("CI"):
+                    pytest.fail(f"cannot make a test host ({' '.join(c)}): {r.stderr.strip()}")
+                pytest.skip(f"network namespaces unavailable ({' '.join(c)}: {r.stderr.strip()})")
+        yield name, ours
+    finally:
+        subprocess.run(["ip", "link", "del", veth], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def _fleet_in(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "edgefleet.cloud.cli.main", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def test_off_loopback_fleetservice_serves_tls_that_another_host_verifies(
+    op_home: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(op_home, home)
+    (home / "serve.json").unlink(missing_ok=True)
+    with (
+        other_host() as (ns, address),
+        fleet_serve(home, "--grpc-listen", f"{address}:0") as (
+            _proc,
+            info,
+        ),
+    ):
+        assert info.grpc.startswith(f"{address}:") and info.grpc_tls
+        ca = home / "tls" / "ca.crt"
+        assert info.grpc_ca == str(ca)
+        token = (home / "keys" / "token").read_text().strip()
+        elsewhere = tmp_path / "operator"  # the operator's own FLEET_HOME, on the other host
+        base = ("--home", str(elsewhere), "--coordinator", info.grpc, "--token", token)
+        r = _fleet_in(ns, *base, "--ca", str(ca), "status", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["devices"] == 2
+        # without the CA: the system's roots do not know it
+        r = _fleet_in(ns, *base, "status")
+        assert r.returncode == 1
+        assert "TLS handshake failed" in r.stderr
+        # the token never crosses in clear: a plaintext client gets nowhere
+        import grpc
+
+        from edgefleet.protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+
+        with grpc.insecure_channel(info.grpc) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                fleet_pb2_grpc.FleetServiceStub(ch).Status(
+                    fleet_pb2.StatusRequest(),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                    timeout=10,
+                )
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
