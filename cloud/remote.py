@@ -1,7 +1,9 @@
 """GrpcClient: the FleetClient protocol over FleetService, for a running `fleet serve`.
 
 Synchronous (the CLI is), one channel per client. Every call carries
-`authorization: Bearer <token>`. A gRPC status comes back as the FleetError it
+`authorization: Bearer <token>`. Streams are read to their end even after the
+result arrived, so a call ends with the server's status (and its audit entry is
+written) rather than with this client hanging up. A gRPC status comes back as the FleetError it
 was raised as on the coordinator, so the CLI prints the same one-line errors
 as in local mode.
 """
@@ -166,10 +168,11 @@ class GrpcClient:
         req = fleet_pb2.TrainRequest(
             model=name, arch=arch, data=data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr
         )
+        done: ModelVersion | None = None
         for p in self._stream(self._stub.Train, req, timeout=None):
             if p.HasField("version"):
-                return version_from_pb(p.version)
-            if on_epoch is not None and p.step == "epoch":
+                done = version_from_pb(p.version)  # read on to the end: the call's status
+            elif on_epoch is not None and p.step == "epoch":
                 on_epoch(
                     EpochStat(
                         epoch=int(p.done),
@@ -178,6 +181,8 @@ class GrpcClient:
                         train_accuracy=float(p.fields.get("train_accuracy", "nan")),
                     )
                 )
+        if done is not None:
+            return done
         raise FleetError(f"coordinator at {self.address} ended Train without a result")
 
     def quantize(
@@ -192,10 +197,14 @@ class GrpcClient:
         req = fleet_pb2.QuantizeRequest(
             ref=str(ref), variants=list(variants), max_drop=max_drop, force=force
         )
+        done: ModelVersion | None = None
         for p in self._stream(self._stub.Quantize, req, timeout=None):
             if p.HasField("version"):
-                return version_from_pb(p.version)
-            progress(p.step, int(p.done), int(p.total))
+                done = version_from_pb(p.version)
+            else:
+                progress(p.step, int(p.done), int(p.total))
+        if done is not None:
+            return done
         raise FleetError(f"coordinator at {self.address} ended Quantize without a result")
 
     def import_model(self, path: Path, name: str, *, eval_data: Path | None) -> ModelVersion:
@@ -278,10 +287,11 @@ class GrpcClient:
         req = fleet_pb2.DeployRequest(ref=str(ref), selector=str(selector))
         rollout_id, shown_ref = "", str(ref)
         outcomes: list[DeviceOutcome] = []
+        report: DeployReport | None = None
         for p in self._stream(self._stub.Deploy, req, timeout=timeout + DEPLOY_DEADLINE_MARGIN):
             if p.HasField("deploy"):
                 r = p.deploy
-                return DeployReport(
+                report = DeployReport(
                     rollout_id=r.rollout_id,
                     ref=shown_ref,
                     targeted=r.targeted,
@@ -290,7 +300,7 @@ class GrpcClient:
                     bytes_sent=r.bytes_sent,
                     devices=tuple(outcomes),
                 )
-            if p.step == "deploy":
+            elif p.step == "deploy":
                 rollout_id = p.fields.get("rollout_id", "")
                 shown_ref = p.fields.get("ref", shown_ref)
                 if on_start is not None:
@@ -300,6 +310,8 @@ class GrpcClient:
                 outcomes.append(o)
                 if on_device is not None:
                     on_device(o)
+        if report is not None:
+            return report
         raise FleetError(
             f"coordinator at {self.address} ended Deploy {rollout_id or ''} without a result"
         )
@@ -325,9 +337,12 @@ class GrpcClient:
         req = fleet_pb2.DeployRequest(ref=str(ref), selector=str(selector), dry_run=dry_run)
         if policy is not None:
             req.policy.CopyFrom(policy_to_pb(policy))
+        found: tuple[Rollout, list[RolloutDevice]] | None = None
         for p in self._stream(self._stub.Deploy, req, timeout=self.timeout):
             if p.HasField("rollout"):
-                return rollout_from_pb(p.rollout)
+                found = rollout_from_pb(p.rollout)
+        if found is not None:
+            return found
         raise FleetError(f"coordinator at {self.address} ended Deploy without a rollout")
 
     def list_rollouts(self, *, active_only: bool) -> list[Rollout]:

@@ -71,6 +71,20 @@ def _audit(cli: Cli, home: Path, info: ServeInfo, *args: str) -> list[dict[str, 
     return list(json.loads(r.out))
 
 
+def _wait_until_started(cli: Cli, me: tuple[str, ...], rollout_id: str) -> None:
+    """Until the controller has taken the rollout out of `pending` (reads are not audited)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = cli(*me, "rollouts", "show", rollout_id, "--json")
+        assert r.code == 0, r.err
+        if json.loads(r.out)["state"] != "pending":
+            return
+        time.sleep(0.2)
+    pytest.fail(f"rollout {rollout_id} still pending after 60 s")
+
+
 def test_a_viewer_token_reads_but_cannot_deploy(cli: Cli, op_home: Path, served: ServeInfo) -> None:
     viewer = _token(cli, op_home, served, "ci-viewer", "viewer")
     ls = cli(*_as(op_home, served, viewer), "models", "ls")
@@ -114,6 +128,7 @@ def test_every_operator_action_is_audited_with_the_tokens_name(
         assert r.code == 0, r.err
         rid = json.loads(r.out)["rollout_id"]
         ids.append(rid)
+        _wait_until_started(cli, me, rid)
         assert cli(*me, "rollouts", "pause", rid).code == 0
         assert cli(*me, "rollouts", "resume", rid).code == 0
         done = cli(*me, "rollouts", action, rid)
@@ -134,14 +149,22 @@ def test_every_operator_action_is_audited_with_the_tokens_name(
         ("ControlRollout", "resume", ids[1]),
         ("ControlRollout", "rollback", ids[1]),
     ]
-    assert all(e["result"] == "ok" and e["role"] == "operator" for e in mine), mine
+    assert [(e["result"], e["role"]) for e in mine] == [("ok", "operator")] * len(mine), [
+        (e["action"], e["result"], e["message"]) for e in mine
+    ]
     assert mine[0]["args"] == {"ref": "digits:1", "stage": "production"}
     assert mine[1]["args"]["selector"] == "device=d1"
+    # a call that fails is recorded with the status it ended with
+    r = cli(*me, "models", "promote", "digits:99")
+    assert r.code == 1 and "error (not-found)" in r.err
+    failed = _audit(cli, op_home, served, "--who", "release-bot", "--action", "Promote")[-1]
+    assert (failed["args"]["ref"], failed["result"]) == ("digits:99", "NOT_FOUND")
+    assert "99" in failed["message"]
     # filters, and the table view
     promotes = _audit(cli, op_home, served, "--action", "promote", "--since", "1h")
-    assert [e["who"] for e in promotes] == ["release-bot"]
+    assert [e["who"] for e in promotes] == ["release-bot", "release-bot"]
     table = cli(*_as(op_home, served), "audit", "ls", "--who", "release-bot")
-    assert table.code == 0 and table.out.count("release-bot") == len(mine)
+    assert table.code == 0 and table.out.count("release-bot") == len(mine) + 1
     # the token's creation is in the log too, by the admin token
     created = _audit(cli, op_home, served, "--action", "CreateToken")
     assert ("admin", "release-bot") in {(e["who"], e["args"]["name"]) for e in created}
