@@ -495,15 +495,22 @@ def ensure_admin_token(settings: CloudSettings) -> bool:
 
     if not settings.token_path.exists():
         return False
+    secret = read_token(settings.token_path)
     store = open_access_store(settings.registry_url)
     try:
-        made = store.ensure_token(
-            ADMIN_TOKEN_NAME, ADMIN, read_token(settings.token_path), created_by="fleet init"
-        )
+        made = store.ensure_token(ADMIN_TOKEN_NAME, ADMIN, secret, created_by="fleet init")
+        token = store.authenticate(secret)
     finally:
         store.close()
     if made:
         logger.info("%s registered as the admin token %r", settings.token_path, ADMIN_TOKEN_NAME)
+    elif token is None or not token.active:
+        logger.warning(
+            "%s is not an active token of this coordinator (token %r has another secret or was "
+            "revoked): on this host, 'fleet tokens create NAME --role admin' makes a new one",
+            settings.token_path,
+            ADMIN_TOKEN_NAME,
+        )
     return made
 
 
