@@ -9,23 +9,27 @@ export FLWR_TELEMETRY_ENABLED := 0
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install system-deps test test-slow demo lint bench protos protos-check clean
+.PHONY: install system-deps test test-slow demo lint bench protos protos-check dist clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml packaging/agent/pyproject.toml constraints.txt
 	@$(MAKE) --no-print-directory system-deps
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade "pip>=24" wheel
-	$(PYTHON) -m pip install -q -c constraints.txt -e ".[all]"
+	@# compat: the repository root on sys.path, so edgefleet/ (links to the parts) imports as it is;
+	@# the two distributions share the edgefleet namespace (packaging/agent is edgefleet-agent)
+	$(PYTHON) -m pip install -q -c constraints.txt --config-settings editable_mode=compat -e packaging/agent -e ".[all]"
 	$(PYTHON) -m pip check
 	touch $(STAMP)
 
-# mosquitto and PostgreSQL are what the tests and the demo start on loopback.
+# mosquitto and PostgreSQL are what the tests and the demo start on loopback; systemd-analyze
+# checks the agent's service unit.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system packages:$$missing" >&2; \
@@ -63,5 +67,10 @@ protos-check: protos
 	git diff --exit-code -- protos || { echo "generated protobuf code is stale: run 'make protos' and commit" >&2; exit 1; }
 	test -z "$$(git status --porcelain -- protos)" || { git status --porcelain -- protos; echo "untracked generated files: run 'make protos' and commit" >&2; exit 1; }
 
+# the two wheels: edgefleet-agent (devices) and edgefleet (coordinator, CLI, simulator)
+dist: install
+	rm -rf dist && $(PYTHON) -m pip wheel -q --no-deps --no-build-isolation -w dist ./packaging/agent .
+	@ls -l dist
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo .bench
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo .bench dist build packaging/agent/build

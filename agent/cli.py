@@ -132,6 +132,53 @@ def run(
     asyncio.run(main())
 
 
+service_app = typer.Typer(help="Run the agent as a systemd service.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+
+
+@service_app.command("install")
+def service_install(
+    config: Annotated[
+        Path, typer.Option("--config", help="Agent config the service runs with.")
+    ] = DEFAULT_CONFIG,
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="The only folder the service may write.")
+    ] = Path("/var/lib/edgefleet"),
+    user: Annotated[
+        str, typer.Option("--user", help="System account the agent runs as.")
+    ] = "edgefleet",
+    unit_dir: Annotated[Path, typer.Option("--unit-dir", help="Where systemd units live.")] = Path(
+        "/etc/systemd/system"
+    ),
+    enable: Annotated[
+        bool, typer.Option("--enable", help="Also daemon-reload and enable --now.")
+    ] = False,
+    stdout: Annotated[
+        bool, typer.Option("--print", help="Print the unit instead of writing it.")
+    ] = False,
+) -> None:
+    """Write edgefleet-agent.service for this installation's fleet-agent."""
+    from edgefleet.agent.service import ServiceSpec, install, render_unit, this_executable
+
+    spec = ServiceSpec(
+        executable=this_executable().absolute(),
+        config=config.absolute(),
+        state_dir=state_dir.absolute(),
+        user=user,
+    )
+    if stdout:
+        sys.stdout.write(render_unit(spec))
+        return
+    path = install(spec, unit_dir=unit_dir, enable=enable)
+    sys.stdout.write(f"wrote {path}\n")
+    if not enable:
+        sys.stderr.write(
+            f"next: useradd --system --home {spec.state_dir} {user}; "
+            f"chown {user}: {spec.config}; systemctl daemon-reload; "
+            "systemctl enable --now edgefleet-agent\n"
+        )
+
+
 def _read(path: Path, what: str) -> bytes:
     from edgefleet.protos.errors import NotFound
 

@@ -10,7 +10,7 @@ and the installed wheel all import the same names.
 
 from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("edgefleet")
-except PackageNotFoundError:  # running from a source tree that was never installed
+try:  # this file ships in edgefleet-agent, the part every install has
+    __version__ = version("edgefleet-agent")
+except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"

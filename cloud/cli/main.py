@@ -693,6 +693,12 @@ def status(
         print_status(st)
 
 
+# modules of the `cloud` extra: a `fleet` installed without it says how to add them
+_CLOUD_MODULES = frozenset(
+    {"sqlalchemy", "sqlmodel", "psycopg", "boto3", "botocore", "torch", "onnx", "sklearn"}
+)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 1 FleetError, 2 usage, 130 interrupted)."""
     import click
@@ -714,6 +720,19 @@ def run(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         return 130
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").partition(".")[0]
+        if missing not in _CLOUD_MODULES:
+            raise
+        from edgefleet.cloud.cli.output import err
+
+        err.print(
+            f"[bold red]error[/bold red] (unavailable): this command needs the coordinator's "
+            f"dependencies (no module {missing!r}): pip install 'edgefleet[cloud]'",
+            markup=True,
+            highlight=False,
+        )
+        return 1
     # standalone_mode=False returns an Exit's code instead of raising it
     return rv if isinstance(rv, int) else 0
 
