@@ -203,7 +203,11 @@ class LocalClient:
             self.settings.artifacts, s3_endpoint_url=self.settings.s3_endpoint_url
         )
         return Pipeline(
-            self.registry, store, lambda: load_private_key(self.settings.signing_key_path)
+            self.registry,
+            store,
+            lambda: load_private_key(
+                self.settings.signing_key_path, passphrase=self.settings.passphrase
+            ),
         )
 
     def _require_init(self) -> None:
@@ -222,16 +226,24 @@ class LocalClient:
         return KeyRing(self.settings.keys_dir)
 
     def init(self, *, root_passphrase: bytes | None = None) -> InitResult:
+        """Create FLEET_HOME; everything made here is private to its owner (umask 077)."""
+        old = os.umask(0o077)
+        try:
+            return self._init(root_passphrase=root_passphrase)
+        finally:
+            os.umask(old)
+
+    def _init(self, *, root_passphrase: bytes | None) -> InitResult:
         from edgefleet.cloud.artifacts import open_artifact_store
         from edgefleet.cloud.db import Database
-        from edgefleet.cloud.signing import load_public
+        from edgefleet.cloud.signing import create_keypair, load_public
         from edgefleet.protos.errors import Unavailable
         from edgefleet.protos.manifest import key_id
 
         s = self.settings
         fresh = not s.home_dir.exists()
         try:
-            s.home_dir.mkdir(parents=True, exist_ok=True)
+            s.home_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
             raise Unavailable(f"cannot create FLEET_HOME {s.home_dir}: {e.strerror}") from None
         try:
@@ -240,10 +252,14 @@ class LocalClient:
             store = open_artifact_store(s.artifacts, s3_endpoint_url=s.s3_endpoint_url)
             store.check()
             Database(s.registry_url).close()
-            created = not s.signing_key_path.exists()
+            created = create_keypair(s.signing_key_path, s.public_key_path, passphrase=s.passphrase)
             created_root = self.keyring.ensure(passphrase=root_passphrase)
             created_token = create_token(s.token_path)
+            ensure_admin_token(s)
             cfg = write_config(s)
+            from edgefleet.cloud.home import secure_home
+
+            secure_home(s)
         except BaseException:
             if fresh:  # a failed first init leaves no half-made FLEET_HOME behind
                 import shutil
@@ -543,6 +559,33 @@ def create_token(path: Path) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
     return True
+
+
+def ensure_admin_token(settings: CloudSettings) -> bool:
+    """Make FLEET_HOME/keys/token the admin token named `admin` in the database, unless a
+    token of that name exists (also a revoked one); whether it did."""
+    from edgefleet.cloud.access import open_access_store
+    from edgefleet.cloud.access.model import ADMIN, ADMIN_TOKEN_NAME
+
+    if not settings.token_path.exists():
+        return False
+    secret = read_token(settings.token_path)
+    store = open_access_store(settings.registry_url)
+    try:
+        made = store.ensure_token(ADMIN_TOKEN_NAME, ADMIN, secret, created_by="fleet init")
+        token = store.authenticate(secret)
+    finally:
+        store.close()
+    if made:
+        logger.info("%s registered as the admin token %r", settings.token_path, ADMIN_TOKEN_NAME)
+    elif token is None or not token.active:
+        logger.warning(
+            "%s is not an active token of this coordinator (token %r has another secret or was "
+            "revoked): on this host, 'fleet tokens create NAME --role admin' makes a new one",
+            settings.token_path,
+            ADMIN_TOKEN_NAME,
+        )
+    return made
 
 
 def read_token(path: Path) -> str:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edgefleet.protos.errors import InvalidArgument
@@ -46,6 +46,11 @@ class CloudSettings(BaseSettings):
         default=DEFAULT_MQTT_PORT, ge=0, le=65535, description="managed broker port (0: free)"
     )
     grpc_listen: str = Field(default=DEFAULT_GRPC_LISTEN, description="FleetService address")
+    grpc_tls: bool | None = Field(
+        default=None, description="serve TLS; default: on unless the listener is loopback"
+    )
+    grpc_tls_cert: str = Field(default="", description="FleetService certificate (PEM)")
+    grpc_tls_key: str = Field(default="", description="FleetService private key (PEM)")
     metrics_listen: str = Field(
         default=DEFAULT_METRICS_LISTEN, description="Prometheus /metrics address; empty: off"
     )
@@ -69,6 +74,10 @@ class CloudSettings(BaseSettings):
     # operator CLI talking to a running coordinator
     coordinator: str = Field(default="", description="HOST:PORT of `fleet serve`")
     token: str = Field(default="", description="API token (FLEET_TOKEN)")
+    ca: str = Field(default="", description="CA certificate FleetService is verified with")
+    signing_passphrase: SecretStr | None = Field(
+        default=None, description="passphrase of the signing key (FLEET_SIGNING_PASSPHRASE)"
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -117,6 +126,15 @@ class CloudSettings(BaseSettings):
         return out
 
     @property
+    def passphrase(self) -> bytes | None:
+        p = self.signing_passphrase
+        return p.get_secret_value().encode() if p is not None and p.get_secret_value() else None
+
+    @property
+    def grpc_tls_dir(self) -> Path:
+        return self.home_dir / "tls"
+
+    @property
     def serve_path(self) -> Path:
         return self.home_dir / SERVE_FILE
 
@@ -139,10 +157,12 @@ class ServeInfo:
     pid: int
     metrics: str = ""  # http://HOST:PORT/metrics, empty when off
     fl_superlink: str = ""  # HOST:PORT devices' SuperNodes dial; "" when FL is off
+    grpc_tls: bool = False  # FleetService serves TLS
+    grpc_ca: str = ""  # path of the CA that signed its certificate, when the coordinator made it
 
     def write(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_private(tmp, json.dumps(asdict(self), indent=2) + "\n")
         tmp.replace(path)
 
     @classmethod
@@ -173,6 +193,8 @@ class ServeInfo:
                 pid=int(d["pid"]),
                 metrics=str(d.get("metrics", "")),
                 fl_superlink=str(d.get("fl_superlink") or ""),
+                grpc_tls=bool(d.get("grpc_tls", False)),
+                grpc_ca=str(d.get("grpc_ca") or ""),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -220,5 +242,13 @@ def write_config(settings: CloudSettings) -> Path:
         if value:
             escaped = value.replace("\\", "\\\\").replace('"', '\\"')
             lines.append(f'{key} = "{escaped}"')
-    path.write_text("\n".join(lines) + "\n")
+    write_private(path, "\n".join(lines) + "\n")
     return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by its owner only (0600, also when it existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)

@@ -1,7 +1,8 @@
 """FleetService (protos/fleet/v1/fleet.proto) on grpc.aio, in the coordinator's event loop.
 
-Every call must carry the API token from `fleet init` as metadata
-`authorization: Bearer <token>` (`TokenAuth`). Registry and device-store calls go
+Every call must carry an API token as metadata `authorization: Bearer <token>`;
+`cloud.access.interceptor.AccessInterceptor` checks it and the caller's role, and
+records state-changing calls in the audit log. Registry and device-store calls go
 to worker threads; `Deploy` drives the `Coordinator` and streams one `Progress`
 per device reaching a final state, then a `DeployResult`. FleetErrors become gRPC
 status codes (`protos.grpc_errors`) and come back as the same class in `cloud.remote`.
@@ -13,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -79,50 +79,6 @@ class _Mapped:
             await _abort(self._context, e)
 
 
-class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuse every call whose `authorization` metadata is not `Bearer <token>`."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
-    ) -> Any:
-        got = ""
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                got = value if isinstance(value, str) else value.decode(errors="replace")
-        if got and hmac.compare_digest(got.encode(), self._expected):
-            return await continuation(details)
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        message = (
-            "API token rejected: it does not match the coordinator's FLEET_HOME/keys/token"
-            if got
-            else "no API token: send metadata 'authorization: Bearer <token>' "
-            "(the coordinator's FLEET_HOME/keys/token; fleet --token or FLEET_TOKEN)"
-        )
-        logger.warning("refused %s: %s", details.method, message.split(":")[0])
-
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-        if handler.unary_stream is not None:
-            factory = grpc.unary_stream_rpc_method_handler
-        elif handler.unary_unary is not None:
-            factory = grpc.unary_unary_rpc_method_handler
-        elif handler.stream_unary is not None:
-            factory = grpc.stream_unary_rpc_method_handler
-        else:
-            factory = grpc.stream_stream_rpc_method_handler
-        return factory(
-            deny,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
 # -- the service ------------------------------------------------------------------------
 
 
@@ -175,6 +131,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                 lambda: self.local.promote(
                     ModelRef.parse(request.ref), stage, archive_existing=not request.keep_existing
                 )
+            )
+            logger.info(
+                "promoted %s:%d to %s (archived %s)", mv.model, mv.version, stage, archived or "-"
             )
             return fleet_pb2.PromoteResponse(version=version_to_pb(mv), archived=archived)
 

@@ -1,7 +1,9 @@
 """GrpcClient: the FleetClient protocol over FleetService, for a running `fleet serve`.
 
 Synchronous (the CLI is), one channel per client. Every call carries
-`authorization: Bearer <token>`. A gRPC status comes back as the FleetError it
+`authorization: Bearer <token>`. Streams are read to their end even after the
+result arrived, so a call ends with the server's status (and its audit entry is
+written) rather than with this client hanging up. A gRPC status comes back as the FleetError it
 was raised as on the coordinator, so the CLI prints the same one-line errors
 as in local mode.
 """
@@ -54,26 +56,56 @@ class EpochStat:
 
 
 class GrpcClient:
-    def __init__(self, address: str, token: str, *, timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        *,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        """`tls`: verify the coordinator's certificate against `root_certificates`
+        (PEM; None: the system's roots)."""
         self.address = address
         self.timeout = timeout
+        self.tls = tls
         self._metadata = (("authorization", f"Bearer {token}"),)
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = fleet_pb2_grpc.FleetServiceStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel, for other services' stubs on the same coordinator."""
+        return self._channel
+
+    def call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
+        """A unary call with this client's token, deadline and error mapping."""
+        return self._call(method, request, timeout=timeout)
 
     # -- plumbing
 
     def _fail(self, e: grpc.RpcError) -> NoReturn:
         code = e.code()
         details = e.details() or ""
+        low = details.lower()
         if code == grpc.StatusCode.UNAVAILABLE and (
-            "failed to connect" in details.lower() or "connection refused" in details.lower()
+            "ssl" in low or "handshake" in low or "certificate" in low
+        ):
+            raise Unavailable(
+                f"coordinator at {self.address}: TLS handshake failed ({details.splitlines()[0]}); "
+                "check --ca / FLEET_CA names the CA that signed its certificate"
+            ) from None
+        if code == grpc.StatusCode.UNAVAILABLE and (
+            "failed to connect" in low or "connection refused" in low
         ):
             raise Unavailable(
                 f"coordinator at {self.address} is unreachable ({details.splitlines()[0]}): "
@@ -129,10 +161,11 @@ class GrpcClient:
         req = fleet_pb2.TrainRequest(
             model=name, arch=arch, data=data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr
         )
+        done: ModelVersion | None = None
         for p in self._stream(self._stub.Train, req, timeout=None):
             if p.HasField("version"):
-                return version_from_pb(p.version)
-            if on_epoch is not None and p.step == "epoch":
+                done = version_from_pb(p.version)  # read on to the end: the call's status
+            elif on_epoch is not None and p.step == "epoch":
                 on_epoch(
                     EpochStat(
                         epoch=int(p.done),
@@ -141,6 +174,8 @@ class GrpcClient:
                         train_accuracy=float(p.fields.get("train_accuracy", "nan")),
                     )
                 )
+        if done is not None:
+            return done
         raise FleetError(f"coordinator at {self.address} ended Train without a result")
 
     def quantize(
@@ -155,10 +190,14 @@ class GrpcClient:
         req = fleet_pb2.QuantizeRequest(
             ref=str(ref), variants=list(variants), max_drop=max_drop, force=force
         )
+        done: ModelVersion | None = None
         for p in self._stream(self._stub.Quantize, req, timeout=None):
             if p.HasField("version"):
-                return version_from_pb(p.version)
-            progress(p.step, int(p.done), int(p.total))
+                done = version_from_pb(p.version)
+            else:
+                progress(p.step, int(p.done), int(p.total))
+        if done is not None:
+            return done
         raise FleetError(f"coordinator at {self.address} ended Quantize without a result")
 
     def import_model(self, path: Path, name: str, *, eval_data: Path | None) -> ModelVersion:
@@ -248,9 +287,12 @@ class GrpcClient:
         req = fleet_pb2.DeployRequest(ref=str(ref), selector=str(selector), dry_run=dry_run)
         if policy is not None:
             req.policy.CopyFrom(policy_to_pb(policy))
+        found: tuple[Rollout, list[RolloutDevice]] | None = None
         for p in self._stream(self._stub.Deploy, req, timeout=self.timeout):
             if p.HasField("rollout"):
-                return rollout_from_pb(p.rollout)
+                found = rollout_from_pb(p.rollout)
+        if found is not None:
+            return found
         raise FleetError(f"coordinator at {self.address} ended Deploy without a rollout")
 
     def list_rollouts(self, *, active_only: bool) -> list[Rollout]:

@@ -5,6 +5,7 @@ The tables live beside their stores; importing this module registers all of them
 
 from __future__ import annotations
 
+from edgefleet.cloud.access import store as _access
 from edgefleet.cloud.db import metadata
 from edgefleet.cloud.devices import store as _devices
 from edgefleet.cloud.drift import alerts as _alerts
@@ -16,4 +17,4 @@ from edgefleet.cloud.telemetry import store as _telemetry
 __all__ = ["TABLE_MODULES", "metadata"]
 
 #: the modules that declare tables (a new table goes in one of them, or a new one here)
-TABLE_MODULES = (_registry, _devices, _rollouts, _telemetry, _alerts, _fl)
+TABLE_MODULES = (_registry, _devices, _rollouts, _telemetry, _alerts, _fl, _access)

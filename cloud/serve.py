@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -23,9 +22,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from edgefleet.cloud.access import open_access_store
 from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
-from edgefleet.cloud.client import LocalClient, read_token
+from edgefleet.cloud.client import LocalClient, ensure_admin_token
 from edgefleet.cloud.config import CloudSettings, ServeInfo
+from edgefleet.cloud.grpc_tls import server_tls
+from edgefleet.cloud.home import secure_home
 from edgefleet.cloud.identity import BrokerAuth, IdentityStore, write_broker_material
 from edgefleet.protos.backoff import Backoff
 from edgefleet.protos.errors import InvalidArgument, Unavailable
@@ -35,16 +37,6 @@ from edgefleet.protos.transport import MqttAccess
 logger = logging.getLogger(__name__)
 
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_listen(address: str) -> tuple[str, int]:
@@ -125,26 +117,32 @@ async def serve(
     """Run the coordinator until `shutdown()` returns."""
     import grpc
 
+    from edgefleet.cloud.access.interceptor import AccessInterceptor
+    from edgefleet.cloud.access.service import AccessServicer
     from edgefleet.cloud.coordinator import Coordinator
     from edgefleet.cloud.fl.service import FederatedServicer
-    from edgefleet.cloud.grpc_service import FleetServicer, TokenAuth
+    from edgefleet.cloud.grpc_service import FleetServicer
     from edgefleet.cloud.inbound import Refusals
     from edgefleet.cloud.keys import KeyRing
     from edgefleet.cloud.monitoring import Monitoring
     from edgefleet.cloud.rollouts.controller import RolloutController
     from edgefleet.cloud.signing import load_private_key
-    from edgefleet.protos.fleet.v1 import federated_pb2_grpc, fleet_pb2_grpc
+    from edgefleet.protos.fleet.v1 import access_pb2_grpc, federated_pb2_grpc, fleet_pb2_grpc
 
     host, _port = check_listen(settings.grpc_listen)
     local = LocalClient(settings)
     local._require_init()
-    token = read_token(settings.token_path)
-    if not _is_loopback(host):
-        logger.warning(
-            "FleetService listens on %s without TLS: the API token crosses the network in clear; "
-            "put it behind a TLS-terminating proxy or a VPN",
-            settings.grpc_listen,
-        )
+    secure_home(settings)
+    load_private_key(settings.signing_key_path, passphrase=settings.passphrase)  # fail now
+    ensure_admin_token(settings)  # a home made before named tokens: its token is `admin`
+    tls = server_tls(
+        listen=settings.grpc_listen,
+        cert=settings.grpc_tls_cert,
+        key=settings.grpc_tls_key,
+        force=settings.grpc_tls,
+        tls_dir=settings.grpc_tls_dir,
+    )
+    tokens = open_access_store(local.database)
 
     broker: ManagedBroker | None = None
     broker_stop = asyncio.Event()
@@ -216,7 +214,9 @@ async def serve(
                 registry=local.registry,
                 store=local.pipeline.store,
                 devices=local.devices,
-                signing_key=lambda: load_private_key(settings.signing_key_path),
+                signing_key=lambda: load_private_key(
+                    settings.signing_key_path, passphrase=settings.passphrase
+                ),
                 key_list=keyring.key_list_bytes,
                 telemetry=False,
                 refusals=refusals,
@@ -241,7 +241,7 @@ async def serve(
             control_task = asyncio.create_task(controller.run(), name="rollout-controller")
             try:
                 server = grpc.aio.server(
-                    interceptors=[TokenAuth(token)],
+                    interceptors=[AccessInterceptor(tokens)],
                     options=[
                         ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                         ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
@@ -260,8 +260,12 @@ async def serve(
                 federated_pb2_grpc.add_FederatedServiceServicer_to_server(
                     FederatedServicer(federation), server
                 )
+                access_pb2_grpc.add_AccessServiceServicer_to_server(AccessServicer(tokens), server)
                 try:
-                    port = int(server.add_insecure_port(settings.grpc_listen))
+                    if tls is not None:
+                        port = int(server.add_secure_port(settings.grpc_listen, tls.credentials()))
+                    else:
+                        port = int(server.add_insecure_port(settings.grpc_listen))
                 except RuntimeError as e:
                     raise Unavailable(
                         f"cannot listen on {settings.grpc_listen!r} for FleetService: {e}"
@@ -275,9 +279,16 @@ async def serve(
                     pid=os.getpid(),
                     metrics=monitoring.metrics_url,
                     fl_superlink=federation.address if federation else "",
+                    grpc_tls=tls is not None,
+                    grpc_ca=str(tls.ca) if tls is not None and tls.ca is not None else "",
                 )
                 info.write(settings.serve_path)
-                logger.info("FleetService on %s; broker %s", info.grpc, broker_url)
+                logger.info(
+                    "FleetService on %s (%s); broker %s",
+                    info.grpc,
+                    f"TLS, CA {tls.ca or 'given'}" if tls is not None else "plain, loopback",
+                    broker_url,
+                )
                 if on_ready is not None:
                     on_ready(info)
                 await _until_shutdown(shutdown, supervisor)
@@ -304,6 +315,7 @@ async def serve(
         if current is not None and current.pid == os.getpid():
             settings.serve_path.unlink(missing_ok=True)
         local.close()
+        tokens.close()
 
 
 def advertised_url(listeners: list[tuple[str, int]]) -> str:

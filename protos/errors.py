@@ -73,6 +73,13 @@ class Unauthenticated(FleetError):
     kind = "unauthenticated"
 
 
+class PermissionDenied(FleetError):
+    """A known caller whose role may not do this (e.g. a viewer token calling Deploy)."""
+
+    code = errors_pb2.ERROR_CODE_PERMISSION_DENIED
+    kind = "permission-denied"
+
+
 _BY_CODE: dict[int, type[FleetError]] = {
     cls.code: cls
     for cls in (
@@ -84,6 +91,7 @@ _BY_CODE: dict[int, type[FleetError]] = {
         Unavailable,
         DataLoss,
         Unauthenticated,
+        PermissionDenied,
     )
 }
 
@@ -95,6 +103,7 @@ __all__ = [
     "FleetError",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "Unauthenticated",
     "Unavailable",
 ]

@@ -11,6 +11,7 @@ from edgefleet.protos.errors import (
     FleetError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unauthenticated,
     Unavailable,
 )
@@ -24,6 +25,7 @@ STATUS_OF: tuple[tuple[type[FleetError], grpc.StatusCode], ...] = (
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (DataLoss, grpc.StatusCode.DATA_LOSS),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 

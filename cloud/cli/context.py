@@ -26,6 +26,7 @@ class State:
     s3_endpoint_url: str | None
     coordinator: str | None = None
     token: str | None = None
+    ca: str | None = None
     _client: Any = field(default=None, repr=False)
     _settings: Any = field(default=None, repr=False)
 
@@ -43,6 +44,7 @@ def settings_of(ctx: typer.Context, **serve_options: Any) -> CloudSettings:
             s3_endpoint_url=state.s3_endpoint_url,
             coordinator=state.coordinator,
             token=state.token,
+            ca=state.ca,
             **serve_options,
         )
     settings: CloudSettings = state._settings
@@ -51,12 +53,29 @@ def settings_of(ctx: typer.Context, **serve_options: Any) -> CloudSettings:
 
 def _remote(ctx: typer.Context, settings: CloudSettings, address: str) -> Any:
     from edgefleet.cloud.client import read_token
+    from edgefleet.cloud.config import ServeInfo
+    from edgefleet.cloud.grpc_tls import client_roots
     from edgefleet.cloud.remote import GrpcClient
 
     token = settings.token or read_token(settings.token_path)
-    client = GrpcClient(address, token)
+    info = ServeInfo.read(settings.serve_path)
+    mine = info is not None and info.grpc == address
+    tls, roots = client_roots(
+        address,
+        ca=settings.ca,
+        serve_ca=(info.grpc_ca if info is not None and mine else None),
+        serve_tls=bool(info is not None and mine and info.grpc_tls),
+        home_ca=settings.grpc_tls_dir / "ca.crt",
+    )
+    client = GrpcClient(address, token, tls=tls, root_certificates=roots)
     ctx.find_root().call_on_close(client.close)
     return client
+
+
+def remote_of(ctx: typer.Context) -> Any:
+    """A GrpcClient for --coordinator (None without it)."""
+    settings = settings_of(ctx)
+    return _remote(ctx, settings, settings.coordinator) if settings.coordinator else None
 
 
 def client_of(ctx: typer.Context) -> Any:
@@ -69,7 +88,10 @@ def client_of(ctx: typer.Context) -> Any:
         if settings.coordinator:
             state._client = _remote(ctx, settings, settings.coordinator)
         else:
-            state._client = LocalClient(settings)
+            from edgefleet.cloud.access.client import AuditedClient, Auditor, local_user
+
+            local = LocalClient(settings)
+            state._client = AuditedClient(local, Auditor(settings.registry_url, local_user()))
             ctx.find_root().call_on_close(state._client.close)
     return state._client
 

@@ -137,7 +137,10 @@ def enroll(
     out_file: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Write the enrolment bundle here (mode 0600); default: stdout."
+            "--out",
+            "-o",
+            help="Write the enrolment bundle here (mode 0600); '-': stdout. Required: a bundle "
+            "holds the device's private key and password.",
         ),
     ] = None,
     fl: Annotated[
@@ -151,9 +154,14 @@ def enroll(
 ) -> None:
     """Enrol a device and write its enrolment bundle (JSON) for `fleet-agent enroll`."""
     from edgefleet.cloud.cli.output import err
-    from edgefleet.protos.errors import Unavailable
+    from edgefleet.protos.errors import InvalidArgument, Unavailable
 
     tags = parse_tags(tag)
+    if out_file is None:
+        raise InvalidArgument(
+            f"the bundle for {device_id} holds its private key and password: write it with "
+            "--out FILE (mode 0600), or print it with --out -"
+        )
     client = client_of(ctx)
 
     def bundle_text() -> str:
@@ -164,7 +172,7 @@ def enroll(
             bundle["fl"] = enroll_fl(ctx, device_id).to_json()
         return json.dumps(bundle, indent=2)
 
-    if out_file is None:
+    if str(out_file) == "-":
         typer.echo(bundle_text())
         return
     # open the file first: a bundle that cannot be written must not leave a device enrolled

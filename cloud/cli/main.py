@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from edgefleet.cloud.cli import audit as audit_cli
 from edgefleet.cloud.cli import broker as broker_cli
 from edgefleet.cloud.cli import db as db_cli
 from edgefleet.cloud.cli import devices as devices_cli
@@ -24,6 +25,7 @@ from edgefleet.cloud.cli import keys as keys_cli
 from edgefleet.cloud.cli import models as models_cli
 from edgefleet.cloud.cli import rollouts as rollouts_cli
 from edgefleet.cloud.cli import sim as sim_cli
+from edgefleet.cloud.cli import tokens as tokens_cli
 from edgefleet.cloud.cli.context import State, client_of, coordinator_of, settings_of
 from edgefleet.protos.errors import FleetError
 
@@ -40,6 +42,8 @@ app.add_typer(fl_cli.app, name="fl")
 app.add_typer(db_cli.app, name="db")
 app.add_typer(broker_cli.app, name="broker")
 app.add_typer(keys_cli.app, name="keys")
+app.add_typer(tokens_cli.app, name="tokens")
+app.add_typer(audit_cli.app, name="audit")
 app.command("sim")(sim_cli.sim)
 app.command("drift")(drift_cli.drift)
 app.command("alerts")(drift_cli.alerts)
@@ -114,6 +118,15 @@ def main_callback(
             help="API token for --coordinator (default: FLEET_HOME/keys/token).",
         ),
     ] = None,
+    ca: Annotated[
+        str | None,
+        typer.Option(
+            "--ca",
+            envvar="FLEET_CA",
+            help="CA certificate (PEM) to verify --coordinator's TLS with "
+            "[env FLEET_CA; default: the one in FLEET_HOME/tls, else the system's].",
+        ),
+    ] = None,
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")
     ] = 0,
@@ -132,6 +145,7 @@ def main_callback(
         s3_endpoint_url=s3_endpoint_url,
         coordinator=coordinator,
         token=token,
+        ca=ca,
     )
 
 
@@ -160,6 +174,14 @@ def init(
         ),
     ] = None,
     root_passphrase: keys_cli.PassphraseOpt = None,
+    encrypt_key: Annotated[
+        bool,
+        typer.Option(
+            "--encrypt-key",
+            help="Encrypt the new signing key with a passphrase (FLEET_SIGNING_PASSPHRASE, "
+            "else asked for); `fleet serve` then needs the same passphrase.",
+        ),
+    ] = False,
 ) -> None:
     """Create FLEET_HOME: config, registry database, artifact store, root and signing keys,
     API token.
@@ -176,7 +198,17 @@ def init(
         state.artifacts, state._settings = artifacts, None
     if s3_endpoint_url:
         state.s3_endpoint_url, state._settings = s3_endpoint_url, None
-    result = LocalClient(settings_of(ctx)).init(
+    settings = settings_of(ctx)
+    if encrypt_key and settings.passphrase is None:
+        from pydantic import SecretStr
+
+        phrase = typer.prompt(
+            "signing key passphrase", hide_input=True, confirmation_prompt=True, err=True
+        )
+        settings = settings.model_copy(update={"signing_passphrase": SecretStr(phrase)})
+    elif not encrypt_key and settings.passphrase is not None:
+        encrypt_key = True  # FLEET_SIGNING_PASSPHRASE set: use it
+    result = LocalClient(settings).init(
         root_passphrase=root_passphrase.encode() if root_passphrase else None
     )
     out.print(f"FLEET_HOME  {result.home}")
@@ -190,8 +222,10 @@ def init(
     )
     out.print(
         f"api token   {result.home / 'keys' / 'token'} "
-        f"({'created' if result.created_token else 'kept existing'})"
+        f"({'created' if result.created_token else 'kept existing'}; token 'admin')"
     )
+    if encrypt_key and result.created_key:
+        err.print("signing key encrypted: set FLEET_SIGNING_PASSPHRASE for 'fleet serve'")
     err.print(f"settings written to {result.config}")
 
 
@@ -361,6 +395,31 @@ def serve(
             "[env FLEET_MQTT_LISTEN; default: loopback only].",
         ),
     ] = None,
+    grpc_tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--grpc-tls/--no-grpc-tls",
+            envvar="FLEET_GRPC_TLS",
+            help="Serve FleetService over TLS [env FLEET_GRPC_TLS; default: on unless "
+            "--grpc-listen is loopback; a certificate is made in FLEET_HOME/tls if none given].",
+        ),
+    ] = None,
+    grpc_tls_cert: Annotated[
+        str | None,
+        typer.Option(
+            "--grpc-tls-cert",
+            envvar="FLEET_GRPC_TLS_CERT",
+            help="FleetService certificate chain (PEM) [env FLEET_GRPC_TLS_CERT].",
+        ),
+    ] = None,
+    grpc_tls_key: Annotated[
+        str | None,
+        typer.Option(
+            "--grpc-tls-key",
+            envvar="FLEET_GRPC_TLS_KEY",
+            help="Its private key (PEM) [env FLEET_GRPC_TLS_KEY].",
+        ),
+    ] = None,
     graceful_timeout: Annotated[
         float,
         typer.Option("--graceful-timeout", min=0, help="Seconds calls in flight get at shutdown."),
@@ -411,10 +470,22 @@ def serve(
         fl=fl,
         fl_listen=fl_listen,
         fl_advertise=fl_advertise,
+        grpc_tls=grpc_tls,
+        grpc_tls_cert=grpc_tls_cert,
+        grpc_tls_key=grpc_tls_key,
     )
+    if settings.passphrase is None and sys.stdin.isatty():
+        from edgefleet.cloud.signing import is_encrypted
+
+        if is_encrypted(settings.signing_key_path):
+            from pydantic import SecretStr
+
+            phrase = typer.prompt("signing key passphrase", hide_input=True, err=True)
+            settings = settings.model_copy(update={"signing_passphrase": SecretStr(phrase)})
 
     def ready(info: ServeInfo) -> None:
-        err.print(f"FleetService on {info.grpc}; broker {info.broker_url}; pid {info.pid}")
+        tls = f"TLS, CA {info.grpc_ca or 'given'}" if info.grpc_tls else "plain"
+        err.print(f"FleetService on {info.grpc} ({tls}); broker {info.broker_url}; pid {info.pid}")
         if info.metrics:
             err.print(f"metrics on {info.metrics}")
         if info.fl_superlink:

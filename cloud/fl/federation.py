@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from edgefleet.cloud.config import CloudSettings
 from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.fl.canary import CanaryPlan, start_canary
+from edgefleet.cloud.fl.gateway import FleetApiGateway
 from edgefleet.cloud.fl.selection import select_participants
 from edgefleet.cloud.fl.store import FlRun, FlStore
 from edgefleet.cloud.fl.superlink import SuperLink, SuperLinkOptions
@@ -151,6 +152,7 @@ class Federation:
             )
         self._host, self._port = host.strip("[]"), int(port)
         self.superlink: SuperLink | None = None
+        self.gateway: FleetApiGateway | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
         self._stop = asyncio.Event()
@@ -158,7 +160,7 @@ class Federation:
     @property
     def address(self) -> str:
         """What devices dial (advertised), once the SuperLink listens."""
-        listening = self.superlink.address if self.superlink else ""
+        listening = self.gateway.address if self.gateway else ""
         return advertised(self.settings, listening)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -168,12 +170,16 @@ class Federation:
         tls = await asyncio.to_thread(
             ensure_tls, self.settings.fl_dir / "tls", hosts=[self._host, adv_host]
         )
+        # the SuperLink (all of Flower's APIs) on loopback only; devices reach the
+        # Fleet API alone, through the gateway on --fl-listen (cloud.fl.gateway)
         self.superlink = SuperLink(
-            SuperLinkOptions(
-                state_dir=self.settings.fl_dir, host=self._host, port=self._port, tls=tls
-            )
+            SuperLinkOptions(state_dir=self.settings.fl_dir, host="127.0.0.1", port=0, tls=tls)
         )
         await asyncio.to_thread(self.superlink.start)
+        self.gateway = FleetApiGateway(
+            host=self._host, port=self._port, upstream=self.superlink.address, tls=tls
+        )
+        await self.gateway.start()
         failed = await asyncio.to_thread(
             self.store.fail_unfinished, "the coordinator restarted while this run was going"
         )
@@ -187,6 +193,8 @@ class Federation:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.gateway is not None:
+            await self.gateway.stop()
         if self.superlink is not None:
             await asyncio.to_thread(self.superlink.stop)
 

@@ -76,14 +76,21 @@ def _cert_names(path: Path) -> set[str]:
     )
 
 
-def ensure_tls(directory: Path, *, hosts: Iterable[str] = ()) -> TlsFiles:
+def ensure_tls(
+    directory: Path,
+    *,
+    hosts: Iterable[str] = (),
+    ca_name: str = "edgefleet FL CA",
+    server_name: str = "edgefleet superlink",
+) -> TlsFiles:
     """The CA and a server certificate valid for loopback and `hosts` (made if missing)."""
     files = TlsFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = dt.datetime.now(dt.UTC)
     ca_key_path = directory / "ca.key"
     if not files.ca_cert.exists() or not ca_key_path.exists():
         ca_key = ec.generate_private_key(ec.SECP384R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefleet FL CA")])
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
         ca = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -122,7 +129,7 @@ def ensure_tls(directory: Path, *, hosts: Iterable[str] = ()) -> TlsFiles:
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefleet superlink")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

@@ -415,7 +415,7 @@ def test_a_device_on_another_host_connects_over_tls_and_is_served_a_model(
             assert b["broker_url"] == f"mqtts://{here}:{port}"
             assert "BEGIN CERTIFICATE" in b["client_certificate"]
             # a second device that is not on the other host: its credential is not used there
-            assert cli(*h, "devices", "enroll", "bystander").code == 0
+            assert cli(*h, "devices", "enroll", "bystander", "--out", "-").code == 0
 
             device = tmp_path / "device"
             in_ns = ["ip", "netns", "exec", ns, sys.executable, "-m", "edgefleet.agent.cli"]

@@ -180,7 +180,7 @@ def test_enroll_writes_a_bundle_and_devices_lists_it(
     assert cli(*h, "devices", "ls", "--json").out == listed.out
     shown = cli(*h, "--coordinator", served.grpc, "devices", "show", "d1", "--json")
     assert json.loads(shown.out)["tags"] == {"site": "lab"}
-    again = cli(*h, "--coordinator", served.grpc, "devices", "enroll", "d1")
+    again = cli(*h, "--coordinator", served.grpc, "devices", "enroll", "d1", "--out", "-")
     assert again.code == 1
     assert "error (already-exists)" in again.err
     # local enrolment names the running coordinator's broker too
@@ -194,7 +194,7 @@ def test_enroll_writes_a_bundle_and_devices_lists_it(
 
 def test_deploy_to_a_device_never_online_fails(cli: Cli, home: Path, served: ServeInfo) -> None:
     h = ("--home", str(home))
-    assert cli(*h, "devices", "enroll", "d-never").code == 0
+    assert cli(*h, "devices", "enroll", "d-never", "--out", "-").code == 0
     r = cli(*h, "deploy", "digits:1", "--to", "device=d-never", "--timeout", "5")
     assert r.code == 1
     assert "d-never" in r.err

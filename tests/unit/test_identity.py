@@ -193,7 +193,11 @@ def test_enrol_bundles_carry_a_credential_and_broker_acl_writes_the_material(
     cert = x509.load_pem_x509_certificate(bundle["client_certificate"].encode())
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cam-1"
     # enrolling the id again is refused and leaves the device's credential valid
-    again = cli("devices", "enroll", "cam-1")
+    # a bundle holds a private key and a password: never printed unless asked for
+    unasked = cli("devices", "enroll", "cam-2")
+    assert unasked.code == 1 and "--out FILE (mode 0600), or print it with --out -" in unasked.err
+    assert "BEGIN" not in unasked.out
+    again = cli("devices", "enroll", "cam-1", "--out", "-")
     assert again.code != 0 and "already enrolled" in again.err
     ids = IdentityStore(fleet_home / "keys" / "mqtt")
     assert verify_password(bundle["password"], ids.password_hashes(kind="device")["cam-1"])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&edgefleet/protos/fleet/v1/errors.proto\x12\x08\x66leet.v1*\x89\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x02\x12\x1d\n\x19\x45RROR_CODE_ALREADY_EXISTS\x10\x03\x12\x17\n\x13\x45RROR_CODE_CONFLICT\x10\x04\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x05\x12\x18\n\x14\x45RROR_CODE_DATA_LOSS\x10\x06\x12\x1e\n\x1a\x45RROR_CODE_UNAUTHENTICATED\x10\x07\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&edgefleet/protos/fleet/v1/errors.proto\x12\x08\x66leet.v1*\xab\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x02\x12\x1d\n\x19\x45RROR_CODE_ALREADY_EXISTS\x10\x03\x12\x17\n\x13\x45RROR_CODE_CONFLICT\x10\x04\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x05\x12\x18\n\x14\x45RROR_CODE_DATA_LOSS\x10\x06\x12\x1e\n\x1a\x45RROR_CODE_UNAUTHENTICATED\x10\x07\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x08\x12 \n\x1c\x45RROR_CODE_PERMISSION_DENIED\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefleet.protos.fleet.v1.e
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORCODE']._serialized_start=53
-  _globals['_ERRORCODE']._serialized_end=318
+  _globals['_ERRORCODE']._serialized_end=352
 # @@protoc_insertion_point(module_scope)

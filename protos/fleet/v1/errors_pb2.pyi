@@ -37,6 +37,8 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_UNAUTHENTICATED: _ErrorCode.ValueType  # 7
     """bad signature, unknown key, bad token"""
     ERROR_CODE_INTERNAL: _ErrorCode.ValueType  # 8
+    ERROR_CODE_PERMISSION_DENIED: _ErrorCode.ValueType  # 9
+    """a valid token whose role may not make this call"""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """Error codes shared by the coordinator, the agent and the CLI. Each maps to one
@@ -58,4 +60,6 @@ ERROR_CODE_DATA_LOSS: ErrorCode.ValueType  # 6
 ERROR_CODE_UNAUTHENTICATED: ErrorCode.ValueType  # 7
 """bad signature, unknown key, bad token"""
 ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 8
+ERROR_CODE_PERMISSION_DENIED: ErrorCode.ValueType  # 9
+"""a valid token whose role may not make this call"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
