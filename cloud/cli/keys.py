@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -44,6 +44,17 @@ def _ring(ctx: typer.Context, root_key: Path | None = None) -> KeyRing:
     from edgefleet.cloud.keys import KeyRing
 
     return KeyRing(settings_of(ctx).keys_dir, root_key=root_key)
+
+
+def _audited(ctx: typer.Context, action: str, args: dict[str, object], work: Any) -> Any:
+    """Run `work()` and record it in the audit log as the local user (`fleet audit ls`)."""
+    from edgefleet.cloud.access.client import Auditor, local_user
+
+    auditor = Auditor(settings_of(ctx).registry_url, local_user())
+    try:
+        return auditor.run(action, dict(args), work)
+    finally:
+        auditor.close()
 
 
 def _when(ms: int) -> str:
@@ -103,9 +114,15 @@ def rotate(
     stays accepted (what it signed keeps working) until `fleet keys revoke`."""
     from edgefleet.cloud.cli.output import err, out
 
-    kl, kid = _ring(ctx, root_key).rotate(
-        passphrase=root_passphrase.encode() if root_passphrase else None,
-        expires_days=expires_days,
+    ring = _ring(ctx, root_key)
+    kl, kid = _audited(
+        ctx,
+        "RotateKeys",
+        {"expires_days": expires_days},
+        lambda: ring.rotate(
+            passphrase=root_passphrase.encode() if root_passphrase else None,
+            expires_days=expires_days,
+        ),
     )
     out.print(f"signing key {kid} (key list version {kl.version})")
     err.print("a running 'fleet serve' publishes the new key list to devices (retained)")
@@ -122,8 +139,14 @@ def revoke(
     Revoking the key that signs now rotates to a new one first."""
     from edgefleet.cloud.cli.output import err, out
 
-    kl, kid = _ring(ctx, root_key).revoke(
-        key_id, passphrase=root_passphrase.encode() if root_passphrase else None
+    ring = _ring(ctx, root_key)
+    kl, kid = _audited(
+        ctx,
+        "RevokeKey",
+        {"key_id": key_id},
+        lambda: ring.revoke(
+            key_id, passphrase=root_passphrase.encode() if root_passphrase else None
+        ),
     )
     out.print(f"revoked {key_id}; signing key {kid} (key list version {kl.version})")
     err.print(

@@ -201,6 +201,13 @@ def test_local_cli_actions_are_audited_as_the_unix_user(cli: Cli, op_home: Path)
         ("digits:1", "ok"),
         ("digits:99", "NOT_FOUND"),
     ]
+    # device revocation and key rotation are operator actions too
+    assert cli(*h, "devices", "enroll", "aud-1", "--out", "-").code == 0
+    assert cli(*h, "devices", "revoke", "aud-1").code == 0
+    assert cli(*h, "keys", "rotate").code == 0
+    r = cli(*h, "audit", "ls", "--json", "--who", local_user())
+    done = [(e["action"], e["result"]) for e in json.loads(r.out)]
+    assert ("RevokeDevice", "ok") in done and ("RotateKeys", "ok") in done
 
 
 def test_fleet_serve_over_tls_with_a_generated_certificate(
