@@ -135,6 +135,9 @@ def wheelhouse(
     constraints: Annotated[
         Path | None, typer.Option("--constraint", "-c", help="pip constraints file.")
     ] = None,
+    index_url: Annotated[
+        str, typer.Option("--index-url", help="Registry mirror (default: pip's).")
+    ] = "",
     dry_run: Annotated[
         bool, typer.Option("--print", help="Print the pip command instead of running it.")
     ] = False,
@@ -152,6 +155,7 @@ def wheelhouse(
         agent_wheel=agent_wheel,
         extras=tuple(extra or ()),
         constraints=constraints,
+        index_url=index_url,
     )
     if agent_wheel is not None and not agent_wheel.is_file():
         from edgefleet.protos.errors import NotFound

@@ -32,6 +32,8 @@ class WheelhouseSpec:
     agent_wheel: Path | None = None
     extras: tuple[str, ...] = ()
     constraints: Path | None = None
+    #: a registry mirror (e.g. a piwheels-style index for armv7l); default: pip's own
+    index_url: str = ""
     pip: tuple[str, ...] = (sys.executable, "-m", "pip")
 
     def __post_init__(self) -> None:
@@ -99,6 +101,8 @@ def pip_command(spec: WheelhouseSpec) -> list[str]:
     ]
     if spec.constraints is not None:
         cmd += ["--constraint", str(spec.constraints)]
+    if spec.index_url:
+        cmd += ["--index-url", spec.index_url]
     if spec.agent_wheel is not None:
         extras = f"[{','.join(spec.extras)}]" if spec.extras else ""
         cmd.append(f"{AGENT_DISTRIBUTION}{extras} @ {spec.agent_wheel.absolute().as_uri()}")
