@@ -107,6 +107,8 @@ class Updater:
         self._lock = asyncio.Lock()
         self.state = UpdateState.IDLE
         self.accepted_generation = self.slots.generation
+        #: the generation of the last verified desired state received (applied or not)
+        self.last_desired_generation = 0
 
     # -- startup ------------------------------------------------------------------
 
@@ -152,6 +154,7 @@ class Updater:
                 self._refuse("desired_malformed", str(e))
                 return
             self._parked = None
+            self.last_desired_generation = desired.generation
             if desired.generation <= self.accepted_generation and self.state != UpdateState.IDLE:
                 if desired.generation < self.accepted_generation:
                     logger.info(

@@ -176,7 +176,9 @@ def test_offline_install_activates_and_is_reported_after_reconnect(
             assert rep["last_known_good"]["sha256"] == v1
             assert "installed offline" in rep["detail"] and "digits-2-fp32.onnx" in rep["detail"]
             # the retained desired state (digits:1, same generation) does not undo it
-            await asyncio.sleep(1.0)
+            async with asyncio.timeout(30):
+                while agent.updater.last_desired_generation != gen:
+                    await asyncio.sleep(0.05)
             assert agent.holder.active is not None and agent.holder.active.ref.sha256 == v2
             assert not (state_dir / RECORD_FILE).exists()  # reported once
             d = await asyncio.to_thread(devices.get, "k1")
