@@ -14,7 +14,9 @@ The agent and an install never share a state directory: each holds an exclusive
 install refuses with `Conflict` while a running agent holds it. The lock goes with
 the process, so a killed agent leaves none behind.
 
-After an install, ``STATE_DIR/offline-install.json`` records it; the agent reports
+Run as root for a service running as its own user, what the install wrote is given to
+the state directory's owner. After an install, ``STATE_DIR/offline-install.json``
+records it; the agent reports
 the model active with reason ``OFFLINE_INSTALL`` the next time it connects, then
 removes the record (`pending_report`, `clear_report`).
 """
@@ -133,6 +135,7 @@ def install(
             "installed_at_ms": int(time.time() * 1000),
         }
         _write_record(state_dir, record)
+        _give_to_owner(state_dir)
         logger.info("installed %s offline from %s", manifest.ref, artifact)
         return OfflineInstall(
             str(manifest.ref),
@@ -195,6 +198,21 @@ def _read(path: Path, what: str, *, limit: int = 0) -> bytes:
         raise NotFound(f"{what} {path} not found") from None
     except IsADirectoryError:
         raise InvalidArgument(f"{what} {path} is a directory, not a file") from None
+
+
+def _give_to_owner(state_dir: Path) -> None:
+    """Run as root (`sudo fleet-agent install`) for a service running as its own user:
+    what the install wrote goes to the state directory's owner, or the agent could not
+    replace it later."""
+    if os.geteuid() != 0:
+        return
+    st = state_dir.stat()
+    models = state_dir / "models"
+    written = [models, *models.iterdir()]
+    written += [state_dir / n for n in ("slots.json", "slots.json.bak", RECORD_FILE)]
+    for path in written:
+        if path.exists() and (path.stat().st_uid, path.stat().st_gid) != (st.st_uid, st.st_gid):
+            os.chown(path, st.st_uid, st.st_gid)
 
 
 def _write_record(state_dir: Path, record: dict[str, object]) -> None:

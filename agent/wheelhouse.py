@@ -21,6 +21,8 @@ AGENT_DISTRIBUTION = "edgefleet-agent"
 #: the agent-only pyproject in a source checkout (used when the distribution is not installed)
 _SOURCE_PYPROJECT = Path(__file__).resolve().parents[1] / "packaging" / "agent" / "pyproject.toml"
 _PLATFORM = re.compile(r"[a-z0-9_]+")  # manylinux2014_aarch64, linux_armv7l, …
+_MANYLINUX = re.compile(r"manylinux(?:2014|_2_(\d+))_([a-z0-9_]+)")
+_MANYLINUX2014_GLIBC = 17
 _PYTHON = re.compile(r"3\.\d{1,2}")
 
 
@@ -84,14 +86,30 @@ def _source_requirements() -> list[str]:
     return reqs
 
 
+def platform_tags(platform: str) -> list[str]:
+    """The wheel platform tags a device with `platform` installs, newest first.
+
+    A manylinux tag names the device's glibc (``manylinux_2_36_aarch64``: Debian 12):
+    every older manylinux tag of the same architecture fits it too, as pip itself
+    reckons for the machine it runs on (``manylinux2014`` is glibc 2.17). Other tags
+    (``linux_armv7l``) stand alone.
+    """
+    m = _MANYLINUX.fullmatch(platform)
+    if m is None:
+        return [platform]
+    glibc = int(m.group(1)) if m.group(1) else _MANYLINUX2014_GLIBC
+    arch = m.group(2)
+    tags = [f"manylinux_2_{v}_{arch}" for v in range(glibc, _MANYLINUX2014_GLIBC - 1, -1)]
+    return [*tags, f"manylinux2014_{arch}"]
+
+
 def pip_command(spec: WheelhouseSpec) -> list[str]:
     """The `pip download` command line that fills `spec.out`."""
     cmd = [
         *spec.pip,
         "download",
         "--only-binary=:all:",
-        "--platform",
-        spec.platform,
+        *(a for tag in platform_tags(spec.platform) for a in ("--platform", tag)),
         "--python-version",
         spec.python,
         "--implementation",

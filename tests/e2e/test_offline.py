@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -199,8 +200,15 @@ def test_refused_installs_name_the_file_and_change_nothing(
     home = exported["home"]
     state_dir, config = tmp_path / "k1", tmp_path / "agent.json"
     _device(home, "k2", "mqtt://127.0.0.1:1", state_dir, config)
+    # the service's own user owns the state folder; the installer runs as root
+    state_dir.mkdir(exist_ok=True)
+    os.chown(state_dir, 65534, 65534)
     ok = _install(exported["model"], exported["manifest"], config)
     assert ok.returncode == 0, ok.stderr
+    if os.geteuid() == 0:
+        owners = {(p.stat().st_uid, p.stat().st_gid) for p in [*state_dir.glob("*.json*")]}
+        owners |= {(p.stat().st_uid, p.stat().st_gid) for p in (state_dir / "models").iterdir()}
+        assert owners == {(65534, 65534)}, owners
     before = _snapshot(state_dir)
 
     tampered = tmp_path / "tampered.onnx"

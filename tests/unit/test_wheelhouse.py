@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.wheelhouse import WheelhouseSpec, agent_requirements, pip_command
+from edgefleet.agent.wheelhouse import (
+    WheelhouseSpec,
+    agent_requirements,
+    pip_command,
+    platform_tags,
+)
 from edgefleet.protos.errors import InvalidArgument
 
 
@@ -19,12 +24,26 @@ def _opt(cmd: list[str], flag: str) -> str:
     return cmd[cmd.index(flag) + 1]
 
 
+def test_a_manylinux_tag_brings_every_older_glibc_of_its_architecture() -> None:
+    # numpy 2.4 for aarch64 is manylinux_2_28 only: a Debian 12 device (glibc 2.36) takes it
+    tags = platform_tags("manylinux_2_36_aarch64")
+    assert tags[0] == "manylinux_2_36_aarch64" and tags[-1] == "manylinux2014_aarch64"
+    assert "manylinux_2_28_aarch64" in tags and "manylinux_2_17_aarch64" in tags
+    assert not any("x86_64" in t for t in tags) and len(tags) == 36 - 17 + 2
+    assert platform_tags("manylinux2014_x86_64") == [
+        "manylinux_2_17_x86_64",
+        "manylinux2014_x86_64",
+    ]
+    assert platform_tags("linux_armv7l") == ["linux_armv7l"]
+
+
 def test_command_downloads_binary_wheels_for_the_platform(tmp_path: Path) -> None:
     spec = WheelhouseSpec(platform="manylinux2014_aarch64", python="3.11", out=tmp_path / "wh")
     cmd = pip_command(spec)
     assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
     assert "--only-binary=:all:" in cmd
-    assert _opt(cmd, "--platform") == "manylinux2014_aarch64"
+    platforms = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--platform"]
+    assert platforms == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
     assert _opt(cmd, "--python-version") == "3.11"
     assert _opt(cmd, "--dest") == str(tmp_path / "wh")
     names = {
@@ -100,7 +119,7 @@ def test_cli_prints_the_command(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "pip download --only-binary=:all: --platform manylinux2014_aarch64" in r.stdout
+    assert "pip download --only-binary=:all: --platform manylinux_2_17_aarch64" in r.stdout
     missing = subprocess.run(
         [
             sys.executable, "-m", "edgefleet.agent.cli", "wheelhouse",
