@@ -22,6 +22,7 @@ from edgefleet.agent.drift import DriftMonitor
 from edgefleet.agent.fl import FlSidecar, fl_capability
 from edgefleet.agent.inference import ModelHolder
 from edgefleet.agent.keys import load_trust
+from edgefleet.agent.offline import state_lock
 from edgefleet.agent.serde import UpdateState, decode_telemetry_ack, encode_status
 from edgefleet.agent.server import AgentStatus, serve
 from edgefleet.agent.telemetry import Spool, Telemetry
@@ -138,6 +139,7 @@ class Agent:
             self.topics.status(self.device_id), self._status(online=True), qos=1, retain=True
         )
         await self.updater.on_reconnect()
+        await self.updater.report_offline_install()
         self.telemetry.reconnected()
 
     async def _on_message(self, msg: Message) -> None:
@@ -158,6 +160,13 @@ class Agent:
 
     async def run(
         self, shutdown: Callable[[], Awaitable[object]], *, ready: asyncio.Event | None = None
+    ) -> None:
+        # the state directory is this process's while it runs: `fleet-agent install` refuses
+        with state_lock(self.settings.state_dir, holder=f"agent {self.device_id}"):
+            await self._run(shutdown, ready)
+
+    async def _run(
+        self, shutdown: Callable[[], Awaitable[object]], ready: asyncio.Event | None
     ) -> None:
         await asyncio.to_thread(self.updater.load_active)
         server = None

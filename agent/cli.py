@@ -98,6 +98,102 @@ def verify(
 DEFAULT_CONFIG = Path("/etc/edgefleet/agent.json")
 
 
+@app.command("install")
+def install_model(
+    artifact: Annotated[Path, typer.Argument(help="Model file from 'fleet models export'.")],
+    manifest: Annotated[
+        Path, typer.Option("--manifest", help="Its signed manifest (same folder, .manifest).")
+    ],
+    config: Annotated[
+        Path, typer.Option("--config", help="Agent config written by 'fleet-agent enroll'.")
+    ] = DEFAULT_CONFIG,
+) -> None:
+    """Install and activate a model without a broker (the agent must be stopped).
+
+    Same checks as an update: signature against the keys this device trusts, size and
+    sha256, self-test; the model served before stays as last-known-good. Reported to
+    the coordinator (reason offline_install) when the agent next connects.
+    """
+    from edgefleet.agent.capabilities import detect
+    from edgefleet.agent.config import load_config
+    from edgefleet.agent.offline import install
+
+    settings = load_config(config)
+    caps = detect()
+    done = install(
+        settings,
+        artifact,
+        manifest,
+        runtimes=caps.runtimes,
+        providers=caps.providers or ("CPUExecutionProvider",),
+    )
+    sys.stdout.write(
+        f"{done.ref}: signature ok, sha256 ok, self-test ok (max |Δ| {done.self_test_diff:.2e}); "
+        f"active in {settings.state_dir}"
+        f"{f', last-known-good {done.previous[:12]}…' if done.previous else ''}\n"
+    )
+
+
+@app.command()
+def wheelhouse(
+    platform: Annotated[
+        str, typer.Option("--platform", help="Wheel platform tag, e.g. manylinux2014_aarch64.")
+    ],
+    python: Annotated[str, typer.Option("--python", help="Device Python, MAJOR.MINOR.")] = "3.11",
+    out: Annotated[Path, typer.Option("--out", help="Folder to fill with wheels.")] = Path(
+        "wheelhouse"
+    ),
+    agent_wheel: Annotated[
+        Path | None,
+        typer.Option("--agent-wheel", help="edgefleet-agent wheel to include (from make dist)."),
+    ] = None,
+    extra: Annotated[
+        list[str] | None, typer.Option("--extra", help="Agent extras (litert, gpu, fl).")
+    ] = None,
+    constraints: Annotated[
+        Path | None, typer.Option("--constraint", "-c", help="pip constraints file.")
+    ] = None,
+    index_url: Annotated[
+        str, typer.Option("--index-url", help="Registry mirror (default: pip's).")
+    ] = "",
+    dry_run: Annotated[
+        bool, typer.Option("--print", help="Print the pip command instead of running it.")
+    ] = False,
+) -> None:
+    """Download the agent's wheels for a device platform (pip download)."""
+    import shlex
+    import subprocess
+
+    from edgefleet.agent.wheelhouse import WheelhouseSpec, pip_command
+
+    spec = WheelhouseSpec(
+        platform=platform,
+        python=python,
+        out=out,
+        agent_wheel=agent_wheel,
+        extras=tuple(extra or ()),
+        constraints=constraints,
+        index_url=index_url,
+    )
+    if agent_wheel is not None and not agent_wheel.is_file():
+        from edgefleet.protos.errors import NotFound
+
+        raise NotFound(f"agent wheel {str(agent_wheel)!r} not found")
+    cmd = pip_command(spec)
+    if dry_run:
+        sys.stdout.write(shlex.join(cmd) + "\n")
+        return
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc != 0:
+        from edgefleet.protos.errors import Unavailable
+
+        raise Unavailable(f"pip download for {platform} / Python {python} failed (exit {rc})")
+    sys.stdout.write(
+        f"{out}: wheels for {platform}, Python {python}; on the device: pip install "
+        f"--no-index --find-links {out} edgefleet-agent\n"
+    )
+
+
 @app.command()
 def enroll(
     bundle: Annotated[

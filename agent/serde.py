@@ -295,6 +295,7 @@ class Reason(enum.IntEnum):
     EXPIRED = device_pb2.REASON_CODE_EXPIRED
     KEY_REVOKED = device_pb2.REASON_CODE_KEY_REVOKED
     UNTRUSTED_KEY = device_pb2.REASON_CODE_UNTRUSTED_KEY
+    OFFLINE_INSTALL = device_pb2.REASON_CODE_OFFLINE_INSTALL
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from edgefleet.agent.download import PartialDownload
 from edgefleet.agent.inference import ActiveModel, ModelHolder, load
 from edgefleet.agent.keys import save_key_list
+from edgefleet.agent.offline import clear_report, pending_report
 from edgefleet.agent.serde import (
     Desired,
     ModelRef,
@@ -107,6 +108,8 @@ class Updater:
         self.state = UpdateState.IDLE
         self.accepted_generation = self.slots.generation
         self._reported_since_start = False
+        #: the generation of the last verified desired state received (applied or not)
+        self.last_desired_generation = 0
 
     # -- startup ------------------------------------------------------------------
 
@@ -152,6 +155,7 @@ class Updater:
                 self._refuse("desired_malformed", str(e))
                 return
             self._parked = None
+            self.last_desired_generation = desired.generation
             if desired.generation <= self.accepted_generation and self.state != UpdateState.IDLE:
                 if desired.generation < self.accepted_generation:
                     logger.info(
@@ -297,6 +301,33 @@ class Updater:
         dl = self._download
         if dl is not None:
             await self._want(dl, resume=True)
+
+    async def report_offline_install(self) -> None:
+        """Tell the coordinator about a model installed by `fleet-agent install` while
+        the agent was stopped: ACTIVE with reason OFFLINE_INSTALL (once; the record is
+        removed when the report is sent)."""
+        record = await asyncio.to_thread(pending_report, self._state_dir)
+        if record is None:
+            return
+        active = self.holder.active
+        if active is None or active.ref.sha256 != record.get("sha256", active.ref.sha256):
+            logger.warning(
+                "%s: offline install record does not match the active model; dropped",
+                self.device_id,
+            )
+            await asyncio.to_thread(clear_report, self._state_dir)
+            return
+        detail = f"installed offline: {active.ref.model}:{active.ref.version}/{active.ref.variant}"
+        if record.get("source"):
+            detail += f" from {record['source']}"
+        if isinstance(record.get("installed_at_ms"), int):
+            detail += f" at {record['installed_at_ms']} ms"
+        async with self._lock:
+            sent = await self._report(
+                self.accepted_generation, UpdateState.ACTIVE, Reason.OFFLINE_INSTALL, detail
+            )
+        if sent:  # else the next connect tries again
+            await asyncio.to_thread(clear_report, self._state_dir)
 
     # -- steps --------------------------------------------------------------------
 
@@ -609,7 +640,8 @@ class Updater:
         *,
         dl: _Download | None = None,
         provider: str = "",
-    ) -> None:
+    ) -> bool:
+        """Publish the reported state (retained); False if it could not be sent."""
         self._reported_since_start = True
         active = self.holder.active
         payload = encode_reported(
@@ -629,3 +661,5 @@ class Updater:
             await self._publish(self._topics.reported(self.device_id), payload, True)
         except FleetError as e:
             logger.info("%s: report not sent (%s)", self.device_id, e)
+            return False
+        return True

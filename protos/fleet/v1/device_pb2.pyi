@@ -87,6 +87,8 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     """manifest signed by a key the key list revokes"""
     REASON_CODE_UNTRUSTED_KEY: _ReasonCode.ValueType  # 16
     """manifest signed by a key not in the key list (or expired)"""
+    REASON_CODE_OFFLINE_INSTALL: _ReasonCode.ValueType  # 17
+    """active model installed on the device by `fleet-agent install`"""
 
 class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
     """Why a device is in its state. Stable codes, for gates and operators."""
@@ -112,6 +114,8 @@ REASON_CODE_KEY_REVOKED: ReasonCode.ValueType  # 15
 """manifest signed by a key the key list revokes"""
 REASON_CODE_UNTRUSTED_KEY: ReasonCode.ValueType  # 16
 """manifest signed by a key not in the key list (or expired)"""
+REASON_CODE_OFFLINE_INSTALL: ReasonCode.ValueType  # 17
+"""active model installed on the device by `fleet-agent install`"""
 Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
 
 @_typing.final
