@@ -201,10 +201,30 @@ class ServeInfo:
         return info
 
     def answers(self, timeout: float = 1.0) -> bool:
-        """Whether a gRPC server completes a handshake at `grpc` within `timeout`."""
+        """Whether a gRPC server completes a handshake at `grpc` within `timeout` (TLS with
+        the coordinator's own CA when it serves TLS; a certificate the operator brought is
+        checked by the client later, so then a TCP answer is enough here)."""
         import grpc
 
-        channel = grpc.insecure_channel(self.grpc)
+        if self.grpc_tls:
+            try:
+                ca = Path(self.grpc_ca).read_bytes() if self.grpc_ca else None
+            except OSError:
+                ca = None
+            if ca is None:
+                import socket
+
+                host, _, port = self.grpc.rpartition(":")
+                try:
+                    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                        return True
+                except (OSError, ValueError):
+                    return False
+            channel = grpc.secure_channel(
+                self.grpc, grpc.ssl_channel_credentials(root_certificates=ca)
+            )
+        else:
+            channel = grpc.insecure_channel(self.grpc)
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout)
             return True
