@@ -119,3 +119,26 @@ def test_a_failing_source_costs_only_its_own_families_and_the_endpoint_serves() 
     s = _samples(text)
     assert s[("edgefleet_up", ())] == 1
     assert s[("edgefleet_scrape_errors_total", ())] == 1
+
+
+def test_rollouts_by_state_and_failed_gates() -> None:
+    from edgefleet.cloud.metrics import rollout_families
+    from edgefleet.cloud.rollouts.model import GateResult, Rollout, Stage
+    from edgefleet.cloud.rollouts.policy import Policy
+
+    def rollout(rid: str, state: str, *gates: GateResult) -> Rollout:
+        stages = (Stage("canary", 0.1, 1, gates=gates), Stage("all", 1.0, 9))
+        return Rollout(rid, "digits:2", "digits", 2, "all", Policy(), state, stages)
+
+    failed = GateResult("failure_rate", False, 0.5, 0.02)
+    rollouts = [
+        rollout("r1", "rolled_back", failed, GateResult("self_test", True, 1, 1)),
+        rollout("r2", "paused", GateResult("accuracy", False, 0.7, 0.9), failed),
+        rollout("r3", "done", GateResult("failure_rate", True, 0.0, 0.02)),
+    ]
+    s = _samples(render(rollout_families(rollouts)))
+    assert s[("edgefleet_rollouts", (("state", "rolled_back"),))] == 1
+    assert s[("edgefleet_rollouts", (("state", "paused"),))] == 1
+    assert s[("edgefleet_rollout_gates_failed", (("gate", "failure_rate"),))] == 2
+    assert s[("edgefleet_rollout_gates_failed", (("gate", "accuracy"),))] == 1
+    assert ("edgefleet_rollout_gates_failed", (("gate", "self_test"),)) not in s
