@@ -6,33 +6,34 @@ shared subscription; see `cloud.telemetry.ingest`), folds old telemetry into hou
 rows every `compact_every` seconds, scores drift and opens/resolves drift alerts
 every `drift_interval` seconds (`cloud.drift`; needs the registry for the
 versions' references), and serves Prometheus metrics on
-`metrics_listen` (HOST:PORT; empty or 'off': none). A metrics port that cannot be bound is logged, not
+`metrics_listen` (HOST:PORT; empty or 'off': none) with prometheus_client's HTTP server
+(`cloud.metrics`). A metrics port that cannot be bound is logged, not
 fatal: the fleet keeps running without it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable
+import threading
 from types import TracebackType
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from edgefleet.cloud.db import Database
 from edgefleet.cloud.drift import AlertStore, DriftMonitor
 from edgefleet.cloud.inbound import Refusals
 from edgefleet.cloud.metrics import (
-    Family,
-    MetricsRegistry,
-    Sample,
+    FleetCollector,
     device_families,
     drift_families,
+    fleet_registry,
     ingest_families,
-    latency_families,
     refusal_families,
+    rollout_families,
     serve_metrics,
+    stop_metrics,
 )
 from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
 from edgefleet.protos.transport import COORDINATOR_BACKOFF_CAP, MqttAccess, MqttSettings
@@ -88,13 +89,14 @@ class Monitoring:
         )
         self.devices = devices
         self.rollouts = rollouts
-        self.metrics = MetricsRegistry()
+        self.metrics = FleetCollector()
+        self.metrics_registry = fleet_registry(self.metrics)
         self.metrics.add("devices", lambda: device_families(devices.find()))
-        self.metrics.add("latency", lambda: latency_families(self.store.latency_percentiles()))
+        self.metrics.add("latency", self.ingest.latency.families)
         self.metrics.add("ingest", lambda: ingest_families(self.ingest))
         self.metrics.add("refused", lambda: refusal_families(self.refusals))
         if rollouts is not None:
-            self.metrics.add("rollouts", self._rollout_families)
+            self.metrics.add("rollouts", lambda: rollout_families(rollouts.find(limit=1000)))
         self.drift: DriftMonitor | None = None
         self.alerts: AlertStore | None = None
         self.drift_interval = drift_interval
@@ -117,26 +119,9 @@ class Monitoring:
         self.metrics_listen = metrics_listen
         self.metrics_url = ""
         self.compact_every = compact_every
-        self._server: asyncio.Server | None = None
+        self._server: tuple[WSGIServer, threading.Thread] | None = None
         self._compactor: asyncio.Task[None] | None = None
         self._drifter: asyncio.Task[None] | None = None
-
-    def _rollout_families(self) -> Iterable[Family]:
-        from collections import Counter
-
-        assert self.rollouts is not None
-        states = Counter(r.state for r in self.rollouts.find(limit=1000))
-        return [
-            Family(
-                "edgefleet_rollouts",
-                "gauge",
-                "Rollouts by state (the 1,000 most recent).",
-                [
-                    Sample("edgefleet_rollouts", n, (("state", s),))
-                    for s, n in sorted(states.items())
-                ],
-            )
-        ]
 
     async def __aenter__(self) -> Monitoring:
         await asyncio.to_thread(self.subscriber.start)
@@ -146,7 +131,10 @@ class Monitoring:
         if self.metrics_listen.strip().lower() not in ("", "off", "none"):
             host, _, port = self.metrics_listen.rpartition(":")
             try:
-                self._server, bound = await serve_metrics(self.metrics, host, int(port))
+                server, thread, bound = await asyncio.to_thread(
+                    serve_metrics, self.metrics_registry, host, int(port)
+                )
+                self._server = (server, thread)
                 self.metrics_url = f"http://{host}:{bound}/metrics"
             except (OSError, ValueError) as e:
                 logger.warning(
@@ -162,9 +150,8 @@ class Monitoring:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
+            await asyncio.to_thread(stop_metrics, *self._server)
+            self._server = None
         await asyncio.to_thread(self.subscriber.stop)
         if self.alerts is not None:
             self.alerts.close()

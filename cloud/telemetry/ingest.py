@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from edgefleet.cloud.inbound import Refusals, Refused, Telemetry, decode_telemetry
+from edgefleet.cloud.metrics import LatencyHistograms
 from edgefleet.cloud.telemetry.store import TelemetryStore
 from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.topics import Topics
@@ -126,6 +127,7 @@ class TelemetryIngest:
         on_written: Callable[[list[str]], None] | None = None,
         refusals: Refusals | None = None,
         on_committed: Callable[[dict[str, list[int]]], None] | None = None,
+        latency: LatencyHistograms | None = None,
     ) -> None:
         self.store = store
         self.refusals = refusals if refusals is not None else Refusals()
@@ -133,6 +135,8 @@ class TelemetryIngest:
         self.batch = batch
         self.on_written = on_written
         self.on_committed = on_committed
+        #: latency histograms summed over committed windows (for /metrics)
+        self.latency = latency if latency is not None else LatencyHistograms()
         self._rows: list[tuple[Any, ...]] = []
         self._drift: list[tuple[Any, ...]] = []  # drift_sketches rows
         self._lock = threading.Lock()
@@ -147,9 +151,6 @@ class TelemetryIngest:
         self.refused = 0  # buffer full while the database was away: not acknowledged
         self.acked = 0  # windows acknowledged to their devices after commit
         self.write_errors = 0
-        self.rate = 0.0  # rows/s written, over the last few seconds
-        self._rate_t = time.monotonic()
-        self._rate_n = 0
 
     def add(self, topic_device: str, payload: bytes) -> bool:
         """Decode and buffer one message. A refused one is counted (`rejected`, and in
@@ -237,7 +238,7 @@ class TelemetryIngest:
             # the rows are committed: count them even if the sketches must wait
             self.written += new
             self.duplicated += len(rows) - new - (self.refused_rows - before)
-            self._count(len(rows))
+            self.latency.add_rows(rows)  # a window sent again after its commit counts twice
             if rows:
                 self._committed(rows)  # refused rows too: they can never land, resending won't help
             try:
@@ -288,13 +289,6 @@ class TelemetryIngest:
                 logger.exception("telemetry: on_committed failed")
             else:
                 self.acked += len(rows)
-
-    def _count(self, n: int) -> None:
-        self._rate_n += n
-        now = time.monotonic()
-        if now - self._rate_t >= 2.0:
-            self.rate = self._rate_n / (now - self._rate_t)
-            self._rate_t, self._rate_n = now, 0
 
 
 class TelemetrySubscriber:

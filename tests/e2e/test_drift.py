@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.cloud.client import LocalClient
@@ -112,7 +113,7 @@ def test_drift_injected_into_one_group_alerts_that_group_only(
                     gather=0.05,
                 ) as coord,
                 Monitoring(
-                    db_url=settings.registry_url,
+                    db=settings.registry_url,
                     broker_url=broker.coordinator(),
                     home=str(home),
                     devices=devices,
@@ -173,13 +174,32 @@ def test_drift_injected_into_one_group_alerts_that_group_only(
                             .decode()
                         )
                     )
+                    samples = [
+                        smp for f in text_string_to_metric_families(metrics) for smp in f.samples
+                    ]
+
+                    def value(name: str, **labels: str) -> float:
+                        found = [
+                            smp.value
+                            for smp in samples
+                            if smp.name == name
+                            and all(smp.labels.get(k) == v for k, v in labels.items())
+                        ]
+                        assert len(found) == 1, (name, labels, found)
+                        return found[0]
+
+                    south = {"scope": "group", "subject": "south", "model": "digits"}
+                    assert value("edgefleet_drift_psi", **south, version="1", metric="inputs") > 0.2
+                    assert value("edgefleet_drift_alerts_open", scope="group") >= 1
+                    # the devices' latency histograms, summed into one in seconds per variant
+                    count = value("edgefleet_inference_latency_seconds_count", version="1")
+                    assert count > 0
                     assert (
-                        'edgefleet_drift_psi{scope="group",subject="south",model="digits",'
-                        'version="1",metric="inputs"}' in metrics
+                        value("edgefleet_inference_latency_seconds_bucket", version="1", le="+Inf")
+                        == count
                     )
-                    assert (
-                        'edgefleet_drift_alerts_open{scope="group"} 2'
-                    )  # inputs, predictions in metrics
+                    assert value("edgefleet_inference_latency_seconds_sum", version="1") > 0
+                    assert value("edgefleet_telemetry_written_total") > 0
 
                     fleet.drift(members["south"])  # the sensors are fixed
                     await until(lambda: _open(monitoring) == [], "alerts resolved")

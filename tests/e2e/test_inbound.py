@@ -116,7 +116,7 @@ def test_bad_telemetry_is_refused_while_everyone_elses_lands(
         want[("telemetry", reason)] = want.get(("telemetry", reason), 0) + 1
     assert refusals.snapshot() == want
     text = render(refusal_families(refusals))
-    assert 'edgefleet_inbound_refused_total{kind="telemetry",reason="out_of_range"} 5' in text
+    assert 'edgefleet_inbound_refused_total{kind="telemetry",reason="out_of_range"} 5.0' in text
     store.close()
 
 

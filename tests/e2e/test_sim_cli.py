@@ -105,14 +105,19 @@ def test_fleet_sim_runs_devices_that_a_deploy_reaches_through_faults(
         assert served.metrics.startswith("http://127.0.0.1:")
         text = urllib.request.urlopen(served.metrics, timeout=10).read().decode()
         # (the simulator may already be stopping: it exits once all six are active)
-        counts = {
-            line.split('status="')[1].split('"')[0]: int(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("edgefleet_devices{")
-        }
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        counts = {s.labels["status"]: s.value for s in samples if s.name == "edgefleet_devices"}
         assert counts["online"] + counts["offline"] == 6, text
-        assert 'edgefleet_devices_by_version{model="digits",version="1",variant="int8"} 6' in text
-        assert "edgefleet_telemetry_written_total" in text
+        by_version = {
+            (s.labels["model"], s.labels["version"], s.labels["variant"]): s.value
+            for s in samples
+            if s.name == "edgefleet_devices_by_version"
+        }
+        assert by_version == {("digits", "1", "int8"): 6}
+        received = [s.value for s in samples if s.name == "edgefleet_telemetry_received_total"]
+        assert received and received[0] > 0  # the simulated devices' telemetry came in
         out_s, err_s = sim.communicate(timeout=120)
     finally:
         if sim.poll() is None:

@@ -1,21 +1,27 @@
-"""/metrics: the Prometheus text format, sources that fail, and the HTTP endpoint."""
+"""/metrics on prometheus_client: families, the latency histogram in seconds, sources
+that fail, build_info and process metrics, and the HTTP endpoint."""
 
 from __future__ import annotations
 
-import asyncio
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgefleet.agent.inference import LATENCY_BOUNDS_US
 from edgefleet.cloud.metrics import (
-    Family,
-    MetricsRegistry,
-    Sample,
+    FleetCollector,
+    LatencyHistograms,
     device_families,
-    latency_families,
+    fleet_registry,
     render,
     serve_metrics,
+    stop_metrics,
 )
-from edgefleet.cloud.telemetry import Percentiles
 
 
 @dataclass
@@ -25,67 +31,114 @@ class Dev:
     active: dict[str, Any] = field(default_factory=dict)
 
 
-def test_render_escapes_labels_and_formats_numbers() -> None:
-    text = render(
-        [
-            Family(
-                "x_total",
-                "counter",
-                "help text",
-                [Sample("x_total", 3, (("k", 'a"b\\c\nd'),)), Sample("x_total", 0.25)],
-            )
-        ]
-    )
-    assert text.splitlines() == [
-        "# HELP x_total help text",
-        "# TYPE x_total counter",
-        'x_total{k="a\\"b\\\\c\\nd"} 3',
-        "x_total 0.25",
-    ]
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
-def test_device_and_latency_families() -> None:
+def _row(
+    model: str, version: int, variant: str, counts: list[int], sum_us: float
+) -> tuple[Any, ...]:
+    """A telemetry row in `COLUMNS` order, as the ingest builds it."""
+    bounds = "[" + ",".join(map(str, LATENCY_BOUNDS_US)) + "]"
+    counts_text = "[" + ",".join(map(str, counts)) + "]"
+    return ("d1", 1, 0, 0, 0, model, version, variant, sum(counts), 0, bounds, counts_text,
+            sum_us, sum(counts), 0, 0.0, False)  # fmt: skip
+
+
+def test_device_families() -> None:
     devs = [
         Dev(True, "active", {"model": "digits", "version": 2, "variant": "int8"}),
         Dev(True, "active", {"model": "digits", "version": 2, "variant": "int8"}),
         Dev(False, "failed", {"model": "digits", "version": 1, "variant": "fp16"}),
         Dev(False, "enrolled"),
     ]
-    text = render(
-        device_families(devs) + latency_families([Percentiles("digits", 2, 10, 100.0, 250.0, None)])
-    )
-    assert 'edgefleet_devices{status="online"} 2' in text
-    assert 'edgefleet_devices{status="offline"} 2' in text
-    assert 'edgefleet_devices_by_state{state="failed"} 1' in text
-    assert 'edgefleet_devices_by_version{model="digits",version="2",variant="int8"} 2' in text
-    assert 'edgefleet_inference_latency_us{model="digits",version="2",quantile="0.9"} 250' in text
-    assert 'quantile="0.99"' not in text  # no value, no line
+    c = FleetCollector("1.2.3")
+    c.add("devices", lambda: device_families(devs))
+    s = _samples(render(fleet_registry(c)))
+    assert s[("edgefleet_devices", (("status", "online"),))] == 2
+    assert s[("edgefleet_devices", (("status", "offline"),))] == 2
+    assert s[("edgefleet_devices_by_state", (("state", "failed"),))] == 1
+    key = (("model", "digits"), ("variant", "int8"), ("version", "2"))
+    assert s[("edgefleet_devices_by_version", key)] == 2
+    assert s[("edgefleet_build_info", (("version", "1.2.3"),))] == 1
+    assert any(name == "process_cpu_seconds_total" for name, _ in s)  # the process collector
 
 
-def test_a_failing_source_costs_only_its_own_lines_and_the_endpoint_serves() -> None:
-    reg = MetricsRegistry()
-    reg.add("good", lambda: [Family("up", "gauge", "up", [Sample("up", 1)])])
+def test_latency_histogram_in_seconds_per_version_and_variant() -> None:
+    n = len(LATENCY_BOUNDS_US) + 1  # one overflow bucket
+    lat = LatencyHistograms()
+    w1 = [0] * n
+    w1[0], w1[3] = 4, 6  # 4 at <= 50 µs, 6 at <= 500 µs
+    w2 = [0] * n
+    w2[3], w2[-1] = 1, 2  # 1 at <= 500 µs, 2 beyond the last bound
+    lat.add_rows([_row("digits", 2, "int8", w1, 2000.0), _row("digits", 2, "int8", w2, 500_000.0)])
+    lat.add_rows([_row("digits", 2, "fp32", w1, 1000.0), _row("", 0, "", [], 0.0)])
+    lat.add_rows([("d2", 2, 0, 0, 0, "digits", 2, "int8", 1, 0, "[1,2]", "[1,0,0]", 1.0, 1)])
+    assert lat.mismatched == 1  # other bounds: not mixed in
 
-    def broken() -> list[Family]:
+    c = FleetCollector()
+    c.add("latency", lat.families)
+    s = _samples(render(fleet_registry(c)))
+    int8 = (("model", "digits"), ("variant", "int8"), ("version", "2"))
+
+    def bucket(le: str) -> float:
+        return s[("edgefleet_inference_latency_seconds_bucket", (("le", le), *int8))]
+
+    assert bucket("5e-05") == 4 and bucket("0.0002") == 4
+    assert bucket("0.0005") == 11 and bucket("0.1") == 11 and bucket("+Inf") == 13
+    assert s[("edgefleet_inference_latency_seconds_count", int8)] == 13
+    assert s[("edgefleet_inference_latency_seconds_sum", int8)] == pytest.approx(0.502)
+    fp32 = (("model", "digits"), ("variant", "fp32"), ("version", "2"))
+    assert s[("edgefleet_inference_latency_seconds_count", fp32)] == 10
+
+
+def test_a_failing_source_costs_only_its_own_families_and_the_endpoint_serves() -> None:
+    c = FleetCollector()
+    good = GaugeMetricFamily("edgefleet_up", "up", value=1)
+    c.add("good", lambda: [good])
+
+    def broken() -> list[Metric]:
         raise RuntimeError("database away")
 
-    reg.add("broken", broken)
+    c.add("broken", broken)
+    server, thread, port = serve_metrics(fleet_registry(c), "127.0.0.1", 0)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            ctype, text = r.headers["Content-Type"], r.read().decode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 405
+    finally:
+        stop_metrics(server, thread)
+    assert ctype.startswith("text/plain; version=0.0.4")
+    s = _samples(text)
+    assert s[("edgefleet_up", ())] == 1
+    assert s[("edgefleet_scrape_errors_total", ())] == 1
 
-    async def main() -> tuple[str, str, str]:
-        server, port = await serve_metrics(reg, "127.0.0.1", 0)
-        async with server:
 
-            async def get(path: str, method: str = "GET") -> str:
-                r, w = await asyncio.open_connection("127.0.0.1", port)
-                w.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                await w.drain()
-                data = await r.read()
-                w.close()
-                return data.decode()
+def test_rollouts_by_state_and_failed_gates() -> None:
+    from edgefleet.cloud.metrics import rollout_families
+    from edgefleet.cloud.rollouts.model import GateResult, Rollout, Stage
+    from edgefleet.cloud.rollouts.policy import Policy
 
-            return await get("/metrics"), await get("/nope"), await get("/metrics", "POST")
+    def rollout(rid: str, state: str, *gates: GateResult) -> Rollout:
+        stages = (Stage("canary", 0.1, 1, gates=gates), Stage("all", 1.0, 9))
+        return Rollout(rid, "digits:2", "digits", 2, "all", Policy(), state, stages)
 
-    ok, missing, post = asyncio.run(main())
-    assert ok.startswith("HTTP/1.1 200 OK") and "text/plain; version=0.0.4" in ok
-    assert "\nup 1\n" in ok and "edgefleet_scrape_errors_total 1" in ok
-    assert missing.startswith("HTTP/1.1 404") and post.startswith("HTTP/1.1 405")
+    failed = GateResult("failure_rate", False, 0.5, 0.02)
+    rollouts = [
+        rollout("r1", "rolled_back", failed, GateResult("self_test", True, 1, 1)),
+        rollout("r2", "paused", GateResult("accuracy", False, 0.7, 0.9), failed),
+        rollout("r3", "done", GateResult("failure_rate", True, 0.0, 0.02)),
+    ]
+    s = _samples(render(rollout_families(rollouts)))
+    assert s[("edgefleet_rollouts", (("state", "rolled_back"),))] == 1
+    assert s[("edgefleet_rollouts", (("state", "paused"),))] == 1
+    assert s[("edgefleet_rollout_gates_failed", (("gate", "failure_rate"),))] == 2
+    assert s[("edgefleet_rollout_gates_failed", (("gate", "accuracy"),))] == 1
+    assert ("edgefleet_rollout_gates_failed", (("gate", "self_test"),)) not in s
