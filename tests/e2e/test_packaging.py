@@ -9,6 +9,7 @@ fresh virtual environment from the package registry, as a device installer would
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -126,6 +127,8 @@ def test_full_wheel_adds_the_coordinator_on_the_agent(wheels: dict[str, Path]) -
 def test_agent_installs_alone_and_writes_a_unit_systemd_accepts(
     wheels: dict[str, Path], tmp_path: Path
 ) -> None:
+    # the device's own Python: nothing of this checkout's import path leaks in
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env_dir = tmp_path / "device-venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py, bin_dir = env_dir / "bin" / "python", env_dir / "bin"
@@ -141,6 +144,7 @@ def test_agent_installs_alone_and_writes_a_unit_systemd_accepts(
             str(ROOT / "constraints.txt"),
             str(wheels["edgefleet_agent"]),
         ],
+        env=env,
         check=True,
         capture_output=True,
     )
@@ -152,12 +156,13 @@ def test_agent_installs_alone_and_writes_a_unit_systemd_accepts(
         "'boto3','onnx') if u.find_spec(m) is not None))"
     )
     found = subprocess.run(
-        [str(py), "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True
+        [str(py), "-c", probe], cwd=tmp_path, env=env, check=True, capture_output=True, text=True
     )
     assert found.stdout.strip() == "[]"
     info = subprocess.run(
         [str(bin_dir / "fleet-agent"), "info", "--json"],
         cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
     )
@@ -178,6 +183,7 @@ def test_agent_installs_alone_and_writes_a_unit_systemd_accepts(
             str(tmp_path / "state"),
         ],
         cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
     )
