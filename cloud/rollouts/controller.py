@@ -16,6 +16,11 @@ are checked; the stage's devices activate the candidate (already on disk and
 loaded: no download); the next stage starts. A failed gate rolls every device the
 rollout touched back to what it served before (no download), or pauses the
 rollout (`policy.on_failure`).
+
+The controller sees the fleet only through `cloud.rollouts.fleet.RolloutFleet` (plan,
+versions, sign and publish desired states, device reports, shadow reports, wait for a
+change), which the `Coordinator` implements; its unit tests drive it with an
+in-memory fake and its injectable clock.
 """
 
 from __future__ import annotations

@@ -22,8 +22,7 @@ from typing import Any
 from edgefleet.cloud.devices import Device, Selector
 from edgefleet.cloud.devices.store import Sign
 from edgefleet.cloud.inbound import ShadowReport
-from edgefleet.cloud.registry import ModelRef, ModelVersion, Variant
-from edgefleet.cloud.registry.entities import Lineage
+from edgefleet.cloud.registry import Lineage, ModelRef, ModelVersion, Variant
 from edgefleet.cloud.selection import Plan
 from edgefleet.protos.errors import NotFound
 
