@@ -41,7 +41,7 @@ from edgefleet.cloud.inbound import (
     decode_want,
 )
 from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
-from edgefleet.cloud.selection import DeviceProfile, choose_variant
+from edgefleet.cloud.selection import DeviceProfile, Plan, choose_variant
 from edgefleet.cloud.serde import DESIRED_TTL_S, encode_desired
 from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound
 from edgefleet.protos.manifest import SignedManifest
@@ -66,15 +66,6 @@ class Target:
     variant: str
     sha256: str
     generation: int
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Which variant each selected device gets; devices left out and why."""
-
-    version: ModelVersion
-    targets: list[tuple[Device, Variant]]
-    skipped: dict[str, str]
 
 
 @dataclass
@@ -317,6 +308,20 @@ class Coordinator:
             if not self.broadcaster.known(v.sha256):
                 data = await asyncio.to_thread(self.store.get, v.sha256)
                 self.broadcaster.register(v.sha256, data, self.chunk_size)
+
+    async def get_version(self, ref: ModelRef) -> ModelVersion:
+        """A version from the registry (with its variants and signed manifests)."""
+        return await asyncio.to_thread(self.registry.get_version, ref)
+
+    async def find_devices(self, device_ids: Sequence[str]) -> list[Device]:
+        """These devices as the database has them now (liveness, active, reported state)."""
+        return await asyncio.to_thread(
+            self.devices.find, Selector("device", devices=tuple(device_ids))
+        )
+
+    def shadow_report(self, device_id: str) -> ShadowReport | None:
+        """The latest shadow report the device published, if any."""
+        return self.shadow_reports.get(device_id)
 
     def signer(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgefleet.cloud.devices import Device
 from edgefleet.cloud.registry import ModelVersion, Variant
 from edgefleet.protos.errors import InvalidArgument
 
@@ -19,6 +20,15 @@ PREFERENCES: dict[str, tuple[str, ...]] = {
     "cpu": ("int8", "fp32", "int8-dynamic"),
 }
 TFLITE_PREFERENCES = ("tflite-int8", "tflite-fp32")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which variant each selected device gets; devices left out and why."""
+
+    version: ModelVersion
+    targets: list[tuple[Device, Variant]]
+    skipped: dict[str, str]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ are checked; the stage's devices activate the candidate (already on disk and
 loaded: no download); the next stage starts. A failed gate rolls every device the
 rollout touched back to what it served before (no download), or pauses the
 rollout (`policy.on_failure`).
+
+The controller sees the fleet only through `cloud.rollouts.fleet.RolloutFleet` (plan,
+versions, sign and publish desired states, device reports, shadow reports, wait for a
+change), which the `Coordinator` implements; its unit tests drive it with an
+in-memory fake and its injectable clock.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgefleet.cloud.devices import Device, Selector
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.rollouts import gates as g
+from edgefleet.cloud.rollouts.fleet import RolloutFleet
 from edgefleet.cloud.rollouts.model import (
     ABORTED,
     ADVANCING,
@@ -63,10 +69,8 @@ from edgefleet.cloud.rollouts.model import (
 )
 from edgefleet.cloud.rollouts.policy import Policy
 from edgefleet.cloud.rollouts.store import RolloutStore
+from edgefleet.cloud.selection import Plan
 from edgefleet.protos.errors import Conflict, FleetError, InvalidArgument, NotFound
-
-if TYPE_CHECKING:
-    from edgefleet.cloud.coordinator import Coordinator, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -157,14 +161,14 @@ def build_rollout(
 class RolloutController:
     def __init__(
         self,
-        coordinator: Coordinator,
+        fleet: RolloutFleet,
         store: RolloutStore,
         *,
         interval: float = 0.5,
         min_gap: float = 0.2,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.coord = coordinator
+        self.fleet = fleet
         self.store = store
         self.interval = interval
         self.min_gap = min_gap
@@ -193,7 +197,7 @@ class RolloutController:
         # changed" is nearly always true
         await asyncio.sleep(self.min_gap)
         poke = asyncio.ensure_future(self._poke.wait())
-        changed = asyncio.ensure_future(self.coord.changed(self.interval))
+        changed = asyncio.ensure_future(self.fleet.changed(self.interval))
         try:
             await asyncio.wait({poke, changed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -240,12 +244,12 @@ class RolloutController:
     async def create(
         self, ref: ModelRef, selector: Selector, policy: Policy, *, dry_run: bool = False
     ) -> tuple[Rollout, list[RolloutDevice]]:
-        plan = await self.coord.plan(ref, selector)
+        plan = await self.fleet.plan(ref, selector)
         rollout, devices = build_rollout(plan, selector, policy, now=self.clock(), dry_run=dry_run)
         if dry_run:
             return rollout, devices
         await self.check_free([d.device_id for d in devices])
-        await self.coord.prepare([v for _d, v in plan.targets])
+        await self.fleet.prepare([v for _d, v in plan.targets])
         rollout = await asyncio.to_thread(self.store.create, rollout, devices)
         logger.info(
             "rollout %s: %s to %d devices in %d stages (%s)",
@@ -396,9 +400,7 @@ class RolloutController:
         open_ = [d for d in devs if not _settled(d)]
         if not open_:
             return set()
-        found = await asyncio.to_thread(
-            self.coord.devices.find, Selector("device", devices=tuple(d.device_id for d in open_))
-        )
+        found = await self.fleet.find_devices([d.device_id for d in open_])
         offline = {d.device_id for d in found if not d.online}
         note = {
             d.device_id: {"reason": OFFLINE, "detail": OFFLINE_DETAIL}
@@ -445,9 +447,7 @@ class RolloutController:
             key = (str(prev["model"]), int(prev.get("version", 0)), str(prev.get("variant", "")))
             if key not in cache:
                 try:
-                    mv = await asyncio.to_thread(
-                        self.coord.registry.get_version, ModelRef(key[0], key[1])
-                    )
+                    mv = await self.fleet.get_version(ModelRef(key[0], key[1]))
                     v = mv.variant(key[2])
                 except (NotFound, InvalidArgument) as e:
                     logger.warning(
@@ -506,19 +506,17 @@ class RolloutController:
         if not devs:
             return
         if manifests is None:
-            mv = await asyncio.to_thread(
-                self.coord.registry.get_version, ModelRef(r.model, r.version)
-            )
+            mv = await self.fleet.get_version(ModelRef(r.model, r.version))
             by_name = {v.name: v for v in mv.variants}
-            await self.coord.prepare([by_name[d.variant] for d in devs])
+            await self.fleet.prepare([by_name[d.variant] for d in devs])
             manifests = {d.device_id: (by_name[d.variant].signed_manifest, d.sha256) for d in devs}
-        sign = self.coord.signer(
+        sign = self.fleet.signer(
             manifests, rollout_id=r.rollout_id, action=action, sample_rate=r.policy.sample_rate
         )
         issued = await asyncio.to_thread(
             self.store.issue, r.rollout_id, [d.device_id for d in devs], action, sign, phase=phase
         )
-        await self.coord.publish_desired({dev: payload for dev, (_g, payload) in issued.items()})
+        await self.fleet.publish_desired({dev: payload for dev, (_g, payload) in issued.items()})
 
     async def _refresh(
         self, r: Rollout, devs: Sequence[RolloutDevice], action: str, *, since: float
@@ -527,9 +525,7 @@ class RolloutController:
         if not devs:
             return []
         now = self.clock()
-        found = await asyncio.to_thread(
-            self.coord.devices.find, Selector("device", devices=tuple(d.device_id for d in devs))
-        )
+        found = await self.fleet.find_devices([d.device_id for d in devs])
         by_id: dict[str, Device] = {d.device_id: d for d in found}
         ok_state = SETTLED[action]
         changes: dict[str, dict[str, Any]] = {}
@@ -556,7 +552,7 @@ class RolloutController:
                         new["phase"] = D_FAILED
                     elif state == ok_state and d.phase != _phase_for(action):
                         new["phase"] = _phase_for(action)
-            report = self.coord.shadow_reports.get(d.device_id)
+            report = self.fleet.shadow_report(d.device_id)
             if (
                 action == "shadow"
                 and report is not None

@@ -404,7 +404,10 @@ def test_coordinator_killed_mid_rollout_resumes_where_it_was(
             made = await asyncio.to_thread(
                 fleet_cli,
                 *("deploy", f"digits:{GOOD}", "--to", "group=kill", "--canary", "34%"),
-                *("--waves", "100%", "--bake", "5s", "--min-agreement", "0.8"),
+                # a bake long enough that the kill, the restart and the pause below all
+                # land inside it on a loaded machine (with 5s the restarted coordinator
+                # could finish the canary first, and the pause found it rolling)
+                *("--waves", "100%", "--bake", "20s", "--min-agreement", "0.8"),
                 *("--min-samples", "10", "--no-watch", "--json"),
             )
             assert made.code == 0, made.err
