@@ -11,8 +11,6 @@ and `flwr supernode register` take.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+from edgefleet.cloud.identity.ca import LOOPBACK_NAMES, cert_names, key_pem, san, write_private
 
 
 @dataclass(frozen=True)
@@ -36,44 +34,6 @@ class TlsFiles:
 class NodeKey:
     private_openssh: str  # PEM "OPENSSH PRIVATE KEY"
     public_openssh: str  # "ecdsa-sha2-nistp384 AAAA…"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _san(names: Iterable[str]) -> list[x509.GeneralName]:
-    out: list[x509.GeneralName] = []
-    for n in dict.fromkeys(names):
-        try:
-            out.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            out.append(x509.DNSName(n))
-    return out
-
-
-def _cert_names(path: Path) -> set[str]:
-    cert = x509.load_pem_x509_certificate(path.read_bytes())
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return set()
-    return {str(v) for v in ext.get_values_for_type(x509.IPAddress)} | set(
-        ext.get_values_for_type(x509.DNSName)
-    )
 
 
 def ensure_tls(
@@ -116,12 +76,12 @@ def ensure_tls(
             )
             .sign(ca_key, hashes.SHA384())
         )
-        _write_private(ca_key_path, _pem_key(ca_key))
+        write_private(ca_key_path, key_pem(ca_key))
         files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         files.server_cert.unlink(missing_ok=True)
     wanted = set(LOOPBACK_NAMES) | {h for h in hosts if h}
     have = files.server_cert.exists() and files.server_key.exists()
-    if have and wanted <= _cert_names(files.server_cert):
+    if have and wanted <= cert_names(files.server_cert.read_bytes()):
         return files
     ca_key_loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
     assert isinstance(ca_key_loaded, ec.EllipticCurvePrivateKey)
@@ -135,14 +95,14 @@ def ensure_tls(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=825))
-        .add_extension(x509.SubjectAlternativeName(_san(sorted(wanted))), critical=False)
+        .add_extension(x509.SubjectAlternativeName(san(sorted(wanted))), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
         .sign(ca_key_loaded, hashes.SHA384())
     )
-    _write_private(files.server_key, _pem_key(key))
+    write_private(files.server_key, key_pem(key))
     files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return files
 

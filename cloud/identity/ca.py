@@ -46,13 +46,13 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def _names(hosts: Iterable[str]) -> list[x509.GeneralName]:
+def san(hosts: Iterable[str]) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = []
     for h in dict.fromkeys(h.strip("[]") for h in hosts if h):
         try:
@@ -115,7 +115,7 @@ class FleetCA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        write_private(self.key_path, _key_pem(key))
+        write_private(self.key_path, key_pem(key))
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, common_name: str, *, server_hosts: Iterable[str] = ()) -> IssuedCert:
@@ -141,11 +141,11 @@ class FleetCA:
             )
         )
         if hosts:
-            b = b.add_extension(x509.SubjectAlternativeName(_names(hosts)), critical=False)
+            b = b.add_extension(x509.SubjectAlternativeName(san(hosts)), critical=False)
         cert = b.sign(self._key, hashes.SHA256())
         return IssuedCert(
             cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
-            key_pem=_key_pem(key).decode(),
+            key_pem=key_pem(key).decode(),
             serial=serial,
         )
 
