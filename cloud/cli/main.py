@@ -123,8 +123,8 @@ def main_callback(
         typer.Option(
             "--ca",
             envvar="FLEET_CA",
-            help="CA certificate (PEM) to verify --coordinator's TLS with "
-            "[env FLEET_CA; default: the one in FLEET_HOME/tls, else the system's].",
+            help="CA certificate (PEM) to verify --coordinator's TLS with (default: the one in "
+            "FLEET_HOME/tls, else the system's).",
         ),
     ] = None,
     verbose: Annotated[
@@ -391,8 +391,8 @@ def serve(
             "--mqtt-listen",
             envvar="FLEET_MQTT_LISTEN",
             help="TLS listener(s) of the managed broker for devices on the network, "
-            "HOST:PORT[,HOST:PORT], e.g. 0.0.0.0:8883; devices need their client certificate "
-            "[env FLEET_MQTT_LISTEN; default: loopback only].",
+            "HOST:PORT,HOST:PORT…, e.g. 0.0.0.0:8883; devices need their client certificate "
+            "(default: loopback only).",
         ),
     ] = None,
     grpc_tls: Annotated[
@@ -400,8 +400,8 @@ def serve(
         typer.Option(
             "--grpc-tls/--no-grpc-tls",
             envvar="FLEET_GRPC_TLS",
-            help="Serve FleetService over TLS [env FLEET_GRPC_TLS; default: on unless "
-            "--grpc-listen is loopback; a certificate is made in FLEET_HOME/tls if none given].",
+            help="Serve FleetService over TLS (default: on unless --grpc-listen is loopback; "
+            "a certificate is made in FLEET_HOME/tls if none is given).",
         ),
     ] = None,
     grpc_tls_cert: Annotated[
@@ -409,7 +409,7 @@ def serve(
         typer.Option(
             "--grpc-tls-cert",
             envvar="FLEET_GRPC_TLS_CERT",
-            help="FleetService certificate chain (PEM) [env FLEET_GRPC_TLS_CERT].",
+            help="FleetService certificate chain (PEM).",
         ),
     ] = None,
     grpc_tls_key: Annotated[
@@ -417,7 +417,7 @@ def serve(
         typer.Option(
             "--grpc-tls-key",
             envvar="FLEET_GRPC_TLS_KEY",
-            help="Its private key (PEM) [env FLEET_GRPC_TLS_KEY].",
+            help="Its private key (PEM).",
         ),
     ] = None,
     graceful_timeout: Annotated[
