@@ -188,7 +188,9 @@ def test_a_revoked_token_is_refused_at_once(cli: Cli, op_home: Path, served: Ser
     assert {t["name"]: t["active"] for t in listed}["temp"] is False
 
 
-def test_local_cli_actions_are_audited_as_the_unix_user(cli: Cli, op_home: Path) -> None:
+def test_local_cli_actions_are_audited_as_the_unix_user(
+    cli: Cli, op_home: Path, tmp_path: Path
+) -> None:
     from edgefleet.cloud.access.client import local_user
 
     h = ("--home", str(op_home))
@@ -201,7 +203,12 @@ def test_local_cli_actions_are_audited_as_the_unix_user(cli: Cli, op_home: Path)
         ("digits:1", "ok"),
         ("digits:99", "NOT_FOUND"),
     ]
-    # device revocation and key rotation are operator actions too
+    # device revocation and key rotation are operator actions too (on a copy: the
+    # module's home keeps its two devices for the tests after this one)
+    own = tmp_path / "home"
+    shutil.copytree(op_home, own)
+    (own / "serve.json").unlink(missing_ok=True)
+    h = ("--home", str(own))
     assert cli(*h, "devices", "enroll", "aud-1", "--out", "-").code == 0
     assert cli(*h, "devices", "revoke", "aud-1").code == 0
     assert cli(*h, "keys", "rotate").code == 0
