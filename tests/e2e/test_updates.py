@@ -328,7 +328,16 @@ def test_agent_killed_mid_download_resumes_without_refetching(
             )
             had = int(r["chunks_have"])
             await h.crash("d1")
+            # chunks of the round in flight at the crash still go out (to nobody): count
+            # from when the coordinator has gone quiet, so what follows is the restart's cost
             sent_before = h.coord.broadcaster.stats(sha).chunks_sent
+            quiet_since = asyncio.get_running_loop().time()
+            async with asyncio.timeout(30):
+                while asyncio.get_running_loop().time() - quiet_since < 1.5:
+                    await asyncio.sleep(0.1)
+                    now_sent = h.coord.broadcaster.stats(sha).chunks_sent
+                    if now_sent != sent_before:
+                        sent_before, quiet_since = now_sent, asyncio.get_running_loop().time()
             await h.start_agent("d1")  # same state dir: the partial download is on disk
             settled = await h.coord.wait_settled(out, timeout=60)
             assert settled["d1"].state == "active"
