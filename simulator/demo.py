@@ -152,6 +152,7 @@ async def story(home: Path, root: Path, info: Any) -> int:
         profile=PROFILE,
         topic_prefix=shared["topic_prefix"],
         id_prefix="demo",
+        credentials=shared["passwords"] or None,  # each device's own (security is on)
         telemetry_interval=2.0,
         processes=1,
     )

@@ -20,7 +20,7 @@ except NotFound:
     pytest.skip("mosquitto is not installed", allow_module_level=True)
 
 
-@pytest.mark.slow
+# in `make test` (about a minute on a quiet machine): the README's first command must work
 def test_demo_tells_the_story_and_exits_0(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env["PYTHONPATH"] = str(REPO)
