@@ -36,7 +36,14 @@ def _version(value: bool) -> None:
 def _callback(
     verbose: Annotated[
         int,
-        typer.Option("--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            metavar="",
+            show_default=False,
+            help="More log output (-v info, -vv debug).",
+        ),
     ] = 0,
     _show_version: Annotated[
         bool,

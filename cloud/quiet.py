@@ -30,7 +30,16 @@ def captured_output(tool: str, *, silence: tuple[str, ...] = ()) -> Iterator[Non
 
 
 #: third-party loggers that talk at INFO/WARNING about their own internals
-NOISY_LOGGERS = ("absl", "tensorflow", "h5py", "onnxscript", "torch.onnx", "botocore", "flwr")
+NOISY_LOGGERS = (
+    "absl",
+    "tensorflow",
+    "h5py",
+    "onnxscript",
+    "torch.onnx",
+    "botocore",
+    "flwr",
+    "alembic",
+)
 
 
 def quiet_third_party(verbose: int = 0) -> None:

@@ -128,7 +128,15 @@ def main_callback(
         ),
     ] = None,
     verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            metavar="",
+            show_default=False,
+            help="More log output (-v info, -vv debug).",
+        ),
     ] = 0,
 ) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
