@@ -42,7 +42,7 @@ from edgefleet.cloud.inbound import (
 )
 from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
 from edgefleet.cloud.selection import DeviceProfile, Plan, choose_variant
-from edgefleet.cloud.serde import DESIRED_TTL_S, encode_desired
+from edgefleet.cloud.serde import DESIRED_TTL_S, encode_desired, refresh_desired
 from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
@@ -385,7 +385,11 @@ class Coordinator:
         older state never lands after a newer one. Returns how many were published."""
         async with self._desired_lock:
             pending = await asyncio.to_thread(self.devices.unreached, device_ids)
-            items = sorted(pending.items())
+            key = self._signing_key()  # states near their expiry (or by a rotated key) re-signed
+            items = [
+                (d, refresh_desired(p, key, ttl_s=self.desired_ttl_s))
+                for d, p in sorted(pending.items())
+            ]
             for i in range(0, len(items), self.reassert_batch):
                 if i:
                     await asyncio.sleep(self.reassert_pause)

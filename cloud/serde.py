@@ -75,6 +75,33 @@ def encode_desired(
     return bytes(signed.SerializeToString(deterministic=True))
 
 
+def refresh_desired(
+    signed: bytes,
+    key: Ed25519PrivateKey,
+    *,
+    ttl_s: float = DESIRED_TTL_S,
+    now_ms: int | None = None,
+) -> bytes:
+    """A stored signed desired state, ready to publish again: the same state (generation,
+    manifest, chunks, action) with a fresh expiry and signed by `key`, when it would expire
+    within half of `ttl_s` or was signed by another key (rotated since); else unchanged.
+    A device away for longer than the expiry then still gets a state it accepts."""
+    env = device_pb2.SignedDesiredState()
+    env.ParseFromString(signed)
+    desired = device_pb2.DesiredState()
+    desired.ParseFromString(env.desired)
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    current = key_id(key.public_key())
+    fresh = not desired.not_after_ms or desired.not_after_ms - now > ttl_s * 500
+    if fresh and env.key_id == current:
+        return signed
+    desired.issued_at_ms = now
+    desired.not_after_ms = now + int(ttl_s * 1000) if ttl_s else 0
+    body = desired.SerializeToString(deterministic=True)
+    out = device_pb2.SignedDesiredState(desired=body, signature=key.sign(body), key_id=current)
+    return bytes(out.SerializeToString(deterministic=True))
+
+
 def seq_ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
     """Sorted, disjoint, inclusive ranges covering `seqs` ([1, 2, 3, 7] -> [(1, 3), (7, 7)])."""
     out: list[tuple[int, int]] = []
