@@ -11,12 +11,12 @@ as in local mode.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from edgefleet.cloud.api.convert import (
     bundle_from_pb,
@@ -26,8 +26,10 @@ from edgefleet.cloud.api.convert import (
     summary_from_pb,
     version_from_pb,
 )
-from edgefleet.cloud.client import EnrollmentBundle, FleetStatus
+from edgefleet.cloud.drift.convert import alert_from_pb, drift_from_pb
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
+from edgefleet.cloud.services.api import QuantizeProgress
+from edgefleet.cloud.services.values import EnrollmentBundle, EpochProgress, EpochStat, FleetStatus
 from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
 from edgefleet.protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from edgefleet.protos.grpc_errors import error_from_status
@@ -35,6 +37,7 @@ from edgefleet.protos.grpc_errors import error_from_status
 if TYPE_CHECKING:
     from edgefleet.cloud.devices import Device, DeviceFilter, Selector
     from edgefleet.cloud.drift import Alert, DriftRow
+    from edgefleet.cloud.pipeline import VerifyResult
     from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice
 
 logger = logging.getLogger(__name__)
@@ -43,16 +46,6 @@ T = TypeVar("T")
 
 DEFAULT_CALL_TIMEOUT = 60.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class EpochStat:
-    """What `train(on_epoch=…)` receives remotely (the fields the CLI reads)."""
-
-    epoch: int
-    epochs: int
-    loss: float
-    train_accuracy: float
 
 
 class GrpcClient:
@@ -87,9 +80,34 @@ class GrpcClient:
         """The channel, for other services' stubs on the same coordinator."""
         return self._channel
 
-    def call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
+    def call(
+        self, method: Callable[..., T], request: Message, *, timeout: float | None = None
+    ) -> T:
         """A unary call with this client's token, deadline and error mapping."""
-        return self._call(method, request, timeout=timeout)
+        try:
+            return method(request, metadata=self._metadata, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            self._fail(e)
+
+    def stream(
+        self, method: Callable[..., Iterable[T]], request: Message, *, timeout: float | None = None
+    ) -> Iterator[T]:
+        """A server-streaming call with this client's token and error mapping (no deadline
+        unless given), read to its end."""
+        try:
+            yield from method(request, metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            self._fail(e)
+
+    def _call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
+        """`call` as cloud/fl/remote.py still names it (until it uses `call`)."""
+        return self.call(method, request, timeout=timeout)
+
+    def _stream(
+        self, method: Callable[..., Any], request: Any, *, timeout: float | None
+    ) -> Iterator[fleet_pb2.Progress]:
+        """`stream` as cloud/fl/remote.py still names it (until it uses `stream`)."""
+        return self.stream(method, request, timeout=timeout)
 
     # -- plumbing
 
@@ -117,33 +135,19 @@ class GrpcClient:
             raise FleetError(f"coordinator at {self.address} does not implement this: {details}")
         raise error_from_status(code, details) from None
 
-    def _call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
-        try:
-            return method(request, metadata=self._metadata, timeout=timeout or self.timeout)
-        except grpc.RpcError as e:
-            self._fail(e)
-
-    def _stream(
-        self, method: Callable[..., Any], request: Any, *, timeout: float | None
-    ) -> Iterator[fleet_pb2.Progress]:
-        try:
-            yield from method(request, metadata=self._metadata, timeout=timeout)
-        except grpc.RpcError as e:
-            self._fail(e)
-
     # -- models
 
     def list_models(self) -> list[ModelSummary]:
-        resp = self._call(self._stub.ListModels, fleet_pb2.ListModelsRequest())
+        resp = self.call(self._stub.ListModels, fleet_pb2.ListModelsRequest())
         return [summary_from_pb(m) for m in resp.models]
 
     def list_versions(self, model: str) -> list[ModelVersion]:
-        resp = self._call(self._stub.ListVersions, fleet_pb2.ListVersionsRequest(model=model))
+        resp = self.call(self._stub.ListVersions, fleet_pb2.ListVersionsRequest(model=model))
         return [version_from_pb(v) for v in resp.versions]
 
     def get_version(self, ref: ModelRef) -> ModelVersion:
         return version_from_pb(
-            self._call(self._stub.GetVersion, fleet_pb2.GetVersionRequest(ref=str(ref)))
+            self.call(self._stub.GetVersion, fleet_pb2.GetVersionRequest(ref=str(ref)))
         )
 
     def train(
@@ -156,13 +160,13 @@ class GrpcClient:
         seed: int,
         batch_size: int,
         lr: float,
-        on_epoch: Callable[[Any], None] | None,
+        on_epoch: Callable[[EpochProgress], None] | None,
     ) -> ModelVersion:
         req = fleet_pb2.TrainRequest(
             model=name, arch=arch, data=data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr
         )
         done: ModelVersion | None = None
-        for p in self._stream(self._stub.Train, req, timeout=None):
+        for p in self.stream(self._stub.Train, req):
             if p.HasField("version"):
                 done = version_from_pb(p.version)  # read on to the end: the call's status
             elif on_epoch is not None and p.step == "epoch":
@@ -185,13 +189,13 @@ class GrpcClient:
         *,
         max_drop: float,
         force: bool,
-        progress: Callable[[str, int, int], None],
+        progress: QuantizeProgress,
     ) -> ModelVersion:
         req = fleet_pb2.QuantizeRequest(
             ref=str(ref), variants=list(variants), max_drop=max_drop, force=force
         )
         done: ModelVersion | None = None
-        for p in self._stream(self._stub.Quantize, req, timeout=None):
+        for p in self.stream(self._stub.Quantize, req):
             if p.HasField("version"):
                 done = version_from_pb(p.version)
             else:
@@ -209,16 +213,16 @@ class GrpcClient:
     def promote(
         self, ref: ModelRef, stage: str, *, archive_existing: bool
     ) -> tuple[ModelVersion, list[int]]:
-        resp = self._call(
+        resp = self.call(
             self._stub.Promote,
             fleet_pb2.PromoteRequest(ref=str(ref), stage=stage, keep_existing=not archive_existing),
         )
         return version_from_pb(resp.version), list(resp.archived)
 
-    def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[Any]]:
-        from edgefleet.cloud.pipeline import VerifyResult
+    def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[VerifyResult]]:
+        from edgefleet.cloud.pipeline import VerifyResult  # numpy and the quantizers
 
-        resp = self._call(self._stub.Verify, fleet_pb2.GetVersionRequest(ref=str(ref)))
+        resp = self.call(self._stub.Verify, fleet_pb2.GetVersionRequest(ref=str(ref)))
         return version_from_pb(resp.version), [
             VerifyResult(variant=r.artifact, ok=r.ok, detail=r.detail) for r in resp.results
         ]
@@ -250,26 +254,26 @@ class GrpcClient:
             req.version = where.version_text
             req.connectivity = where.connectivity
             req.stale_s = where.stale_s
-        resp = self._call(self._stub.ListDevices, req)
+        resp = self.call(self._stub.ListDevices, req)
         return [device_from_pb(d) for d in resp.devices]
 
     def get_device(self, device_id: str) -> Device:
         return device_from_pb(
-            self._call(self._stub.GetDevice, fleet_pb2.GetDeviceRequest(device_id=device_id))
+            self.call(self._stub.GetDevice, fleet_pb2.GetDeviceRequest(device_id=device_id))
         )
 
     def enroll_device(
         self, device_id: str, *, group: str, tags: Mapping[str, str]
     ) -> EnrollmentBundle:
         return bundle_from_pb(
-            self._call(
+            self.call(
                 self._stub.EnrollDevice,
                 fleet_pb2.EnrollDeviceRequest(device_id=device_id, group=group, tags=dict(tags)),
             )
         )
 
     def status(self) -> FleetStatus:
-        r = self._call(self._stub.Status, fleet_pb2.StatusRequest())
+        r = self.call(self._stub.Status, fleet_pb2.StatusRequest())
         return FleetStatus(
             coordinator=self.address,
             coordinator_version=r.coordinator_version,
@@ -288,7 +292,7 @@ class GrpcClient:
         if policy is not None:
             req.policy.CopyFrom(policy_to_pb(policy))
         found: tuple[Rollout, list[RolloutDevice]] | None = None
-        for p in self._stream(self._stub.Deploy, req, timeout=self.timeout):
+        for p in self.stream(self._stub.Deploy, req, timeout=self.timeout):
             if p.HasField("rollout"):
                 found = rollout_from_pb(p.rollout)
         if found is not None:
@@ -296,26 +300,23 @@ class GrpcClient:
         raise FleetError(f"coordinator at {self.address} ended Deploy without a rollout")
 
     def list_rollouts(self, *, active_only: bool) -> list[Rollout]:
-        resp = self._call(
+        resp = self.call(
             self._stub.ListRollouts, fleet_pb2.ListRolloutsRequest(active_only=active_only)
         )
         return [rollout_from_pb(r)[0] for r in resp.rollouts]
 
     def get_rollout(self, rollout_id: str) -> tuple[Rollout, list[RolloutDevice]]:
         return rollout_from_pb(
-            self._call(self._stub.GetRollout, fleet_pb2.GetRolloutRequest(rollout_id=rollout_id))
+            self.call(self._stub.GetRollout, fleet_pb2.GetRolloutRequest(rollout_id=rollout_id))
         )
 
     def watch_rollout(self, rollout_id: str) -> Iterator[Rollout]:
         req = fleet_pb2.GetRolloutRequest(rollout_id=rollout_id)
-        try:
-            for msg in self._stub.WatchRollout(req, metadata=self._metadata, timeout=None):
-                yield rollout_from_pb(msg)[0]
-        except grpc.RpcError as e:
-            self._fail(e)
+        for msg in self.stream(self._stub.WatchRollout, req):
+            yield rollout_from_pb(msg)[0]
 
     def control_rollout(self, rollout_id: str, action: str) -> Rollout:
-        msg = self._call(
+        msg = self.call(
             self._stub.ControlRollout,
             fleet_pb2.ControlRolloutRequest(rollout_id=rollout_id, action=action),
         )
@@ -324,15 +325,11 @@ class GrpcClient:
     # -- drift
 
     def drift(self, *, by: str, model: str | None) -> list[DriftRow]:
-        from edgefleet.cloud.drift.convert import drift_from_pb
-
-        resp = self._call(self._stub.GetDrift, fleet_pb2.GetDriftRequest(model=model or "", by=by))
+        resp = self.call(self._stub.GetDrift, fleet_pb2.GetDriftRequest(model=model or "", by=by))
         return [drift_from_pb(r) for r in resp.rows]
 
     def alerts(self, *, include_resolved: bool) -> list[Alert]:
-        from edgefleet.cloud.drift.convert import alert_from_pb
-
-        resp = self._call(self._stub.ListAlerts, fleet_pb2.ListAlertsRequest(all=include_resolved))
+        resp = self.call(self._stub.ListAlerts, fleet_pb2.ListAlertsRequest(all=include_resolved))
         return [alert_from_pb(a) for a in resp.alerts]
 
     def close(self) -> None:

@@ -22,15 +22,31 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from edgefleet.cloud.access import open_access_store
+import grpc
+
+from edgefleet.cloud.access.interceptor import AccessInterceptor
+from edgefleet.cloud.access.service import AccessServicer
+from edgefleet.cloud.api.errors import ErrorInterceptor
+from edgefleet.cloud.api.service import FleetServicer
 from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
-from edgefleet.cloud.client import LocalClient, ensure_admin_token
 from edgefleet.cloud.config import CloudSettings, ServeInfo
+from edgefleet.cloud.coordinator import Coordinator
+from edgefleet.cloud.fl.federation import Federation
+from edgefleet.cloud.fl.service import FederatedServicer
 from edgefleet.cloud.grpc_tls import server_tls
 from edgefleet.cloud.home import secure_home
 from edgefleet.cloud.identity import BrokerAuth, IdentityStore, write_broker_material
+from edgefleet.cloud.inbound import Refusals
+from edgefleet.cloud.monitoring import Monitoring
+from edgefleet.cloud.rollouts.controller import RolloutController
+from edgefleet.cloud.services.fleet import FleetApp
+from edgefleet.cloud.services.live import LiveRollouts
+from edgefleet.cloud.services.setup import ensure_admin_token
+from edgefleet.cloud.services.wiring import Services
 from edgefleet.protos.backoff import Backoff
 from edgefleet.protos.errors import InvalidArgument, Unavailable
+from edgefleet.protos.fleet.v1 import access_pb2_grpc, federated_pb2_grpc, fleet_pb2_grpc
+from edgefleet.protos.flower import find_flower
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttAccess
 
@@ -115,26 +131,14 @@ async def serve(
     graceful_timeout: float = 5.0,
 ) -> None:
     """Run the coordinator until `shutdown()` returns."""
-    import grpc
-
-    from edgefleet.cloud.access.interceptor import AccessInterceptor
-    from edgefleet.cloud.access.service import AccessServicer
-    from edgefleet.cloud.coordinator import Coordinator
-    from edgefleet.cloud.fl.service import FederatedServicer
-    from edgefleet.cloud.grpc_service import FleetServicer
-    from edgefleet.cloud.inbound import Refusals
-    from edgefleet.cloud.keys import KeyRing
-    from edgefleet.cloud.monitoring import Monitoring
-    from edgefleet.cloud.rollouts.controller import RolloutController
-    from edgefleet.cloud.signing import load_private_key
-    from edgefleet.protos.fleet.v1 import access_pb2_grpc, federated_pb2_grpc, fleet_pb2_grpc
-
     host, _port = check_listen(settings.grpc_listen)
-    local = LocalClient(settings)
-    local._require_init()
+    services = Services(settings)
+    services.require_init()
     secure_home(settings)
-    load_private_key(settings.signing_key_path, passphrase=settings.passphrase)  # fail now
-    ensure_admin_token(settings)  # a home made before named tokens: its token is `admin`
+    services.signing_key()  # a wrong passphrase fails now, not at the first deploy
+    tokens = services.access
+    ensure_admin_token(settings, tokens)  # a home made before named tokens: its token is `admin`
+    app = FleetApp(services)
     tls = server_tls(
         listen=settings.grpc_listen,
         cert=settings.grpc_tls_cert,
@@ -142,13 +146,12 @@ async def serve(
         force=settings.grpc_tls,
         tls_dir=settings.grpc_tls_dir,
     )
-    tokens = open_access_store(local.database)
 
     broker: ManagedBroker | None = None
     broker_stop = asyncio.Event()
     supervisor: asyncio.Task[None] | None = None
     watcher: asyncio.Task[None] | None = None
-    own = local.identities.coordinator()
+    own = services.identities.coordinator()
     if settings.broker:
         broker_url = settings.broker
         access = MqttAccess(
@@ -167,7 +170,7 @@ async def serve(
 
         def material() -> BrokerAuth:
             return write_broker_material(
-                local.identities,
+                services.identities,
                 settings.broker_dir / "auth",
                 topics=Topics(),
                 tls_listeners=listeners,
@@ -188,60 +191,58 @@ async def serve(
 
         def apply_credentials() -> None:
             with applying:
-                version = local.identities.version()
+                version = services.identities.version()
                 material()
                 managed.reload()
-                local.identities.mark_applied(version)
+                services.identities.mark_applied(version)
 
-        local.apply_credentials = apply_credentials
+        app.apply_credentials = apply_credentials
 
         watcher = asyncio.create_task(
-            watch_identities(local.identities, apply_credentials, broker_stop),
+            watch_identities(services.identities, apply_credentials, broker_stop),
             name="identity-watcher",
         )
     refusals = Refusals()  # one count of refused device messages for /metrics
-    keyring = KeyRing(settings.keys_dir)
+    keyring = services.keyring
     if keyring.ensure():  # a FLEET_HOME from before key lists
         logger.warning(
             "created root key %s: move it offline (docs/operators.md, Keys)", keyring.root_key_path
         )
     server: grpc.aio.Server | None = None
-    federation = None
+    federation: Federation | None = None
     try:
         async with (
             Coordinator(
                 broker_url=access,
-                registry=local.registry,
-                store=local.pipeline.store,
-                devices=local.devices,
-                signing_key=lambda: load_private_key(
-                    settings.signing_key_path, passphrase=settings.passphrase
-                ),
+                registry=services.registry,
+                store=services.artifacts,
+                devices=services.devices,
+                signing_key=services.signing_key,
                 key_list=keyring.key_list_bytes,
                 telemetry=False,
                 refusals=refusals,
             ) as coordinator,
             Monitoring(
-                db=local.database,
+                db=services.database,
                 broker_url=access,
                 home=str(settings.home_dir),
-                devices=local.devices,
-                rollouts=local.rollouts,
+                devices=services.devices,
+                rollouts=services.rollouts,
                 metrics_listen=settings.metrics_listen,
-                registry=local.registry,
+                registry=services.registry,
                 drift_threshold=settings.drift_threshold,
                 drift_window=settings.drift_window,
                 drift_interval=settings.drift_interval,
                 refusals=refusals,
             ) as monitoring,
         ):
-            controller = RolloutController(coordinator, local.rollouts)
+            controller = RolloutController(coordinator, services.rollouts)
             if settings.fl:
-                federation = await start_federation(settings, local, controller)
+                federation = await start_federation(settings, services, controller)
             control_task = asyncio.create_task(controller.run(), name="rollout-controller")
             try:
                 server = grpc.aio.server(
-                    interceptors=[AccessInterceptor(tokens)],
+                    interceptors=[AccessInterceptor(tokens), ErrorInterceptor()],
                     options=[
                         ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                         ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
@@ -250,10 +251,9 @@ async def serve(
                 )
                 fleet_pb2_grpc.add_FleetServiceServicer_to_server(
                     FleetServicer(
-                        local,
-                        coordinator,
+                        app,
+                        LiveRollouts(services.rollouts, controller),
                         advertise_broker=advertise,
-                        controller=controller,
                     ),
                     server,
                 )
@@ -303,7 +303,6 @@ async def serve(
             await server.stop(0)
         if federation is not None:
             await federation.stop()
-            federation.store.close()
         broker_stop.set()
         if supervisor is not None:
             await supervisor
@@ -314,8 +313,7 @@ async def serve(
         current = ServeInfo.load(settings.serve_path)
         if current is not None and current.pid == os.getpid():
             settings.serve_path.unlink(missing_ok=True)
-        local.close()
-        tokens.close()
+        services.close()
 
 
 def advertised_url(listeners: list[tuple[str, int]]) -> str:
@@ -365,26 +363,22 @@ async def watch_identities(
             logger.exception("could not apply the new MQTT credentials")
 
 
-async def start_federation(settings: CloudSettings, local: LocalClient, rollouts: Any) -> Any:
+async def start_federation(
+    settings: CloudSettings, services: Services, rollouts: RolloutController
+) -> Federation:
     """The SuperLink and federated runs (`--fl`); needs Flower installed (edgefleet[fl])."""
-    from edgefleet.cloud.fl.federation import Federation
-    from edgefleet.cloud.fl.store import FlStore
-    from edgefleet.protos.flower import find_flower
-
     find_flower("flower-superlink")  # NotFound with install hints before anything starts
-    store = FlStore(local.database)
     federation = Federation(
         settings,
-        pipeline=local.pipeline,
-        devices=local.devices,
-        store=store,
+        pipeline=services.pipeline,
+        devices=services.devices,
+        store=services.fl_store,
         rollouts=rollouts,
     )
     try:
         await federation.start()
     except BaseException:
         await federation.stop()
-        store.close()
         raise
     logger.info("SuperLink for federated learning on %s", federation.address)
     return federation

@@ -1,7 +1,7 @@
 """Tokens and audit for the CLI: in-process (`LocalAccess`) or through `fleet serve` (`GrpcAccess`).
 
 In-process, every state-changing call is recorded in the audit log as `local:<unix
-user>`; `AuditedClient` does the same for a `LocalClient`'s state-changing methods,
+user>`; `LocalClient` does the same for its state-changing methods (`LOCAL_ACTIONS`),
 so the CLI without a running coordinator leaves the same trail as through one.
 """
 
@@ -70,14 +70,18 @@ def call_args(
 
 
 class Auditor:
-    """Records in-process actions as one caller (e.g. local:alice)."""
+    """Records in-process actions as one caller (e.g. local:alice), in `store`: the
+    coordinator's database by URL (opened here, and closed by `close`), or a function
+    giving the shared one's `AccessStore` (`Services.access`; its owner closes it)."""
 
-    def __init__(self, url: str, who: str) -> None:
-        self.url, self.who = url, who
+    def __init__(self, store: str | Callable[[], AccessStore], who: str) -> None:
+        self._source, self.who = store, who
 
     @cached_property
     def store(self) -> AccessStore:
-        return SqlAccessStore(self.url)
+        if isinstance(self._source, str):
+            return SqlAccessStore(self._source)
+        return self._source()
 
     def run(self, action: str, args: dict[str, Any], work: Callable[[], Any]) -> Any:
         try:
@@ -98,35 +102,8 @@ class Auditor:
             logger.error("audit entry for %s by %s not recorded: %s", action, self.who, e)
 
     def close(self) -> None:
-        if "store" in self.__dict__:
+        if "store" in self.__dict__ and isinstance(self._source, str):
             self.store.close()
-
-
-class AuditedClient:
-    """A LocalClient whose state-changing methods (LOCAL_ACTIONS) are audited."""
-
-    def __init__(self, client: Any, auditor: Auditor) -> None:
-        self._client = client
-        self._auditor = auditor
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        action = LOCAL_ACTIONS.get(name)
-        if action is None or not callable(attr):
-            return attr
-
-        def audited(*args: Any, **kwargs: Any) -> Any:
-            return self._auditor.run(
-                action, call_args(attr, args, kwargs), lambda: attr(*args, **kwargs)
-            )
-
-        return audited
-
-    def close(self) -> None:
-        try:
-            self._client.close()
-        finally:
-            self._auditor.close()
 
 
 class AccessClient(Protocol):
@@ -140,8 +117,8 @@ class AccessClient(Protocol):
 class LocalAccess:
     """Tokens and audit in this process, against the coordinator's database."""
 
-    def __init__(self, url: str, who: str) -> None:
-        self.auditor = Auditor(url, who)
+    def __init__(self, store: str | Callable[[], AccessStore], who: str) -> None:
+        self.auditor = Auditor(store, who)
 
     @property
     def store(self) -> AccessStore:

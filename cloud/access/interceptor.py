@@ -70,21 +70,37 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         call = _Call(self.store, details.method, rule_for(details.method), _bearer(details))
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                call.unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                call.stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        # no client-streaming methods in our services: refuse rather than pass unchecked
-        logger.warning("refusing %s: streaming requests are not served", details.method)
-        return None
+        return wrap_handler(handler, details.method, unary=call.unary, stream=call.stream)
+
+
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    *,
+    unary: Callable[[UnaryBehavior], UnaryBehavior],
+    stream: Callable[[StreamBehavior], StreamBehavior],
+) -> grpc.RpcMethodHandler | None:
+    """`handler` with its behaviour wrapped (unary-unary by `unary`, unary-stream by
+    `stream`), for a server interceptor. Our services have no client-streaming methods:
+    one is refused (None) rather than passed on unchecked."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    logger.warning("refusing %s: streaming requests are not served", method)
+    return None
 
 
 class _Call:
@@ -185,7 +201,7 @@ class _Call:
         result, message = self._outcome(context, error)
         await self._record(request, caller.who, caller.role, caller.peer, result, message)
 
-    def unary(self, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Any]:
+    def unary(self, behavior: UnaryBehavior) -> UnaryBehavior:
         async def serve(request: Any, context: grpc.aio.ServicerContext) -> Any:
             caller = await self._enter(request, context)
             if caller is None:
@@ -201,7 +217,7 @@ class _Call:
 
         return serve
 
-    def stream(self, behavior: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[..., Any]:
+    def stream(self, behavior: StreamBehavior) -> StreamBehavior:
         async def serve(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             caller = await self._enter(request, context)
             if caller is None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.cloud.cli.context import settings_of
+from edgefleet.cloud.cli.context import services_of
 
 app = typer.Typer(help="MQTT broker identity material (ACLs, passwords, certificates).")
 
@@ -31,18 +31,14 @@ def acl(
     """Write the ACL, password, CA/server certificate and CRL files for your own broker
     (Mosquitto: see docs/operators.md) from the enrolled devices' credentials."""
     from edgefleet.cloud.cli.output import err
-    from edgefleet.cloud.client import LocalClient
     from edgefleet.cloud.identity import write_broker_material
     from edgefleet.cloud.identity.material import write_single_listener
     from edgefleet.protos.topics import Topics
 
-    local = LocalClient(settings_of(ctx))
-    try:
-        hosts = [h.strip() for h in listen.split(",") if h.strip()]
-        auth = write_broker_material(local.identities, out, topics=Topics(prefix), tls_hosts=hosts)
-        combined = write_single_listener(local.identities, auth, topics=Topics(prefix))
-    finally:
-        local.close()
+    identities = services_of(ctx).identities
+    hosts = [h.strip() for h in listen.split(",") if h.strip()]
+    auth = write_broker_material(identities, out, topics=Topics(prefix), tls_hosts=hosts)
+    combined = write_single_listener(identities, auth, topics=Topics(prefix))
     err.print(
         f"wrote {auth.device_acl.name}, {auth.device_passwd.name}, {auth.coordinator_acl.name}, "
         f"{auth.coordinator_passwd.name}, {combined.name}, ca.pem, server.pem/.key, crl.pem "

@@ -91,23 +91,15 @@ def show(
 
 
 def _revoke(ctx: typer.Context, device_id: str, reason: str) -> None:
-    from edgefleet.cloud.access.client import Auditor, local_user
-    from edgefleet.cloud.cli.context import settings_of
+    from edgefleet.cloud.cli.context import auditor_of, local_of
     from edgefleet.cloud.cli.output import err
-    from edgefleet.cloud.client import LocalClient
 
-    settings = settings_of(ctx)
-    local = LocalClient(settings)
-    auditor = Auditor(settings.registry_url, local_user())
-    try:
-        d, closed = auditor.run(
-            "RevokeDevice",
-            {"device_id": device_id, "reason": reason},
-            lambda: local.revoke_device(device_id, reason=reason),
-        )
-    finally:
-        local.close()
-        auditor.close()
+    local = local_of(ctx)
+    d, closed = auditor_of(ctx).run(
+        "RevokeDevice",
+        {"device_id": device_id, "reason": reason},
+        lambda: local.revoke_device(device_id, reason=reason),
+    )
     err.print(
         f"{reason} {d.device_id}: MQTT credential removed (a running 'fleet serve' reloads "
         f"its broker); open rollout states closed: {', '.join(closed) or 'none'}"

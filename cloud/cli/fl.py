@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from edgefleet.cloud.cli.context import coordinator_of, settings_of
+from edgefleet.cloud.cli.context import coordinator_of, services_of, settings_of
 
 if TYPE_CHECKING:
     from edgefleet.cloud.fl.federation import FlEnrollment
+    from edgefleet.cloud.fl.remote import FederatedClient
     from edgefleet.cloud.fl.store import FlRun
 
 app = typer.Typer(
@@ -25,7 +26,7 @@ app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def _remote(ctx: typer.Context) -> Any:
+def _remote(ctx: typer.Context) -> FederatedClient:
     from edgefleet.cloud.fl.remote import FederatedClient
 
     return FederatedClient(coordinator_of(ctx))
@@ -35,13 +36,7 @@ class _LocalRuns:
     """`ls`/`show` without a running coordinator: the database directly."""
 
     def __init__(self, ctx: typer.Context) -> None:
-        from edgefleet.cloud.client import LocalClient
-        from edgefleet.cloud.fl.store import FlStore
-
-        settings = settings_of(ctx)
-        LocalClient(settings)._require_init()
-        self.store = FlStore(settings.registry_url)
-        ctx.find_root().call_on_close(self.store.close)
+        self.store = services_of(ctx).fl_store
 
     def get(self, run_id: str) -> FlRun:
         return self.store.get_run(run_id)
@@ -62,20 +57,13 @@ def _runs(ctx: typer.Context) -> Any:
 def enroll_fl(ctx: typer.Context, device_id: str) -> FlEnrollment:
     """A node key for `device_id`: through the running coordinator (registered with its
     SuperLink at once), else recorded here and registered when `fleet serve --fl` starts."""
-    from edgefleet.cloud.client import LocalClient
     from edgefleet.cloud.config import ServeInfo
     from edgefleet.cloud.fl.federation import advertised, enroll_node
-    from edgefleet.cloud.fl.store import FlStore
 
     settings = settings_of(ctx)
     if settings.coordinator or ServeInfo.read(settings.serve_path):
-        return _remote(ctx).enroll(device_id)  # type: ignore[no-any-return]
-    LocalClient(settings)._require_init()
-    store = FlStore(settings.registry_url)
-    try:
-        return enroll_node(store, settings, device_id, advertised(settings))
-    finally:
-        store.close()
+        return _remote(ctx).enroll(device_id)
+    return enroll_node(services_of(ctx).fl_store, settings, device_id, advertised(settings))
 
 
 # -- output ---------------------------------------------------------------------------------

@@ -22,17 +22,14 @@ def access_of(ctx: typer.Context) -> Any:
     """Through --coordinator when given (AccessService), else on the database here
     (recorded in the audit log as local:<user>)."""
     from edgefleet.cloud.access.client import GrpcAccess, LocalAccess, local_user
-    from edgefleet.cloud.cli.context import remote_of, settings_of
-    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.cli.context import remote_of, services_of
 
     remote = remote_of(ctx)
     if remote is not None:
         return GrpcAccess(remote)
-    settings = settings_of(ctx)
-    LocalClient(settings)._require_init()
-    access = LocalAccess(settings.registry_url, local_user())
-    ctx.find_root().call_on_close(access.close)
-    return access
+    services = services_of(ctx)
+    services.require_init()
+    return LocalAccess(lambda: services.access, local_user())
 
 
 def token_json(t: Token) -> dict[str, Any]:

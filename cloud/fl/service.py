@@ -16,7 +16,6 @@ from edgefleet.cloud.api.convert import (
     run_to_pb,
 )
 from edgefleet.cloud.fl.federation import Federation
-from edgefleet.cloud.grpc_service import _Mapped
 from edgefleet.protos.errors import Conflict
 from edgefleet.protos.fleet.v1 import federated_pb2, federated_pb2_grpc
 
@@ -38,41 +37,36 @@ class FederatedServicer(federated_pb2_grpc.FederatedServiceServicer):
     async def StartRun(
         self, request: federated_pb2.StartRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[federated_pb2.RunInfo]:
-        async with _Mapped(context):
-            run = await self.federation.start_run(request_from_pb(request))
-            async for r in self.federation.watch(run.run_id):
-                yield run_to_pb(r)
+        run = await self.federation.start_run(request_from_pb(request))
+        async for r in self.federation.watch(run.run_id):
+            yield run_to_pb(r)
 
     async def WatchRun(
         self, request: federated_pb2.RunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[federated_pb2.RunInfo]:
-        async with _Mapped(context):
-            async for r in self.federation.watch(request.run_id):
-                yield run_to_pb(r)
+        async for r in self.federation.watch(request.run_id):
+            yield run_to_pb(r)
 
     async def GetRun(
         self, request: federated_pb2.RunRequest, context: grpc.aio.ServicerContext
     ) -> federated_pb2.RunInfo:
         import asyncio
 
-        async with _Mapped(context):
-            return run_to_pb(await asyncio.to_thread(self.federation.store.get_run, request.run_id))
+        return run_to_pb(await asyncio.to_thread(self.federation.store.get_run, request.run_id))
 
     async def ListRuns(
         self, request: federated_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> federated_pb2.ListRunsResponse:
         import asyncio
 
-        async with _Mapped(context):
-            runs = await asyncio.to_thread(
-                lambda: self.federation.store.list_runs(
-                    model=request.model or None, limit=request.limit or 50
-                )
+        runs = await asyncio.to_thread(
+            lambda: self.federation.store.list_runs(
+                model=request.model or None, limit=request.limit or 50
             )
-            return federated_pb2.ListRunsResponse(runs=[run_to_pb(r) for r in runs])
+        )
+        return federated_pb2.ListRunsResponse(runs=[run_to_pb(r) for r in runs])
 
     async def EnrollNode(
         self, request: federated_pb2.EnrollNodeRequest, context: grpc.aio.ServicerContext
     ) -> federated_pb2.NodeEnrollment:
-        async with _Mapped(context):
-            return enrollment_to_pb(await self.federation.enroll(request.device_id))
+        return enrollment_to_pb(await self.federation.enroll(request.device_id))
