@@ -34,6 +34,7 @@ from edgefleet.cloud.services.values import (
     InitResult,
 )
 from edgefleet.cloud.services.wiring import Services
+from edgefleet.cloud.variants import DEFAULT_MAX_DROP
 from edgefleet.protos.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -78,6 +79,10 @@ def _audited(
 
     functools.update_wrapper(run, fn)
     return run
+
+
+def _no_progress(step: str, done: int, total: int) -> None:
+    pass
 
 
 class LocalClient:
@@ -152,12 +157,14 @@ class LocalClient:
         data: str,
         *,
         arch: str,
-        epochs: int,
-        seed: int,
-        batch_size: int,
-        lr: float,
-        on_epoch: Callable[[EpochProgress], None] | None,
+        epochs: int = 20,
+        seed: int = 0,
+        batch_size: int = 64,
+        lr: float = 3e-3,
+        on_epoch: Callable[[EpochProgress], None] | None = None,
+        options: Mapping[str, object] | None = None,
     ) -> ModelVersion:
+        """`options` go to the architecture, e.g. {"hidden": [512, 448]} for a wider MLP."""
         return self.app.train(
             name,
             data,
@@ -167,6 +174,7 @@ class LocalClient:
             batch_size=batch_size,
             lr=lr,
             on_epoch=on_epoch,
+            options=options,
         )
 
     @_audited
@@ -175,9 +183,9 @@ class LocalClient:
         ref: ModelRef,
         variants: Sequence[str],
         *,
-        max_drop: float,
-        force: bool,
-        progress: QuantizeProgress,
+        max_drop: float = DEFAULT_MAX_DROP,
+        force: bool = False,
+        progress: QuantizeProgress = _no_progress,
     ) -> ModelVersion:
         return self.app.quantize(ref, variants, max_drop=max_drop, force=force, progress=progress)
 

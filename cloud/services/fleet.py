@@ -73,7 +73,9 @@ class FleetApp:
         batch_size: int,
         lr: float,
         on_epoch: Callable[[EpochProgress], None] | None,
+        options: Mapping[str, object] | None = None,
     ) -> ModelVersion:
+        """`options` go to the architecture, e.g. {"hidden": [512, 448]} for a wider MLP."""
         return self.services.pipeline.train(
             name,
             data,
@@ -82,6 +84,7 @@ class FleetApp:
             seed=seed,
             batch_size=batch_size,
             lr=lr,
+            options=dict(options) if options is not None else None,
             on_epoch=on_epoch,
         )
 
