@@ -23,9 +23,21 @@ import edgefleet
 from edgefleet.cloud.artifacts import ArtifactStore
 from edgefleet.cloud.evaluation import EvalSet, predictions
 from edgefleet.cloud.quantize import BUILDERS, Sources
+from edgefleet.cloud.quantize.compact import compact_onnx
 from edgefleet.cloud.registry import Lineage, ModelRef, ModelVersion, NewVersion, RegistryStore
+from edgefleet.cloud.registry.entities import check_model_name
 from edgefleet.cloud.variants import DEFAULT_MAX_DROP, KINDS, BuiltVariant, measure, sign_variants
-from edgefleet.protos.errors import DataLoss, FleetError, InvalidArgument, NotFound, Unauthenticated
+from edgefleet.models.checkpoint import dump_checkpoint, load_checkpoint
+from edgefleet.models.data import load_dataset, split
+from edgefleet.models.runtime import open_session
+from edgefleet.protos.errors import (
+    AlreadyExists,
+    DataLoss,
+    FleetError,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
 from edgefleet.protos.manifest import SignedManifest, check_artifact, verify_manifest
 
 logger = logging.getLogger(__name__)
@@ -90,11 +102,9 @@ class Pipeline:
         progress: Progress = _noop,
     ) -> ModelVersion:
         """`options` go to the architecture, e.g. {"hidden": [512, 448]} for a wider MLP."""
-        from edgefleet.cloud.registry.entities import check_model_name
         from edgefleet.cloud.training.export import INPUT_NAME
         from edgefleet.cloud.training.train import TrainConfig, predict, train
         from edgefleet.models.arch import ARCHITECTURES, to_checkpoint
-        from edgefleet.models.data import load_dataset, split
 
         check_model_name(name)
         if arch not in ARCHITECTURES:
@@ -162,9 +172,7 @@ class Pipeline:
         progress: Progress,
     ) -> ModelVersion:
         """Export fp32 ONNX, check it agrees with torch, register it with its checkpoint."""
-        from edgefleet.cloud.quantize.compact import compact_onnx
         from edgefleet.cloud.training.export import export_onnx
-        from edgefleet.models.checkpoint import dump_checkpoint
 
         progress("export onnx", 0, 1)
         fp32 = compact_onnx(export_onnx(module, tuple(evalset.x.shape[1:])))
@@ -214,7 +222,6 @@ class Pipeline:
         """
         from edgefleet.cloud.training.train import predict
         from edgefleet.models.arch import from_checkpoint
-        from edgefleet.models.checkpoint import load_checkpoint
 
         key = self._signing_key()
         parent = self.registry.get_version(parent_ref)
@@ -262,8 +269,6 @@ class Pipeline:
         )
 
     def _holdout_outputs(self, model: bytes, evalset: EvalSet) -> np.ndarray:
-        from edgefleet.models.runtime import open_session
-
         return open_session(model, "onnxruntime").run(evalset.x)
 
     # -- quantize -----------------------------------------------------------------
@@ -283,8 +288,6 @@ class Pipeline:
         existing = {v.name for v in mv.variants}
         clash = sorted(existing & set(variants))
         if clash and not force:
-            from edgefleet.protos.errors import AlreadyExists
-
             raise AlreadyExists(
                 f"{mv.ref} already has variant(s) {', '.join(clash)}; pass --force to rebuild them"
             )
@@ -328,7 +331,6 @@ class Pipeline:
 
     def _module(self, mv: ModelVersion) -> Any:
         from edgefleet.models.arch import from_checkpoint
-        from edgefleet.models.checkpoint import load_checkpoint
 
         assert mv.checkpoint_sha256
         return from_checkpoint(load_checkpoint(self.store.get(mv.checkpoint_sha256)))
@@ -336,9 +338,6 @@ class Pipeline:
     # -- import -------------------------------------------------------------------
 
     def import_model(self, path: Path, name: str, *, eval_data: Path | None = None) -> ModelVersion:
-        from edgefleet.cloud.registry.entities import check_model_name
-        from edgefleet.models.runtime import open_session
-
         check_model_name(name)
         key = self._signing_key()
         try:
@@ -491,8 +490,6 @@ def _base_variant(mv: ModelVersion) -> str:
 def _detect_format(path: Path, data: bytes) -> tuple[str, str, str]:
     """(format, runtime, variant name) from the bytes, not the file name."""
     if len(data) >= 8 and data[4:8] == b"TFL3":
-        from edgefleet.models.runtime import open_session
-
         s = open_session(data, "litert")
         quantized = s.inputs[0].dtype in ("int8", "uint8")
         return "tflite", "litert", "tflite-int8" if quantized else "tflite-fp32"
@@ -525,8 +522,6 @@ def _detect_format(path: Path, data: bytes) -> tuple[str, str, str]:
 
 
 def _read_eval_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from edgefleet.models.data import load_dataset
-
     if path.suffix.lower() != ".npz":
         raise InvalidArgument(f"--eval-data {path.name}: expected a .npz file with arrays X and y")
     ds = load_dataset(str(path))

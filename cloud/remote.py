@@ -27,6 +27,7 @@ from edgefleet.cloud.api.convert import (
     version_from_pb,
 )
 from edgefleet.cloud.drift.convert import alert_from_pb, drift_from_pb
+from edgefleet.cloud.pipeline import VerifyResult
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.services.api import QuantizeProgress
 from edgefleet.cloud.services.values import EnrollmentBundle, EpochProgress, EpochStat, FleetStatus
@@ -220,8 +221,6 @@ class GrpcClient:
         return version_from_pb(resp.version), list(resp.archived)
 
     def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[VerifyResult]]:
-        from edgefleet.cloud.pipeline import VerifyResult  # numpy and the quantizers
-
         resp = self.call(self._stub.Verify, fleet_pb2.GetVersionRequest(ref=str(ref)))
         return version_from_pb(resp.version), [
             VerifyResult(variant=r.artifact, ok=r.ok, detail=r.detail) for r in resp.results

@@ -13,8 +13,10 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.cloud.artifacts import ArtifactStore
+from edgefleet.cloud.artifacts.base import digest
 from edgefleet.cloud.evaluation import EvalSet, evaluate
 from edgefleet.cloud.registry import NewVariant
+from edgefleet.models.sketch import MIN_REFERENCE_ROWS, build_reference, classes
 from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.manifest import (
     DriftReference,
@@ -65,8 +67,6 @@ class BuiltVariant:
 def drift_reference(x: np.ndarray, outputs: np.ndarray) -> DriftReference | None:
     """The version's drift reference from holdout inputs and this variant's outputs on them;
     None when the holdout is too small to have meaningful deciles (no drift monitoring)."""
-    from edgefleet.models.sketch import MIN_REFERENCE_ROWS, build_reference, classes
-
     if len(x) < MIN_REFERENCE_ROWS:
         logger.info("holdout of %d rows: no drift reference (needs %d)", len(x), MIN_REFERENCE_ROWS)
         return None
@@ -87,8 +87,6 @@ def measure(
     latency_runs: int = 100,
 ) -> BuiltVariant:
     """Evaluate `data` in its runtime and apply the accuracy gate."""
-    from edgefleet.cloud.artifacts.base import digest
-
     ev = evaluate(data, kind.runtime, evalset, latency_runs=latency_runs)
     x1 = np.ascontiguousarray(evalset.x[:1].astype(np.float32))
     y1 = np.ascontiguousarray(ev.first_output.astype(np.float32))

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgefleet.cloud.access.convert import entry_from_pb, token_from_pb
 from edgefleet.cloud.access.model import ADMIN, AuditEntry, AuditFilter, Token
 from edgefleet.cloud.access.store import AccessStore, SqlAccessStore
 from edgefleet.protos.errors import FleetError
+from edgefleet.protos.fleet.v1 import access_pb2, access_pb2_grpc
 
 if TYPE_CHECKING:
     from edgefleet.cloud.remote import GrpcClient
@@ -154,39 +156,25 @@ class GrpcAccess:
     """AccessService of a running `fleet serve`, over a GrpcClient's channel and token."""
 
     def __init__(self, client: GrpcClient) -> None:
-        from edgefleet.protos.fleet.v1 import access_pb2_grpc
-
         self.client = client
         self._stub = access_pb2_grpc.AccessServiceStub(client.channel)
 
     def create_token(self, name: str, role: str) -> tuple[Token, str]:
-        from edgefleet.cloud.access.convert import token_from_pb
-        from edgefleet.protos.fleet.v1 import access_pb2
-
         resp = self.client.call(
             self._stub.CreateToken, access_pb2.CreateTokenRequest(name=name, role=role)
         )
         return token_from_pb(resp.token), resp.secret
 
     def list_tokens(self) -> list[Token]:
-        from edgefleet.cloud.access.convert import token_from_pb
-        from edgefleet.protos.fleet.v1 import access_pb2
-
         resp = self.client.call(self._stub.ListTokens, access_pb2.ListTokensRequest())
         return [token_from_pb(t) for t in resp.tokens]
 
     def revoke_token(self, name: str) -> Token:
-        from edgefleet.cloud.access.convert import token_from_pb
-        from edgefleet.protos.fleet.v1 import access_pb2
-
         return token_from_pb(
             self.client.call(self._stub.RevokeToken, access_pb2.RevokeTokenRequest(name=name))
         )
 
     def audit(self, where: AuditFilter) -> list[AuditEntry]:
-        from edgefleet.cloud.access.convert import entry_from_pb
-        from edgefleet.protos.fleet.v1 import access_pb2
-
         req = access_pb2.ListAuditRequest(
             since_ms=int(where.since.timestamp() * 1000) if where.since else 0,
             who=where.who,

@@ -8,6 +8,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from edgefleet.cloud.cli.output import emit_json, out
+from edgefleet.cloud.cli.tokens import access_of
+from edgefleet.protos.errors import InvalidArgument
+
 if TYPE_CHECKING:
     from edgefleet.cloud.access import AuditEntry
 
@@ -17,7 +21,6 @@ app = typer.Typer(help="The audit log of state-changing operator actions.", no_a
 def parse_since(text: str, *, now: datetime) -> datetime:
     """A duration back from `now` (30m, 2h, 1d) or an ISO 8601 time (UTC if no zone)."""
     from edgefleet.cloud.devices.filters import parse_duration
-    from edgefleet.protos.errors import InvalidArgument
 
     try:
         return now - timedelta(seconds=parse_duration(text, option="--since"))
@@ -66,8 +69,6 @@ def ls(
     from rich.table import Table
 
     from edgefleet.cloud.access import AuditFilter
-    from edgefleet.cloud.cli.output import emit_json, out
-    from edgefleet.cloud.cli.tokens import access_of
 
     where = AuditFilter(
         since=parse_since(since, now=datetime.now(timezone.utc)) if since else None,

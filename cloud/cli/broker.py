@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from edgefleet.cloud.cli.context import services_of
+from edgefleet.cloud.cli.output import err
+from edgefleet.protos.topics import Topics
 
 app = typer.Typer(help="MQTT broker identity material (ACLs, passwords, certificates).")
 
@@ -30,10 +32,8 @@ def acl(
 ) -> None:
     """Write the ACL, password, CA/server certificate and CRL files for your own broker
     (Mosquitto: see docs/operators.md) from the enrolled devices' credentials."""
-    from edgefleet.cloud.cli.output import err
     from edgefleet.cloud.identity import write_broker_material
     from edgefleet.cloud.identity.material import write_single_listener
-    from edgefleet.protos.topics import Topics
 
     identities = services_of(ctx).identities
     hosts = [h.strip() for h in listen.split(",") if h.strip()]

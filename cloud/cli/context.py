@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from edgefleet.cloud.grpc_tls import client_roots
+from edgefleet.protos.errors import Unavailable
+
 if TYPE_CHECKING:
     from edgefleet.cloud.access.client import Auditor
     from edgefleet.cloud.client import LocalClient
@@ -114,7 +117,6 @@ def _remote(ctx: typer.Context, settings: CloudSettings, address: str) -> GrpcCl
 def _connect(ctx: typer.Context, settings: CloudSettings, address: str) -> GrpcClient:
     from edgefleet.cloud.client import read_token
     from edgefleet.cloud.config import ServeInfo
-    from edgefleet.cloud.grpc_tls import client_roots
     from edgefleet.cloud.remote import GrpcClient
 
     token = settings.token or read_token(settings.token_path)
@@ -153,7 +155,6 @@ def client_of(ctx: typer.Context) -> FleetClient:
 def coordinator_of(ctx: typer.Context) -> GrpcClient:
     """A client for a running coordinator: --coordinator, else FLEET_HOME/serve.json."""
     from edgefleet.cloud.config import ServeInfo
-    from edgefleet.protos.errors import Unavailable
 
     settings = settings_of(ctx)
     if settings.coordinator:

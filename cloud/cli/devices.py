@@ -9,7 +9,10 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.cloud.cli.context import client_of
+from edgefleet.cloud.cli.context import auditor_of, client_of, local_of
+from edgefleet.cloud.cli.fl import enroll_fl
+from edgefleet.cloud.cli.output import device_json, emit_json, err, print_device, print_devices
+from edgefleet.protos.errors import InvalidArgument, Unavailable
 
 app = typer.Typer(
     help="Enrolled devices: state, capabilities, enrolment.",
@@ -20,8 +23,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 
 
 def parse_tags(items: list[str] | None) -> dict[str, str]:
-    from edgefleet.protos.errors import InvalidArgument
-
     tags: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -60,7 +61,6 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List enrolled devices, optionally filtered."""
-    from edgefleet.cloud.cli.output import device_json, emit_json, print_devices
     from edgefleet.cloud.devices import DeviceFilter, Selector
 
     sel = Selector.parse(selector) if selector else None
@@ -81,8 +81,6 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one device: state, active model, capabilities."""
-    from edgefleet.cloud.cli.output import device_json, emit_json, print_device
-
     d = client_of(ctx).get_device(device_id)
     if as_json:
         emit_json(device_json(d))
@@ -91,9 +89,6 @@ def show(
 
 
 def _revoke(ctx: typer.Context, device_id: str, reason: str) -> None:
-    from edgefleet.cloud.cli.context import auditor_of, local_of
-    from edgefleet.cloud.cli.output import err
-
     local = local_of(ctx)
     d, closed = auditor_of(ctx).run(
         "RevokeDevice",
@@ -153,9 +148,6 @@ def enroll(
     ] = False,
 ) -> None:
     """Enrol a device and write its enrolment bundle (JSON) for `fleet-agent enroll`."""
-    from edgefleet.cloud.cli.output import err
-    from edgefleet.protos.errors import InvalidArgument, Unavailable
-
     tags = parse_tags(tag)
     if out_file is None:
         raise InvalidArgument(
@@ -167,8 +159,6 @@ def enroll(
     def bundle_text() -> str:
         bundle = client.enroll_device(device_id, group=group, tags=tags).to_json()
         if fl:
-            from edgefleet.cloud.cli.fl import enroll_fl
-
             bundle["fl"] = enroll_fl(ctx, device_id).to_json()
         return json.dumps(bundle, indent=2)
 

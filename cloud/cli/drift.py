@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from edgefleet.cloud.cli.context import client_of
+from edgefleet.cloud.cli.output import alert_json, drift_json, emit_json, print_alerts, print_drift
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -22,8 +23,6 @@ def drift(
     as_json: JsonOpt = False,
 ) -> None:
     """PSI of recent live traffic against each version's reference (inputs and predictions)."""
-    from edgefleet.cloud.cli.output import drift_json, emit_json, print_drift
-
     rows = client_of(ctx).drift(by=by, model=model)
     if as_json:
         emit_json([drift_json(r) for r in rows])
@@ -39,8 +38,6 @@ def alerts(
     as_json: JsonOpt = False,
 ) -> None:
     """Drift alerts: a device or group whose PSI went above the threshold."""
-    from edgefleet.cloud.cli.output import alert_json, emit_json, print_alerts
-
     found = client_of(ctx).alerts(include_resolved=include_resolved)
     if as_json:
         emit_json([alert_json(a) for a in found])

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from edgefleet.cloud.cli.context import coordinator_of, services_of, settings_of
+from edgefleet.cloud.cli.output import emit_json, err, iso_utc, out
+from edgefleet.cloud.registry import ModelRef
 
 if TYPE_CHECKING:
     from edgefleet.cloud.fl.federation import FlEnrollment
@@ -70,8 +72,6 @@ def enroll_fl(ctx: typer.Context, device_id: str) -> FlEnrollment:
 
 
 def run_json(r: FlRun) -> dict[str, Any]:
-    from edgefleet.cloud.cli.output import iso_utc
-
     return {
         "run_id": r.run_id,
         "model": r.model,
@@ -110,8 +110,6 @@ def round_line(r: FlRun, h: Any) -> str:
 
 
 def print_run(r: FlRun) -> None:
-    from edgefleet.cloud.cli.output import out
-
     out.print(f"run          {r.run_id}  (Flower run {r.flower_run_id or '-'})")
     out.print(f"status       {r.status}" + (f": {r.reason}" if r.reason else ""))
     out.print(f"from         {r.parent}  strategy {r.strategy}, {r.rounds} round(s)")
@@ -132,8 +130,6 @@ def print_run(r: FlRun) -> None:
 def print_runs(runs: list[FlRun]) -> None:
     from rich.table import Table
 
-    from edgefleet.cloud.cli.output import out
-
     t = Table(box=None, pad_edge=False)
     for col in ("RUN", "FROM", "STRATEGY", "ROUNDS", "STATUS", "RESULT", "PARTICIPANTS", "CREATED"):
         t.add_column(col)
@@ -153,8 +149,6 @@ def print_runs(runs: list[FlRun]) -> None:
 
 def _follow(start: Any, as_json: bool) -> None:
     """Call `start(on_update)`; print each new round to stderr; the result to stdout."""
-    from edgefleet.cloud.cli.output import emit_json, err
-
     seen: dict[str, Any] = {"rounds": 0, "status": ""}
 
     def on_update(r: FlRun) -> None:
@@ -251,7 +245,6 @@ def start(
     """Run federated rounds from NAME:VERSION; register the result as the next version."""
     from edgefleet.cloud.devices import Selector
     from edgefleet.cloud.fl.federation import RunRequest
-    from edgefleet.cloud.registry import ModelRef
     from edgefleet.cloud.variants import parse_variants
 
     req = RunRequest(
@@ -297,8 +290,6 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List federated runs, newest first."""
-    from edgefleet.cloud.cli.output import emit_json
-
     runs = _runs(ctx).list(model=model, limit=limit)
     if as_json:
         emit_json([run_json(r) for r in runs])
@@ -313,8 +304,6 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """One run: participants and skips with reasons, each round, the result, the canary."""
-    from edgefleet.cloud.cli.output import emit_json
-
     r = _runs(ctx).get(run_id)
     if as_json:
         emit_json(run_json(r))

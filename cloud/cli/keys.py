@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from edgefleet.cloud.cli.context import settings_of
+from edgefleet.cloud.cli.output import emit_json, err, out
 
 if TYPE_CHECKING:
     from edgefleet.cloud.keys import KeyRing
@@ -71,8 +72,6 @@ def ls(
     """The root key, the key signing now, keys still accepted, revoked and retired ones."""
     from rich.table import Table
 
-    from edgefleet.cloud.cli.output import emit_json, out
-
     ring = _ring(ctx)
     rows = ring.ls()
     version = ring.key_list().version
@@ -112,8 +111,6 @@ def rotate(
 ) -> None:
     """A new online signing key, in a new key list signed by the root key. The old key
     stays accepted (what it signed keeps working) until `fleet keys revoke`."""
-    from edgefleet.cloud.cli.output import err, out
-
     ring = _ring(ctx, root_key)
     kl, kid = _audited(
         ctx,
@@ -137,8 +134,6 @@ def revoke(
 ) -> None:
     """Devices refuse anything signed by KEY_ID, also those offline now (on reconnect).
     Revoking the key that signs now rotates to a new one first."""
-    from edgefleet.cloud.cli.output import err, out
-
     ring = _ring(ctx, root_key)
     kl, kid = _audited(
         ctx,

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from edgefleet import __version__
 from edgefleet.cloud.cli import audit as audit_cli
 from edgefleet.cloud.cli import broker as broker_cli
 from edgefleet.cloud.cli import db as db_cli
@@ -27,7 +28,20 @@ from edgefleet.cloud.cli import rollouts as rollouts_cli
 from edgefleet.cloud.cli import sim as sim_cli
 from edgefleet.cloud.cli import tokens as tokens_cli
 from edgefleet.cloud.cli.context import State, client_of, coordinator_of, settings_of
-from edgefleet.protos.errors import FleetError
+from edgefleet.cloud.cli.output import (
+    emit_json,
+    err,
+    out,
+    print_status,
+    print_version,
+    status_json,
+    version_json,
+)
+from edgefleet.cloud.cli.rollouts import watch_until_outcome
+from edgefleet.cloud.quiet import quiet_third_party
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.signing import is_encrypted
+from edgefleet.protos.errors import FleetError, InvalidArgument
 
 app = typer.Typer(
     name="fleet",
@@ -51,8 +65,6 @@ app.command("alerts")(drift_cli.alerts)
 
 def _version(value: bool) -> None:
     if value:
-        from edgefleet import __version__
-
         sys.stdout.write(f"fleet (edgefleet) {__version__}\n")
         raise typer.Exit()
 
@@ -143,7 +155,6 @@ def main_callback(
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    from edgefleet.cloud.quiet import quiet_third_party
 
     quiet_third_party(verbose)
     ctx.obj = State(
@@ -196,7 +207,6 @@ def init(
 
     Both stores are checked first; a failed first init leaves no FLEET_HOME behind.
     """
-    from edgefleet.cloud.cli.output import err, out
     from edgefleet.cloud.client import LocalClient
 
     state: State = ctx.find_root().obj
@@ -255,8 +265,6 @@ def train(
 ) -> None:
     """Train a model, export fp32 ONNX and register it as a new version."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from edgefleet.cloud.cli.output import emit_json, err, print_version, version_json
 
     client = client_of(ctx)
     with Progress(
@@ -318,8 +326,6 @@ def quantize(
     """Build quantized / converted variants, evaluate each in its runtime, gate and sign them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgefleet.cloud.cli.output import emit_json, err, print_version, version_json
-    from edgefleet.cloud.registry import ModelRef
     from edgefleet.cloud.variants import parse_variants
 
     names = parse_variants(variants)
@@ -463,7 +469,6 @@ def serve(
     import asyncio
     import signal
 
-    from edgefleet.cloud.cli.output import err
     from edgefleet.cloud.config import ServeInfo
     from edgefleet.cloud.serve import serve as run_serve
 
@@ -482,14 +487,15 @@ def serve(
         grpc_tls_cert=grpc_tls_cert,
         grpc_tls_key=grpc_tls_key,
     )
-    if settings.passphrase is None and sys.stdin.isatty():
-        from edgefleet.cloud.signing import is_encrypted
+    if (
+        settings.passphrase is None
+        and sys.stdin.isatty()
+        and is_encrypted(settings.signing_key_path)
+    ):
+        from pydantic import SecretStr
 
-        if is_encrypted(settings.signing_key_path):
-            from pydantic import SecretStr
-
-            phrase = typer.prompt("signing key passphrase", hide_input=True, err=True)
-            settings = settings.model_copy(update={"signing_passphrase": SecretStr(phrase)})
+        phrase = typer.prompt("signing key passphrase", hide_input=True, err=True)
+        settings = settings.model_copy(update={"signing_passphrase": SecretStr(phrase)})
 
     def ready(info: ServeInfo) -> None:
         tls = f"TLS, CA {info.grpc_ca or 'given'}" if info.grpc_tls else "plain"
@@ -629,9 +635,7 @@ def deploy(
     Exit 0 done; 1 failed, rolled back or aborted; 3 paused.
     """
     from edgefleet.cloud.devices import Selector
-    from edgefleet.cloud.registry import ModelRef
     from edgefleet.cloud.rollouts import parse_policy
-    from edgefleet.protos.errors import InvalidArgument
 
     parsed = ModelRef.parse(ref)
     selector = Selector.parse(to)
@@ -664,7 +668,6 @@ def deploy(
 
 
 def _dry_run(ctx: typer.Context, ref: Any, selector: Any, policy: Any, as_json: bool) -> None:
-    from edgefleet.cloud.cli.output import emit_json, err, out
     from edgefleet.cloud.cli.rollout_view import print_rollout, rollout_json
     from edgefleet.cloud.config import ServeInfo
 
@@ -686,7 +689,6 @@ def _dry_run(ctx: typer.Context, ref: Any, selector: Any, policy: Any, as_json: 
 def _dry_run_sim(
     ctx: typer.Context, ref: Any, selector: Any, policy: Any, n: int, profile: str, as_json: bool
 ) -> None:
-    from edgefleet.cloud.cli.output import emit_json, err, out
     from edgefleet.cloud.rollouts import Policy
     from edgefleet.simulator.dryrun import print_simulation, simulate
 
@@ -708,9 +710,7 @@ def _dry_run_sim(
 def _staged(
     ctx: typer.Context, ref: Any, selector: Any, policy: Any, *, watch: bool, as_json: bool
 ) -> None:
-    from edgefleet.cloud.cli.output import emit_json, err, out
     from edgefleet.cloud.cli.rollout_view import outcome_code, print_rollout, rollout_json
-    from edgefleet.cloud.cli.rollouts import watch_until_outcome
 
     client = coordinator_of(ctx)
     r, _devices = client.create_rollout(ref, selector, policy, dry_run=False)
@@ -735,9 +735,7 @@ def _all_at_once(
 ) -> None:
     """A plain deploy: a one-stage rollout (`Policy.all_at_once`), stored and listed like
     any other; devices offline now are named at once and update when they reconnect."""
-    from edgefleet.cloud.cli.output import emit_json, err, out
     from edgefleet.cloud.cli.rollout_view import print_plain_deploy, rollout_json
-    from edgefleet.cloud.cli.rollouts import watch_until_outcome
     from edgefleet.cloud.devices import Selector
     from edgefleet.cloud.rollouts import Policy
     from edgefleet.cloud.rollouts.controller import OFFLINE
@@ -786,7 +784,6 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Coordinator, broker and device counts (through the coordinator when one runs)."""
-    from edgefleet.cloud.cli.output import emit_json, print_status, status_json
     from edgefleet.cloud.config import ServeInfo
 
     settings = settings_of(ctx)
@@ -815,8 +812,6 @@ def run(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, prog_name="fleet", standalone_mode=False)
     except FleetError as e:
-        from edgefleet.cloud.cli.output import err
-
         err.print(f"[bold red]error[/bold red] ({e.kind}): {e}", markup=True, highlight=False)
         return 1
     except click.exceptions.Exit as e:
@@ -831,7 +826,6 @@ def run(argv: list[str] | None = None) -> int:
         missing = (e.name or "").partition(".")[0]
         if missing not in _CLOUD_MODULES:
             raise
-        from edgefleet.cloud.cli.output import err
 
         err.print(
             f"[bold red]error[/bold red] (unavailable): this command needs the coordinator's "

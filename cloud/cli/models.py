@@ -8,6 +8,17 @@ from typing import Annotated
 import typer
 
 from edgefleet.cloud.cli.context import client_of
+from edgefleet.cloud.cli.output import (
+    emit_json,
+    err,
+    out,
+    print_models,
+    print_version,
+    print_versions,
+    version_json,
+)
+from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.registry.entities import check_model_name, check_stage
 
 app = typer.Typer(
     help="The model registry: versions, variants, stages, signatures.",
@@ -24,9 +35,6 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List models, or the versions of one model."""
-    from edgefleet.cloud.cli.output import emit_json, print_models, print_versions, version_json
-    from edgefleet.cloud.registry.entities import check_model_name
-
     client = client_of(ctx)
     if name is None:
         models = client.list_models()
@@ -49,9 +57,6 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a version: lineage, and each variant's size, accuracy and latency."""
-    from edgefleet.cloud.cli.output import emit_json, print_version, version_json
-    from edgefleet.cloud.registry import ModelRef
-
     mv = client_of(ctx).get_version(ModelRef.parse(ref))
     if as_json:
         emit_json(version_json(mv))
@@ -70,8 +75,6 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Register a model trained elsewhere (ONNX or TFLite) as a new version."""
-    from edgefleet.cloud.cli.output import emit_json, print_version, version_json
-
     mv = client_of(ctx).import_model(file, name, eval_data=eval_data)
     if as_json:
         emit_json(version_json(mv))
@@ -92,10 +95,6 @@ def promote(
     as_json: JsonOpt = False,
 ) -> None:
     """Move a version to a stage; others in that stage are archived."""
-    from edgefleet.cloud.cli.output import emit_json, err, out
-    from edgefleet.cloud.registry import ModelRef
-    from edgefleet.cloud.registry.entities import check_stage
-
     check_stage(stage)
     mv, archived = client_of(ctx).promote(
         ModelRef.parse(ref), stage, archive_existing=not keep_existing
@@ -118,9 +117,6 @@ def verify(
 ) -> None:
     """Check every variant's bytes against its signed manifest. Exit 1 if any fails."""
     from rich.table import Table
-
-    from edgefleet.cloud.cli.output import emit_json, err, out
-    from edgefleet.cloud.registry import ModelRef
 
     mv, results = client_of(ctx).verify(ModelRef.parse(ref))
     bad = [r for r in results if not r.ok]
@@ -148,8 +144,5 @@ def export(
     ] = None,
 ) -> None:
     """Write variants with their signed manifests (and weights.npz) to a folder."""
-    from edgefleet.cloud.cli.output import out
-    from edgefleet.cloud.registry import ModelRef
-
     for p in client_of(ctx).export(ModelRef.parse(ref), out_dir, variants=variant or []):
         out.print(str(p))

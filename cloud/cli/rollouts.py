@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from edgefleet.cloud.cli.context import client_of, coordinator_of, settings_of
+from edgefleet.cloud.cli.output import emit_json, err, out
+from edgefleet.protos.errors import FleetError
 
 if TYPE_CHECKING:
     from edgefleet.cloud.rollouts import Rollout
@@ -37,7 +39,6 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """Rollouts, newest first."""
-    from edgefleet.cloud.cli.output import emit_json, out
     from edgefleet.cloud.cli.rollout_view import print_rollouts, rollout_json
 
     found = _reader(ctx).list_rollouts(active_only=active)
@@ -50,7 +51,6 @@ def ls(
 @app.command("show")
 def show(ctx: typer.Context, rollout_id: IdArg, as_json: JsonOpt = False) -> None:
     """One rollout: stages, gates, estimated finish, and every device's state."""
-    from edgefleet.cloud.cli.output import emit_json, out
     from edgefleet.cloud.cli.rollout_view import print_rollout, rollout_json
 
     r, devices = _reader(ctx).get_rollout(rollout_id)
@@ -64,7 +64,6 @@ def watch_until_outcome(client: Any, rollout_id: str) -> Rollout:
     """Draw the rollout live on stderr until it is final or paused; return it."""
     from rich.live import Live
 
-    from edgefleet.cloud.cli.output import err
     from edgefleet.cloud.cli.rollout_view import watch_view
 
     class _View:
@@ -83,8 +82,6 @@ def watch_until_outcome(client: Any, rollout_id: str) -> Rollout:
             if r.final or r.state == "paused":
                 break
     if last is None:
-        from edgefleet.protos.errors import FleetError
-
         raise FleetError(f"watch of rollout {rollout_id} ended without news")
     return last
 
@@ -92,7 +89,6 @@ def watch_until_outcome(client: Any, rollout_id: str) -> Rollout:
 @app.command("watch")
 def watch(ctx: typer.Context, rollout_id: IdArg) -> None:
     """Live progress per stage and gate. Exit 0 done, 1 rolled back or aborted, 3 paused."""
-    from edgefleet.cloud.cli.output import err
     from edgefleet.cloud.cli.rollout_view import outcome_code
 
     r = watch_until_outcome(_reader(ctx), rollout_id)
@@ -101,7 +97,6 @@ def watch(ctx: typer.Context, rollout_id: IdArg) -> None:
 
 
 def _control(ctx: typer.Context, rollout_id: str, action: str, as_json: bool) -> None:
-    from edgefleet.cloud.cli.output import emit_json, err
     from edgefleet.cloud.cli.rollout_view import rollout_json
 
     r = coordinator_of(ctx).control_rollout(rollout_id, action)

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from edgefleet.cloud.cli.context import coordinator_of, settings_of
+from edgefleet.cloud.cli.output import emit_json
+from edgefleet.protos.errors import AlreadyExists, Conflict, Unavailable
 
 if TYPE_CHECKING:
     from edgefleet.simulator.cluster import SimCluster
@@ -34,8 +36,6 @@ CREDENTIALS_FILE = "credentials.json"
 def _enroll(client: Any, plan: list[Any], state_dir: Path) -> dict[str, Any]:
     """Enrol every planned device not enrolled yet; the bundle fields they share, and
     under "passwords" each device's MQTT password (kept in STATE_DIR, mode 0600)."""
-    from edgefleet.protos.errors import AlreadyExists, Conflict
-
     cached = state_dir / BUNDLE_FILE
     secrets = state_dir / CREDENTIALS_FILE
     shared: dict[str, Any] | None = None
@@ -132,8 +132,6 @@ async def _run(
                     if duration is not None and time.monotonic() - start >= duration:
                         break
                     if failed := sim.failed_workers():
-                        from edgefleet.protos.errors import Unavailable
-
                         raise Unavailable(f"simulator workers stopped: {'; '.join(failed)}")
                     live.update(table())
                     await asyncio.sleep(0.25)
@@ -232,7 +230,6 @@ def sim(
     ),
 ) -> None:
     """Run simulated devices (real agent code) against the running coordinator."""
-    from edgefleet.cloud.cli.output import emit_json
     from edgefleet.simulator.cluster import SimCluster
     from edgefleet.simulator.faults import parse_faults
     from edgefleet.simulator.plan import plan

@@ -6,6 +6,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from edgefleet.cloud.cli.context import remote_of, services_of
+from edgefleet.cloud.cli.output import emit_json, err, out
+
 if TYPE_CHECKING:
     from edgefleet.cloud.access import Token
 
@@ -22,7 +25,6 @@ def access_of(ctx: typer.Context) -> Any:
     """Through --coordinator when given (AccessService), else on the database here
     (recorded in the audit log as local:<user>)."""
     from edgefleet.cloud.access.client import GrpcAccess, LocalAccess, local_user
-    from edgefleet.cloud.cli.context import remote_of, services_of
 
     remote = remote_of(ctx)
     if remote is not None:
@@ -54,7 +56,6 @@ def create(
 ) -> None:
     """Create a token; its secret goes to stdout once (only its SHA-256 is kept)."""
     from edgefleet.cloud.access import check_role, check_token_name
-    from edgefleet.cloud.cli.output import err
 
     check_token_name(name)
     check_role(role)
@@ -70,8 +71,6 @@ def create(
 def ls(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List tokens (never their secrets), revoked ones included."""
     from rich.table import Table
-
-    from edgefleet.cloud.cli.output import emit_json, out
 
     tokens = access_of(ctx).list_tokens()
     if as_json:
@@ -91,7 +90,5 @@ def revoke(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="Token to revoke.")]
 ) -> None:
     """Revoke a token: calls carrying it are refused from now on."""
-    from edgefleet.cloud.cli.output import err
-
     token = access_of(ctx).revoke_token(name)
     err.print(f"token {token.name!r} ({token.role}) revoked")

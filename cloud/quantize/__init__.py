@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.cloud.quantize.compact import compact_onnx
+
 Built = tuple[bytes, dict[str, Any]]
 
 
@@ -39,7 +41,6 @@ class Sources:
 
 
 def _int8(src: Sources) -> Built:
-    from edgefleet.cloud.quantize.compact import compact_onnx
     from edgefleet.cloud.quantize.onnx_variants import quantize_static_int8
 
     data, config = quantize_static_int8(src.base, src.calibration)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.cloud.quiet import captured_output
 from edgefleet.models.runtime import quiet_native_banners
 from edgefleet.protos.errors import Unavailable
 
@@ -28,8 +29,6 @@ BATCHES = (1, 64)
 
 
 def _quiet() -> contextlib.AbstractContextManager[None]:
-    from edgefleet.cloud.quiet import captured_output
-
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument, NotFound
 from edgefleet.protos.manifest import TensorSpec
 
 STAGES = ("none", "staging", "production", "archived")
@@ -148,7 +148,6 @@ class ModelVersion(NewVersion):
         for v in self.variants:
             if v.name == name:
                 return v
-        from edgefleet.protos.errors import NotFound
 
         have = ", ".join(v.name for v in self.variants) or "none"
         raise NotFound(f"{self.ref} has no variant {name!r}; variants: {have}")

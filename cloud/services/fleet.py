@@ -19,6 +19,7 @@ import edgefleet
 from edgefleet.cloud.config import DEFAULT_MQTT_PORT, ServeInfo
 from edgefleet.cloud.coordinator import plan_deploy
 from edgefleet.cloud.devices import Device, DeviceFilter, Selector
+from edgefleet.cloud.drift.monitor import check_by, parse_model
 from edgefleet.cloud.identity import DeviceCredential
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice
@@ -285,8 +286,6 @@ class FleetApp:
 
     def drift(self, *, by: str, model: str | None) -> list[DriftRow]:
         """PSI now, from the telemetry in the database (what `fleet serve` alerts on)."""
-        from edgefleet.cloud.drift.monitor import check_by, parse_model  # numpy
-
         check_by(by)
         name, version = parse_model(model)
         return self.services.drift_monitor.report(by=by, model=name, version=version)

@@ -19,9 +19,12 @@ from edgefleet.cloud.artifacts import ArtifactStore, open_artifact_store
 from edgefleet.cloud.config import CloudSettings
 from edgefleet.cloud.db import Database
 from edgefleet.cloud.devices import DeviceStore
+from edgefleet.cloud.drift import DriftMonitor
 from edgefleet.cloud.drift.alerts import AlertStore
+from edgefleet.cloud.fl.store import FlStore
 from edgefleet.cloud.identity import IdentityStore
 from edgefleet.cloud.keys import KeyRing
+from edgefleet.cloud.pipeline import Pipeline
 from edgefleet.cloud.registry import RegistryStore, open_registry
 from edgefleet.cloud.rollouts import RolloutStore
 from edgefleet.cloud.signing import load_private_key
@@ -81,8 +84,6 @@ class Services:
 
     @cached_property
     def fl_store(self) -> FlStore:
-        from edgefleet.cloud.fl.store import FlStore
-
         return FlStore(self.database)
 
     @cached_property
@@ -97,14 +98,10 @@ class Services:
 
     @cached_property
     def pipeline(self) -> Pipeline:
-        from edgefleet.cloud.pipeline import Pipeline  # numpy, the quantizers, the trainer
-
         return Pipeline(self.registry, self.artifacts, self.signing_key)
 
     @cached_property
     def drift_monitor(self) -> DriftMonitor:
-        from edgefleet.cloud.drift import DriftMonitor  # numpy, for the drift scores
-
         s = self.settings
         return DriftMonitor(
             telemetry=self.telemetry,

@@ -25,7 +25,7 @@ from typing import Any
 from edgefleet.cloud.inbound import Refusals, Refused, Telemetry, decode_telemetry
 from edgefleet.cloud.metrics import LatencyHistograms
 from edgefleet.cloud.telemetry.store import TelemetryStore
-from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.errors import InvalidArgument, Unavailable
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttSettings
 
@@ -381,8 +381,6 @@ class TelemetrySubscriber:
             )
 
     def start(self, *, timeout: float = 30.0) -> None:
-        from edgefleet.protos.errors import Unavailable
-
         ep = self.settings.endpoint
         self.ingest.start()
         self._client.connect_async(ep.host, ep.port, self.settings.keepalive)

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgefleet.cloud.errors import find_storage_error
+from edgefleet.cloud.quiet import captured_output
 from edgefleet.protos.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -43,8 +45,6 @@ def export_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
                 verbose=False,
             )
         except Exception as e:  # torch raises many unrelated types here
-            from edgefleet.cloud.errors import find_storage_error
-
             disk = find_storage_error(e, f"ONNX export of {type(module).__name__} to {tmp}")
             if disk is not None:  # the disk, not the model
                 raise disk from None
@@ -72,7 +72,5 @@ def _check_batch_dynamic(data: bytes) -> None:
 
 def _quiet() -> contextlib.AbstractContextManager[None]:
     """The exporter prints progress and warnings to stdout/stderr; keep them in the log."""
-    from edgefleet.cloud.quiet import captured_output
-
     os.environ.setdefault("TORCH_LOGS", "-all")
     return captured_output("torch.onnx", silence=("torch.onnx",))
