@@ -186,7 +186,7 @@ class SimulatedDevice:
     def _new_agent(self) -> Agent:
         agent = Agent(
             self.settings,
-            capabilities=self.profile.capabilities(),
+            capabilities=self.profile.caps,
             durable=False,
             want_interval=self.want_interval,
             holder=_ScaledHolder(self.profile.speed_factor)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
@@ -25,18 +25,12 @@ from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.signing import load_private_key
 from tests.support.identity import SecureBroker
 
-PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "runtimes": ["onnxruntime", "litert"],
-        "providers": ["CPUExecutionProvider"],
-        "accelerator": "cpu",
-    },
-    "gpu": {
-        "runtimes": ["onnxruntime"],
-        "providers": ["CPUExecutionProvider"],
-        "accelerator": "gpu",
-    },
-    "litert": {"runtimes": ["litert"], "providers": [], "accelerator": "cpu"},
+PROFILES: dict[str, Capabilities] = {
+    "cpu": Capabilities(
+        "x86_64", ("onnxruntime", "litert"), ("CPUExecutionProvider",), "cpu", memory_mb=0
+    ),
+    "gpu": Capabilities("x86_64", ("onnxruntime",), ("CPUExecutionProvider",), "gpu", memory_mb=0),
+    "litert": Capabilities("x86_64", ("litert",), (), "cpu", memory_mb=0),
 }
 EXPECTED = {"cpu": "int8", "gpu": "fp16", "litert": "tflite-int8"}
 

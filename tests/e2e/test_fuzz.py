@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
@@ -184,7 +185,7 @@ def _agent(tmp: Path, key: Ed25519PrivateKey) -> Agent:
             public_key_pem=pem.decode(),
             listen="",
         ),
-        capabilities={"runtimes": ["onnxruntime"], "providers": ["CPUExecutionProvider"]},
+        capabilities=Capabilities("x86_64", ("onnxruntime",), ("CPUExecutionProvider",), "cpu", 0),
         durable=False,
     )
 

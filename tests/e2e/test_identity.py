@@ -258,7 +258,7 @@ def test_fleet_devices_revoke_and_rm_cut_the_device_and_close_its_rollout_states
     cli: Cli, tmp_path: Path
 ) -> None:
     from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
-    from edgefleet.cloud.rollouts.model import D_PENDING, D_SKIPPED, PAUSED, Stage
+    from edgefleet.cloud.rollouts.model import DevicePhase, RolloutState, Stage
     from tests.e2e.test_serve import fleet_serve
 
     home = tmp_path / "home"
@@ -278,7 +278,14 @@ def test_fleet_devices_revoke_and_rm_cut_the_device_and_close_its_rollout_states
         stage = Stage("canary", 1.0, 3)
         rollouts.create(
             Rollout(
-                "r-open", "digits:1", "digits", 1, "all", Policy.all_at_once(), PAUSED, (stage,)
+                "r-open",
+                "digits:1",
+                "digits",
+                1,
+                "all",
+                Policy.all_at_once(),
+                RolloutState.PAUSED,
+                (stage,),
             ),
             [RolloutDevice("r-open", d, 0, "int8", "0" * 64, None) for d in bundles],
         )
@@ -335,9 +342,9 @@ def test_fleet_devices_revoke_and_rm_cut_the_device_and_close_its_rollout_states
         assert shown["dev-b"]["state"] == "revoked"
         assert shown["dev-c"]["state"] != "revoked"
         phases = {d.device_id: d for d in rollouts.devices("r-open")}
-        assert phases["dev-a"].phase == D_SKIPPED and phases["dev-a"].reason == "revoked"
-        assert phases["dev-b"].phase == D_SKIPPED and phases["dev-b"].reason == "removed"
-        assert phases["dev-c"].phase == D_PENDING
+        assert phases["dev-a"].phase == DevicePhase.SKIPPED and phases["dev-a"].reason == "revoked"
+        assert phases["dev-b"].phase == DevicePhase.SKIPPED and phases["dev-b"].reason == "removed"
+        assert phases["dev-c"].phase == DevicePhase.PENDING
         rollouts.close()
         assert cli(*h, "devices", "revoke", "ghost").code != 0
 

@@ -10,6 +10,7 @@ old key lists are refused.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import config_from_bundle
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
@@ -33,11 +35,13 @@ from edgefleet.protos.transport import MqttTransport
 from tests.conftest import Cli
 from tests.support.identity import SecureBroker
 
-CPU = {
-    "runtimes": ["onnxruntime"],
-    "providers": ["CPUExecutionProvider"],
-    "accelerator": "cpu",
-}
+CPU = Capabilities(
+    machine="x86_64",
+    runtimes=("onnxruntime",),
+    providers=("CPUExecutionProvider",),
+    accelerator="cpu",
+    memory_mb=0,
+)
 
 
 def _train(home: Path) -> None:
@@ -114,11 +118,16 @@ def test_rotation_and_revocation_reach_a_device_that_was_offline(
                     while True:
                         d = await asyncio.to_thread(devices.get, "k1")
                         rep = d.reported
-                        if rep.get("generation") == gen and rep.get("state") in (
-                            "active",
-                            "failed",
+                        if (
+                            rep
+                            and rep.generation == gen
+                            and rep.state
+                            in (
+                                "active",
+                                "failed",
+                            )
                         ):
-                            return rep
+                            return dataclasses.asdict(rep)
                         await coord.changed(0.3)
 
             # enrolled and online: v1 with the first key

@@ -22,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings, config_from_bundle, write_config
 from edgefleet.agent.offline import RECORD_FILE
 from edgefleet.cloud.cli.main import run as fleet
@@ -35,7 +36,13 @@ from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.manifest import SignedManifest, decode_manifest, sign_manifest
 from tests.support.identity import SecureBroker
 
-CPU = {"runtimes": ["onnxruntime"], "providers": ["CPUExecutionProvider"], "accelerator": "cpu"}
+CPU = Capabilities(
+    machine="x86_64",
+    runtimes=("onnxruntime",),
+    providers=("CPUExecutionProvider",),
+    accelerator="cpu",
+    memory_mb=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +190,7 @@ def test_offline_install_activates_and_is_reported_after_reconnect(
             assert agent.holder.active is not None and agent.holder.active.ref.sha256 == v2
             assert not (state_dir / RECORD_FILE).exists()  # reported once
             d = await asyncio.to_thread(devices.get, "k1")
-            assert d.active.get("sha256") == v2, d.active  # from the birth message
+            assert d.active and d.active.sha256 == v2, d.active  # from the birth message
             stop.set()
             await task
 

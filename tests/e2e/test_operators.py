@@ -30,6 +30,7 @@ def op_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edgefleet.cloud.cli.main import run
     from edgefleet.cloud.client import LocalClient
     from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.devices.store import Birth
     from tests.e2e.test_serve import CPU
 
     h = tmp_path_factory.mktemp("ops") / "home"
@@ -40,8 +41,8 @@ def op_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     for d in ("d1", "d2"):
         client.enroll_device(d, group="lab", tags={})
-        client.devices.record_status(d, {"online": True, "capabilities": CPU})
-        client.devices.record_status(d, {"online": False})
+        client.devices.record_status(d, Birth(True, capabilities=CPU))
+        client.devices.record_status(d, Birth(False))
     client.close()
     return h
 

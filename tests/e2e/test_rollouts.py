@@ -33,6 +33,8 @@ from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import CloudSettings, ServeInfo, load_settings
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.devices.store import Birth
+from edgefleet.cloud.devices.values import Accelerator, Capabilities, ServedModel
 from edgefleet.cloud.identity import IdentityStore
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutStore
@@ -475,11 +477,11 @@ def _cli_fixtures(home: Path) -> str:
     url = load_settings(home=home).registry_url
     devices, store = DeviceStore(url), RolloutStore(url)
     try:
-        active = {"model": "digits", "version": 1, "variant": "fp32", "sha256": "a" * 64}
+        active = ServedModel("digits", 1, "fp32", "a" * 64)
+        gpu = Capabilities("aarch64", ("onnxruntime",), GPU.caps.providers, Accelerator.GPU, 8192)
         for i in range(10):
             devices.enroll(f"cli-{i}", group="cli")
-            status = {"online": True, "capabilities": GPU.capabilities(), "active": active}
-            devices.record_status(f"cli-{i}", status)
+            devices.record_status(f"cli-{i}", Birth(True, capabilities=gpu, active=active))
         gate = GateResult("accuracy", False, 0.12, 0.8, "12.0% on 80 labelled samples")
         r = Rollout(
             rollout_id="clifailed01",

@@ -7,6 +7,7 @@ Real Mosquitto, real coordinator and agent code on one event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import CloudSettings, load_settings
@@ -34,11 +36,13 @@ from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttTransport
 from tests.support.identity import SecureBroker
 
-CPU = {
-    "runtimes": ["onnxruntime", "litert"],
-    "providers": ["CPUExecutionProvider"],
-    "accelerator": "cpu",
-}
+CPU = Capabilities(
+    machine="x86_64",
+    runtimes=("onnxruntime", "litert"),
+    providers=("CPUExecutionProvider",),
+    accelerator="cpu",
+    memory_mb=0,
+)
 CHUNK = 4 * 1024
 
 
@@ -140,7 +144,7 @@ async def harness(
     async def on_msg(msg: Any) -> None:
         _, dev, kind = topics.parse(msg.topic)
         if kind == "reported" and dev in reports:
-            reports[dev].append(decode_reported(dev, msg.payload).to_record())
+            reports[dev].append(dataclasses.asdict(decode_reported(dev, msg.payload)))
         elif kind == "telemetry":
             t = device_pb2.Telemetry()
             t.ParseFromString(msg.payload)

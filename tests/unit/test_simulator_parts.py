@@ -34,15 +34,15 @@ def test_parse_profile_knows_the_builtins_and_names_them_when_wrong() -> None:
 
 
 def test_profiles_claim_what_the_brief_says() -> None:
-    gpu = PROFILES["gpu"].capabilities()
-    assert gpu["providers"][0] == "CUDAExecutionProvider"
-    assert gpu["accelerator"] == "gpu"
-    npu = PROFILES["npu"].capabilities()
-    assert {"QNNExecutionProvider", "OpenVINOExecutionProvider"} <= set(npu["providers"])
+    gpu = PROFILES["gpu"].caps
+    assert gpu.providers[0] == "CUDAExecutionProvider"
+    assert gpu.accelerator == "gpu"
+    npu = PROFILES["npu"].caps
+    assert {"QNNExecutionProvider", "OpenVINOExecutionProvider"} <= set(npu.providers)
     assert PROFILES["litert"].caps.runtimes == ("litert",)
-    armv7 = PROFILES["armv7"].capabilities()
-    assert armv7["tflite_runtime_legacy"] is True
-    assert armv7["runtimes"] == ["litert"]
+    armv7 = PROFILES["armv7"].caps
+    assert armv7.tflite_runtime_legacy is True
+    assert armv7.runtimes == ("litert",)
     assert PROFILES["cpu"].caps.runtimes == ("onnxruntime", "litert")
     with pytest.raises(InvalidArgument, match="speed_factor 0.5"):
         Profile("fast", Capabilities("x86_64", ("onnxruntime",), (), "cpu", 1), speed_factor=0.5)
