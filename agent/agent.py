@@ -26,7 +26,7 @@ from edgefleet.agent.offline import state_lock
 from edgefleet.agent.serde import UpdateState, decode_telemetry_ack, encode_status
 from edgefleet.agent.server import AgentStatus, serve
 from edgefleet.agent.telemetry import Spool, Telemetry
-from edgefleet.agent.updater import Updater
+from edgefleet.agent.updater import ChunkFilter, Updater
 from edgefleet.protos.errors import FleetError
 from edgefleet.protos.flower import fl_features
 from edgefleet.protos.topics import Topics
@@ -46,6 +46,7 @@ class Agent:
         durable: bool = True,
         want_interval: float = 2.0,
         holder: ModelHolder | None = None,
+        chunk_filter: ChunkFilter | None = None,
     ) -> None:
         self.settings = settings
         self.device_id = settings.device_id
@@ -98,6 +99,7 @@ class Agent:
             durable=durable,
             want_interval=want_interval,
             tflite_runtime_legacy=caps.tflite_runtime_legacy,
+            chunk_filter=chunk_filter,
             threads=settings.inference_threads,
         )
         self.telemetry = Telemetry(

@@ -11,7 +11,7 @@ as in local mode.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -90,6 +90,16 @@ class GrpcClient:
     def call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
         """A unary call with this client's token, deadline and error mapping."""
         return self._call(method, request, timeout=timeout)
+
+    def stream(
+        self, method: Callable[..., Iterable[T]], request: Any, *, timeout: float | None = None
+    ) -> Iterator[T]:
+        """A server-streaming call with this client's token and error mapping (no deadline
+        unless `timeout`)."""
+        try:
+            yield from method(request, metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            self._fail(e)
 
     # -- plumbing
 

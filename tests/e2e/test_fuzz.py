@@ -164,7 +164,8 @@ def _fuzz_coordinator(tmp: Path, examples: int) -> dict[str, float]:
         await coord._flush_events()
 
     asyncio.run(last())
-    assert devices.get("d2").reported["generation"] == 424242
+    rep = devices.get("d2").reported
+    assert rep and rep.generation == 424242
     store.close()
     devices.close()
     client.close()

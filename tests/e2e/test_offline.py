@@ -147,7 +147,8 @@ def test_offline_install_activates_and_is_reported_after_reconnect(
             async def reported(pred: Any) -> dict[str, Any]:
                 async with asyncio.timeout(60):
                     while True:
-                        rep = (await asyncio.to_thread(devices.get, "k1")).reported
+                        got = (await asyncio.to_thread(devices.get, "k1")).reported
+                        rep = dataclasses.asdict(got) if got else {}
                         if pred(rep):
                             return rep
                         await coord.changed(0.3)
