@@ -31,10 +31,13 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from edgefleet.cloud.api.convert import reason_from_pb, update_state_from_pb
+from edgefleet.cloud.api.convert import (
+    capabilities_from_pb,
+    reason_from_pb,
+    update_state_from_pb,
+)
 from edgefleet.cloud.devices.store import Birth
 from edgefleet.cloud.devices.values import (
-    Accelerator,
     Capabilities,
     Reported,
     ServedModel,
@@ -63,7 +66,6 @@ MAX_BINS = 1024  # bins per drift feature, classes per prediction histogram
 MAX_SKETCHES = 8  # drift sketches per telemetry window
 MAX_RANGES = 1024  # missing-chunk ranges per want
 MAX_CHUNKS = 1 << 24  # chunks per artifact
-ACCELERATORS = tuple(Accelerator)
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -273,22 +275,15 @@ def decode_status(topic_device: str, data: bytes, *, now_ms: int | None = None) 
     caps = None
     if m.HasField("capabilities"):
         c = m.capabilities
-        accel = c.accelerator or "cpu"
-        if accel not in ACCELERATORS:
-            raise Refused(
-                "unknown_enum",
-                f"status from {dev!r}: accelerator {accel[:40]!r} unknown; "
-                f"accepted: {', '.join(ACCELERATORS)}",
-            )
-        caps = Capabilities(
-            machine=_str(c.machine, "capabilities.machine"),
-            runtimes=_names(c.runtimes, "capabilities.runtimes"),
-            providers=_names(c.providers, "capabilities.providers"),
-            accelerator=Accelerator(accel),
-            memory_mb=_int(c.memory_mb, "capabilities.memory_mb", high=1 << 40),
-            tflite_runtime_legacy=bool(c.tflite_runtime_legacy),
-            features=_names(c.features, "capabilities.features"),
-        )
+        _str(c.machine, "capabilities.machine")
+        _names(c.runtimes, "capabilities.runtimes")
+        _names(c.providers, "capabilities.providers")
+        _names(c.features, "capabilities.features")
+        _int(c.memory_mb, "capabilities.memory_mb", high=1 << 40)
+        try:
+            caps = capabilities_from_pb(c)
+        except InvalidArgument as e:
+            raise Refused("unknown_enum", f"status from {dev!r}: {e}") from None
     return Status(
         device_id=dev,
         online=bool(m.online),

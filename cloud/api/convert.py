@@ -11,8 +11,9 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from edgefleet.cloud.client import EnrollmentBundle
@@ -238,34 +239,34 @@ _REASONS: Mapping[ReasonCode, int] = {
     ReasonCode.UNTRUSTED_KEY: _pb.REASON_CODE_UNTRUSTED_KEY,
     ReasonCode.OFFLINE_INSTALL: _pb.REASON_CODE_OFFLINE_INSTALL,
 }
-_UPDATE_STATE_OF = {v: k for k, v in _UPDATE_STATES.items()}
-_REASON_OF = {v: k for k, v in _REASONS.items()}
+E = TypeVar("E", bound=StrEnum)
+
+
+def _enum_of(table: Mapping[E, int], what: str) -> Callable[[int], E]:
+    """The reverse of `table`: protobuf number -> value, InvalidArgument for a number
+    this release does not know."""
+    by_number = {n: value for value, n in table.items()}
+    accepted = f"0..{max(by_number)}"
+
+    def of(n: int) -> E:
+        try:
+            return by_number[n]
+        except KeyError:
+            raise InvalidArgument(f"{what} {n} unknown; accepted: {accepted}") from None
+
+    return of
+
+
+update_state_from_pb = _enum_of(_UPDATE_STATES, "update state")
+reason_from_pb = _enum_of(_REASONS, "reason code")
 
 
 def update_state_to_pb(s: UpdateState) -> device_pb2.UpdateState.ValueType:
     return device_pb2.UpdateState.ValueType(_UPDATE_STATES[s])
 
 
-def update_state_from_pb(n: int) -> UpdateState:
-    """InvalidArgument for a number this release does not know."""
-    try:
-        return _UPDATE_STATE_OF[n]
-    except KeyError:
-        raise InvalidArgument(
-            f"update state {n} unknown; accepted: 0..{max(_UPDATE_STATE_OF)}"
-        ) from None
-
-
 def reason_to_pb(r: ReasonCode) -> device_pb2.ReasonCode.ValueType:
     return device_pb2.ReasonCode.ValueType(_REASONS[r])
-
-
-def reason_from_pb(n: int) -> ReasonCode:
-    """InvalidArgument for a number this release does not know."""
-    try:
-        return _REASON_OF[n]
-    except KeyError:
-        raise InvalidArgument(f"reason code {n} unknown; accepted: 0..{max(_REASON_OF)}") from None
 
 
 def served_to_pb(m: ServedModel) -> device_pb2.ModelRef:

@@ -8,6 +8,7 @@ version table): rows in every table.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -186,6 +188,43 @@ def test_release_0_1_0_database_upgrades_without_losing_a_row(legacy_url: str) -
         tel.close()
         alerts.close()
         fl.close()
+
+
+def test_0004_downgrade_writes_the_device_json_back(legacy_url: str) -> None:
+    """Upgrade, downgrade to 0003 (typed columns -> JSON), upgrade again: the devices
+    read the same, and the JSON the downgrade wrote says what the columns said."""
+
+    def typed() -> list[tuple[Any, ...]]:
+        store = DeviceStore(legacy_url)
+        try:
+            return [(d.capabilities, d.active, d.reported) for d in store.find()]
+        finally:
+            store.close()
+
+    db = Database(legacy_url, check=False)
+    try:
+        db.upgrade()
+        first = typed()
+        with db.engine.begin() as conn:
+            command.downgrade(migrations.config(conn), "0003")
+            rows = conn.execute(
+                sa.text("SELECT capabilities, active, reported FROM devices ORDER BY id")
+            ).all()
+        db.upgrade()
+    finally:
+        db.close()
+    assert typed() == first
+    load = [tuple(json.loads(v) if isinstance(v, str) else v for v in r) for r in rows]
+    caps, served = load[0][0], load[0][1]
+    assert caps["runtimes"] == ["onnxruntime"] and caps["accelerator"] == "cpu"
+    assert served == {"model": "digits", "version": 1, "variant": "fp32", "sha256": "a" * 64}
+    assert load[0][2] == {
+        "generation": 3,
+        "state": "active",
+        "reason": "unspecified",
+        "active": served,
+    }
+    assert load[1][2] == {} and load[2] == ({}, {}, {})
 
 
 def test_opening_a_0_1_0_database_adopts_it_while_0001_is_head(legacy_url: str) -> None:

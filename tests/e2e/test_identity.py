@@ -28,13 +28,12 @@ from edgefleet.agent.serde import Reason, UpdateState, encode_reported, encode_s
 from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
-from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore
-from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.errors import NotFound, Unauthenticated, Unavailable
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttAccess, MqttSettings, MqttTransport
 from tests.conftest import Cli
+from tests.support.e2e import local_coordinator
 from tests.support.identity import SecureBroker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,12 +151,10 @@ def test_a_device_cannot_publish_as_another_and_the_coordinator_never_records_it
 
     async def main() -> None:
         async with (
-            Coordinator(
-                broker_url=broker.coordinator(),
-                registry=client.registry,
-                store=client.pipeline.store,
-                devices=devices,
-                signing_key=lambda: load_private_key(client.settings.signing_key_path),
+            local_coordinator(
+                client,
+                devices,
+                broker.coordinator(),
                 telemetry=True,
                 flush_interval=0.01,
             ),

@@ -28,12 +28,12 @@ from edgefleet.agent.offline import RECORD_FILE
 from edgefleet.cloud.cli.main import run as fleet
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
-from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.keys import KeyRing
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.manifest import SignedManifest, decode_manifest, sign_manifest
+from tests.support.e2e import Version, local_coordinator, trained_home, wait_born
 from tests.support.identity import SecureBroker
 
 CPU = Capabilities(
@@ -49,15 +49,7 @@ CPU = Capabilities(
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A FLEET_HOME with digits:1 and digits:2 (small MLPs) and digits:2/fp32 exported."""
     root = tmp_path_factory.mktemp("offline")
-    home = root / "home"
-    assert fleet(["--home", str(home), "init"]) == 0
-    client = LocalClient(load_settings(home=home))
-    for seed in (0, 1):
-        client.train(
-            "digits", "digits", arch="mlp", epochs=1, seed=seed, batch_size=64, lr=3e-3,
-            on_epoch=None,
-        )  # fmt: skip
-    client.close()
+    home = trained_home(root, Version(epochs=1, seed=0), Version(epochs=1, seed=1))
     out = root / "export"
     assert fleet(["--home", str(home), "models", "export", "digits:2", "--out", str(out)]) == 0
     return {
@@ -123,12 +115,10 @@ def test_offline_install_activates_and_is_reported_after_reconnect(
     ).sha256
 
     async def main() -> None:
-        async with Coordinator(
-            broker_url=broker.coordinator(),
-            registry=client.registry,
-            store=client.pipeline.store,
-            devices=devices,
-            signing_key=lambda: load_private_key(settings.signing_key_path),
+        async with local_coordinator(
+            client,
+            devices,
+            broker.coordinator(),
             key_list=KeyRing(settings.keys_dir).key_list_bytes,
             gather=0.05,
         ) as coord:
@@ -155,8 +145,7 @@ def test_offline_install_activates_and_is_reported_after_reconnect(
 
             # online: digits:1 deployed over MQTT
             agent, task = await start()
-            while not (await asyncio.to_thread(devices.get, "k1")).capabilities:
-                await asyncio.sleep(0.05)
+            await wait_born(devices, "k1")
             out = await coord.deploy(ModelRef("digits", 1), Selector.parse("device=k1"))
             gen = out.targets[0].generation
             rep = await reported(lambda r: r.get("generation") == gen and r["state"] == "active")

@@ -35,6 +35,8 @@ from edgefleet.cloud.devices.values import (
 )
 from edgefleet.protos.errors import NotFound
 from tests.conftest import Cli
+from tests.e2e.conftest import MakeHome
+from tests.support.e2e import Version
 
 REPO = Path(__file__).resolve().parents[2]
 #: what a CPU-only device reports at birth, as the coordinator keeps it
@@ -108,24 +110,9 @@ def fleet_serve(
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def home(make_home: MakeHome) -> Path:
     """An initialised FLEET_HOME holding digits:1 with an int8 variant."""
-    from edgefleet.cloud.cli.main import run
-    from edgefleet.cloud.client import LocalClient
-    from edgefleet.cloud.config import load_settings
-    from edgefleet.cloud.registry import ModelRef
-
-    h = tmp_path_factory.mktemp("serve") / "home"
-    assert run(["--home", str(h), "init"]) == 0
-    client = LocalClient(load_settings(home=h))
-    client.train(
-        "digits", "digits", arch="mlp", epochs=3, seed=0, batch_size=64, lr=3e-3, on_epoch=None
-    )
-    client.quantize(
-        ModelRef("digits", 1), ["int8"], max_drop=100.0, force=False, progress=lambda *_: None
-    )
-    client.close()
-    return h
+    return make_home("serve", Version(epochs=3, variants=("int8",)))
 
 
 @pytest.fixture(scope="module")

@@ -150,12 +150,9 @@ def typed(
     return out
 
 
-def upgrade() -> None:
-    with op.batch_alter_table("devices", schema=None) as batch_op:
-        for c in _columns():
-            batch_op.add_column(c)
-    conn = op.get_bind()
-    devices = sa.table(
+def _devices() -> sa.TableClause:
+    """The devices table as the data migration sees it: the JSON and the typed columns."""
+    return sa.table(
         "devices",
         sa.column("id", sa.Integer()),
         sa.column("capabilities", sa.JSON()),
@@ -163,6 +160,14 @@ def upgrade() -> None:
         sa.column("reported", sa.JSON()),
         *(sa.column(c.name, c.type) for c in _columns()),
     )
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("devices", schema=None) as batch_op:
+        for c in _columns():
+            batch_op.add_column(c)
+    conn = op.get_bind()
+    devices = _devices()
     rows = conn.execute(
         sa.select(devices.c.id, devices.c.capabilities, devices.c.active, devices.c.reported)
     ).all()
@@ -183,15 +188,7 @@ def downgrade() -> None:
                 sa.Column(name, sa.JSON(), nullable=False, server_default=sa.text("'{}'"))
             )
     conn = op.get_bind()
-    cols = _columns()
-    devices = sa.table(
-        "devices",
-        sa.column("id", sa.Integer()),
-        sa.column("capabilities", sa.JSON()),
-        sa.column("active", sa.JSON()),
-        sa.column("reported", sa.JSON()),
-        *(sa.column(c.name, c.type) for c in cols),
-    )
+    devices = _devices()
     for r in conn.execute(sa.select(devices)).mappings().all():
         caps: dict[str, Any] = {}
         if r["accelerator"]:
@@ -239,5 +236,5 @@ def downgrade() -> None:
             .values(capabilities=caps, active=active, reported=rep)
         )
     with op.batch_alter_table("devices", schema=None) as batch_op:
-        for col in cols:
+        for col in _columns():
             batch_op.drop_column(col.name)
