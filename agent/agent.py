@@ -12,11 +12,11 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import edgefleet
-from edgefleet.agent.capabilities import detect
+from edgefleet.agent.capabilities import Capabilities, detect
 from edgefleet.agent.config import AgentSettings
 from edgefleet.agent.drift import DriftMonitor
 from edgefleet.agent.fl import FlSidecar, fl_capability
@@ -26,7 +26,7 @@ from edgefleet.agent.offline import state_lock
 from edgefleet.agent.serde import UpdateState, decode_telemetry_ack, encode_status
 from edgefleet.agent.server import AgentStatus, serve
 from edgefleet.agent.telemetry import Spool, Telemetry
-from edgefleet.agent.updater import Updater
+from edgefleet.agent.updater import ChunkFilter, Updater
 from edgefleet.protos.errors import FleetError
 from edgefleet.protos.flower import fl_features
 from edgefleet.protos.topics import Topics
@@ -42,20 +42,19 @@ class Agent:
         self,
         settings: AgentSettings,
         *,
-        capabilities: Mapping[str, Any] | None = None,
+        capabilities: Capabilities | None = None,
         durable: bool = True,
         want_interval: float = 2.0,
         holder: ModelHolder | None = None,
+        chunk_filter: ChunkFilter | None = None,
     ) -> None:
         self.settings = settings
         self.device_id = settings.device_id
         self.topics = Topics(settings.topic_prefix)
-        caps: dict[str, Any] = (
-            dict(capabilities) if capabilities is not None else detect().to_dict()
-        )
+        caps = capabilities if capabilities is not None else detect()
         fl = fl_capability(settings)
         if fl is not None:
-            caps["features"] = [*caps.get("features", ()), *fl_features(**fl)]
+            caps = replace(caps, features=(*caps.features, *fl_features(**fl)))
             if not fl["ready"]:
                 logger.warning("%s: federated learning off: %s", self.device_id, fl["reason"])
         self.capabilities = caps
@@ -91,15 +90,16 @@ class Agent:
                 key_list_b64=settings.key_list,
             ),
             holder=self.holder,
-            runtimes=tuple(caps.get("runtimes", ())),
-            providers=tuple(caps.get("providers", ())) or ("CPUExecutionProvider",),
+            runtimes=caps.runtimes,
+            providers=caps.providers or ("CPUExecutionProvider",),
             topics=self.topics,
             publish=self._publish,
             subscribe=lambda t: self.transport.subscribe(t, qos=1),
             unsubscribe=self.transport.unsubscribe,
             durable=durable,
             want_interval=want_interval,
-            tflite_runtime_legacy=bool(caps.get("tflite_runtime_legacy", False)),
+            tflite_runtime_legacy=caps.tflite_runtime_legacy,
+            chunk_filter=chunk_filter,
             threads=settings.inference_threads,
         )
         self.telemetry = Telemetry(

@@ -30,16 +30,8 @@ class Capabilities:
     memory_mb: int
     #: only tflite-runtime (no LiteRT): the coordinator never sends it dynamic-range int8
     tflite_runtime_legacy: bool = False
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "machine": self.machine,
-            "runtimes": list(self.runtimes),
-            "providers": list(self.providers),
-            "accelerator": self.accelerator,
-            "memory_mb": self.memory_mb,
-            "tflite_runtime_legacy": self.tflite_runtime_legacy,
-        }
+    #: optional extras, e.g. the federated-learning sidecar's state (`protos.flower.fl_features`)
+    features: tuple[str, ...] = ()
 
 
 def onnx_providers() -> list[str]:

@@ -58,14 +58,16 @@ def _callback(
 @app.command()
 def info(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Runtimes, execution providers and memory this device really has."""
+    from dataclasses import asdict
+
     from edgefleet.agent.capabilities import detect
 
-    caps = detect()
+    caps = asdict(detect())
     if as_json:
-        sys.stdout.write(json.dumps(caps.to_dict(), indent=2) + "\n")
+        sys.stdout.write(json.dumps(caps, indent=2) + "\n")
         return
-    for k, v in caps.to_dict().items():
-        sys.stdout.write(f"{k:12} {', '.join(v) if isinstance(v, list) else v}\n")
+    for k, v in caps.items():
+        sys.stdout.write(f"{k:12} {', '.join(v) if isinstance(v, tuple) else v}\n")
 
 
 @app.command()

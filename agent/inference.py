@@ -41,7 +41,7 @@ from edgefleet.agent.resources import rss_bytes
 from edgefleet.agent.selftest import self_test
 from edgefleet.agent.serde import ModelRef
 from edgefleet.models.runtime import ModelSession, OnnxSession, open_session
-from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
+from edgefleet.protos.errors import FleetError, InvalidArgument, SelfTestFailed, Unavailable
 from edgefleet.protos.manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def load(
 
     Blocking (seconds on a large model): call it through `asyncio.to_thread`.
     Raises the `FleetError` of the step that failed: `InvalidArgument` when the
-    runtime cannot load the bytes or the golden sample does not match,
+    runtime cannot load the bytes, `SelfTestFailed` when the golden sample does not match,
     `Unavailable` when the manifest's runtime is not installed.
     """
     rss_before = rss_bytes()
@@ -126,7 +126,7 @@ def load(
     except FleetError:
         raise
     except Exception as e:  # runtimes raise their own untyped errors; bad golden bytes
-        raise InvalidArgument(f"self-test of {manifest.ref} could not run: {_first_line(e)}") from e
+        raise SelfTestFailed(f"self-test of {manifest.ref} could not run: {_first_line(e)}") from e
     logger.info(
         "loaded %s (%s) on %s; self-test max |Δ| %.2e",
         manifest.ref,

@@ -26,6 +26,7 @@ from edgefleet.protos.manifest import DTYPES, Manifest, TensorSpec
 if TYPE_CHECKING:
     from google.protobuf.message import Message
 
+    from edgefleet.agent.capabilities import Capabilities
     from edgefleet.agent.drift import DriftWindow
     from edgefleet.agent.inference import LatencyHistogram
 
@@ -439,7 +440,7 @@ def encode_status(
     device_id: str,
     online: bool,
     agent_version: str = "",
-    capabilities: Mapping[str, object] | None = None,
+    capabilities: Capabilities | None = None,
     active: ModelRef | None = None,
     boot_id: str = "",
     timestamp_ms: int = 0,
@@ -451,17 +452,17 @@ def encode_status(
         boot_id=boot_id,
         timestamp_ms=timestamp_ms,
     )
-    if capabilities:
+    if capabilities is not None:
         c = capabilities
         msg.capabilities.CopyFrom(
             device_pb2.Capabilities(
-                machine=str(c.get("machine", "")),
-                runtimes=list(c.get("runtimes", ())),  # type: ignore[call-overload]
-                providers=list(c.get("providers", ())),  # type: ignore[call-overload]
-                accelerator=str(c.get("accelerator", "cpu")),
-                memory_mb=int(c.get("memory_mb", 0)),  # type: ignore[call-overload]
-                tflite_runtime_legacy=bool(c.get("tflite_runtime_legacy", False)),
-                features=list(c.get("features", ())),  # type: ignore[call-overload]
+                machine=c.machine,
+                runtimes=list(c.runtimes),
+                providers=list(c.providers),
+                accelerator=c.accelerator,
+                memory_mb=c.memory_mb,
+                tflite_runtime_legacy=c.tflite_runtime_legacy,
+                features=list(c.features),
             )
         )
     if active is not None:

@@ -36,6 +36,7 @@ from edgefleet.protos.errors import (
     FleetError,
     InvalidArgument,
     NotFound,
+    SelfTestFailed,
     Unauthenticated,
 )
 from edgefleet.protos.keys import KeyRefused, KeyTrust, verify_manifest_trusted
@@ -59,6 +60,12 @@ class _Download:
     last_report_at: float = 0.0
 
 
+#: A hook for fault injection and link shaping (the simulator's lost, corrupted and slow
+#: chunks): it gets each chunk's payload as it arrives and returns the payload the updater
+#: should see (the same, or altered), or None to drop it.
+ChunkFilter = Callable[[bytes], Awaitable[bytes | None]]
+
+
 class Updater:
     def __init__(
         self,
@@ -78,8 +85,11 @@ class Updater:
         progress_interval: float = 0.5,
         tflite_runtime_legacy: bool = False,
         threads: int = 0,
+        chunk_filter: ChunkFilter | None = None,
     ) -> None:
         self.progress_interval = progress_interval
+        #: sees every chunk before the updater does (see `ChunkFilter`)
+        self.chunk_filter = chunk_filter
         self.device_id = device_id
         self.slots = ModelSlots(state_dir)
         self._downloads_dir = state_dir / "downloads"
@@ -239,6 +249,11 @@ class Updater:
         await self._report(desired.generation, state, Reason.OK, "", provider=serving.provider)
 
     async def on_chunk(self, payload: bytes) -> None:
+        if self.chunk_filter is not None:
+            filtered = await self.chunk_filter(payload)
+            if filtered is None:
+                return
+            payload = filtered
         dl = self._download
         if dl is None:
             return
@@ -475,9 +490,10 @@ class Updater:
             )
         except DataLoss as e:
             await self._fail(gen, Reason.ARTIFACT_DIGEST_MISMATCH, str(e))
+        except SelfTestFailed as e:
+            await self._fail(gen, Reason.SELF_TEST_FAILED, str(e))
         except FleetError as e:
-            reason = Reason.SELF_TEST_FAILED if "self-test" in str(e) else Reason.LOAD_FAILED
-            await self._fail(gen, reason, str(e))
+            await self._fail(gen, Reason.LOAD_FAILED, str(e))
         return None
 
     async def _shadow(self, desired: Desired, manifest: Manifest, inst: InstalledModel) -> None:

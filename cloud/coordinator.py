@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.cloud.artifacts import ArtifactStore
 from edgefleet.cloud.devices import Device, DeviceEvent, DeviceStore, Selector
-from edgefleet.cloud.devices.store import Sign
+from edgefleet.cloud.devices.store import Birth, Sign
+from edgefleet.cloud.devices.values import UpdateState
 from edgefleet.cloud.distribution import DEFAULT_CHUNK_SIZE, Broadcaster
 from edgefleet.cloud.inbound import (
     Refusals,
@@ -55,7 +56,7 @@ from edgefleet.protos.transport import (
 
 logger = logging.getLogger(__name__)
 
-FINAL_STATES = ("active", "failed", "rolled_back")
+FINAL_STATES = frozenset({UpdateState.ACTIVE, UpdateState.FAILED, UpdateState.ROLLED_BACK})
 #: devices whose latest shadow report is kept in memory (one per device)
 MAX_SHADOW = 1_000_000
 
@@ -88,13 +89,13 @@ def plan_deploy(
     skipped: dict[str, str] = {}
     for d in found:
         caps = d.capabilities
-        if not caps:
+        if caps is None:
             skipped[d.device_id] = "has not reported its capabilities yet (never online)"
             continue
         profile = DeviceProfile(
-            runtimes=tuple(caps.get("runtimes", ())),
-            accelerator=str(caps.get("accelerator", "cpu")),
-            tflite_runtime_legacy=bool(caps.get("tflite_runtime_legacy", False)),
+            runtimes=caps.runtimes,
+            accelerator=str(caps.accelerator),
+            tflite_runtime_legacy=caps.tflite_runtime_legacy,
         )
         try:
             targets.append((d, choose_variant(mv, profile)))
@@ -245,15 +246,15 @@ class Coordinator:
             now = datetime.now(UTC)
             if kind == "status":
                 status = decode_status(ident, msg.payload)
-                self._inbox.append(DeviceEvent("status", ident, status.to_record(), now))
+                self._inbox.append(DeviceEvent(ident, status.birth, now))
             elif kind == "reported":
                 if not msg.payload:  # a cleared retained report
                     return
                 rep = decode_reported(ident, msg.payload)
-                self._inbox.append(DeviceEvent("reported", ident, rep.to_record(), now))
+                self._inbox.append(DeviceEvent(ident, rep, now))
             elif kind == "telemetry":
                 decode_telemetry(ident, msg.payload, received_ms=int(now.timestamp() * 1000))
-                self._inbox.append(DeviceEvent("seen", ident, {}, now))
+                self._inbox.append(DeviceEvent(ident, None, now))
             elif kind == "shadow":
                 if not msg.payload:
                     self.shadow_reports.pop(ident, None)
@@ -289,7 +290,7 @@ class Coordinator:
                 self._inbox_ready.set()
                 await asyncio.sleep(1.0)
                 return
-            born = {e.device_id for e in batch if e.kind == "status" and e.payload.get("online")}
+            born = {e.device_id for e in batch if isinstance(e.payload, Birth) and e.payload.online}
             if born:  # recorded first, so their reported generations are current
                 self._born |= born
                 self._reassert_wake.set()
@@ -484,7 +485,7 @@ class Coordinator:
             done = {
                 i: d
                 for i, d in devs.items()
-                if int(d.reported.get("generation", 0)) >= want[i] and d.state in FINAL_STATES
+                if d.reported and d.reported.generation >= want[i] and d.state in FINAL_STATES
             }
             if len(done) == len(want) or loop.time() >= deadline:
                 return devs

@@ -24,13 +24,24 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from edgefleet.cloud.api.convert import (
+    capabilities_from_pb,
+    reason_from_pb,
+    update_state_from_pb,
+)
+from edgefleet.cloud.devices.store import Birth
+from edgefleet.cloud.devices.values import (
+    Capabilities,
+    Reported,
+    ServedModel,
+)
 from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.topics import check_device_id
@@ -55,7 +66,6 @@ MAX_BINS = 1024  # bins per drift feature, classes per prediction histogram
 MAX_SKETCHES = 8  # drift sketches per telemetry window
 MAX_RANGES = 1024  # missing-chunk ranges per want
 MAX_CHUNKS = 1 << 24  # chunks per artifact
-ACCELERATORS = ("cpu", "gpu", "npu")
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -70,42 +80,8 @@ class Refused(InvalidArgument):
 # -- values ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ModelRef:
-    model: str
-    version: int
-    variant: str
-    sha256: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "version": self.version,
-            "variant": self.variant,
-            "sha256": self.sha256,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Capabilities:
-    machine: str
-    runtimes: tuple[str, ...]
-    providers: tuple[str, ...]
-    accelerator: str
-    memory_mb: int
-    tflite_runtime_legacy: bool
-    features: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "machine": self.machine,
-            "runtimes": list(self.runtimes),
-            "providers": list(self.providers),
-            "accelerator": self.accelerator,
-            "memory_mb": self.memory_mb,
-            "tflite_runtime_legacy": self.tflite_runtime_legacy,
-            "features": list(self.features),
-        }
+#: the model a device names (`fleet.v1.ModelRef`)
+ModelRef = ServedModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,59 +92,20 @@ class Status:
     online: bool
     agent_version: str = ""
     capabilities: Capabilities | None = None
-    active: ModelRef | None = None
+    active: ServedModel | None = None
     boot_id: str = ""
     timestamp_ms: int = 0
 
-    def to_record(self) -> dict[str, Any]:
-        """The shape `DeviceStore.record` keeps."""
-        out: dict[str, Any] = {"online": self.online}
-        if self.device_id:
-            out["device_id"] = self.device_id
-        if self.agent_version:
-            out["agent_version"] = self.agent_version
-        if self.boot_id:
-            out["boot_id"] = self.boot_id
-        if self.capabilities is not None:
-            out["capabilities"] = self.capabilities.to_dict()
-        if self.active is not None:
-            out["active"] = self.active.to_dict()
-        if self.timestamp_ms:
-            out["timestamp_ms"] = self.timestamp_ms
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Reported:
-    device_id: str
-    generation: int
-    state: str  # idle | downloading | … | shadowing (UpdateState without its prefix)
-    reason: str  # ok | bad_signature | … (ReasonCode without its prefix)
-    detail: str
-    active: ModelRef | None
-    last_known_good: ModelRef | None
-    chunks_have: int
-    chunks_total: int
-    provider: str
-    timestamp_ms: int
-
-    def to_record(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "generation": self.generation,
-            "state": self.state,
-            "reason": self.reason,
-        }
-        for k in ("device_id", "detail", "provider"):
-            if v := getattr(self, k):
-                out[k] = v
-        for k in ("chunks_have", "chunks_total", "timestamp_ms"):
-            if v := getattr(self, k):
-                out[k] = v
-        if self.active is not None:
-            out["active"] = self.active.to_dict()
-        if self.last_known_good is not None:
-            out["last_known_good"] = self.last_known_good.to_dict()
-        return out
+    @property
+    def birth(self) -> Birth:
+        """What `DeviceStore.record` keeps of it."""
+        return Birth(
+            online=self.online,
+            agent_version=self.agent_version,
+            capabilities=self.capabilities,
+            active=self.active,
+            boot_id=self.boot_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +158,7 @@ class Want:
 # -- checks ---------------------------------------------------------------------------
 
 M = TypeVar("M", bound=Message)
+E = TypeVar("E")
 
 
 def _parse(cls: type[M], data: bytes, kind: str, device: str) -> M:
@@ -297,14 +235,11 @@ def _sha(value: str, what: str, *, allow_empty: bool = True) -> str:
     return value
 
 
-def _enum(enum: Any, value: int, what: str, prefix: str) -> str:
+def _enum(convert: Callable[[int], E], value: int, what: str) -> E:
     try:
-        name = str(enum.Name(value))
-    except ValueError:
-        raise Refused(
-            "unknown_enum", f"{what} {value} unknown; accepted: 0..{max(enum.values())}"
-        ) from None
-    return name.removeprefix(prefix).lower()
+        return convert(value)
+    except InvalidArgument as e:
+        raise Refused("unknown_enum", f"{what}: {e}") from None
 
 
 def _ref(m: device_pb2.ModelRef, what: str) -> ModelRef | None:
@@ -340,22 +275,15 @@ def decode_status(topic_device: str, data: bytes, *, now_ms: int | None = None) 
     caps = None
     if m.HasField("capabilities"):
         c = m.capabilities
-        accel = c.accelerator or "cpu"
-        if accel not in ACCELERATORS:
-            raise Refused(
-                "unknown_enum",
-                f"status from {dev!r}: accelerator {accel[:40]!r} unknown; "
-                f"accepted: {', '.join(ACCELERATORS)}",
-            )
-        caps = Capabilities(
-            machine=_str(c.machine, "capabilities.machine"),
-            runtimes=_names(c.runtimes, "capabilities.runtimes"),
-            providers=_names(c.providers, "capabilities.providers"),
-            accelerator=accel,
-            memory_mb=_int(c.memory_mb, "capabilities.memory_mb", high=1 << 40),
-            tflite_runtime_legacy=bool(c.tflite_runtime_legacy),
-            features=_names(c.features, "capabilities.features"),
-        )
+        _str(c.machine, "capabilities.machine")
+        _names(c.runtimes, "capabilities.runtimes")
+        _names(c.providers, "capabilities.providers")
+        _names(c.features, "capabilities.features")
+        _int(c.memory_mb, "capabilities.memory_mb", high=1 << 40)
+        try:
+            caps = capabilities_from_pb(c)
+        except InvalidArgument as e:
+            raise Refused("unknown_enum", f"status from {dev!r}: {e}") from None
     return Status(
         device_id=dev,
         online=bool(m.online),
@@ -376,8 +304,8 @@ def decode_reported(topic_device: str, data: bytes, *, now_ms: int | None = None
     return Reported(
         device_id=m.device_id,
         generation=_int(m.generation, "generation"),
-        state=_enum(device_pb2.UpdateState, m.state, "state", "UPDATE_STATE_"),
-        reason=_enum(device_pb2.ReasonCode, m.reason, "reason", "REASON_CODE_"),
+        state=_enum(update_state_from_pb, m.state, "state"),
+        reason=_enum(reason_from_pb, m.reason, "reason"),
         detail=_str(m.detail, "detail", limit=MAX_DETAIL),
         active=_ref(m.active, "active"),
         last_known_good=_ref(m.last_known_good, "last_known_good"),

@@ -108,9 +108,8 @@ def device_families(devices: Sequence[Any]) -> list[Metric]:
     states = Counter(str(d.state) for d in devices)
     versions: Counter[tuple[str, str, str]] = Counter()
     for d in devices:
-        a = d.active or {}
-        if a.get("model"):
-            versions[(str(a["model"]), str(a.get("version", "")), str(a.get("variant", "")))] += 1
+        if (a := d.active) is not None:
+            versions[(a.model, str(a.version), a.variant)] += 1
     status = GaugeMetricFamily(
         "edgefleet_devices", "Enrolled devices by connectivity.", labels=["status"]
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -99,16 +99,6 @@ class GrpcClient:
             yield from method(request, metadata=self._metadata, timeout=timeout)
         except grpc.RpcError as e:
             self._fail(e)
-
-    def _call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
-        """`call` as cloud/fl/remote.py still names it (until it uses `call`)."""
-        return self.call(method, request, timeout=timeout)
-
-    def _stream(
-        self, method: Callable[..., Any], request: Any, *, timeout: float | None
-    ) -> Iterator[fleet_pb2.Progress]:
-        """`stream` as cloud/fl/remote.py still names it (until it uses `stream`)."""
-        return self.stream(method, request, timeout=timeout)
 
     # -- plumbing
 

@@ -80,6 +80,11 @@ class PermissionDenied(FleetError):
     kind = "permission-denied"
 
 
+class SelfTestFailed(InvalidArgument):
+    """A model that loaded but does not reproduce its manifest's golden output (or has no
+    golden sample to check against): the device reports ``self_test_failed``."""
+
+
 _BY_CODE: dict[int, type[FleetError]] = {
     cls.code: cls
     for cls in (
@@ -104,6 +109,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "SelfTestFailed",
     "Unauthenticated",
     "Unavailable",
 ]

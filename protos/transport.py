@@ -880,6 +880,14 @@ class MqttTransport:
             )
             link.abort("dropped on purpose")
 
+    def abandon(self) -> None:
+        """For a `close()` that was itself cancelled: drop the connection (no DISCONNECT:
+        the broker publishes the will) and cancel the transport's tasks, so nothing of it
+        keeps running. Does not wait for them."""
+        self.drop_connection()
+        for task in self._tasks:
+            task.cancel()
+
     @property
     def backlog(self) -> int:
         """Messages received but not handed to `on_message` / `messages()` yet."""

@@ -186,35 +186,33 @@ class SimulatedDevice:
     def _new_agent(self) -> Agent:
         agent = Agent(
             self.settings,
-            capabilities=self.profile.capabilities(),
+            capabilities=self.profile.caps,
             durable=False,
             want_interval=self.want_interval,
             holder=_ScaledHolder(self.profile.speed_factor)
             if self.profile.speed_factor > 1.0
             else None,
+            chunk_filter=self._filter_chunk,
         )
-        on_chunk = agent.updater.on_chunk
-
-        async def maybe_corrupt(payload: bytes) -> None:
-            if self._link_bps:
-                await self._through_slow_link(len(payload))
-            if self._lose_pending > 0:
-                self._lose_pending -= 1
-                self.lost += 1
-                logger.info("%s: losing a chunk on purpose", self.device_id)
-                return
-            if self._corrupt_pending > 0:
-                bad = corrupt_chunk(payload)
-                if bad != payload:
-                    self._corrupt_pending -= 1
-                    self.corrupted += 1
-                    logger.info("%s: corrupting a chunk on purpose", self.device_id)
-                    payload = bad
-            await on_chunk(payload)
-
-        # the agent looks the handler up on each message, so this instance attribute wins
-        setattr(agent.updater, "on_chunk", maybe_corrupt)  # noqa: B010
         return agent
+
+    async def _filter_chunk(self, payload: bytes) -> bytes | None:
+        """The updater's chunk hook: the slow link, then lost and corrupted chunks."""
+        if self._link_bps:
+            await self._through_slow_link(len(payload))
+        if self._lose_pending > 0:
+            self._lose_pending -= 1
+            self.lost += 1
+            logger.info("%s: losing a chunk on purpose", self.device_id)
+            return None
+        if self._corrupt_pending > 0:
+            bad = corrupt_chunk(payload)
+            if bad != payload:
+                self._corrupt_pending -= 1
+                self.corrupted += 1
+                logger.info("%s: corrupting a chunk on purpose", self.device_id)
+                return bad
+        return payload
 
     # state
     @property
@@ -288,10 +286,7 @@ class SimulatedDevice:
             task.cancel()
             done, _ = await asyncio.wait({task}, timeout=grace)
             # close() was cut short: finish its work (socket, message task) by hand
-            transport = self.agent.transport
-            transport.drop_connection()
-            for t in transport._tasks:
-                t.cancel()
+            self.agent.transport.abandon()
         if not task.cancelled() and (err := task.exception()) is not None:
             logger.error("%s: agent failed", self.device_id, exc_info=err)
         self._task = None

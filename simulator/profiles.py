@@ -43,10 +43,6 @@ class Profile:
         if not self.caps.runtimes:
             raise InvalidArgument(f"profile {self.name!r} names no runtime")
 
-    def capabilities(self) -> dict[str, object]:
-        """What an `Agent` with these capabilities reports."""
-        return self.caps.to_dict()
-
     def assign(self, n: int, *, seed: int = 0) -> list[Profile]:
         """This profile for each of `n` devices (`seed` is unused; same shape as `Mix.assign`)."""
         _check_count(n)

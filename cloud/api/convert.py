@@ -11,21 +11,37 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any, TypeVar
-
-from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
 from edgefleet.cloud.client import EnrollmentBundle
 from edgefleet.cloud.devices import Device, Selector
+from edgefleet.cloud.devices.values import (
+    Accelerator,
+    Capabilities,
+    ReasonCode,
+    Reported,
+    ServedModel,
+    UpdateState,
+)
 from edgefleet.cloud.fl.federation import FlEnrollment, RunRequest
 from edgefleet.cloud.fl.store import FlRun
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.registry.entities import Lineage, Variant
-from edgefleet.cloud.rollouts.model import GateResult, Rollout, RolloutDevice, Stage
+from edgefleet.cloud.rollouts.model import (
+    DevicePhase,
+    GateResult,
+    Rollout,
+    RolloutDevice,
+    RolloutState,
+    Stage,
+    StageState,
+)
 from edgefleet.cloud.rollouts.policy import Policy
 from edgefleet.cloud.variants import DEFAULT_VARIANTS
+from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.fleet.v1 import device_pb2, federated_pb2, fleet_pb2, model_pb2
 from edgefleet.protos.manifest import DTYPES, RUNTIMES, TensorSpec
 
@@ -188,17 +204,144 @@ def summary_from_pb(m: fleet_pb2.ModelSummary) -> ModelSummary:
     )
 
 
-def _parse_into(d: Mapping[str, Any], msg: T, what: str) -> T | None:
-    try:
-        ParseDict(dict(d), msg, ignore_unknown_fields=True)  # type: ignore[type-var]
-    except ParseError as e:
-        logger.warning("%s not representable: %s", what, e)
-        return None
+# -- device values (MQTT and gRPC) -------------------------------------------------------
+
+_pb = device_pb2
+_UPDATE_STATES: Mapping[UpdateState, int] = {
+    UpdateState.UNSPECIFIED: _pb.UPDATE_STATE_UNSPECIFIED,
+    UpdateState.IDLE: _pb.UPDATE_STATE_IDLE,
+    UpdateState.DOWNLOADING: _pb.UPDATE_STATE_DOWNLOADING,
+    UpdateState.VERIFYING: _pb.UPDATE_STATE_VERIFYING,
+    UpdateState.LOADING: _pb.UPDATE_STATE_LOADING,
+    UpdateState.SELF_TEST: _pb.UPDATE_STATE_SELF_TEST,
+    UpdateState.ACTIVE: _pb.UPDATE_STATE_ACTIVE,
+    UpdateState.FAILED: _pb.UPDATE_STATE_FAILED,
+    UpdateState.ROLLED_BACK: _pb.UPDATE_STATE_ROLLED_BACK,
+    UpdateState.SHADOWING: _pb.UPDATE_STATE_SHADOWING,
+}
+_REASONS: Mapping[ReasonCode, int] = {
+    ReasonCode.UNSPECIFIED: _pb.REASON_CODE_UNSPECIFIED,
+    ReasonCode.OK: _pb.REASON_CODE_OK,
+    ReasonCode.BAD_SIGNATURE: _pb.REASON_CODE_BAD_SIGNATURE,
+    ReasonCode.CHUNK_DIGEST_MISMATCH: _pb.REASON_CODE_CHUNK_DIGEST_MISMATCH,
+    ReasonCode.ARTIFACT_DIGEST_MISMATCH: _pb.REASON_CODE_ARTIFACT_DIGEST_MISMATCH,
+    ReasonCode.TRUNCATED: _pb.REASON_CODE_TRUNCATED,
+    ReasonCode.MALFORMED_MESSAGE: _pb.REASON_CODE_MALFORMED_MESSAGE,
+    ReasonCode.UNKNOWN_VARIANT: _pb.REASON_CODE_UNKNOWN_VARIANT,
+    ReasonCode.UNSUPPORTED_RUNTIME: _pb.REASON_CODE_UNSUPPORTED_RUNTIME,
+    ReasonCode.LOAD_FAILED: _pb.REASON_CODE_LOAD_FAILED,
+    ReasonCode.SELF_TEST_FAILED: _pb.REASON_CODE_SELF_TEST_FAILED,
+    ReasonCode.DISK_FULL: _pb.REASON_CODE_DISK_FULL,
+    ReasonCode.STALE_GENERATION: _pb.REASON_CODE_STALE_GENERATION,
+    ReasonCode.NO_LAST_KNOWN_GOOD: _pb.REASON_CODE_NO_LAST_KNOWN_GOOD,
+    ReasonCode.EXPIRED: _pb.REASON_CODE_EXPIRED,
+    ReasonCode.KEY_REVOKED: _pb.REASON_CODE_KEY_REVOKED,
+    ReasonCode.UNTRUSTED_KEY: _pb.REASON_CODE_UNTRUSTED_KEY,
+    ReasonCode.OFFLINE_INSTALL: _pb.REASON_CODE_OFFLINE_INSTALL,
+}
+E = TypeVar("E", bound=StrEnum)
+
+
+def _enum_of(table: Mapping[E, int], what: str) -> Callable[[int], E]:
+    """The reverse of `table`: protobuf number -> value, InvalidArgument for a number
+    this release does not know."""
+    by_number = {n: value for value, n in table.items()}
+    accepted = f"0..{max(by_number)}"
+
+    def of(n: int) -> E:
+        try:
+            return by_number[n]
+        except KeyError:
+            raise InvalidArgument(f"{what} {n} unknown; accepted: {accepted}") from None
+
+    return of
+
+
+update_state_from_pb = _enum_of(_UPDATE_STATES, "update state")
+reason_from_pb = _enum_of(_REASONS, "reason code")
+
+
+def update_state_to_pb(s: UpdateState) -> device_pb2.UpdateState.ValueType:
+    return device_pb2.UpdateState.ValueType(_UPDATE_STATES[s])
+
+
+def reason_to_pb(r: ReasonCode) -> device_pb2.ReasonCode.ValueType:
+    return device_pb2.ReasonCode.ValueType(_REASONS[r])
+
+
+def served_to_pb(m: ServedModel) -> device_pb2.ModelRef:
+    return device_pb2.ModelRef(model=m.model, version=m.version, variant=m.variant, sha256=m.sha256)
+
+
+def served_from_pb(m: device_pb2.ModelRef) -> ServedModel | None:
+    return ServedModel(m.model, m.version, m.variant, m.sha256) if m.model else None
+
+
+def capabilities_to_pb(c: Capabilities) -> device_pb2.Capabilities:
+    return device_pb2.Capabilities(
+        machine=c.machine,
+        runtimes=list(c.runtimes),
+        providers=list(c.providers),
+        accelerator=str(c.accelerator),
+        memory_mb=c.memory_mb,
+        tflite_runtime_legacy=c.tflite_runtime_legacy,
+        features=list(c.features),
+    )
+
+
+def capabilities_from_pb(m: device_pb2.Capabilities) -> Capabilities:
+    """InvalidArgument for an accelerator class this release does not know."""
+    accel = m.accelerator or Accelerator.CPU
+    if accel not in set(Accelerator):
+        raise InvalidArgument(
+            f"accelerator {accel[:40]!r} unknown; accepted: {', '.join(Accelerator)}"
+        )
+    return Capabilities(
+        machine=m.machine,
+        runtimes=tuple(m.runtimes),
+        providers=tuple(m.providers),
+        accelerator=Accelerator(accel),
+        memory_mb=m.memory_mb,
+        tflite_runtime_legacy=m.tflite_runtime_legacy,
+        features=tuple(m.features),
+    )
+
+
+def reported_to_pb(r: Reported) -> device_pb2.ReportedState:
+    msg = device_pb2.ReportedState(
+        device_id=r.device_id,
+        generation=r.generation,
+        state=update_state_to_pb(r.state),
+        reason=reason_to_pb(r.reason),
+        detail=r.detail,
+        chunks_have=r.chunks_have,
+        chunks_total=r.chunks_total,
+        provider=r.provider,
+        timestamp_ms=r.timestamp_ms,
+    )
+    if r.active is not None:
+        msg.active.CopyFrom(served_to_pb(r.active))
+    if r.last_known_good is not None:
+        msg.last_known_good.CopyFrom(served_to_pb(r.last_known_good))
     return msg
 
 
-def _to_dict(msg: Any) -> dict[str, Any]:
-    return MessageToDict(msg, preserving_proto_field_name=True, use_integers_for_enums=False)
+def reported_from_pb(m: device_pb2.ReportedState) -> Reported:
+    """The coordinator's own copy of a device's report (checked when it arrived);
+    InvalidArgument for an enum number this release does not know."""
+    return Reported(
+        device_id=m.device_id,
+        generation=m.generation,
+        state=update_state_from_pb(m.state),
+        reason=reason_from_pb(m.reason),
+        detail=m.detail,
+        active=served_from_pb(m.active),
+        last_known_good=served_from_pb(m.last_known_good),
+        chunks_have=m.chunks_have,
+        chunks_total=m.chunks_total,
+        provider=m.provider,
+        timestamp_ms=m.timestamp_ms,
+    )
 
 
 def device_to_pb(d: Device) -> fleet_pb2.DeviceInfo:
@@ -210,36 +353,13 @@ def device_to_pb(d: Device) -> fleet_pb2.DeviceInfo:
         last_seen_ms=_ms(d.last_seen),
         desired_generation=d.desired_generation,
     )
-    if d.capabilities:
-        caps = _parse_into(d.capabilities, device_pb2.Capabilities(), f"{d.device_id} capabilities")
-        if caps is not None:
-            info.capabilities.CopyFrom(caps)
-    if d.active:
-        act = _parse_into(d.active, device_pb2.ModelRef(), f"{d.device_id} active model")
-        if act is not None:
-            info.active.CopyFrom(act)
-    if d.reported:
-        rep = dict(d.reported)
-        rep["state"] = "UPDATE_STATE_" + str(rep.get("state", "unspecified")).upper()
-        rep["reason"] = "REASON_CODE_" + str(rep.get("reason", "unspecified")).upper()
-        parsed = _parse_into(rep, device_pb2.ReportedState(), f"{d.device_id} reported state")
-        if parsed is not None:
-            info.reported.CopyFrom(parsed)
+    if d.capabilities is not None:
+        info.capabilities.CopyFrom(capabilities_to_pb(d.capabilities))
+    if d.active is not None:
+        info.active.CopyFrom(served_to_pb(d.active))
+    if d.reported is not None:
+        info.reported.CopyFrom(reported_to_pb(d.reported))
     return info
-
-
-def _reported_dict(m: Any) -> dict[str, Any]:
-    """The coordinator's own copy of a device's report (trusted: it was checked when it
-    arrived), in the shape `DeviceStore` keeps."""
-    d = _to_dict(m)
-    d["state"] = (
-        str(d.get("state", "UPDATE_STATE_UNSPECIFIED")).removeprefix("UPDATE_STATE_").lower()
-    )
-    d["reason"] = (
-        str(d.get("reason", "REASON_CODE_UNSPECIFIED")).removeprefix("REASON_CODE_").lower()
-    )
-    d["generation"] = int(d.get("generation", 0))
-    return d
 
 
 def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
@@ -251,9 +371,9 @@ def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
         online=m.online,
         last_seen=_dt(m.last_seen_ms) if m.last_seen_ms else None,
         agent_version="",
-        capabilities=_to_dict(m.capabilities) if m.HasField("capabilities") else {},
-        active=_to_dict(m.active) if m.HasField("active") else {},
-        reported=(_reported_dict(m.reported) if m.HasField("reported") else {}),
+        capabilities=capabilities_from_pb(m.capabilities) if m.HasField("capabilities") else None,
+        active=served_from_pb(m.active),
+        reported=reported_from_pb(m.reported) if m.HasField("reported") else None,
         desired_generation=m.desired_generation,
         rollout_id="",
     )
@@ -362,7 +482,7 @@ def _device_to_pb(d: RolloutDevice, now: float) -> fleet_pb2.RolloutDeviceInfo:
         stage=d.stage,
         variant=d.variant,
         phase=d.phase,
-        state=d.state,
+        state=d.state or "",
         reason=d.reason,
         detail=d.detail,
         generation=d.generation,
@@ -370,16 +490,8 @@ def _device_to_pb(d: RolloutDevice, now: float) -> fleet_pb2.RolloutDeviceInfo:
         staleness_s=d.staleness(now) if d.last_seen else -1.0,
         shadow=dict(d.shadow),
     )
-    if d.previous:
-        p = d.previous
-        msg.previous.CopyFrom(
-            device_pb2.ModelRef(
-                model=str(p.get("model", "")),
-                version=int(p.get("version", 0)),
-                variant=str(p.get("variant", "")),
-                sha256=str(p.get("sha256", "")),
-            )
-        )
+    if d.previous is not None:
+        msg.previous.CopyFrom(served_to_pb(d.previous))
     return msg
 
 
@@ -415,13 +527,13 @@ def rollout_from_pb(m: fleet_pb2.RolloutInfo) -> tuple[Rollout, list[RolloutDevi
         version=int(m.ref.split(":")[1]) if ":" in m.ref else 0,
         selector=m.selector,
         policy=policy_from_pb(m.policy),
-        state=m.state,
+        state=RolloutState(m.state),
         stages=tuple(
             Stage(
                 name=s.name,
                 fraction=s.fraction,
                 devices=s.devices,
-                state=s.state,
+                state=StageState(s.state),
                 started_at=_s_ms(s.started_ms),
                 bake_started_at=_s_ms(s.bake_started_ms),
                 finished_at=_s_ms(s.finished_ms),
@@ -448,19 +560,10 @@ def rollout_from_pb(m: fleet_pb2.RolloutInfo) -> tuple[Rollout, list[RolloutDevi
             stage=d.stage,
             variant=d.variant,
             sha256="",
-            previous=(
-                {
-                    "model": d.previous.model,
-                    "version": d.previous.version,
-                    "variant": d.previous.variant,
-                    "sha256": d.previous.sha256,
-                }
-                if d.previous.model
-                else None
-            ),
-            phase=d.phase,
+            previous=served_from_pb(d.previous),
+            phase=DevicePhase(d.phase),
             generation=d.generation,
-            state=d.state,
+            state=UpdateState(d.state) if d.state else None,
             reason=d.reason,
             detail=d.detail,
             last_seen=_s_ms(d.last_seen_ms),

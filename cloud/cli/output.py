@@ -17,6 +17,7 @@ from edgefleet.cloud.registry import ModelSummary, ModelVersion
 if TYPE_CHECKING:
     from edgefleet.cloud.client import FleetStatus
     from edgefleet.cloud.devices import Device
+    from edgefleet.cloud.devices.values import ServedModel
     from edgefleet.cloud.drift import Alert, DriftRow
 
 # piped output gets a wide fixed width so tables never wrap mid-cell
@@ -197,10 +198,13 @@ def print_version(mv: ModelVersion) -> None:
 # -- devices ------------------------------------------------------------------------------
 
 
-def _active_ref(active: Any) -> str:
-    if not active or not active.get("model"):
-        return "-"
-    return f"{active['model']}:{active.get('version', '?')}/{active.get('variant', '?')}"
+def _active_ref(active: ServedModel | None) -> str:
+    return "-" if active is None else str(active)
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """A device value (capabilities, model, report) as JSON fields; {} for none."""
+    return {} if value is None else asdict(value)
 
 
 def device_json(d: Device) -> dict[str, Any]:
@@ -212,9 +216,9 @@ def device_json(d: Device) -> dict[str, Any]:
         "online": d.online,
         "last_seen": iso_utc(d.last_seen),
         "state": d.state,
-        "active": dict(d.active),
-        "capabilities": dict(d.capabilities),
-        "reported": dict(d.reported),
+        "active": _fields(d.active),
+        "capabilities": _fields(d.capabilities),
+        "reported": _fields(d.reported),
         "desired_generation": d.desired_generation,
     }
 
@@ -231,7 +235,7 @@ def print_devices(devices: Sequence[Device]) -> None:
             "yes" if d.online else "no",
             d.state,
             _active_ref(d.active),
-            str(d.capabilities.get("accelerator", "-")),
+            str(d.capabilities.accelerator) if d.capabilities else "-",
             d.last_seen.strftime("%Y-%m-%d %H:%M:%S") if d.last_seen else "never",
         )
     out.print(t)
@@ -249,20 +253,17 @@ def print_device(d: Device) -> None:
     out.print(f"  active:     {_active_ref(d.active)}")
     line = f"  state:      {d.state}"
     if rep:
-        line += f" (generation {rep.get('generation', 0)}, reason {rep.get('reason', '-')})"
+        line += f" (generation {rep.generation}, reason {rep.reason})"
     out.print(line)
-    if rep.get("detail"):
-        out.print(f"  detail:     {rep['detail']}")
-    if rep.get("chunks_total"):
-        out.print(f"  chunks:     {rep.get('chunks_have', 0)}/{rep['chunks_total']}")
+    if rep and rep.detail:
+        out.print(f"  detail:     {rep.detail}")
+    if rep and rep.chunks_total:
+        out.print(f"  chunks:     {rep.chunks_have}/{rep.chunks_total}")
     out.print(f"  desired:    generation {d.desired_generation}")
     if caps:
-        out.print(
-            f"  device:     {caps.get('machine', '?')}, {caps.get('accelerator', 'cpu')}, "
-            f"{caps.get('memory_mb', '?')} MB"
-        )
-        out.print(f"  runtimes:   {', '.join(caps.get('runtimes', [])) or '-'}")
-        out.print(f"  providers:  {', '.join(caps.get('providers', [])) or '-'}")
+        out.print(f"  device:     {caps.machine or '?'}, {caps.accelerator}, {caps.memory_mb} MB")
+        out.print(f"  runtimes:   {', '.join(caps.runtimes) or '-'}")
+        out.print(f"  providers:  {', '.join(caps.providers) or '-'}")
 
 
 def drift_json(r: DriftRow) -> dict[str, Any]:

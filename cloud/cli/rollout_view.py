@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,7 +82,7 @@ def rollout_json(r: Rollout, devices: Sequence[RolloutDevice] = ()) -> dict[str,
                 "reason": d.reason,
                 "detail": d.detail,
                 "generation": d.generation,
-                "previous": dict(d.previous) if d.previous else None,
+                "previous": asdict(d.previous) if d.previous else None,
                 "last_seen": iso_utc(d.last_seen),
                 "staleness_s": round(d.staleness(now), 1) if d.last_seen else None,
                 "shadow": dict(d.shadow),
@@ -221,7 +222,7 @@ def print_rollout(console: Any, r: Rollout, devices: Sequence[RolloutDevice]) ->
             d.state or "-",
             (d.reason + (f": {d.detail}" if d.detail and d.reason not in ("ok", "") else ""))
             or "-",
-            f"{prev['model']}:{prev['version']}/{prev['variant']}" if prev else "-",
+            str(prev) if prev else "-",
             f"{d.staleness(now):.0f}s ago" if d.last_seen else "never",
             shadow,
         )

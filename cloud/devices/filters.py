@@ -5,9 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
+from edgefleet.cloud.devices.values import UpdateState
 from edgefleet.protos.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from edgefleet.cloud.devices.store import Device
 
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -26,15 +30,8 @@ def parse_duration(text: str, *, option: str = "--stale") -> float:
 
 def device_states() -> tuple[str, ...]:
     """Every state a device can be listed in: 'enrolled' (never reported) and the
-    agent's update states (fleet.v1.UpdateState, lower case)."""
-    from edgefleet.protos.fleet.v1 import device_pb2
-
-    names = (
-        n.removeprefix("UPDATE_STATE_").lower()
-        for n in device_pb2.UpdateState.keys()  # noqa: SIM118 (an enum wrapper, not a dict)
-        if n != "UPDATE_STATE_UNSPECIFIED"
-    )
-    return ("enrolled", *names)
+    agent's update states (`UpdateState`)."""
+    return ("enrolled", *(s.value for s in UpdateState if s is not UpdateState.UNSPECIFIED))
 
 
 @dataclass(frozen=True)
@@ -99,17 +96,16 @@ class DeviceFilter:
             return ""
         return f"{self.model}:{self.version}" if self.version is not None else self.model
 
-    def matches(self, d: Any, *, now: datetime | None = None) -> bool:
-        """`d` is a `cloud.devices.Device`."""
+    def matches(self, d: Device, *, now: datetime | None = None) -> bool:
         if self.state and d.state != self.state:
             return False
         if self.group and d.group != self.group:
             return False
         if self.model:
-            active = d.active or {}
-            if active.get("model") != self.model:
+            active = d.active
+            if active is None or active.model != self.model:
                 return False
-            if self.version is not None and int(active.get("version", 0)) != self.version:
+            if self.version is not None and active.version != self.version:
                 return False
         if self.connectivity and d.online != (self.connectivity == "online"):
             return False

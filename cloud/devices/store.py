@@ -15,6 +15,14 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from edgefleet.cloud.db import DatabaseUser
 from edgefleet.cloud.devices.selector import Selector
+from edgefleet.cloud.devices.values import (
+    Accelerator,
+    Capabilities,
+    ReasonCode,
+    Reported,
+    ServedModel,
+    UpdateState,
+)
 from edgefleet.cloud.registry.tables import UtcDateTime
 from edgefleet.protos.errors import AlreadyExists, NotFound
 from edgefleet.protos.topics import check_device_id
@@ -38,9 +46,32 @@ class DeviceRow(SQLModel, table=True):
     last_seen: datetime | None = Field(default=None, sa_type=UtcDateTime)
     boot_id: str = ""
     agent_version: str = ""
-    capabilities: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
-    active: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
-    reported: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    # capabilities (birth message); accelerator "" until the device has said
+    machine: str = Field(default="", max_length=128)
+    runtimes: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    providers: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    accelerator: str = Field(default="", max_length=8)
+    memory_mb: int = Field(default=0, sa_type=sa.BigInteger)
+    tflite_runtime_legacy: bool = False
+    features: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    # the model it serves; model "" for none
+    active_model: str = Field(default="", max_length=128)
+    active_version: int = Field(default=0, sa_type=sa.BigInteger)
+    active_variant: str = Field(default="", max_length=128)
+    active_sha256: str = Field(default="", max_length=64)
+    # last reported state; update_state "" until the device has reported
+    update_state: str = Field(default="", max_length=16)
+    update_reason: str = Field(default="", max_length=32)
+    reported_generation: int = Field(default=0, sa_type=sa.BigInteger)
+    detail: str = Field(default="", sa_type=sa.Text)
+    lkg_model: str = Field(default="", max_length=128)
+    lkg_version: int = Field(default=0, sa_type=sa.BigInteger)
+    lkg_variant: str = Field(default="", max_length=128)
+    lkg_sha256: str = Field(default="", max_length=64)
+    chunks_have: int = Field(default=0, sa_type=sa.BigInteger)
+    chunks_total: int = Field(default=0, sa_type=sa.BigInteger)
+    provider: str = Field(default="", max_length=128)
+    reported_ms: int = Field(default=0, sa_type=sa.BigInteger)
     desired_generation: int = 0
     desired: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
     rollout_id: str = ""
@@ -57,9 +88,9 @@ class Device:
     online: bool
     last_seen: datetime | None
     agent_version: str
-    capabilities: Mapping[str, Any]
-    active: Mapping[str, Any]
-    reported: Mapping[str, Any]
+    capabilities: Capabilities | None
+    active: ServedModel | None
+    reported: Reported | None
     desired_generation: int
     rollout_id: str
     boot_id: str = ""
@@ -70,7 +101,7 @@ class Device:
     def state(self) -> str:
         if self.revoked_at is not None:
             return "revoked"
-        return str(self.reported.get("state", "enrolled"))
+        return "enrolled" if self.reported is None else str(self.reported.state)
 
 
 #: (device id, generation) -> the signed desired state for it
@@ -110,6 +141,47 @@ def issue_desired(
     return out
 
 
+def _served(model: str, version: int, variant: str, sha256: str) -> ServedModel | None:
+    return ServedModel(model, version, variant, sha256) if model else None
+
+
+def _capabilities(r: DeviceRow) -> Capabilities | None:
+    if not r.accelerator:
+        return None
+    return Capabilities(
+        machine=r.machine,
+        runtimes=tuple(r.runtimes),
+        providers=tuple(r.providers),
+        accelerator=Accelerator(r.accelerator),
+        memory_mb=r.memory_mb,
+        tflite_runtime_legacy=r.tflite_runtime_legacy,
+        features=tuple(r.features),
+    )
+
+
+def _reported(r: DeviceRow) -> Reported | None:
+    if not r.update_state:
+        return None
+    return Reported(
+        device_id=r.device_id,
+        generation=r.reported_generation,
+        state=UpdateState(r.update_state),
+        reason=ReasonCode(r.update_reason or ReasonCode.UNSPECIFIED),
+        detail=r.detail,
+        active=_served(r.active_model, r.active_version, r.active_variant, r.active_sha256),
+        last_known_good=_served(r.lkg_model, r.lkg_version, r.lkg_variant, r.lkg_sha256),
+        chunks_have=r.chunks_have,
+        chunks_total=r.chunks_total,
+        provider=r.provider,
+        timestamp_ms=r.reported_ms,
+    )
+
+
+def _set_active(row: DeviceRow, m: ServedModel) -> None:
+    row.active_model, row.active_version = m.model, m.version
+    row.active_variant, row.active_sha256 = m.variant, m.sha256
+
+
 def _device(r: DeviceRow) -> Device:
     return Device(
         device_id=r.device_id,
@@ -119,9 +191,9 @@ def _device(r: DeviceRow) -> Device:
         online=r.online,
         last_seen=r.last_seen,
         agent_version=r.agent_version,
-        capabilities=dict(r.capabilities),
-        active=dict(r.active),
-        reported=dict(r.reported),
+        capabilities=_capabilities(r),
+        active=_served(r.active_model, r.active_version, r.active_variant, r.active_sha256),
+        reported=_reported(r),
         desired_generation=r.desired_generation,
         rollout_id=r.rollout_id,
         boot_id=r.boot_id,
@@ -129,31 +201,61 @@ def _device(r: DeviceRow) -> Device:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Birth:
+    """A status message: birth (online, with what it can run and serves) or last will."""
+
+    online: bool
+    agent_version: str = ""
+    capabilities: Capabilities | None = None
+    active: ServedModel | None = None
+    boot_id: str = ""
+
+
 @dataclass(frozen=True)
 class DeviceEvent:
     """One thing a device said: its status (birth / will), a reported state, or just
-    that it was seen (telemetry)."""
+    that it was seen (telemetry; `payload` None)."""
 
-    kind: str  # status | reported | seen
     device_id: str
-    payload: Mapping[str, Any]
+    payload: Birth | Reported | None
     at: datetime
+
+    @property
+    def kind(self) -> str:
+        if isinstance(self.payload, Birth):
+            return "status"
+        return "reported" if isinstance(self.payload, Reported) else "seen"
 
 
 def _apply(row: DeviceRow, e: DeviceEvent) -> None:
     row.last_seen = e.at
-    if e.kind == "status":
-        row.online = bool(e.payload.get("online"))
-        if row.online:
-            row.boot_id = str(e.payload.get("boot_id", ""))
-            row.agent_version = str(e.payload.get("agent_version", ""))
-            row.capabilities = dict(e.payload.get("capabilities", {}))
-            if e.payload.get("active"):
-                row.active = dict(e.payload["active"])
-    elif e.kind == "reported":
-        row.reported = dict(e.payload)
-        if e.payload.get("active"):
-            row.active = dict(e.payload["active"])
+    p = e.payload
+    if isinstance(p, Birth):
+        row.online = p.online
+        if p.online:
+            row.boot_id = p.boot_id
+            row.agent_version = p.agent_version
+            c = p.capabilities
+            row.machine = c.machine if c else ""
+            row.runtimes = list(c.runtimes) if c else []
+            row.providers = list(c.providers) if c else []
+            row.accelerator = str(c.accelerator) if c else ""
+            row.memory_mb = c.memory_mb if c else 0
+            row.tflite_runtime_legacy = c.tflite_runtime_legacy if c else False
+            row.features = list(c.features) if c else []
+            if p.active is not None:
+                _set_active(row, p.active)
+    elif isinstance(p, Reported):
+        row.update_state, row.update_reason = str(p.state), str(p.reason)
+        row.reported_generation, row.detail = p.generation, p.detail
+        lkg = p.last_known_good
+        row.lkg_model, row.lkg_version = (lkg.model, lkg.version) if lkg else ("", 0)
+        row.lkg_variant, row.lkg_sha256 = (lkg.variant, lkg.sha256) if lkg else ("", "")
+        row.chunks_have, row.chunks_total = p.chunks_have, p.chunks_total
+        row.provider, row.reported_ms = p.provider, p.timestamp_ms
+        if p.active is not None:
+            _set_active(row, p.active)
 
 
 class DeviceStore(DatabaseUser):
@@ -209,16 +311,14 @@ class DeviceStore(DatabaseUser):
             out = [d for d in out if selector.matches(d.device_id, d.group, d.tags)]
         return out
 
-    def record_status(
-        self, device_id: str, status: Mapping[str, Any], *, now: datetime | None = None
-    ) -> bool:
+    def record_status(self, device_id: str, status: Birth, *, now: datetime | None = None) -> bool:
         """Birth or last will. Returns False (and changes nothing) for an unknown device."""
-        return self.record([DeviceEvent("status", device_id, status, now or _now())]) == 1
+        return self.record([DeviceEvent(device_id, status, now or _now())]) == 1
 
     def record_reported(
-        self, device_id: str, reported: Mapping[str, Any], *, now: datetime | None = None
+        self, device_id: str, reported: Reported, *, now: datetime | None = None
     ) -> bool:
-        return self.record([DeviceEvent("reported", device_id, reported, now or _now())]) == 1
+        return self.record([DeviceEvent(device_id, reported, now or _now())]) == 1
 
     def record(self, events: Sequence[DeviceEvent]) -> int:
         """Apply status / reported / seen events in order, in one transaction.
@@ -299,20 +399,18 @@ class DeviceStore(DatabaseUser):
         """{device: signed desired state} for the devices (all, or these) whose reported
         generation is below their desired one: what the coordinator re-publishes so
         that a broker which lost its retained messages cannot make a device miss it."""
-        q = sa.select(
-            col(DeviceRow.device_id), col(DeviceRow.reported), col(DeviceRow.desired_generation)
-        ).where(col(DeviceRow.desired_generation) > 0, col(DeviceRow.desired).is_not(None))
+        q = sa.select(col(DeviceRow.device_id)).where(
+            col(DeviceRow.desired_generation) > 0,
+            col(DeviceRow.desired).is_not(None),
+            col(DeviceRow.reported_generation) < col(DeviceRow.desired_generation),
+        )
         if device_ids is not None:
             if not device_ids:
                 return {}
             q = q.where(col(DeviceRow.device_id).in_(list(device_ids)))
         out: dict[str, bytes] = {}
         with self._session() as s:
-            behind = [
-                str(r[0])
-                for r in s.execute(q).all()
-                if int((r[1] or {}).get("generation", 0) or 0) < int(r[2])
-            ]
+            behind = [str(r[0]) for r in s.execute(q).all()]
             for i in range(0, len(behind), _BATCH):
                 part = behind[i : i + _BATCH]
                 rows = s.execute(

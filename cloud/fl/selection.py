@@ -29,7 +29,7 @@ def select_participants(
     sel = Selection()
     for d in devices:
         node = nodes.get(d.device_id)
-        fl = parse_fl_features(list(d.capabilities.get("features") or ()))
+        fl = parse_fl_features(list(d.capabilities.features if d.capabilities else ()))
         if node is None:
             why = f"not enrolled for federated learning (fleet devices enroll {d.device_id} --fl)"
         elif node.node_id is None:

@@ -36,35 +36,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from edgefleet.cloud.devices import Device, Selector
+from edgefleet.cloud.devices.values import UpdateState
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.rollouts import gates as g
 from edgefleet.cloud.rollouts.fleet import RolloutFleet
 from edgefleet.cloud.rollouts.model import (
-    ABORTED,
     ADVANCING,
-    CANARY,
-    D_ACTIVE,
-    D_FAILED,
-    D_PENDING,
-    D_ROLLED_BACK,
-    D_SHADOW,
-    D_SKIPPED,
-    DONE,
-    PAUSED,
-    PENDING,
-    ROLLED_BACK,
-    ROLLING,
-    ROLLING_BACK,
-    S_ACTIVATING,
-    S_BAKING,
-    S_DONE,
-    S_FAILED,
-    S_INSTALLING,
-    S_PENDING,
-    S_ROLLED_BACK,
+    DevicePhase,
     Rollout,
     RolloutDevice,
+    RolloutState,
     Stage,
+    StageState,
     check_transition,
 )
 from edgefleet.cloud.rollouts.policy import Policy
@@ -75,7 +58,11 @@ from edgefleet.protos.errors import Conflict, FleetError, InvalidArgument, NotFo
 logger = logging.getLogger(__name__)
 
 #: reported state that settles each action (besides "failed")
-SETTLED = {"shadow": "shadowing", "activate": "active", "rollback": "rolled_back"}
+SETTLED = {
+    "shadow": UpdateState.SHADOWING,
+    "activate": UpdateState.ACTIVE,
+    "rollback": UpdateState.ROLLED_BACK,
+}
 ACTIONS = ("pause", "resume", "abort", "rollback")
 #: reason of a device a direct deploy did not wait for
 OFFLINE = "offline"
@@ -116,7 +103,7 @@ def plan_stages(
 def build_rollout(
     plan: Plan, selector: Selector, policy: Policy, *, now: float, dry_run: bool = False
 ) -> tuple[Rollout, list[RolloutDevice]]:
-    """A new rollout (PENDING) for a deploy plan, and its devices assigned to stages."""
+    """A new rollout (pending) for a deploy plan, and its devices assigned to stages."""
     if not plan.targets:
         raise InvalidArgument(
             f"no selected device can run {plan.version.ref}: "
@@ -134,7 +121,7 @@ def build_rollout(
                 stage=assign[d.device_id],
                 variant=v.name,
                 sha256=v.sha256,
-                previous=_previous(d),
+                previous=d.active,
                 last_seen=d.last_seen.timestamp() if d.last_seen else 0.0,
             )
             for d, v in plan.targets
@@ -148,7 +135,7 @@ def build_rollout(
         version=plan.version.version,
         selector=str(selector),
         policy=policy,
-        state=PENDING,
+        state=RolloutState.PENDING,
         stages=tuple(stages),
         created_at=now,
         updated_at=now,
@@ -225,7 +212,7 @@ class RolloutController:
         """After a restart: publish the desired states of the steps in flight again."""
         for r in await asyncio.to_thread(self.store.find, active_only=True):
             devs = await asyncio.to_thread(self.store.devices, r.rollout_id)
-            if r.state == ROLLING_BACK:
+            if r.state == RolloutState.ROLLING_BACK:
                 step = [d for d in devs if d.action == "rollback" and not _settled(d)]
             else:
                 step = [d for d in devs if d.stage == r.stage and d.action and not _settled(d)]
@@ -285,64 +272,68 @@ class RolloutController:
         async with self._lock:
             r = await asyncio.to_thread(self.store.get, rollout_id)
             if action == "pause":
-                check_transition(r.rollout_id, r.state, PAUSED)
-                r = await self._save(r.with_changes(state=PAUSED, reason="paused by hand"))
+                check_transition(r.rollout_id, r.state, RolloutState.PAUSED)
+                r = await self._save(
+                    r.with_changes(state=RolloutState.PAUSED, reason="paused by hand")
+                )
             elif action == "resume":
                 r = await self._resume(r)
             elif action == "abort":
                 r = await self._abort(r)
             else:
-                check_transition(r.rollout_id, r.state, ROLLING_BACK)
+                check_transition(r.rollout_id, r.state, RolloutState.ROLLING_BACK)
                 r = await self._start_rollback(r, "rolled back by hand")
         self._poke.set()
         return r
 
     async def _resume(self, r: Rollout) -> Rollout:
-        target = CANARY if r.stage == 0 else ROLLING
+        target = RolloutState.CANARY if r.stage == 0 else RolloutState.ROLLING
         check_transition(r.rollout_id, r.state, target)
         st = r.current
-        if st.state == S_FAILED:
+        if st.state == StageState.FAILED:
             # a failed gate paused it: bake again and judge the quality gates again;
             # install failures are accepted by resuming
-            st = st.with_changes(state=S_BAKING, bake_started_at=self.clock(), gates=())
+            st = st.with_changes(state=StageState.BAKING, bake_started_at=self.clock(), gates=())
         return await self._save(r.with_stage(r.stage, st).with_changes(state=target, reason=""))
 
     async def _abort(self, r: Rollout) -> Rollout:
-        check_transition(r.rollout_id, r.state, ABORTED)
+        check_transition(r.rollout_id, r.state, RolloutState.ABORTED)
         devs = await asyncio.to_thread(self.store.devices, r.rollout_id)
         # devices still evaluating a shadow stop; devices already switched keep the version
-        shadowing = [d for d in devs if d.action == "shadow" and d.phase == D_SHADOW]
+        shadowing = [d for d in devs if d.action == "shadow" and d.phase == DevicePhase.SHADOW]
         await self._rollback_devices(r, shadowing)
         return await self._save(
-            r.with_changes(state=ABORTED, reason="aborted by hand", finished_at=self.clock())
+            r.with_changes(
+                state=RolloutState.ABORTED, reason="aborted by hand", finished_at=self.clock()
+            )
         )
 
     # -- stepping --------------------------------------------------------------------
 
     async def _advance(self, r: Rollout) -> None:
-        if r.state == PENDING:
-            r = await self._save(r.with_changes(state=CANARY))
+        if r.state == RolloutState.PENDING:
+            r = await self._save(r.with_changes(state=RolloutState.CANARY))
         if r.state in ADVANCING:
             await self._step_stage(r)
-        elif r.state == ROLLING_BACK:
+        elif r.state == RolloutState.ROLLING_BACK:
             await self._step_rollback(r)
 
     async def _step_stage(self, r: Rollout) -> None:
         i, st, now, p = r.stage, r.current, self.clock(), r.policy
         devs = _live(await asyncio.to_thread(self.store.devices, r.rollout_id, stages=[i]))
-        if st.state == S_PENDING and p.direct:
-            await self._issue(r, devs, "activate", phase=D_ACTIVE)
-            st = st.with_changes(state=S_ACTIVATING, started_at=now, activated_at=now)
+        if st.state == StageState.PENDING and p.direct:
+            await self._issue(r, devs, "activate", phase=DevicePhase.ACTIVE)
+            st = st.with_changes(state=StageState.ACTIVATING, started_at=now, activated_at=now)
             await self._save(r.with_stage(i, st))
             return
-        if st.state == S_PENDING:
-            await self._issue(r, devs, "shadow", phase=D_SHADOW)
-            st = st.with_changes(state=S_INSTALLING, started_at=now)
+        if st.state == StageState.PENDING:
+            await self._issue(r, devs, "shadow", phase=DevicePhase.SHADOW)
+            st = st.with_changes(state=StageState.INSTALLING, started_at=now)
             await self._save(r.with_stage(i, st))
             return
-        if st.state == S_INSTALLING:
+        if st.state == StageState.INSTALLING:
             devs = await self._refresh(r, devs, "shadow", since=st.started_at)
-            failed = sum(d.phase == D_FAILED for d in devs)
+            failed = sum(d.phase == DevicePhase.FAILED for d in devs)
             settled = all(_settled(d) for d in devs)
             st = st.with_changes(by_state=_by_state(devs))
             if settled or failed > g.failure_budget(p, len(devs)):
@@ -350,10 +341,12 @@ class RolloutController:
                 if not all(x.ok for x in results):
                     await self._fail(r, st.with_changes(gates=tuple(results)))
                     return
-                st = st.with_changes(state=S_BAKING, bake_started_at=now, gates=tuple(results))
+                st = st.with_changes(
+                    state=StageState.BAKING, bake_started_at=now, gates=tuple(results)
+                )
             await self._save(r.with_stage(i, st))
             return
-        if st.state == S_BAKING:
+        if st.state == StageState.BAKING:
             devs = await self._refresh(r, devs, "shadow", since=st.started_at)
             q = g.quality_gates(p, devs)
             st = st.with_changes(by_state=_by_state(devs), samples=q.samples)
@@ -367,12 +360,12 @@ class RolloutController:
             if not all(x.ok for x in q.gates):
                 await self._fail(r, st)
                 return
-            ready = [d for d in devs if d.phase == D_SHADOW]
-            await self._issue(r, ready, "activate", phase=D_ACTIVE)
-            st = st.with_changes(state=S_ACTIVATING, activated_at=now)
+            ready = [d for d in devs if d.phase == DevicePhase.SHADOW]
+            await self._issue(r, ready, "activate", phase=DevicePhase.ACTIVE)
+            st = st.with_changes(state=StageState.ACTIVATING, activated_at=now)
             await self._save(r.with_stage(i, st))
             return
-        if st.state == S_ACTIVATING:
+        if st.state == StageState.ACTIVATING:
             issued = [d for d in devs if d.action == "activate"]
             issued = await self._refresh(r, issued, "activate", since=st.activated_at)
             waiting = await self._offline(r, issued) if p.direct else set()
@@ -381,13 +374,15 @@ class RolloutController:
             if not all(_settled(d) or d.device_id in waiting for d in issued):
                 await self._save(r.with_stage(i, st))
                 return
-            st = st.with_changes(state=S_DONE, finished_at=now)
+            st = st.with_changes(state=StageState.DONE, finished_at=now)
             r = r.with_stage(i, st)
             if i + 1 >= len(r.stages):
-                await self._save(r.with_changes(state=DONE, finished_at=now, reason=""))
+                await self._save(
+                    r.with_changes(state=RolloutState.DONE, finished_at=now, reason="")
+                )
                 logger.info("rollout %s: done", r.rollout_id)
             else:
-                await self._save(r.with_changes(state=ROLLING, stage=i + 1))
+                await self._save(r.with_changes(state=RolloutState.ROLLING, stage=i + 1))
                 logger.info(
                     "rollout %s: %s done; %s next", r.rollout_id, st.name, r.stages[i + 1].name
                 )
@@ -414,10 +409,12 @@ class RolloutController:
     async def _fail(self, r: Rollout, st: Stage) -> None:
         bad = st.failed_gates
         reason = f"{st.name}: gate {', '.join(f'{x.name} ({x.detail})' for x in bad)} failed"
-        r = r.with_stage(r.stage, st.with_changes(state=S_FAILED, finished_at=self.clock()))
+        r = r.with_stage(
+            r.stage, st.with_changes(state=StageState.FAILED, finished_at=self.clock())
+        )
         logger.warning("rollout %s: %s; %s", r.rollout_id, reason, r.policy.on_failure)
         if r.policy.on_failure == "pause":
-            await self._save(r.with_changes(state=PAUSED, reason=reason))
+            await self._save(r.with_changes(state=RolloutState.PAUSED, reason=reason))
         else:
             await self._start_rollback(r, reason)
 
@@ -428,10 +425,12 @@ class RolloutController:
         touched = [d for d in devs if d.action and d.action != "rollback"]
         await self._rollback_devices(r, touched)
         stages = tuple(
-            s.with_changes(state=S_ROLLED_BACK) if s.state not in (S_PENDING, S_FAILED) else s
+            s.with_changes(state=StageState.ROLLED_BACK)
+            if s.state not in (StageState.PENDING, StageState.FAILED)
+            else s
             for s in r.stages
         )
-        r = r.with_changes(state=ROLLING_BACK, reason=reason, stages=stages)
+        r = r.with_changes(state=RolloutState.ROLLING_BACK, reason=reason, stages=stages)
         r = await self._save(r)
         self._poke.set()
         return r
@@ -442,9 +441,9 @@ class RolloutController:
         cache: dict[tuple[str, int, str], tuple[bytes, str]] = {}
         for d in devs:
             prev = d.previous
-            if not prev or not prev.get("model"):
+            if prev is None:
                 continue
-            key = (str(prev["model"]), int(prev.get("version", 0)), str(prev.get("variant", "")))
+            key = (prev.model, prev.version, prev.variant)
             if key not in cache:
                 try:
                     mv = await self.fleet.get_version(ModelRef(key[0], key[1]))
@@ -468,7 +467,9 @@ class RolloutController:
             )
         targets = [d for d in devs if d.device_id in manifests]
         if targets:
-            await self._issue(r, targets, "rollback", phase=D_ROLLED_BACK, manifests=manifests)
+            await self._issue(
+                r, targets, "rollback", phase=DevicePhase.ROLLED_BACK, manifests=manifests
+            )
 
     async def _step_rollback(self, r: Rollout) -> None:
         devs = await asyncio.to_thread(self.store.devices, r.rollout_id)
@@ -484,7 +485,9 @@ class RolloutController:
                 else st
                 for k, st in enumerate(r.stages)
             )
-            await self._save(r.with_changes(state=ROLLED_BACK, finished_at=now, stages=stages))
+            await self._save(
+                r.with_changes(state=RolloutState.ROLLED_BACK, finished_at=now, stages=stages)
+            )
             logger.warning(
                 "rollout %s: rolled back (%d devices) after: %s",
                 r.rollout_id,
@@ -500,7 +503,7 @@ class RolloutController:
         devs: Sequence[RolloutDevice],
         action: str,
         *,
-        phase: str,
+        phase: DevicePhase,
         manifests: Mapping[str, tuple[bytes, str]] | None = None,
     ) -> None:
         if not devs:
@@ -537,19 +540,19 @@ class RolloutController:
                 seen = dev.last_seen.timestamp() if dev.last_seen else 0.0
                 if seen and abs(seen - d.last_seen) > 1.0:
                     new["last_seen"] = seen
-                if d.previous is None and (prev := _previous(dev)) and prev["sha256"] != d.sha256:
+                if d.previous is None and (prev := dev.active) and prev.sha256 != d.sha256:
                     # planned before its report of what it serves arrived: learn it now,
                     # so a rollback can take it back there
                     new["previous"] = prev
                 rep = dev.reported
-                if d.action == action and int(rep.get("generation", 0)) >= d.generation > 0:
-                    state = str(rep.get("state", ""))
+                if rep and d.action == action and rep.generation >= d.generation > 0:
+                    state = rep.state
                     if state != d.state:
                         new["state"] = state
-                        new["reason"] = str(rep.get("reason", ""))
-                        new["detail"] = str(rep.get("detail", ""))[:500]
-                    if state == "failed" and d.phase != D_FAILED:
-                        new["phase"] = D_FAILED
+                        new["reason"] = str(rep.reason)
+                        new["detail"] = rep.detail[:500]
+                    if state == UpdateState.FAILED and d.phase != DevicePhase.FAILED:
+                        new["phase"] = DevicePhase.FAILED
                     elif state == ok_state and d.phase != _phase_for(action):
                         new["phase"] = _phase_for(action)
             report = self.fleet.shadow_report(d.device_id)
@@ -573,7 +576,7 @@ class RolloutController:
             ):
                 last = merged.state or "no answer"
                 timeout = {
-                    "phase": D_FAILED,
+                    "phase": DevicePhase.FAILED,
                     "state": "failed",
                     "reason": "timeout",
                     "detail": f"not settled within {r.policy.stage_timeout_s:.0f}s (last: {last})",
@@ -592,18 +595,22 @@ class RolloutController:
         return await asyncio.to_thread(self.store.save, r.with_changes(stages=stages))
 
 
-def _phase_for(action: str) -> str:
-    return {"shadow": D_SHADOW, "activate": D_ACTIVE, "rollback": D_ROLLED_BACK}[action]
+def _phase_for(action: str) -> DevicePhase:
+    return {
+        "shadow": DevicePhase.SHADOW,
+        "activate": DevicePhase.ACTIVE,
+        "rollback": DevicePhase.ROLLED_BACK,
+    }[action]
 
 
 def _live(devs: Sequence[RolloutDevice]) -> list[RolloutDevice]:
     """Devices still in the rollout: not skipped (a revoked or removed device's open
     state is closed as skipped by `fleet devices revoke|rm`)."""
-    return [d for d in devs if d.phase != D_SKIPPED]
+    return [d for d in devs if d.phase != DevicePhase.SKIPPED]
 
 
 def _settled(d: RolloutDevice) -> bool:
-    if d.phase == D_FAILED:
+    if d.phase == DevicePhase.FAILED:
         return True
     return bool(d.action) and d.state == SETTLED.get(d.action)
 
@@ -617,21 +624,13 @@ def _merge(d: RolloutDevice, new: Mapping[str, Any]) -> RolloutDevice:
 def _by_state(devs: Sequence[RolloutDevice]) -> dict[str, int]:
     out: dict[str, int] = {}
     for d in devs:
-        key = d.phase if d.phase in (D_FAILED, D_PENDING) else (d.state or "waiting")
+        key = (
+            d.phase
+            if d.phase in (DevicePhase.FAILED, DevicePhase.PENDING)
+            else (d.state or "waiting")
+        )
         out[key] = out.get(key, 0) + 1
     return out
-
-
-def _previous(d: Device) -> dict[str, Any] | None:
-    a = d.active
-    if not a or not a.get("model"):
-        return None
-    return {
-        "model": str(a.get("model")),
-        "version": int(a.get("version", 0)),
-        "variant": str(a.get("variant", "")),
-        "sha256": str(a.get("sha256", "")),
-    }
 
 
 __all__ = ["ACTIONS", "OFFLINE", "OFFLINE_DETAIL", "RolloutController", "plan_key", "plan_stages"]

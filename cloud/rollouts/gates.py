@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from edgefleet.cloud.rollouts.model import D_FAILED, D_SHADOW, GateResult, RolloutDevice
+from edgefleet.cloud.rollouts.model import DevicePhase, GateResult, RolloutDevice
 from edgefleet.cloud.rollouts.policy import Policy
 
 SELF_TEST_REASON = "self_test_failed"
@@ -28,7 +28,7 @@ def failure_budget(policy: Policy, devices: int) -> int:
 
 def install_gates(policy: Policy, devices: Sequence[RolloutDevice]) -> list[GateResult]:
     n = max(1, len(devices))
-    failed = [d for d in devices if d.phase == D_FAILED]
+    failed = [d for d in devices if d.phase == DevicePhase.FAILED]
     self_test = [d for d in failed if d.reason == SELF_TEST_REASON]
     rate = len(failed) / n
     reasons: dict[str, int] = {}
@@ -68,7 +68,7 @@ def _total(reports: Sequence[Mapping[str, float]], key: str) -> float:
 
 
 def quality_gates(policy: Policy, devices: Sequence[RolloutDevice]) -> Quality:
-    reports = [d.shadow for d in devices if d.phase == D_SHADOW and d.shadow]
+    reports = [d.shadow for d in devices if d.phase == DevicePhase.SHADOW and d.shadow]
     samples = int(_total(reports, "samples"))
     gates: list[GateResult] = []
     if not policy.quality_gates:

@@ -14,56 +14,71 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
+from edgefleet.cloud.devices.values import ServedModel, UpdateState
 from edgefleet.cloud.rollouts.policy import Policy
 from edgefleet.protos.errors import Conflict
 
-PENDING = "pending"
-CANARY = "canary"
-ROLLING = "rolling"
-PAUSED = "paused"
-ROLLING_BACK = "rolling_back"
-DONE = "done"
-ROLLED_BACK = "rolled_back"
-ABORTED = "aborted"
 
-FINAL = frozenset({DONE, ROLLED_BACK, ABORTED})
+class RolloutState(StrEnum):
+    """Where a rollout is (its stored value is the lower-case name)."""
+
+    PENDING = "pending"
+    CANARY = "canary"
+    ROLLING = "rolling"
+    PAUSED = "paused"
+    ROLLING_BACK = "rolling_back"
+    DONE = "done"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+
+FINAL = frozenset({RolloutState.DONE, RolloutState.ROLLED_BACK, RolloutState.ABORTED})
 #: rollout states in which the controller moves stages forward
-ADVANCING = frozenset({CANARY, ROLLING})
+ADVANCING = frozenset({RolloutState.CANARY, RolloutState.ROLLING})
 
-TRANSITIONS: Mapping[str, frozenset[str]] = {
-    PENDING: frozenset({CANARY, ABORTED, ROLLING_BACK}),
-    CANARY: frozenset({ROLLING, DONE, PAUSED, ROLLING_BACK, ABORTED}),
-    ROLLING: frozenset({DONE, PAUSED, ROLLING_BACK, ABORTED}),
-    PAUSED: frozenset({CANARY, ROLLING, ROLLING_BACK, ABORTED}),
-    ROLLING_BACK: frozenset({ROLLED_BACK}),
-    DONE: frozenset({ROLLING_BACK}),
-    ABORTED: frozenset({ROLLING_BACK}),
-    ROLLED_BACK: frozenset(),
+_R = RolloutState
+TRANSITIONS: Mapping[RolloutState, frozenset[RolloutState]] = {
+    _R.PENDING: frozenset({_R.CANARY, _R.ABORTED, _R.ROLLING_BACK}),
+    _R.CANARY: frozenset({_R.ROLLING, _R.DONE, _R.PAUSED, _R.ROLLING_BACK, _R.ABORTED}),
+    _R.ROLLING: frozenset({_R.DONE, _R.PAUSED, _R.ROLLING_BACK, _R.ABORTED}),
+    _R.PAUSED: frozenset({_R.CANARY, _R.ROLLING, _R.ROLLING_BACK, _R.ABORTED}),
+    _R.ROLLING_BACK: frozenset({_R.ROLLED_BACK}),
+    _R.DONE: frozenset({_R.ROLLING_BACK}),
+    _R.ABORTED: frozenset({_R.ROLLING_BACK}),
+    _R.ROLLED_BACK: frozenset(),
 }
 
-# stage states
-S_PENDING = "pending"
-S_INSTALLING = "installing"
-S_BAKING = "baking"
-S_ACTIVATING = "activating"
-S_DONE = "done"
-S_FAILED = "failed"
-S_ROLLED_BACK = "rolled_back"
 
-# device phases
-D_PENDING = "pending"
-D_SHADOW = "shadow"
-D_ACTIVE = "active"
-D_FAILED = "failed"
-D_ROLLED_BACK = "rolled_back"
-D_SKIPPED = "skipped"
+class StageState(StrEnum):
+    """Where one stage (the canary, a wave) is."""
+
+    PENDING = "pending"
+    INSTALLING = "installing"
+    BAKING = "baking"
+    ACTIVATING = "activating"
+    DONE = "done"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
 
 
-def check_transition(rollout_id: str, old: str, new: str) -> None:
-    if new not in TRANSITIONS.get(old, frozenset()):
-        allowed = ", ".join(sorted(TRANSITIONS.get(old, frozenset()))) or "nothing (it is final)"
+class DevicePhase(StrEnum):
+    """What the rollout asked of one device last and how far it got."""
+
+    PENDING = "pending"
+    SHADOW = "shadow"
+    ACTIVE = "active"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    SKIPPED = "skipped"
+
+
+def check_transition(rollout_id: str, old: RolloutState, new: RolloutState) -> None:
+    allowed_moves = TRANSITIONS.get(old, frozenset())
+    if new not in allowed_moves:
+        allowed = ", ".join(sorted(allowed_moves)) or "nothing (it is final)"
         raise Conflict(f"rollout {rollout_id} is {old}: cannot go to {new}; from {old}: {allowed}")
 
 
@@ -100,7 +115,7 @@ class Stage:
     name: str
     fraction: float
     devices: int
-    state: str = S_PENDING
+    state: StageState = StageState.PENDING
     started_at: float = 0.0
     bake_started_at: float = 0.0
     activated_at: float = 0.0
@@ -132,7 +147,7 @@ class Stage:
             name=str(d["name"]),
             fraction=float(d["fraction"]),
             devices=int(d["devices"]),
-            state=str(d.get("state", S_PENDING)),
+            state=StageState(d.get("state", StageState.PENDING)),
             started_at=float(d.get("started_at", 0.0)),
             bake_started_at=float(d.get("bake_started_at", 0.0)),
             activated_at=float(d.get("activated_at", 0.0)),
@@ -158,11 +173,11 @@ class RolloutDevice:
     stage: int
     variant: str
     sha256: str
-    previous: Mapping[str, Any] | None  # ModelRef fields of what it served before
-    phase: str = D_PENDING
+    previous: ServedModel | None  # what it served before
+    phase: DevicePhase = DevicePhase.PENDING
     action: str = ""  # the desired action last issued: shadow | activate | rollback
     generation: int = 0
-    state: str = ""  # last reported UpdateState name
+    state: UpdateState | None = None  # last reported update state (None: no report yet)
     reason: str = ""
     detail: str = ""
     last_seen: float = 0.0
@@ -180,7 +195,7 @@ class Rollout:
     version: int
     selector: str
     policy: Policy
-    state: str
+    state: RolloutState
     stages: tuple[Stage, ...]
     stage: int = 0
     reason: str = ""
@@ -212,7 +227,9 @@ class Rollout:
         Install and activation take what the last finished stage took, else the
         defaults; every stage bakes for the policy's bake time.
         """
-        done = [s for s in self.stages if s.state == S_DONE and s.started_at and s.finished_at]
+        done = [
+            s for s in self.stages if s.state == StageState.DONE and s.started_at and s.finished_at
+        ]
         if done:
             last = done[-1]
             per = max(0.0, last.finished_at - last.started_at - self.policy.bake_s)
@@ -227,11 +244,11 @@ class Rollout:
             if self.final:
                 out.append(0.0)
                 continue
-            if s.state == S_BAKING and s.bake_started_at:
+            if s.state == StageState.BAKING and s.bake_started_at:
                 t = max(t, s.bake_started_at + self.policy.bake_s + activate_s)
-            elif s.state == S_ACTIVATING:
+            elif s.state == StageState.ACTIVATING:
                 t = max(t, now + activate_s)
-            elif s.state == S_INSTALLING and s.started_at:
+            elif s.state == StageState.INSTALLING and s.started_at:
                 t = max(t, s.started_at + per_stage)
             else:
                 t = t + per_stage

@@ -28,14 +28,14 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from edgefleet.cloud.db import DatabaseUser
 from edgefleet.cloud.devices.store import DeviceRow, Sign, issue_desired
+from edgefleet.cloud.devices.values import ServedModel, UpdateState
 from edgefleet.cloud.registry.tables import UtcDateTime
 from edgefleet.cloud.rollouts.model import (
-    D_PENDING,
-    D_SHADOW,
-    D_SKIPPED,
     FINAL,
+    DevicePhase,
     Rollout,
     RolloutDevice,
+    RolloutState,
     Stage,
     check_transition,
 )
@@ -98,6 +98,35 @@ class RolloutDeviceRow(SQLModel, table=True):
     shadow: dict[str, float] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
+def _served(d: Mapping[str, Any] | None) -> ServedModel | None:
+    if not d or not d.get("model"):
+        return None
+    return ServedModel(
+        str(d["model"]),
+        int(d.get("version", 0)),
+        str(d.get("variant", "")),
+        str(d.get("sha256", "")),
+    )
+
+
+def _served_json(m: ServedModel | None) -> dict[str, Any] | None:
+    """The `previous` column: the ModelRef fields (JSON, as release 0.1.0 kept them)."""
+    if m is None:
+        return None
+    return {"model": m.model, "version": m.version, "variant": m.variant, "sha256": m.sha256}
+
+
+def _column(name: str, value: Any) -> Any:
+    """A `RolloutDevice` field's value as its column holds it."""
+    if name == "last_seen":
+        return _dt(value)
+    if name == "previous":
+        return _served_json(value)
+    if name == "state":
+        return str(value) if value else ""
+    return value
+
+
 def _rollout(r: RolloutRow) -> Rollout:
     return Rollout(
         rollout_id=r.rollout_id,
@@ -106,7 +135,7 @@ def _rollout(r: RolloutRow) -> Rollout:
         version=r.version,
         selector=r.selector,
         policy=Policy.from_dict(r.policy),
-        state=r.state,
+        state=RolloutState(r.state),
         stages=tuple(Stage.from_dict(s) for s in r.stages),
         stage=r.stage,
         reason=r.reason,
@@ -124,11 +153,11 @@ def _device(r: RolloutDeviceRow) -> RolloutDevice:
         stage=r.stage,
         variant=r.variant,
         sha256=r.sha256,
-        previous=dict(r.previous) if r.previous else None,
-        phase=r.phase,
+        previous=_served(r.previous),
+        phase=DevicePhase(r.phase),
         action=r.action,
         generation=r.generation,
-        state=r.state,
+        state=UpdateState(r.state) if r.state else None,
         reason=r.reason,
         detail=r.detail,
         last_seen=_ts(r.last_seen),
@@ -182,11 +211,11 @@ class RolloutStore(DatabaseUser):
                             "stage": d.stage,
                             "variant": d.variant,
                             "sha256": d.sha256,
-                            "previous": dict(d.previous) if d.previous else None,
+                            "previous": _served_json(d.previous),
                             "phase": d.phase,
                             "action": d.action,
                             "generation": d.generation,
-                            "state": d.state,
+                            "state": str(d.state) if d.state else "",
                             "reason": d.reason,
                             "detail": d.detail,
                             "last_seen": _dt(d.last_seen),
@@ -224,7 +253,7 @@ class RolloutStore(DatabaseUser):
 
     # -- change ----------------------------------------------------------------------
 
-    def save(self, rollout: Rollout, *, expect_state: str | None = None) -> Rollout:
+    def save(self, rollout: Rollout, *, expect_state: RolloutState | None = None) -> Rollout:
         """Store state, reason, stage index and stages. A state change must be a legal move
         from the state in the database (`Conflict` otherwise); `expect_state` also
         refuses the write when someone else changed the state meanwhile."""
@@ -235,7 +264,7 @@ class RolloutStore(DatabaseUser):
                     f"rollout {rollout.rollout_id} is {row.state} now, not {expect_state}"
                 )
             if rollout.state != row.state:
-                check_transition(rollout.rollout_id, row.state, rollout.state)
+                check_transition(rollout.rollout_id, RolloutState(row.state), rollout.state)
             row.state = rollout.state
             row.reason = rollout.reason
             row.stage = rollout.stage
@@ -259,10 +288,10 @@ class RolloutStore(DatabaseUser):
                 select(RolloutDeviceRow)
                 .where(RolloutDeviceRow.device_id == device_id)
                 .where(col(RolloutDeviceRow.rollout_id).in_(open_ids))
-                .where(col(RolloutDeviceRow.phase).in_([D_PENDING, D_SHADOW]))
+                .where(col(RolloutDeviceRow.phase).in_([DevicePhase.PENDING, DevicePhase.SHADOW]))
             ).all()
             for row in rows:
-                row.phase = D_SKIPPED
+                row.phase = DevicePhase.SKIPPED
                 row.reason = reason[:64]
                 row.detail = detail
                 s.add(row)
@@ -279,7 +308,7 @@ class RolloutStore(DatabaseUser):
             bad = set(values) - set(DEVICE_FIELDS)
             if bad:
                 raise ValueError(f"rollout device fields {sorted(bad)} cannot be updated")
-            row = {f"v_{k}": (_dt(v) if k == "last_seen" else v) for k, v in values.items()}
+            row = {f"v_{k}": _column(k, v) for k, v in values.items()}
             row["b_id"] = device_id
             groups.setdefault(tuple(sorted(values)), []).append(row)
         with self._db.session() as s:
@@ -300,7 +329,7 @@ class RolloutStore(DatabaseUser):
         action: str,
         sign: Sign,
         *,
-        phase: str,
+        phase: DevicePhase,
     ) -> dict[str, tuple[int, bytes]]:
         """Give these devices a desired state for `action`, once: {device: (generation, signed)}.
 

@@ -5,6 +5,15 @@ from __future__ import annotations
 import pytest
 
 from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.devices.store import Birth
+from edgefleet.cloud.devices.values import (
+    Accelerator,
+    Capabilities,
+    ReasonCode,
+    Reported,
+    ServedModel,
+    UpdateState,
+)
 from edgefleet.protos.errors import AlreadyExists, InvalidArgument, NotFound
 
 
@@ -32,20 +41,26 @@ def test_enroll_list_and_select(devices: DeviceStore) -> None:
 
 def test_status_reported_and_generations(devices: DeviceStore) -> None:
     devices.enroll("d1")
-    caps = {"runtimes": ["onnxruntime"], "accelerator": "cpu"}
-    assert devices.record_status("d1", {"online": True, "boot_id": "b1", "capabilities": caps})
-    assert not devices.record_status("ghost", {"online": True})
+    caps = Capabilities("x86_64", ("onnxruntime",), (), Accelerator.CPU, 512, features=("fl",))
+    assert devices.record_status("d1", Birth(True, boot_id="b1", capabilities=caps))
+    assert not devices.record_status("ghost", Birth(True))
     d = devices.get("d1")
     assert d.online and d.capabilities == caps and d.last_seen is not None
     assert [x.device_id for x in devices.find(online=True)] == ["d1"]
-    devices.record_status("d1", {"online": False})
+    devices.record_status("d1", Birth(False))
     assert not devices.get("d1").online and devices.get("d1").capabilities == caps
     assert [devices.next_generation("d1") for _ in range(3)] == [1, 2, 3]
     devices.set_desired("d1", 3, b"signed", rollout_id="r1")
     assert devices.desired("d1") == b"signed" and devices.get("d1").rollout_id == "r1"
-    devices.record_reported("d1", {"state": "active", "generation": 3, "active": {"model": "m"}})
+    m = ServedModel("m", 2, "int8", "a" * 64)
+    lkg = ServedModel("m", 1, "fp32", "b" * 64)
+    rep = Reported(
+        "d1", 3, UpdateState.ACTIVE, ReasonCode.OK, "fine", m, lkg, 4, 4, "CPUExecutionProvider", 7
+    )
+    devices.record_reported("d1", rep)
     got = devices.get("d1")
-    assert got.state == "active" and got.active == {"model": "m"}
+    assert got.state == "active" and got.active == m
+    assert got.reported == rep  # every field back as it went in
 
 
 def test_unreached_desired_states_are_what_gets_reasserted(devices: DeviceStore) -> None:
@@ -53,10 +68,10 @@ def test_unreached_desired_states_are_what_gets_reasserted(devices: DeviceStore)
         devices.enroll(d)
     issued = devices.issue(["d1", "d2", "d3"], lambda d, g: f"{d}@{g}".encode(), rollout_id="r1")
     assert issued["d1"] == (1, b"d1@1")
-    # d2 reached it (reported as a string, as protobuf JSON gives uint64), d3 failed it:
-    # both reported that generation; d1 never did; d4 has nothing desired
-    devices.record_reported("d2", {"state": "active", "generation": "1"})
-    devices.record_reported("d3", {"state": "failed", "generation": 1})
+    # d2 reached it, d3 failed it: both reported that generation; d1 never did; d4 has
+    # nothing desired
+    devices.record_reported("d2", Reported("d2", 1, UpdateState.ACTIVE, ReasonCode.OK))
+    devices.record_reported("d3", Reported("d3", 1, UpdateState.FAILED, ReasonCode.LOAD_FAILED))
     assert devices.unreached() == {"d1": b"d1@1"}
     assert devices.unreached(["d2", "d4"]) == {} and devices.unreached([]) == {}
     devices.issue(["d2"], lambda d, g: f"{d}@{g}".encode(), rollout_id="r2")

@@ -8,56 +8,38 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
-from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.evaluation import EvalSet
 from edgefleet.cloud.registry import ModelRef
-from edgefleet.cloud.signing import load_private_key
+from tests.e2e.conftest import MakeHome
+from tests.support.e2e import Version, local_coordinator, wait_online
 from tests.support.identity import SecureBroker
 
-PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "runtimes": ["onnxruntime", "litert"],
-        "providers": ["CPUExecutionProvider"],
-        "accelerator": "cpu",
-    },
-    "gpu": {
-        "runtimes": ["onnxruntime"],
-        "providers": ["CPUExecutionProvider"],
-        "accelerator": "gpu",
-    },
-    "litert": {"runtimes": ["litert"], "providers": [], "accelerator": "cpu"},
+PROFILES: dict[str, Capabilities] = {
+    "cpu": Capabilities(
+        "x86_64", ("onnxruntime", "litert"), ("CPUExecutionProvider",), "cpu", memory_mb=0
+    ),
+    "gpu": Capabilities("x86_64", ("onnxruntime",), ("CPUExecutionProvider",), "gpu", memory_mb=0),
+    "litert": Capabilities("x86_64", ("litert",), (), "cpu", memory_mb=0),
 }
 EXPECTED = {"cpu": "int8", "gpu": "fp16", "litert": "tflite-int8"}
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    h = tmp_path_factory.mktemp("deploy") / "home"
-    client = LocalClient(load_settings(home=h))
-    client.init()
-    client.train(
-        "digits", "digits", arch="mlp", epochs=5, seed=0, batch_size=64, lr=3e-3, on_epoch=None
+def home(make_home: MakeHome) -> Path:
+    return make_home(
+        "deploy", Version(epochs=5, variants=("int8", "fp16", "tflite-int8"), max_drop=1.0)
     )
-    client.quantize(
-        ModelRef("digits", 1),
-        ["int8", "fp16", "tflite-int8"],
-        max_drop=1.0,
-        force=False,
-        progress=lambda *_: None,
-    )
-    client.close()
-    return h
 
 
 def test_deploy_reaches_every_device_on_its_variant(
@@ -94,18 +76,15 @@ def test_deploy_reaches_every_device_on_its_variant(
                 asyncio.create_task(a.run(stop.wait, ready=r))
                 for a, r in zip(agents.values(), ready, strict=True)
             ]
-            async with Coordinator(
-                broker_url=broker.coordinator(),
-                registry=client.registry,
-                store=client.pipeline.store,
-                devices=devices,
-                signing_key=lambda: load_private_key(settings.signing_key_path),
+            async with local_coordinator(
+                client,
+                devices,
+                broker.coordinator(),
                 chunk_size=8 * 1024,
                 gather=0.05,
             ) as coord:
                 await asyncio.gather(*(r.wait() for r in ready))
-                while len(await asyncio.to_thread(devices.find, online=True)) < len(agents):
-                    await asyncio.sleep(0.1)
+                await wait_online(devices, len(agents))
                 outcome = await coord.deploy(ModelRef("digits", 1), Selector.parse("all"))
                 assert outcome.skipped == {}
                 settled = await coord.wait_settled(outcome, timeout=60)

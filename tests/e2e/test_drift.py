@@ -23,16 +23,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
-from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.monitoring import Monitoring
 from edgefleet.cloud.registry import ModelRef
-from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.errors import NotFound
 from edgefleet.protos.manifest import SignedManifest, decode_manifest
 from edgefleet.simulator.fleet import SimulatedFleet
 from edgefleet.simulator.traffic import Traffic
 from tests.conftest import Cli
+from tests.e2e.conftest import MakeHome
+from tests.support.e2e import Version, local_coordinator, wait_online
 from tests.support.identity import SecureBroker
 
 try:
@@ -44,15 +44,8 @@ GROUPS = {"north": 3, "south": 3}
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    h = tmp_path_factory.mktemp("drift") / "home"
-    client = LocalClient(load_settings(home=h))
-    client.init()
-    client.train(
-        "digits", "digits", arch="mlp", epochs=3, seed=0, batch_size=64, lr=3e-3, on_epoch=None
-    )
-    client.close()
-    return h
+def home(make_home: MakeHome) -> Path:
+    return make_home("drift", Version(epochs=3))
 
 
 def test_every_variant_ships_a_drift_reference(home: Path) -> None:
@@ -103,12 +96,10 @@ def test_drift_injected_into_one_group_alerts_that_group_only(
         try:
             async with (
                 fleet,
-                Coordinator(
-                    broker_url=broker.coordinator(),
-                    registry=client.registry,
-                    store=client.pipeline.store,
-                    devices=devices,
-                    signing_key=lambda: load_private_key(settings.signing_key_path),
+                local_coordinator(
+                    client,
+                    devices,
+                    broker.coordinator(),
                     chunk_size=16 * 1024,
                     gather=0.05,
                 ) as coord,
@@ -125,9 +116,7 @@ def test_drift_injected_into_one_group_alerts_that_group_only(
             ):
                 drift = monitoring.drift
                 assert drift is not None
-                async with asyncio.timeout(30):
-                    while len(await asyncio.to_thread(devices.find, None, online=True)) < len(ids):
-                        await asyncio.sleep(0.1)
+                await wait_online(devices, len(ids), timeout=30)
                 out = await coord.deploy(ModelRef("digits", 1), Selector.parse("all"))
                 settled = await coord.wait_settled(out, timeout=60)
                 assert {d.state for d in settled.values()} == {"active"}

@@ -23,7 +23,9 @@ from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.cloud.config import ServeInfo
 from edgefleet.protos.errors import NotFound
 from edgefleet.protos.flower import flower_available
+from tests.e2e.conftest import MakeHome
 from tests.e2e.test_serve import REPO, _env, fleet_serve
+from tests.support.e2e import Version
 
 try:
     find_mosquitto()
@@ -36,20 +38,9 @@ DEVICES = ["sim-0000", "sim-0001", "sim-0002"]
 
 
 @pytest.fixture(scope="module")
-def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_home(make_home: MakeHome) -> Path:
     """A FLEET_HOME holding digits:1 (an MLP trained centrally for a few epochs)."""
-    from edgefleet.cloud.cli.main import run
-    from edgefleet.cloud.client import LocalClient
-    from edgefleet.cloud.config import load_settings
-
-    h = tmp_path_factory.mktemp("fl") / "home"
-    assert run(["--home", str(h), "init"]) == 0
-    client = LocalClient(load_settings(home=h))
-    client.train(
-        "digits", "digits", arch="mlp", epochs=5, seed=0, batch_size=64, lr=3e-3, on_epoch=None
-    )
-    client.close()
-    return h
+    return make_home("fl", Version(epochs=5))
 
 
 @contextlib.contextmanager

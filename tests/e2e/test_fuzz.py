@@ -22,20 +22,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
-from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore
 from edgefleet.cloud.distribution import chunk_digests
 from edgefleet.cloud.inbound import Refusals
 from edgefleet.cloud.serde import encode_chunk, encode_desired
-from edgefleet.cloud.signing import load_private_key
 from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.manifest import Manifest, TensorSpec, sign_manifest
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import Message
+from tests.support.e2e import local_coordinator
 from tests.support.fuzz import payload, random_message
 
 BATCH = 50  # messages per hypothesis example
@@ -126,12 +126,10 @@ def _fuzz_coordinator(tmp: Path, examples: int) -> dict[str, float]:
     refusals = Refusals()
     store = TelemetryStore(s.registry_url)
     ingest = TelemetryIngest(store, refusals=refusals)
-    coord = Coordinator(
-        broker_url="mqtt://127.0.0.1:1",  # never connected: handlers are driven directly
-        registry=client.registry,
-        store=client.pipeline.store,
-        devices=devices,
-        signing_key=lambda: load_private_key(s.signing_key_path),
+    coord = local_coordinator(
+        client,
+        devices,
+        "mqtt://127.0.0.1:1",  # never connected: handlers are driven directly
         refusals=refusals,
     )
     coord.broadcaster.register(SHA, ART, 1000)
@@ -163,7 +161,8 @@ def _fuzz_coordinator(tmp: Path, examples: int) -> dict[str, float]:
         await coord._flush_events()
 
     asyncio.run(last())
-    assert devices.get("d2").reported["generation"] == 424242
+    rep = devices.get("d2").reported
+    assert rep and rep.generation == 424242
     store.close()
     devices.close()
     client.close()
@@ -184,7 +183,7 @@ def _agent(tmp: Path, key: Ed25519PrivateKey) -> Agent:
             public_key_pem=pem.decode(),
             listen="",
         ),
-        capabilities={"runtimes": ["onnxruntime"], "providers": ["CPUExecutionProvider"]},
+        capabilities=Capabilities("x86_64", ("onnxruntime",), ("CPUExecutionProvider",), "cpu", 0),
         durable=False,
     )
 

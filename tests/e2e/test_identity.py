@@ -28,13 +28,12 @@ from edgefleet.agent.serde import Reason, UpdateState, encode_reported, encode_s
 from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
-from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore
-from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.errors import NotFound, Unauthenticated, Unavailable
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttAccess, MqttSettings, MqttTransport
 from tests.conftest import Cli
+from tests.support.e2e import local_coordinator
 from tests.support.identity import SecureBroker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,12 +151,10 @@ def test_a_device_cannot_publish_as_another_and_the_coordinator_never_records_it
 
     async def main() -> None:
         async with (
-            Coordinator(
-                broker_url=broker.coordinator(),
-                registry=client.registry,
-                store=client.pipeline.store,
-                devices=devices,
-                signing_key=lambda: load_private_key(client.settings.signing_key_path),
+            local_coordinator(
+                client,
+                devices,
+                broker.coordinator(),
                 telemetry=True,
                 flush_interval=0.01,
             ),
@@ -258,7 +255,7 @@ def test_fleet_devices_revoke_and_rm_cut_the_device_and_close_its_rollout_states
     cli: Cli, tmp_path: Path
 ) -> None:
     from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
-    from edgefleet.cloud.rollouts.model import D_PENDING, D_SKIPPED, PAUSED, Stage
+    from edgefleet.cloud.rollouts.model import DevicePhase, RolloutState, Stage
     from tests.e2e.test_serve import fleet_serve
 
     home = tmp_path / "home"
@@ -278,7 +275,14 @@ def test_fleet_devices_revoke_and_rm_cut_the_device_and_close_its_rollout_states
         stage = Stage("canary", 1.0, 3)
         rollouts.create(
             Rollout(
-                "r-open", "digits:1", "digits", 1, "all", Policy.all_at_once(), PAUSED, (stage,)
+                "r-open",
+                "digits:1",
+                "digits",
+                1,
+                "all",
+                Policy.all_at_once(),
+                RolloutState.PAUSED,
+                (stage,),
             ),
             [RolloutDevice("r-open", d, 0, "int8", "0" * 64, None) for d in bundles],
         )
@@ -335,9 +339,9 @@ def test_fleet_devices_revoke_and_rm_cut_the_device_and_close_its_rollout_states
         assert shown["dev-b"]["state"] == "revoked"
         assert shown["dev-c"]["state"] != "revoked"
         phases = {d.device_id: d for d in rollouts.devices("r-open")}
-        assert phases["dev-a"].phase == D_SKIPPED and phases["dev-a"].reason == "revoked"
-        assert phases["dev-b"].phase == D_SKIPPED and phases["dev-b"].reason == "removed"
-        assert phases["dev-c"].phase == D_PENDING
+        assert phases["dev-a"].phase == DevicePhase.SKIPPED and phases["dev-a"].reason == "revoked"
+        assert phases["dev-b"].phase == DevicePhase.SKIPPED and phases["dev-b"].reason == "removed"
+        assert phases["dev-c"].phase == DevicePhase.PENDING
         rollouts.close()
         assert cli(*h, "devices", "revoke", "ghost").code != 0
 

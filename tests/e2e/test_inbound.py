@@ -12,16 +12,15 @@ import pytest
 
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
-from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore
 from edgefleet.cloud.inbound import Refusals
 from edgefleet.cloud.metrics import refusal_families, render
-from edgefleet.cloud.signing import load_private_key
 from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
 from edgefleet.cloud.telemetry.ingest import decode_row
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttTransport
+from tests.support.e2e import local_coordinator
 from tests.support.identity import SecureBroker
 
 TOPIC = "ef/v1/dev/{}/telemetry"
@@ -198,12 +197,10 @@ def test_bad_control_messages_are_refused_and_good_ones_recorded(
     ]
 
     async def main() -> None:
-        async with Coordinator(
-            broker_url=broker.coordinator(),
-            registry=client.registry,
-            store=client.pipeline.store,
-            devices=devices,
-            signing_key=lambda: load_private_key(settings.signing_key_path),
+        async with local_coordinator(
+            client,
+            devices,
+            broker.coordinator(),
             flush_interval=0.01,
         ) as coord:
             await _publish(broker, [(t, p) for t, p, _ in bad])
@@ -216,7 +213,7 @@ def test_bad_control_messages_are_refused_and_good_ones_recorded(
             )
             async with asyncio.timeout(20):
                 while (
-                    devices.get("d2").reported.get("generation") != 7
+                    getattr(devices.get("d2").reported, "generation", None) != 7
                     or not devices.get("d1").online
                     or coord.refusals.total() < len(bad)
                 ):
@@ -229,8 +226,9 @@ def test_bad_control_messages_are_refused_and_good_ones_recorded(
     try:
         asyncio.run(main())
         d2 = devices.get("d2")
-        assert d2.reported["state"] == "active" and d2.reported["generation"] == 7
-        assert devices.get("d1").capabilities["runtimes"] == ["onnxruntime"]
+        assert d2.reported and d2.reported.state == "active" and d2.reported.generation == 7
+        caps = devices.get("d1").capabilities
+        assert caps and caps.runtimes == ("onnxruntime",)
     finally:
         devices.close()
         client.close()

@@ -10,6 +10,7 @@ old key lists are refused.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,42 +19,32 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import config_from_bundle
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
-from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.keys import KeyRing
 from edgefleet.cloud.registry import ModelRef
-from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.keys import sign_key_list
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.transport import MqttTransport
 from tests.conftest import Cli
+from tests.support.e2e import Version, local_coordinator, train, wait_born
 from tests.support.identity import SecureBroker
 
-CPU = {
-    "runtimes": ["onnxruntime"],
-    "providers": ["CPUExecutionProvider"],
-    "accelerator": "cpu",
-}
+CPU = Capabilities(
+    machine="x86_64",
+    runtimes=("onnxruntime",),
+    providers=("CPUExecutionProvider",),
+    accelerator="cpu",
+    memory_mb=0,
+)
 
 
 def _train(home: Path) -> None:
-    client = LocalClient(load_settings(home=home))
-    for seed in (0, 1, 2):
-        client.train(
-            "digits",
-            "digits",
-            arch="mlp",
-            epochs=1,
-            seed=seed,
-            batch_size=64,
-            lr=3e-3,
-            on_epoch=None,
-        )
-    client.close()
+    train(home, *(Version(epochs=1, seed=seed) for seed in (0, 1, 2)))
 
 
 def test_rotation_and_revocation_reach_a_device_that_was_offline(
@@ -74,12 +65,10 @@ def test_rotation_and_revocation_reach_a_device_that_was_offline(
     assert agent_settings.root_public_key_pem and agent_settings.key_list
 
     async def main() -> None:
-        async with Coordinator(
-            broker_url=broker.coordinator(),
-            registry=client.registry,
-            store=client.pipeline.store,
-            devices=devices,
-            signing_key=lambda: load_private_key(settings.signing_key_path),
+        async with local_coordinator(
+            client,
+            devices,
+            broker.coordinator(),
             key_list=ring.key_list_bytes,
             gather=0.05,
         ) as coord:
@@ -103,8 +92,7 @@ def test_rotation_and_revocation_reach_a_device_that_was_offline(
                 await task
 
             async def deploy(version: int) -> dict[str, Any]:
-                while not (await asyncio.to_thread(devices.find, online=None))[0].capabilities:
-                    await asyncio.sleep(0.05)
+                await wait_born(devices, "k1")
                 out = await coord.deploy(ModelRef("digits", version), Selector.parse("all"))
                 assert [t.device_id for t in out.targets] == ["k1"]
                 return {"gen": out.targets[0].generation}
@@ -114,11 +102,16 @@ def test_rotation_and_revocation_reach_a_device_that_was_offline(
                     while True:
                         d = await asyncio.to_thread(devices.get, "k1")
                         rep = d.reported
-                        if rep.get("generation") == gen and rep.get("state") in (
-                            "active",
-                            "failed",
+                        if (
+                            rep
+                            and rep.generation == gen
+                            and rep.state
+                            in (
+                                "active",
+                                "failed",
+                            )
                         ):
-                            return rep
+                            return dataclasses.asdict(rep)
                         await coord.changed(0.3)
 
             # enrolled and online: v1 with the first key

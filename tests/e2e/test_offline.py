@@ -22,35 +22,34 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings, config_from_bundle, write_config
 from edgefleet.agent.offline import RECORD_FILE
 from edgefleet.cloud.cli.main import run as fleet
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
-from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.keys import KeyRing
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.manifest import SignedManifest, decode_manifest, sign_manifest
+from tests.support.e2e import Version, local_coordinator, trained_home, wait_born
 from tests.support.identity import SecureBroker
 
-CPU = {"runtimes": ["onnxruntime"], "providers": ["CPUExecutionProvider"], "accelerator": "cpu"}
+CPU = Capabilities(
+    machine="x86_64",
+    runtimes=("onnxruntime",),
+    providers=("CPUExecutionProvider",),
+    accelerator="cpu",
+    memory_mb=0,
+)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A FLEET_HOME with digits:1 and digits:2 (small MLPs) and digits:2/fp32 exported."""
     root = tmp_path_factory.mktemp("offline")
-    home = root / "home"
-    assert fleet(["--home", str(home), "init"]) == 0
-    client = LocalClient(load_settings(home=home))
-    for seed in (0, 1):
-        client.train(
-            "digits", "digits", arch="mlp", epochs=1, seed=seed, batch_size=64, lr=3e-3,
-            on_epoch=None,
-        )  # fmt: skip
-    client.close()
+    home = trained_home(root, Version(epochs=1, seed=0), Version(epochs=1, seed=1))
     out = root / "export"
     assert fleet(["--home", str(home), "models", "export", "digits:2", "--out", str(out)]) == 0
     return {
@@ -116,12 +115,10 @@ def test_offline_install_activates_and_is_reported_after_reconnect(
     ).sha256
 
     async def main() -> None:
-        async with Coordinator(
-            broker_url=broker.coordinator(),
-            registry=client.registry,
-            store=client.pipeline.store,
-            devices=devices,
-            signing_key=lambda: load_private_key(settings.signing_key_path),
+        async with local_coordinator(
+            client,
+            devices,
+            broker.coordinator(),
             key_list=KeyRing(settings.keys_dir).key_list_bytes,
             gather=0.05,
         ) as coord:
@@ -140,15 +137,15 @@ def test_offline_install_activates_and_is_reported_after_reconnect(
             async def reported(pred: Any) -> dict[str, Any]:
                 async with asyncio.timeout(60):
                     while True:
-                        rep = (await asyncio.to_thread(devices.get, "k1")).reported
+                        got = (await asyncio.to_thread(devices.get, "k1")).reported
+                        rep = dataclasses.asdict(got) if got else {}
                         if pred(rep):
                             return rep
                         await coord.changed(0.3)
 
             # online: digits:1 deployed over MQTT
             agent, task = await start()
-            while not (await asyncio.to_thread(devices.get, "k1")).capabilities:
-                await asyncio.sleep(0.05)
+            await wait_born(devices, "k1")
             out = await coord.deploy(ModelRef("digits", 1), Selector.parse("device=k1"))
             gen = out.targets[0].generation
             rep = await reported(lambda r: r.get("generation") == gen and r["state"] == "active")
@@ -183,7 +180,7 @@ def test_offline_install_activates_and_is_reported_after_reconnect(
             assert agent.holder.active is not None and agent.holder.active.ref.sha256 == v2
             assert not (state_dir / RECORD_FILE).exists()  # reported once
             d = await asyncio.to_thread(devices.get, "k1")
-            assert d.active.get("sha256") == v2, d.active  # from the birth message
+            assert d.active and d.active.sha256 == v2, d.active  # from the birth message
             stop.set()
             await task
 

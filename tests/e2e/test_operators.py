@@ -21,27 +21,24 @@ import pytest
 from edgefleet.cloud.config import ServeInfo
 from tests.conftest import Cli
 from tests.e2e.test_serve import REPO, _env, fleet_serve
+from tests.support.e2e import Version, trained_home
 
 
 @pytest.fixture(scope="module")
 def op_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An initialised FLEET_HOME holding digits:1 and two enrolled devices that said hello
     once (capabilities known) and never answer again."""
-    from edgefleet.cloud.cli.main import run
     from edgefleet.cloud.client import LocalClient
     from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.devices.store import Birth
     from tests.e2e.test_serve import CPU
 
-    h = tmp_path_factory.mktemp("ops") / "home"
-    assert run(["--home", str(h), "init"]) == 0
+    h = trained_home(tmp_path_factory.mktemp("ops"), Version(epochs=1))
     client = LocalClient(load_settings(home=h))
-    client.train(
-        "digits", "digits", arch="mlp", epochs=1, seed=0, batch_size=64, lr=3e-3, on_epoch=None
-    )
     for d in ("d1", "d2"):
         client.enroll_device(d, group="lab", tags={})
-        client.devices.record_status(d, {"online": True, "capabilities": CPU})
-        client.devices.record_status(d, {"online": False})
+        client.devices.record_status(d, Birth(True, capabilities=CPU))
+        client.devices.record_status(d, Birth(False))
     client.close()
     return h
 

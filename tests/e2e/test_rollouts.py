@@ -33,16 +33,18 @@ from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import CloudSettings, ServeInfo, load_settings
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.devices.store import Birth
+from edgefleet.cloud.devices.values import Accelerator, Capabilities, ServedModel
 from edgefleet.cloud.identity import IdentityStore
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutStore
 from edgefleet.cloud.rollouts.controller import RolloutController
-from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.errors import Conflict, NotFound
 from edgefleet.protos.topics import Topics
 from edgefleet.simulator.fleet import SimulatedFleet
 from edgefleet.simulator.traffic import Traffic
 from tests.conftest import Cli
+from tests.support.e2e import local_coordinator, wait_online
 from tests.support.identity import SecureBroker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,12 +159,10 @@ async def harness(
     try:
         async with (
             fleet,
-            Coordinator(
-                broker_url=broker.coordinator(),
-                registry=client.registry,
-                store=client.pipeline.store,
-                devices=devices,
-                signing_key=lambda: load_private_key(settings.signing_key_path),
+            local_coordinator(
+                client,
+                devices,
+                broker.coordinator(),
                 topics=Topics(prefix),
                 chunk_size=16 * 1024,
                 gather=0.05,
@@ -172,9 +172,7 @@ async def harness(
             task = asyncio.create_task(controller.run())
             h = Harness(settings, client, devices, store, fleet, coord, controller, name)
             try:
-                async with asyncio.timeout(30):
-                    while len(await asyncio.to_thread(devices.find, h.selector, online=True)) < n:
-                        await asyncio.sleep(0.1)
+                await wait_online(devices, n, h.selector, timeout=30)
                 out = await coord.deploy(ModelRef("digits", baseline), h.selector)
                 settled = await coord.wait_settled(out, timeout=60)
                 assert {d.state for d in settled.values()} == {"active"}
@@ -393,9 +391,7 @@ def test_coordinator_killed_mid_rollout_resumes_where_it_was(
         x, y = digits
         async with fleet, Traffic(fleet.devices, x, y, rate=40):
             c = await asyncio.to_thread(start)
-            async with asyncio.timeout(30):  # serve has recorded their births
-                while len(await asyncio.to_thread(devices.find, selector, online=True)) < n:
-                    await asyncio.sleep(0.1)
+            await wait_online(devices, n, selector, timeout=30)  # serve recorded their births
             c.close()
             plain = await asyncio.to_thread(
                 fleet_cli, "deploy", "digits:1", "--to", "group=kill", "--timeout", "60"
@@ -475,11 +471,11 @@ def _cli_fixtures(home: Path) -> str:
     url = load_settings(home=home).registry_url
     devices, store = DeviceStore(url), RolloutStore(url)
     try:
-        active = {"model": "digits", "version": 1, "variant": "fp32", "sha256": "a" * 64}
+        active = ServedModel("digits", 1, "fp32", "a" * 64)
+        gpu = Capabilities("aarch64", ("onnxruntime",), GPU.caps.providers, Accelerator.GPU, 8192)
         for i in range(10):
             devices.enroll(f"cli-{i}", group="cli")
-            status = {"online": True, "capabilities": GPU.capabilities(), "active": active}
-            devices.record_status(f"cli-{i}", status)
+            devices.record_status(f"cli-{i}", Birth(True, capabilities=gpu, active=active))
         gate = GateResult("accuracy", False, 0.12, 0.8, "12.0% on 80 labelled samples")
         r = Rollout(
             rollout_id="clifailed01",

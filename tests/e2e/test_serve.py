@@ -5,6 +5,7 @@ the CLI through `--coordinator`, enrolment bundles, deploy to real agents, SIGTE
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -20,13 +21,30 @@ from typing import Any
 
 import pytest
 
+from edgefleet.agent import capabilities as agent_capabilities
 from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.cloud.config import ServeInfo
+from edgefleet.cloud.devices.store import Birth
+from edgefleet.cloud.devices.values import (
+    Accelerator,
+    Capabilities,
+    ReasonCode,
+    Reported,
+    ServedModel,
+    UpdateState,
+)
 from edgefleet.protos.errors import NotFound
 from tests.conftest import Cli
+from tests.e2e.conftest import MakeHome
+from tests.support.e2e import Version
 
 REPO = Path(__file__).resolve().parents[2]
-CPU = {"runtimes": ["onnxruntime"], "providers": ["CPUExecutionProvider"], "accelerator": "cpu"}
+#: what a CPU-only device reports at birth, as the coordinator keeps it
+CPU = Capabilities("x86_64", ("onnxruntime",), ("CPUExecutionProvider",), Accelerator.CPU, 0)
+#: the same as an agent claims it
+AGENT_CPU = agent_capabilities.Capabilities(
+    "x86_64", ("onnxruntime",), ("CPUExecutionProvider",), "cpu", 0
+)
 
 try:
     find_mosquitto()
@@ -92,24 +110,9 @@ def fleet_serve(
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def home(make_home: MakeHome) -> Path:
     """An initialised FLEET_HOME holding digits:1 with an int8 variant."""
-    from edgefleet.cloud.cli.main import run
-    from edgefleet.cloud.client import LocalClient
-    from edgefleet.cloud.config import load_settings
-    from edgefleet.cloud.registry import ModelRef
-
-    h = tmp_path_factory.mktemp("serve") / "home"
-    assert run(["--home", str(h), "init"]) == 0
-    client = LocalClient(load_settings(home=h))
-    client.train(
-        "digits", "digits", arch="mlp", epochs=3, seed=0, batch_size=64, lr=3e-3, on_epoch=None
-    )
-    client.quantize(
-        ModelRef("digits", 1), ["int8"], max_drop=100.0, force=False, progress=lambda *_: None
-    )
-    client.close()
-    return h
+    return make_home("serve", Version(epochs=3, variants=("int8",)))
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +213,8 @@ def test_deploy_to_an_offline_device_says_so_at_once(
     store = DeviceStore(load_settings(home=home).registry_url)
     try:
         store.enroll("d-away", group="away")
-        store.record_status("d-away", {"online": True, "capabilities": CPU})
-        store.record_status("d-away", {"online": False})
+        store.record_status("d-away", Birth(True, capabilities=CPU))
+        store.record_status("d-away", Birth(False))
     finally:
         store.close()
     h = ("--home", str(home), "--coordinator", served.grpc)
@@ -257,7 +260,7 @@ def test_deploy_to_two_agents(cli: Cli, home: Path, served: ServeInfo, tmp_path:
                     tags=b["tags"],
                     listen="",
                 ),
-                capabilities=CPU,
+                capabilities=AGENT_CPU,
                 durable=False,
                 want_interval=0.5,
             )
@@ -360,11 +363,19 @@ def test_devices_ls_filters_locally_and_through_the_coordinator(
     try:
         for device, group in (("f-a1", "fa"), ("f-a2", "fa"), ("f-b1", "fb")):
             store.enroll(device, group=group)
-        v1 = {"model": "digits", "version": 1, "variant": "fp32", "sha256": "ab"}
-        store.record_status("f-a1", {"online": True, "active": v1})
-        store.record_status("f-a2", {"online": False}, now=long_ago)
+        v1 = ServedModel("digits", 1, "fp32", "ab")
+        store.record_status("f-a1", Birth(True, active=v1))
+        store.record_status("f-a2", Birth(False), now=long_ago)
         store.record_reported(
-            "f-b1", {"state": "failed", "active": {**v1, "version": 2}}, now=long_ago
+            "f-b1",
+            Reported(
+                "f-b1",
+                0,
+                UpdateState.FAILED,
+                ReasonCode.UNSPECIFIED,
+                active=dataclasses.replace(v1, version=2),
+            ),
+            now=long_ago,
         )
     finally:
         store.close()

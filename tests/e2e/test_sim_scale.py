@@ -16,6 +16,8 @@ from edgefleet.agent.serde import UpdateState
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.transport import Message, MqttTransport
 from edgefleet.simulator.fleet import SimulatedFleet
+from tests.e2e.conftest import MakeHome
+from tests.support.e2e import Version, local_coordinator, wait_online
 from tests.support.identity import SecureBroker
 
 pytestmark = pytest.mark.slow
@@ -85,26 +87,8 @@ def test_a_thousand_agents_come_online_on_one_loop(broker: SecureBroker, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgefleet.cloud.client import LocalClient
-    from edgefleet.cloud.config import load_settings
-    from edgefleet.cloud.registry import ModelRef
-
-    h = tmp_path_factory.mktemp("simdeploy") / "home"
-    client = LocalClient(load_settings(home=h))
-    client.init()
-    client.train(
-        "digits", "digits", arch="mlp", epochs=3, seed=0, batch_size=64, lr=3e-3, on_epoch=None
-    )
-    client.quantize(
-        ModelRef("digits", 1),
-        ["int8", "fp16", "tflite-int8"],
-        max_drop=1.0,
-        force=False,
-        progress=lambda *_: None,
-    )
-    client.close()
-    return h
+def home(make_home: MakeHome) -> Path:
+    return make_home("simdeploy", Version(variants=("int8", "fp16", "tflite-int8"), max_drop=1.0))
 
 
 def test_deploy_survives_corrupt_chunks_and_a_crash_mid_download(
@@ -112,10 +96,8 @@ def test_deploy_survives_corrupt_chunks_and_a_crash_mid_download(
 ) -> None:
     from edgefleet.cloud.client import LocalClient
     from edgefleet.cloud.config import load_settings
-    from edgefleet.cloud.coordinator import Coordinator
     from edgefleet.cloud.devices import DeviceStore, Selector
     from edgefleet.cloud.registry import ModelRef
-    from edgefleet.cloud.signing import load_private_key
     from edgefleet.protos.topics import Topics
 
     settings = load_settings(home=home)
@@ -140,12 +122,10 @@ def test_deploy_survives_corrupt_chunks_and_a_crash_mid_download(
     async def main() -> None:
         async with (
             asyncio.timeout(60),
-            Coordinator(
-                broker_url=broker.coordinator(),
-                registry=client.registry,
-                store=client.pipeline.store,
-                devices=devices,
-                signing_key=lambda: load_private_key(settings.signing_key_path),
+            local_coordinator(
+                client,
+                devices,
+                broker.coordinator(),
                 topics=Topics(prefix),
                 chunk_size=1024,
                 rate=40_000,  # bytes/s: slow enough to crash a device mid-download
@@ -153,8 +133,7 @@ def test_deploy_survives_corrupt_chunks_and_a_crash_mid_download(
             ) as coord,
             fleet,
         ):
-            while len(await asyncio.to_thread(devices.find, online=True)) < len(fleet):
-                await asyncio.sleep(0.1)
+            await wait_online(devices, len(fleet))
             fleet.corrupt_next_chunks(corrupt, 3)
             outcome = await coord.deploy(ModelRef("digits", 1), Selector.parse("all"))
             v = fleet.device(victim)

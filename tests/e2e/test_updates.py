@@ -7,6 +7,7 @@ Real Mosquitto, real coordinator and agent code on one event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import CloudSettings, load_settings
@@ -32,35 +34,25 @@ from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.manifest import SignedManifest, decode_manifest, sign_manifest
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttTransport
+from tests.e2e.conftest import MakeHome
+from tests.support.e2e import Version, local_coordinator, wait_online
 from tests.support.identity import SecureBroker
 
-CPU = {
-    "runtimes": ["onnxruntime", "litert"],
-    "providers": ["CPUExecutionProvider"],
-    "accelerator": "cpu",
-}
+CPU = Capabilities(
+    machine="x86_64",
+    runtimes=("onnxruntime", "litert"),
+    providers=("CPUExecutionProvider",),
+    accelerator="cpu",
+    memory_mb=0,
+)
 CHUNK = 4 * 1024
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    h = tmp_path_factory.mktemp("updates") / "home"
-    client = LocalClient(load_settings(home=h))
-    client.init()
-    client.train(
-        "digits", "digits", arch="mlp", epochs=3, seed=0, batch_size=64, lr=3e-3, on_epoch=None
+def home(make_home: MakeHome) -> Path:
+    return make_home(
+        "updates", Version(3, seed=0, variants=("int8",)), Version(4, seed=1, variants=("int8",))
     )
-    client.quantize(
-        ModelRef("digits", 1), ["int8"], max_drop=100.0, force=False, progress=lambda *_: None
-    )
-    client.train(
-        "digits", "digits", arch="mlp", epochs=4, seed=1, batch_size=64, lr=3e-3, on_epoch=None
-    )
-    client.quantize(
-        ModelRef("digits", 2), ["int8"], max_drop=100.0, force=False, progress=lambda *_: None
-    )
-    client.close()
-    return h
 
 
 @dataclass
@@ -118,8 +110,7 @@ class Harness:
                 await asyncio.sleep(0.05)
 
     async def deploy(self, version: int, sel: str = "all") -> Any:
-        while len(await asyncio.to_thread(self.devices.find, online=True)) < len(self.agents):
-            await asyncio.sleep(0.05)
+        await wait_online(self.devices, len(self.agents), interval=0.05)
         return await self.coord.deploy(ModelRef("digits", version), Selector.parse(sel))
 
 
@@ -140,7 +131,7 @@ async def harness(
     async def on_msg(msg: Any) -> None:
         _, dev, kind = topics.parse(msg.topic)
         if kind == "reported" and dev in reports:
-            reports[dev].append(decode_reported(dev, msg.payload).to_record())
+            reports[dev].append(dataclasses.asdict(decode_reported(dev, msg.payload)))
         elif kind == "telemetry":
             t = device_pb2.Telemetry()
             t.ParseFromString(msg.payload)
@@ -151,12 +142,10 @@ async def harness(
     await watcher.subscribe(topics.all_devices("telemetry"))
     async with (
         watcher,
-        Coordinator(
-            broker_url=broker.coordinator(),
-            registry=client.registry,
-            store=client.pipeline.store,
-            devices=devices,
-            signing_key=lambda: load_private_key(settings.signing_key_path),
+        local_coordinator(
+            client,
+            devices,
+            broker.coordinator(),
             chunk_size=CHUNK,
             gather=0.05,
             rate=rate,

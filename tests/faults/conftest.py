@@ -12,29 +12,16 @@ from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import CloudSettings, load_settings
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore
-from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.transport import MqttAccess
+from tests.support.e2e import Version, local_coordinator, trained_home
 
 
 @pytest.fixture(scope="session")
 def fault_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """digits v1 and v2 (fp32 ONNX, ~69 KB each): the update the campaigns interrupt."""
-    h = tmp_path_factory.mktemp("faults") / "home"
-    client = LocalClient(load_settings(home=h))
-    client.init()
-    for seed in (0, 1):
-        client.train(
-            "digits",
-            "digits",
-            arch="mlp",
-            epochs=1,
-            seed=seed,
-            batch_size=64,
-            lr=3e-3,
-            on_epoch=None,
-        )
-    client.close()
-    return h
+    return trained_home(
+        tmp_path_factory.mktemp("faults"), Version(epochs=1, seed=0), Version(epochs=1, seed=1)
+    )
 
 
 @dataclass
@@ -46,12 +33,10 @@ class Cloud:
     devices: DeviceStore
 
     def coordinator(self, broker_url: str | MqttAccess, **kw: Any) -> Coordinator:
-        return Coordinator(
-            broker_url=broker_url,
-            registry=self.client.registry,
-            store=self.client.pipeline.store,
-            devices=self.devices,
-            signing_key=lambda: load_private_key(self.settings.signing_key_path),
+        return local_coordinator(
+            self.client,
+            self.devices,
+            broker_url,
             chunk_size=8 * 1024,
             gather=0.05,
             **kw,

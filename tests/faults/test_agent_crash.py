@@ -112,7 +112,7 @@ def trials(fault_home: Path, broker: SecureBroker, tmp: Path, n: int, seed: int)
                 (target,) = outcome.targets
                 await asyncio.sleep(rng.uniform(0.0, 0.8))
                 seen = await asyncio.to_thread(devices.get, DEV)
-                reported = int(seen.reported.get("generation", 0))
+                reported = seen.reported.generation if seen.reported else 0
                 killed_in[seen.state if reported == target.generation else "no report yet"] += 1
                 agent.kill()
                 t0 = time.monotonic()
@@ -120,8 +120,8 @@ def trials(fault_home: Path, broker: SecureBroker, tmp: Path, n: int, seed: int)
                 settled = await coord.wait_settled(outcome, timeout=90)
                 d = settled[DEV]
                 assert d.state == "active", (i, d.reported, agent.log_tail())
-                assert int(d.reported.get("generation", 0)) == target.generation, d.reported
-                assert d.active.get("version") in (version, str(version)), d.active
+                assert d.reported and d.reported.generation == target.generation, d.reported
+                assert d.active and d.active.version == version, d.active
                 recover.append(time.monotonic() - t0)
                 assert await asyncio.to_thread(_verified, state_dir, target.sha256), i
 

@@ -29,6 +29,7 @@ import pytest
 import sqlalchemy as sa
 
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings
 from edgefleet.cloud.devices import Selector
 from edgefleet.cloud.registry import ModelRef
@@ -38,11 +39,13 @@ from edgefleet.protos.transport import COORDINATOR_BACKOFF_CAP
 from tests.faults.conftest import cloud
 from tests.support.identity import SecureBroker
 
-CPU = {
-    "runtimes": ["onnxruntime"],
-    "providers": ["CPUExecutionProvider"],
-    "accelerator": "cpu",
-}
+CPU = Capabilities(
+    machine="x86_64",
+    runtimes=("onnxruntime",),
+    providers=("CPUExecutionProvider",),
+    accelerator="cpu",
+    memory_mb=0,
+)
 LATE = "late-0"  # the device that is offline while the broker crashes
 
 

@@ -21,13 +21,25 @@ from typing import Any
 
 from edgefleet.cloud.devices import Device, Selector
 from edgefleet.cloud.devices.store import Sign
+from edgefleet.cloud.devices.values import (
+    Accelerator,
+    Capabilities,
+    ReasonCode,
+    Reported,
+    ServedModel,
+    UpdateState,
+)
 from edgefleet.cloud.inbound import ShadowReport
 from edgefleet.cloud.registry import Lineage, ModelRef, ModelVersion, Variant
 from edgefleet.cloud.selection import Plan
 from edgefleet.protos.errors import NotFound
 
 #: what an agent reports once it carried out each action
-OK = {"shadow": "shadowing", "activate": "active", "rollback": "rolled_back"}
+OK = {
+    "shadow": UpdateState.SHADOWING,
+    "activate": UpdateState.ACTIVE,
+    "rollback": UpdateState.ROLLED_BACK,
+}
 #: a shadow evaluation that passes every quality gate the tests use
 GOOD_SHADOW: Mapping[str, float] = {
     "samples": 50.0,
@@ -65,11 +77,11 @@ class FakeDevice:
     device_id: str
     group: str = "lab"
     online: bool = True
-    active: dict[str, Any] = field(default_factory=dict)
-    reported: dict[str, Any] = field(default_factory=dict)
+    active: ServedModel | None = None
+    reported: Reported | None = None
     #: action -> state it reports ("failed" included); a missing action: silent
-    answers: dict[str, str] = field(default_factory=lambda: dict(OK))
-    reason: str = ""
+    answers: dict[str, UpdateState] = field(default_factory=lambda: dict(OK))
+    reason: ReasonCode = ReasonCode.UNSPECIFIED
     shadow: Mapping[str, float] = field(default_factory=lambda: dict(GOOD_SHADOW))
     received: list[Issued] = field(default_factory=list)
 
@@ -126,12 +138,7 @@ class FakeFleet:
 
     def add_device(self, device_id: str, *, serving: ModelVersion, **kw: Any) -> FakeDevice:
         v = serving.variants[0]
-        active = {
-            "model": serving.model,
-            "version": serving.version,
-            "variant": v.name,
-            "sha256": v.sha256,
-        }
+        active = ServedModel(serving.model, serving.version, v.name, v.sha256)
         dev = FakeDevice(device_id, active=active, **kw)
         self.devices[device_id] = dev
         return dev
@@ -140,7 +147,8 @@ class FakeFleet:
         return [i for i in self.devices[device_id].received if action in (None, i.action)]
 
     def serving(self, device_id: str) -> int:
-        return int(self.devices[device_id].active.get("version", 0))
+        active = self.devices[device_id].active
+        return active.version if active is not None else 0
 
     # -- RolloutFleet ------------------------------------------------------------------
 
@@ -206,12 +214,13 @@ class FakeFleet:
         state = dev.answers.get(issued.action)
         if not state or not dev.online:
             return
-        dev.reported = {
-            "generation": issued.generation,
-            "state": state,
-            "reason": dev.reason if state == "failed" else "",
-            "detail": f"{dev.device_id} {state}",
-        }
+        dev.reported = Reported(
+            dev.device_id,
+            issued.generation,
+            state,
+            dev.reason if state == UpdateState.FAILED else ReasonCode.UNSPECIFIED,
+            f"{dev.device_id} {state}",
+        )
         if state != OK[issued.action]:
             return
         if issued.action == "shadow":
@@ -220,12 +229,7 @@ class FakeFleet:
             )
         else:
             mv = next(mv for mv in self.versions.values() if mv.variants[0].sha256 == issued.sha256)
-            dev.active = {
-                "model": mv.model,
-                "version": mv.version,
-                "variant": mv.variants[0].name,
-                "sha256": issued.sha256,
-            }
+            dev.active = ServedModel(mv.model, mv.version, mv.variants[0].name, issued.sha256)
 
     def set_shadow(self, device_id: str, summary: Mapping[str, float]) -> None:
         """A device's shadow evaluation changes (more samples came in)."""
@@ -247,9 +251,9 @@ class FakeFleet:
             online=d.online,
             last_seen=seen if d.online else None,
             agent_version="test",
-            capabilities={"runtimes": ["onnxruntime"]},
-            active=dict(d.active),
-            reported=dict(d.reported),
+            capabilities=Capabilities("x86_64", ("onnxruntime",), (), Accelerator.CPU, 1024),
+            active=d.active,
+            reported=d.reported,
             desired_generation=0,
             rollout_id="",
         )

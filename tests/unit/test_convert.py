@@ -10,18 +10,33 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefleet.cloud.api import convert
 from edgefleet.cloud.client import EnrollmentBundle
 from edgefleet.cloud.devices import Device, Selector
+from edgefleet.cloud.devices.values import (
+    Accelerator,
+    Capabilities,
+    ReasonCode,
+    Reported,
+    ServedModel,
+    UpdateState,
+)
 from edgefleet.cloud.fl.federation import FlEnrollment, RunRequest
 from edgefleet.cloud.fl.store import FlRun
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.registry.entities import Lineage, Variant
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, Stage
-from edgefleet.cloud.rollouts.model import GateResult
+from edgefleet.cloud.rollouts.model import (
+    DevicePhase,
+    GateResult,
+    RolloutState,
+    StageState,
+)
+from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.manifest import DTYPES, RUNTIMES, TensorSpec
 
 MS = st.integers(min_value=1, max_value=4_102_444_800_000)  # up to 2100
@@ -125,32 +140,81 @@ def test_enrollment_bundle_round_trips(b: EnrollmentBundle) -> None:
     assert convert.bundle_from_pb(convert.bundle_to_pb(b)) == b
 
 
-def test_device_round_trips_what_the_contract_carries() -> None:
-    d = Device(
-        device_id="dev-1",
-        group="lab",
-        tags={"site": "a"},
-        enrolled_at=datetime.fromtimestamp(0, UTC),  # not carried: the epoch comes back
-        online=True,
-        last_seen=datetime.fromtimestamp(1_800_000_000.123, UTC),
-        agent_version="",  # not carried
-        # as cloud.serde stores what the device sent: proto3 JSON mapping, so a uint64
-        # is text and fields at their default value are left out
-        capabilities={
-            "machine": "aarch64",
-            "runtimes": ["onnxruntime", "litert"],
-            "providers": ["CPUExecutionProvider"],
-            "accelerator": "cpu",
-            "memory_mb": "512",
-            "tflite_runtime_legacy": True,
-        },
-        active={"model": "digits", "version": 2, "variant": "int8", "sha256": "a" * 64},
-        reported={"generation": 7, "state": "active", "reason": "unspecified"},
-        desired_generation=7,
-        rollout_id="",  # not carried
+U32 = st.integers(0, 2**32 - 1)
+U63 = st.integers(0, 2**63 - 1)
+served = st.builds(ServedModel, NAME, U32, NAME, HEX)
+capabilities = st.builds(
+    Capabilities,
+    machine=NAME,
+    runtimes=st.lists(NAME, max_size=3).map(tuple),
+    providers=st.lists(NAME, max_size=3).map(tuple),
+    accelerator=st.sampled_from(Accelerator),
+    memory_mb=U63,
+    tflite_runtime_legacy=st.booleans(),
+    features=st.lists(NAME, max_size=3).map(tuple),
+)
+reports = st.builds(
+    Reported,
+    device_id=NAME,
+    generation=U63,
+    state=st.sampled_from(UpdateState),
+    reason=st.sampled_from(ReasonCode),
+    detail=TEXT,
+    active=st.none() | served,
+    last_known_good=st.none() | served,
+    chunks_have=U32,
+    chunks_total=U32,
+    provider=NAME,
+    timestamp_ms=MS,
+)
+
+
+@given(st.sampled_from(UpdateState), st.sampled_from(ReasonCode))
+def test_update_states_and_reasons_round_trip(state: UpdateState, reason: ReasonCode) -> None:
+    assert convert.update_state_from_pb(convert.update_state_to_pb(state)) is state
+    assert convert.reason_from_pb(convert.reason_to_pb(reason)) is reason
+
+
+def test_every_protobuf_enum_number_has_a_value_and_unknown_ones_are_refused() -> None:
+    from edgefleet.protos.fleet.v1 import device_pb2
+
+    assert {convert.update_state_to_pb(s) for s in UpdateState} == set(
+        device_pb2.UpdateState.values()
     )
-    back = convert.device_from_pb(convert.device_to_pb(d))
-    assert back == d
+    assert {convert.reason_to_pb(r) for r in ReasonCode} == set(device_pb2.ReasonCode.values())
+    with pytest.raises(InvalidArgument, match="update state 99 unknown; accepted: 0..9"):
+        convert.update_state_from_pb(99)
+    with pytest.raises(InvalidArgument, match="reason code 1234 unknown; accepted: 0..17"):
+        convert.reason_from_pb(1234)
+    with pytest.raises(InvalidArgument, match="accelerator 'quantum' unknown; accepted: cpu"):
+        convert.capabilities_from_pb(device_pb2.Capabilities(accelerator="quantum"))
+
+
+@given(capabilities, reports)
+def test_device_values_round_trip(caps: Capabilities, rep: Reported) -> None:
+    assert convert.capabilities_from_pb(convert.capabilities_to_pb(caps)) == caps
+    assert convert.reported_from_pb(convert.reported_to_pb(rep)) == rep
+
+
+@given(
+    st.builds(
+        Device,
+        device_id=NAME,
+        group=NAME,
+        tags=st.dictionaries(NAME, TEXT, max_size=2),
+        enrolled_at=st.just(datetime.fromtimestamp(0, UTC)),  # not carried: the epoch comes back
+        online=st.booleans(),
+        last_seen=st.none() | WHEN,
+        agent_version=st.just(""),  # not carried
+        capabilities=st.none() | capabilities,
+        active=st.none() | served,
+        reported=st.none() | reports,
+        desired_generation=U63,
+        rollout_id=st.just(""),  # not carried
+    )
+)
+def test_device_round_trips_what_the_contract_carries(d: Device) -> None:
+    assert convert.device_from_pb(convert.device_to_pb(d)) == d
 
 
 @st.composite
@@ -179,36 +243,77 @@ def test_rollout_policy_round_trips(p: Policy) -> None:
     assert convert.policy_from_pb(convert.policy_to_pb(p)) == p
 
 
-def test_rollout_and_its_devices_round_trip() -> None:
-    t = 1_800_000_000.5
-    gate = GateResult("accuracy", False, 0.12, 0.8, "12.0% on 80 labelled samples")
+SECONDS = st.integers(0, 4_102_444_800_000).map(lambda ms: ms / 1000)  # ms precision
+gates = st.builds(GateResult, NAME, st.booleans(), FLOAT, FLOAT, TEXT)
+stages = st.builds(
+    Stage,
+    name=NAME,
+    fraction=st.floats(0.01, 1),
+    devices=st.integers(0, 10_000),
+    state=st.sampled_from(StageState),
+    started_at=SECONDS,
+    bake_started_at=SECONDS,
+    finished_at=SECONDS,
+    gates=st.lists(gates, max_size=2).map(tuple),
+    samples=st.integers(0, 10_000),
+    by_state=st.dictionaries(NAME, st.integers(0, 10_000), max_size=3),
+)
+
+
+@st.composite
+def rollouts(draw: st.DrawFn) -> tuple[Rollout, list[RolloutDevice]]:
+    rid, model, version = draw(NAME), draw(NAME), draw(st.integers(1, 1000))
     r = Rollout(
-        rollout_id="r1",
-        ref="digits:2",
-        model="digits",
-        version=2,
-        selector="group=lab",
-        policy=Policy(canary=0.5, waves=(1.0,), min_agreement=0.9),
-        state="rolling",
-        stages=(
-            Stage("canary", 0.5, 1, "done", t, t + 1, 0.0, t + 2, (gate,), 40, {"active": 1}),
-            Stage("wave 1", 1.0, 1, "running", t + 3),
-        ),
-        stage=1,
-        reason="",
-        created_at=t,
-        updated_at=t + 3,
-        skipped={"d9": "no variant fits"},
+        rollout_id=rid,
+        ref=f"{model}:{version}",
+        model=model,
+        version=version,
+        selector=draw(st.sampled_from(["all", "group=lab", "tag=site=paris"])),
+        policy=draw(policies()),
+        state=draw(st.sampled_from(RolloutState)),
+        stages=tuple(draw(st.lists(stages, min_size=1, max_size=3))),
+        stage=draw(st.integers(0, 2)),
+        reason=draw(TEXT),
+        created_at=draw(SECONDS),
+        updated_at=draw(SECONDS),
+        finished_at=draw(SECONDS),
+        skipped=draw(st.dictionaries(NAME, TEXT, max_size=2)),
+        dry_run=draw(st.booleans()),
     )
-    prev = {"model": "digits", "version": 1, "variant": "fp32", "sha256": "a" * 64}
-    devices = [
-        RolloutDevice("r1", "d1", 0, "int8", "", prev, "active", "", 3, "active", "", "", t + 2),
-        RolloutDevice("r1", "d2", 1, "fp32", "", None, "pending", shadow={"agreement": 0.95}),
-    ]
-    msg = convert.rollout_to_pb(r, devices, now=t + 4)
-    back, back_devices = convert.rollout_from_pb(msg)
-    # activated_at and eta are the controller's own bookkeeping; action is not carried
-    assert back == r
+    devices = draw(
+        st.lists(
+            st.builds(
+                RolloutDevice,
+                rollout_id=st.just(rid),
+                device_id=NAME,
+                stage=st.integers(0, 2),
+                variant=NAME,
+                sha256=st.just(""),  # not carried
+                previous=st.none() | served,
+                phase=st.sampled_from(DevicePhase),
+                action=st.just(""),  # not carried
+                generation=U63,
+                state=st.none() | st.sampled_from(UpdateState),
+                reason=NAME,
+                detail=TEXT,
+                last_seen=SECONDS,
+                shadow=st.dictionaries(NAME, FLOAT, max_size=2),
+            ),
+            max_size=3,
+        )
+    )
+    return r, devices
+
+
+@settings(max_examples=50)
+@given(rollouts())
+def test_rollout_and_its_devices_round_trip(pair: tuple[Rollout, list[RolloutDevice]]) -> None:
+    r, devices = pair
+    back, back_devices = convert.rollout_from_pb(convert.rollout_to_pb(r, devices, now=1.0e9))
+    # activated_at and eta are the controller's own bookkeeping: not carried
+    assert back == dataclasses.replace(
+        r, stages=tuple(dataclasses.replace(s, activated_at=0.0, eta=0.0) for s in r.stages)
+    )
     assert back_devices == devices
 
 

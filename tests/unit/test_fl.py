@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgefleet.cloud.devices import Device
+from edgefleet.cloud.devices.values import Accelerator, Capabilities
 from edgefleet.cloud.fl.canary import CanaryPlan
 from edgefleet.cloud.fl.federation import RunRequest
 from edgefleet.cloud.fl.selection import select_participants
@@ -31,9 +32,15 @@ def _device(device_id: str, *, online: bool = True, features: list[str] | None =
         online=online,
         last_seen=None,
         agent_version="0.1.0",
-        capabilities={"features": features} if features is not None else {},
-        active={},
-        reported={},
+        capabilities=(
+            Capabilities(
+                "x86_64", ("onnxruntime",), (), Accelerator.CPU, 512, features=tuple(features)
+            )
+            if features is not None
+            else None
+        ),
+        active=None,
+        reported=None,
         desired_generation=0,
         rollout_id="",
     )

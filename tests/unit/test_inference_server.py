@@ -24,7 +24,7 @@ from edgefleet.agent.inference import ActiveModel, ModelHolder, load
 from edgefleet.agent.serde import ModelRef, UpdateState
 from edgefleet.agent.server import AgentStatus, check_address, serve
 from edgefleet.models.runtime import OnnxSession, open_session
-from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
+from edgefleet.protos.errors import FleetError, InvalidArgument, SelfTestFailed, Unavailable
 from edgefleet.protos.fleet.v1 import inference_pb2, inference_pb2_grpc, model_pb2
 from edgefleet.protos.manifest import GoldenSample, Manifest, sign_manifest, verify_manifest
 
@@ -204,7 +204,7 @@ def test_failed_self_test_is_refused_and_old_model_keeps_serving(v1: Built, v2: 
     holder = ModelHolder()
     holder.swap(load(v1.manifest, v1.data))
     bad = replace(v2.manifest, golden=_manifest(v2.data, 2, golden_shift=0.5).golden)
-    with pytest.raises(InvalidArgument, match=r"self-test of digits:2/fp32 failed: outputs differ"):
+    with pytest.raises(SelfTestFailed, match=r"self-test of digits:2/fp32 failed: outputs differ"):
         holder.swap(load(bad, v2.data))
     y, served = holder.predict(_x())
     assert served.ref.version == 1
@@ -212,8 +212,15 @@ def test_failed_self_test_is_refused_and_old_model_keeps_serving(v1: Built, v2: 
 
 
 def test_model_without_golden_sample_is_refused(v1: Built) -> None:
-    with pytest.raises(InvalidArgument, match="carries no golden sample"):
+    with pytest.raises(SelfTestFailed, match="carries no golden sample"):
         load(replace(v1.manifest, golden=None), v1.data)
+
+
+def test_bytes_that_do_not_load_are_not_a_failed_self_test(v1: Built) -> None:
+    """The updater reports load_failed for these, self_test_failed for the two above."""
+    with pytest.raises(InvalidArgument) as ei:
+        load(v1.manifest, b"not an onnx model")
+    assert not isinstance(ei.value, SelfTestFailed), ei.value
 
 
 def test_unloadable_bytes_are_refused(v1: Built) -> None:

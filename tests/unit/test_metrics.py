@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet.agent.inference import LATENCY_BOUNDS_US
+from edgefleet.cloud.devices.values import ServedModel
 from edgefleet.cloud.metrics import (
     FleetCollector,
     LatencyHistograms,
@@ -28,7 +29,7 @@ from edgefleet.cloud.metrics import (
 class Dev:
     online: bool
     state: str
-    active: dict[str, Any] = field(default_factory=dict)
+    active: ServedModel | None = None
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -51,9 +52,9 @@ def _row(
 
 def test_device_families() -> None:
     devs = [
-        Dev(True, "active", {"model": "digits", "version": 2, "variant": "int8"}),
-        Dev(True, "active", {"model": "digits", "version": 2, "variant": "int8"}),
-        Dev(False, "failed", {"model": "digits", "version": 1, "variant": "fp16"}),
+        Dev(True, "active", ServedModel("digits", 2, "int8", "a" * 64)),
+        Dev(True, "active", ServedModel("digits", 2, "int8", "a" * 64)),
+        Dev(False, "failed", ServedModel("digits", 1, "fp16", "b" * 64)),
         Dev(False, "enrolled"),
     ]
     c = FleetCollector("1.2.3")

@@ -23,23 +23,7 @@ from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
 from edgefleet.cloud.rollouts.controller import OFFLINE, RolloutController
 from edgefleet.cloud.rollouts.fleet import RolloutFleet
-from edgefleet.cloud.rollouts.model import (
-    ABORTED,
-    CANARY,
-    D_ACTIVE,
-    D_ROLLED_BACK,
-    D_SKIPPED,
-    DONE,
-    PAUSED,
-    ROLLED_BACK,
-    ROLLING,
-    S_ACTIVATING,
-    S_BAKING,
-    S_DONE,
-    S_FAILED,
-    S_INSTALLING,
-    S_PENDING,
-)
+from edgefleet.cloud.rollouts.model import DevicePhase, RolloutState, StageState
 from edgefleet.protos.errors import Conflict
 from tests.support.fake_fleet import GOOD_SHADOW, Clock, FakeFleet
 
@@ -153,41 +137,41 @@ def test_canary_shadow_then_gates_then_waves_then_done(world: World) -> None:
 
         await c.tick()  # pending -> canary: the candidate goes to the canary as a shadow
         r = w.get(rid)
-        assert (r.state, r.current.state) == (CANARY, S_INSTALLING)
+        assert (r.state, r.current.state) == (RolloutState.CANARY, StageState.INSTALLING)
         assert all([i.action for i in w.fleet.issued(d)] == ["shadow"] for d in canary)
         assert not any(w.fleet.issued(d) for d in IDS if d not in canary)
 
         await c.tick()  # every canary device shadows: install gates pass, the bake starts
         r = w.get(rid)
-        assert r.current.state == S_BAKING
+        assert r.current.state == StageState.BAKING
         assert [(x.name, x.ok) for x in r.current.gates] == [
             ("failure_rate", True),
             ("self_test", True),
         ]
         w.clock.advance(GATED.bake_s - 1)
         await c.tick()  # still baking: nothing activated before the bake is over
-        assert w.get(rid).current.state == S_BAKING
+        assert w.get(rid).current.state == StageState.BAKING
         assert all(w.fleet.serving(d) == 1 for d in IDS)
 
         w.clock.advance(2)
         await c.tick()  # quality gates pass: the canary activates the candidate
         r = w.get(rid)
-        assert r.current.state == S_ACTIVATING
+        assert r.current.state == StageState.ACTIVATING
         assert {x.name: x.ok for x in r.current.gates}["agreement"] is True
         assert r.current.samples == 2 * GOOD_SHADOW["samples"]
         assert all([i.action for i in w.fleet.issued(d)] == ["shadow", "activate"] for d in canary)
 
         await c.tick()  # canary done; the first wave is next
         r = w.get(rid)
-        assert (r.state, r.stage, r.stages[0].state) == (ROLLING, 1, S_DONE)
+        assert (r.state, r.stage, r.stages[0].state) == (RolloutState.ROLLING, 1, StageState.DONE)
         assert all(w.fleet.serving(d) == 2 for d in canary)
         assert not any(w.fleet.issued(d) for d in IDS if d not in canary)
 
-        r = await drive(w, c, rid, lambda r: r.state == DONE)
-        assert [s.state for s in r.stages] == [S_DONE, S_DONE, S_DONE]
+        r = await drive(w, c, rid, lambda r: r.state == RolloutState.DONE)
+        assert [s.state for s in r.stages] == [StageState.DONE, StageState.DONE, StageState.DONE]
         assert r.finished_at > 0
         assert all(w.fleet.serving(d) == 2 for d in IDS)
-        assert {d.phase for d in w.rows(rid).values()} == {D_ACTIVE}
+        assert {d.phase for d in w.rows(rid).values()} == {DevicePhase.ACTIVE}
         # each device: one shadow, then one activation, one generation each
         for d in IDS:
             issued = w.fleet.issued(d)
@@ -206,17 +190,19 @@ def test_failed_gate_rolls_the_touched_devices_back(world: World) -> None:
         canary = stage_devices(w, rid, 0)
         for d in canary:
             w.fleet.devices[d].shadow = BAD_SHADOW  # the candidate disagrees with the model
-        r = await drive(w, c, rid, lambda r: r.state in (ROLLED_BACK, DONE))
-        assert r.state == ROLLED_BACK
-        assert r.stages[0].state == S_FAILED
-        assert [s.state for s in r.stages[1:]] == [S_PENDING, S_PENDING]
+        r = await drive(
+            w, c, rid, lambda r: r.state in (RolloutState.ROLLED_BACK, RolloutState.DONE)
+        )
+        assert r.state == RolloutState.ROLLED_BACK
+        assert r.stages[0].state == StageState.FAILED
+        assert [s.state for s in r.stages[1:]] == [StageState.PENDING, StageState.PENDING]
         assert "agreement" in r.reason
         gates = {x.name: x.ok for x in r.stages[0].gates}
         assert gates["agreement"] is False
         rows = w.rows(rid)
         for d in canary:
             assert [i.action for i in w.fleet.issued(d)] == ["shadow", "rollback"]
-            assert rows[d].phase == D_ROLLED_BACK
+            assert rows[d].phase == DevicePhase.ROLLED_BACK
             assert w.fleet.serving(d) == 1
         assert not any(w.fleet.issued(d) for d in IDS if d not in canary)
 
@@ -233,24 +219,33 @@ def test_failed_gate_pauses_with_on_failure_pause_and_resume_judges_again(world:
         canary = stage_devices(w, rid, 0)
         for d in canary:
             w.fleet.devices[d].shadow = BAD_SHADOW
-        r = await drive(w, c, rid, lambda r: r.state != CANARY)
-        assert (r.state, r.current.state) == (PAUSED, S_FAILED)
+        r = await drive(w, c, rid, lambda r: r.state != RolloutState.CANARY)
+        assert (r.state, r.current.state) == (RolloutState.PAUSED, StageState.FAILED)
         assert "agreement" in r.reason
         # paused: nothing moves however long it waits, nothing is rolled back
         sent = sum(len(w.fleet.issued(d)) for d in IDS)
         for _ in range(3):
             w.clock.advance(policy.stage_timeout_s)
             await c.tick()
-        assert w.get(rid).state == PAUSED
+        assert w.get(rid).state == RolloutState.PAUSED
         assert sum(len(w.fleet.issued(d)) for d in IDS) == sent
         assert not any(w.fleet.issued(d, "rollback") for d in IDS)
 
         for d in canary:  # more samples came in, and they agree now
             w.fleet.set_shadow(d, GOOD_SHADOW)
         r = await c.control(rid, "resume")
-        assert (r.state, r.current.state, r.current.gates) == (CANARY, S_BAKING, ())
-        r = await drive(w, c, rid, lambda r: r.state in (DONE, ROLLED_BACK, PAUSED))
-        assert r.state == DONE
+        assert (r.state, r.current.state, r.current.gates) == (
+            RolloutState.CANARY,
+            StageState.BAKING,
+            (),
+        )
+        r = await drive(
+            w,
+            c,
+            rid,
+            lambda r: r.state in (RolloutState.DONE, RolloutState.ROLLED_BACK, RolloutState.PAUSED),
+        )
+        assert r.state == RolloutState.DONE
         assert all(w.fleet.serving(d) == 2 for d in IDS)
 
     run(go())
@@ -262,20 +257,23 @@ def test_pause_and_resume_by_hand(world: World) -> None:
     async def go() -> None:
         c = w.controller()
         rid = await start(w, c, GATED)
-        await drive(w, c, rid, lambda r: r.state == ROLLING)
+        await drive(w, c, rid, lambda r: r.state == RolloutState.ROLLING)
         r = await c.control(rid, "pause")
-        assert (r.state, r.reason) == (PAUSED, "paused by hand")
+        assert (r.state, r.reason) == (RolloutState.PAUSED, "paused by hand")
         with pytest.raises(Conflict, match="cannot go to paused"):
             await c.control(rid, "pause")
         sent = sum(len(w.fleet.issued(d)) for d in IDS)
         for _ in range(5):
             w.clock.advance(GATED.bake_s)
             await c.tick()
-        assert (w.get(rid).state, sum(len(w.fleet.issued(d)) for d in IDS)) == (PAUSED, sent)
+        assert (w.get(rid).state, sum(len(w.fleet.issued(d)) for d in IDS)) == (
+            RolloutState.PAUSED,
+            sent,
+        )
 
         r = await c.control(rid, "resume")
-        assert (r.state, r.stage) == (ROLLING, 1)
-        r = await drive(w, c, rid, lambda r: r.state == DONE)
+        assert (r.state, r.stage) == (RolloutState.ROLLING, 1)
+        r = await drive(w, c, rid, lambda r: r.state == RolloutState.DONE)
         assert all(w.fleet.serving(d) == 2 for d in IDS)
 
     run(go())
@@ -289,10 +287,10 @@ def test_abort_stops_the_shadows_and_keeps_what_switched(world: World) -> None:
         rid = await start(w, c, GATED)
         canary = set(stage_devices(w, rid, 0))
         # canary done, the first wave shadowing
-        await drive(w, c, rid, lambda r: r.stage == 1 and r.current.state == S_BAKING)
+        await drive(w, c, rid, lambda r: r.stage == 1 and r.current.state == StageState.BAKING)
         wave = set(stage_devices(w, rid, 1))
         r = await c.control(rid, "abort")
-        assert (r.state, r.reason) == (ABORTED, "aborted by hand")
+        assert (r.state, r.reason) == (RolloutState.ABORTED, "aborted by hand")
         assert r.finished_at > 0
         for d in wave:  # its shadows are stopped: told to go back to what it serves
             assert [i.action for i in w.fleet.issued(d)] == ["shadow", "rollback"]
@@ -302,7 +300,7 @@ def test_abort_stops_the_shadows_and_keeps_what_switched(world: World) -> None:
             assert w.fleet.serving(d) == 2
         assert not any(w.fleet.issued(d) for d in set(IDS) - canary - wave)
         await c.tick()  # final: the controller leaves it alone
-        assert w.get(rid).state == ABORTED
+        assert w.get(rid).state == RolloutState.ABORTED
         with pytest.raises(Conflict, match="aborted"):
             await c.control(rid, "resume")
 
@@ -322,15 +320,15 @@ def test_devices_that_never_settle_fail_at_the_stage_timeout(world: World) -> No
         for _ in range(3):  # waiting for it, short of the timeout
             w.clock.advance(GATED.stage_timeout_s / 4)
             await c.tick()
-            assert w.get(rid).current.state == S_INSTALLING
+            assert w.get(rid).current.state == StageState.INSTALLING
         w.clock.advance(GATED.stage_timeout_s / 2)
         await c.tick()
         r = w.get(rid)
         gate = r.stages[0].gates[0]
         assert (gate.name, gate.ok) == ("failure_rate", False)
         assert "1 of 2 failed (timeout 1)" in gate.detail
-        assert r.stages[0].state == S_FAILED
-        r = await drive(w, c, rid, lambda r: r.state == ROLLED_BACK)
+        assert r.stages[0].state == StageState.FAILED
+        r = await drive(w, c, rid, lambda r: r.state == RolloutState.ROLLED_BACK)
         assert all(w.fleet.serving(d) == 1 for d in IDS)
 
     run(go())
@@ -345,8 +343,14 @@ def test_a_tolerated_timeout_counts_as_failed_and_the_rollout_goes_on(world: Wor
         rid = await start(w, c, policy)
         silent = stage_devices(w, rid, 0)[0]
         w.fleet.devices[silent].answers.clear()
-        r = await drive(w, c, rid, lambda r: r.state in (DONE, ROLLED_BACK), step_s=20.0)
-        assert r.state == DONE
+        r = await drive(
+            w,
+            c,
+            rid,
+            lambda r: r.state in (RolloutState.DONE, RolloutState.ROLLED_BACK),
+            step_s=20.0,
+        )
+        assert r.state == RolloutState.DONE
         row = w.rows(rid)[silent]
         assert (row.phase, row.reason) == ("failed", "timeout")
         assert "not settled within 120s" in row.detail
@@ -366,7 +370,9 @@ def test_a_new_controller_resumes_where_the_old_one_stopped(world: World) -> Non
         wave = stage_devices(w, rid, 1)
         for d in wave:  # the first wave is offline when its shadow is issued
             w.fleet.devices[d].online = False
-        await drive(w, old, rid, lambda r: r.stage == 1 and r.current.state == S_INSTALLING)
+        await drive(
+            w, old, rid, lambda r: r.stage == 1 and r.current.state == StageState.INSTALLING
+        )
         assert all([i.action for i in w.fleet.issued(d)] == ["shadow"] for d in wave)
         issued_before = {d: list(w.fleet.issued(d)) for d in IDS}
         del old  # the coordinator stops here; the database holds everything
@@ -377,13 +383,13 @@ def test_a_new_controller_resumes_where_the_old_one_stopped(world: World) -> Non
         task = asyncio.create_task(new.run())
         try:
             async with asyncio.timeout(20):
-                while w.get(rid).state not in (DONE, ROLLED_BACK):
+                while w.get(rid).state not in (RolloutState.DONE, RolloutState.ROLLED_BACK):
                     await new.wait_changed(1.0)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         r = w.get(rid)
-        assert r.state == DONE
+        assert r.state == RolloutState.DONE
         assert all(w.fleet.serving(d) == 2 for d in IDS)
         for d in IDS:
             issued = w.fleet.issued(d)
@@ -415,11 +421,11 @@ def test_all_at_once_activates_directly_and_does_not_wait_for_offline_devices(
         assert [s.name for s in w.get(rid).stages] == ["all"]
         await c.tick()
         r = w.get(rid)
-        assert r.current.state == S_ACTIVATING
+        assert r.current.state == StageState.ACTIVATING
         assert all([i.action for i in w.fleet.issued(d)] == ["activate"] for d in IDS)
-        r = await drive(w, c, rid, lambda r: r.state == DONE)
+        r = await drive(w, c, rid, lambda r: r.state == RolloutState.DONE)
         rows = w.rows(rid)
-        assert (rows[away].reason, rows[away].phase) == (OFFLINE, D_ACTIVE)
+        assert (rows[away].reason, rows[away].phase) == (OFFLINE, DevicePhase.ACTIVE)
         assert w.fleet.serving(away) == 1  # updates when it reconnects
         assert all(w.fleet.serving(d) == 2 for d in IDS if d != away)
         assert not any(w.fleet.issued(d, "shadow") for d in IDS)
@@ -439,11 +445,16 @@ def test_revoked_devices_are_left_out(world: World) -> None:
             w.devices.revoke(d)
             w.fleet.devices[d].online = False
             assert w.store.close_device(d, reason="revoked", detail="device revoked") == [rid]
-        r = await drive(w, c, rid, lambda r: r.state in (DONE, ROLLED_BACK, PAUSED))
-        assert r.state == DONE
+        r = await drive(
+            w,
+            c,
+            rid,
+            lambda r: r.state in (RolloutState.DONE, RolloutState.ROLLED_BACK, RolloutState.PAUSED),
+        )
+        assert r.state == RolloutState.DONE
         rows = w.rows(rid)
         for d in gone:
-            assert (rows[d].phase, rows[d].reason) == (D_SKIPPED, "revoked")
+            assert (rows[d].phase, rows[d].reason) == (DevicePhase.SKIPPED, "revoked")
             assert not w.fleet.issued(d)
         assert all(w.fleet.serving(d) == 2 for d in IDS if d not in gone)
 

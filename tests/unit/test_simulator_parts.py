@@ -3,13 +3,17 @@ slowed sessions, drift faults (the agents on a real broker: tests/e2e/test_simul
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edgefleet.agent.capabilities import Capabilities
+from edgefleet.agent.config import AgentSettings
 from edgefleet.agent.serde import decode_chunk
 from edgefleet.models.data import load_dataset
 from edgefleet.models.runtime import ModelSession
@@ -17,7 +21,7 @@ from edgefleet.protos.errors import InvalidArgument, NotFound
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.manifest import TensorSpec
 from edgefleet.simulator.data import label_skew, partition, read_shards, write_shards
-from edgefleet.simulator.fleet import _SlowedSession, corrupt_chunk
+from edgefleet.simulator.fleet import SimulatedDevice, _SlowedSession, corrupt_chunk
 from edgefleet.simulator.profiles import MIXED, PROFILES, Mix, Profile, parse_profile
 
 # -- profiles ---------------------------------------------------------------------------
@@ -34,15 +38,15 @@ def test_parse_profile_knows_the_builtins_and_names_them_when_wrong() -> None:
 
 
 def test_profiles_claim_what_the_brief_says() -> None:
-    gpu = PROFILES["gpu"].capabilities()
-    assert gpu["providers"][0] == "CUDAExecutionProvider"
-    assert gpu["accelerator"] == "gpu"
-    npu = PROFILES["npu"].capabilities()
-    assert {"QNNExecutionProvider", "OpenVINOExecutionProvider"} <= set(npu["providers"])
+    gpu = PROFILES["gpu"].caps
+    assert gpu.providers[0] == "CUDAExecutionProvider"
+    assert gpu.accelerator == "gpu"
+    npu = PROFILES["npu"].caps
+    assert {"QNNExecutionProvider", "OpenVINOExecutionProvider"} <= set(npu.providers)
     assert PROFILES["litert"].caps.runtimes == ("litert",)
-    armv7 = PROFILES["armv7"].capabilities()
-    assert armv7["tflite_runtime_legacy"] is True
-    assert armv7["runtimes"] == ["litert"]
+    armv7 = PROFILES["armv7"].caps
+    assert armv7.tflite_runtime_legacy is True
+    assert armv7.runtimes == ("litert",)
     assert PROFILES["cpu"].caps.runtimes == ("onnxruntime", "litert")
     with pytest.raises(InvalidArgument, match="speed_factor 0.5"):
         Profile("fast", Capabilities("x86_64", ("onnxruntime",), (), "cpu", 1), speed_factor=0.5)
@@ -132,6 +136,36 @@ def test_corrupt_chunk_flips_one_data_byte_and_keeps_the_framing() -> None:
     assert len(diff) == 1
     empty = device_pb2.ArtifactChunk(sha256="ab" * 32, index=0, total=1).SerializeToString()
     assert corrupt_chunk(empty) == empty
+
+
+def test_lost_and_corrupted_chunks_go_through_the_updaters_chunk_filter(tmp_path: Path) -> None:
+    """The simulator injects chunk faults through `Updater.chunk_filter`, the agent's
+    public hook, not by replacing the updater's handler."""
+    key = Ed25519PrivateKey.generate().public_key()
+    pem = key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+    settings = AgentSettings(
+        device_id="sim-1",
+        state_dir=tmp_path,
+        broker_url="mqtt://127.0.0.1:1",  # never started
+        public_key_pem=pem,
+        listen="",
+    )
+    dev = SimulatedDevice(settings, PROFILES["cpu"])
+    hook = dev.agent.updater.chunk_filter
+    assert hook is not None
+    chunk = device_pb2.ArtifactChunk(
+        sha256="ab" * 32, index=0, total=2, data=bytes(range(256))
+    ).SerializeToString()
+    dev.lose_next_chunks(1)
+    dev.corrupt_next_chunks(1)
+
+    async def three() -> list[bytes | None]:
+        return [await hook(chunk) for _ in range(3)]
+
+    lost, corrupted, passed = asyncio.run(three())
+    assert lost is None and dev.lost == 1
+    assert corrupted == corrupt_chunk(chunk) != chunk and dev.corrupted == 1
+    assert passed == chunk
 
 
 class _Sleepy(ModelSession):
