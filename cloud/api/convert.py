@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from edgefleet.cloud.client import EnrollmentBundle
 from edgefleet.cloud.devices import Device, Selector
 from edgefleet.cloud.devices.values import (
     Accelerator,
@@ -40,6 +39,7 @@ from edgefleet.cloud.rollouts.model import (
     StageState,
 )
 from edgefleet.cloud.rollouts.policy import Policy
+from edgefleet.cloud.services.values import EnrollmentBundle
 from edgefleet.cloud.variants import DEFAULT_VARIANTS
 from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.fleet.v1 import device_pb2, federated_pb2, fleet_pb2, model_pb2

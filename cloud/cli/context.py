@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from edgefleet.cloud.client import LocalClient
     from edgefleet.cloud.config import CloudSettings
     from edgefleet.cloud.remote import GrpcClient
-    from edgefleet.cloud.services import FleetClient, Services
+    from edgefleet.cloud.services.api import FleetClient
+    from edgefleet.cloud.services.wiring import Services
 
 
 @dataclass
@@ -77,7 +78,7 @@ def settings_of(ctx: typer.Context, **serve_options: object) -> CloudSettings:
 def services_of(ctx: typer.Context) -> Services:
     """This FLEET_HOME's parts (one database, the stores, pipeline, keys), made once
     (each on first use; one that needs an initialised FLEET_HOME raises NotFound)."""
-    from edgefleet.cloud.services import Services
+    from edgefleet.cloud.services.wiring import Services
 
     state = state_of(ctx)
     if state._services is None:

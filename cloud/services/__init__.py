@@ -9,26 +9,5 @@ typed operations both clients (in-process `LocalClient`, remote `GrpcClient`) an
 - values: `EnrollmentBundle`, `FleetStatus`, `InitResult`, `EpochStat`.
 """
 
-from edgefleet.cloud.services.api import CoordinatorClient, FleetClient, QuantizeProgress
-from edgefleet.cloud.services.values import (
-    BUNDLE_FORMAT,
-    EnrollmentBundle,
-    EpochProgress,
-    EpochStat,
-    FleetStatus,
-    InitResult,
-)
-from edgefleet.cloud.services.wiring import Services
-
-__all__ = [
-    "BUNDLE_FORMAT",
-    "CoordinatorClient",
-    "EnrollmentBundle",
-    "EpochProgress",
-    "EpochStat",
-    "FleetClient",
-    "FleetStatus",
-    "InitResult",
-    "QuantizeProgress",
-    "Services",
-]
+# No imports here: domain modules (cloud/api/convert.py via cloud/inbound.py) import
+# services.values, and importing the package must not wire the stores (an import cycle).

@@ -15,8 +15,8 @@ from edgefleet.cloud.config import CloudSettings, load_settings
 from edgefleet.cloud.db import DatabaseUser
 from edgefleet.cloud.devices import Selector
 from edgefleet.cloud.registry import ModelRef
-from edgefleet.cloud.services import Services
 from edgefleet.cloud.services.fleet import FleetApp
+from edgefleet.cloud.services.wiring import Services
 from edgefleet.protos.errors import AlreadyExists, NotFound, Unavailable
 
 
