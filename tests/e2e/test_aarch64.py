@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,8 @@ from tests.e2e.test_packaging import _source_copy
 from tests.e2e.test_serve import REPO, _env, fleet_serve
 from tests.support.rootfs import Chroot, RootfsSpec, cached_rootfs, enable_binfmt, stop, unpack
 
-pytestmark = pytest.mark.slow
+# minutes under emulation; an empty cache adds debootstrap (see docs/agent.md for times)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 CACHE = Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet"))
 SPEC = RootfsSpec(arch="arm64", suite="bookworm")
@@ -91,6 +93,28 @@ def _predict(port: int, x: np.ndarray) -> tuple[np.ndarray, str]:
     return np.asarray(out.output), f"{out.model.model}:{out.model.version}/{out.model.variant}"
 
 
+DOC = REPO / "docs" / "agent.md"
+# the device is a chroot where we are root: `sudo CMD` runs CMD, `sudo -u USER CMD` runuser
+SUDO = 'sudo() { if [ "$1" = -u ]; then u=$2; shift 2; runuser -u "$u" -- "$@"; else "$@"; fi; }\n'
+NO_SYSTEMD = ("sudo systemctl ", "journalctl ")  # a chroot has no systemd: run ExecStart instead
+
+
+def doc_blocks(step: str) -> list[str]:
+    """The ```bash blocks of docs/agent.md's section `## {step}`: what an installer types."""
+    for section in re.split(r"^## ", DOC.read_text(), flags=re.M):
+        if section.startswith(step):
+            blocks = re.findall(r"^```bash\n(.*?)^```", section, re.S | re.M)
+            assert blocks, f"docs/agent.md: no bash block under '## {step}'"
+            return blocks
+    raise AssertionError(f"docs/agent.md has no section '## {step}'")
+
+
+def as_typed(device: Chroot, block: str, *, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run a block of docs/agent.md in the device's shell (bash, stop at the first error)."""
+    script = f"{SUDO}cd {shlex.quote(str(cwd))}\n{block}"
+    return _ok(device.run(["bash", "-euo", "pipefail", "-c", script], env=env), block)
+
+
 def test_agent_on_aarch64_is_deployed_to_and_predicts_like_x86_64(
     cli: Cli, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -139,32 +163,22 @@ def test_agent_on_aarch64_is_deployed_to_and_predicts_like_x86_64(
         shutil.copy2(REPO / "constraints.txt", share / "constraints.txt")
     (wheel,) = share.glob("edgefleet_agent-*.whl")
 
-    # -- installed on the device from the registry, as docs/agent.md says ----------------
-    with phases("venv + pip install (registry)"):
-        _ok(device.run(["python3", "-m", "venv", VENV]), "python3 -m venv")
-        _ok(
-            device.run(
-                [
-                    f"{VENV}/bin/pip",
-                    "install",
-                    "-q",
-                    "-c",
-                    str(share / "constraints.txt"),
-                    str(wheel),
-                ]
-            ),
-            "pip install edgefleet-agent",
-        )
+    # -- docs/agent.md step 1, as typed on the device: PyPI's aarch64 wheels --------------
+    assert wheel.name in DOC.read_text(), f"docs/agent.md does not install {wheel.name}"
+    (step1,) = doc_blocks("1. Install")
+    with phases("docs step 1: venv + pip install (registry)"):
+        # the versions CI tests: pip reads PIP_CONSTRAINT as `-c constraints.txt`
+        pinned = {"PIP_CONSTRAINT": str(share / "constraints.txt")}
+        info = as_typed(device, step1, cwd=share, env=pinned)
+    # the block ends in `fleet-agent info`: an aarch64 machine with ONNX Runtime
+    assert re.search(r"^machine\s+aarch64$", info, re.M), info
+    assert re.search(r"^runtimes\s+.*onnxruntime", info, re.M), info
     listed = _ok(device.run([f"{VENV}/bin/pip", "list", "--format=json"]), "pip list")
     names = {p["name"].lower() for p in json.loads(listed)}
     assert "edgefleet-agent" in names and "onnxruntime" in names
     assert not names & {"edgefleet", "torch", "sqlalchemy", "boto3"}, names
     gone = device.run([f"{VENV}/bin/python", "-c", "import edgefleet.cloud"])
     assert gone.returncode != 0 and "edgefleet.cloud" in gone.stderr
-    with phases("fleet-agent info"):
-        info = json.loads(_ok(device.run([FLEET_AGENT, "info", "--json"]), "fleet-agent info"))
-    assert info["machine"] == "aarch64", info
-    assert "onnxruntime" in info["runtimes"], info
 
     # -- the coordinator on the host, a model to deploy ----------------------------------
     from edgefleet.cloud.client import LocalClient
@@ -193,64 +207,32 @@ def test_agent_on_aarch64_is_deployed_to_and_predicts_like_x86_64(
     procs: list[subprocess.Popen[bytes]] = []
     with fleet_serve(home) as (_proc, _info):
         try:
-            for dev in ("arm64-0", "x86-0"):
-                r = cli(
-                    *h,
-                    "devices",
-                    "enroll",
-                    dev,
-                    "--group",
-                    "emul",
-                    "--out",
-                    str(share / f"{dev}.json"),
-                )
-                assert r.code == 0, r.err
+            # the operator's commands of docs/agent.md step 0, and one x86_64 device
+            enroll = ("devices", "enroll", "cam-01", "--group", "lobby", "--tag", "site=paris")
+            r = cli(*h, *enroll, "--out", str(share / "cam-01.json"))
+            assert r.code == 0, r.err
+            r = cli(*h, "devices", "enroll", "x86-0", "--out", str(share / "x86-0.json"))
+            assert r.code == 0, r.err
 
-            # the aarch64 device: enrol, service install, run as the unit would
-            with phases("device: enroll + service install"):
-                _ok(
-                    device.run(
-                        [
-                            FLEET_AGENT,
-                            "enroll",
-                            str(share / "arm64-0.json"),
-                            "--listen",
-                            f"127.0.0.1:{arm_port}",
-                        ]
-                    ),
-                    "fleet-agent enroll",
-                )
-                _ok(device.run([FLEET_AGENT, "service", "install"]), "fleet-agent service install")
-                _ok(
-                    device.run(
-                        [
-                            "sh",
-                            "-c",
-                            "id -u edgefleet >/dev/null 2>&1 || "
-                            "useradd --system --home /var/lib/edgefleet edgefleet",
-                        ]
-                    ),
-                    "useradd",
-                )
-                _ok(
-                    device.run(
-                        [
-                            "chown",
-                            "-R",
-                            "edgefleet:",
-                            "/etc/edgefleet/agent.json",
-                            "/var/lib/edgefleet",
-                        ]
-                    ),
-                    "chown",
-                )
+            # docs/agent.md steps 2 and 3 on the aarch64 device, as typed, but systemctl
+            (step2,) = doc_blocks("2. Enrol")
+            (step3,) = doc_blocks("3. Run it as a service")
+            kept = [ln for ln in step3.splitlines() if not ln.startswith(NO_SYSTEMD)]
+            assert len(kept) == len(step3.splitlines()) - 2, step3
+            with phases("docs steps 2-3: enroll, service install, useradd, chown"):
+                as_typed(device, step2, cwd=share)
+                as_typed(device, "\n".join(kept) + "\n", cwd=share)
+            assert not (share / "cam-01.json").exists()  # step 2 deletes the bundle
             unit = (root / "etc/systemd/system/edgefleet-agent.service").read_text()
             exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M)
             user = re.search(r"^User=(.*)$", unit, re.M)
             assert exec_start and user, unit
             assert exec_start.group(1).startswith(FLEET_AGENT + " run")
             log = work / "arm64-agent.log"
-            procs.append(device.popen(exec_start.group(1).split(), log=log, user=user.group(1)))
+            # what systemd would start; the listen port is free here (50051 may not be)
+            listen = {"FLEET_AGENT_LISTEN": f"127.0.0.1:{arm_port}"}
+            cmd = exec_start.group(1).split()
+            procs.append(device.popen(cmd, log=log, user=user.group(1), env=listen))
 
             # the x86_64 device: the same agent code on the host
             x86_dir.mkdir()
@@ -295,22 +277,28 @@ def test_agent_on_aarch64_is_deployed_to_and_predicts_like_x86_64(
                 return check
 
             with phases("agent start until online (emulated)"):
-                _wait_for(online("arm64-0"), 600, "the aarch64 agent to come online")
+                _wait_for(online("cam-01"), 600, "the aarch64 agent to come online")
             _wait_for(online("x86-0"), 120, "the x86_64 agent to come online")
 
             with phases("deploy: download, verify, self-test, activate"):
-                r = cli(*h, "deploy", "digits:1", "--to", "group=emul", "--timeout", "600")
+                r = cli(*h, "deploy", "digits:1", "--to", "device=cam-01,x86-0", "--timeout", "600")
             assert r.code == 0, r.out + r.err + log.read_text()[-3000:]
             rows = {ln.split()[0]: ln.split() for ln in r.out.splitlines() if ln.split()[:1]}
-            assert rows["arm64-0"][1:3] == ["int8", "active"], r.out
+            assert rows["cam-01"][1:3] == ["int8", "active"], r.out
             assert rows["x86-0"][1:3] == ["int8", "active"], r.out
-            shown = json.loads(cli(*h, "devices", "show", "arm64-0", "--json").out)
+            shown = json.loads(cli(*h, "devices", "show", "cam-01", "--json").out)
             assert shown["active"]["variant"] == "int8", shown
             assert shown["capabilities"]["machine"] == "aarch64", shown
 
             with phases("predict (emulated)"):
                 arm_out, arm_model = _predict(arm_port, ev.x)
             x86_out, x86_model = _predict(x86_port, ev.x)
+            # docs/agent.md step 4 on the device: its Predict snippet, on this port
+            (_operator, step4) = doc_blocks("4. Check it end to end")
+            snippet = step4.replace("127.0.0.1:50051", f"127.0.0.1:{arm_port}")
+            assert snippet != step4, step4
+            said = as_typed(device, snippet, cwd=share)
+            assert "digits" in said and "int8" in said, said
         finally:
             for p in procs:
                 stop(p)

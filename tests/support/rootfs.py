@@ -125,9 +125,12 @@ def cached_rootfs(spec: RootfsSpec, cache: Path, *, mirror: str | None = None) -
         return tarball
     cache.mkdir(parents=True, exist_ok=True)
     work = cache / f"{spec.key}.building"
-    shutil.rmtree(work, ignore_errors=True)
+    _remove(work)
     root = work / "root"
+    # in a private mount namespace: the /proc and /sys debootstrap mounts in the tree go
+    # away with it, even when it is killed half-way
     cmd = [
+        *("unshare", "--mount", "--propagation", "private"),
         "debootstrap",
         f"--arch={spec.arch}",
         "--variant=minbase",
@@ -137,7 +140,15 @@ def cached_rootfs(spec: RootfsSpec, cache: Path, *, mirror: str | None = None) -
         mirror or debian_mirror(),
     ]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        try:
+            out, err = proc.communicate()
+        except BaseException:  # a test timeout: debootstrap's dpkg runs in the group too
+            stop(proc, timeout=5)
+            raise
+        r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
         if r.returncode != 0:
             log = root / "debootstrap" / "debootstrap.log"
             tail = log.read_text()[-3000:] if log.exists() else r.stdout[-3000:]
@@ -146,8 +157,22 @@ def cached_rootfs(spec: RootfsSpec, cache: Path, *, mirror: str | None = None) -
         subprocess.run(["tar", "-C", str(root), "-czf", str(partial), "."], check=True)
         partial.rename(tarball)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove(work)
     return tarball
+
+
+def _remove(tree: Path) -> None:
+    """Delete `tree`, unmounting first whatever is mounted inside it (never delete through
+    a mount: a bind-mounted /dev is the host's)."""
+    if not tree.exists():
+        return
+    prefix = str(tree.resolve()) + "/"
+    mounted = [ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounted if m.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    if any(m.startswith(prefix) for m in Path("/proc/mounts").read_text().split()):
+        raise RuntimeError(f"{tree}: cannot unmount what is mounted inside; not deleting it")
+    shutil.rmtree(tree)
 
 
 def unpack(tarball: Path, dest: Path) -> Path:
@@ -178,7 +203,9 @@ class Chroot:
         for b in self.binds:
             (self.root / str(b).lstrip("/")).mkdir(parents=True, exist_ok=True)
 
-    def argv(self, cmd: Sequence[str], *, user: str | None = None) -> list[str]:
+    def argv(
+        self, cmd: Sequence[str], *, user: str | None = None, env: Mapping[str, str] | None = None
+    ) -> list[str]:
         r = shlex.quote(str(self.root))
         mounts = [
             f"mount -t proc proc {r}/proc",
@@ -187,12 +214,12 @@ class Chroot:
         ]
         spec = ["--userspec", f"{user}:{user}"] if user else []
         inner = shlex.join(
-            ["chroot", *spec, str(self.root), "/usr/bin/env", "-i", *self._env(), *cmd]
+            ["chroot", *spec, str(self.root), "/usr/bin/env", "-i", *self._env(env), *cmd]
         )
         script = " && ".join([*mounts, f"exec {inner}"])
         return ["unshare", "--mount", "--propagation", "private", "--fork", "sh", "-c", script]
 
-    def _env(self) -> list[str]:
+    def _env(self, extra: Mapping[str, str] | None) -> list[str]:
         base = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/root",
@@ -200,14 +227,19 @@ class Chroot:
             "PIP_CERT": "/etc/ssl/certs/host-ca-bundle.crt",
             "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         }
-        return [f"{k}={v}" for k, v in {**base, **self.env}.items()]
+        return [f"{k}={v}" for k, v in {**base, **self.env, **(extra or {})}.items()]
 
     def run(
-        self, cmd: Sequence[str], *, user: str | None = None, timeout: float = 1800
+        self,
+        cmd: Sequence[str],
+        *,
+        user: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 1800,
     ) -> subprocess.CompletedProcess[str]:
-        """Run `cmd` inside and wait: its exit code, stdout and stderr."""
+        """Run `cmd` inside (as `user`, with `env` added) and wait: exit code, stdout, stderr."""
         proc = subprocess.Popen(
-            self.argv(cmd, user=user),
+            self.argv(cmd, user=user, env=env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -222,12 +254,17 @@ class Chroot:
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def popen(
-        self, cmd: Sequence[str], *, log: Path, user: str | None = None
+        self,
+        cmd: Sequence[str],
+        *,
+        log: Path,
+        user: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start `cmd` inside, its output to `log`, in its own process group (see `stop`)."""
         with log.open("wb") as out:
             return subprocess.Popen(
-                self.argv(cmd, user=user),
+                self.argv(cmd, user=user, env=env),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
