@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install system-deps test test-slow demo lint bench protos protos-check dist clean
+.PHONY: install system-deps arm64-deps test test-slow test-arm64 demo lint bench protos protos-check dist clean
 
 install: $(STAMP)
 
@@ -46,6 +46,27 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -m slow -q
+
+# The agent-only wheel on Debian arm64 under qemu-user-static (tests/e2e/test_aarch64.py,
+# docs/agent.md): needs root for binfmt_misc, chroot and mounts. The debootstrapped root
+# filesystem and pip's downloads are cached in $EDGEFLEET_CACHE (default ~/.cache/edgefleet).
+test-arm64: install arm64-deps
+	$(BIN)/pytest -m slow -q -rs tests/e2e/test_aarch64.py
+
+# Debian packages for test-arm64 only (not part of system-deps: ~60 MB, only that test uses them)
+arm64-deps:
+	@missing=""; \
+	command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	command -v qemu-aarch64-static >/dev/null || missing="$$missing qemu-user-static"; \
+	command -v update-binfmts >/dev/null || [ -x /usr/sbin/update-binfmts ] || missing="$$missing binfmt-support"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages:$$missing" >&2; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing system packages:$$missing (install them with your package manager)" >&2; exit 1; \
+	  fi; \
+	fi
 
 demo: install
 	$(PYTHON) -m edgefleet.simulator.demo
