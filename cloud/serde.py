@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -21,6 +22,18 @@ ACTIONS = {
     "rollback": device_pb2.DesiredState.ACTION_ROLLBACK,
     "shadow": device_pb2.DesiredState.ACTION_SHADOW,
 }
+
+
+@dataclass(frozen=True)
+class DesiredDelta:
+    """`fleet.v1.ArtifactDelta`: the artifact offered as a delta against `base_sha256`."""
+
+    base_sha256: str
+    sha256: str
+    size: int
+    format: int
+    chunk_size: int
+    chunk_digests: tuple[bytes, ...]
 
 
 def encode_chunk(sha256: str, index: int, total: int, data: bytes) -> bytes:
@@ -44,6 +57,7 @@ def encode_desired(
     sample_rate: float = 1.0,
     report_interval_ms: int = 1000,
     ttl_s: float = DESIRED_TTL_S,
+    delta: DesiredDelta | None = None,
 ) -> bytes:
     """A signed DesiredState, ready to publish retained on dev/{id}/desired.
 
@@ -64,6 +78,17 @@ def encode_desired(
         issued_at_ms=now_ms,
         not_after_ms=now_ms + int(ttl_s * 1000) if ttl_s else 0,
     )
+    if delta is not None:
+        desired.delta.CopyFrom(
+            device_pb2.ArtifactDelta(
+                base_sha256=delta.base_sha256,
+                sha256=delta.sha256,
+                size=delta.size,
+                format=delta.format,
+                chunk_size=delta.chunk_size,
+                chunk_sha256=list(delta.chunk_digests),
+            )
+        )
     if action == "shadow":
         desired.shadow.CopyFrom(
             device_pb2.ShadowPolicy(sample_rate=sample_rate, report_interval_ms=report_interval_ms)

@@ -1,0 +1,52 @@
+"""Which delta each device gets: per device the first of its active and last-known-good
+artifacts (as it last reported them) that has a delta to its target worth sending."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from edgefleet.cloud.deltas.cache import DeltaCache
+from edgefleet.cloud.deltas.store import DeltaRecord
+from edgefleet.cloud.devices import Device
+
+
+def _sha(ref: Any) -> str:
+    return str(ref.get("sha256", "")) if isinstance(ref, Mapping) else ""
+
+
+def device_bases(d: Device) -> list[str]:
+    """The artifacts a device holds, best first: active, then last-known-good."""
+    out: list[str] = []
+    for sha in (
+        _sha(d.active),
+        _sha(d.reported.get("active")),
+        _sha(d.reported.get("last_known_good")),
+    ):
+        if sha and sha not in out:
+            out.append(sha)
+    return out
+
+
+def plan_offers(
+    cache: DeltaCache, devices: Sequence[Device], targets: Mapping[str, str]
+) -> dict[str, DeltaRecord]:
+    """{device: delta} for the devices in `targets` ({device: target sha256}) that hold a
+    base with a delta worth sending; each (base, target) pair is built at most once
+    (blocking)."""
+    built: dict[tuple[str, str], DeltaRecord | None] = {}
+    out: dict[str, DeltaRecord] = {}
+    for d in devices:
+        target = targets.get(d.device_id)
+        if not target:
+            continue
+        for base in device_bases(d):
+            if base == target:
+                break  # nothing to send at all
+            if (base, target) not in built:
+                built[(base, target)] = cache.get_or_build(base, target)
+            rec = built[(base, target)]
+            if rec is not None:
+                out[d.device_id] = rec
+                break
+    return out
