@@ -9,7 +9,8 @@ against the target's digest and size (the signed manifest's) before it is used::
 
 Formats:
 
-- ``tensor`` (1): one zstd frame holding a table of ops and their payload. Ops, in
+- ``tensor`` (1): one zstd frame (the base as its raw-content dictionary, so names and
+  graph bytes the base shares cost almost nothing) holding a table of ops and their payload. Ops, in
   target order, each ``kind u8 | a u64 | b u64 | width u8`` (little-endian):
   ``LITERAL`` (0) the next ``b`` payload bytes; ``COPY`` (1) ``base[a:a+b]``;
   ``XOR`` (2) ``base[a:a+b]`` XOR the next ``b`` payload bytes, which are stored as
@@ -154,23 +155,38 @@ def apply_delta(base: bytes, delta: bytes) -> bytes:
     return out
 
 
-def _zstd_decompress(body: bytes, dictionary: bytes | None, size: int) -> bytes:
+def _decompressor(dictionary: bytes) -> Any:
     import zstandard
 
-    params: dict[str, Any] = {"max_window_size": 1 << MAX_WINDOW_LOG}
-    if dictionary is not None:
-        params["dict_data"] = zstandard.ZstdCompressionDict(
+    return zstandard.ZstdDecompressor(
+        dict_data=zstandard.ZstdCompressionDict(
             dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT
-        )
-    out = zstandard.ZstdDecompressor(**params).decompress(body, max_output_size=size)
-    return bytes(out)
+        ),
+        max_window_size=1 << MAX_WINDOW_LOG,
+    )
+
+
+def _compressor(dictionary: bytes, size: int, level: int) -> Any:
+    import zstandard
+
+    window = max(10, min(MAX_WINDOW_LOG, (len(dictionary) + size).bit_length()))
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, window_log=window, enable_ldm=len(dictionary) > (1 << 27)
+    )
+    dictionary_ = zstandard.ZstdCompressionDict(
+        dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT
+    )
+    return zstandard.ZstdCompressor(dict_data=dictionary_, compression_params=params)
+
+
+def _zstd_decompress(body: bytes, dictionary: bytes, size: int) -> bytes:
+    return bytes(_decompressor(dictionary).decompress(body, max_output_size=size))
 
 
 def _apply_tensor(base: bytes, body: memoryview, target_size: int) -> bytes:
     import numpy as np
-    import zstandard
 
-    with zstandard.ZstdDecompressor().stream_reader(bytes(body)) as r:
+    with _decompressor(base).stream_reader(bytes(body)) as r:
         raw = r.read()
     if len(raw) < _COUNT.size:
         raise DataLoss("tensor delta body is shorter than its op count")
@@ -221,14 +237,13 @@ class Segment:
 
 
 def encode_tensor(base: bytes, target: bytes, segments: list[Segment], *, level: int = 19) -> bytes:
-    import zstandard
-
     table = bytearray(_COUNT.pack(len(segments)))
     payload = bytearray()
     for s in segments:
         table += _OP.pack(int(s.op), s.base_offset, s.length, s.width)
         payload += s.payload
-    body = zstandard.ZstdCompressor(level=level).compress(bytes(table + payload))
+    raw = bytes(table + payload)
+    body = _compressor(base, len(raw), level).compress(raw)
     return _header(DeltaFormat.TENSOR, base, target) + body
 
 
@@ -239,16 +254,7 @@ def encode_bsdiff4(base: bytes, target: bytes) -> bytes:
 
 
 def encode_zstd(base: bytes, target: bytes, *, level: int = 19) -> bytes:
-    import zstandard
-
-    window = max(10, min(MAX_WINDOW_LOG, (len(base) + len(target)).bit_length()))
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, window_log=window, enable_ldm=len(base) > (1 << 27)
-    )
-    dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    body = zstandard.ZstdCompressor(dict_data=dictionary, compression_params=params).compress(
-        target
-    )
+    body = _compressor(base, len(target), level).compress(target)
     return _header(DeltaFormat.ZSTD, base, target) + body
 
 

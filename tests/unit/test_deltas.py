@@ -4,12 +4,15 @@ exactly, refuse the wrong base, and garbled bodies fail as DataLoss (never a wro
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgefleet.cloud.artifacts.local import LocalArtifactStore
+from edgefleet.cloud.deltas import DeltaCache, DeltaStore
 from edgefleet.cloud.deltas.build import build_delta, candidates, tensor_segments
 from edgefleet.cloud.deltas.onnx import initializers
 from edgefleet.protos.delta import (
@@ -156,3 +159,32 @@ def test_binary_fallbacks_round_trip(base: bytes, edits: list[tuple[int, bytes]]
 @given(data=st.binary(max_size=512), width=st.sampled_from([1, 2, 4, 8]))
 def test_byte_planes_round_trip(data: bytes, width: int) -> None:
     assert unshuffle(shuffle(data, width), width) == data
+
+
+def test_cache_keeps_worthwhile_deltas_and_forgets_altered_ones(tmp_path: Path) -> None:
+    store = LocalArtifactStore(str(tmp_path / "artifacts"))
+    records = DeltaStore(f"sqlite:///{tmp_path / 'fleet.db'}")
+    cache = DeltaCache(store, records)
+    base_w = weights()
+    base = store.put(onnx_model(base_w)).sha256
+    target = store.put(onnx_model(dict(base_w, b=base_w["b"] + 1))).sha256
+    unrelated = store.put(onnx_model(weights(5))).sha256
+    rec = cache.get_or_build(base, target)
+    assert rec is not None and rec.usable and rec.ratio < 0.15
+    assert records.for_targets([target]) == [rec]
+    assert cache.get_or_build(base, target) == rec  # cached, not rebuilt
+    assert cache.get_or_build(unrelated, target) is None  # not worth it: remembered as such
+    assert records.get(unrelated, target) is not None
+    assert cache.get_or_build("0" * 64, target) is None  # base not in the store
+    # a delta altered in the store is refused and forgotten, and built again next time
+    path = next((tmp_path / "artifacts").rglob(rec.sha256 + "*"))
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(DataLoss):
+        cache.load(rec)
+    assert records.get(base, target) is None
+    path.unlink()
+    again = cache.get_or_build(base, target)
+    assert again is not None and apply_delta(store.get(base), cache.load(again)) == store.get(
+        target
+    )
+    records.close()
