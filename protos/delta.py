@@ -243,7 +243,7 @@ def encode_tensor(base: bytes, target: bytes, segments: list[Segment], *, level:
         table += _OP.pack(int(s.op), s.base_offset, s.length, s.width)
         payload += s.payload
     raw = bytes(table + payload)
-    body = _compressor(base, len(raw), level).compress(raw)
+    body = bytes(_compressor(base, len(raw), level).compress(raw))
     return _header(DeltaFormat.TENSOR, base, target) + body
 
 
@@ -254,7 +254,7 @@ def encode_bsdiff4(base: bytes, target: bytes) -> bytes:
 
 
 def encode_zstd(base: bytes, target: bytes, *, level: int = 19) -> bytes:
-    body = _compressor(base, len(target), level).compress(target)
+    body = bytes(_compressor(base, len(target), level).compress(target))
     return _header(DeltaFormat.ZSTD, base, target) + body
 
 
