@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from edgefleet.protos.delta import DeltaFormat, encode_zstd
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttTransport
+from tests.conftest import Cli
 from tests.e2e.test_updates import CHUNK, Harness, harness, run
 from tests.support.identity import SecureBroker
 
@@ -77,7 +79,7 @@ def reasons(h: Harness, dev: str) -> list[str]:
 
 
 def test_delta_to_devices_on_the_parent_and_full_to_the_rest(
-    home: Path, broker: SecureBroker, tmp_path: Path
+    home: Path, broker: SecureBroker, tmp_path: Path, cli: Cli
 ) -> None:
     async def main() -> None:
         async with harness(home, broker, tmp_path, ["d1", "d2", "d3"]) as h:
@@ -104,6 +106,21 @@ def test_delta_to_devices_on_the_parent_and_full_to_the_rest(
             rec = DeltaStore(h.devices.url).get(v1, v2)
             assert rec is not None and rec.sha256 == by_dev["d1"].delta_sha256
             assert rec.format == "tensor"
+            # `fleet models show` lists it (the harness keeps devices in a database of their
+            # own; in a real home both share one)
+            home_db = DeltaStore(h.client.settings.registry_url)
+            home_db.put(rec)
+            home_db.close()
+            shown = await asyncio.to_thread(cli, "--home", str(home), "models", "show", "digits:2")
+            assert shown.code == 0, shown.err
+            assert (
+                f"digits:1/fp32 -> digits:2/fp32: tensor {rec.size} B of {rec.target_size} B"
+                in (shown.out)
+            )
+            shown = await asyncio.to_thread(
+                cli, "--home", str(home), "models", "show", "digits:2", "--json"
+            )
+            assert json.loads(shown.out)["deltas"][0]["size"] == rec.size
 
     run(main())
 
