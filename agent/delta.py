@@ -9,16 +9,15 @@ updater reports `DELTA_NO_BASE` or `DELTA_FAILED` and carries on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 from edgefleet.agent.download import fsync_dir
 from edgefleet.agent.slots import InstalledModel, ModelSlots
-from edgefleet.protos.delta import apply_delta
+from edgefleet.protos.delta import apply_delta, read_header
 from edgefleet.protos.errors import DataLoss
-from edgefleet.protos.manifest import Manifest, check_artifact
+from edgefleet.protos.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +32,21 @@ def find_base(slots: ModelSlots, sha256: str) -> InstalledModel | None:
 
 def rebuild(base: InstalledModel, delta_path: Path, manifest: Manifest, dest: Path) -> Path:
     """Apply the delta at `delta_path` to `base`'s bytes and write the result to `dest`
-    (flushed), after checking it is exactly the manifest's artifact. The delta file is
-    removed either way. Raises `DataLoss` (base on disk damaged, or the result is not
+    (flushed), after checking it is exactly the manifest's artifact (the delta's header
+    names the manifest's digest and size, and the rebuilt bytes hash to it). The delta
+    file is removed either way. Raises `DataLoss` (base on disk damaged, or the result is not
     the artifact) or `InvalidArgument` (the delta is malformed or for another base)."""
     try:
-        base_bytes = base.path.read_bytes()
-        actual = hashlib.sha256(base_bytes).hexdigest()
-        if actual != base.sha256:
+        delta = delta_path.read_bytes()
+        h = read_header(delta)
+        if (h.target_sha256, h.target_size) != (manifest.sha256, manifest.size):
             raise DataLoss(
-                f"delta base {base.sha256[:16]}… on disk ({base.path}) now hashes to {actual[:16]}…"
+                f"delta rebuilds {h.target_sha256[:16]}… ({h.target_size} bytes); the manifest "
+                f"of {manifest.ref} names {manifest.sha256[:16]}… ({manifest.size} bytes)"
             )
-        out = apply_delta(base_bytes, delta_path.read_bytes())
-        check_artifact(manifest, out)
+        # the base is not hashed: damaged base bytes give a result that fails the
+        # target digest check in apply_delta (one hash, not three)
+        out = apply_delta(base.path.read_bytes(), delta, base_sha256=base.sha256)
     finally:
         delta_path.unlink(missing_ok=True)
     tmp = dest.with_name(dest.name + ".delta-tmp")

@@ -15,7 +15,10 @@ Formats:
   ``LITERAL`` (0) the next ``b`` payload bytes; ``COPY`` (1) ``base[a:a+b]``;
   ``XOR`` (2) ``base[a:a+b]`` XOR the next ``b`` payload bytes, which are stored as
   ``width`` byte planes (byte 0 of every element, then byte 1, …; width 1: as is);
-  ``ADD`` (3) ``base[a:a+b] + payload`` byte-wise modulo 256 (int8 tensors).
+  ``ADD`` (3) ``base[a:a+b] + payload`` element-wise as ``width``-byte little-endian
+  unsigned integers modulo 2^(8*width), the payload zigzag-coded (``(d << 1) ^ (d >> bits-1)``
+  of the signed difference) and stored as byte planes like XOR's: a float that moved a
+  little differs from its old bit pattern by a small integer, without XOR's carry bursts.
   The coordinator writes it for ONNX models (one op per initializer); the device
   needs no ONNX parser to apply it.
 - ``bsdiff4`` (2): a BSDIFF4 patch (PyPI ``bsdiff4``), for any file type.
@@ -99,6 +102,26 @@ def read_header(delta: bytes) -> DeltaHeader:
 # -- byte planes -------------------------------------------------------------------
 
 
+def _uint(width: int) -> Any:
+    """The numpy unsigned dtype of `width` bytes, or None."""
+    import numpy as np
+
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(width)
+
+
+def zigzag_diff(before: bytes, after: bytes, width: int) -> bytes:
+    """The ADD payload (before shuffling): `after - before` per `width`-byte element,
+    zigzag-coded so small differences of either sign are small numbers."""
+    import numpy as np
+
+    dt = _uint(width)
+    if dt is None or len(after) != len(before) or len(after) % width:
+        raise InvalidArgument(f"cannot diff {len(after)} bytes as {width}-byte elements")
+    d = np.frombuffer(after, dt) - np.frombuffer(before, dt)
+    bits = dt(8 * width - 1)
+    return bytes(((d << dt(1)) ^ (dt(0) - (d >> bits))).tobytes())
+
+
 def shuffle(data: bytes, width: int) -> bytes:
     """Element bytes grouped by position (all first bytes, then all second bytes, …):
     the high bytes of slightly changed floats XOR to runs of zeros that compress."""
@@ -120,15 +143,17 @@ def unshuffle(data: bytes | memoryview, width: int) -> bytes:
 # -- apply -------------------------------------------------------------------------
 
 
-def apply_delta(base: bytes, delta: bytes) -> bytes:
+def apply_delta(base: bytes, delta: bytes, *, base_sha256: str | None = None) -> bytes:
     """The target the delta rebuilds from `base`, checked against the header's digest
-    and size. `InvalidArgument`: the delta is malformed or is for another base;
-    `DataLoss`: the rebuilt bytes are not the target."""
+    and size. `base_sha256`: the digest the caller knows `base` by (a device's installed
+    model), compared with the header instead of hashing `base` — damaged base bytes
+    still cannot pass, as the rebuilt file is hashed. `InvalidArgument`: the delta is
+    malformed or is for another base; `DataLoss`: the rebuilt bytes are not the target."""
     h = read_header(delta)
-    actual = hashlib.sha256(base).hexdigest()
+    actual = base_sha256 if base_sha256 is not None else hashlib.sha256(base).hexdigest()
     if actual != h.base_sha256:
         raise InvalidArgument(
-            f"delta applies to base {h.base_sha256[:16]}…; the bytes given hash to {actual[:16]}…"
+            f"delta applies to base {h.base_sha256[:16]}…; the bytes given are {actual[:16]}…"
         )
     body = memoryview(delta)[HEADER_SIZE:]
     try:
@@ -183,43 +208,64 @@ def _zstd_decompress(body: bytes, dictionary: bytes, size: int) -> bytes:
     return bytes(_decompressor(dictionary).decompress(body, max_output_size=size))
 
 
+def _planes(payload: Any, width: int, dt: Any) -> Any:
+    """Byte planes back to `width`-byte little-endian elements, as an array of `dt`
+    (shift-or of contiguous planes: several times faster than a strided transpose)."""
+    if width == 1:
+        return payload.view(dt)
+    planes = payload.reshape(width, -1)
+    acc = planes[0].astype(dt)
+    for k in range(1, width):
+        acc |= planes[k].astype(dt) << dt(8 * k)
+    return acc
+
+
 def _apply_tensor(base: bytes, body: memoryview, target_size: int) -> bytes:
     import numpy as np
 
-    with _decompressor(base).stream_reader(bytes(body)) as r:
-        raw = r.read()
+    frame = bytes(_decompressor(base).decompress(body))
+    raw = np.frombuffer(frame, np.uint8)
     if len(raw) < _COUNT.size:
         raise DataLoss("tensor delta body is shorter than its op count")
-    (n,) = _COUNT.unpack_from(raw)
+    (n,) = _COUNT.unpack_from(frame)
     pos = _COUNT.size + n * _OP.size
     if pos > len(raw):
         raise DataLoss(f"tensor delta lists {n} ops but holds {len(raw)} bytes")
-    out = bytearray()
-    view = memoryview(raw)
+    src = np.frombuffer(base, np.uint8)
+    out = np.empty(target_size, np.uint8)
+    at = 0
     for i in range(n):
-        kind, a, b, width = _OP.unpack_from(raw, _COUNT.size + i * _OP.size)
-        if len(out) + b > target_size:
+        kind, a, b, width = _OP.unpack_from(frame, _COUNT.size + i * _OP.size)
+        if at + b > target_size:
             raise DataLoss(f"tensor delta op {i} runs past the target size {target_size}")
         if kind != Op.COPY and pos + b > len(raw):
             raise DataLoss(f"tensor delta op {i} wants {b} payload bytes past the end")
         if kind != Op.LITERAL and a + b > len(base):
             raise DataLoss(f"tensor delta op {i} reads base[{a}:{a + b}] of {len(base)} bytes")
+        dest = out[at : at + b]
         if kind == Op.LITERAL:
-            out += view[pos : pos + b]
+            dest[:] = raw[pos : pos + b]
             pos += b
         elif kind == Op.COPY:
-            out += base[a : a + b]
-        elif kind == Op.XOR:
-            patch = np.frombuffer(unshuffle(view[pos : pos + b], width), np.uint8)
-            out += (np.frombuffer(base, np.uint8, b, a) ^ patch).tobytes()
-            pos += b
-        elif kind == Op.ADD:
-            patch = np.frombuffer(view[pos : pos + b], np.uint8)
-            out += (np.frombuffer(base, np.uint8, b, a) + patch).tobytes()
+            dest[:] = src[a : a + b]
+        elif kind in (Op.XOR, Op.ADD):
+            dt = _uint(width)
+            if dt is None or b % width:
+                raise DataLoss(f"tensor delta op {i}: width {width} over {b} bytes")
+            patch = _planes(raw[pos : pos + b], width, dt)
+            old = src[a : a + b].view(dt) if a % width == 0 else src[a : a + b].copy().view(dt)
+            if kind == Op.XOR:
+                np.bitwise_xor(old, patch, out=dest.view(dt))
+            else:  # zigzag back to two's complement, then add modulo 2^bits
+                diff = (patch >> dt(1)) ^ (dt(0) - (patch & dt(1)))
+                np.add(old, diff, out=dest.view(dt))
             pos += b
         else:
             raise DataLoss(f"tensor delta op {i} has kind {kind}; accepted: 0-3")
-    return bytes(out)
+        at += b
+    if at != target_size:
+        raise DataLoss(f"tensor delta rebuilt {at} bytes; its header says {target_size}")
+    return out.tobytes()
 
 
 # -- build (the coordinator writes deltas; tests and the bench use it too) ----------

@@ -24,6 +24,7 @@ from edgefleet.protos.delta import (
     encode_zstd,
     read_header,
     shuffle,
+    zigzag_diff,
 )
 from edgefleet.protos.errors import FleetError, InvalidArgument
 
@@ -83,13 +84,14 @@ def tensor_segments(base: bytes, target: bytes) -> list[Segment] | None:
 
 
 def _diff(before: bytes, after: bytes, offset: int, width: int) -> Segment:
-    import numpy as np
-
-    a = np.frombuffer(before, np.uint8)
-    b = np.frombuffer(after, np.uint8)
-    if width == 1:  # int8/uint8: small steps are small differences (XOR of 127->128 is 255)
-        return Segment(Op.ADD, len(after), offset, 1, (b - a).tobytes())
-    return Segment(Op.XOR, len(after), offset, width, shuffle((a ^ b).tobytes(), width))
+    """A changed tensor as integer differences of its elements (zigzag, byte planes): a
+    weight nudged by training differs from its old bit pattern by a small number, and
+    an int8 step of one is one (XOR would turn 127 -> 128 into 255)."""
+    if len(after) % width:
+        width = 1
+    return Segment(
+        Op.ADD, len(after), offset, width, shuffle(zigzag_diff(before, after, width), width)
+    )
 
 
 def candidates(base: bytes, target: bytes, *, level: int = 19) -> list[bytes]:

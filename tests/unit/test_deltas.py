@@ -78,7 +78,7 @@ def test_head_only_change_sends_only_the_head() -> None:
     segs = tensor_segments(base, target)
     assert segs is not None
     ops = [s.op for s in segs if s.op != Op.LITERAL]
-    assert ops.count(Op.COPY) == 2 and ops.count(Op.XOR) == 2
+    assert ops.count(Op.COPY) == 2 and ops.count(Op.ADD) == 2
     built = build_delta(base, target)
     assert built is not None and built.format is DeltaFormat.TENSOR
     assert built.ratio < 0.15
