@@ -4,10 +4,11 @@ artifacts (as it last reported them) that has a delta to its target worth sendin
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from edgefleet.cloud.deltas.cache import DeltaCache
-from edgefleet.cloud.deltas.store import DeltaRecord
+from edgefleet.cloud.deltas.store import DeltaRecord, DeltaStore
 from edgefleet.cloud.devices import Device
 
 
@@ -50,3 +51,38 @@ def plan_offers(
                 out[d.device_id] = rec
                 break
     return out
+
+
+@dataclass(frozen=True)
+class WireSummary:
+    """What one broadcast of a deploy sends: one stream per delta (base -> target) group
+    and one per artifact fetched in full, against the full artifacts alone."""
+
+    wire_bytes: int
+    full_bytes: int
+    via_delta: int
+    devices: int
+
+    def describe(self) -> str:
+        share = 100 * self.wire_bytes / max(1, self.full_bytes)
+        return (
+            f"bytes to send: {self.wire_bytes:,} vs {self.full_bytes:,} full ({share:.1f}%); "
+            f"{self.via_delta} of {self.devices} devices via deltas"
+        )
+
+
+def wire_summary(records: DeltaStore, targets: Sequence[tuple[str, str, int]]) -> WireSummary:
+    """For (base sha256 or "", target sha256, target size) per device: the deltas
+    recorded for those pairs decide what goes on the wire (blocking)."""
+    streams: dict[str, int] = {}
+    full: dict[str, int] = {}
+    via = 0
+    for base, target, size in targets:
+        full[target] = size
+        rec = records.get(base, target) if base and base != target else None
+        if rec is not None and rec.usable:
+            streams[rec.sha256] = rec.size
+            via += 1
+        elif base != target:
+            streams[target] = size
+    return WireSummary(sum(streams.values()), sum(full.values()), via, len(targets))

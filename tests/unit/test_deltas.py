@@ -188,3 +188,19 @@ def test_cache_keeps_worthwhile_deltas_and_forgets_altered_ones(tmp_path: Path) 
         target
     )
     records.close()
+
+
+def test_wire_summary_counts_one_stream_per_group(tmp_path: Path) -> None:
+    from edgefleet.cloud.deltas.offers import wire_summary
+    from edgefleet.cloud.deltas.store import DeltaRecord
+
+    records = DeltaStore(f"sqlite:///{tmp_path / 'fleet.db'}")
+    a, b, t = "a" * 64, "b" * 64, "f" * 64
+    records.put(DeltaRecord(a, t, "tensor", "d" * 64, 100, 1000))
+    records.put(DeltaRecord(b, t, "none", "", 0, 1000))
+    summary = wire_summary(records, [(a, t, 1000), (a, t, 1000), (b, t, 1000), ("", t, 1000)])
+    records.close()
+    # one delta stream for both devices on `a`, one full stream for `b` and the new device
+    assert (summary.wire_bytes, summary.full_bytes, summary.via_delta) == (1100, 1000, 2)
+    assert "1,100 vs 1,000 full" in summary.describe()
+    assert "2 of 4 devices via deltas" in summary.describe()
