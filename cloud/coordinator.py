@@ -197,6 +197,8 @@ class Coordinator:
         self._delta_records: DeltaStore | None = None
         #: device -> the delta its next desired state offers (see `prepare`)
         self.offers: dict[str, DeltaRecord] = {}
+        self._loading: set[str] = set()
+        self._load_tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Coordinator:
         if self._deltas_arg is True and self.deltas is None:
@@ -272,6 +274,9 @@ class Coordinator:
         try:
             if space == "art":
                 want = decode_want(ident, msg.payload)
+                if not self.broadcaster.known(want.sha256):
+                    self._load_wanted(want.sha256)  # e.g. a delta, after a restart
+                    return
                 self.broadcaster.on_want(want.sha256, list(want.missing), resume=want.resume)
                 return
             now = datetime.now(UTC)
@@ -300,6 +305,31 @@ class Coordinator:
             self._inbox_ready.set()
         except Refused as e:
             self.refusals.refuse(kind, ident, e.reason, str(e))
+
+    def _load_wanted(self, sha256: str) -> None:
+        """A want for bytes this coordinator has not prepared (it restarted since the
+        desired state was issued, or a delta was offered by another replica): load them
+        from the artifact store, where artifacts and deltas are kept by sha256, and
+        register them; the device's next want is served. Unknown digests are ignored."""
+        if sha256 in self._loading or len(self._loading) >= 64:
+            return
+        self._loading.add(sha256)
+
+        async def load() -> None:
+            try:
+                if await asyncio.to_thread(self.store.exists, sha256):
+                    data = await asyncio.to_thread(self.store.get, sha256)
+                    if not self.broadcaster.known(sha256):
+                        self.broadcaster.register(sha256, data, self.chunk_size)
+                        logger.info("artifact %s loaded for a want", sha256[:12])
+            except FleetError as e:
+                logger.info("want for %s: not served (%s)", sha256[:12], e)
+            finally:
+                self._loading.discard(sha256)
+
+        task = asyncio.create_task(load(), name=f"load-{sha256[:12]}")
+        self._load_tasks.add(task)
+        task.add_done_callback(self._load_tasks.discard)
 
     async def _write_events(self) -> None:
         """Apply what devices said to the database in batches: one transaction per

@@ -147,7 +147,9 @@ def test_every_fallback_ends_on_the_right_verified_model(
                 """Offer v2 as `delta` against `base`; wait until `dev` runs v2 and return
                 the reasons it reported on the way."""
                 sha = hashlib.sha256(delta).hexdigest()
-                if not h.coord.broadcaster.known(sha):
+                if dev in ("nobase", "tampered"):  # not prepared: loaded from the store on a want
+                    store.put(delta)
+                elif not h.coord.broadcaster.known(sha):
                     h.coord.broadcaster.register(sha, delta, CHUNK)
                 payload = encode_desired(
                     device_id=dev,
