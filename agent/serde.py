@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import numpy as np
 
+from edgefleet.protos.delta import DeltaOffer
 from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.fleet.v1 import device_pb2, inference_pb2, model_pb2
 from edgefleet.protos.manifest import DTYPES, Manifest, TensorSpec
@@ -298,18 +299,6 @@ class Reason(enum.IntEnum):
     OFFLINE_INSTALL = device_pb2.REASON_CODE_OFFLINE_INSTALL
     DELTA_NO_BASE = device_pb2.REASON_CODE_DELTA_NO_BASE
     DELTA_FAILED = device_pb2.REASON_CODE_DELTA_FAILED
-
-
-@dataclass(frozen=True)
-class DeltaOffer:
-    """`fleet.v1.ArtifactDelta`: the artifact as a delta against a base the device may hold."""
-
-    base_sha256: str
-    sha256: str
-    size: int
-    format: int
-    chunk_size: int
-    chunk_digests: tuple[bytes, ...]
 
 
 @dataclass(frozen=True)

@@ -419,14 +419,17 @@ class Updater:
                 gen, UpdateState.FAILED, Reason.DISK_FULL, f"cannot store download: {e}"
             )
             return
-        dl = _Download(desired, manifest, partial, time.monotonic())
+        await self._begin(_Download(desired, manifest, partial, time.monotonic()))
+
+    async def _begin(self, dl: _Download) -> None:
+        """Start (or finish, if it is already complete) the download of `dl.partial`."""
         self._download = dl
         self.state = UpdateState.DOWNLOADING
-        await self._report(gen, UpdateState.DOWNLOADING, Reason.OK, "", dl=dl)
-        if partial.complete:
+        await self._report(dl.desired.generation, UpdateState.DOWNLOADING, Reason.OK, "", dl=dl)
+        if dl.partial.complete:
             await self._complete(dl)
             return
-        await self._subscribe(self._topics.chunk(manifest.sha256))
+        await self._subscribe(self._topics.chunk(dl.partial.sha256))
         await self._want(dl)
 
     async def _want(self, dl: _Download, *, resume: bool = False) -> None:
@@ -510,15 +513,7 @@ class Updater:
         except (InvalidArgument, OSError) as e:
             await self._report(gen, UpdateState.DOWNLOADING, Reason.DELTA_FAILED, str(e))
             return False
-        dl = _Download(desired, manifest, partial, time.monotonic(), base=base)
-        self._download = dl
-        self.state = UpdateState.DOWNLOADING
-        await self._report(gen, UpdateState.DOWNLOADING, Reason.OK, "", dl=dl)
-        if partial.complete:
-            await self._complete(dl)
-            return True
-        await self._subscribe(self._topics.chunk(offer.sha256))
-        await self._want(dl)
+        await self._begin(_Download(desired, manifest, partial, time.monotonic(), base=base))
         return True
 
     async def _complete_delta(self, dl: _Download) -> None:

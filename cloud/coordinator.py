@@ -44,8 +44,8 @@ from edgefleet.cloud.inbound import (
 )
 from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
 from edgefleet.cloud.selection import DeviceProfile, Plan, choose_variant
-from edgefleet.cloud.serde import DESIRED_TTL_S, DesiredDelta, encode_desired, refresh_desired
-from edgefleet.protos.delta import DeltaFormat
+from edgefleet.cloud.serde import DESIRED_TTL_S, encode_desired, refresh_desired
+from edgefleet.protos.delta import DeltaFormat, DeltaOffer
 from edgefleet.protos.errors import DataLoss, FleetError, InvalidArgument, NotFound
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
@@ -202,7 +202,7 @@ class Coordinator:
 
     async def __aenter__(self) -> Coordinator:
         if self._deltas_arg is True and self.deltas is None:
-            self._delta_records = DeltaStore(self.devices.url)
+            self._delta_records = DeltaStore(self.devices.database)  # borrowed, one engine
             self.deltas = DeltaCache(self.store, self._delta_records)
         await self.transport.__aenter__()
         self._task = asyncio.create_task(self.broadcaster.run(), name="broadcaster")
@@ -428,7 +428,7 @@ class Coordinator:
             offer = self.offers.get(device_id) if chunked else None
             delta = None
             if offer is not None and offer.target_sha256 == sha:
-                delta = DesiredDelta(
+                delta = DeltaOffer(
                     base_sha256=offer.base_sha256,
                     sha256=offer.sha256,
                     size=offer.size,

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgefleet.protos.delta import DeltaOffer
 from edgefleet.protos.fleet.v1 import device_pb2, model_pb2
 from edgefleet.protos.manifest import SignedManifest, key_id
 
@@ -22,18 +22,6 @@ ACTIONS = {
     "rollback": device_pb2.DesiredState.ACTION_ROLLBACK,
     "shadow": device_pb2.DesiredState.ACTION_SHADOW,
 }
-
-
-@dataclass(frozen=True)
-class DesiredDelta:
-    """`fleet.v1.ArtifactDelta`: the artifact offered as a delta against `base_sha256`."""
-
-    base_sha256: str
-    sha256: str
-    size: int
-    format: int
-    chunk_size: int
-    chunk_digests: tuple[bytes, ...]
 
 
 def encode_chunk(sha256: str, index: int, total: int, data: bytes) -> bytes:
@@ -57,7 +45,7 @@ def encode_desired(
     sample_rate: float = 1.0,
     report_interval_ms: int = 1000,
     ttl_s: float = DESIRED_TTL_S,
-    delta: DesiredDelta | None = None,
+    delta: DeltaOffer | None = None,
 ) -> bytes:
     """A signed DesiredState, ready to publish retained on dev/{id}/desired.
 

@@ -59,6 +59,19 @@ class DeltaFormat(IntEnum):
         return self.name.lower()
 
 
+@dataclass(frozen=True)
+class DeltaOffer:
+    """`fleet.v1.ArtifactDelta`: a desired state's artifact offered as a delta against
+    `base_sha256` (both sides' serde convert it; the format number is `DeltaFormat`)."""
+
+    base_sha256: str
+    sha256: str
+    size: int
+    format: int
+    chunk_size: int
+    chunk_digests: tuple[bytes, ...]
+
+
 class Op(IntEnum):
     LITERAL = 0
     COPY = 1

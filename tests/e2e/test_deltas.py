@@ -21,9 +21,9 @@ from edgefleet.cloud.config import load_settings
 from edgefleet.cloud.deltas import DeltaStore
 from edgefleet.cloud.distribution import chunk_digests
 from edgefleet.cloud.registry import ModelRef
-from edgefleet.cloud.serde import DesiredDelta, encode_chunk, encode_desired
+from edgefleet.cloud.serde import encode_chunk, encode_desired
 from edgefleet.models.checkpoint import Checkpoint, dump_checkpoint, load_checkpoint
-from edgefleet.protos.delta import DeltaFormat, encode_zstd
+from edgefleet.protos.delta import DeltaFormat, DeltaOffer, encode_zstd
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import MqttTransport
@@ -160,7 +160,7 @@ def test_every_fallback_ends_on_the_right_verified_model(
                     chunk_digests=chunk_digests(full, CHUNK),
                     action="activate",
                     key=h.key(),
-                    delta=DesiredDelta(
+                    delta=DeltaOffer(
                         base, sha, len(delta), 1, CHUNK, tuple(chunk_digests(delta, CHUNK))
                     ),
                 )
