@@ -266,7 +266,7 @@ def _apply_tensor(base: bytes, body: memoryview, target_size: int) -> bytes:
             if dt is None or b % width:
                 raise DataLoss(f"tensor delta op {i}: width {width} over {b} bytes")
             patch = _planes(raw[pos : pos + b], width, dt)
-            old = src[a : a + b].view(dt) if a % width == 0 else src[a : a + b].copy().view(dt)
+            old = np.frombuffer(base, dt, b // width, a)  # unaligned is fine on numpy
             if kind == Op.XOR:
                 np.bitwise_xor(old, patch, out=dest.view(dt))
             else:  # zigzag back to two's complement, then add modulo 2^bits
