@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import edgefleet
+from edgefleet.agent import delta
 from edgefleet.agent.capabilities import detect
 from edgefleet.agent.config import AgentSettings
 from edgefleet.agent.drift import DriftMonitor
@@ -58,6 +59,8 @@ class Agent:
             caps["features"] = [*caps.get("features", ()), *fl_features(**fl)]
             if not fl["ready"]:
                 logger.warning("%s: federated learning off: %s", self.device_id, fl["reason"])
+        if delta.available() and delta.FEATURE not in caps.get("features", ()):
+            caps["features"] = [*caps.get("features", ()), delta.FEATURE]
         self.capabilities = caps
         self.fl = FlSidecar(settings) if fl is not None and fl["ready"] else None
         self.holder = holder if holder is not None else ModelHolder()

@@ -9,6 +9,7 @@ updater reports `DELTA_NO_BASE` or `DELTA_FAILED` and carries on.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -20,6 +21,16 @@ from edgefleet.protos.errors import DataLoss
 from edgefleet.protos.manifest import Manifest
 
 logger = logging.getLogger(__name__)
+
+#: what the agent adds to `Capabilities.features` when it can apply deltas; the
+#: coordinator offers deltas only to devices that list it
+FEATURE = "delta"
+
+
+def available() -> bool:
+    """Whether this install can apply every delta format (the `[delta]` extra), found
+    without importing the decoders."""
+    return all(importlib.util.find_spec(m) is not None for m in ("zstandard", "bsdiff4"))
 
 
 def find_base(slots: ModelSlots, sha256: str) -> InstalledModel | None:

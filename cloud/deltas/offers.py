@@ -11,6 +11,9 @@ from edgefleet.cloud.deltas.cache import DeltaCache
 from edgefleet.cloud.deltas.store import DeltaRecord, DeltaStore
 from edgefleet.cloud.devices import Device
 
+#: the `Capabilities.features` entry of agents that apply deltas (agent/delta.py)
+FEATURE = "delta"
+
 
 def _sha(ref: Any) -> str:
     return str(ref.get("sha256", "")) if isinstance(ref, Mapping) else ""
@@ -39,8 +42,8 @@ def plan_offers(
     out: dict[str, DeltaRecord] = {}
     for d in devices:
         target = targets.get(d.device_id)
-        if not target:
-            continue
+        if not target or FEATURE not in d.capabilities.get("features", ()):
+            continue  # an agent without the [delta] extra (or too old) gets the full artifact
         for base in device_bases(d):
             if base == target:
                 break  # nothing to send at all

@@ -204,3 +204,51 @@ def test_wire_summary_counts_one_stream_per_group(tmp_path: Path) -> None:
     assert (summary.wire_bytes, summary.full_bytes, summary.via_delta) == (1100, 1000, 2)
     assert "1,100 vs 1,000 full" in summary.describe()
     assert "2 of 4 devices via deltas" in summary.describe()
+
+
+def test_offers_go_to_delta_capable_devices_on_their_active_or_last_known_good(
+    tmp_path: Path,
+) -> None:
+    from datetime import UTC, datetime
+
+    from edgefleet.cloud.deltas.offers import plan_offers
+    from edgefleet.cloud.devices import Device
+
+    store = LocalArtifactStore(str(tmp_path / "artifacts"))
+    records = DeltaStore(f"sqlite:///{tmp_path / 'fleet.db'}")
+    cache = DeltaCache(store, records)
+    base_w = weights()
+    v1 = store.put(onnx_model(base_w)).sha256
+    v2 = store.put(onnx_model(dict(base_w, b=base_w["b"] + 1))).sha256
+    other = store.put(onnx_model(weights(9))).sha256
+
+    def device(
+        name: str, active: str, lkg: str = "", features: tuple[str, ...] = ("delta",)
+    ) -> Device:
+        return Device(
+            device_id=name,
+            group="",
+            tags={},
+            enrolled_at=datetime.now(UTC),
+            online=True,
+            last_seen=None,
+            agent_version="0.1.0",
+            capabilities={"features": list(features)},
+            active={"sha256": active} if active else {},
+            reported={"last_known_good": {"sha256": lkg}} if lkg else {},
+            desired_generation=0,
+            rollout_id="",
+        )
+
+    devices = [
+        device("on-v1", v1),
+        device("lkg-v1", other, lkg=v1),  # its active model has no worthwhile delta
+        device("old-agent", v1, features=()),
+        device("fresh", ""),
+        device("done", v2),
+    ]
+    offers = plan_offers(cache, devices, {d.device_id: v2 for d in devices})
+    records.close()
+    assert set(offers) == {"on-v1", "lkg-v1"}
+    assert offers["on-v1"] == offers["lkg-v1"]  # one delta (base -> target) group
+    assert offers["on-v1"].base_sha256 == v1

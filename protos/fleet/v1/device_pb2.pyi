@@ -198,7 +198,7 @@ class Capabilities(_message.Message):
 
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """optional extras: "fl" (Flower SuperNode sidecar)"""
+        """optional extras: "fl" (Flower SuperNode sidecar), "delta" (applies ArtifactDelta)"""
 
     def __init__(
         self,
