@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import edgefleet
+from edgefleet.agent import delta
 from edgefleet.agent.capabilities import Capabilities, detect
 from edgefleet.agent.config import AgentSettings
 from edgefleet.agent.drift import DriftMonitor
@@ -57,6 +58,8 @@ class Agent:
             caps = replace(caps, features=(*caps.features, *fl_features(**fl)))
             if not fl["ready"]:
                 logger.warning("%s: federated learning off: %s", self.device_id, fl["reason"])
+        if delta.available() and delta.FEATURE not in caps.features:
+            caps = replace(caps, features=(*caps.features, delta.FEATURE))
         self.capabilities = caps
         self.fl = FlSidecar(settings) if fl is not None and fl["ready"] else None
         self.holder = holder if holder is not None else ModelHolder()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import numpy as np
 
+from edgefleet.protos.delta import DeltaOffer
 from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.fleet.v1 import device_pb2, inference_pb2, model_pb2
 from edgefleet.protos.manifest import DTYPES, Manifest, TensorSpec
@@ -297,6 +298,8 @@ class Reason(enum.IntEnum):
     KEY_REVOKED = device_pb2.REASON_CODE_KEY_REVOKED
     UNTRUSTED_KEY = device_pb2.REASON_CODE_UNTRUSTED_KEY
     OFFLINE_INSTALL = device_pb2.REASON_CODE_OFFLINE_INSTALL
+    DELTA_NO_BASE = device_pb2.REASON_CODE_DELTA_NO_BASE
+    DELTA_FAILED = device_pb2.REASON_CODE_DELTA_FAILED
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,7 @@ class Desired:
     action: str  # activate | rollback | shadow
     shadow: ShadowSettings = field(default_factory=lambda: ShadowSettings())
     not_after_ms: int = 0  # refused as a new generation after this; 0: no expiry
+    delta: DeltaOffer | None = None  # the artifact as a delta (docs/protocol.md, "Deltas")
 
 
 @dataclass(frozen=True)
@@ -412,6 +416,28 @@ def decode_desired(body: bytes) -> Desired:
             f"desired state lists {len(msg.chunk_sha256)} chunk digests; each must be 32 bytes, "
             f"at most {MAX_CHUNKS}"
         )
+    delta = None
+    if msg.HasField("delta"):
+        d = msg.delta
+        if (
+            not (_is_sha256(d.base_sha256) and _is_sha256(d.sha256))
+            or d.chunk_size > MAX_CHUNK_SIZE
+            or len(d.chunk_sha256) > MAX_CHUNKS
+            or any(len(x) != 32 for x in d.chunk_sha256)
+        ):
+            raise InvalidArgument(
+                f"desired state delta (base {d.base_sha256[:16]!r}, {len(d.chunk_sha256)} chunk "
+                f"digests of {d.chunk_size} bytes) is malformed; expected sha256 hex digests, "
+                f"32-byte chunk digests, at most {MAX_CHUNKS} chunks of {MAX_CHUNK_SIZE} bytes"
+            )
+        delta = DeltaOffer(
+            base_sha256=d.base_sha256,
+            sha256=d.sha256,
+            size=int(d.size),
+            format=int(d.format),
+            chunk_size=int(d.chunk_size),
+            chunk_digests=tuple(d.chunk_sha256),
+        )
     sm = msg.manifest
     return Desired(
         device_id=msg.device_id,
@@ -426,7 +452,12 @@ def decode_desired(body: bytes) -> Desired:
         action=actions[msg.action],
         shadow=shadow,
         not_after_ms=int(msg.not_after_ms),
+        delta=delta,
     )
+
+
+def _is_sha256(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
 
 
 def _ref(r: ModelRef | None) -> device_pb2.ModelRef:

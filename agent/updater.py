@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefleet.agent import delta as deltas
 from edgefleet.agent.download import PartialDownload
 from edgefleet.agent.inference import ActiveModel, ModelHolder, load
 from edgefleet.agent.keys import save_key_list
@@ -58,6 +59,8 @@ class _Download:
     partial: PartialDownload
     last_chunk_at: float
     last_report_at: float = 0.0
+    #: set while downloading a delta against this installed model (agent/delta.py)
+    base: InstalledModel | None = None
 
 
 #: A hook for fault injection and link shaping (the simulator's lost, corrupted and slow
@@ -262,15 +265,15 @@ class Updater:
         except InvalidArgument as e:
             logger.warning("%s: %s", self.device_id, e)
             return
-        if sha != dl.manifest.sha256:
+        if sha != dl.partial.sha256:
             return
-        expected = min(dl.partial.chunk_size, dl.manifest.size - index * dl.partial.chunk_size)
+        expected = min(dl.partial.chunk_size, dl.partial.size - index * dl.partial.chunk_size)
         if 0 <= index < dl.partial.chunks_total and len(data) < expected:
             await self._report(
                 dl.desired.generation,
                 UpdateState.DOWNLOADING,
                 Reason.TRUNCATED,
-                f"chunk {index} of {dl.manifest.sha256[:12]}… is {len(data)} bytes; expected {expected}",
+                f"chunk {index} of {dl.partial.sha256[:12]}… is {len(data)} bytes; expected {expected}",
                 dl=dl,
             )
             return
@@ -407,6 +410,12 @@ class Updater:
                     )
                     await self._activate(desired, manifest, inst, preloaded=reuse)
                 return
+        if desired.delta is not None and await self._start_delta(desired, manifest):
+            return
+        await self._download_full(desired, manifest)
+
+    async def _download_full(self, desired: Desired, manifest: Manifest) -> None:
+        gen = desired.generation
         try:
             partial = await asyncio.to_thread(
                 PartialDownload.open,
@@ -425,14 +434,17 @@ class Updater:
                 gen, UpdateState.FAILED, Reason.DISK_FULL, f"cannot store download: {e}"
             )
             return
-        dl = _Download(desired, manifest, partial, time.monotonic())
+        await self._begin(_Download(desired, manifest, partial, time.monotonic()))
+
+    async def _begin(self, dl: _Download) -> None:
+        """Start (or finish, if it is already complete) the download of `dl.partial`."""
         self._download = dl
         self.state = UpdateState.DOWNLOADING
-        await self._report(gen, UpdateState.DOWNLOADING, Reason.OK, "", dl=dl)
-        if partial.complete:
+        await self._report(dl.desired.generation, UpdateState.DOWNLOADING, Reason.OK, "", dl=dl)
+        if dl.partial.complete:
             await self._complete(dl)
             return
-        await self._subscribe(self._topics.chunk(manifest.sha256))
+        await self._subscribe(self._topics.chunk(dl.partial.sha256))
         await self._want(dl)
 
     async def _want(self, dl: _Download, *, resume: bool = False) -> None:
@@ -440,17 +452,20 @@ class Updater:
         if not missing:
             return
         payload = encode_want(
-            self.device_id, dl.manifest.sha256, dl.partial.chunks_total, missing, resume=resume
+            self.device_id, dl.partial.sha256, dl.partial.chunks_total, missing, resume=resume
         )
         try:
-            await self._publish(self._topics.want(dl.manifest.sha256), payload, False)
+            await self._publish(self._topics.want(dl.partial.sha256), payload, False)
         except FleetError as e:
             logger.debug("%s: want not sent (%s); will retry", self.device_id, e)
 
     async def _complete(self, dl: _Download) -> None:
         gen = dl.desired.generation
         self._download = None
-        await self._unsubscribe_quietly(self._topics.chunk(dl.manifest.sha256))
+        await self._unsubscribe_quietly(self._topics.chunk(dl.partial.sha256))
+        if dl.base is not None:
+            await self._complete_delta(dl)
+            return
         self.state = UpdateState.VERIFYING
         await self._report(gen, UpdateState.VERIFYING, Reason.OK, "", dl=dl)
         ext = EXTENSIONS[dl.manifest.runtime]
@@ -466,16 +481,92 @@ class Updater:
                 gen, UpdateState.DOWNLOADING, Reason.ARTIFACT_DIGEST_MISMATCH, str(e), dl=dl
             )
             self._download = dl
-            await self._subscribe(self._topics.chunk(dl.manifest.sha256))
+            await self._subscribe(self._topics.chunk(dl.partial.sha256))
             await self._want(dl)
             return
         except OSError as e:
             await self._report(gen, UpdateState.FAILED, Reason.DISK_FULL, str(e))
             return
-        if dl.desired.action == "shadow":
-            await self._shadow(dl.desired, dl.manifest, inst)
+        await self._install_done(dl.desired, dl.manifest, inst)
+
+    async def _install_done(
+        self, desired: Desired, manifest: Manifest, inst: InstalledModel
+    ) -> None:
+        if desired.action == "shadow":
+            await self._shadow(desired, manifest, inst)
         else:
-            await self._activate(dl.desired, dl.manifest, inst)
+            await self._activate(desired, manifest, inst)
+
+    # -- deltas (agent/delta.py; docs/protocol.md, "Deltas") ---------------------------
+
+    async def _start_delta(self, desired: Desired, manifest: Manifest) -> bool:
+        """Download the offered delta if this device holds its base; False (after a
+        DELTA_NO_BASE report) when it does not, and the full artifact is fetched."""
+        offer = desired.delta
+        assert offer is not None
+        gen = desired.generation
+        base = deltas.find_base(self.slots, offer.base_sha256)
+        if base is None:
+            await self._report(
+                gen,
+                UpdateState.DOWNLOADING,
+                Reason.DELTA_NO_BASE,
+                f"delta for base {offer.base_sha256[:16]}… offered; this device holds neither "
+                "it as active nor as last-known-good: downloading the full artifact",
+            )
+            return False
+        try:
+            partial = await asyncio.to_thread(
+                PartialDownload.open,
+                self._downloads_dir,
+                sha256=offer.sha256,
+                size=offer.size,
+                chunk_size=offer.chunk_size,
+                chunk_digests=offer.chunk_digests,
+                durable=self._durable,
+            )
+        except (InvalidArgument, OSError) as e:
+            await self._report(gen, UpdateState.DOWNLOADING, Reason.DELTA_FAILED, str(e))
+            return False
+        await self._begin(_Download(desired, manifest, partial, time.monotonic(), base=base))
+        return True
+
+    async def _complete_delta(self, dl: _Download) -> None:
+        """Rebuild the artifact from the downloaded delta; on any mismatch report
+        DELTA_FAILED and download the full artifact."""
+        assert dl.base is not None
+        gen = dl.desired.generation
+        self.state = UpdateState.VERIFYING
+        await self._report(gen, UpdateState.VERIFYING, Reason.OK, "", dl=dl)
+        ext = EXTENSIONS[dl.manifest.runtime]
+        dest = self.slots.artifact_path(dl.manifest.sha256, extension=ext)
+        delta_path = self._downloads_dir / f"{dl.partial.sha256}.delta"
+        try:
+            await asyncio.to_thread(dl.partial.finish, delta_path)
+        except DataLoss as e:  # chunks damaged on disk: fetch them again, as for an artifact
+            await self._report(
+                gen, UpdateState.DOWNLOADING, Reason.CHUNK_DIGEST_MISMATCH, str(e), dl=dl
+            )
+            self._download = dl
+            await self._subscribe(self._topics.chunk(dl.partial.sha256))
+            await self._want(dl)
+            return
+        try:
+            await asyncio.to_thread(deltas.rebuild, dl.base, delta_path, dl.manifest, dest)
+            inst = await asyncio.to_thread(
+                self.slots.install, dl.desired.signed_manifest, dest, extension=ext
+            )
+        except (DataLoss, InvalidArgument, OSError) as e:
+            logger.warning("%s: delta for %s failed (%s)", self.device_id, dl.manifest.ref, e)
+            await self._report(
+                gen,
+                UpdateState.DOWNLOADING,
+                Reason.DELTA_FAILED,
+                f"{e}; downloading the full artifact",
+            )
+            await self._download_full(dl.desired, dl.manifest)
+            return
+        await self._install_done(dl.desired, dl.manifest, inst)
 
     async def _load(self, gen: int, manifest: Manifest, inst: InstalledModel) -> ActiveModel | None:
         """Read, check and load (self-test included) an installed model; None after a failure
@@ -611,7 +702,7 @@ class Updater:
     async def _abandon_download(self) -> None:
         dl, self._download = self._download, None
         if dl is not None:
-            await self._unsubscribe_quietly(self._topics.chunk(dl.manifest.sha256))
+            await self._unsubscribe_quietly(self._topics.chunk(dl.partial.sha256))
 
     async def _unsubscribe_quietly(self, topic: str) -> None:
         try:

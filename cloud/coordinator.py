@@ -27,6 +27,8 @@ from types import TracebackType
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.cloud.artifacts import ArtifactStore
+from edgefleet.cloud.deltas import DeltaCache, DeltaRecord, DeltaStore
+from edgefleet.cloud.deltas.offers import plan_offers
 from edgefleet.cloud.devices import Device, DeviceEvent, DeviceStore, Selector
 from edgefleet.cloud.devices.store import Birth, Sign
 from edgefleet.cloud.devices.values import UpdateState
@@ -44,7 +46,8 @@ from edgefleet.cloud.inbound import (
 from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Variant
 from edgefleet.cloud.selection import DeviceProfile, Plan, choose_variant
 from edgefleet.cloud.serde import DESIRED_TTL_S, encode_desired, refresh_desired
-from edgefleet.protos.errors import FleetError, InvalidArgument, NotFound
+from edgefleet.protos.delta import DeltaFormat, DeltaOffer
+from edgefleet.protos.errors import DataLoss, FleetError, InvalidArgument, NotFound
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import (
@@ -67,6 +70,9 @@ class Target:
     variant: str
     sha256: str
     generation: int
+    size: int = 0  # bytes of the full artifact
+    delta_sha256: str = ""  # the delta offered instead (cloud/deltas), if any
+    delta_size: int = 0
 
 
 @dataclass
@@ -75,6 +81,19 @@ class DeployOutcome:
     ref: str
     targets: list[Target]
     skipped: dict[str, str] = field(default_factory=dict)  # device -> why
+
+    def wire(self) -> tuple[int, int]:
+        """(bytes one broadcast of every stream sends, bytes the full artifacts would):
+        one stream per delta (base -> target) group, one per artifact fetched in full."""
+        streams: dict[str, int] = {}
+        full: dict[str, int] = {}
+        for t in self.targets:
+            full[t.sha256] = t.size
+            if t.delta_sha256:
+                streams[t.delta_sha256] = t.delta_size
+            else:
+                streams[t.sha256] = t.size
+        return sum(streams.values()), sum(full.values())
 
 
 def plan_deploy(
@@ -125,6 +144,7 @@ class Coordinator:
         reassert_interval: float = 60.0,
         reassert_batch: int = 256,
         reassert_pause: float = 0.1,
+        deltas: DeltaCache | bool = True,
     ) -> None:
         self.topics = topics or Topics()
         self.registry = registry
@@ -172,8 +192,19 @@ class Coordinator:
         self._reassert_all = True
         self._born: set[str] = set()
         self._reconciler: asyncio.Task[None] | None = None
+        # model deltas (cloud/deltas): built per (base -> target) pair at prepare time
+        self._deltas_arg = deltas
+        self.deltas: DeltaCache | None = deltas if isinstance(deltas, DeltaCache) else None
+        self._delta_records: DeltaStore | None = None
+        #: device -> the delta its next desired state offers (see `prepare`)
+        self.offers: dict[str, DeltaRecord] = {}
+        self._loading: set[str] = set()
+        self._load_tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Coordinator:
+        if self._deltas_arg is True and self.deltas is None:
+            self._delta_records = DeltaStore(self.devices.database)  # borrowed, one engine
+            self.deltas = DeltaCache(self.store, self._delta_records)
         await self.transport.__aenter__()
         self._task = asyncio.create_task(self.broadcaster.run(), name="broadcaster")
         self._writer = asyncio.create_task(self._write_events(), name="device-events")
@@ -193,6 +224,9 @@ class Coordinator:
                 await asyncio.gather(task, return_exceptions=True)
         await self.transport.__aexit__(et, e, tb)
         await self._flush_events()
+        if self._delta_records is not None:
+            self._delta_records.close()
+            self._delta_records, self.deltas = None, None
 
     async def _subscribe(self) -> None:
         kinds = ["status", "reported", "shadow"]
@@ -241,6 +275,9 @@ class Coordinator:
         try:
             if space == "art":
                 want = decode_want(ident, msg.payload)
+                if not self.broadcaster.known(want.sha256):
+                    self._load_wanted(want.sha256)  # e.g. a delta, after a restart
+                    return
                 self.broadcaster.on_want(want.sha256, list(want.missing), resume=want.resume)
                 return
             now = datetime.now(UTC)
@@ -269,6 +306,31 @@ class Coordinator:
             self._inbox_ready.set()
         except Refused as e:
             self.refusals.refuse(kind, ident, e.reason, str(e))
+
+    def _load_wanted(self, sha256: str) -> None:
+        """A want for bytes this coordinator has not prepared (it restarted since the
+        desired state was issued, or a delta was offered by another replica): load them
+        from the artifact store, where artifacts and deltas are kept by sha256, and
+        register them; the device's next want is served. Unknown digests are ignored."""
+        if sha256 in self._loading or len(self._loading) >= 64:
+            return
+        self._loading.add(sha256)
+
+        async def load() -> None:
+            try:
+                if await asyncio.to_thread(self.store.exists, sha256):
+                    data = await asyncio.to_thread(self.store.get, sha256)
+                    if not self.broadcaster.known(sha256):
+                        self.broadcaster.register(sha256, data, self.chunk_size)
+                        logger.info("artifact %s loaded for a want", sha256[:12])
+            except FleetError as e:
+                logger.info("want for %s: not served (%s)", sha256[:12], e)
+            finally:
+                self._loading.discard(sha256)
+
+        task = asyncio.create_task(load(), name=f"load-{sha256[:12]}")
+        self._load_tasks.add(task)
+        task.add_done_callback(self._load_tasks.discard)
 
     async def _write_events(self) -> None:
         """Apply what devices said to the database in batches: one transaction per
@@ -303,12 +365,36 @@ class Coordinator:
         """The version, and the variant each selected device would get from its capabilities."""
         return await asyncio.to_thread(plan_deploy, self.registry, self.devices, ref, selector)
 
-    async def prepare(self, variants: Sequence[Variant]) -> None:
-        """Make each variant's chunks ready to broadcast."""
+    async def prepare(
+        self, variants: Sequence[Variant], targets: Mapping[str, str] | None = None
+    ) -> None:
+        """Make each variant's chunks ready to broadcast, and, for `targets` ({device:
+        artifact sha256}), the deltas from what each device holds (`offers`)."""
         for v in {v.sha256: v for v in variants}.values():
             if not self.broadcaster.known(v.sha256):
                 data = await asyncio.to_thread(self.store.get, v.sha256)
                 self.broadcaster.register(v.sha256, data, self.chunk_size)
+        if targets:
+            await self._prepare_deltas(targets)
+
+    async def _prepare_deltas(self, targets: Mapping[str, str]) -> None:
+        for dev in targets:
+            self.offers.pop(dev, None)
+        if self.deltas is None:
+            return
+        found = await self.find_devices(list(targets))
+        offers = await asyncio.to_thread(plan_offers, self.deltas, found, targets)
+        bad: set[str] = set()
+        for rec in {r.sha256: r for r in offers.values()}.values():
+            if self.broadcaster.known(rec.sha256):
+                continue
+            try:
+                data = await asyncio.to_thread(self.deltas.load, rec)
+                self.broadcaster.register(rec.sha256, data, self.chunk_size)
+            except (DataLoss, NotFound) as e:  # altered in the store: send the full artifact
+                logger.warning("delta %s not offered: %s", rec.sha256[:12], e)
+                bad.add(rec.sha256)
+        self.offers.update({d: r for d, r in offers.items() if r.sha256 not in bad})
 
     async def get_version(self, ref: ModelRef) -> ModelVersion:
         """A version from the registry (with its variants and signed manifests)."""
@@ -340,6 +426,17 @@ class Coordinator:
             raw, sha = manifests[device_id]
             manifest = SignedManifest.from_bytes(raw)
             chunked = action != "rollback"
+            offer = self.offers.get(device_id) if chunked else None
+            delta = None
+            if offer is not None and offer.target_sha256 == sha:
+                delta = DeltaOffer(
+                    base_sha256=offer.base_sha256,
+                    sha256=offer.sha256,
+                    size=offer.size,
+                    format=int(DeltaFormat[offer.format.upper()]),
+                    chunk_size=self.broadcaster.chunk_size(offer.sha256),
+                    chunk_digests=tuple(self.broadcaster.digests(offer.sha256)),
+                )
             return encode_desired(
                 device_id=device_id,
                 generation=generation,
@@ -351,6 +448,7 @@ class Coordinator:
                 key=key,
                 sample_rate=sample_rate,
                 ttl_s=self.desired_ttl_s,
+                delta=delta,
             )
 
         return sign
@@ -439,8 +537,11 @@ class Coordinator:
         outcome = DeployOutcome(
             rollout_id=uuid.uuid4().hex[:12], ref=plan.version.ref, targets=[], skipped=plan.skipped
         )
-        await self.prepare([v for _d, v in plan.targets])
         variants = {d.device_id: v for d, v in plan.targets}
+        await self.prepare(
+            list(variants.values()),
+            {dev: v.sha256 for dev, v in variants.items()} if action != "rollback" else None,
+        )
         sign = self.signer(
             {dev: (v.signed_manifest, v.sha256) for dev, v in variants.items()},
             rollout_id=outcome.rollout_id,
@@ -453,13 +554,19 @@ class Coordinator:
         await self.publish_desired({dev: payload for dev, (_g, payload) in issued.items()})
         for dev, (gen, _p) in issued.items():
             v = variants[dev]
-            outcome.targets.append(Target(dev, v.name, v.sha256, gen))
+            offer = self.offers.get(dev)
+            d_sha, d_size = (offer.sha256, offer.size) if offer is not None else ("", 0)
+            outcome.targets.append(Target(dev, v.name, v.sha256, gen, v.size, d_sha, d_size))
+        wire, full = outcome.wire()
         logger.info(
-            "rollout %s: %s to %d devices (%d skipped)",
+            "rollout %s: %s to %d devices (%d skipped); %d bytes to send vs %d full (%d via deltas)",
             outcome.rollout_id,
             plan.version.ref,
             len(outcome.targets),
             len(outcome.skipped),
+            wire,
+            full,
+            sum(1 for t in outcome.targets if t.delta_sha256),
         )
         return outcome
 

@@ -183,6 +183,11 @@ class DatabaseUser:
         self._db = Database(db, what=self.what) if isinstance(db, str) else db
         self.url = self._db.url
 
+    @property
+    def database(self) -> Database:
+        """The shared database, for another store to borrow (its URL hides the password)."""
+        return self._db
+
     def close(self) -> None:
         if self._owned:
             self._db.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from edgefleet.cloud.access import store as _access
 from edgefleet.cloud.db import metadata
+from edgefleet.cloud.deltas import store as _deltas
 from edgefleet.cloud.devices import store as _devices
 from edgefleet.cloud.drift import alerts as _alerts
 from edgefleet.cloud.fl import store as _fl
@@ -17,4 +18,4 @@ from edgefleet.cloud.telemetry import store as _telemetry
 __all__ = ["TABLE_MODULES", "metadata"]
 
 #: the modules that declare tables (a new table goes in one of them, or a new one here)
-TABLE_MODULES = (_registry, _devices, _rollouts, _telemetry, _alerts, _fl, _access)
+TABLE_MODULES = (_registry, _devices, _rollouts, _telemetry, _alerts, _fl, _access, _deltas)

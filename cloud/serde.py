@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgefleet.protos.delta import DeltaOffer
 from edgefleet.protos.fleet.v1 import device_pb2, model_pb2
 from edgefleet.protos.manifest import SignedManifest, key_id
 
@@ -44,6 +45,7 @@ def encode_desired(
     sample_rate: float = 1.0,
     report_interval_ms: int = 1000,
     ttl_s: float = DESIRED_TTL_S,
+    delta: DeltaOffer | None = None,
 ) -> bytes:
     """A signed DesiredState, ready to publish retained on dev/{id}/desired.
 
@@ -64,6 +66,17 @@ def encode_desired(
         issued_at_ms=now_ms,
         not_after_ms=now_ms + int(ttl_s * 1000) if ttl_s else 0,
     )
+    if delta is not None:
+        desired.delta.CopyFrom(
+            device_pb2.ArtifactDelta(
+                base_sha256=delta.base_sha256,
+                sha256=delta.sha256,
+                size=delta.size,
+                format=delta.format,
+                chunk_size=delta.chunk_size,
+                chunk_sha256=list(delta.chunk_digests),
+            )
+        )
     if action == "shadow":
         desired.shadow.CopyFrom(
             device_pb2.ShadowPolicy(sample_rate=sample_rate, report_interval_ms=report_interval_ms)

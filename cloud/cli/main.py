@@ -725,6 +725,8 @@ def _staged(
         emit_json(rollout_json(r))
     else:
         print_rollout(out, r, ())
+    if wire := _wire(ctx, client, r, _devices):  # model deltas (cloud/deltas)
+        err.print(wire)
     err.print(f"rollout {r.rollout_id}: {r.state}" + (f" ({r.reason})" if r.reason else ""))
     if watch:
         raise typer.Exit(outcome_code(r))
@@ -767,6 +769,8 @@ def _all_at_once(
         emit_json(rollout_json(r, devices))
     else:
         print_plain_deploy(out, r, devices)
+    if wire := _wire(ctx, client, r, devices):  # model deltas (cloud/deltas)
+        err.print(wire)
     active = sum(d.state == "active" for d in devices)
     failed = sum(d.phase == "failed" for d in devices)
     waiting = sum(d.reason == OFFLINE and d.state != "active" for d in devices)
@@ -776,6 +780,35 @@ def _all_at_once(
     )
     if failed or r.state != "done":
         raise typer.Exit(1)
+
+
+def _wire(ctx: typer.Context, client: Any, r: Any, devices: Any) -> str:
+    """Bytes a deploy sends (deltas per base -> target group) vs the full artifacts, from
+    the registry database when this CLI reaches it ("" otherwise)."""
+    from edgefleet.cloud.deltas import DeltaStore
+    from edgefleet.cloud.deltas.offers import wire_summary
+    from edgefleet.cloud.registry import ModelRef
+
+    settings = settings_of(ctx)
+    if settings.coordinator or not devices:
+        return ""
+    try:
+        mv = client.get_version(ModelRef.parse(r.ref))
+        sizes = {v.sha256: v.size for v in mv.variants}
+        store = DeltaStore(settings.registry_url)
+        try:
+            summary = wire_summary(
+                store,
+                [
+                    (str((d.previous or {}).get("sha256", "")), d.sha256, sizes.get(d.sha256, 0))
+                    for d in devices
+                ],
+            )
+        finally:
+            store.close()
+    except FleetError:
+        return ""
+    return f"{r.ref} rollout {r.rollout_id}: {summary.describe()}"
 
 
 @app.command()

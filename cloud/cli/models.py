@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from edgefleet.cloud.cli.context import client_of
+from edgefleet.cloud.cli.context import client_of, settings_of
 from edgefleet.cloud.cli.output import (
     emit_json,
     err,
@@ -17,8 +17,10 @@ from edgefleet.cloud.cli.output import (
     print_versions,
     version_json,
 )
-from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.deltas import KEEP_RATIO, DeltaStore
+from edgefleet.cloud.registry import ModelRef, ModelVersion
 from edgefleet.cloud.registry.entities import check_model_name, check_stage
+from edgefleet.cloud.services.api import FleetClient
 
 app = typer.Typer(
     help="The model registry: versions, variants, stages, signatures.",
@@ -57,11 +59,58 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a version: lineage, and each variant's size, accuracy and latency."""
-    mv = client_of(ctx).get_version(ModelRef.parse(ref))
+    client = client_of(ctx)
+    mv = client.get_version(ModelRef.parse(ref))
+    deltas = _deltas(ctx, client, mv)
     if as_json:
-        emit_json(version_json(mv))
+        emit_json({**version_json(mv), "deltas": deltas})
     else:
         print_version(mv)
+        _print_deltas(deltas)
+
+
+def _deltas(ctx: typer.Context, client: FleetClient, mv: ModelVersion) -> list[dict[str, Any]]:
+    """The deltas built to this version's variants (cloud/deltas), from the registry
+    database; a remote coordinator's are not listed (the FleetService has no call)."""
+    settings = settings_of(ctx)
+    if settings.coordinator:
+        return []
+    names = {v.sha256: f"{mv.model}:{mv.version}/{v.name}" for v in mv.variants}
+    for other in client.list_versions(mv.model):
+        names.update({v.sha256: f"{mv.model}:{other.version}/{v.name}" for v in other.variants})
+    store = DeltaStore(settings.registry_url)
+    try:
+        recs = store.for_targets([v.sha256 for v in mv.variants])
+    finally:
+        store.close()
+    return [
+        {
+            "target": names.get(r.target_sha256, r.target_sha256),
+            "base": names.get(r.base_sha256, r.base_sha256),
+            "format": r.format,
+            "size": r.size,
+            "full_size": r.target_size,
+            "ratio": round(r.ratio, 4),
+            "sha256": r.sha256,
+        }
+        for r in recs
+    ]
+
+
+def _print_deltas(deltas: list[dict[str, Any]]) -> None:
+    if not deltas:
+        return
+    out.print("  deltas (sent instead of the full artifact to devices holding the base):")
+    for d in deltas:
+        if d["format"] == "none":
+            out.print(
+                f"    {d['base']} -> {d['target']}: none under {KEEP_RATIO:.0%} (full {d['full_size']} B)"
+            )
+            continue
+        out.print(
+            f"    {d['base']} -> {d['target']}: {d['format']} {d['size']} B "
+            f"of {d['full_size']} B ({100 * d['ratio']:.1f}%)"
+        )
 
 
 @app.command("import")

@@ -236,7 +236,7 @@ class RolloutController:
         if dry_run:
             return rollout, devices
         await self.check_free([d.device_id for d in devices])
-        await self.fleet.prepare([v for _d, v in plan.targets])
+        await self.fleet.prepare([v for _d, v in plan.targets])  # deltas: per stage, in _issue
         rollout = await asyncio.to_thread(self.store.create, rollout, devices)
         logger.info(
             "rollout %s: %s to %d devices in %d stages (%s)",
@@ -511,7 +511,10 @@ class RolloutController:
         if manifests is None:
             mv = await self.fleet.get_version(ModelRef(r.model, r.version))
             by_name = {v.name: v for v in mv.variants}
-            await self.fleet.prepare([by_name[d.variant] for d in devs])
+            await self.fleet.prepare(
+                [by_name[d.variant] for d in devs],
+                {d.device_id: d.sha256 for d in devs} if action != "rollback" else None,
+            )
             manifests = {d.device_id: (by_name[d.variant].signed_manifest, d.sha256) for d in devs}
         sign = self.fleet.signer(
             manifests, rollout_id=r.rollout_id, action=action, sample_rate=r.policy.sample_rate

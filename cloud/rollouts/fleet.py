@@ -27,8 +27,11 @@ class RolloutFleet(Protocol):
         """A registered version with its variants (signed manifests); `NotFound` if none."""
         ...
 
-    async def prepare(self, variants: Sequence[Variant]) -> None:
-        """Make each variant's artifact ready to send to devices."""
+    async def prepare(
+        self, variants: Sequence[Variant], targets: Mapping[str, str] | None = None
+    ) -> None:
+        """Make each variant's artifact ready to send to devices, and for `targets`
+        ({device: artifact sha256}) the deltas from what each holds (cloud/deltas)."""
         ...
 
     def signer(

@@ -167,7 +167,9 @@ class FakeFleet:
             raise NotFound(f"model {ref} not found")
         return mv
 
-    async def prepare(self, variants: Sequence[Variant]) -> None:
+    async def prepare(
+        self, variants: Sequence[Variant], targets: Mapping[str, str] | None = None
+    ) -> None:
         self.prepared |= {v.sha256 for v in variants}
 
     def signer(

@@ -89,6 +89,10 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     """manifest signed by a key not in the key list (or expired)"""
     REASON_CODE_OFFLINE_INSTALL: _ReasonCode.ValueType  # 17
     """active model installed on the device by `fleet-agent install`"""
+    REASON_CODE_DELTA_NO_BASE: _ReasonCode.ValueType  # 18
+    """a delta was offered for a base this device does not hold: full download"""
+    REASON_CODE_DELTA_FAILED: _ReasonCode.ValueType  # 19
+    """the delta did not rebuild the signed artifact: full download"""
 
 class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
     """Why a device is in its state. Stable codes, for gates and operators."""
@@ -116,6 +120,10 @@ REASON_CODE_UNTRUSTED_KEY: ReasonCode.ValueType  # 16
 """manifest signed by a key not in the key list (or expired)"""
 REASON_CODE_OFFLINE_INSTALL: ReasonCode.ValueType  # 17
 """active model installed on the device by `fleet-agent install`"""
+REASON_CODE_DELTA_NO_BASE: ReasonCode.ValueType  # 18
+"""a delta was offered for a base this device does not hold: full download"""
+REASON_CODE_DELTA_FAILED: ReasonCode.ValueType  # 19
+"""the delta did not rebuild the signed artifact: full download"""
 Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
 
 @_typing.final
@@ -190,7 +198,7 @@ class Capabilities(_message.Message):
 
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """optional extras: "fl" (Flower SuperNode sidecar)"""
+        """optional extras: "fl" (Flower SuperNode sidecar), "delta" (applies ArtifactDelta)"""
 
     def __init__(
         self,
@@ -328,6 +336,7 @@ class DesiredState(_message.Message):
     ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
     NOT_AFTER_MS_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     """strictly increasing per device; older ones are ignored"""
@@ -355,6 +364,13 @@ class DesiredState(_message.Message):
     def shadow(self) -> Global___ShadowPolicy:
         """with ACTION_SHADOW"""
 
+    @_builtins.property
+    def delta(self) -> Global___ArtifactDelta:
+        """Optional: the artifact as a delta against a base the device may already hold
+        (docs/protocol.md, "Deltas"). Signed with the rest, so the delta's digests are
+        authenticated like the artifact's. Absent: download the full artifact.
+        """
+
     def __init__(
         self,
         *,
@@ -369,14 +385,62 @@ class DesiredState(_message.Message):
         issued_at_ms: _builtins.int = ...,
         shadow: Global___ShadowPolicy | None = ...,
         not_after_ms: _builtins.int = ...,
+        delta: Global___ArtifactDelta | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "shadow", b"shadow"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "manifest", b"manifest", "shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "chunk_sha256", b"chunk_sha256", "chunk_size", b"chunk_size", "device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "manifest", b"manifest", "not_after_ms", b"not_after_ms", "rollout_id", b"rollout_id", "shadow", b"shadow", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "chunk_sha256", b"chunk_sha256", "chunk_size", b"chunk_size", "delta", b"delta", "device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "manifest", b"manifest", "not_after_ms", b"not_after_ms", "rollout_id", b"rollout_id", "shadow", b"shadow", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
+
+@_typing.final
+class ArtifactDelta(_message.Message):
+    """A delta that rebuilds the manifest's artifact from `base_sha256` (the device's active
+    or last-known-good artifact). Its chunks travel like an artifact's, on
+    art/{sha256}/chunk with wants on art/{sha256}/want. The rebuilt file must match the
+    manifest's sha256 and size; if it does not, or the device holds no such base, the
+    device downloads the full artifact (chunk_size/chunk_sha256 of the DesiredState).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_SHA256_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    CHUNK_SHA256_FIELD_NUMBER: _builtins.int
+    base_sha256: _builtins.str
+    sha256: _builtins.str
+    """digest of the delta's own bytes"""
+    size: _builtins.int
+    """bytes of the delta"""
+    format: _builtins.int
+    """1 tensor (ONNX), 2 bsdiff4, 3 zstd (base as dictionary)"""
+    chunk_size: _builtins.int
+    @_builtins.property
+    def chunk_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """digest of every chunk of the delta, in order"""
+
+    def __init__(
+        self,
+        *,
+        base_sha256: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+        format: _builtins.int = ...,
+        chunk_size: _builtins.int = ...,
+        chunk_sha256: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_sha256", b"base_sha256", "chunk_sha256", b"chunk_sha256", "chunk_size", b"chunk_size", "format", b"format", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactDelta: _TypeAlias = ArtifactDelta  # noqa: Y015
 
 @_typing.final
 class ShadowPolicy(_message.Message):
