@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -27,16 +28,41 @@ def acl(
         ),
     ] = "",
     prefix: Annotated[str, typer.Option("--prefix", help="Topic prefix.")] = "ef/v1",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="mosquitto: ACL, password and TLS files; nats: auth.conf (users with "
+            "subject permissions) to include in every node of a NATS cluster.",
+        ),
+    ] = "mosquitto",
 ) -> None:
     """Write the ACL, password, CA/server certificate and CRL files for your own broker
-    (Mosquitto: see docs/operators.md) from the enrolled devices' credentials."""
+    (Mosquitto or NATS: see docs/operators.md) from the enrolled devices' credentials."""
     from edgefleet.cloud.cli.output import err
     from edgefleet.cloud.client import LocalClient
     from edgefleet.cloud.identity import write_broker_material
     from edgefleet.cloud.identity.material import write_single_listener
+    from edgefleet.protos.errors import InvalidArgument
     from edgefleet.protos.topics import Topics
 
+    if fmt not in ("mosquitto", "nats"):
+        raise InvalidArgument(f"broker file format {fmt!r}; accepted: mosquitto, nats")
     local = LocalClient(settings_of(ctx))
+    if fmt == "nats":
+        from edgefleet.cloud.identity.nats import nats_config
+
+        try:
+            text = nats_config(local.identities, topics=Topics(prefix))
+        finally:
+            local.close()
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = out / "auth.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        err.print(f"wrote {path}: include it in every NATS node's config, then reload them")
+        return
     try:
         hosts = [h.strip() for h in listen.split(",") if h.strip()]
         auth = write_broker_material(local.identities, out, topics=Topics(prefix), tls_hosts=hosts)
