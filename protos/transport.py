@@ -88,6 +88,8 @@ _CONFIG_REFUSALS = frozenset({0x84, 0x85})
 _BAD_REQUEST = frozenset({0x8F, 0x90, 0x91, 0x95, 0x99, 0x9E, 0xA1, 0xA2})
 _NOT_AUTHORIZED = 0x87
 _UNSUPPORTED_VERSION = 0x84
+#: tries at re-sending subscriptions a (re)connect could not restore
+_RESUBSCRIBE_TRIES = 8
 #: a 3.1.1 SUBACK says only "failure" (0x80); brokers send it for ACL refusals
 _V311_SUB_FAILURE = 0x80
 _KEEPALIVE_TIMEOUT = 0x8D
@@ -415,8 +417,10 @@ class _Link:
         settings = transport.settings
         self._loop = asyncio.get_running_loop()
         self._label = transport.label
-        self._url = url
+        self._url = self.url = url
         self.v311 = v311
+        #: subscriptions the broker refused when this link restored them (retried)
+        self.refused: list[tuple[str, int]] = []
         self._deliver = transport._deliver
         self.sock = sock
         self.up = False  # CONNACK accepted and the socket still open
@@ -1063,8 +1067,14 @@ class MqttTransport:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            await self._connected(link)
-            await link.closed.wait()
+            retry = asyncio.create_task(self._resubscribe(link)) if link.refused else None
+            try:
+                await self._connected(link)
+                await link.closed.wait()
+            finally:
+                if retry is not None:
+                    retry.cancel()
+                    await asyncio.gather(retry, return_exceptions=True)
             delay = self._backoff(1)
             logger.warning(
                 "%s: connection to %s lost (%s); retrying in %.1fs (attempt 1)",
@@ -1074,6 +1084,31 @@ class MqttTransport:
                 delay,
             )
             await asyncio.sleep(delay)
+
+    async def _resubscribe(self, link: _Link) -> None:
+        """Subscriptions a (re)connect could not restore, sent again with backoff while
+        the link lasts: a clustered broker refuses them for a moment while it moves the
+        state of a dead node (NATS: JetStream consumers), and a device without its
+        `desired` subscription would never hear of a deployment."""
+        for attempt in range(1, _RESUBSCRIBE_TRIES + 1):
+            await asyncio.sleep(self._backoff(attempt))
+            pending = [(f, q) for f, q in link.refused if self._subs.get(f) == q]
+            if not pending or not link.up:
+                return
+            try:
+                codes = await link.subscribe(pending, self.settings.connect_timeout)
+            except Unavailable:
+                return  # the link dropped: the next connect restores everything
+            link.refused = [p for p, c in zip(pending, codes, strict=False) if c.is_failure]
+            if not link.refused:
+                logger.info("%s: subscriptions restored on %s", self.label, link.url)
+                return
+        logger.error(
+            "%s: broker %s keeps refusing %s; giving up until the next connect",
+            self.label,
+            link.url,
+            ", ".join(f for f, _ in link.refused),
+        )
 
     async def _connect(self) -> _Link:
         s, url = self.settings, self.url
@@ -1098,15 +1133,16 @@ class MqttTransport:
             if self._subs:
                 filters = list(self._subs.items())
                 codes = await link.subscribe(filters, timeout)
-                for (flt, _qos), code in zip(filters, codes, strict=False):
+                for (flt, qos), code in zip(filters, codes, strict=False):
                     if code.is_failure:
-                        logger.error(
-                            "%s: broker %s refused subscription %r: %s",
+                        logger.warning(
+                            "%s: broker %s refused subscription %r: %s; trying again",
                             self.label,
                             url,
                             flt,
                             _describe(code),
                         )
+                        link.refused.append((flt, qos))
         except BaseException:
             link.abort("connect attempt failed")
             if self._link is link:
