@@ -313,6 +313,12 @@ class MqttAccess:
         )
 
 
+def broker_address(url: str) -> tuple[str, int]:
+    """(host, port) of an mqtt:// or mqtts:// URL (default ports 1883 / 8883)."""
+    ep = _parse_url(url)
+    return ep.host, ep.port
+
+
 def split_urls(text: str) -> tuple[str, ...]:
     """'mqtt://a:1883, mqtt://b:1883' -> ('mqtt://a:1883', 'mqtt://b:1883')."""
     urls = tuple(u.strip() for u in text.split(",") if u.strip())
@@ -1207,6 +1213,7 @@ __all__ = [
     "MqttTransport",
     "MqttVersion",
     "Will",
+    "broker_address",
     "failover_order",
     "split_urls",
 ]
