@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.agent.config import config_from_bundle
 from edgefleet.agent.serde import UpdateState, decode_desired, decode_signed_desired
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
@@ -31,6 +32,7 @@ from edgefleet.protos.errors import NotFound, Unauthenticated
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import Message, MqttAccess, MqttTransport, MqttVersion
 from edgefleet.simulator.fleet import SimulatedFleet
+from tests.conftest import Cli
 from tests.support.nats import NatsCluster, find_nats_server, nats_version
 
 try:
@@ -183,3 +185,55 @@ def test_deploy_over_a_nats_cluster_survives_a_node_killed_mid_download(
         cluster.stop()
         devices.close()
         client.close()
+
+
+def test_fleet_broker_acl_nats_admits_an_enrolled_device_with_its_bundle_alone(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an operator does: enrol, `fleet broker acl --format nats`, include the file in
+    NATS; the device's bundle (several URLs, no version given) is all it needs."""
+    home = tmp_path / "home"
+    h = ("--home", str(home))
+    node = NatsCluster(tmp_path / "nats", IdentityStore(tmp_path / "unused"), size=1)
+    dead = "mqtt://127.0.0.1:1"  # a node that is down: the agent moves on to the next
+    monkeypatch.setenv("FLEET_ADVERTISE_BROKER", f"{dead},{node.mqtt_urls[0]}")
+    assert cli(*h, "init").code == 0
+    for d in ("cam-1", "cam-2"):
+        r = cli(*h, "devices", "enroll", d, "--out", str(tmp_path / f"{d}.json"))
+        assert r.code == 0, r.err
+    r = cli(*h, "broker", "acl", "--format", "nats", "--out", str(tmp_path / "auth"))
+    assert r.code == 0, r.err
+    auth = tmp_path / "auth" / "auth.conf"
+    assert auth.stat().st_mode & 0o077 == 0
+    node.auth_text = auth.read_text()
+    bundle = (tmp_path / "cam-1.json").read_bytes()
+    cfg = config_from_bundle(bundle, state_dir=tmp_path / "cam-1", listen="")
+    assert (cfg.broker_url, cfg.broker_urls) == (dead, [node.mqtt_urls[0]])
+    topics = Topics(cfg.topic_prefix)
+
+    async def main() -> None:
+        settings = MqttAccess(
+            ",".join([cfg.broker_url, *cfg.broker_urls]),
+            username=cfg.username,
+            password=cfg.password,
+            mqtt_version=MqttVersion.parse(cfg.mqtt_version),
+        ).settings(cfg.device_id, backoff_base=0.1, backoff_cap=0.5, connect_timeout=5)
+        async with MqttTransport(settings) as t:
+            await t.wait_connected(timeout=60)
+            assert t.mqtt_version == MqttVersion.V311  # negotiated: NATS speaks 3.1.1
+            assert t.url == node.mqtt_urls[0]
+            await t.subscribe(topics.desired("cam-1"))
+            with pytest.raises(Unauthenticated):
+                await t.subscribe(topics.desired("cam-2"))
+        wrong = MqttAccess(
+            node.mqtt_urls[0], username="cam-1", password="not-its-password"
+        ).settings("cam-1-wrong", connect_timeout=5)
+        async with MqttTransport(wrong) as t:
+            with pytest.raises(Unauthenticated):
+                await t.wait_connected(timeout=30)
+
+    try:
+        node.start(probe=False)
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        node.stop()

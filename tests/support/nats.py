@@ -76,6 +76,7 @@ class NatsCluster:
         *,
         prefixes: Sequence[str] = ("ef/v1",),
         size: int = 3,
+        auth_text: str | None = None,
     ) -> None:
         self.binary = find_nats_server()
         self.root = root
@@ -97,32 +98,42 @@ class NatsCluster:
         ]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
         self.auth = root / "auth.conf"
+        #: a given auth.conf (e.g. what `fleet broker acl --format nats` wrote) instead
+        #: of one generated here (then the watcher has no user)
+        self.auth_text = auth_text
 
     # -- configuration ------------------------------------------------------------------
 
     def write_auth(self) -> None:
         """(Re)write auth.conf from the identity store (every enrolled device)."""
-        own = self.identities.coordinator()
-        text = nats_authorization(
-            self.identities.bcrypt_hashes(kind="device"),
-            (own.username, bcrypt_hash(own.password)),
-            topics=self.topics,
-            extra={WATCHER: (bcrypt_hash(self.watcher_password), self.topics)},
-        )
+        text = self.auth_text if self.auth_text is not None else self._auth()
         self.auth.write_text(text)
         for node in self.nodes:  # NATS resolves `include` next to the including file
             node.conf.parent.mkdir(parents=True, exist_ok=True)
             (node.conf.parent / "auth.conf").write_text(text)
 
+    def _auth(self) -> str:
+        own = self.identities.coordinator()
+        return nats_authorization(
+            self.identities.bcrypt_hashes(kind="device"),
+            (own.username, bcrypt_hash(own.password)),
+            topics=self.topics,
+            extra={WATCHER: (bcrypt_hash(self.watcher_password), self.topics)},
+        )
+
     def _conf(self, node: Node) -> str:
         routes = ", ".join(f"nats-route://{HOST}:{n.route_port}" for n in self.nodes)
+        cluster = (
+            f"cluster {{ name: edgefleet, listen: {HOST}:{node.route_port}, routes: [{routes}] }}"
+            if len(self.nodes) > 1
+            else ""
+        )
         return "\n".join(
             [
                 f"server_name: {node.name}",
                 f"listen: {HOST}:{node.client_port}",
                 f'jetstream {{ store_dir: "{node.store}" }}',
-                f"cluster {{ name: edgefleet, listen: {HOST}:{node.route_port}, "
-                f"routes: [{routes}] }}",
+                cluster,
                 # retained messages and sessions on every node: one may die
                 f"mqtt {{ listen: {HOST}:{node.mqtt_port}, stream_replicas: {len(self.nodes)} }}",
                 'include "auth.conf"',
@@ -132,8 +143,9 @@ class NatsCluster:
 
     # -- processes ------------------------------------------------------------------------
 
-    def start(self, index: int | None = None) -> None:
-        """Start every node (or one), then wait until the cluster stores retained messages."""
+    def start(self, index: int | None = None, *, probe: bool = True) -> None:
+        """Start every node (or one), then wait until the cluster stores retained messages
+        (`probe`: needs the watcher, so not with a given `auth_text`)."""
         self.write_auth()
         for i in range(len(self.nodes)) if index is None else [index]:
             node = self.nodes[i]
@@ -144,7 +156,8 @@ class NatsCluster:
                 [self.binary, "-c", str(node.conf)], stdout=log, stderr=subprocess.STDOUT
             )
             log.close()
-        self.wait_ready()
+        if probe:
+            self.wait_ready()
 
     def kill(self, index: int) -> None:
         """SIGKILL one node (no clean shutdown of its connections or streams)."""
