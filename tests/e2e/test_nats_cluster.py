@@ -79,7 +79,8 @@ def test_deploy_over_a_nats_cluster_survives_a_node_killed_mid_download(
         connect_timeout=30,
     )
     cluster = NatsCluster(tmp_path / "nats", identities, prefixes=[prefix])
-    fleet.credentials = cluster.enroll(fleet.ids())
+    creds = cluster.enroll(fleet.ids())
+    fleet.credentials = creds
     home_node: dict[str, int] = {}
     for i, d in enumerate(fleet):
         node = i % 3
@@ -165,7 +166,7 @@ def test_deploy_over_a_nats_cluster_survives_a_node_killed_mid_download(
                 MqttAccess(
                     cluster.mqtt_urls[0],
                     username=a,
-                    password=fleet.credentials[a],  # type: ignore[index]
+                    password=creds[a],
                     mqtt_version=MqttVersion.V311,
                 ).settings(f"{a}-spy")
             )

@@ -94,10 +94,23 @@ async def serve(*brokers: FakeBroker) -> AsyncIterator[list[str]]:
             s.close()
 
 
-def fast(url: str, **kw: object) -> MqttSettings:
+def fast(
+    url: str,
+    *,
+    session_expiry: int = 0,
+    fallback_urls: tuple[str, ...] = (),
+    mqtt_version: str = "auto",
+) -> MqttSettings:
     return MqttSettings(
-        url=url, client_id="dev-1", backoff_base=0.01, backoff_cap=0.02, connect_timeout=2, **kw
-    )  # type: ignore[arg-type]
+        url=url,
+        client_id="dev-1",
+        backoff_base=0.01,
+        backoff_cap=0.02,
+        connect_timeout=2,
+        session_expiry=session_expiry,
+        fallback_urls=fallback_urls,
+        mqtt_version=MqttVersion.parse(mqtt_version),
+    )
 
 
 def test_failover_order_walks_the_list_and_grows_the_backoff_once_per_pass() -> None:
@@ -154,7 +167,7 @@ def test_explicit_versions_are_spoken_and_5_only_gives_up_on_a_3_1_1_broker() ->
             await t.wait_connected(timeout=5)
         async with (
             serve(FakeBroker("old", log, answers=[V311_BAD_VERSION])) as (old,),
-            MqttTransport(fast(old, mqtt_version=MqttVersion.V5)) as t5,
+            MqttTransport(fast(old, mqtt_version="5")) as t5,
         ):
             with pytest.raises(InvalidArgument, match="does not speak MQTT 5"):
                 await t5.wait_connected(timeout=5)
@@ -193,6 +206,7 @@ def test_broker_lists_in_settings_access_and_bundles(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="mix mqtt:// and mqtts://"):
         MqttSettings(url="mqtt://a", client_id="c", fallback_urls=("mqtts://b",))
     with pytest.raises(InvalidArgument, match="accepted: auto, 5, 3.1.1"):
+        # a value from a config file, not an MqttVersion: checked at run time too
         MqttSettings(url="mqtt://a", client_id="c", mqtt_version="3")  # type: ignore[arg-type]
 
     pem = (
