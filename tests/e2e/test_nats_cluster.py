@@ -1,4 +1,5 @@
-"""The fleet on a clustered broker: a 3-node NATS cluster (JetStream, MQTT listener on every
+"""The fleet on a clustered broker (the deploy test is slow: it trains a model; the
+default set has the failover test without one): a 3-node NATS cluster (JetStream, MQTT listener on every
 node, retained messages replicated on all three), real credentials (NATS users with
 subject permissions generated from the topic ACL rules), agents and coordinator on
 MQTT 3.1.1 (all NATS speaks).
@@ -18,15 +19,18 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.config import config_from_bundle
 from edgefleet.agent.serde import UpdateState, decode_desired, decode_signed_desired
+from edgefleet.cloud.artifacts import open_artifact_store
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.identity import IdentityStore
-from edgefleet.cloud.registry import ModelRef
+from edgefleet.cloud.registry import ModelRef, open_registry
 from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.errors import NotFound, Unauthenticated
 from edgefleet.protos.topics import Topics
@@ -57,6 +61,90 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return h
 
 
+def test_agents_fail_over_between_nats_nodes_and_retained_messages_survive(
+    tmp_path: Path,
+) -> None:
+    """The default-set variant (no model to train): three agents, one per node, and the
+    coordinator; node 1 is SIGKILLed; its agent is born again on another node, and a
+    retained message published before the kill is read on a surviving node."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    topics = Topics(prefix)
+    key = Ed25519PrivateKey.generate()
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    devices = DeviceStore(db)
+    registry = open_registry(db)
+    cluster = NatsCluster(tmp_path / "nats", IdentityStore(tmp_path / "keys"), prefixes=[prefix])
+    fleet = SimulatedFleet(
+        3,
+        broker_url="mqtt://127.0.0.1:1",
+        public_key_pem=key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode(),
+        state_root=tmp_path / "devices",
+        topic_prefix=prefix,
+        id_prefix="fo",
+        connect_timeout=30,
+    )
+    fleet.credentials = cluster.enroll(fleet.ids())
+    for i, d in enumerate(fleet):
+        first, *others = cluster.urls_from(i)
+        d.configure(broker_url=first, broker_urls=others, mqtt_version="auto")
+        devices.enroll(d.device_id)
+    moved = fleet.ids()[KILLED]
+
+    async def main() -> None:
+        async with (
+            fleet,
+            Coordinator(
+                broker_url=cluster.coordinator(node=0),
+                registry=registry,
+                store=open_artifact_store(f"file://{tmp_path / 'artifacts'}"),
+                devices=devices,
+                signing_key=lambda: key,
+                topics=topics,
+            ) as coord,
+        ):
+            for i, d in enumerate(fleet):
+                assert d.agent.transport.url == cluster.mqtt_urls[i]
+                assert d.agent.transport.mqtt_version == MqttVersion.V311  # negotiated
+            await fleet.wait(lambda: coord.stats.births >= 3, timeout=30, what="3 births")
+            pub = MqttTransport(cluster.watcher("retainer", node=0))
+            async with pub:
+                await pub.wait_connected(timeout=10)
+                await pub.publish(f"{prefix}/kept", b"before the kill", retain=True, timeout=30)
+            births = coord.stats.births
+
+            cluster.kill(KILLED)  # SIGKILL
+            await fleet.wait(
+                lambda: (
+                    fleet.device(moved).agent.transport.url != cluster.mqtt_urls[KILLED]
+                    and fleet.device(moved).connected
+                ),
+                timeout=90,
+                what=f"{moved} on another node",
+            )
+            await fleet.wait(lambda: coord.stats.births > births, timeout=60, what="its birth")
+            # (the survivors' links may flap while JetStream moves the dead node's state)
+            await fleet.wait(lambda: fleet.online() == 3, timeout=60, what="all 3 online")
+            sub = MqttTransport(cluster.watcher("reader", node=2))
+            # as intent: sent on connect, and again while the cluster still refuses it
+            await sub.subscribe(f"{prefix}/kept")
+            async with sub:
+                inbox = sub.messages()
+                async with asyncio.timeout(60):
+                    msg = await anext(inbox)
+            assert msg.payload == b"before the kill"
+
+    try:
+        cluster.start()
+        asyncio.run(asyncio.wait_for(main(), 180))
+    finally:
+        cluster.stop()
+        devices.close()
+        registry.close()
+
+
+@pytest.mark.slow
 def test_deploy_over_a_nats_cluster_survives_a_node_killed_mid_download(
     home: Path, tmp_path: Path
 ) -> None:
