@@ -425,8 +425,9 @@ class _Link:
         self._label = transport.label
         self._url = self.url = url
         self.v311 = v311
-        #: subscriptions the broker refused when this link restored them (retried)
+        #: subscriptions the broker refused on this link, retried by `retry` while it lasts
         self.refused: list[tuple[str, int]] = []
+        self.retry: asyncio.Task[None] | None = None
         self._deliver = transport._deliver
         self.sock = sock
         self.up = False  # CONNACK accepted and the socket still open
@@ -903,7 +904,9 @@ class MqttTransport:
         While connected, returns on SUBACK; while disconnected, returns at once and
         the subscription goes out on the next connect. A broker refusal drops the
         intent and raises (`Unauthenticated` when not authorised, else `InvalidArgument`
-        or `Unavailable`).
+        or `Unavailable`); on MQTT 3.1.1, whose refusal gives no reason, it raises
+        `Unauthenticated` but keeps the intent: sent again with backoff while the link
+        lasts and on every connect (a clustered broker refuses for a moment too).
         """
         _check_filter(topic_filter)
         _check_qos(qos, what=f"subscription {topic_filter!r}")
@@ -918,7 +921,12 @@ class MqttTransport:
                 return  # kept as intent: sent again on the next connect
             raise
         if code.is_failure:
-            if self._subs.get(topic_filter) == qos:
+            if link.v311 and code.value == _V311_SUB_FAILURE:
+                # 3.1.1 does not say why, and a clustered broker refuses for a moment
+                # while it moves a dead node's state: keep it and try again meanwhile
+                link.refused.append((topic_filter, qos))
+                self._retry_refused(link)
+            elif self._subs.get(topic_filter) == qos:
                 del self._subs[topic_filter]
             raise link._refusal(f"subscription {topic_filter!r}", code)
 
@@ -1073,11 +1081,13 @@ class MqttTransport:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            retry = asyncio.create_task(self._resubscribe(link)) if link.refused else None
+            if link.refused:
+                self._retry_refused(link)
             try:
                 await self._connected(link)
                 await link.closed.wait()
             finally:
+                retry, link.retry = link.retry, None
                 if retry is not None:
                     retry.cancel()
                     await asyncio.gather(retry, return_exceptions=True)
@@ -1090,6 +1100,12 @@ class MqttTransport:
                 delay,
             )
             await asyncio.sleep(delay)
+
+    def _retry_refused(self, link: _Link) -> None:
+        if link.retry is None or link.retry.done():
+            link.retry = asyncio.create_task(
+                self._resubscribe(link), name=f"mqtt-{self.label}-resubscribe"
+            )
 
     async def _resubscribe(self, link: _Link) -> None:
         """Subscriptions a (re)connect could not restore, sent again with backoff while
@@ -1105,7 +1121,8 @@ class MqttTransport:
                 codes = await link.subscribe(pending, self.settings.connect_timeout)
             except Unavailable:
                 return  # the link dropped: the next connect restores everything
-            link.refused = [p for p, c in zip(pending, codes, strict=False) if c.is_failure]
+            still = [p for p, c in zip(pending, codes, strict=False) if c.is_failure]
+            link.refused = still + [r for r in link.refused if r not in pending]
             if not link.refused:
                 logger.info("%s: subscriptions restored on %s", self.label, link.url)
                 return
