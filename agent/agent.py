@@ -31,7 +31,7 @@ from edgefleet.agent.updater import ChunkFilter, Updater
 from edgefleet.protos.errors import FleetError
 from edgefleet.protos.flower import fl_features
 from edgefleet.protos.topics import Topics
-from edgefleet.protos.transport import Message, MqttSettings, MqttTransport, Will
+from edgefleet.protos.transport import Message, MqttSettings, MqttTransport, MqttVersion, Will
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class Agent:
                 cert_file=settings.cert_file if tls else None,
                 key_file=settings.key_file if tls else None,
                 flow_control=True,
+                fallback_urls=tuple(settings.broker_urls),
+                mqtt_version=MqttVersion.parse(settings.mqtt_version),
             ),
             will=Will(
                 self.topics.status(self.device_id), self._status(online=False), qos=1, retain=True

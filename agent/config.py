@@ -20,6 +20,14 @@ class AgentSettings(BaseSettings):
         default=Path("/var/lib/edgefleet"), description="models, downloads, spool"
     )
     broker_url: str = Field(description="mqtt://host:port or mqtts://host:port")
+    broker_urls: list[str] = Field(
+        default_factory=list,
+        description="further brokers of the fleet (a cluster's nodes), tried in order "
+        "when the current one cannot be reached",
+    )
+    mqtt_version: str = Field(
+        default="auto", description="auto (5, else 3.1.1), 5 or 3.1.1 (docs/protocol.md)"
+    )
     username: str | None = None
     password: str | None = None
     ca_file: str | None = Field(default=None, description="CA of the broker (mqtts://)")
@@ -98,6 +106,7 @@ def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSet
     """Validate an enrolment bundle (JSON from `fleet devices enroll`)."""
     from edgefleet.protos.errors import InvalidArgument
     from edgefleet.protos.manifest import load_public_key
+    from edgefleet.protos.transport import MqttVersion
 
     try:
         bundle = json.loads(data)
@@ -105,16 +114,26 @@ def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSet
         raise InvalidArgument(f"enrolment bundle is not JSON: {e}") from None
     if not isinstance(bundle, dict):
         raise InvalidArgument("enrolment bundle must be a JSON object")
+    urls = bundle.get("broker_urls") or []
+    if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+        raise InvalidArgument(
+            f"enrolment bundle field broker_urls is {urls!r}; accepted: a list of broker URLs"
+        )
+    if urls and not bundle.get("broker_url"):
+        bundle["broker_url"] = urls[0]
     missing = [k for k in BUNDLE_FIELDS if not bundle.get(k)]
     if missing:
         raise InvalidArgument(
             f"enrolment bundle lacks {', '.join(missing)}; needs {', '.join(BUNDLE_FIELDS)}"
         )
     load_public_key(str(bundle["signing_public_key"]).encode())  # fail now, not at first update
+    MqttVersion.parse(str(bundle.get("mqtt_version") or "auto"))
     files = store_credentials(bundle, state_dir / "credentials")
     values: dict[str, Any] = {
         "device_id": bundle["device_id"],
         "broker_url": bundle["broker_url"],
+        "broker_urls": [u for u in urls if u != bundle["broker_url"]],
+        "mqtt_version": str(bundle.get("mqtt_version") or "auto"),
         "username": bundle.get("username") or None,
         "password": bundle.get("password") or None,
         "public_key_pem": bundle["signing_public_key"],

@@ -116,6 +116,8 @@ class Updater:
         self._durable = durable
         self._want_interval = want_interval
         self._download: _Download | None = None
+        #: the latest report that could not be sent (retained, so the latest is enough)
+        self._unsent: bytes | None = None
         self.shadow: ShadowEvaluator | None = None
         self._lock = asyncio.Lock()
         self.state = UpdateState.IDLE
@@ -316,6 +318,14 @@ class Updater:
         await self._want(dl)
 
     async def on_reconnect(self) -> None:
+        unsent = self._unsent
+        if unsent is not None:  # e.g. `active`, reached while failing over to another broker
+            try:
+                await self._publish(self._topics.reported(self.device_id), unsent, True)
+                if self._unsent is unsent:
+                    self._unsent = None
+            except FleetError as e:
+                logger.info("%s: report still not sent (%s)", self.device_id, e)
         dl = self._download
         if dl is not None:
             await self._want(dl, resume=True)
@@ -738,6 +748,11 @@ class Updater:
         active = self.holder.active
         return active.ref if active is not None else None
 
+    def download_progress(self) -> tuple[int, int]:
+        """(chunks stored, chunks in all) of the download under way; (0, 0) when none."""
+        dl = self._download
+        return (dl.partial.chunks_have, dl.partial.chunks_total) if dl is not None else (0, 0)
+
     async def _report(
         self,
         generation: int,
@@ -767,6 +782,8 @@ class Updater:
         try:
             await self._publish(self._topics.reported(self.device_id), payload, True)
         except FleetError as e:
-            logger.info("%s: report not sent (%s)", self.device_id, e)
+            logger.info("%s: report not sent (%s); sent on reconnect", self.device_id, e)
+            self._unsent = payload
             return False
+        self._unsent = None
         return True

@@ -11,6 +11,13 @@ state of every device whose reported generation is below its desired one on
 every (re)connection of its MQTT client, for each device that comes online, and
 every `reassert_interval` seconds. A broker that lost its retained messages (a
 crash before its autosave) therefore cannot make a device miss a deployment.
+
+Admission is paced: after a broker restart every device is born again within its
+reconnect jitter, and the coordinator must not answer N births with N database
+transactions. Device events are written in batches (at most `max_batch` per
+transaction, one transaction per `flush_interval`), and the births of a batch are
+re-asserted together (one database read per pass, publishes in `reassert_batch`
+slices). `stats` counts both (tests/e2e/test_reconnect_storm.py).
 """
 
 from __future__ import annotations
@@ -123,6 +130,25 @@ def plan_deploy(
     return Plan(mv, targets, skipped)
 
 
+@dataclass
+class AdmissionStats:
+    """How device events reached the database: `transactions` writes carried `events`
+    (of which `births`); `largest` is the biggest batch. Re-asserts run in
+    `reassert_passes` passes (one database read each), however many births they cover."""
+
+    transactions: int = 0
+    events: int = 0
+    births: int = 0
+    largest: int = 0
+    reassert_passes: int = 0
+
+    def recorded(self, events: int, births: int) -> None:
+        self.transactions += 1
+        self.events += events
+        self.births += births
+        self.largest = max(self.largest, events)
+
+
 class Coordinator:
     def __init__(
         self,
@@ -145,6 +171,7 @@ class Coordinator:
         reassert_batch: int = 256,
         reassert_pause: float = 0.1,
         deltas: DeltaCache | bool = True,
+        max_batch: int = 2000,
     ) -> None:
         self.topics = topics or Topics()
         self.registry = registry
@@ -182,6 +209,13 @@ class Coordinator:
         self.desired_ttl_s = desired_ttl_s
         self._inbox: list[DeviceEvent] = []
         self._inbox_ready = asyncio.Event()
+        # paced admission: what devices say (births above all: a broker restart brings
+        # every device back within its reconnect jitter) is written `max_batch` events
+        # per transaction, one transaction per `flush_interval`, whatever the burst
+        if max_batch < 1:
+            raise InvalidArgument(f"coordinator max_batch {max_batch} must be >= 1")
+        self.max_batch = max_batch
+        self.stats = AdmissionStats()
         # desired-state reconciliation
         self.reassert_interval = reassert_interval
         self.reassert_batch = reassert_batch
@@ -227,6 +261,8 @@ class Coordinator:
         if self._delta_records is not None:
             self._delta_records.close()
             self._delta_records, self.deltas = None, None
+        for _ in range(len(self._inbox) // self.max_batch + 1):
+            await self._flush_events()
 
     async def _subscribe(self) -> None:
         kinds = ["status", "reported", "shadow"]
@@ -342,7 +378,9 @@ class Coordinator:
 
     async def _flush_events(self) -> None:
         self._inbox_ready.clear()
-        batch, self._inbox = self._inbox, []
+        batch, self._inbox = self._inbox[: self.max_batch], self._inbox[self.max_batch :]
+        if self._inbox:  # the rest goes in the next transaction, `flush_interval` later
+            self._inbox_ready.set()
         if batch:
             try:
                 await asyncio.to_thread(self.devices.record, batch)
@@ -353,6 +391,7 @@ class Coordinator:
                 await asyncio.sleep(1.0)
                 return
             born = {e.device_id for e in batch if isinstance(e.payload, Birth) and e.payload.online}
+            self.stats.recorded(len(batch), len(born))
             if born:  # recorded first, so their reported generations are current
                 self._born |= born
                 self._reassert_wake.set()
@@ -519,6 +558,7 @@ class Coordinator:
                     continue
             everyone, born = self._reassert_all, self._born
             self._reassert_all, self._born = False, set()
+            self.stats.reassert_passes += 1
             try:
                 await self.reassert(None if everyone else sorted(born))
             except FleetError as e:  # the link dropped mid-way: the reconnect re-runs it

@@ -24,6 +24,11 @@ How it runs:
   session, so nothing stale is resent behind the caller's back: a publish either
   returns (acknowledged) or raises `Unavailable`, and the caller decides whether
   to spool it.
+- MQTT 5 or 3.1.1 (`MqttVersion`; AUTO tries 5 and settles on 3.1.1 when the broker
+  answers "unsupported protocol version"). What each version gives and what 3.1.1
+  loses is in docs/protocol.md (MQTT versions).
+- Several broker URLs (`fallback_urls`, e.g. a cluster's nodes): a failed attempt
+  moves on to the next one (`failover_order`), with the same jittered backoff.
 - Subscriptions are kept as intent and re-sent on every connect, before the
   `on_connect` callback (which typically publishes the birth message) runs.
 - Received messages go, in order, to `on_message` or, without one, to the queue
@@ -39,8 +44,9 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -81,6 +87,11 @@ _CONFIG_REFUSALS = frozenset({0x84, 0x85})
 # SUBACK / PUBACK reason codes that name a bad request rather than a bad moment
 _BAD_REQUEST = frozenset({0x8F, 0x90, 0x91, 0x95, 0x99, 0x9E, 0xA1, 0xA2})
 _NOT_AUTHORIZED = 0x87
+_UNSUPPORTED_VERSION = 0x84
+#: tries at re-sending subscriptions a (re)connect could not restore
+_RESUBSCRIBE_TRIES = 8
+#: a 3.1.1 SUBACK says only "failure" (0x80); brokers send it for ACL refusals
+_V311_SUB_FAILURE = 0x80
 _KEEPALIVE_TIMEOUT = 0x8D
 
 Payload = bytes | bytearray
@@ -113,6 +124,38 @@ class Message:
     retain: bool
     # with `MqttSettings.flow_control`: sends the PUBACK once the message is handled
     ack: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+
+class MqttVersion(StrEnum):
+    """The MQTT protocol version a client speaks (docs/protocol.md, MQTT versions)."""
+
+    #: MQTT 5 first; a broker that answers "unsupported protocol version" gets 3.1.1
+    #: on the next attempt (remembered for the transport's lifetime)
+    AUTO = "auto"
+    V5 = "5"
+    V311 = "3.1.1"
+
+    @classmethod
+    def parse(cls, value: str | MqttVersion) -> MqttVersion:
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            raise InvalidArgument(
+                f"MQTT version {value!r} is unknown; accepted: auto, 5, 3.1.1"
+            ) from None
+
+
+def failover_order(urls: Sequence[str], current: int, failures: int) -> tuple[int, int]:
+    """(index of the broker URL to try next, backoff round) after `failures` (>= 1)
+    consecutive failed attempts, the last one on `urls[current]`.
+
+    Each failure moves on to the next URL; the backoff round grows once per full pass
+    over the list, so with three brokers a dead one costs one short jittered pause, not
+    an exponential wait. (After a lost connection the transport first tries the same
+    broker again: a restart is the common case.)
+    """
+    n = len(urls)
+    return (current + 1) % n, (max(failures, 1) - 1) // n + 1
 
 
 @dataclass(frozen=True)
@@ -157,9 +200,21 @@ class MqttSettings:
     #: the broker keeps this client's subscriptions and queues its QoS 1 messages
     #: while it is away (a restarted coordinator misses no telemetry or report).
     session_expiry: int = 0
+    #: further brokers of the same fleet (a cluster's nodes), tried in order when the
+    #: current one cannot be reached (`failover_order`)
+    fallback_urls: tuple[str, ...] = ()
+    mqtt_version: MqttVersion = MqttVersion.AUTO
 
     def __post_init__(self) -> None:
         endpoint = _parse_url(self.url)
+        object.__setattr__(self, "mqtt_version", MqttVersion.parse(self.mqtt_version))
+        object.__setattr__(self, "fallback_urls", tuple(self.fallback_urls))
+        for other in self.fallback_urls:
+            if _parse_url(other).tls != endpoint.tls:
+                raise InvalidArgument(
+                    f"MQTT broker URLs {self.url} and {other} mix mqtt:// and mqtts://; "
+                    "give every broker of one fleet the same scheme"
+                )
         if not self.client_id:
             raise InvalidArgument(
                 f"MQTT client_id for {self.url} is empty; give each client its own id"
@@ -194,6 +249,11 @@ class MqttSettings:
     def endpoint(self) -> _Endpoint:
         return _parse_url(self.url)
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every broker URL, the primary first."""
+        return (self.url, *(u for u in self.fallback_urls if u != self.url))
+
     def tls_context(self) -> ssl.SSLContext:
         """The TLS context for mqtts:// (system CAs, or `ca_file`; the client certificate
         when given); `InvalidArgument` naming the file when it cannot be used."""
@@ -225,15 +285,24 @@ class MqttAccess:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    mqtt_version: MqttVersion = MqttVersion.AUTO
 
     @classmethod
     def of(cls, access: str | MqttAccess) -> MqttAccess:
         return cls(access) if isinstance(access, str) else access
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """`url` may list several brokers of one cluster, comma-separated."""
+        return split_urls(self.url)
+
     def settings(self, client_id: str, **options: Any) -> MqttSettings:
-        tls = _parse_url(self.url).tls
+        first, *others = self.urls
+        tls = _parse_url(first).tls
+        options.setdefault("fallback_urls", tuple(others))
+        options.setdefault("mqtt_version", self.mqtt_version)
         return MqttSettings(
-            url=self.url,
+            url=first,
             client_id=client_id,
             username=self.username,
             password=self.password,
@@ -242,6 +311,20 @@ class MqttAccess:
             key_file=self.key_file if tls else None,
             **options,
         )
+
+
+def broker_address(url: str) -> tuple[str, int]:
+    """(host, port) of an mqtt:// or mqtts:// URL (default ports 1883 / 8883)."""
+    ep = _parse_url(url)
+    return ep.host, ep.port
+
+
+def split_urls(text: str) -> tuple[str, ...]:
+    """'mqtt://a:1883, mqtt://b:1883' -> ('mqtt://a:1883', 'mqtt://b:1883')."""
+    urls = tuple(u.strip() for u in text.split(",") if u.strip())
+    if not urls:
+        raise InvalidArgument(f"MQTT broker list {text!r} names no URL")
+    return urls
 
 
 def _parse_url(url: str) -> _Endpoint:
@@ -298,6 +381,11 @@ def _check_filter(topic_filter: str) -> None:
         )
 
 
+class _VersionRefused(InvalidArgument):
+    """CONNACK "unsupported protocol version" to an MQTT 5 CONNECT (MqttVersion.AUTO
+    then speaks 3.1.1)."""
+
+
 def _describe(rc: ReasonCode) -> str:
     return f"[rc {rc.value}] {rc.getName()}"
 
@@ -331,11 +419,15 @@ class _Client(mqtt.Client):
 class _Link:
     """One connection: a socket, the paho client on it, and the futures awaiting acks."""
 
-    def __init__(self, transport: MqttTransport, sock: socket.socket) -> None:
+    def __init__(self, transport: MqttTransport, sock: socket.socket, url: str, v311: bool) -> None:
         settings = transport.settings
         self._loop = asyncio.get_running_loop()
         self._label = transport.label
-        self._url = settings.url
+        self._url = self.url = url
+        self.v311 = v311
+        #: subscriptions the broker refused on this link, retried by `retry` while it lasts
+        self.refused: list[tuple[str, int]] = []
+        self.retry: asyncio.Task[None] | None = None
         self._deliver = transport._deliver
         self.sock = sock
         self.up = False  # CONNACK accepted and the socket still open
@@ -349,7 +441,10 @@ class _Link:
         c = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv311 if v311 else mqtt.MQTTv5,
+            # 3.1.1 has no session expiry: a persistent session is clean_session off
+            # (kept until the broker's own limit), see docs/protocol.md
+            clean_session=settings.session_expiry <= 0 if v311 else None,
             reconnect_on_failure=False,
         )
         c.preconnected = sock
@@ -375,7 +470,7 @@ class _Link:
             c.manual_ack_set(True)
         self.client = c
         self._keepalive = settings.keepalive
-        self._endpoint = settings.endpoint
+        self._endpoint = _parse_url(url)
         self._session_expiry = settings.session_expiry
 
     def _new_future(self) -> asyncio.Future[Any]:
@@ -386,17 +481,20 @@ class _Link:
     def start(self) -> None:
         """Send CONNECT; the CONNACK resolves `connack`."""
         ep = self._endpoint
-        props = None
-        if self._session_expiry > 0:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = self._session_expiry
-        rc = self.client.connect(
-            ep.host,
-            ep.port,
-            self._keepalive,
-            clean_start=self._session_expiry <= 0,
-            properties=props,
-        )
+        if self.v311:
+            rc = self.client.connect(ep.host, ep.port, self._keepalive)
+        else:
+            props = None
+            if self._session_expiry > 0:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = self._session_expiry
+            rc = self.client.connect(
+                ep.host,
+                ep.port,
+                self._keepalive,
+                clean_start=self._session_expiry <= 0,
+                properties=props,
+            )
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise Unavailable(
                 f"{self._label}: CONNECT to {self._url} failed: {mqtt.error_string(rc)}"
@@ -452,6 +550,8 @@ class _Link:
         err: FleetError
         if rc.value in _AUTH_REFUSALS:
             err = Unauthenticated(f"{where}; check the username and password")
+        elif rc.value == _UNSUPPORTED_VERSION and not self.v311:
+            err = _VersionRefused(f"{where}; the broker does not speak MQTT 5")
         elif rc.value in _CONFIG_REFUSALS:
             err = InvalidArgument(f"{where}; check the client id and broker version")
         else:
@@ -513,6 +613,8 @@ class _Link:
         text = f"{self._label}: broker {self._url} refused {what}: {_describe(rc)}"
         if rc.value == _NOT_AUTHORIZED:
             return Unauthenticated(text)
+        if self.v311 and rc.value == _V311_SUB_FAILURE:
+            return Unauthenticated(f"{text} (MQTT 3.1.1 gives no reason; most often the ACL)")
         if rc.value in _BAD_REQUEST:
             return InvalidArgument(text)
         return Unavailable(text)
@@ -686,10 +788,16 @@ class MqttTransport:
         self._tls: ssl.SSLContext | None = None
         self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._current = 0  # index into settings.urls
+        self._version = (
+            MqttVersion.V5 if settings.mqtt_version == MqttVersion.AUTO else settings.mqtt_version
+        )
+        #: AUTO: whether a refused MQTT 5 CONNECT may still switch to 3.1.1
+        self._auto = settings.mqtt_version == MqttVersion.AUTO
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "running" if self._running else "stopped"
-        return f"<MqttTransport {self.label} {self.settings.url} {state}>"
+        return f"<MqttTransport {self.label} {self.url} {state}>"
 
     # lifecycle
     async def __aenter__(self) -> MqttTransport:
@@ -749,7 +857,7 @@ class MqttTransport:
         self._queue.put_nowait(None)
         self._ready.clear()
         self._stopped.set()
-        logger.info("%s: closed connection to %s", self.label, self.settings.url)
+        logger.info("%s: closed connection to %s", self.label, self.url)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -785,13 +893,9 @@ class MqttTransport:
         if self._fatal is not None:
             raise self._fatal
         if not done:
-            raise Unavailable(
-                f"{self.label}: not connected to {self.settings.url} within {timeout:g}s"
-            )
+            raise Unavailable(f"{self.label}: not connected to {self.url} within {timeout:g}s")
         if stopped in done and ready not in done:
-            raise Unavailable(
-                f"{self.label}: transport closed before connecting to {self.settings.url}"
-            )
+            raise Unavailable(f"{self.label}: transport closed before connecting to {self.url}")
 
     # requests
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
@@ -800,7 +904,9 @@ class MqttTransport:
         While connected, returns on SUBACK; while disconnected, returns at once and
         the subscription goes out on the next connect. A broker refusal drops the
         intent and raises (`Unauthenticated` when not authorised, else `InvalidArgument`
-        or `Unavailable`).
+        or `Unavailable`); on MQTT 3.1.1, whose refusal gives no reason, it raises
+        `Unauthenticated` but keeps the intent: sent again with backoff while the link
+        lasts and on every connect (a clustered broker refuses for a moment too).
         """
         _check_filter(topic_filter)
         _check_qos(qos, what=f"subscription {topic_filter!r}")
@@ -815,7 +921,12 @@ class MqttTransport:
                 return  # kept as intent: sent again on the next connect
             raise
         if code.is_failure:
-            if self._subs.get(topic_filter) == qos:
+            if link.v311 and code.value == _V311_SUB_FAILURE:
+                # 3.1.1 does not say why, and a clustered broker refuses for a moment
+                # while it moves a dead node's state: keep it and try again meanwhile
+                link.refused.append((topic_filter, qos))
+                self._retry_refused(link)
+            elif self._subs.get(topic_filter) == qos:
                 del self._subs[topic_filter]
             raise link._refusal(f"subscription {topic_filter!r}", code)
 
@@ -854,7 +965,7 @@ class MqttTransport:
         link = self._live_link()
         if link is None:
             raise Unavailable(
-                f"{self.label}: not connected to {self.settings.url}; cannot publish to {topic!r}"
+                f"{self.label}: not connected to {self.url}; cannot publish to {topic!r}"
             )
         await link.publish(topic, payload, qos, retain, timeout)
 
@@ -875,9 +986,7 @@ class MqttTransport:
         """
         link = self._link
         if link is not None and not link.closed.is_set():
-            logger.warning(
-                "%s: dropping the connection to %s on purpose", self.label, self.settings.url
-            )
+            logger.warning("%s: dropping the connection to %s on purpose", self.label, self.url)
             link.abort("dropped on purpose")
 
     def abandon(self) -> None:
@@ -935,50 +1044,113 @@ class MqttTransport:
     def _backoff(self, attempt: int) -> float:
         return Backoff(self.settings.backoff_base, self.settings.backoff_cap).delay(attempt)
 
+    @property
+    def url(self) -> str:
+        """The broker URL connected to (or tried) last."""
+        return self.settings.urls[self._current]
+
+    @property
+    def mqtt_version(self) -> MqttVersion:
+        """The version spoken: `settings.mqtt_version`, or what AUTO settled on."""
+        return self._version
+
     async def _run(self) -> None:
-        attempt = 0
+        urls = self.settings.urls
+        failures = 0
         while True:
             try:
                 link = await self._connect()
+            except _VersionRefused as e:
+                if self._auto:
+                    logger.info("%s; speaking MQTT 3.1.1 from now on", e)
+                    self._version = MqttVersion.V311
+                    continue
+                logger.error("%s; giving up (settings ask for MQTT 5 only)", e)
+                self._fatal = e
+                self._stopped.set()
+                return
             except (Unauthenticated, InvalidArgument) as e:
                 logger.error("%s; giving up", e)
                 self._fatal = e
                 self._stopped.set()
                 return
             except Unavailable as e:
-                attempt += 1
-                delay = self._backoff(attempt)
+                failures += 1
+                self._current, rnd = failover_order(urls, self._current, failures)
+                delay = self._backoff(rnd)
                 logger.warning(
-                    "%s: %s; retrying in %.1fs (attempt %d)", self.label, e, delay, attempt
+                    "%s: %s; retrying in %.1fs, on %s (attempt %d)",
+                    self.label,
+                    e,
+                    delay,
+                    self.url,
+                    failures,
                 )
                 await asyncio.sleep(delay)
                 continue
-            attempt = 0
-            await self._connected(link)
-            await link.closed.wait()
-            attempt = 1
-            delay = self._backoff(attempt)
+            failures = 0
+            if link.refused:
+                self._retry_refused(link)
+            try:
+                await self._connected(link)
+                await link.closed.wait()
+            finally:
+                retry, link.retry = link.retry, None
+                if retry is not None:
+                    retry.cancel()
+                    await asyncio.gather(retry, return_exceptions=True)
+            delay = self._backoff(1)
             logger.warning(
-                "%s: connection to %s lost (%s); retrying in %.1fs (attempt %d)",
+                "%s: connection to %s lost (%s); retrying in %.1fs (attempt 1)",
                 self.label,
-                self.settings.url,
+                self.url,
                 link.reason,
                 delay,
-                attempt,
             )
             await asyncio.sleep(delay)
 
+    def _retry_refused(self, link: _Link) -> None:
+        if link.retry is None or link.retry.done():
+            link.retry = asyncio.create_task(
+                self._resubscribe(link), name=f"mqtt-{self.label}-resubscribe"
+            )
+
+    async def _resubscribe(self, link: _Link) -> None:
+        """Subscriptions a (re)connect could not restore, sent again with backoff while
+        the link lasts: a clustered broker refuses them for a moment while it moves the
+        state of a dead node (NATS: JetStream consumers), and a device without its
+        `desired` subscription would never hear of a deployment."""
+        for attempt in range(1, _RESUBSCRIBE_TRIES + 1):
+            await asyncio.sleep(self._backoff(attempt))
+            pending = [(f, q) for f, q in link.refused if self._subs.get(f) == q]
+            if not pending or not link.up:
+                return
+            try:
+                codes = await link.subscribe(pending, self.settings.connect_timeout)
+            except Unavailable:
+                return  # the link dropped: the next connect restores everything
+            still = [p for p, c in zip(pending, codes, strict=False) if c.is_failure]
+            link.refused = still + [r for r in link.refused if r not in pending]
+            if not link.refused:
+                logger.info("%s: subscriptions restored on %s", self.label, link.url)
+                return
+        logger.error(
+            "%s: broker %s keeps refusing %s; giving up until the next connect",
+            self.label,
+            link.url,
+            ", ".join(f for f, _ in link.refused),
+        )
+
     async def _connect(self) -> _Link:
-        s, ep = self.settings, self.settings.endpoint
+        s, url = self.settings, self.url
+        ep = _parse_url(url)
         timeout = s.connect_timeout
         try:
             async with asyncio.timeout(timeout):
                 sock = await self._open_socket(ep)
         except TimeoutError:
-            raise Unavailable(
-                f"{self.label}: no connection to {s.url} within {timeout:g}s"
-            ) from None
-        link = _Link(self, sock)
+            raise Unavailable(f"{self.label}: no connection to {url} within {timeout:g}s") from None
+        link = _Link(self, sock, url, self._version == MqttVersion.V311)
         self._link = link
         try:
             link.start()
@@ -987,20 +1159,21 @@ class MqttTransport:
                     await link.connack
             except TimeoutError:
                 raise Unavailable(
-                    f"{self.label}: no CONNACK from {s.url} within {timeout:g}s"
+                    f"{self.label}: no CONNACK from {url} within {timeout:g}s"
                 ) from None
             if self._subs:
                 filters = list(self._subs.items())
                 codes = await link.subscribe(filters, timeout)
-                for (flt, _qos), code in zip(filters, codes, strict=False):
+                for (flt, qos), code in zip(filters, codes, strict=False):
                     if code.is_failure:
-                        logger.error(
-                            "%s: broker %s refused subscription %r: %s",
+                        logger.warning(
+                            "%s: broker %s refused subscription %r: %s; trying again",
                             self.label,
-                            s.url,
+                            url,
                             flt,
                             _describe(code),
                         )
+                        link.refused.append((flt, qos))
         except BaseException:
             link.abort("connect attempt failed")
             if self._link is link:
@@ -1012,7 +1185,7 @@ class MqttTransport:
         try:
             sock = await _tcp_connect(ep.host, ep.port)
         except OSError as e:
-            raise Unavailable(f"{self.label}: cannot connect to {self.settings.url}: {e}") from None
+            raise Unavailable(f"{self.label}: cannot connect to {self.url}: {e}") from None
         if self._tls is None:
             return sock
         try:
@@ -1027,17 +1200,15 @@ class MqttTransport:
         except ssl.SSLCertVerificationError as e:
             tls.close()
             raise Unauthenticated(
-                f"{self.label}: TLS certificate of {self.settings.url} rejected: {e.verify_message}"
+                f"{self.label}: TLS certificate of {self.url} rejected: {e.verify_message}"
             ) from None
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as e:
             tls.close()
-            raise Unavailable(
-                f"{self.label}: TLS handshake with {self.settings.url} cut off: {e}"
-            ) from None
+            raise Unavailable(f"{self.label}: TLS handshake with {self.url} cut off: {e}") from None
         except ssl.SSLError as e:
             tls.close()
             raise Unauthenticated(
-                f"{self.label}: TLS handshake with {self.settings.url} failed: {e}"
+                f"{self.label}: TLS handshake with {self.url} failed: {e}"
             ) from None
         except BaseException:
             tls.close()
@@ -1045,7 +1216,7 @@ class MqttTransport:
         return tls
 
     async def _connected(self, link: _Link) -> None:
-        logger.info("%s: connected to %s", self.label, self.settings.url)
+        logger.info("%s: connected to %s", self.label, self.url)
         if self._on_connect is not None:
             try:
                 await self._on_connect()
@@ -1059,4 +1230,15 @@ class MqttTransport:
             self._ready.set()
 
 
-__all__ = ["COORDINATOR_BACKOFF_CAP", "Message", "MqttSettings", "MqttTransport", "Will"]
+__all__ = [
+    "COORDINATOR_BACKOFF_CAP",
+    "Message",
+    "MqttAccess",
+    "MqttSettings",
+    "MqttTransport",
+    "MqttVersion",
+    "Will",
+    "broker_address",
+    "failover_order",
+    "split_urls",
+]

@@ -30,6 +30,19 @@ def hash_password(password: str, *, salt: bytes | None = None, iterations: int =
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
+#: bcrypt cost for the NATS copy of a password (`identity.nats`): passwords are 32 random
+#: bytes, so the hash need not be slow (as with the 101 PBKDF2 rounds above), and NATS
+#: checks it on every CONNECT (a reconnect storm is thousands of them)
+BCRYPT_COST = 4
+
+
+def bcrypt_hash(password: str, *, cost: int = BCRYPT_COST) -> str:
+    """The bcrypt (`$2b$`) hash of `password`, as NATS config files take them."""
+    import bcrypt
+
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()
+
+
 def verify_password(password: str, hashed: str) -> bool:
     parts = hashed.split("$")
     if len(parts) != 5 or parts[1] != "7" or not parts[2].isdigit():

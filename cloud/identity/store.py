@@ -20,7 +20,7 @@ from typing import Any
 
 from edgefleet.cloud.identity.acl import COORDINATOR_USER
 from edgefleet.cloud.identity.ca import LOOPBACK_NAMES, FleetCA, cert_names, write_private
-from edgefleet.cloud.identity.passwords import hash_password, new_password
+from edgefleet.cloud.identity.passwords import bcrypt_hash, hash_password, new_password
 from edgefleet.protos.errors import NotFound
 from edgefleet.protos.topics import check_device_id
 
@@ -120,6 +120,15 @@ class IdentityStore:
             if r.get("kind") == kind and not r.get("revoked")
         }
 
+    def bcrypt_hashes(self, *, kind: str) -> dict[str, str]:
+        """{username: bcrypt hash} of the live users of `kind` that have one (for a NATS
+        broker, `identity.nats`; devices enrolled before it have none)."""
+        return {
+            u: str(r["bcrypt"])
+            for u, r in self._read()["users"].items()
+            if r.get("kind") == kind and not r.get("revoked") and r.get("bcrypt")
+        }
+
     def revoked_serials(self) -> list[int]:
         return [int(s) for s in self._read()["revoked_serials"]]
 
@@ -144,6 +153,7 @@ class IdentityStore:
                 data["users"][device_id] = {
                     "kind": "device",
                     "hash": hash_password(password),
+                    "bcrypt": bcrypt_hash(password),
                     "serial": cert.serial,
                     "revoked": False,
                 }

@@ -42,10 +42,14 @@ class EnrollmentBundle:
     key_list: str = ""  # base64 SignedKeyList: the online keys the device accepts
 
     def to_json(self) -> dict[str, Any]:
+        # FLEET_ADVERTISE_BROKER may name a cluster's nodes, comma-separated: the agent
+        # fails over between them (docs/operators.md, clustered broker)
+        urls = [u.strip() for u in self.broker_url.split(",") if u.strip()]
         return {
             "format": BUNDLE_FORMAT,
             "device_id": self.device_id,
-            "broker_url": self.broker_url,
+            "broker_url": urls[0] if urls else self.broker_url,
+            **({"broker_urls": urls} if len(urls) > 1 else {}),
             "username": self.username,
             "password": self.password,
             "signing_public_key": self.signing_public_key,

@@ -337,6 +337,9 @@ class TelemetrySubscriber:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
+        self._urls = settings.urls  # several brokers (a cluster): the next on each drop
+        self._current = 0
         self._client = c
         if ack:
             ingest.on_committed = self._ack
@@ -362,8 +365,26 @@ class TelemetrySubscriber:
         self.connected.set()
         logger.info("telemetry subscriber connected to %s", self.settings.url)
 
-    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+    def _on_subscribe(self, c: Any, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+        if codes and codes[0].is_failure and self.subscription != self.filter:
+            # a broker without shared subscriptions (NATS): one plain subscriber instead
+            logger.warning(
+                "telemetry subscriber: broker refused %s (%s); subscribing to %s instead",
+                self.subscription,
+                codes[0],
+                self.filter,
+            )
+            self.subscription = self.filter
+            c.subscribe(self.subscription, qos=1)
+
+    def _on_disconnect(self, c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self.connected.clear()
+        if len(self._urls) > 1 and rc.is_failure:  # lost, not stopped: the next node
+            from edgefleet.protos.transport import broker_address
+
+            self._current = (self._current + 1) % len(self._urls)
+            host, port = broker_address(self._urls[self._current])
+            c.connect_async(host, port, self.settings.keepalive)
         logger.info("telemetry subscriber disconnected (%s); paho reconnects", rc)
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
