@@ -238,6 +238,8 @@ _REASONS: Mapping[ReasonCode, int] = {
     ReasonCode.KEY_REVOKED: _pb.REASON_CODE_KEY_REVOKED,
     ReasonCode.UNTRUSTED_KEY: _pb.REASON_CODE_UNTRUSTED_KEY,
     ReasonCode.OFFLINE_INSTALL: _pb.REASON_CODE_OFFLINE_INSTALL,
+    ReasonCode.DELTA_NO_BASE: _pb.REASON_CODE_DELTA_NO_BASE,
+    ReasonCode.DELTA_FAILED: _pb.REASON_CODE_DELTA_FAILED,
 }
 E = TypeVar("E", bound=StrEnum)
 

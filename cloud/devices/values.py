@@ -53,6 +53,8 @@ class ReasonCode(StrEnum):
     KEY_REVOKED = "key_revoked"
     UNTRUSTED_KEY = "untrusted_key"
     OFFLINE_INSTALL = "offline_install"
+    DELTA_NO_BASE = "delta_no_base"
+    DELTA_FAILED = "delta_failed"
 
 
 class Accelerator(StrEnum):
