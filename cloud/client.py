@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from edgefleet.cloud.devices import Device, DeviceFilter, DeviceStore, Selector
     from edgefleet.cloud.drift import Alert, DriftMonitor, DriftRow
     from edgefleet.cloud.identity import DeviceCredential, IdentityStore
+    from edgefleet.cloud.replicas import ReplicaInfo
     from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class FleetStatus:
     devices: int
     online: int
     by_state: Mapping[str, int]
+    #: `fleet serve --replica`: every replica with a row, the leader first
+    replicas: tuple[ReplicaInfo, ...] = ()
 
 
 class FleetClient(Protocol):
@@ -534,7 +537,14 @@ class LocalClient:
             devices=len(devices),
             online=sum(1 for d in devices if d.online),
             by_state=by_state,
+            replicas=tuple(self.replicas()),
         )
+
+    def replicas(self) -> list[ReplicaInfo]:
+        """The coordinator replicas sharing this database (none unless --replica)."""
+        from edgefleet.cloud.replicas.registry import ReplicaStore
+
+        return ReplicaStore(self.database).list()
 
     def close(self) -> None:
         if "registry" in self.__dict__:

@@ -33,6 +33,7 @@ from edgefleet.cloud.client import LocalClient, coordinator_version
 from edgefleet.cloud.devices import DeviceFilter, Selector
 from edgefleet.cloud.registry import ModelRef, ModelVersion
 from edgefleet.cloud.registry.entities import check_model_name, check_stage
+from edgefleet.cloud.replicas.convert import replica_to_pb
 from edgefleet.protos.errors import (
     FleetError,
     InvalidArgument,
@@ -264,6 +265,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                 devices=len(devices),
                 online=sum(1 for d in devices if d.online),
                 by_state=by_state,
+                replicas=[replica_to_pb(r) for r in await asyncio.to_thread(self.local.replicas)],
             )
 
     # -- rollouts

@@ -28,6 +28,7 @@ from edgefleet.cloud.api.convert import (
 )
 from edgefleet.cloud.client import EnrollmentBundle, FleetStatus
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
+from edgefleet.cloud.replicas.convert import replica_from_pb
 from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
 from edgefleet.protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from edgefleet.protos.grpc_errors import error_from_status
@@ -277,6 +278,7 @@ class GrpcClient:
             devices=r.devices,
             online=r.online,
             by_state=dict(r.by_state),
+            replicas=tuple(replica_from_pb(x) for x in r.replicas),
         )
 
     # -- rollouts

@@ -132,6 +132,7 @@ async def serve(
     host, _port = check_listen(settings.grpc_listen)
     local = LocalClient(settings)
     local._require_init()
+    replica = _replica_mode(settings, local)  # hook: None unless --replica
     secure_home(settings)
     load_private_key(settings.signing_key_path, passphrase=settings.passphrase)  # fail now
     ensure_admin_token(settings)  # a home made before named tokens: its token is `admin`
@@ -209,7 +210,7 @@ async def serve(
     federation = None
     try:
         async with (
-            Coordinator(
+            (replica.coordinator_class if replica else Coordinator)(
                 broker_url=access,
                 registry=local.registry,
                 store=local.pipeline.store,
@@ -221,10 +222,10 @@ async def serve(
                 telemetry=False,
                 refusals=refusals,
             ) as coordinator,
-            Monitoring(
+            (replica.monitoring_class if replica else Monitoring)(
                 db=local.database,
                 broker_url=access,
-                home=str(settings.home_dir),
+                home=replica.telemetry_home if replica else str(settings.home_dir),
                 devices=local.devices,
                 rollouts=local.rollouts,
                 metrics_listen=settings.metrics_listen,
@@ -236,9 +237,15 @@ async def serve(
             ) as monitoring,
         ):
             controller = RolloutController(coordinator, local.rollouts)
-            if settings.fl:
-                federation = await start_federation(settings, local, controller)
-            control_task = asyncio.create_task(controller.run(), name="rollout-controller")
+            if replica is not None:  # hook: the leader runs the controller, FL, reassertion
+                control_task = asyncio.create_task(
+                    replica.run(coordinator, monitoring),
+                    name="replica",
+                )
+            else:
+                if settings.fl:
+                    federation = await start_federation(settings, local, controller)
+                control_task = asyncio.create_task(controller.run(), name="rollout-controller")
             try:
                 server = grpc.aio.server(
                     interceptors=[AccessInterceptor(tokens)],
@@ -257,9 +264,10 @@ async def serve(
                     ),
                     server,
                 )
-                federated_pb2_grpc.add_FederatedServiceServicer_to_server(
-                    FederatedServicer(federation), server
-                )
+                fl_servicer = FederatedServicer(federation)
+                if replica is not None:  # hook: given the federation while leading
+                    replica.fl_servicer = fl_servicer
+                federated_pb2_grpc.add_FederatedServiceServicer_to_server(fl_servicer, server)
                 access_pb2_grpc.add_AccessServiceServicer_to_server(AccessServicer(tokens), server)
                 try:
                     if tls is not None:
@@ -283,6 +291,8 @@ async def serve(
                     grpc_ca=str(tls.ca) if tls is not None and tls.ca is not None else "",
                 )
                 info.write(settings.serve_path)
+                if replica is not None:  # hook: the address other replicas' status shows
+                    replica.address = info.grpc
                 logger.info(
                     "FleetService on %s (%s); broker %s",
                     info.grpc,
@@ -316,6 +326,15 @@ async def serve(
             settings.serve_path.unlink(missing_ok=True)
         local.close()
         tokens.close()
+
+
+def _replica_mode(settings: CloudSettings, local: LocalClient) -> Any:
+    """`--replica`: a `cloud.replicas.mode.ReplicaMode` (settings checked), else None."""
+    if not settings.replica:
+        return None
+    from edgefleet.cloud.replicas.mode import ReplicaMode
+
+    return ReplicaMode(settings, local)
 
 
 def advertised_url(listeners: list[tuple[str, int]]) -> str:
