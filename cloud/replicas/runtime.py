@@ -109,6 +109,7 @@ class Elector:
         self.terms = 0  # terms this replica has led
         self._fenced = False
         self._term: asyncio.Task[None] | None = None
+        self._token = 0  # the fencing token of the current (or last) term
         self.leading = asyncio.Event()
 
     @property
@@ -159,6 +160,7 @@ class Elector:
 
     def _start(self, token: int) -> None:
         self.terms += 1
+        self._token = token
         self._fenced = False
         fence = self.lease.fence(self._on_fenced)
         logger.warning("replica %s leads (fencing token %d)", self.replica_id, token)
@@ -178,11 +180,10 @@ class Elector:
         if term is None:
             return
         self.leading.clear()
-        token = self.lease.token
         term.cancel()
         await asyncio.gather(term, return_exceptions=True)
         await asyncio.to_thread(self.lease.release if clean else self.lease.lose)
-        logger.warning("replica %s stops leading (token %s): %s", self.replica_id, token, why)
+        logger.warning("replica %s stops leading (token %d): %s", self.replica_id, self._token, why)
 
 
 def check_replica_settings(settings: Any) -> None:
