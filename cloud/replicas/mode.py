@@ -42,6 +42,9 @@ class ReplicaMode:
         self.lease = LeaderLease(local.database, self.replica_id, lease_s=settings.lease_s)
         self.registry = ReplicaStore(local.database)
         self.elector: Elector | None = None
+        # pause/resume/abort through any replica and the leader's controller write the
+        # same rows from different processes: each write must start from the latest
+        local.rollouts.optimistic = True
 
     @property
     def telemetry_home(self) -> str:
@@ -58,6 +61,7 @@ class ReplicaMode:
 
             store = RolloutStore(self.local.database)
             store.fence = fence.check
+            store.optimistic = True
             controller = RolloutController(coordinator, store)
             federation = None
             if self.settings.fl:

@@ -147,6 +147,10 @@ class RolloutStore(DatabaseUser):
     #: that leads sets its term's fence (`cloud.replicas.lease.Fence.check`), which
     #: refuses the transaction once another replica took over
     fence: Callable[[Session], None] | None = None
+    #: `save` refuses (`Conflict`) a rollout read before the stored row last changed:
+    #: coordinator replicas write rollouts from several processes (the leader's
+    #: controller, any replica's pause/resume/abort), without a lock they share
+    optimistic: bool = False
 
     def _fenced(self, s: Session) -> None:
         if self.fence is not None:
@@ -243,6 +247,11 @@ class RolloutStore(DatabaseUser):
             if expect_state is not None and row.state != expect_state:
                 raise Conflict(
                     f"rollout {rollout.rollout_id} is {row.state} now, not {expect_state}"
+                )
+            if self.optimistic and rollout.updated_at and _ts(row.updated_at) != rollout.updated_at:
+                raise Conflict(
+                    f"rollout {rollout.rollout_id} changed meanwhile (now {row.state}): "
+                    "read it again and retry"
                 )
             if rollout.state != row.state:
                 check_transition(rollout.rollout_id, row.state, rollout.state)

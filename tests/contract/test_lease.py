@@ -21,7 +21,7 @@ from edgefleet.cloud.replicas import (
 )
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore, Stage
 from edgefleet.cloud.rollouts.model import CANARY
-from edgefleet.protos.errors import InvalidArgument
+from edgefleet.protos.errors import Conflict, InvalidArgument
 from tests.contract.conftest import fresh_database
 
 pytestmark = pytest.mark.postgres
@@ -231,3 +231,17 @@ def test_replica_mode_refuses_sqlite_in_one_line() -> None:
         require_postgres("sqlite:////tmp/x/registry.db")
     msg = str(ei.value)
     assert "\n" not in msg and "sqlite" in msg and "accepted: PostgreSQL" in msg
+
+
+def test_replicas_write_a_rollout_only_from_its_latest_state(db: Database) -> None:
+    """The leader's controller and a pause through another replica share no lock: a
+    write from a read older than the stored row is refused, not silently undone."""
+    store, rid = rollout_store(db)
+    leader, api = RolloutStore(db), RolloutStore(db)
+    leader.optimistic = api.optimistic = True
+    seen = leader.get(rid)
+    moved = api.save(api.get(rid).with_changes(state=CANARY))  # another replica's write
+    with pytest.raises(Conflict, match=r"changed meanwhile \(now canary\)"):
+        leader.save(seen.with_changes(reason="from a stale read"))
+    assert store.get(rid).reason == ""
+    assert leader.save(moved.with_changes(reason="fresh")).reason == "fresh"

@@ -35,6 +35,8 @@ from edgefleet.cloud.rollouts import RolloutStore
 from edgefleet.protos.errors import NotFound
 from edgefleet.simulator.cluster import SimCluster
 from tests.conftest import Cli, CliResult
+from tests.contract.conftest import _AWS_ENV
+from tests.e2e.test_rollouts import _stop
 from tests.support.identity import SecureBroker
 from tests.support.postgres import PostgresUnavailable, TempPostgres
 
@@ -47,14 +49,7 @@ try:
 except NotFound:
     pytest.skip("mosquitto is not installed", allow_module_level=True)
 
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
+AWS_ENV = _AWS_ENV  # fake credentials: boto3 signs requests for moto only
 
 
 @dataclass(frozen=True)
@@ -335,13 +330,7 @@ def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout
         asyncio.run(main())
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            _stop(p)
         db.close()
 
 
