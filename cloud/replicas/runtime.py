@@ -31,6 +31,9 @@ from edgefleet.protos.transport import Message
 
 logger = logging.getLogger(__name__)
 
+#: the leader forgets replicas silent for an hour every this many heartbeats
+FORGET_EVERY = 100
+
 
 def default_replica_id() -> str:
     return f"{socket.gethostname()[:40]}-{uuid.uuid4().hex[:6]}"
@@ -110,6 +113,7 @@ class Elector:
         self._fenced = False
         self._term: asyncio.Task[None] | None = None
         self._token = 0  # the fencing token of the current (or last) term
+        self._beats = 0
         self.leading = asyncio.Event()
 
     @property
@@ -135,7 +139,8 @@ class Elector:
     async def _beat(self) -> None:
         try:
             await asyncio.to_thread(self.registry.heartbeat, self.replica_id, self.address())
-            if self._term is not None and self.terms and self.terms % 100 == 0:
+            self._beats += 1
+            if self._term is not None and self._beats % FORGET_EVERY == 0:
                 await asyncio.to_thread(self.registry.forget_stale)
         except Exception as e:  # the database is away: the lease decides what that means
             logger.warning("replica %s: heartbeat not written (%s)", self.replica_id, e)
