@@ -291,8 +291,8 @@ async def serve(
                     grpc_ca=str(tls.ca) if tls is not None and tls.ca is not None else "",
                 )
                 info.write(settings.serve_path)
-                if replica is not None:  # hook: the address other replicas' status shows
-                    replica.address = info.grpc
+                if replica is not None:  # hook: the address `fleet status` shows for it
+                    replica.listening(info.grpc)
                 logger.info(
                     "FleetService on %s (%s); broker %s",
                     info.grpc,

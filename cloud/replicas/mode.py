@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from edgefleet.cloud.replicas.lease import Fence, LeaderLease
@@ -35,7 +36,7 @@ class ReplicaMode:
         self.settings = settings
         self.local = local
         self.replica_id: str = settings.replica_id or default_replica_id()
-        #: HOST:PORT of this replica's FleetService, once it listens (serve sets it)
+        #: HOST:PORT of this replica's FleetService, once it listens (`listening`)
         self.address = ""
         #: the FederatedServicer, handed the federation while this replica leads
         self.fl_servicer: Any = None
@@ -45,6 +46,14 @@ class ReplicaMode:
         # pause/resume/abort through any replica and the leader's controller write the
         # same rows from different processes: each write must start from the latest
         local.rollouts.optimistic = True
+
+    def listening(self, grpc: str) -> None:
+        """FleetService listens at `grpc` (HOST:PORT as serve reaches it): the address
+        shown in `fleet status`, this host's name when it listens on every address."""
+        host, _, port = grpc.rpartition(":")
+        if self.settings.grpc_listen.rpartition(":")[0] in ("0.0.0.0", "[::]", "::"):
+            host = socket.getfqdn()
+        self.address = f"{host}:{port}"
 
     @property
     def telemetry_home(self) -> str:
