@@ -54,6 +54,12 @@ class CloudSettings(BaseSettings):
     metrics_listen: str = Field(
         default=DEFAULT_METRICS_LISTEN, description="Prometheus /metrics address; empty: off"
     )
+    # coordinator replicas (`fleet serve --replica`, cloud.replicas)
+    replica: bool = Field(default=False, description="run as one of several replicas")
+    replica_id: str = Field(default="", max_length=64, description="this replica's name")
+    lease_s: float = Field(
+        default=10.0, ge=0.5, le=3600, description="leader lease in seconds (FLEET_LEASE_S)"
+    )
     # federated learning (`fleet serve --fl`): the SuperLink devices' SuperNodes dial
     fl: bool = Field(default=False, description="run a Flower SuperLink (FLEET_FL)")
     fl_listen: str = Field(

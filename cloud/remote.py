@@ -22,6 +22,7 @@ from edgefleet.cloud.api.convert import (
     bundle_from_pb,
     device_from_pb,
     policy_to_pb,
+    replica_from_pb,
     rollout_from_pb,
     summary_from_pb,
     version_from_pb,
@@ -270,6 +271,7 @@ class GrpcClient:
             devices=r.devices,
             online=r.online,
             by_state=dict(r.by_state),
+            replicas=tuple(replica_from_pb(x) for x in r.replicas),
         )
 
     # -- rollouts

@@ -38,6 +38,7 @@ from edgefleet.cloud.home import secure_home
 from edgefleet.cloud.identity import BrokerAuth, IdentityStore, write_broker_material
 from edgefleet.cloud.inbound import Refusals
 from edgefleet.cloud.monitoring import Monitoring
+from edgefleet.cloud.replicas.mode import ReplicaMode
 from edgefleet.cloud.rollouts.controller import RolloutController
 from edgefleet.cloud.services.fleet import FleetApp
 from edgefleet.cloud.services.live import LiveRollouts
@@ -134,6 +135,7 @@ async def serve(
     host, _port = check_listen(settings.grpc_listen)
     services = Services(settings)
     services.require_init()
+    replica = _replica_mode(settings, services)  # hook: None unless --replica
     secure_home(settings)
     services.signing_key()  # a wrong passphrase fails now, not at the first deploy
     tokens = services.access
@@ -212,7 +214,7 @@ async def serve(
     federation: Federation | None = None
     try:
         async with (
-            Coordinator(
+            (replica.coordinator_class if replica else Coordinator)(
                 broker_url=access,
                 registry=services.registry,
                 store=services.artifacts,
@@ -222,10 +224,10 @@ async def serve(
                 telemetry=False,
                 refusals=refusals,
             ) as coordinator,
-            Monitoring(
+            (replica.monitoring_class if replica else Monitoring)(
                 db=services.database,
                 broker_url=access,
-                home=str(settings.home_dir),
+                home=replica.telemetry_home if replica else str(settings.home_dir),
                 devices=services.devices,
                 rollouts=services.rollouts,
                 metrics_listen=settings.metrics_listen,
@@ -237,9 +239,15 @@ async def serve(
             ) as monitoring,
         ):
             controller = RolloutController(coordinator, services.rollouts)
-            if settings.fl:
-                federation = await start_federation(settings, services, controller)
-            control_task = asyncio.create_task(controller.run(), name="rollout-controller")
+            if replica is not None:  # hook: the leader runs the controller, FL, reassertion
+                control_task = asyncio.create_task(
+                    replica.run(coordinator, monitoring),
+                    name="replica",
+                )
+            else:
+                if settings.fl:
+                    federation = await start_federation(settings, services, controller)
+                control_task = asyncio.create_task(controller.run(), name="rollout-controller")
             try:
                 server = grpc.aio.server(
                     interceptors=[AccessInterceptor(tokens), ErrorInterceptor()],
@@ -257,9 +265,10 @@ async def serve(
                     ),
                     server,
                 )
-                federated_pb2_grpc.add_FederatedServiceServicer_to_server(
-                    FederatedServicer(federation), server
-                )
+                fl_servicer = FederatedServicer(federation)
+                if replica is not None:  # hook: given the federation while leading
+                    replica.fl_servicer = fl_servicer
+                federated_pb2_grpc.add_FederatedServiceServicer_to_server(fl_servicer, server)
                 access_pb2_grpc.add_AccessServiceServicer_to_server(AccessServicer(tokens), server)
                 try:
                     if tls is not None:
@@ -283,6 +292,8 @@ async def serve(
                     grpc_ca=str(tls.ca) if tls is not None and tls.ca is not None else "",
                 )
                 info.write(settings.serve_path)
+                if replica is not None:  # hook: the address `fleet status` shows for it
+                    replica.listening(info.grpc)
                 logger.info(
                     "FleetService on %s (%s); broker %s",
                     info.grpc,
@@ -314,6 +325,13 @@ async def serve(
         if current is not None and current.pid == os.getpid():
             settings.serve_path.unlink(missing_ok=True)
         services.close()
+
+
+def _replica_mode(settings: CloudSettings, services: Services) -> ReplicaMode | None:
+    """`--replica`: a `cloud.replicas.mode.ReplicaMode` (settings checked), else None."""
+    if not settings.replica:
+        return None
+    return ReplicaMode(settings, services)
 
 
 def advertised_url(listeners: list[tuple[str, int]]) -> str:

@@ -29,6 +29,7 @@ from edgefleet.cloud.fl.federation import FlEnrollment, RunRequest
 from edgefleet.cloud.fl.store import FlRun
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.registry.entities import Lineage, Variant
+from edgefleet.cloud.replicas.registry import ReplicaInfo
 from edgefleet.cloud.rollouts.model import (
     DevicePhase,
     GateResult,
@@ -683,4 +684,31 @@ def enrollment_from_pb(m: federated_pb2.NodeEnrollment) -> FlEnrollment:
         m.ca_certificate,
         m.private_key,
         int(m.node_id) if m.node_id else None,
+    )
+
+
+# -- replicas (StatusResponse.replicas)
+
+
+def replica_to_pb(r: ReplicaInfo) -> fleet_pb2.ReplicaStatus:
+    return fleet_pb2.ReplicaStatus(
+        replica_id=r.replica_id,
+        address=r.address,
+        host=r.host,
+        pid=r.pid,
+        heartbeat_age_s=r.heartbeat_age_s,
+        leader=r.leader,
+        token=r.token,
+    )
+
+
+def replica_from_pb(m: fleet_pb2.ReplicaStatus) -> ReplicaInfo:
+    return ReplicaInfo(
+        replica_id=m.replica_id,
+        address=m.address,
+        host=m.host,
+        pid=m.pid,
+        heartbeat_age_s=m.heartbeat_age_s,
+        leader=m.leader,
+        token=m.token,
     )

@@ -20,6 +20,7 @@ from edgefleet.cloud.api.convert import (
     bundle_to_pb,
     device_to_pb,
     policy_from_pb,
+    replica_to_pb,
     rollout_to_pb,
     summary_to_pb,
     version_to_pb,
@@ -200,6 +201,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             devices=st.devices,
             online=st.online,
             by_state=dict(st.by_state),
+            replicas=[replica_to_pb(r) for r in st.replicas],
         )
 
     # -- drift

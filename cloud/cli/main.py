@@ -358,6 +358,7 @@ def serve(
         str | None,
         typer.Option(
             "--broker",
+            "--mqtt-url",
             envvar="FLEET_BROKER",
             help="Use this broker (mqtt://HOST:PORT or mqtts://…) instead of starting Mosquitto.",
         ),
@@ -464,6 +465,34 @@ def serve(
             help="SuperLink HOST:PORT put in enrolment bundles.",
         ),
     ] = None,
+    replica: Annotated[
+        bool | None,
+        typer.Option(
+            "--replica/--no-replica",
+            envvar="FLEET_REPLICA",
+            help="Run as one of several coordinator replicas on one PostgreSQL, one s3:// store "
+            "and one external broker (--broker); one of them leads (docs/operators.md).",
+        ),
+    ] = None,
+    replica_id: Annotated[
+        str | None,
+        typer.Option(
+            "--replica-id",
+            envvar="FLEET_REPLICA_ID",
+            help="This replica's name in `fleet status` (default: host name and a random suffix).",
+        ),
+    ] = None,
+    lease: Annotated[
+        float | None,
+        typer.Option(
+            "--lease",
+            envvar="FLEET_LEASE_S",
+            min=0.5,
+            max=3600,
+            help="Leader lease in seconds (default 10): a leader that dies or loses the "
+            "database is replaced within about twice this.",
+        ),
+    ] = None,
 ) -> None:
     """Run the coordinator: MQTT side, FleetService (gRPC) and, by default, a Mosquitto."""
     import asyncio
@@ -486,6 +515,9 @@ def serve(
         grpc_tls=grpc_tls,
         grpc_tls_cert=grpc_tls_cert,
         grpc_tls_key=grpc_tls_key,
+        replica=replica,
+        replica_id=replica_id,
+        lease_s=lease,
     )
     if (
         settings.passphrase is None

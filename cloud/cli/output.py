@@ -355,6 +355,19 @@ def status_json(s: FleetStatus) -> dict[str, Any]:
         "devices": s.devices,
         "online": s.online,
         "by_state": dict(s.by_state),
+        "replicas": [
+            {
+                "replica_id": r.replica_id,
+                "address": r.address or None,
+                "host": r.host,
+                "pid": r.pid,
+                "last_heartbeat_s": round(r.heartbeat_age_s, 3),
+                "leader": r.leader,
+                "token": r.token or None,
+            }
+            for r in s.replicas
+        ],
+        "leader": next((r.replica_id for r in s.replicas if r.leader), None),
     }
 
 
@@ -364,3 +377,13 @@ def print_status(s: FleetStatus) -> None:
     out.print(f"devices      {s.devices} enrolled, {s.online} online")
     for state, n in sorted(s.by_state.items()):
         out.print(f"  {state:<12} {n}")
+    if s.replicas:
+        leader = next((r for r in s.replicas if r.leader), None)
+        who = f"{leader.replica_id} (token {leader.token})" if leader else "none (election)"
+        out.print(f"replicas     {len(s.replicas)}, leader {who}")
+        for r in s.replicas:
+            role = "leader" if r.leader else "follower"
+            out.print(
+                f"  {r.replica_id:<24} {r.address or '-':<22} {role:<9} "
+                f"heartbeat {r.heartbeat_age_s:.1f}s ago  pid {r.pid} on {r.host}"
+            )

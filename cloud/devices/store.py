@@ -354,9 +354,17 @@ class DeviceStore(DatabaseUser):
         if not device_ids:
             return
         with self._session() as s:
+            # rows locked in id order first, the order `record` flushes in: two
+            # coordinator replicas touching the same devices never deadlock
+            ids = s.exec(
+                select(DeviceRow.id)
+                .where(col(DeviceRow.device_id).in_(device_ids))
+                .order_by(col(DeviceRow.id))
+                .with_for_update()
+            ).all()
             s.execute(
                 sa.update(DeviceRow)
-                .where(col(DeviceRow.device_id).in_(device_ids))
+                .where(col(DeviceRow.id).in_(list(ids)))
                 .values(last_seen=now or _now())
             )
             s.commit()

@@ -18,7 +18,7 @@ saving the stage) never updates a device twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -172,6 +172,19 @@ DEVICE_FIELDS = ("phase", "state", "reason", "detail", "last_seen", "shadow", "p
 class RolloutStore(DatabaseUser):
     what = "rollout database"
 
+    #: run first in every transaction of `save`, `update_devices` and `issue`: a replica
+    #: that leads sets its term's fence (`cloud.replicas.lease.Fence.check`), which
+    #: refuses the transaction once another replica took over
+    fence: Callable[[Session], None] | None = None
+    #: `save` refuses (`Conflict`) a rollout read before the stored row last changed:
+    #: coordinator replicas write rollouts from several processes (the leader's
+    #: controller, any replica's pause/resume/abort), without a lock they share
+    optimistic: bool = False
+
+    def _fenced(self, s: Session) -> None:
+        if self.fence is not None:
+            self.fence(s)
+
     def _row(self, s: Session, rollout_id: str) -> RolloutRow:
         row = s.exec(select(RolloutRow).where(RolloutRow.rollout_id == rollout_id)).first()
         if row is None:
@@ -258,10 +271,16 @@ class RolloutStore(DatabaseUser):
         from the state in the database (`Conflict` otherwise); `expect_state` also
         refuses the write when someone else changed the state meanwhile."""
         with self._db.session() as s:
+            self._fenced(s)
             row = self._row(s, rollout.rollout_id)
             if expect_state is not None and row.state != expect_state:
                 raise Conflict(
                     f"rollout {rollout.rollout_id} is {row.state} now, not {expect_state}"
+                )
+            if self.optimistic and rollout.updated_at and _ts(row.updated_at) != rollout.updated_at:
+                raise Conflict(
+                    f"rollout {rollout.rollout_id} changed meanwhile (now {row.state}): "
+                    "read it again and retry"
                 )
             if rollout.state != row.state:
                 check_transition(rollout.rollout_id, RolloutState(row.state), rollout.state)
@@ -312,6 +331,7 @@ class RolloutStore(DatabaseUser):
             row["b_id"] = device_id
             groups.setdefault(tuple(sorted(values)), []).append(row)
         with self._db.session() as s:
+            self._fenced(s)
             for keys, rows in groups.items():
                 s.execute(
                     sa.update(table)
@@ -339,6 +359,7 @@ class RolloutStore(DatabaseUser):
         table: sa.Table = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
         dev_table: sa.Table = DeviceRow.__table__  # type: ignore[attr-defined]
         with self._db.session() as s:
+            self._fenced(s)
             rows = s.execute(
                 sa.select(table.c.device_id, table.c.action, table.c.generation).where(
                     table.c.rollout_id == rollout_id,

@@ -22,6 +22,8 @@ from edgefleet.cloud.devices import Device, DeviceFilter, Selector
 from edgefleet.cloud.drift.monitor import check_by, parse_model
 from edgefleet.cloud.identity import DeviceCredential
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
+from edgefleet.cloud.replicas import ReplicaInfo
+from edgefleet.cloud.replicas.registry import ReplicaStore
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice
 from edgefleet.cloud.rollouts.controller import build_rollout
 from edgefleet.cloud.services.api import QuantizeProgress
@@ -250,7 +252,12 @@ class FleetApp:
             devices=len(devices),
             online=sum(1 for d in devices if d.online),
             by_state=by_state,
+            replicas=tuple(self.replicas()),
         )
+
+    def replicas(self) -> list[ReplicaInfo]:
+        """The coordinator replicas sharing this database (none unless --replica)."""
+        return ReplicaStore(self.services.database).list()
 
     # -- rollouts, as stored
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from edgefleet.cloud.replicas import ReplicaInfo
 
 BUNDLE_FORMAT = "edgefleet-enrollment/v1"
 
@@ -72,6 +75,8 @@ class FleetStatus:
     devices: int
     online: int
     by_state: Mapping[str, int]
+    #: `fleet serve --replica`: every replica with a row, the leader first
+    replicas: tuple[ReplicaInfo, ...] = ()
 
 
 class EpochProgress(Protocol):

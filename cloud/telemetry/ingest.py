@@ -296,6 +296,9 @@ class TelemetrySubscriber:
     session, shared subscription, automatic reconnect (1 s, then at most
     `settings.backoff_cap`), resubscribed on every connect. `start()` / `stop()`.
 
+    Without `persistent` the session is clean: a replica that dies leaves the shared
+    group as soon as the broker sees it gone, instead of keeping its share queued.
+
     With `ack` (the default) it becomes the ingest's `on_committed`: after each
     committed batch every device that sent windows gets a `TelemetryAck` naming
     them on `dev/{id}/ack` (QoS 1, not retained), and only then deletes them from
@@ -309,6 +312,7 @@ class TelemetrySubscriber:
         topics: Topics | None = None,
         shared: bool = True,
         ack: bool = True,
+        persistent: bool = True,
     ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
@@ -327,7 +331,7 @@ class TelemetrySubscriber:
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=mqtt.MQTTv311,
-            clean_session=False,
+            clean_session=not persistent,
         )
         if settings.username is not None:
             c.username_pw_set(settings.username, settings.password)

@@ -1402,12 +1402,17 @@ class StatusResponse(_message.Message):
     DEVICES_FIELD_NUMBER: _builtins.int
     ONLINE_FIELD_NUMBER: _builtins.int
     BY_STATE_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     coordinator_version: _builtins.str
     broker_url: _builtins.str
     devices: _builtins.int
     online: _builtins.int
     @_builtins.property
     def by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]:
+        """`fleet serve --replica`: every replica, leader first"""
+
     def __init__(
         self,
         *,
@@ -1416,14 +1421,55 @@ class StatusResponse(_message.Message):
         devices: _builtins.int = ...,
         online: _builtins.int = ...,
         by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker_url", b"broker_url", "by_state", b"by_state", "coordinator_version", b"coordinator_version", "devices", b"devices", "online", b"online"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker_url", b"broker_url", "by_state", b"by_state", "coordinator_version", b"coordinator_version", "devices", b"devices", "online", b"online", "replicas", b"replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_AGE_S_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    address: _builtins.str
+    """HOST:PORT of its FleetService"""
+    host: _builtins.str
+    pid: _builtins.int
+    heartbeat_age_s: _builtins.float
+    """since its last heartbeat (database clock)"""
+    leader: _builtins.bool
+    token: _builtins.int
+    """fencing token of its term while it leads"""
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        host: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        heartbeat_age_s: _builtins.float = ...,
+        leader: _builtins.bool = ...,
+        token: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "heartbeat_age_s", b"heartbeat_age_s", "host", b"host", "leader", b"leader", "pid", b"pid", "replica_id", b"replica_id", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaStatus: _TypeAlias = ReplicaStatus  # noqa: Y015
 
 @_typing.final
 class GetDriftRequest(_message.Message):
