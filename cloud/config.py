@@ -54,6 +54,9 @@ class CloudSettings(BaseSettings):
     metrics_listen: str = Field(
         default=DEFAULT_METRICS_LISTEN, description="Prometheus /metrics address; empty: off"
     )
+    ui_listen: str = Field(
+        default="", description="browser console address (cloud.console); empty: off"
+    )
     # federated learning (`fleet serve --fl`): the SuperLink devices' SuperNodes dial
     fl: bool = Field(default=False, description="run a Flower SuperLink (FLEET_FL)")
     fl_listen: str = Field(
@@ -159,6 +162,7 @@ class ServeInfo:
     fl_superlink: str = ""  # HOST:PORT devices' SuperNodes dial; "" when FL is off
     grpc_tls: bool = False  # FleetService serves TLS
     grpc_ca: str = ""  # path of the CA that signed its certificate, when the coordinator made it
+    ui: str = ""  # http://HOST:PORT/ of the browser console, empty when off
 
     def write(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -195,6 +199,7 @@ class ServeInfo:
                 fl_superlink=str(d.get("fl_superlink") or ""),
                 grpc_tls=bool(d.get("grpc_tls", False)),
                 grpc_ca=str(d.get("grpc_ca") or ""),
+                ui=str(d.get("ui") or ""),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

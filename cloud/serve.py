@@ -119,6 +119,7 @@ async def serve(
 
     from edgefleet.cloud.access.interceptor import AccessInterceptor
     from edgefleet.cloud.access.service import AccessServicer
+    from edgefleet.cloud.console import start_console
     from edgefleet.cloud.coordinator import Coordinator
     from edgefleet.cloud.fl.service import FederatedServicer
     from edgefleet.cloud.grpc_service import FleetServicer
@@ -239,7 +240,11 @@ async def serve(
             if settings.fl:
                 federation = await start_federation(settings, local, controller)
             control_task = asyncio.create_task(controller.run(), name="rollout-controller")
+            console = None
             try:
+                console = await start_console(
+                    settings.ui_listen, local=local, tokens=tokens, controller=controller
+                )
                 server = grpc.aio.server(
                     interceptors=[AccessInterceptor(tokens)],
                     options=[
@@ -281,6 +286,7 @@ async def serve(
                     fl_superlink=federation.address if federation else "",
                     grpc_tls=tls is not None,
                     grpc_ca=str(tls.ca) if tls is not None and tls.ca is not None else "",
+                    ui=console.url if console is not None else "",
                 )
                 info.write(settings.serve_path)
                 logger.info(
@@ -296,6 +302,8 @@ async def serve(
                 await server.stop(graceful_timeout)
                 server = None
             finally:
+                if console is not None:
+                    await console.stop()
                 control_task.cancel()
                 await asyncio.gather(control_task, return_exceptions=True)
     finally:
