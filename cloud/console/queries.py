@@ -69,6 +69,7 @@ class DeviceFilter:
             "state": self.state,
             "model": self.model,
             "page": self.page,
+            "per_page": "" if self.per_page == PAGE else self.per_page,
         }
         values.update(changes)
         return urlencode({k: v for k, v in values.items() if v not in ("", None)})
