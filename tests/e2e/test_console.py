@@ -63,7 +63,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = ["--home", str(h)]
     assert run([*base, "init"]) == 0
     for seed in ("0", "1"):
-        assert run([*base, "train", "--model", "digits", "--epochs", "3", "--seed", seed]) == 0
+        assert run([*base, "train", "--model", "digits", "--epochs", "2", "--seed", seed]) == 0
     return h
 
 
@@ -73,18 +73,6 @@ def served(home: Path) -> Iterator[ServeInfo]:
     with fleet_serve(home, "--ui-listen", "127.0.0.1:0", env=fast_drift) as (_proc, info):
         assert info.ui.startswith("http://127.0.0.1:"), info
         yield info
-
-
-def _fleet(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgefleet.cloud.cli.main", "--home", str(home), *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
 
 
 def wait_for(what: str, check: Any, timeout: float = 90) -> Any:
@@ -130,9 +118,12 @@ def fleet(home: Path, served: ServeInfo) -> Iterator[None]:
             return sum(d.online and bool(d.capabilities) for d in found) == DEVICES
 
         wait_for("simulated devices online", ready)
-        r = _fleet(home, "deploy", "digits:1", "--to", "all", "--timeout", "120")
-        assert r.returncode == 0, r.stderr
         local.close()
+        from edgefleet.cloud.cli.main import run
+
+        assert (
+            run(["--home", str(home), "deploy", "digits:1", "--to", "all", "--timeout", "120"]) == 0
+        )
         yield
     finally:
         proc.send_signal(signal.SIGINT)
@@ -146,9 +137,14 @@ def fleet(home: Path, served: ServeInfo) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def viewer_token(home: Path, served: ServeInfo) -> str:
-    r = _fleet(home, "tokens", "create", "console-viewer", "--role", "viewer")
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
+    from edgefleet.cloud.access import open_access_store
+    from edgefleet.cloud.config import load_settings
+
+    tokens = open_access_store(load_settings(home=home).registry_url)
+    try:
+        return tokens.create_token("console-viewer", "viewer", created_by="test")[1]
+    finally:
+        tokens.close()
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +300,13 @@ def test_device_list_filters_pages_and_device_page(admin: Any, home: Path, cli: 
 
 
 def test_rollout_page_follows_a_rollout_live_and_a_viewer_cannot_act(
-    admin: Any, browser: Any, home: Path, served: ServeInfo, viewer_token: str, tmp_path: Path
+    admin: Any,
+    browser: Any,
+    home: Path,
+    served: ServeInfo,
+    viewer_token: str,
+    cli: Cli,
+    tmp_path: Path,
 ) -> None:
     ui = served.ui
     deploy = subprocess.Popen(
@@ -322,8 +324,8 @@ def test_rollout_page_follows_a_rollout_live_and_a_viewer_cannot_act(
     try:
 
         def newest() -> dict[str, Any] | None:
-            r = _fleet(home, "rollouts", "ls", "--json")
-            found = [x for x in json.loads(r.stdout or "[]") if x["ref"] == "digits:2"]
+            r = cli("--home", str(home), "rollouts", "ls", "--json")
+            found = [x for x in json.loads(r.out or "[]") if x["ref"] == "digits:2"]
             return found[0] if found else None
 
         rollout_id = wait_for("the staged rollout", newest, timeout=60)["rollout_id"]
@@ -344,7 +346,7 @@ def test_rollout_page_follows_a_rollout_live_and_a_viewer_cannot_act(
     # the page followed it without a reload (htmx swapped #live)
     page.wait_for_function("document.querySelector('h1 .pill').textContent == 'done'")
     assert page.evaluate("window.notReloaded") is True
-    shown = json.loads(_fleet(home, "rollouts", "show", rollout_id, "--json").stdout)
+    shown = json.loads(cli("--home", str(home), "rollouts", "show", rollout_id, "--json").out)
     canary = shown["stages"][0]
     gates = chart(page, "gates-0")["spec"]
     assert gates["xlabels"] == [g["name"] for g in canary["gates"]]
@@ -372,15 +374,15 @@ def test_rollout_page_follows_a_rollout_live_and_a_viewer_cannot_act(
         Authorization=f"Bearer {viewer_token}",
     )
     assert code == 403 and "needs role operator" in body
-    audit = _fleet(home, "audit", "ls", "--json")
-    assert audit.returncode == 0, audit.stderr
-    refused = [e for e in json.loads(audit.stdout) if e["who"] == "console-viewer"]
+    audit = cli("--home", str(home), "audit", "ls", "--json")
+    assert audit.code == 0, audit.err
+    refused = [e for e in json.loads(audit.out) if e["who"] == "console-viewer"]
     assert refused and refused[-1]["result"] == "PERMISSION_DENIED", refused
 
     # the static report of the same rollout carries the same charts, no server needed
     report = tmp_path / "rollout.html"
-    r = _fleet(home, "report", "rollout", rollout_id, "--html", str(report))
-    assert r.returncode == 0, r.stderr
+    r = cli("--home", str(home), "report", "rollout", rollout_id, "--html", str(report))
+    assert r.code == 0, r.err
     html = report.read_text()
     assert "<script src=" not in html and "http" not in html.split("<body>", 1)[1][:200]
     static = browser.new_page()
@@ -445,7 +447,12 @@ def test_screenshots(admin: Any, served: ServeInfo, home: Path) -> None:
     """The pictures in docs/images/ (FLEET_CONSOLE_SCREENSHOTS=docs/images)."""
     out = Path(os.environ["FLEET_CONSOLE_SCREENSHOTS"])
     out.mkdir(parents=True, exist_ok=True)
-    rollouts = json.loads(_fleet(home, "rollouts", "ls", "--json").stdout or "[]")
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
+
+    local = LocalClient(load_settings(home=home))
+    rollouts = [{"rollout_id": r.rollout_id} for r in local.rollouts.find(active_only=False)]
+    local.close()
     shots = {
         "console-overview": "",
         "console-rollout": f"rollouts/{rollouts[0]['rollout_id']}" if rollouts else "rollouts",
