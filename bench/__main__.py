@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "persistence": "bench.persistence",
     "rollout": "bench.rollout",
     "fl": "bench.fl",
+    "console": "bench.console",
 }
 
 logger = logging.getLogger("bench")

@@ -40,7 +40,12 @@ class Chart:
 
 
 def bars(
-    chart_id: str, title: str, counts: Sequence[tuple[str, int]], *, label: str = "devices"
+    chart_id: str,
+    title: str,
+    counts: Sequence[tuple[str, int]],
+    *,
+    label: str = "devices",
+    xlabel: str = "",
 ) -> Chart:
     """One bar per category (devices by version, by state…)."""
     return Chart(
@@ -50,13 +55,19 @@ def bars(
         x=[float(i) for i in range(len(counts))],
         xlabels=[c for c, _ in counts],
         series=[Series(label, [float(n) for _, n in counts])],
+        xlabel=xlabel,
     )
 
 
-def stacked_bars(
-    chart_id: str, title: str, categories: Sequence[str], series: Mapping[str, list[float]]
+def grouped_bars(
+    chart_id: str,
+    title: str,
+    categories: Sequence[str],
+    series: Mapping[str, list[float | None]],
+    *,
+    xlabel: str = "",
 ) -> Chart:
-    """Several series over the same categories (devices per state per stage)."""
+    """Several series side by side over the same categories (devices per state per stage)."""
     return Chart(
         id=chart_id,
         title=title,
@@ -64,6 +75,7 @@ def stacked_bars(
         x=[float(i) for i in range(len(categories))],
         xlabels=list(categories),
         series=[Series(k, list(v)) for k, v in series.items()],
+        xlabel=xlabel,
     )
 
 

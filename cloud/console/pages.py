@@ -38,9 +38,9 @@ def overview_page(o: Overview) -> dict[str, Any]:
     return {
         "o": o,
         "charts": [
-            charts.bars("by-version", "Devices by model version", o.by_version),
-            charts.bars("by-variant", "Devices by variant", o.by_variant),
-            charts.bars("by-state", "Devices by update state", o.by_state),
+            charts.bars("by-version", "Devices by model version", o.by_version, xlabel="version"),
+            charts.bars("by-variant", "Devices by variant", o.by_variant, xlabel="variant"),
+            charts.bars("by-state", "Devices by update state", o.by_state, xlabel="state"),
             charts.over_time(
                 "activity",
                 "Devices reporting telemetry, per minute",
@@ -83,10 +83,10 @@ def rollout_page(
     now = time.time() if now is None else now
     names = [s.name for s in r.stages]
     states = sorted({s for _, s, _ in counts})
-    per_state = {s: [0.0] * len(names) for s in states}
+    per_state: dict[str, list[float | None]] = {s: [0.0] * len(names) for s in states}
     for stage, state, n in counts:
         if 0 <= stage < len(names):
-            per_state[state][stage] += n
+            per_state[state][stage] = (per_state[state][stage] or 0.0) + n
     start = r.created_at or min((s.started_at for s in r.stages if s.started_at), default=now)
     end = r.finished_at or now
     span = max(end - start, 1e-3)
@@ -105,16 +105,15 @@ def rollout_page(
         if not s.gates:
             continue
         gate_charts.append(
-            charts.Chart(
-                id=f"gates-{i}",
-                title=f"Stage {s.name}: gate value and threshold",
-                kind=charts.BAR,
-                x=[float(k) for k in range(len(s.gates))],
-                xlabels=[g.name for g in s.gates],
-                series=[
-                    charts.Series("value", [g.value for g in s.gates]),
-                    charts.Series("threshold", [g.threshold for g in s.gates]),
-                ],
+            charts.grouped_bars(
+                f"gates-{i}",
+                f"Stage {s.name}: gate value and threshold",
+                [g.name for g in s.gates],
+                {
+                    "value": [g.value for g in s.gates],
+                    "threshold": [g.threshold for g in s.gates],
+                },
+                xlabel="gate",
             )
         )
     return {
@@ -126,7 +125,9 @@ def rollout_page(
         "start": start,
         "etas": r.etas(now),
         "charts": [
-            charts.stacked_bars("stage-states", "Devices per state, per stage", names, per_state),
+            charts.grouped_bars(
+                "stage-states", "Devices per state, per stage", names, per_state, xlabel="stage"
+            ),
             *gate_charts,
         ],
     }

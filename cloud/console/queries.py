@@ -9,7 +9,9 @@ whatever the fleet's size. Everything here is blocking: the app calls it through
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +30,12 @@ PAGE = 50
 MAX_PAGE = 500
 #: the fleet activity chart: minutes back, one point a minute
 ACTIVITY_MINUTES = 60
+#: minutes of telemetry that may still arrive late (a spooled window); older ones are kept
+SETTLE_MINUTES = 3
+#: the recent minutes are counted again at most this often
+RECENT_TTL_S = 5.0
+#: the device list's filter choices are looked up again at most this often
+OPTIONS_TTL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,13 @@ class ConsoleQueries:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._lock = threading.Lock()
+        self._settled: dict[int, tuple[int, int]] = {}  # minute -> (devices, predictions)
+        self._recent: dict[int, tuple[int, int]] = {}
+        self._recent_at = 0.0
+        self._recent_end = 0
+        self._options_cache: tuple[list[str], list[str]] | None = None
+        self._options_at = 0.0
 
     def _rows(self, stmt: Any) -> list[Any]:
         with self.db.session() as s:
@@ -190,33 +205,11 @@ class ConsoleQueries:
         version = _json_int(d.active, "version")
         variant = _json_str(d.active, "variant")
         state = _json_str(d.reported, "state")
-        live = d.revoked_at.is_(None)
+        # one pass over the devices: JSON fields parsed once per row, counted in SQL
+        # (at most versions x variants x states x groups rows come back)
+        keys = (model, version, variant, state, d.group, d.online, d.revoked_at.is_not(None))
         with self.db.session() as s:
-            total, online, revoked = s.execute(
-                sa.select(
-                    sa.func.count(),
-                    sa.func.count().filter(sa.and_(d.online, live)),
-                    sa.func.count().filter(d.revoked_at.is_not(None)),
-                ).select_from(_DEV)
-            ).one()
-            by_version = s.execute(
-                sa.select(model, version, sa.func.count())
-                .where(live)
-                .group_by(model, version)
-                .order_by(model, version)
-            ).all()
-            by_variant = s.execute(
-                sa.select(variant, sa.func.count()).where(live).group_by(variant).order_by(variant)
-            ).all()
-            by_state = s.execute(
-                sa.select(state, sa.func.count()).where(live).group_by(state).order_by(state)
-            ).all()
-            by_group = s.execute(
-                sa.select(d.group, sa.func.count(), sa.func.count().filter(d.online))
-                .where(live)
-                .group_by(d.group)
-                .order_by(d.group)
-            ).all()
+            grouped = s.execute(sa.select(*keys, sa.func.count()).group_by(*keys)).all()
             open_alerts = s.execute(
                 sa.select(sa.func.count()).select_from(_ALERTS).where(_ALERTS.c.state == "open")
             ).scalar_one()
@@ -225,37 +218,76 @@ class ConsoleQueries:
                 .select_from(_RO)
                 .where(_RO.c.state.not_in(("done", "rolled_back", "aborted")))
             ).scalar_one()
+        total = online = revoked = 0
+        versions: Counter[tuple[str, int]] = Counter()
+        variants: Counter[str] = Counter()
+        states: Counter[str] = Counter()
+        groups: Counter[str] = Counter()
+        groups_online: Counter[str] = Counter()
+        for m, v, var, st, group, is_online, is_revoked, n in grouped:
+            total += n
+            if is_revoked:
+                revoked += n
+                continue
+            online += n if is_online else 0
+            versions[(m or "", int(v or 0))] += n
+            variants[var or "(none)"] += n
+            states[st or "enrolled"] += n
+            groups[group or "(no group)"] += n
+            groups_online[group or "(no group)"] += n if is_online else 0
         return Overview(
-            total=int(total),
-            online=int(online),
-            revoked=int(revoked),
-            by_version=[(f"{m}:{v}" if m else "(none)", int(n)) for m, v, n in by_version],
-            by_variant=[(v or "(none)", int(n)) for v, n in by_variant],
-            by_state=[(st or "enrolled", int(n)) for st, n in by_state],
-            by_group=[(g or "(no group)", int(n), int(o)) for g, n, o in by_group],
+            total=total,
+            online=online,
+            revoked=revoked,
+            by_version=[
+                (f"{m}:{v}" if m else "(none)", n) for (m, v), n in sorted(versions.items())
+            ],
+            by_variant=sorted(variants.items()),
+            by_state=sorted(states.items()),
+            by_group=[(g, n, groups_online[g]) for g, n in sorted(groups.items())],
             activity=self.activity(now=now),
             open_alerts=int(open_alerts),
             active_rollouts=int(active_rollouts),
         )
 
     def activity(self, *, now: float, minutes: int = ACTIVITY_MINUTES) -> dict[str, list[float]]:
-        """Per minute of the last `minutes`: devices that sent telemetry, predictions made."""
-        t = _TELEMETRY.c
+        """Per minute of the last `minutes`: devices that sent telemetry, predictions made.
+
+        With 10,000 devices an hour of raw telemetry is millions of rows, so minutes
+        older than `SETTLE_MINUTES` are counted once and kept; the recent ones are
+        counted again at most every `RECENT_TTL_S` seconds."""
         end_min = int(now // 60)
-        start_ms = (end_min - minutes + 1) * 60_000
+        first = end_min - minutes + 1
+        settled = end_min - SETTLE_MINUTES  # minutes before this one no longer change
+        with self._lock:
+            missing = [m for m in range(first, settled) if m not in self._settled]
+            recent_fresh = now - self._recent_at < RECENT_TTL_S and self._recent_end == end_min
+            if missing or not recent_fresh:
+                start = min(missing) if missing else settled
+                got = self._count_minutes(start)
+                for m in missing:
+                    self._settled[m] = got.get(m, (0, 0))
+                self._recent = {m: got.get(m, (0, 0)) for m in range(settled, end_min + 1)}
+                self._recent_at, self._recent_end = now, end_min
+            for m in [m for m in self._settled if m < first]:
+                del self._settled[m]
+            counts = {**self._settled, **self._recent}
+        xs = list(range(first, end_min + 1))
+        return {
+            "minute": [float(m * 60) for m in xs],
+            "devices": [float(counts.get(m, (0, 0))[0]) for m in xs],
+            "predictions": [float(counts.get(m, (0, 0))[1]) for m in xs],
+        }
+
+    def _count_minutes(self, start_min: int) -> dict[int, tuple[int, int]]:
+        t = _TELEMETRY.c
         minute = sa.func.floor(t.window_end_ms / 60_000.0)
         rows = self._rows(
             sa.select(minute, sa.func.count(sa.distinct(t.device_id)), sa.func.sum(t.predictions))
-            .where(t.window_end_ms >= start_ms)
+            .where(t.window_end_ms >= start_min * 60_000)
             .group_by(minute)
         )
-        got = {int(m): (int(n), int(p or 0)) for m, n, p in rows}
-        xs = list(range(end_min - minutes + 1, end_min + 1))
-        return {
-            "minute": [float(m * 60) for m in xs],
-            "devices": [float(got.get(m, (0, 0))[0]) for m in xs],
-            "predictions": [float(got.get(m, (0, 0))[1]) for m in xs],
-        }
+        return {int(m): (int(n), int(p or 0)) for m, n, p in rows}
 
     # -- devices ----------------------------------------------------------------------
 
@@ -300,24 +332,41 @@ class ConsoleQueries:
             d.rollout_id,
             d.revoked_at,
         )
+        # the page's rows by primary key first: the JSON fields are read for 50 rows,
+        # not for every row an OFFSET skips
+        page_ids = (
+            sa.select(d.id).where(*where).order_by(d.device_id).limit(per).offset((page - 1) * per)
+        ).scalar_subquery()
         with self.db.session() as s:
             total = s.execute(sa.select(sa.func.count()).select_from(_DEV).where(*where)).scalar()
-            rows = s.execute(
-                sa.select(*cols)
-                .where(*where)
-                .order_by(d.device_id)
-                .limit(per)
-                .offset((page - 1) * per)
-            ).all()
-            groups = s.execute(sa.select(d.group).distinct().order_by(d.group)).scalars().all()
-            states = s.execute(sa.select(_json_str(d.reported, "state")).distinct()).scalars().all()
+            rows = s.execute(sa.select(*cols).where(d.id.in_(page_ids)).order_by(d.device_id)).all()
+        groups, states = self._options()
         return DevicePage(
             rows=[_line(r) for r in rows],
             total=int(total or 0),
             filter=f,
-            groups=[g or "(no group)" for g in groups],
-            states=sorted({st or "enrolled" for st in states} | {"revoked"}),
+            groups=groups,
+            states=states,
         )
+
+    def _options(self, *, now: float | None = None) -> tuple[list[str], list[str]]:
+        """The device list's filter choices (groups, update states), counted at most every
+        `OPTIONS_TTL_S` seconds."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self._options_cache is not None and now - self._options_at < OPTIONS_TTL_S:
+                return self._options_cache
+        d = _DEV.c
+        with self.db.session() as s:
+            groups = s.execute(sa.select(d.group).distinct().order_by(d.group)).scalars().all()
+            states = s.execute(sa.select(_json_str(d.reported, "state")).distinct()).scalars().all()
+        found = (
+            [g or "(no group)" for g in groups],
+            sorted({st or "enrolled" for st in states} | {"revoked"}),
+        )
+        with self._lock:
+            self._options_cache, self._options_at = found, now
+        return found
 
     def device(self, device_id: str, *, telemetry: int = 60) -> DeviceDetail | None:
         d = _DEV.c

@@ -5,8 +5,8 @@
    and on every htmx swap (the live updates). */
 (function () {
   "use strict";
-  var PALETTE = ["#2f6fdf", "#e0712c", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
-                 "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+  var PALETTE = ["#2f6fdf", "#e0712c", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
+                 "#17becf", "#bcbd22", "#1d2330"];  /* red and grey: thresholds */
   window.fleetCharts = window.fleetCharts || {};
 
   function clock(t) {
@@ -29,7 +29,7 @@
     var cat = spec.xlabels && spec.xlabels.length > 0;
     var n = spec.series.length;
     var series = [{
-      label: spec.xlabel || (spec.xtime ? "time (UTC)" : "x"),
+      label: spec.xlabel || (spec.xtime ? "time" : "x"),
       value: function (u, v, si, idx) {
         if (v == null) { return "-"; }
         if (cat) { return spec.xlabels[Math.round(v)] || ""; }
@@ -39,7 +39,9 @@
       }
     }];
     spec.series.forEach(function (s, k) {
-      var color = s.label === "threshold" ? "#d62728" : PALETTE[k % PALETTE.length];
+      var threshold = s.label === "threshold";
+      var color = threshold ? (spec.kind === "bar" ? "#98a2b3" : "#d62728")
+                            : PALETTE[k % PALETTE.length];
       var o = { label: s.label, stroke: color, width: 2, spanGaps: false };
       if (spec.kind === "bar") {
         o.fill = color + "bb";
@@ -48,7 +50,7 @@
       } else if (spec.kind === "points") {
         o.paths = function () { return null; };
         o.points = { show: true, size: 12, fill: color, stroke: color };
-      } else if (s.label === "threshold") {
+      } else if (threshold) {
         o.dash = [6, 4];
       }
       series.push(o);
