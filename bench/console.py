@@ -47,6 +47,7 @@ def _fill(url: str, devices: int, minutes: int) -> int:
     import sqlalchemy as sa
 
     from edgefleet.cloud.devices.store import DeviceRow
+    from edgefleet.cloud.telemetry.store import telemetry
 
     rng = random.Random(0)
     engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
@@ -79,31 +80,6 @@ def _fill(url: str, devices: int, minutes: int) -> int:
         for k in range(0, len(rows), 2000):
             conn.execute(sa.insert(table), rows[k : k + 2000])
     windows = 0
-    telemetry = sa.table(
-        "telemetry",
-        *(
-            sa.column(c)
-            for c in (
-                "device_id",
-                "seq",
-                "window_start_ms",
-                "window_end_ms",
-                "received_ms",
-                "model",
-                "version",
-                "variant",
-                "predictions",
-                "errors",
-                "latency_bounds",
-                "latency_counts",
-                "latency_sum_us",
-                "latency_count",
-                "rss_bytes",
-                "cpu_percent",
-                "spooled",
-            )
-        ),
-    )
     steps = minutes * 2
     with engine.begin() as conn:
         for step in range(steps):

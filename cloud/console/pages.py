@@ -166,6 +166,7 @@ def version_page(
             x=[float(i) for i in range(len(mv.variants))],
             xlabels=[v.name for v in mv.variants],
             series=[charts.Series("b1 ms", [v.latency_ms.get("b1") for v in mv.variants])],
+            xlabel="variant",
         ),
     ]
     if latency:

@@ -22,8 +22,10 @@ from sqlmodel import col
 
 from edgefleet.cloud.db import Database
 from edgefleet.cloud.devices.store import DeviceRow
+from edgefleet.cloud.drift.alerts import drift_alerts
 from edgefleet.cloud.rollouts.store import RolloutDeviceRow, RolloutRow
 from edgefleet.cloud.telemetry.store import quantile
+from edgefleet.cloud.telemetry.store import telemetry as telemetry_table
 
 #: rows per page of the device list (the largest a request may ask for: MAX_PAGE)
 PAGE = 50
@@ -162,21 +164,8 @@ def _json_int(column: Any, key: str) -> Any:
 _DEV = DeviceRow.__table__  # type: ignore[attr-defined]  # SQLModel's table, typed as Any
 _RD = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
 _RO = RolloutRow.__table__  # type: ignore[attr-defined]
-_TELEMETRY = sa.table(
-    "telemetry",
-    sa.column("device_id"),
-    sa.column("window_end_ms"),
-    sa.column("model"),
-    sa.column("version"),
-    sa.column("variant"),
-    sa.column("predictions"),
-    sa.column("errors"),
-    sa.column("latency_bounds"),
-    sa.column("latency_counts"),
-    sa.column("rss_bytes"),
-    sa.column("cpu_percent"),
-)
-_ALERTS = sa.table("drift_alerts", sa.column("state"))
+_TELEMETRY = telemetry_table
+_ALERTS = drift_alerts
 
 
 class ConsoleQueries:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -30,6 +28,7 @@ from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.cloud.config import ServeInfo
 from edgefleet.protos.errors import NotFound
 from tests.conftest import Cli
+from tests.e2e.test_newcomer import DEVICES, sim, wait_for
 from tests.e2e.test_serve import REPO, _env, fleet_serve
 
 try:
@@ -41,7 +40,9 @@ if not Path(CHROMIUM).exists():
     pytest.skip("Debian's chromium is not installed (make system-deps)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs edgefleet[dev] (playwright)")
 
-DEVICES = 6  # profiles cpu,gpu: groups "cpu" and "gpu", 3 each
+# DEVICES (6: profiles cpu,gpu, groups "cpu" and "gpu", 3 each) and the `sim` fixture
+# (their live traffic, a drift fault on group gpu) are test_newcomer's
+__all__ = ["sim"]
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -56,7 +57,8 @@ WAIT_MS = 30_000
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits:1 and digits:2 (both good: the staged rollout goes through)."""
+    """digits:1 and digits:2 (both good: the staged rollout goes through), digits:2 with
+    an int8 variant beside fp32."""
     from edgefleet.cloud.cli.main import run
 
     h = tmp_path_factory.mktemp("console") / "home"
@@ -64,6 +66,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert run([*base, "init"]) == 0
     for seed in ("0", "1"):
         assert run([*base, "train", "--model", "digits", "--epochs", "2", "--seed", seed]) == 0
+    assert run([*base, "quantize", "digits:2", "--variants", "int8", "--max-drop", "100"]) == 0
     return h
 
 
@@ -75,15 +78,6 @@ def served(home: Path) -> Iterator[ServeInfo]:
         yield info
 
 
-def wait_for(what: str, check: Any, timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if got := check():
-            return got
-        time.sleep(0.5)
-    pytest.fail(f"{what} not within {timeout:.0f}s")
-
-
 def devices(cli: Cli, home: Path) -> list[dict[str, Any]]:
     r = cli("--home", str(home), "devices", "ls", "--json")
     assert r.code == 0, r.err
@@ -91,48 +85,23 @@ def devices(cli: Cli, home: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def fleet(home: Path, served: ServeInfo) -> Iterator[None]:
-    """Simulated devices with live traffic (a drift fault on group gpu), all on digits:1."""
-    log = (home / "sim.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "edgefleet.cloud.cli.main", "--home", str(home), "sim"),
-            *("--devices", str(DEVICES), "--profile", "cpu,gpu", "--processes", "1"),
-            *("--traffic", "20", "--labelled", "1", "--telemetry-interval", "1"),
-            *("--faults", "drift:group=gpu@1s=4", "--duration", "900"),
-        ],
-        cwd=REPO,
-        env=_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    try:
-        from edgefleet.cloud.client import LocalClient
-        from edgefleet.cloud.config import load_settings
+def fleet(home: Path, served: ServeInfo, sim: subprocess.Popen[bytes]) -> None:
+    """Simulated devices with live traffic (test_newcomer's `sim`: a drift fault on group
+    gpu), all on digits:1."""
+    from edgefleet.cloud.cli.main import run
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
 
-        local = LocalClient(load_settings(home=home))
+    local = LocalClient(load_settings(home=home))
 
-        def ready() -> bool:
-            found = local.devices.find()
-            return sum(d.online and bool(d.capabilities) for d in found) == DEVICES
+    def ready() -> bool:
+        found = local.devices.find()
+        return sum(d.online and bool(d.capabilities) for d in found) == DEVICES
 
-        wait_for("simulated devices online", ready)
-        local.close()
-        from edgefleet.cloud.cli.main import run
-
-        assert (
-            run(["--home", str(home), "deploy", "digits:1", "--to", "all", "--timeout", "120"]) == 0
-        )
-        yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    wait_for("simulated devices online", ready)
+    local.close()
+    assert sim.poll() is None, (home / "sim.log").read_text()
+    assert run(["--home", str(home), "deploy", "digits:1", "--to", "all", "--timeout", "120"]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -404,12 +373,14 @@ def test_models_page_and_model_report(
     shown = json.loads(cli("--home", str(home), "models", "show", "digits:2", "--json").out)
     variants = chart(page, "variants")["spec"]
     expected = sorted(shown["variants"], key=lambda v: v["size"])
+    assert len(expected) == 2  # fp32 and int8: two points on the size-accuracy chart
     assert variants["x"] == pytest.approx([v["size"] / 1024 for v in expected])
     assert variants["series"][0]["values"] == pytest.approx([v["accuracy"] for v in expected])
     # devices run digits:2 now: the live latency histogram per variant has counts
     page.wait_for_function(
         "window.fleetCharts['live-latency']"
-        " && window.fleetCharts['live-latency'].spec.series[0].values.some(v => v > 0)",
+        " && window.fleetCharts['live-latency'].spec.series"
+        ".some(s => s.values.some(v => v > 0))",
         timeout=WAIT_MS,
     )
     report = tmp_path / "digits-2.html"

@@ -70,7 +70,10 @@
       series: series,
       scales: {
         x: cat ? { time: false, range: function () { return [spec.x[0] - pad, spec.x[spec.x.length - 1] + pad]; } }
-               : { time: !!spec.xtime },
+          : spec.kind === "points" ? { time: false, range: function (u, min, max) {
+              var span = Math.max(max - min, Math.abs(max) * 0.2, 1);
+              return [Math.max(0, min - span * 0.15), max + span * 0.15]; } }
+          : { time: !!spec.xtime },
         y: { range: function (u, min, max) { return [Math.min(0, min), max > 0 ? max * 1.1 : 1]; } }
       },
       axes: [xaxis, { label: spec.ylabel || "" }],
