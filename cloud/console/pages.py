@@ -234,8 +234,10 @@ def _numbers(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 def fl_run_page(run: FlRun) -> dict[str, Any]:
     rounds = [h for h in run.history if "round" in h]
     metrics: dict[str, list[float | None]] = {}
+    # a round event (models/fl/grid.py): round, participants, sampled, errors, train and
+    # evaluate metrics (aggregated, weighted by examples)
     per_round = [
-        _numbers({k: v for k, v in h.items() if k not in ("round", "participants", "event")})
+        _numbers({"train": h.get("train") or {}, "evaluate": h.get("evaluate") or {}})
         for h in rounds
     ]
     for name in sorted({k for m in per_round for k in m}):

@@ -406,8 +406,51 @@ def test_drift_page_shows_psi_per_group_and_the_open_alert(
     assert "threshold" in labels
     gpu = next(s for s in psi["series"] if s["label"].startswith("gpu ("))
     assert max(v for v in gpu["values"] if v is not None) > 0.2
+    assert not page.js_errors
+
+
+def test_federated_run_page_shows_its_rounds(admin: Any, served: ServeInfo, home: Path) -> None:
+    """A run as the federation records it (rounds appended as the ServerApp journals
+    them); the page shows its per-round metrics, participants and skips."""
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.fl.store import FlRun, FlStore
+
+    page = admin
     page.goto(served.ui + "fl")
     assert "no federated runs yet" in page.inner_text("#fl-runs")
+    store = FlStore(load_settings(home=home).registry_url)
+    try:
+        store.create_run(FlRun("run-console", "digits", 1, "fedavg", 3, {}, "running"))
+        store.update_run(
+            "run-console",
+            participants=["sim-0000", "sim-0001"],
+            skipped={"sim-0002": "no training data"},
+        )
+        for rnd, acc in ((1, 0.61), (2, 0.78)):
+            store.update_run(
+                "run-console",
+                history_append={
+                    "event": "round",
+                    "round": rnd,
+                    "participants": ["sim-0000", "sim-0001"][:rnd],
+                    "errors": {"sim-0001": "timeout"} if rnd == 1 else {},
+                    "train": {"loss": 1.0 / rnd},
+                    "evaluate": {"accuracy": acc},
+                },
+            )
+    finally:
+        store.close()
+    page.goto(served.ui + "fl/run-console")
+    rounds = chart(page, "rounds")["spec"]
+    assert rounds["x"] == [1.0, 2.0]
+    series = {s["label"]: s["values"] for s in rounds["series"]}
+    assert series == {"evaluate.accuracy": [0.61, 0.78], "train.loss": [1.0, 0.5]}
+    assert chart(page, "participants")["spec"]["series"][0]["values"] == [1.0, 2.0]
+    assert "sim-0002" in page.inner_text("#participants")
+    assert "no training data" in page.inner_text("#participants")
+    assert "sim-0001: timeout" in page.inner_text("#rounds")
+    page.goto(served.ui + "fl")
+    assert "run-console" in page.inner_text("#fl-runs")
     assert not page.js_errors
 
 
