@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,17 +248,35 @@ def build_app(console: Console) -> Starlette:
         await audit(request, "ControlRollout", "ok", action)
         return RedirectResponse(f"/rollouts/{rollout_id}", status_code=303)
 
+    #: drift scored at past points in time does not change: kept by time (a few minutes'
+    #: worth), so a refresh scores only the newest point and "now"
+    scored: dict[int, list[Any]] = {}
+    scoring = threading.Lock()
+
     async def drift(request: Request) -> Response:
         monitor = local.drift_monitor
 
+        def group_rows(t_ms: int) -> list[Any]:
+            return [r for r in monitor.report(by="group", now_ms=t_ms) if r.scope == "group"]
+
         def load() -> tuple[list[tuple[float, list[Any]]], list[Any]]:
             now = time.time()
-            step = monitor.window_s / 2
-            history = []
-            for i in range(DRIFT_POINTS - 1, -1, -1):
-                t = now - i * step
-                rows = monitor.report(by="group", now_ms=int(t * 1000))
-                history.append((t, [r for r in rows if r.scope == "group"]))
+            step_ms = max(1, int(monitor.window_s * 1000 / 2))
+            last = int(now * 1000) // step_ms * step_ms  # points on a fixed grid
+            points = [last - i * step_ms for i in range(DRIFT_POINTS - 2, -1, -1)]
+            settled = int(now * 1000) - step_ms  # telemetry may still arrive for later points
+            with scoring:
+                history = []
+                for t_ms in points:
+                    rows = scored.get(t_ms)
+                    if rows is None:
+                        rows = group_rows(t_ms)
+                        if t_ms < settled:
+                            scored[t_ms] = rows
+                    history.append((t_ms / 1000.0, rows))
+                for t_ms in [t for t in scored if t < points[0]]:
+                    del scored[t_ms]
+            history.append((now, group_rows(int(now * 1000))))
             return history, monitor.alerts.find(open_only=True)
 
         history, alerts = await run(load)
