@@ -48,13 +48,11 @@ def bars(
     xlabel: str = "",
 ) -> Chart:
     """One bar per category (devices by version, by state…)."""
-    return Chart(
-        id=chart_id,
-        title=title,
-        kind=BAR,
-        x=[float(i) for i in range(len(counts))],
-        xlabels=[c for c, _ in counts],
-        series=[Series(label, [float(n) for _, n in counts])],
+    return grouped_bars(
+        chart_id,
+        title,
+        [c for c, _ in counts],
+        {label: [float(n) for _, n in counts]},
         xlabel=xlabel,
     )
 
