@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "rollout": "bench.rollout",
     "fl": "bench.fl",
     "deltas": "bench.deltas",
+    "console": "bench.console",
 }
 
 logger = logging.getLogger("bench")

@@ -60,6 +60,9 @@ class CloudSettings(BaseSettings):
     lease_s: float = Field(
         default=10.0, ge=0.5, le=3600, description="leader lease in seconds (FLEET_LEASE_S)"
     )
+    ui_listen: str = Field(
+        default="", description="browser console address (cloud.console); empty: off"
+    )
     # federated learning (`fleet serve --fl`): the SuperLink devices' SuperNodes dial
     fl: bool = Field(default=False, description="run a Flower SuperLink (FLEET_FL)")
     fl_listen: str = Field(
@@ -165,6 +168,7 @@ class ServeInfo:
     fl_superlink: str = ""  # HOST:PORT devices' SuperNodes dial; "" when FL is off
     grpc_tls: bool = False  # FleetService serves TLS
     grpc_ca: str = ""  # path of the CA that signed its certificate, when the coordinator made it
+    ui: str = ""  # http://HOST:PORT/ of the browser console, empty when off
 
     def write(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -201,6 +205,7 @@ class ServeInfo:
                 fl_superlink=str(d.get("fl_superlink") or ""),
                 grpc_tls=bool(d.get("grpc_tls", False)),
                 grpc_ca=str(d.get("grpc_ca") or ""),
+                ui=str(d.get("ui") or ""),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

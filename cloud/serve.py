@@ -30,6 +30,7 @@ from edgefleet.cloud.api.errors import ErrorInterceptor
 from edgefleet.cloud.api.service import FleetServicer
 from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
 from edgefleet.cloud.config import CloudSettings, ServeInfo
+from edgefleet.cloud.console import start_console
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.fl.federation import Federation
 from edgefleet.cloud.fl.service import FederatedServicer
@@ -248,7 +249,11 @@ async def serve(
                 if settings.fl:
                     federation = await start_federation(settings, services, controller)
                 control_task = asyncio.create_task(controller.run(), name="rollout-controller")
+            console = None
             try:
+                console = await start_console(
+                    settings.ui_listen, services=services, tokens=tokens, controller=controller
+                )
                 server = grpc.aio.server(
                     interceptors=[AccessInterceptor(tokens), ErrorInterceptor()],
                     options=[
@@ -290,6 +295,7 @@ async def serve(
                     fl_superlink=federation.address if federation else "",
                     grpc_tls=tls is not None,
                     grpc_ca=str(tls.ca) if tls is not None and tls.ca is not None else "",
+                    ui=console.url if console is not None else "",
                 )
                 info.write(settings.serve_path)
                 if replica is not None:  # hook: the address `fleet status` shows for it
@@ -307,6 +313,8 @@ async def serve(
                 await server.stop(graceful_timeout)
                 server = None
             finally:
+                if console is not None:
+                    await console.stop()
                 control_task.cancel()
                 await asyncio.gather(control_task, return_exceptions=True)
     finally:

@@ -24,6 +24,7 @@ from edgefleet.cloud.cli import drift as drift_cli
 from edgefleet.cloud.cli import fl as fl_cli
 from edgefleet.cloud.cli import keys as keys_cli
 from edgefleet.cloud.cli import models as models_cli
+from edgefleet.cloud.cli import report as report_cli
 from edgefleet.cloud.cli import rollouts as rollouts_cli
 from edgefleet.cloud.cli import sim as sim_cli
 from edgefleet.cloud.cli import tokens as tokens_cli
@@ -58,6 +59,7 @@ app.add_typer(broker_cli.app, name="broker")
 app.add_typer(keys_cli.app, name="keys")
 app.add_typer(tokens_cli.app, name="tokens")
 app.add_typer(audit_cli.app, name="audit")
+app.add_typer(report_cli.app, name="report")
 app.command("sim")(sim_cli.sim)
 app.command("drift")(drift_cli.drift)
 app.command("alerts")(drift_cli.alerts)
@@ -391,6 +393,15 @@ def serve(
             "port 0 picks a free one.",
         ),
     ] = None,
+    ui_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--ui-listen",
+            envvar="FLEET_UI_LISTEN",
+            help="Browser console address HOST:PORT (default off); port 0 picks a free one. "
+            "Sign in with an API token (fleet tokens create); viewers get a read-only console.",
+        ),
+    ] = None,
     advertise_broker: Annotated[
         str | None,
         typer.Option(
@@ -509,6 +520,7 @@ def serve(
         advertise_broker=advertise_broker,
         mqtt_listen=mqtt_listen,
         metrics_listen=metrics_listen,
+        ui_listen=ui_listen,
         fl=fl,
         fl_listen=fl_listen,
         fl_advertise=fl_advertise,
@@ -534,6 +546,8 @@ def serve(
         err.print(f"FleetService on {info.grpc} ({tls}); broker {info.broker_url}; pid {info.pid}")
         if info.metrics:
             err.print(f"metrics on {info.metrics}")
+        if info.ui:
+            err.print(f"console on {info.ui}")
         if info.fl_superlink:
             err.print(f"Flower SuperLink (TLS, node auth) on {info.fl_superlink}")
         err.print(f"devices are told: {info.advertise_broker}; state in {settings.serve_path}")

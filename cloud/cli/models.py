@@ -57,11 +57,24 @@ def show(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(metavar="NAME[:VERSION|@STAGE]")],
     as_json: JsonOpt = False,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            dir_okay=False,
+            help="Also write a self-contained HTML report (variants chart, lineage) to FILE.",
+        ),
+    ] = None,
 ) -> None:
     """Show a version: lineage, and each variant's size, accuracy and latency."""
     client = client_of(ctx)
     mv = client.get_version(ModelRef.parse(ref))
     deltas = _deltas(ctx, client, mv)
+    if html is not None:
+        from edgefleet.cloud.cli.report import write_report
+        from edgefleet.cloud.console.report import version_html
+
+        write_report(html, version_html(mv), mv.ref)
     if as_json:
         emit_json({**version_json(mv), "deltas": deltas})
     else:
