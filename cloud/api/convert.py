@@ -1,6 +1,6 @@
 """Every conversion between the coordinator's values and the gRPC messages (fleet.v1
 FleetService and FederatedService), both directions, in one place: the server
-(`cloud.grpc_service`, `cloud.fl.service`) and the clients (`cloud.remote`,
+(`cloud.api.service`, `cloud.fl.service`) and the clients (`cloud.remote`,
 `cloud.fl.remote`) import them from here, and tests/unit/test_convert.py round-trips
 each one. Times travel as integer milliseconds since the epoch, 0 for "none".
 """
