@@ -26,6 +26,7 @@ from types import TracebackType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgefleet.cloud.agent_releases import is_agent_release
 from edgefleet.cloud.artifacts import ArtifactStore
 from edgefleet.cloud.devices import Device, DeviceEvent, DeviceStore, Selector
 from edgefleet.cloud.devices.store import Sign
@@ -90,6 +91,12 @@ def plan_deploy(
         caps = d.capabilities
         if not caps:
             skipped[d.device_id] = "has not reported its capabilities yet (never online)"
+            continue
+        if is_agent_release(mv.model):  # an agent release: the variant of its machine
+            try:
+                targets.append((d, mv.variant(str(caps.get("machine", "")))))
+            except NotFound as e:
+                skipped[d.device_id] = f"machine {caps.get('machine') or 'unknown'}: {e}"
             continue
         profile = DeviceProfile(
             runtimes=tuple(caps.get("runtimes", ())),

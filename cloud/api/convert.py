@@ -209,6 +209,7 @@ def device_to_pb(d: Device) -> fleet_pb2.DeviceInfo:
         online=d.online,
         last_seen_ms=_ms(d.last_seen),
         desired_generation=d.desired_generation,
+        agent_version=d.agent_version,
     )
     if d.capabilities:
         caps = _parse_into(d.capabilities, device_pb2.Capabilities(), f"{d.device_id} capabilities")
@@ -250,7 +251,7 @@ def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
         enrolled_at=_dt(0),  # not part of the contract
         online=m.online,
         last_seen=_dt(m.last_seen_ms) if m.last_seen_ms else None,
-        agent_version="",
+        agent_version=m.agent_version,
         capabilities=_to_dict(m.capabilities) if m.HasField("capabilities") else {},
         active=_to_dict(m.active) if m.HasField("active") else {},
         reported=(_reported_dict(m.reported) if m.HasField("reported") else {}),

@@ -216,12 +216,14 @@ def device_json(d: Device) -> dict[str, Any]:
         "capabilities": dict(d.capabilities),
         "reported": dict(d.reported),
         "desired_generation": d.desired_generation,
+        "agent_version": d.agent_version,
     }
 
 
 def print_devices(devices: Sequence[Device]) -> None:
     t = Table(box=None, pad_edge=False)
-    for col in ("DEVICE", "GROUP", "TAGS", "ONLINE", "STATE", "ACTIVE", "ACCEL", "LAST SEEN"):
+    cols = ("DEVICE", "GROUP", "TAGS", "ONLINE", "STATE", "ACTIVE", "ACCEL", "AGENT", "LAST SEEN")
+    for col in cols:
         t.add_column(col)
     for d in devices:
         t.add_row(
@@ -232,6 +234,7 @@ def print_devices(devices: Sequence[Device]) -> None:
             d.state,
             _active_ref(d.active),
             str(d.capabilities.get("accelerator", "-")),
+            d.agent_version or "-",
             d.last_seen.strftime("%Y-%m-%d %H:%M:%S") if d.last_seen else "never",
         )
     out.print(t)
@@ -247,6 +250,7 @@ def print_device(d: Device) -> None:
     seen = d.last_seen.strftime("%Y-%m-%d %H:%M:%S") if d.last_seen else "never"
     out.print(f"  last seen:  {seen}")
     out.print(f"  active:     {_active_ref(d.active)}")
+    out.print(f"  agent:      {d.agent_version or '-'}")
     line = f"  state:      {d.state}"
     if rep:
         line += f" (generation {rep.get('generation', 0)}, reason {rep.get('reason', '-')})"

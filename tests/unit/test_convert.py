@@ -133,7 +133,7 @@ def test_device_round_trips_what_the_contract_carries() -> None:
         enrolled_at=datetime.fromtimestamp(0, UTC),  # not carried: the epoch comes back
         online=True,
         last_seen=datetime.fromtimestamp(1_800_000_000.123, UTC),
-        agent_version="",  # not carried
+        agent_version="0.2.0",
         # as cloud.serde stores what the device sent: proto3 JSON mapping, so a uint64
         # is text and fields at their default value are left out
         capabilities={

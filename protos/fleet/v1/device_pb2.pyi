@@ -89,6 +89,14 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     """manifest signed by a key not in the key list (or expired)"""
     REASON_CODE_OFFLINE_INSTALL: _ReasonCode.ValueType  # 17
     """active model installed on the device by `fleet-agent install`"""
+    REASON_CODE_AGENT_INSTALL_FAILED: _ReasonCode.ValueType  # 18
+    """an agent release could not be installed beside the running one"""
+    REASON_CODE_AGENT_CHECK_FAILED: _ReasonCode.ValueType  # 19
+    """the installed agent release failed its pre-switch check"""
+    REASON_CODE_AGENT_UNHEALTHY: _ReasonCode.ValueType  # 20
+    """switched, not healthy within the deadline: back on the old agent"""
+    REASON_CODE_AGENT_PLATFORM: _ReasonCode.ValueType  # 21
+    """the agent release is for another platform"""
 
 class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
     """Why a device is in its state. Stable codes, for gates and operators."""
@@ -116,6 +124,14 @@ REASON_CODE_UNTRUSTED_KEY: ReasonCode.ValueType  # 16
 """manifest signed by a key not in the key list (or expired)"""
 REASON_CODE_OFFLINE_INSTALL: ReasonCode.ValueType  # 17
 """active model installed on the device by `fleet-agent install`"""
+REASON_CODE_AGENT_INSTALL_FAILED: ReasonCode.ValueType  # 18
+"""an agent release could not be installed beside the running one"""
+REASON_CODE_AGENT_CHECK_FAILED: ReasonCode.ValueType  # 19
+"""the installed agent release failed its pre-switch check"""
+REASON_CODE_AGENT_UNHEALTHY: ReasonCode.ValueType  # 20
+"""switched, not healthy within the deadline: back on the old agent"""
+REASON_CODE_AGENT_PLATFORM: ReasonCode.ValueType  # 21
+"""the agent release is for another platform"""
 Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
 
 @_typing.final
