@@ -20,14 +20,15 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import zipfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.keys import KeyRing
 from edgefleet.cloud.registry import ModelRef
-from edgefleet.cloud.rollouts import Policy, RolloutStore
+from edgefleet.cloud.rollouts import Policy, RolloutDevice, RolloutStore
 from edgefleet.cloud.rollouts.controller import RolloutController
 from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.fleet.v1 import inference_pb2_grpc
@@ -154,14 +155,19 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A FLEET_HOME with digits:1 (a small MLP)."""
-    home = tmp_path_factory.mktemp("agent-update") / "home"
+    """A FLEET_HOME with digits:1: a small MLP, imported (no training needed here)."""
+    import torch
+
+    from edgefleet.cloud.training.export import export_onnx
+    from edgefleet.models.arch import ArchConfig, build
+
+    root = tmp_path_factory.mktemp("agent-update")
+    home = root / "home"
     assert fleet(["--home", str(home), "init"]) == 0
-    client = LocalClient(load_settings(home=home))
-    client.train(
-        "digits", "digits", arch="mlp", epochs=1, seed=0, batch_size=64, lr=3e-3, on_epoch=None
-    )
-    client.close()
+    torch.manual_seed(0)
+    model = root / "digits.onnx"
+    model.write_bytes(export_onnx(build(ArchConfig("mlp", (64,), 10)), (64,)))
+    assert fleet(["--home", str(home), "models", "import", str(model), "--name", "digits"]) == 0
     return home
 
 
@@ -177,7 +183,9 @@ def _free_port() -> int:
 class Device:
     """One device: its config, state folder, local port and `fleet-agent run` process."""
 
-    def __init__(self, home: Path, broker: SecureBroker, root: Path, device_id: str) -> None:
+    def __init__(
+        self, home: Path, broker: SecureBroker, root: Path, device_id: str, group: str
+    ) -> None:
         self.device_id = device_id
         self.state_dir = root / device_id
         self.config = root / f"{device_id}.json"
@@ -186,7 +194,7 @@ class Device:
         client = LocalClient(load_settings(home=home))
         devices = DeviceStore(load_settings(home=home).registry_url)
         try:
-            bundle = client.bundle(devices.enroll(device_id, group="update"), broker_url=broker.url)
+            bundle = client.bundle(devices.enroll(device_id, group=group), broker_url=broker.url)
         finally:
             devices.close()
             client.close()
@@ -279,24 +287,61 @@ def _publish(home: Path, directory: Path, version: str) -> int:
     return max(v.version for v in versions)
 
 
-# -- the test -----------------------------------------------------------------------
+# -- a fleet of real agents ----------------------------------------------------------
+
+POLICY = Policy(canary=0.5, waves=(1.0,), bake_s=0.0, max_failure_rate=0.0)
+X = np.zeros((1, 64), dtype=np.float32)
 
 
-def test_agent_updates_itself_gated_and_rolled_back_while_predict_answers(
-    home: Path, releases: dict[str, Path], broker: SecureBroker, tmp_path: Path
-) -> None:
+@dataclass
+class Session:
+    coord: Coordinator
+    controller: RolloutController
+    devices: DeviceStore
+    store: RolloutStore
+    fleet: list[Device]
+    group: Selector
+
+    def logs(self) -> dict[str, str]:
+        return {d.device_id: d.log.read_text()[-3000:] for d in self.fleet}
+
+    async def until(self, pred: Callable[[], Any], what: str, timeout: float = 120) -> Any:
+        try:
+            async with asyncio.timeout(timeout):
+                while not (got := await asyncio.to_thread(pred)):
+                    await asyncio.sleep(0.2)
+                return got
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}; logs: {self.logs()}") from None
+
+    def agent_versions(self) -> dict[str, str]:
+        return {d.device_id: self.devices.get(d.device_id).agent_version for d in self.fleet}
+
+    async def rollout(self, version: int) -> tuple[str, str, list[RolloutDevice]]:
+        """Roll agent release `version` out to the group; its final state, once final."""
+        r, devs = await self.controller.create(ModelRef(AGENT_MODEL, version), self.group, POLICY)
+
+        def final() -> str:
+            state = self.store.get(r.rollout_id).state
+            return state if state in ("rolled_back", "done", "paused") else ""
+
+        return r.rollout_id, await self.until(final, f"rollout {r.rollout_id} to end"), devs
+
+
+@asynccontextmanager
+async def session(
+    home: Path, releases: dict[str, Path], broker: SecureBroker, tmp_path: Path, name: str, n: int
+) -> AsyncIterator[Session]:
+    """`n` devices running `fleet-agent run` from the venv with agent A, the coordinator
+    and the rollout controller; every device serving digits:1."""
     settings = load_settings(home=home)
     client = LocalClient(settings)
     devices = DeviceStore(settings.registry_url)
     store = RolloutStore(settings.registry_url)
-    fleet_ = [Device(home, broker, tmp_path, f"upd-{i}") for i in range(2)]
-    python_a = releases["venv_a"] / "bin" / "python"
-    for d in fleet_:
-        d.start(python_a)
-    x = np.zeros((1, 64), dtype=np.float32)
-    group = Selector.parse("group=update")
-
-    async def main() -> None:
+    fleet_ = [Device(home, broker, tmp_path, f"{name}-{i}", name) for i in range(n)]
+    try:
+        for d in fleet_:
+            d.start(releases["venv_a"] / "bin" / "python")
         async with Coordinator(
             broker_url=broker.coordinator(),
             registry=client.registry,
@@ -308,129 +353,120 @@ def test_agent_updates_itself_gated_and_rolled_back_while_predict_answers(
         ) as coord:
             controller = RolloutController(coord, store, interval=0.2, min_gap=0.05)
             task = asyncio.create_task(controller.run())
-
-            async def until(pred: Callable[[], Any], what: str, timeout: float = 90) -> Any:
-                try:
-                    async with asyncio.timeout(timeout):
-                        while not (got := await asyncio.to_thread(pred)):
-                            await asyncio.sleep(0.2)
-                        return got
-                except TimeoutError:
-                    raise AssertionError(f"timed out waiting for {what}; logs: {logs()}") from None
-
-            def logs() -> dict[str, str]:
-                return {d.device_id: d.log.read_text()[-3000:] for d in fleet_}
-
-            def agent_versions() -> dict[str, str]:
-                return {d.device_id: devices.get(d.device_id).agent_version for d in fleet_}
-
-            def rollout_state(rollout_id: str) -> str:
-                return store.get(rollout_id).state
-
+            s = Session(coord, controller, devices, store, fleet_, Selector.parse(f"group={name}"))
             try:
-                await until(
+                await s.until(
                     lambda: all(devices.get(d.device_id).online for d in fleet_), "devices online"
                 )
-                assert set(agent_versions().values()) == {A}
-                out = await coord.deploy(ModelRef("digits", 1), group)
+                assert set(s.agent_versions().values()) == {A}
+                out = await coord.deploy(ModelRef("digits", 1), s.group)
                 settled = await coord.wait_settled(out, timeout=60)
-                assert {s.state for s in settled.values()} == {"active"}
-
-                # 1. a release whose agent fails its check stops at the canary
-                bad = _publish(home, releases["broken_check"], "0.1.2")
-                policy = Policy(canary=0.5, waves=(1.0,), bake_s=0.0, max_failure_rate=0.0)
-                r, devs = await controller.create(ModelRef(AGENT_MODEL, bad), group, policy)
-                assert [s.devices for s in r.stages] == [1, 1]
-                final = await until(
-                    lambda: (
-                        rollout_state(r.rollout_id) in ("rolled_back", "done", "paused")
-                        and rollout_state(r.rollout_id)
-                    ),
-                    "the broken release's rollout to end",
-                )
-                got = {d.device_id: d for d in store.devices(r.rollout_id)}
-                assert final == "rolled_back", (store.get(r.rollout_id), got, logs())
-                canary = next(d for d in devs if d.stage == 0).device_id
-                wave = next(d for d in devs if d.stage == 1).device_id
-                # the canary failed its check, then the rollback removed the staged install
-                assert got[canary].state == "rolled_back", got[canary]
-                assert "agent 0.1.2 removed" in got[canary].detail, got[canary]
-                by_id = {d.device_id: d for d in fleet_}
-                failed = json.loads(
-                    (by_id[canary].state_dir / RELEASES_DIR / "failed.json").read_text()
-                )
-                assert any(
-                    v.startswith("AGENT_CHECK_FAILED") and "selfcheck exited 5" in v
-                    for v in failed.values()
-                ), failed
-                assert not (by_id[canary].state_dir / RELEASES_DIR / "0.1.2").exists()
-                assert got[wave].action == "" and got[wave].generation == 0  # never asked
-                r = store.get(r.rollout_id)
-                assert "failure_rate" in r.reason, r.reason
-                assert set(agent_versions().values()) == {A}
-
-                # 2. an agent that dies once started: switched to, and undone by itself;
-                # the device's Predict answers every call meanwhile
-                first = fleet_[0]
-                crash = _publish(home, releases["broken_run"], "0.1.3")
-                async with Caller(first.port, x) as caller:
-                    out = await coord.deploy(
-                        ModelRef(AGENT_MODEL, crash), Selector.parse(f"device={first.device_id}")
-                    )
-                    gen = out.targets[0].generation
-                    rep = await until(
-                        lambda: (
-                            (rr := devices.get(first.device_id).reported).get("generation") == gen
-                            and rr.get("state") == "failed"
-                            and rr
-                        ),
-                        "the crashing release to be rolled back",
-                    )
-                    assert rep["reason"] == "agent_unhealthy", rep
-                    assert "0.1.3 exited with status 7" in rep["detail"], rep
-                    await asyncio.sleep(1.0)  # serving on after taking back
-                assert caller.failed == [] and caller.answered > 10, caller.failed[:3]
-                assert first.proc is not None and first.proc.poll() is None  # A serves on
-                await until(lambda: agent_versions()[first.device_id] == A, "A online again")
-                link = first.state_dir / RELEASES_DIR / CURRENT
-                assert not link.exists()  # a restart runs A too
-
-                # 3. a good release: canary, then the wave; both switch while Predict answers
-                good = _publish(home, releases["good"], "0.1.1")
-                async with Caller(first.port, x) as c0, Caller(fleet_[1].port, x) as c1:
-                    r, _ = await controller.create(ModelRef(AGENT_MODEL, good), group, policy)
-                    final = await until(
-                        lambda: (
-                            rollout_state(r.rollout_id) in ("rolled_back", "done", "paused")
-                            and rollout_state(r.rollout_id)
-                        ),
-                        "the good release's rollout to end",
-                    )
-                    assert final == "done", store.get(r.rollout_id).reason
-                    await until(
-                        lambda: set(agent_versions().values()) == {"0.1.1"}, "agent 0.1.1 online"
-                    )
-                    await asyncio.sleep(0.5)
-                for c in (c0, c1):
-                    assert c.failed == [] and c.answered > 10, c.failed[:3]
-                for d in fleet_:
-                    assert d.proc is not None
-                    assert d.proc.wait(timeout=30) == 0  # A handed over and exited
-                    assert d.successor_pid() > 0
-                    link = d.state_dir / RELEASES_DIR / CURRENT
-                    assert link.resolve() == (d.state_dir / RELEASES_DIR / "0.1.1").resolve()
-                    rep = devices.get(d.device_id).reported
-                    assert rep["state"] == "active" and rep["active"]["model"] == "digits", rep
+                assert {st.state for st in settled.values()} == {"active"}
+                yield s
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), 400))
     finally:
         for d in fleet_:
             d.stop()
         store.close()
         devices.close()
         client.close()
-        shutil.rmtree(tmp_path / "unused", ignore_errors=True)
+
+
+# -- the tests ----------------------------------------------------------------------
+
+
+def test_agent_switches_to_a_new_version_canary_then_wave_while_predict_answers(
+    home: Path, releases: dict[str, Path], broker: SecureBroker, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with session(home, releases, broker, tmp_path, "good", 2) as s:
+            good = _publish(home, releases["good"], "0.1.1")
+            a, b = s.fleet
+            async with Caller(a.port, X) as c0, Caller(b.port, X) as c1:
+                rollout_id, final, devs = await s.rollout(good)
+                assert final == "done", (s.store.get(rollout_id).reason, s.logs())
+                assert [d.stage for d in devs] == [0, 1]
+                await s.until(
+                    lambda: set(s.agent_versions().values()) == {"0.1.1"}, "agent 0.1.1 online"
+                )
+                await asyncio.sleep(0.5)  # answered by the new agents
+            for c in (c0, c1):
+                assert c.failed == [] and c.answered > 10, c.failed[:3]
+            for d in s.fleet:
+                assert d.proc is not None
+                assert d.proc.wait(timeout=30) == 0  # A handed over and exited
+                assert d.successor_pid() > 0
+                link = d.state_dir / RELEASES_DIR / CURRENT
+                assert link.resolve() == (d.state_dir / RELEASES_DIR / "0.1.1").resolve()
+                rep = s.devices.get(d.device_id).reported
+                assert rep["state"] == "active" and rep["active"]["model"] == "digits", rep
+            rows = s.store.devices(rollout_id)
+            assert {(r.phase, r.state) for r in rows} == {("active", "active")}, rows
+
+    asyncio.run(asyncio.wait_for(main(), 300))
+
+
+def test_an_agent_that_dies_after_the_switch_is_rolled_back_while_predict_answers(
+    home: Path, releases: dict[str, Path], broker: SecureBroker, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with session(home, releases, broker, tmp_path, "crash", 1) as s:
+            (a,) = s.fleet
+            crash = _publish(home, releases["broken_run"], "0.1.3")
+            async with Caller(a.port, X) as caller:
+                out = await s.coord.deploy(
+                    ModelRef(AGENT_MODEL, crash), Selector.parse(f"device={a.device_id}")
+                )
+                gen = out.targets[0].generation
+
+                def failed() -> dict[str, Any] | None:
+                    rep = s.devices.get(a.device_id).reported
+                    ok = rep.get("generation") == gen and rep.get("state") == "failed"
+                    return rep if ok else None
+
+                rep = await s.until(failed, "the crashing release to be rolled back")
+                assert rep["reason"] == "agent_unhealthy", rep
+                assert "0.1.3 exited with status 7" in rep["detail"], rep
+                await asyncio.sleep(1.0)  # serving on after taking back
+            assert caller.failed == [] and caller.answered > 10, caller.failed[:3]
+            assert a.proc is not None and a.proc.poll() is None  # A serves on
+            await s.until(lambda: s.agent_versions()[a.device_id] == A, "A online again")
+            assert not (a.state_dir / RELEASES_DIR / CURRENT).exists()  # a restart runs A
+            failed_before = json.loads((a.state_dir / RELEASES_DIR / "failed.json").read_text())
+            assert any(v.startswith("AGENT_UNHEALTHY") for v in failed_before.values())
+
+    asyncio.run(asyncio.wait_for(main(), 300))
+
+
+@pytest.mark.slow
+def test_a_release_whose_agent_fails_its_check_stops_at_the_canary(
+    home: Path, releases: dict[str, Path], broker: SecureBroker, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with session(home, releases, broker, tmp_path, "check", 2) as s:
+            bad = _publish(home, releases["broken_check"], "0.1.2")
+            rollout_id, final, devs = await s.rollout(bad)
+            r = s.store.get(rollout_id)
+            got = {d.device_id: d for d in s.store.devices(rollout_id)}
+            assert final == "rolled_back", (r, got, s.logs())
+            assert "failure_rate" in r.reason, r.reason
+            canary = next(d for d in devs if d.stage == 0).device_id
+            wave = next(d for d in devs if d.stage == 1).device_id
+            # the canary failed its check; the rollback removed the staged install
+            assert got[canary].state == "rolled_back", got[canary]
+            assert "agent 0.1.2 removed" in got[canary].detail, got[canary]
+            by_id = {d.device_id: d for d in s.fleet}
+            releases_dir = by_id[canary].state_dir / RELEASES_DIR
+            failed = json.loads((releases_dir / "failed.json").read_text())
+            assert any(
+                v.startswith("AGENT_CHECK_FAILED") and "selfcheck exited 5" in v
+                for v in failed.values()
+            ), failed
+            assert not (releases_dir / "0.1.2").exists()
+            assert got[wave].action == "" and got[wave].generation == 0  # never asked
+            assert set(s.agent_versions().values()) == {A}
+            assert all(d.proc is not None and d.proc.poll() is None for d in s.fleet)
+
+    asyncio.run(asyncio.wait_for(main(), 300))
