@@ -419,6 +419,9 @@ class Agent:
             },
         )
         sd_notify(f"MAINPID={os.getpid()}")
+        removed = self.releases.gc({trial.root, trial.from_root})
+        if removed:
+            logger.info("%s: removed agent releases %s", self.device_id, ", ".join(removed))
         logger.info(
             "%s: agent %s healthy; took over from %s",
             self.device_id,

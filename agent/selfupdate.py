@@ -303,6 +303,18 @@ class Releases:
             target if (target / MARKER).exists() and (target / "bin" / "python").exists() else None
         )
 
+    def gc(self, keep: set[str]) -> list[str]:
+        """Remove installed releases whose venv is not in `keep` (the running one and the
+        one before it); the versions removed."""
+        removed: list[str] = []
+        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if d.is_symlink() or d.name.startswith(".") or str(d) in keep:
+                continue
+            if (d / MARKER).exists():
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+        return removed
+
     def drop(self, version: str) -> bool:
         """Remove a staged (not running, not current) release; True if there was one."""
         root = self.root / version
