@@ -388,6 +388,13 @@ class RolloutController:
             if not all(_settled(d) or d.device_id in waiting for d in issued):
                 await self._save(r.with_stage(i, st))
                 return
+            if is_agent_release(r.model) and issued:
+                # a new agent that was not healthy after its switch (the device went back
+                # to its old agent by itself) counts against the stage like an install
+                switched = g.install_gates(p, issued)
+                if not all(x.ok for x in switched):
+                    await self._fail(r, st.with_changes(gates=tuple(switched)))
+                    return
             st = st.with_changes(state=S_DONE, finished_at=now)
             r = r.with_stage(i, st)
             if i + 1 >= len(r.stages):

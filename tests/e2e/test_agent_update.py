@@ -441,7 +441,7 @@ def test_an_agent_that_dies_after_the_switch_is_rolled_back_while_predict_answer
 
 
 @pytest.mark.slow
-def test_a_release_whose_agent_fails_its_check_stops_at_the_canary(
+def test_a_release_whose_agent_fails_its_check_or_its_switch_stops_at_the_canary(
     home: Path, releases: dict[str, Path], broker: SecureBroker, tmp_path: Path
 ) -> None:
     async def main() -> None:
@@ -467,6 +467,19 @@ def test_a_release_whose_agent_fails_its_check_stops_at_the_canary(
             assert not (releases_dir / "0.1.2").exists()
             assert got[wave].action == "" and got[wave].generation == 0  # never asked
             assert set(s.agent_versions().values()) == {A}
+            assert all(d.proc is not None and d.proc.poll() is None for d in s.fleet)
+
+            # a release that passes its check but whose agent dies once switched to: the
+            # canary goes back to A by itself, and the gate stops the release there too
+            crash = _publish(home, releases["broken_run"], "0.1.3")
+            rollout_id, final, devs = await s.rollout(crash)
+            r = s.store.get(rollout_id)
+            got = {d.device_id: d for d in s.store.devices(rollout_id)}
+            assert final == "rolled_back", (r, got, s.logs())
+            assert "agent_unhealthy" in r.reason, r.reason
+            wave = next(d for d in devs if d.stage == 1).device_id
+            assert got[wave].action == "" and got[wave].generation == 0
+            await s.until(lambda: set(s.agent_versions().values()) == {A}, "A everywhere")
             assert all(d.proc is not None and d.proc.poll() is None for d in s.fleet)
 
     asyncio.run(asyncio.wait_for(main(), 300))
