@@ -460,13 +460,7 @@ class Updater:
                 self.slots.install, dl.desired.signed_manifest, dest, extension=ext
             )
         except DataLoss as e:
-            # finish() cleared the bad chunks: fetch them again
-            await self._report(
-                gen, UpdateState.DOWNLOADING, Reason.ARTIFACT_DIGEST_MISMATCH, str(e), dl=dl
-            )
-            self._download = dl
-            await self._subscribe(self._topics.chunk(dl.manifest.sha256))
-            await self._want(dl)
+            await self._fetch_again(dl, e)
             return
         except OSError as e:
             await self._report(gen, UpdateState.FAILED, Reason.DISK_FULL, str(e))
@@ -475,6 +469,19 @@ class Updater:
             await self._shadow(dl.desired, dl.manifest, inst)
         else:
             await self._activate(dl.desired, dl.manifest, inst)
+
+    async def _fetch_again(self, dl: _Download, e: DataLoss) -> None:
+        """The whole file failed its digest; finish() cleared the bad chunks: fetch them again."""
+        await self._report(
+            dl.desired.generation,
+            UpdateState.DOWNLOADING,
+            Reason.ARTIFACT_DIGEST_MISMATCH,
+            str(e),
+            dl=dl,
+        )
+        self._download = dl
+        await self._subscribe(self._topics.chunk(dl.manifest.sha256))
+        await self._want(dl)
 
     async def _load(self, gen: int, manifest: Manifest, inst: InstalledModel) -> ActiveModel | None:
         """Read, check and load (self-test included) an installed model; None after a failure
@@ -673,12 +680,7 @@ class Updater:
             await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(dl.partial.finish, dest)
         except DataLoss as e:
-            await self._report(
-                gen, UpdateState.DOWNLOADING, Reason.ARTIFACT_DIGEST_MISMATCH, str(e), dl=dl
-            )
-            self._download = dl
-            await self._subscribe(self._topics.chunk(dl.manifest.sha256))
-            await self._want(dl)
+            await self._fetch_again(dl, e)
             return
         except OSError as e:
             await self._report(gen, UpdateState.FAILED, Reason.DISK_FULL, str(e))
