@@ -434,6 +434,11 @@ class Agent:
         next_window = loop.time() + self.settings.telemetry_interval
         while not self._stopping:
             await asyncio.sleep(0.5)
+            if self._switching is not None and not self._switching.done():
+                # the state folder (spool included) is the new agent's while it starts;
+                # predictions answered meanwhile are counted in the next window if it
+                # fails, and not reported if it takes over
+                continue
             try:
                 if not self.transport.backlog:  # behind on what arrived: not stalled
                     await self.updater.tick()
