@@ -16,6 +16,7 @@ from edgefleet.agent.server import serve
 from edgefleet.cloud.agent_releases import pack
 from edgefleet.protos.errors import DataLoss, InvalidArgument, Unavailable
 from edgefleet.protos.manifest import AGENT_KIND, Manifest, decode_manifest, encode_manifest
+from tests.conftest import Cli
 
 
 def _manifest(**kw: object) -> Manifest:
@@ -129,3 +130,27 @@ def test_a_new_agent_version_binds_the_port_beside_the_old_one_only_when_sharing
             await old.stop(0)
 
     asyncio.run(main())
+
+
+def test_publish_and_ls_through_the_cli(cli: Cli, fleet_home: Path, tmp_path: Path) -> None:
+    assert cli("init").code == 0
+    release = tmp_path / "release"
+    release.mkdir()
+    _wheel(release, "edgefleet_agent-0.2.0-py3-none-any.whl")
+    assert "no agent releases" in cli("agent", "releases", "ls").out
+    bad = cli(
+        "agent", "releases", "publish", str(release), "--version", "0.2.0", "--platform", "ARM"
+    )
+    assert bad.code == 1 and "platform 'ARM' is not a machine name" in bad.err, bad
+    done = cli(
+        "agent", "releases", "publish", str(release), "--version", "0.2.0", "--platform", "aarch64"
+    )
+    assert done.code == 0, done.err
+    assert "published edgefleet-agent:1: agent 0.2.0 for aarch64" in done.out
+    listed = json.loads(cli("agent", "releases", "ls", "--json").out)
+    assert [(r["ref"], r["agent_version"], r["platform"]) for r in listed] == [
+        ("edgefleet-agent:1", "0.2.0", "aarch64")
+    ]
+    assert listed[0]["wheels"] == ["edgefleet_agent-0.2.0-py3-none-any.whl"]
+    shown = json.loads(cli("models", "show", "edgefleet-agent:1", "--json").out)
+    assert shown["variants"][0]["name"] == "aarch64"
