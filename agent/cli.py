@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.protos.errors import FleetError
+from edgefleet.protos.errors import FleetError, InvalidArgument
 
 app = typer.Typer(
     name="fleet-agent",
@@ -241,18 +241,65 @@ def run(
 
     from edgefleet.agent.agent import Agent
     from edgefleet.agent.config import load_config
+    from edgefleet.agent.selfupdate import exec_current
 
     settings = load_config(config)
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    # the service starts the base install: run the agent release it switched to
+    exec_current(settings.state_dir, ["run", "--config", str(config.absolute())])
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await Agent(settings).run(stop.wait)
+        await Agent(settings, config_path=config.absolute()).run(stop.wait)
 
     asyncio.run(main())
+
+
+@app.command()
+def selfcheck(
+    config: Annotated[
+        Path, typer.Option("--config", help="Agent config written by 'fleet-agent enroll'.")
+    ] = DEFAULT_CONFIG,
+    expect_version: Annotated[
+        str, typer.Option("--expect-version", help="Fail unless this agent is this version.")
+    ] = "",
+) -> None:
+    """Check this agent installation against the device's state, changing nothing: its
+    version, and the active model verified, loaded and self-tested. Prints one JSON line.
+    An agent release runs this from its new venv before the agent switches to it."""
+    import edgefleet
+    from edgefleet.agent.capabilities import detect
+    from edgefleet.agent.config import load_config
+    from edgefleet.agent.inference import load
+    from edgefleet.agent.keys import load_trust
+    from edgefleet.agent.slots import ModelSlots
+    from edgefleet.protos.keys import verify_manifest_trusted
+    from edgefleet.protos.manifest import SignedManifest, check_artifact
+
+    if expect_version and edgefleet.__version__ != expect_version:
+        raise InvalidArgument(
+            f"agent at {sys.prefix} is version {edgefleet.__version__}; expected {expect_version}"
+        )
+    settings = load_config(config)
+    trust = load_trust(
+        state_dir=settings.state_dir,
+        public_key_pem=settings.public_key_pem,
+        root_public_key_pem=settings.root_public_key_pem,
+        key_list_b64=settings.key_list,
+    )
+    inst = ModelSlots(settings.state_dir).active()
+    report: dict[str, object] = {"version": edgefleet.__version__, "prefix": sys.prefix}
+    if inst is not None:
+        manifest = verify_manifest_trusted(SignedManifest.from_bytes(inst.manifest_bytes), trust)
+        data = inst.path.read_bytes()
+        check_artifact(manifest, data)
+        caps = detect()
+        model = load(manifest, data, providers=caps.providers or ("CPUExecutionProvider",))
+        report.update(model=manifest.ref, provider=model.provider, self_test="ok")
+    sys.stdout.write(json.dumps(report) + "\n")
 
 
 service_app = typer.Typer(help="Run the agent as a systemd service.", no_args_is_help=True)

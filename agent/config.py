@@ -43,6 +43,12 @@ class AgentSettings(BaseSettings):
         default="127.0.0.1:50051", description="InferenceService address; empty: off"
     )
     telemetry_interval: float = 10.0
+    switch_deadline_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds a new agent version has to become healthy (connected, serving "
+        "the active model) after a switch; else the running version takes over again",
+    )
     telemetry_ack_timeout: float = Field(
         default=30.0,
         gt=0,

@@ -67,8 +67,9 @@ class OfflineInstall:
 
 
 @contextmanager
-def state_lock(state_dir: Path, *, holder: str) -> Iterator[None]:
-    """Hold the state directory exclusively; `Conflict` if another process holds it."""
+def state_lock(state_dir: Path, *, holder: str) -> Iterator[int]:
+    """Hold the state directory exclusively; `Conflict` if another process holds it.
+    Yields the locked descriptor (an agent switching versions unlocks and relocks it)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -79,7 +80,7 @@ def state_lock(state_dir: Path, *, holder: str) -> Iterator[None]:
                 f"state directory {state_dir} is held by another process (a running agent?); "
                 f"stop it first (systemctl stop edgefleet-agent) to run {holder}"
             ) from None
-        yield
+        yield fd
     finally:
         os.close(fd)  # releases the lock
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,33 @@ from edgefleet.protos.fleet.v1 import inference_pb2_grpc
 from edgefleet.protos.grpc_errors import grpc_status
 
 logger = logging.getLogger(__name__)
+
+#: channel options for a local app that rides through an agent switching versions
+#: (docs/agent.md, "Agent updates"): a call the old agent's server drops in the instant
+#: it stops (CANCELLED, before any work was done) or a connection refused meanwhile
+#: (UNAVAILABLE) is sent again, to the new agent. Predict is idempotent.
+CLIENT_RETRY_OPTIONS: tuple[tuple[str, int | str], ...] = (
+    ("grpc.enable_retries", 1),
+    (
+        "grpc.service_config",
+        json.dumps(
+            {
+                "methodConfig": [
+                    {
+                        "name": [{"service": "fleet.v1.InferenceService"}],
+                        "retryPolicy": {
+                            "maxAttempts": 4,
+                            "initialBackoff": "0.01s",
+                            "maxBackoff": "0.2s",
+                            "backoffMultiplier": 2,
+                            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+                        },
+                    }
+                ]
+            }
+        ),
+    ),
+)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -156,19 +184,24 @@ async def serve(
     address: str = "127.0.0.1:0",
     status: Callable[[], AgentStatus] | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    share_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """Start `InferenceService` on `address`; return the server and its port (0 for unix:).
 
     Stop it with `await server.stop(grace)`. Port 0 picks a free port. Raises
     `InvalidArgument` for a non-local address and `Unavailable` when it cannot bind.
+    The socket allows SO_REUSEPORT so that a new agent version can bind beside this one
+    while it switches (`share_port`, agent/selfupdate.py); without `share_port` a port
+    some other process holds is refused first, so a second agent cannot steal requests.
     """
     check_address(address)
+    if not share_port and not address.startswith("unix:"):
+        _check_free(address)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            # Without this, a second agent could bind the same port and steal requests.
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1),
         ]
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(
@@ -185,6 +218,25 @@ async def serve(
         "InferenceService listening on %s", address if port == 0 else _with_port(address, port)
     )
     return server, port
+
+
+def _check_free(address: str) -> None:
+    """`Unavailable` if another socket is bound to `address` (host:port; port 0 is free)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if port in ("", "0"):
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR (not REUSEPORT): closed connections in TIME_WAIT do not count,
+        # a listening socket does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError as e:
+            raise Unavailable(f"cannot bind InferenceService to {address!r}: {e}") from e
 
 
 def _with_port(address: str, port: int) -> str:

@@ -60,7 +60,10 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-Type=simple
+# notify: the agent says READY=1 once it serves; a new agent version it switched to
+# takes over as the main process with MAINPID= (docs/agent.md, "Agent updates")
+Type=notify
+NotifyAccess=all
 User={spec.user}
 Group={spec.user}
 ExecStart={spec.executable} run --config {spec.config}

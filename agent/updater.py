@@ -18,6 +18,7 @@ from edgefleet.agent.download import PartialDownload
 from edgefleet.agent.inference import ActiveModel, ModelHolder, load
 from edgefleet.agent.keys import save_key_list
 from edgefleet.agent.offline import clear_report, pending_report
+from edgefleet.agent.selfupdate import Release, SelfUpdate, SwitchTarget
 from edgefleet.agent.serde import (
     Desired,
     ModelRef,
@@ -41,7 +42,7 @@ from edgefleet.protos.errors import (
     Unauthenticated,
 )
 from edgefleet.protos.keys import KeyRefused, KeyTrust, verify_manifest_trusted
-from edgefleet.protos.manifest import Manifest, SignedManifest, check_artifact
+from edgefleet.protos.manifest import AGENT_KIND, Manifest, SignedManifest, check_artifact
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.variants import NAMES as VARIANT_NAMES
 
@@ -89,10 +90,13 @@ class Updater:
         tflite_runtime_legacy: bool = False,
         threads: int = 0,
         chunk_filter: ChunkFilter | None = None,
+        selfupdate: SelfUpdate | None = None,
     ) -> None:
         self.progress_interval = progress_interval
         #: sees every chunk before the updater does (see `ChunkFilter`)
         self.chunk_filter = chunk_filter
+        #: agent releases (agent/selfupdate.py); None: this agent cannot update itself
+        self.selfupdate = selfupdate
         self.device_id = device_id
         self.slots = ModelSlots(state_dir)
         self._downloads_dir = state_dir / "downloads"
@@ -385,6 +389,9 @@ class Updater:
         # a new desired state ends any shadow evaluation; an activation of the same
         # candidate reuses its loaded, self-tested model
         shadowed = self._stop_shadow()
+        if manifest.kind == AGENT_KIND:
+            await self._agent_release(desired, manifest)
+            return
         if desired.action == "rollback":
             await self._rollback(desired, manifest)
             return
@@ -478,6 +485,9 @@ class Updater:
             return
         self.state = UpdateState.VERIFYING
         await self._report(gen, UpdateState.VERIFYING, Reason.OK, "", dl=dl)
+        if dl.manifest.kind == AGENT_KIND:
+            await self._agent_downloaded(dl)
+            return
         ext = EXTENSIONS[dl.manifest.runtime]
         dest = self.slots.artifact_path(dl.manifest.sha256, extension=ext)
         try:
@@ -486,13 +496,7 @@ class Updater:
                 self.slots.install, dl.desired.signed_manifest, dest, extension=ext
             )
         except DataLoss as e:
-            # finish() cleared the bad chunks: fetch them again
-            await self._report(
-                gen, UpdateState.DOWNLOADING, Reason.ARTIFACT_DIGEST_MISMATCH, str(e), dl=dl
-            )
-            self._download = dl
-            await self._subscribe(self._topics.chunk(dl.partial.sha256))
-            await self._want(dl)
+            await self._fetch_again(dl, e)
             return
         except OSError as e:
             await self._report(gen, UpdateState.FAILED, Reason.DISK_FULL, str(e))
@@ -577,6 +581,19 @@ class Updater:
             await self._download_full(dl.desired, dl.manifest)
             return
         await self._install_done(dl.desired, dl.manifest, inst)
+
+    async def _fetch_again(self, dl: _Download, e: DataLoss) -> None:
+        """The whole file failed its digest; finish() cleared the bad chunks: fetch them again."""
+        await self._report(
+            dl.desired.generation,
+            UpdateState.DOWNLOADING,
+            Reason.ARTIFACT_DIGEST_MISMATCH,
+            str(e),
+            dl=dl,
+        )
+        self._download = dl
+        await self._subscribe(self._topics.chunk(dl.partial.sha256))
+        await self._want(dl)
 
     async def _load(self, gen: int, manifest: Manifest, inst: InstalledModel) -> ActiveModel | None:
         """Read, check and load (self-test included) an installed model; None after a failure
@@ -719,6 +736,157 @@ class Updater:
             await self._unsubscribe(topic)
         except FleetError as e:
             logger.debug("%s: unsubscribe %s: %s", self.device_id, topic, e)
+
+    # -- agent releases (agent/selfupdate.py) -----------------------------------------
+
+    async def _agent_release(self, desired: Desired, manifest: Manifest) -> None:
+        """An agent release: install it beside this agent and check it (shadow), switch
+        to it (activate), or undo it (rollback). The active model keeps serving."""
+        gen, su = desired.generation, self.selfupdate
+        version = manifest.labels.get("agent_version", "")
+        await self._abandon_download()
+        if su is None:
+            await self._fail(
+                gen,
+                Reason.AGENT_INSTALL_FAILED,
+                f"agent release {version or manifest.ref}: this agent runs without a config "
+                "file (fleet-agent run --config FILE), so it cannot start another version",
+            )
+            return
+        if desired.action == "rollback":
+            await self._agent_rollback(gen, version, su)
+            return
+        if manifest.variant != su.machine:
+            await self._fail(
+                gen,
+                Reason.AGENT_PLATFORM,
+                f"agent release {manifest.ref} ({version}) is for {manifest.variant}; "
+                f"this device is {su.machine}",
+            )
+            return
+        if version == su.running_version:
+            state = UpdateState.SHADOWING if desired.action == "shadow" else UpdateState.ACTIVE
+            self.state = state
+            await self._report(gen, state, Reason.OK, f"agent {version} is running")
+            return
+        failed = su.releases.failed(manifest.sha256)
+        if failed is not None:
+            reason, _, detail = failed.partition(":")
+            await self._fail(
+                gen,
+                Reason.__members__.get(reason, Reason.AGENT_CHECK_FAILED),
+                f"agent {version} failed on this device before (not retried): {detail.strip()}",
+            )
+            return
+        rel = su.releases.installed(version, manifest.sha256)
+        if rel is not None:
+            await self._agent_staged(desired, manifest, rel, su)
+            return
+        await self._download_full(desired, manifest)
+
+    async def _agent_downloaded(self, dl: _Download) -> None:
+        gen, su = dl.desired.generation, self.selfupdate
+        assert su is not None
+        version = dl.manifest.labels.get("agent_version", "")
+        dest = su.releases.downloads / f"{dl.manifest.sha256}.tar"
+        try:
+            await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(dl.partial.finish, dest)
+        except DataLoss as e:
+            await self._fetch_again(dl, e)
+            return
+        except OSError as e:
+            await self._report(gen, UpdateState.FAILED, Reason.DISK_FULL, str(e))
+            return
+        self.state = UpdateState.LOADING
+        await self._report(
+            gen,
+            UpdateState.LOADING,
+            Reason.OK,
+            f"installing agent {version} beside {su.running_version}",
+        )
+        try:
+            rel = await asyncio.to_thread(
+                su.releases.install, dest, version=version, sha256=dl.manifest.sha256
+            )
+        except (FleetError, OSError) as e:
+            await self._fail(gen, Reason.AGENT_INSTALL_FAILED, f"agent {version}: {e}")
+            return
+        finally:
+            dest.unlink(missing_ok=True)
+        await self._agent_staged(dl.desired, dl.manifest, rel, su)
+
+    async def _agent_staged(
+        self, desired: Desired, manifest: Manifest, rel: Release, su: SelfUpdate
+    ) -> None:
+        gen = desired.generation
+        self.state = UpdateState.SELF_TEST
+        await self._report(gen, UpdateState.SELF_TEST, Reason.OK, f"checking agent {rel.version}")
+        try:
+            info = await asyncio.to_thread(su.releases.check, rel, su.config_path)
+        except FleetError as e:
+            await asyncio.to_thread(
+                su.releases.mark_failed, manifest.sha256, f"AGENT_CHECK_FAILED: {e}"
+            )
+            await self._fail(gen, Reason.AGENT_CHECK_FAILED, str(e))
+            return
+        if desired.action == "shadow":
+            self.state = UpdateState.SHADOWING
+            model = info.get("model")
+            await self._report(
+                gen,
+                UpdateState.SHADOWING,
+                Reason.OK,
+                f"agent {rel.version} installed beside {su.running_version} and checked"
+                + (f" ({model}: self-test ok)" if model else "")
+                + "; switches on activate",
+            )
+            return
+        self.state = UpdateState.LOADING
+        await self._report(gen, UpdateState.LOADING, Reason.OK, f"switching to agent {rel.version}")
+        su.switch(SwitchTarget(gen, manifest.sha256, rel.version, rel.python, str(rel.root)))
+
+    async def _agent_rollback(self, gen: int, version: str, su: SelfUpdate) -> None:
+        if version != su.running_version:
+            dropped = await asyncio.to_thread(su.releases.drop, version)
+            self.state = UpdateState.ROLLED_BACK
+            await self._report(
+                gen,
+                UpdateState.ROLLED_BACK,
+                Reason.OK,
+                f"agent {version} {'removed' if dropped else 'not installed'}; "
+                f"running {su.running_version}",
+            )
+            return
+        prev = su.releases.previous()
+        if prev is None:
+            await self._fail(
+                gen,
+                Reason.NO_LAST_KNOWN_GOOD,
+                f"agent {version} is running and no earlier agent is recorded to go back to",
+            )
+            return
+        self.state = UpdateState.LOADING
+        await self._report(
+            gen, UpdateState.LOADING, Reason.OK, f"switching back to agent {prev['version']}"
+        )
+        su.switch(
+            SwitchTarget(
+                gen, "", prev.get("version", ""), Path(prev["python"]), prev.get("root", "")
+            )
+        )
+
+    async def agent_switch_failed(self, target: SwitchTarget, detail: str) -> None:
+        """The agent started by a switch was not healthy: this one serves on (called by
+        the agent after it took the broker session back)."""
+        async with self._lock:
+            if target.sha256 and self.selfupdate is not None:
+                await asyncio.to_thread(
+                    self.selfupdate.releases.mark_failed,
+                    target.sha256,
+                    f"AGENT_UNHEALTHY: {detail}",
+                )
+            await self._fail(target.generation, Reason.AGENT_UNHEALTHY, detail)
 
     # -- verification and reports ----------------------------------------------------
 

@@ -33,6 +33,7 @@ from types import TracebackType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgefleet.cloud.agent_releases import is_agent_release
 from edgefleet.cloud.artifacts import ArtifactStore
 from edgefleet.cloud.deltas import DeltaCache, DeltaRecord, DeltaStore
 from edgefleet.cloud.deltas.offers import plan_offers
@@ -117,6 +118,12 @@ def plan_deploy(
         caps = d.capabilities
         if caps is None:
             skipped[d.device_id] = "has not reported its capabilities yet (never online)"
+            continue
+        if is_agent_release(mv.model):  # an agent release: the variant of its machine
+            try:
+                targets.append((d, mv.variant(caps.machine)))
+            except NotFound as e:
+                skipped[d.device_id] = f"machine {caps.machine or 'unknown'}: {e}"
             continue
         profile = DeviceProfile(
             runtimes=caps.runtimes,

@@ -35,6 +35,9 @@ RUNTIMES: dict[str, int] = {
     "litert": model_pb2.RUNTIME_LITERT,
 }
 _RUNTIME_NAMES = {v: k for k, v in RUNTIMES.items()}
+#: `ModelManifest.kind` of an agent release (a tar of the agent's wheels for one platform)
+AGENT_KIND = "agent"
+KINDS = ("", AGENT_KIND)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class Manifest:
     golden: GoldenSample | None = None
     requires: tuple[str, ...] = ()
     drift: DriftReference | None = None
+    #: "" for a model variant; AGENT_KIND for an agent release (docs/agent.md)
+    kind: str = ""
 
     @property
     def ref(self) -> str:
@@ -154,7 +159,11 @@ class SignedManifest:
 
 
 def encode_manifest(m: Manifest) -> bytes:
-    if m.runtime not in RUNTIMES:
+    if m.kind not in KINDS:
+        raise InvalidArgument(f"manifest {m.ref}: kind {m.kind!r} unknown; supported: model, agent")
+    if m.kind == AGENT_KIND and m.runtime:
+        raise InvalidArgument(f"agent release {m.ref}: has runtime {m.runtime!r}; it needs none")
+    if m.kind != AGENT_KIND and m.runtime not in RUNTIMES:
         raise InvalidArgument(
             f"manifest {m.ref}: runtime {m.runtime!r} unknown; supported: {', '.join(RUNTIMES)}"
         )
@@ -162,8 +171,9 @@ def encode_manifest(m: Manifest) -> bytes:
         model=m.model,
         version=m.version,
         variant=m.variant,
-        runtime=RUNTIMES[m.runtime],  # type: ignore[arg-type]
+        runtime=RUNTIMES.get(m.runtime, model_pb2.RUNTIME_UNSPECIFIED),  # type: ignore[arg-type]
         sha256=m.sha256,
+        kind=m.kind,
         size=m.size,
         created_at_ms=m.created_at_ms,
         requires=list(m.requires),
@@ -214,7 +224,12 @@ def decode_manifest(data: bytes) -> Manifest:
         msg.ParseFromString(data)
     except DecodeError as e:
         raise InvalidArgument(f"manifest ({len(data)} bytes) is not valid protobuf: {e}") from e
-    if msg.runtime not in _RUNTIME_NAMES:
+    if msg.kind not in KINDS:
+        raise InvalidArgument(
+            f"manifest {msg.model}:{msg.version}/{msg.variant}: kind {msg.kind!r} unknown; "
+            "this agent knows model variants and agent releases"
+        )
+    if msg.runtime not in _RUNTIME_NAMES and msg.kind != AGENT_KIND:
         raise InvalidArgument(
             f"manifest {msg.model}:{msg.version}/{msg.variant}: runtime {msg.runtime} unknown; "
             f"supported: {', '.join(RUNTIMES)}"
@@ -238,7 +253,7 @@ def decode_manifest(data: bytes) -> Manifest:
         model=msg.model,
         version=msg.version,
         variant=msg.variant,
-        runtime=_RUNTIME_NAMES[msg.runtime],
+        runtime=_RUNTIME_NAMES.get(msg.runtime, ""),
         sha256=msg.sha256,
         size=msg.size,
         inputs=specs(msg.inputs),
@@ -248,6 +263,7 @@ def decode_manifest(data: bytes) -> Manifest:
         golden=golden,
         requires=tuple(msg.requires),
         drift=drift_reference_from_proto(msg.drift) if msg.HasField("drift") else None,
+        kind=msg.kind,
     )
 
 

@@ -241,6 +241,10 @@ _REASONS: Mapping[ReasonCode, int] = {
     ReasonCode.OFFLINE_INSTALL: _pb.REASON_CODE_OFFLINE_INSTALL,
     ReasonCode.DELTA_NO_BASE: _pb.REASON_CODE_DELTA_NO_BASE,
     ReasonCode.DELTA_FAILED: _pb.REASON_CODE_DELTA_FAILED,
+    ReasonCode.AGENT_INSTALL_FAILED: _pb.REASON_CODE_AGENT_INSTALL_FAILED,
+    ReasonCode.AGENT_CHECK_FAILED: _pb.REASON_CODE_AGENT_CHECK_FAILED,
+    ReasonCode.AGENT_UNHEALTHY: _pb.REASON_CODE_AGENT_UNHEALTHY,
+    ReasonCode.AGENT_PLATFORM: _pb.REASON_CODE_AGENT_PLATFORM,
 }
 E = TypeVar("E", bound=StrEnum)
 
@@ -355,6 +359,7 @@ def device_to_pb(d: Device) -> fleet_pb2.DeviceInfo:
         online=d.online,
         last_seen_ms=_ms(d.last_seen),
         desired_generation=d.desired_generation,
+        agent_version=d.agent_version,
     )
     if d.capabilities is not None:
         info.capabilities.CopyFrom(capabilities_to_pb(d.capabilities))
@@ -373,7 +378,7 @@ def device_from_pb(m: fleet_pb2.DeviceInfo) -> Device:
         enrolled_at=_dt(0),  # not part of the contract
         online=m.online,
         last_seen=_dt(m.last_seen_ms) if m.last_seen_ms else None,
-        agent_version="",
+        agent_version=m.agent_version,
         capabilities=capabilities_from_pb(m.capabilities) if m.HasField("capabilities") else None,
         active=served_from_pb(m.active),
         reported=reported_from_pb(m.reported) if m.HasField("reported") else None,

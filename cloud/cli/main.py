@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from edgefleet import __version__
+from edgefleet.cloud.cli import agent_releases as agent_cli
 from edgefleet.cloud.cli import audit as audit_cli
 from edgefleet.cloud.cli import broker as broker_cli
 from edgefleet.cloud.cli import db as db_cli
@@ -60,6 +61,7 @@ app.add_typer(keys_cli.app, name="keys")
 app.add_typer(tokens_cli.app, name="tokens")
 app.add_typer(audit_cli.app, name="audit")
 app.add_typer(report_cli.app, name="report")
+app.add_typer(agent_cli.app, name="agent")
 app.command("sim")(sim_cli.sim)
 app.command("drift")(drift_cli.drift)
 app.command("alerts")(drift_cli.alerts)

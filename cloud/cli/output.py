@@ -220,12 +220,14 @@ def device_json(d: Device) -> dict[str, Any]:
         "capabilities": _fields(d.capabilities),
         "reported": _fields(d.reported),
         "desired_generation": d.desired_generation,
+        "agent_version": d.agent_version,
     }
 
 
 def print_devices(devices: Sequence[Device]) -> None:
     t = Table(box=None, pad_edge=False)
-    for col in ("DEVICE", "GROUP", "TAGS", "ONLINE", "STATE", "ACTIVE", "ACCEL", "LAST SEEN"):
+    cols = ("DEVICE", "GROUP", "TAGS", "ONLINE", "STATE", "ACTIVE", "ACCEL", "AGENT", "LAST SEEN")
+    for col in cols:
         t.add_column(col)
     for d in devices:
         t.add_row(
@@ -236,6 +238,7 @@ def print_devices(devices: Sequence[Device]) -> None:
             d.state,
             _active_ref(d.active),
             str(d.capabilities.accelerator) if d.capabilities else "-",
+            d.agent_version or "-",
             d.last_seen.strftime("%Y-%m-%d %H:%M:%S") if d.last_seen else "never",
         )
     out.print(t)
@@ -251,6 +254,7 @@ def print_device(d: Device) -> None:
     seen = d.last_seen.strftime("%Y-%m-%d %H:%M:%S") if d.last_seen else "never"
     out.print(f"  last seen:  {seen}")
     out.print(f"  active:     {_active_ref(d.active)}")
+    out.print(f"  agent:      {d.agent_version or '-'}")
     line = f"  state:      {d.state}"
     if rep:
         line += f" (generation {rep.generation}, reason {rep.reason})"

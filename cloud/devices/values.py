@@ -55,6 +55,10 @@ class ReasonCode(StrEnum):
     OFFLINE_INSTALL = "offline_install"
     DELTA_NO_BASE = "delta_no_base"
     DELTA_FAILED = "delta_failed"
+    AGENT_INSTALL_FAILED = "agent_install_failed"
+    AGENT_CHECK_FAILED = "agent_check_failed"
+    AGENT_UNHEALTHY = "agent_unhealthy"
+    AGENT_PLATFORM = "agent_platform"
 
 
 class Accelerator(StrEnum):

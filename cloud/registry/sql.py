@@ -26,7 +26,7 @@ from edgefleet.cloud.registry.entities import (
 from edgefleet.cloud.registry.store import RegistryStore
 from edgefleet.cloud.registry.tables import ModelRow, VariantRow, VersionRow
 from edgefleet.protos.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
-from edgefleet.protos.manifest import RUNTIMES, TensorSpec
+from edgefleet.protos.manifest import AGENT_KIND, RUNTIMES, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def _check_variant_names(variants: Sequence[NewVariant]) -> None:
             raise InvalidArgument(
                 f"variant name {v.name!r}: use 1-32 lowercase letters, digits, '.', '_' or '-'"
             )
-        if v.runtime not in RUNTIMES:
+        if v.runtime not in RUNTIMES and v.runtime != AGENT_KIND:  # agent releases: no runtime
             raise InvalidArgument(
                 f"variant {v.name!r}: runtime {v.runtime!r} unknown; accepted: {', '.join(RUNTIMES)}"
             )

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from edgefleet.cloud.agent_releases import is_agent_release
 from edgefleet.cloud.devices import Device, Selector
 from edgefleet.cloud.devices.values import UpdateState
 from edgefleet.cloud.registry import ModelRef
@@ -348,7 +349,13 @@ class RolloutController:
             return
         if st.state == StageState.BAKING:
             devs = await self._refresh(r, devs, "shadow", since=st.started_at)
-            q = g.quality_gates(p, devs)
+            # an agent release has no shadow samples: it is judged by its install gates
+            # (installed beside the running agent and checked), then bakes
+            q = (
+                g.quality_gates(p, devs)
+                if not is_agent_release(r.model)
+                else g.Quality([], True, 0)
+            )
             st = st.with_changes(by_state=_by_state(devs), samples=q.samples)
             if now - st.bake_started_at < p.bake_s or (
                 not q.enough and now - st.bake_started_at < p.bake_s + p.stage_timeout_s
@@ -374,6 +381,13 @@ class RolloutController:
             if not all(_settled(d) or d.device_id in waiting for d in issued):
                 await self._save(r.with_stage(i, st))
                 return
+            if is_agent_release(r.model) and issued:
+                # a new agent that was not healthy after its switch (the device went back
+                # to its old agent by itself) counts against the stage like an install
+                switched = g.install_gates(p, issued)
+                if not all(x.ok for x in switched):
+                    await self._fail(r, st.with_changes(gates=tuple(switched)))
+                    return
             st = st.with_changes(state=StageState.DONE, finished_at=now)
             r = r.with_stage(i, st)
             if i + 1 >= len(r.stages):
@@ -439,6 +453,21 @@ class RolloutController:
         """Tell each device to serve what it served before the rollout (no download)."""
         manifests: dict[str, tuple[bytes, str]] = {}
         cache: dict[tuple[str, int, str], tuple[bytes, str]] = {}
+        if is_agent_release(r.model) and devs:
+            # the device undoes the release it was given: drops the staged install, or
+            # switches back to the agent it ran before (kept installed); no download
+            mv = await self.fleet.get_version(ModelRef(r.model, r.version))
+            by_name = {v.name: v for v in mv.variants}
+            await self._issue(
+                r,
+                devs,
+                "rollback",
+                phase=DevicePhase.ROLLED_BACK,
+                manifests={
+                    d.device_id: (by_name[d.variant].signed_manifest, d.sha256) for d in devs
+                },
+            )
+            return
         for d in devs:
             prev = d.previous
             if prev is None:

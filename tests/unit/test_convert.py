@@ -205,7 +205,7 @@ def test_device_values_round_trip(caps: Capabilities, rep: Reported) -> None:
         enrolled_at=st.just(datetime.fromtimestamp(0, UTC)),  # not carried: the epoch comes back
         online=st.booleans(),
         last_seen=st.none() | WHEN,
-        agent_version=st.just(""),  # not carried
+        agent_version=NAME,
         capabilities=st.none() | capabilities,
         active=st.none() | served,
         reported=st.none() | reports,

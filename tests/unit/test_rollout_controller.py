@@ -25,7 +25,7 @@ from edgefleet.cloud.rollouts.controller import OFFLINE, RolloutController
 from edgefleet.cloud.rollouts.fleet import RolloutFleet
 from edgefleet.cloud.rollouts.model import DevicePhase, RolloutState, StageState
 from edgefleet.protos.errors import Conflict
-from tests.support.fake_fleet import GOOD_SHADOW, Clock, FakeFleet
+from tests.support.fake_fleet import GOOD_SHADOW, OK, Clock, FakeFleet
 
 IDS = [f"dev-{i}" for i in range(8)]
 #: canary 2 of 8, then 4, then all; agreement gate on shadow samples
@@ -457,5 +457,49 @@ def test_revoked_devices_are_left_out(world: World) -> None:
             assert (rows[d].phase, rows[d].reason) == (DevicePhase.SKIPPED, "revoked")
             assert not w.fleet.issued(d)
         assert all(w.fleet.serving(d) == 2 for d in IDS if d not in gone)
+
+    run(go())
+
+
+def test_agent_release_is_judged_by_install_gates_and_an_unhealthy_switch_stops_it(
+    world: World,
+) -> None:
+    """An agent release (cloud/agent_releases): no shadow samples to judge, so the quality
+    gates do not hold it; a canary device whose new agent was unhealthy after the switch
+    (it went back to its old agent) fails the stage; the rollback undoes the release."""
+    from edgefleet.cloud.agent_releases import AGENT_MODEL
+
+    w = world
+
+    async def go() -> None:
+        w.fleet.add_version(AGENT_MODEL, 1)
+        release = w.fleet.versions[(AGENT_MODEL, 1)].variants[0].sha256
+        c = w.controller()
+        group = Selector("group", groups=("lab",))
+        r, _devs = await c.create(ModelRef(AGENT_MODEL, 1), group, GATED)
+        rid = r.rollout_id
+        canary = stage_devices(w, rid, 0)
+        for d in canary:
+            w.fleet.devices[d].shadow = {}  # an agent release sends no shadow samples
+        w.fleet.devices[canary[0]].answers["activate"] = "failed"
+        w.fleet.devices[canary[0]].reason = "agent_unhealthy"
+        r = await drive(w, c, rid, lambda r: r.state in (RolloutState.ROLLED_BACK, RolloutState.DONE, RolloutState.PAUSED))
+        assert r.state == RolloutState.ROLLED_BACK, r
+        assert r.stages[0].state == StageState.FAILED and "agent_unhealthy" in r.reason, r.reason
+        for d in canary:
+            assert [i.action for i in w.fleet.issued(d)] == ["shadow", "activate", "rollback"]
+            assert w.fleet.issued(d, "rollback")[0].sha256 == release  # the release undone
+        assert not any(w.fleet.issued(d) for d in IDS if d not in canary)
+
+        # a healthy release goes through every stage the same way, without shadow samples
+        w.fleet.add_version(AGENT_MODEL, 2)
+        for d in IDS:
+            w.fleet.devices[d].shadow = {}
+            w.fleet.devices[d].answers = dict(OK)
+        r, _devs = await c.create(ModelRef(AGENT_MODEL, 2), group, GATED)
+        r = await drive(w, c, r.rollout_id, lambda r: r.state in (RolloutState.ROLLED_BACK, RolloutState.DONE, RolloutState.PAUSED))
+        assert r.state == RolloutState.DONE, r
+        assert all(s.state == StageState.DONE for s in r.stages)
+        assert {x.phase for x in w.rows(r.rollout_id).values()} == {DevicePhase.ACTIVE}
 
     run(go())

@@ -93,6 +93,14 @@ class _ReasonCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasonCode
     """a delta was offered for a base this device does not hold: full download"""
     REASON_CODE_DELTA_FAILED: _ReasonCode.ValueType  # 19
     """the delta did not rebuild the signed artifact: full download"""
+    REASON_CODE_AGENT_INSTALL_FAILED: _ReasonCode.ValueType  # 20
+    """an agent release could not be installed beside the running one"""
+    REASON_CODE_AGENT_CHECK_FAILED: _ReasonCode.ValueType  # 21
+    """the installed agent release failed its pre-switch check"""
+    REASON_CODE_AGENT_UNHEALTHY: _ReasonCode.ValueType  # 22
+    """switched, not healthy within the deadline: back on the old agent"""
+    REASON_CODE_AGENT_PLATFORM: _ReasonCode.ValueType  # 23
+    """the agent release is for another platform"""
 
 class ReasonCode(_ReasonCode, metaclass=_ReasonCodeEnumTypeWrapper):
     """Why a device is in its state. Stable codes, for gates and operators."""
@@ -124,6 +132,14 @@ REASON_CODE_DELTA_NO_BASE: ReasonCode.ValueType  # 18
 """a delta was offered for a base this device does not hold: full download"""
 REASON_CODE_DELTA_FAILED: ReasonCode.ValueType  # 19
 """the delta did not rebuild the signed artifact: full download"""
+REASON_CODE_AGENT_INSTALL_FAILED: ReasonCode.ValueType  # 20
+"""an agent release could not be installed beside the running one"""
+REASON_CODE_AGENT_CHECK_FAILED: ReasonCode.ValueType  # 21
+"""the installed agent release failed its pre-switch check"""
+REASON_CODE_AGENT_UNHEALTHY: ReasonCode.ValueType  # 22
+"""switched, not healthy within the deadline: back on the old agent"""
+REASON_CODE_AGENT_PLATFORM: ReasonCode.ValueType  # 23
+"""the agent release is for another platform"""
 Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
 
 @_typing.final

@@ -647,11 +647,14 @@ class DeviceInfo(_message.Message):
     ACTIVE_FIELD_NUMBER: _builtins.int
     REPORTED_FIELD_NUMBER: _builtins.int
     DESIRED_GENERATION_FIELD_NUMBER: _builtins.int
+    AGENT_VERSION_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     group: _builtins.str
     online: _builtins.bool
     last_seen_ms: _builtins.int
     desired_generation: _builtins.int
+    agent_version: _builtins.str
+    """from the device's last birth message"""
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -672,10 +675,11 @@ class DeviceInfo(_message.Message):
         active: _device_pb2.ModelRef | None = ...,
         reported: _device_pb2.ReportedState | None = ...,
         desired_generation: _builtins.int = ...,
+        agent_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "capabilities", b"capabilities", "reported", b"reported"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "capabilities", b"capabilities", "desired_generation", b"desired_generation", "device_id", b"device_id", "group", b"group", "last_seen_ms", b"last_seen_ms", "online", b"online", "reported", b"reported", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "agent_version", b"agent_version", "capabilities", b"capabilities", "desired_generation", b"desired_generation", "device_id", b"device_id", "group", b"group", "last_seen_ms", b"last_seen_ms", "online", b"online", "reported", b"reported", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

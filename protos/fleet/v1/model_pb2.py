@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%edgefleet/protos/fleet/v1/model.proto\x12\x08\x66leet.v1\"I\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0f.fleet.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"f\n\x0cGoldenSample\x12\r\n\x05input\x18\x01 \x01(\x0c\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12\x0e\n\x06output\x18\x03 \x01(\x0c\x12\x14\n\x0coutput_shape\x18\x04 \x03(\x03\x12\x0c\n\x04\x61tol\x18\x05 \x01(\x02\"\xad\x03\n\rModelManifest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\"\n\x07runtime\x18\x04 \x01(\x0e\x32\x11.fleet.v1.Runtime\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0c\n\x04size\x18\x06 \x01(\x04\x12$\n\x06inputs\x18\x07 \x03(\x0b\x32\x14.fleet.v1.TensorSpec\x12%\n\x07outputs\x18\x08 \x03(\x0b\x32\x14.fleet.v1.TensorSpec\x12\x15\n\rcreated_at_ms\x18\t \x01(\x03\x12\x33\n\x06labels\x18\n \x03(\x0b\x32#.fleet.v1.ModelManifest.LabelsEntry\x12&\n\x06golden\x18\x0b \x01(\x0b\x32\x16.fleet.v1.GoldenSample\x12\x10\n\x08requires\x18\x0c \x03(\t\x12\'\n\x05\x64rift\x18\r \x01(\x0b\x32\x18.fleet.v1.DriftReference\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x0c\x44riftFeature\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65\x64ges\x18\x02 \x03(\x01\x12\x13\n\x0bproportions\x18\x03 \x03(\x01\"n\n\x0e\x44riftReference\x12\x0e\n\x06scheme\x18\x01 \x01(\r\x12&\n\x06inputs\x18\x02 \x03(\x0b\x32\x16.fleet.v1.DriftFeature\x12\x13\n\x0bpredictions\x18\x03 \x03(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x04\"E\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t*\x87\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06*O\n\x07Runtime\x12\x17\n\x13RUNTIME_UNSPECIFIED\x10\x00\x12\x17\n\x13RUNTIME_ONNXRUNTIME\x10\x01\x12\x12\n\x0eRUNTIME_LITERT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%edgefleet/protos/fleet/v1/model.proto\x12\x08\x66leet.v1\"I\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0f.fleet.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"f\n\x0cGoldenSample\x12\r\n\x05input\x18\x01 \x01(\x0c\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12\x0e\n\x06output\x18\x03 \x01(\x0c\x12\x14\n\x0coutput_shape\x18\x04 \x03(\x03\x12\x0c\n\x04\x61tol\x18\x05 \x01(\x02\"\xbb\x03\n\rModelManifest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\"\n\x07runtime\x18\x04 \x01(\x0e\x32\x11.fleet.v1.Runtime\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0c\n\x04size\x18\x06 \x01(\x04\x12$\n\x06inputs\x18\x07 \x03(\x0b\x32\x14.fleet.v1.TensorSpec\x12%\n\x07outputs\x18\x08 \x03(\x0b\x32\x14.fleet.v1.TensorSpec\x12\x15\n\rcreated_at_ms\x18\t \x01(\x03\x12\x33\n\x06labels\x18\n \x03(\x0b\x32#.fleet.v1.ModelManifest.LabelsEntry\x12&\n\x06golden\x18\x0b \x01(\x0b\x32\x16.fleet.v1.GoldenSample\x12\x10\n\x08requires\x18\x0c \x03(\t\x12\'\n\x05\x64rift\x18\r \x01(\x0b\x32\x18.fleet.v1.DriftReference\x12\x0c\n\x04kind\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x0c\x44riftFeature\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65\x64ges\x18\x02 \x03(\x01\x12\x13\n\x0bproportions\x18\x03 \x03(\x01\"n\n\x0e\x44riftReference\x12\x0e\n\x06scheme\x18\x01 \x01(\r\x12&\n\x06inputs\x18\x02 \x03(\x0b\x32\x16.fleet.v1.DriftFeature\x12\x13\n\x0bpredictions\x18\x03 \x03(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x04\"E\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t*\x87\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06*O\n\x07Runtime\x12\x17\n\x13RUNTIME_UNSPECIFIED\x10\x00\x12\x17\n\x13RUNTIME_ONNXRUNTIME\x10\x01\x12\x12\n\x0eRUNTIME_LITERT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELMANIFEST_LABELSENTRY']._loaded_options = None
   _globals['_MODELMANIFEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=912
-  _globals['_DTYPE']._serialized_end=1047
-  _globals['_RUNTIME']._serialized_start=1049
-  _globals['_RUNTIME']._serialized_end=1128
+  _globals['_DTYPE']._serialized_start=926
+  _globals['_DTYPE']._serialized_end=1061
+  _globals['_RUNTIME']._serialized_start=1063
+  _globals['_RUNTIME']._serialized_end=1142
   _globals['_TENSORSPEC']._serialized_start=51
   _globals['_TENSORSPEC']._serialized_end=124
   _globals['_GOLDENSAMPLE']._serialized_start=126
   _globals['_GOLDENSAMPLE']._serialized_end=228
   _globals['_MODELMANIFEST']._serialized_start=231
-  _globals['_MODELMANIFEST']._serialized_end=660
-  _globals['_MODELMANIFEST_LABELSENTRY']._serialized_start=615
-  _globals['_MODELMANIFEST_LABELSENTRY']._serialized_end=660
-  _globals['_DRIFTFEATURE']._serialized_start=662
-  _globals['_DRIFTFEATURE']._serialized_end=726
-  _globals['_DRIFTREFERENCE']._serialized_start=728
-  _globals['_DRIFTREFERENCE']._serialized_end=838
-  _globals['_SIGNEDMANIFEST']._serialized_start=840
-  _globals['_SIGNEDMANIFEST']._serialized_end=909
+  _globals['_MODELMANIFEST']._serialized_end=674
+  _globals['_MODELMANIFEST_LABELSENTRY']._serialized_start=629
+  _globals['_MODELMANIFEST_LABELSENTRY']._serialized_end=674
+  _globals['_DRIFTFEATURE']._serialized_start=676
+  _globals['_DRIFTFEATURE']._serialized_end=740
+  _globals['_DRIFTREFERENCE']._serialized_start=742
+  _globals['_DRIFTREFERENCE']._serialized_end=852
+  _globals['_SIGNEDMANIFEST']._serialized_start=854
+  _globals['_SIGNEDMANIFEST']._serialized_end=923
 # @@protoc_insertion_point(module_scope)

@@ -170,6 +170,7 @@ class ModelManifest(_message.Message):
     GOLDEN_FIELD_NUMBER: _builtins.int
     REQUIRES_FIELD_NUMBER: _builtins.int
     DRIFT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     variant: _builtins.str
@@ -181,6 +182,12 @@ class ModelManifest(_message.Message):
     """bytes"""
     created_at_ms: _builtins.int
     """unix epoch milliseconds"""
+    kind: _builtins.str
+    """What the artifact is: "" (a model variant, as above) or "agent" (an agent release:
+    an uncompressed tar of the agent's wheels for one platform, docs/agent.md). An
+    agent release has runtime RUNTIME_UNSPECIFIED, no tensors, variant = the platform
+    (uname -m) and labels["agent_version"] = the version its agent wheel reports.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -218,10 +225,11 @@ class ModelManifest(_message.Message):
         golden: Global___GoldenSample | None = ...,
         requires: _abc.Iterable[_builtins.str] | None = ...,
         drift: Global___DriftReference | None = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["drift", b"drift", "golden", b"golden"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "drift", b"drift", "golden", b"golden", "inputs", b"inputs", "labels", b"labels", "model", b"model", "outputs", b"outputs", "requires", b"requires", "runtime", b"runtime", "sha256", b"sha256", "size", b"size", "variant", b"variant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "drift", b"drift", "golden", b"golden", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "model", b"model", "outputs", b"outputs", "requires", b"requires", "runtime", b"runtime", "sha256", b"sha256", "size", b"size", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
