@@ -20,7 +20,7 @@ from edgefleet.cloud.replicas import (
     require_postgres,
 )
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore, Stage
-from edgefleet.cloud.rollouts.model import CANARY
+from edgefleet.cloud.rollouts.model import RolloutState
 from edgefleet.protos.errors import Conflict, InvalidArgument
 from tests.contract.conftest import fresh_database
 
@@ -156,8 +156,8 @@ def test_the_fencing_token_refuses_a_stale_leaders_writes(db: Database) -> None:
         old = RolloutStore(db)
         old.fence = a.fence(lambda: fenced.append(True)).check
         r = old.get(rid)
-        r = old.save(r.with_changes(state=CANARY))  # a leads: its write lands
-        assert r.state == CANARY and not fenced
+        r = old.save(r.with_changes(state=RolloutState.CANARY))  # a leads: its write lands
+        assert r.state == RolloutState.CANARY and not fenced
         a._drop()  # a is paused/cut off; b takes over
         assert b.try_acquire() == 2
         new = RolloutStore(db)
@@ -240,7 +240,9 @@ def test_replicas_write_a_rollout_only_from_its_latest_state(db: Database) -> No
     leader, api = RolloutStore(db), RolloutStore(db)
     leader.optimistic = api.optimistic = True
     seen = leader.get(rid)
-    moved = api.save(api.get(rid).with_changes(state=CANARY))  # another replica's write
+    moved = api.save(
+        api.get(rid).with_changes(state=RolloutState.CANARY)
+    )  # another replica's write
     with pytest.raises(Conflict, match=r"changed meanwhile \(now canary\)"):
         leader.save(seen.with_changes(reason="from a stale read"))
     assert store.get(rid).reason == ""

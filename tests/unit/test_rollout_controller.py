@@ -483,7 +483,12 @@ def test_agent_release_is_judged_by_install_gates_and_an_unhealthy_switch_stops_
             w.fleet.devices[d].shadow = {}  # an agent release sends no shadow samples
         w.fleet.devices[canary[0]].answers["activate"] = "failed"
         w.fleet.devices[canary[0]].reason = "agent_unhealthy"
-        r = await drive(w, c, rid, lambda r: r.state in (RolloutState.ROLLED_BACK, RolloutState.DONE, RolloutState.PAUSED))
+        r = await drive(
+            w,
+            c,
+            rid,
+            lambda r: r.state in (RolloutState.ROLLED_BACK, RolloutState.DONE, RolloutState.PAUSED),
+        )
         assert r.state == RolloutState.ROLLED_BACK, r
         assert r.stages[0].state == StageState.FAILED and "agent_unhealthy" in r.reason, r.reason
         for d in canary:
@@ -497,7 +502,12 @@ def test_agent_release_is_judged_by_install_gates_and_an_unhealthy_switch_stops_
             w.fleet.devices[d].shadow = {}
             w.fleet.devices[d].answers = dict(OK)
         r, _devs = await c.create(ModelRef(AGENT_MODEL, 2), group, GATED)
-        r = await drive(w, c, r.rollout_id, lambda r: r.state in (RolloutState.ROLLED_BACK, RolloutState.DONE, RolloutState.PAUSED))
+        r = await drive(
+            w,
+            c,
+            r.rollout_id,
+            lambda r: r.state in (RolloutState.ROLLED_BACK, RolloutState.DONE, RolloutState.PAUSED),
+        )
         assert r.state == RolloutState.DONE, r
         assert all(s.state == StageState.DONE for s in r.stages)
         assert {x.phase for x in w.rows(r.rollout_id).values()} == {DevicePhase.ACTIVE}
