@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from edgefleet.cloud.devices import DeviceStore
+from edgefleet.cloud.devices.values import ServedModel
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore, Stage
 from edgefleet.protos.errors import AlreadyExists, Conflict, NotFound
 
@@ -34,7 +35,7 @@ def _rollout(rid: str = "r1", state: str = "pending") -> Rollout:
 
 
 def _devices(rid: str = "r1") -> list[RolloutDevice]:
-    prev = {"model": "digits", "version": 1, "variant": "fp32", "sha256": "a" * 64}
+    prev = ServedModel("digits", 1, "fp32", "a" * 64)
     return [
         RolloutDevice(rid, "d1", 0, "fp32", "b" * 64, prev),
         RolloutDevice(rid, "d2", 1, "fp32", "b" * 64, None),
