@@ -170,7 +170,7 @@ def test_the_fencing_token_refuses_a_stale_leaders_writes(db: Database) -> None:
             old.issue(rid, ["d1"], "shadow", lambda d, g: b"x", phase="shadow")
         assert fenced == [True, True, True]
         assert store.get(rid).reason == ""  # nothing of the stale leader landed
-        assert store.devices(rid)[0].state == ""
+        assert store.devices(rid)[0].state is None  # no reported state landed
         new.save(r.with_changes(reason="new leader"))  # the new term writes
         assert store.get(rid).reason == "new leader"
     finally:

@@ -184,7 +184,10 @@ def test_every_protobuf_enum_number_has_a_value_and_unknown_ones_are_refused() -
     assert {convert.reason_to_pb(r) for r in ReasonCode} == set(device_pb2.ReasonCode.values())
     with pytest.raises(InvalidArgument, match="update state 99 unknown; accepted: 0..9"):
         convert.update_state_from_pb(99)
-    with pytest.raises(InvalidArgument, match="reason code 1234 unknown; accepted: 0..17"):
+    with pytest.raises(
+        InvalidArgument,
+        match=f"reason code 1234 unknown; accepted: 0..{max(device_pb2.ReasonCode.values())}",
+    ):
         convert.reason_from_pb(1234)
     with pytest.raises(InvalidArgument, match="accelerator 'quantum' unknown; accepted: cpu"):
         convert.capabilities_from_pb(device_pb2.Capabilities(accelerator="quantum"))

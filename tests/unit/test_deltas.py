@@ -213,6 +213,14 @@ def test_offers_go_to_delta_capable_devices_on_their_active_or_last_known_good(
 
     from edgefleet.cloud.deltas.offers import plan_offers
     from edgefleet.cloud.devices import Device
+    from edgefleet.cloud.devices.values import (
+        Accelerator,
+        Capabilities,
+        ReasonCode,
+        Reported,
+        ServedModel,
+        UpdateState,
+    )
 
     store = LocalArtifactStore(str(tmp_path / "artifacts"))
     records = DeltaStore(f"sqlite:///{tmp_path / 'fleet.db'}")
@@ -233,9 +241,24 @@ def test_offers_go_to_delta_capable_devices_on_their_active_or_last_known_good(
             online=True,
             last_seen=None,
             agent_version="0.1.0",
-            capabilities={"features": list(features)},
-            active={"sha256": active} if active else {},
-            reported={"last_known_good": {"sha256": lkg}} if lkg else {},
+            capabilities=Capabilities(
+                machine="x86_64",
+                runtimes=("onnxruntime",),
+                providers=("CPUExecutionProvider",),
+                accelerator=Accelerator.CPU,
+                memory_mb=512,
+                features=features,
+            ),
+            active=ServedModel("m", 1, "fp32", active) if active else None,
+            reported=Reported(
+                device_id=name,
+                generation=1,
+                state=UpdateState.ACTIVE,
+                reason=ReasonCode.OK,
+                last_known_good=ServedModel("m", 1, "fp32", lkg),
+            )
+            if lkg
+            else None,
             desired_generation=0,
             rollout_id="",
         )
