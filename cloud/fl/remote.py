@@ -15,7 +15,7 @@ from edgefleet.protos.fleet.v1 import federated_pb2, federated_pb2_grpc
 class FederatedClient:
     def __init__(self, client: GrpcClient) -> None:
         self.client = client
-        self._stub = federated_pb2_grpc.FederatedServiceStub(client._channel)
+        self._stub = federated_pb2_grpc.FederatedServiceStub(client.channel)
 
     def start(self, req: RunRequest, on_update: Callable[[FlRun], None]) -> FlRun:
         return self._follow(self._stub.StartRun, request_to_pb(req), on_update)
