@@ -34,7 +34,6 @@ from edgefleet.cloud.services.values import (
     InitResult,
 )
 from edgefleet.cloud.services.wiring import Services
-from edgefleet.cloud.variants import DEFAULT_MAX_DROP
 from edgefleet.protos.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -183,10 +182,11 @@ class LocalClient:
         ref: ModelRef,
         variants: Sequence[str],
         *,
-        max_drop: float = DEFAULT_MAX_DROP,
+        max_drop: float | None = None,
         force: bool = False,
         progress: QuantizeProgress = _no_progress,
     ) -> ModelVersion:
+        """`max_drop` None: the pipeline's default gate (`cloud.variants.DEFAULT_MAX_DROP`)."""
         return self.app.quantize(ref, variants, max_drop=max_drop, force=force, progress=progress)
 
     @_audited

@@ -27,8 +27,6 @@ from edgefleet.cloud.api.convert import (
     summary_from_pb,
     version_from_pb,
 )
-from edgefleet.cloud.drift.convert import alert_from_pb, drift_from_pb
-from edgefleet.cloud.pipeline import VerifyResult
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.services.api import QuantizeProgress
 from edgefleet.cloud.services.values import EnrollmentBundle, EpochProgress, EpochStat, FleetStatus
@@ -212,6 +210,8 @@ class GrpcClient:
         return version_from_pb(resp.version), list(resp.archived)
 
     def verify(self, ref: ModelRef) -> tuple[ModelVersion, list[VerifyResult]]:
+        from edgefleet.cloud.pipeline import VerifyResult  # numpy, the quantizers
+
         resp = self.call(self._stub.Verify, fleet_pb2.GetVersionRequest(ref=str(ref)))
         return version_from_pb(resp.version), [
             VerifyResult(variant=r.artifact, ok=r.ok, detail=r.detail) for r in resp.results
@@ -316,10 +316,14 @@ class GrpcClient:
     # -- drift
 
     def drift(self, *, by: str, model: str | None) -> list[DriftRow]:
+        from edgefleet.cloud.drift.convert import drift_from_pb  # numpy
+
         resp = self.call(self._stub.GetDrift, fleet_pb2.GetDriftRequest(model=model or "", by=by))
         return [drift_from_pb(r) for r in resp.rows]
 
     def alerts(self, *, include_resolved: bool) -> list[Alert]:
+        from edgefleet.cloud.drift.convert import alert_from_pb  # numpy
+
         resp = self.call(self._stub.ListAlerts, fleet_pb2.ListAlertsRequest(all=include_resolved))
         return [alert_from_pb(a) for a in resp.alerts]
 

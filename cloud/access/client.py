@@ -18,7 +18,7 @@ from edgefleet.cloud.access.convert import entry_from_pb, token_from_pb
 from edgefleet.cloud.access.model import ADMIN, AuditEntry, AuditFilter, Token
 from edgefleet.cloud.access.store import AccessStore, SqlAccessStore
 from edgefleet.protos.errors import FleetError
-from edgefleet.protos.fleet.v1 import access_pb2, access_pb2_grpc
+from edgefleet.protos.fleet.v1 import access_pb2
 
 if TYPE_CHECKING:
     from edgefleet.cloud.remote import GrpcClient
@@ -156,6 +156,8 @@ class GrpcAccess:
     """AccessService of a running `fleet serve`, over a GrpcClient's channel and token."""
 
     def __init__(self, client: GrpcClient) -> None:
+        from edgefleet.protos.fleet.v1 import access_pb2_grpc  # grpc: only with a coordinator
+
         self.client = client
         self._stub = access_pb2_grpc.AccessServiceStub(client.channel)
 

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -44,6 +44,12 @@ from edgefleet.cloud.quiet import quiet_third_party
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.signing import is_encrypted
 from edgefleet.protos.errors import FleetError, InvalidArgument
+
+if TYPE_CHECKING:
+    from edgefleet.cloud.devices import Selector
+    from edgefleet.cloud.registry import ModelRef
+    from edgefleet.cloud.rollouts import Policy
+    from edgefleet.cloud.services import EpochProgress
 
 app = typer.Typer(
     name="fleet",
@@ -282,7 +288,7 @@ def train(
     ) as bar:
         task = bar.add_task(f"{model} ({arch})", total=epochs, loss="-", acc="-")
 
-        def on_epoch(stat: Any) -> None:
+        def on_epoch(stat: EpochProgress) -> None:
             bar.update(
                 task,
                 completed=stat.epoch,
@@ -715,7 +721,9 @@ def deploy(
     _all_at_once(ctx, parsed, selector, timeout=timeout, as_json=as_json)
 
 
-def _dry_run(ctx: typer.Context, ref: Any, selector: Any, policy: Any, as_json: bool) -> None:
+def _dry_run(
+    ctx: typer.Context, ref: ModelRef, selector: Selector, policy: Policy | None, as_json: bool
+) -> None:
     from edgefleet.cloud.cli.rollout_view import print_rollout, rollout_json
     from edgefleet.cloud.config import ServeInfo
 
@@ -735,7 +743,13 @@ def _dry_run(ctx: typer.Context, ref: Any, selector: Any, policy: Any, as_json: 
 
 
 def _dry_run_sim(
-    ctx: typer.Context, ref: Any, selector: Any, policy: Any, n: int, profile: str, as_json: bool
+    ctx: typer.Context,
+    ref: ModelRef,
+    selector: Selector,
+    policy: Policy | None,
+    n: int,
+    profile: str,
+    as_json: bool,
 ) -> None:
     from edgefleet.cloud.rollouts import Policy
     from edgefleet.simulator.dryrun import print_simulation, simulate
@@ -756,7 +770,13 @@ def _dry_run_sim(
 
 
 def _staged(
-    ctx: typer.Context, ref: Any, selector: Any, policy: Any, *, watch: bool, as_json: bool
+    ctx: typer.Context,
+    ref: ModelRef,
+    selector: Selector,
+    policy: Policy,
+    *,
+    watch: bool,
+    as_json: bool,
 ) -> None:
     from edgefleet.cloud.cli.rollout_view import outcome_code, print_rollout, rollout_json
 
@@ -781,7 +801,7 @@ def _staged(
 
 
 def _all_at_once(
-    ctx: typer.Context, parsed: Any, selector: Any, *, timeout: float, as_json: bool
+    ctx: typer.Context, parsed: ModelRef, selector: Selector, *, timeout: float, as_json: bool
 ) -> None:
     """A plain deploy: a one-stage rollout (`Policy.all_at_once`), stored and listed like
     any other; devices offline now are named at once and update when they reconnect."""

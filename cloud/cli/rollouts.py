@@ -13,6 +13,7 @@ from edgefleet.protos.errors import FleetError
 
 if TYPE_CHECKING:
     from edgefleet.cloud.rollouts import Rollout
+    from edgefleet.cloud.services import FleetClient
 
 app = typer.Typer(
     help="Staged rollouts: progress per stage and gate, and control by hand.",
@@ -23,7 +24,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 IdArg = Annotated[str, typer.Argument(metavar="ID", help="Rollout id (fleet rollouts ls).")]
 
 
-def _reader(ctx: typer.Context) -> Any:
+def _reader(ctx: typer.Context) -> FleetClient:
     """The coordinator when one runs (or --coordinator), else the database in-process."""
     from edgefleet.cloud.config import ServeInfo
 
@@ -60,7 +61,7 @@ def show(ctx: typer.Context, rollout_id: IdArg, as_json: JsonOpt = False) -> Non
         print_rollout(out, r, devices)
 
 
-def watch_until_outcome(client: Any, rollout_id: str) -> Rollout:
+def watch_until_outcome(client: FleetClient, rollout_id: str) -> Rollout:
     """Draw the rollout live on stderr until it is final or paused; return it."""
     from rich.live import Live
 

@@ -17,15 +17,12 @@ from typing import TYPE_CHECKING
 
 import edgefleet
 from edgefleet.cloud.config import DEFAULT_MQTT_PORT, ServeInfo
-from edgefleet.cloud.coordinator import plan_deploy
 from edgefleet.cloud.devices import Device, DeviceFilter, Selector
-from edgefleet.cloud.drift.monitor import check_by, parse_model
 from edgefleet.cloud.identity import DeviceCredential
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.replicas import ReplicaInfo
 from edgefleet.cloud.replicas.registry import ReplicaStore
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice
-from edgefleet.cloud.rollouts.controller import build_rollout
 from edgefleet.cloud.services.api import QuantizeProgress
 from edgefleet.cloud.services.values import EnrollmentBundle, EpochProgress, FleetStatus
 from edgefleet.cloud.services.wiring import Services
@@ -96,13 +93,15 @@ class FleetApp:
         ref: ModelRef,
         variants: Sequence[str],
         *,
-        max_drop: float,
+        max_drop: float | None,
         force: bool,
         progress: QuantizeProgress,
     ) -> ModelVersion:
-        return self.services.pipeline.quantize(
-            ref, variants, max_drop=max_drop, force=force, progress=progress
-        )
+        """`max_drop` None: the pipeline's default accuracy gate."""
+        pipeline = self.services.pipeline
+        if max_drop is None:
+            return pipeline.quantize(ref, variants, force=force, progress=progress)
+        return pipeline.quantize(ref, variants, max_drop=max_drop, force=force, progress=progress)
 
     def import_model(self, path: Path, name: str, *, eval_data: Path | None) -> ModelVersion:
         return self.services.pipeline.import_model(path, name, eval_data=eval_data)
@@ -265,6 +264,9 @@ class FleetApp:
         self, ref: ModelRef, selector: Selector, policy: Policy | None
     ) -> tuple[Rollout, list[RolloutDevice]]:
         """What a rollout would do, planned from the database (a dry run; nothing stored)."""
+        from edgefleet.cloud.coordinator import plan_deploy  # the MQTT side (paho)
+        from edgefleet.cloud.rollouts.controller import build_rollout
+
         plan = plan_deploy(self.services.registry, self.services.devices, ref, selector)
         return build_rollout(
             plan, selector, policy or Policy.all_at_once(), now=time.time(), dry_run=True
@@ -293,6 +295,8 @@ class FleetApp:
 
     def drift(self, *, by: str, model: str | None) -> list[DriftRow]:
         """PSI now, from the telemetry in the database (what `fleet serve` alerts on)."""
+        from edgefleet.cloud.drift.monitor import check_by, parse_model  # numpy
+
         check_by(by)
         name, version = parse_model(model)
         return self.services.drift_monitor.report(by=by, model=name, version=version)

@@ -19,22 +19,19 @@ from edgefleet.cloud.artifacts import ArtifactStore, open_artifact_store
 from edgefleet.cloud.config import CloudSettings
 from edgefleet.cloud.db import Database
 from edgefleet.cloud.devices import DeviceStore
-from edgefleet.cloud.drift import DriftMonitor
-from edgefleet.cloud.drift.alerts import AlertStore
-from edgefleet.cloud.fl.store import FlStore
 from edgefleet.cloud.identity import IdentityStore
 from edgefleet.cloud.keys import KeyRing
-from edgefleet.cloud.pipeline import Pipeline
 from edgefleet.cloud.registry import RegistryStore, open_registry
 from edgefleet.cloud.rollouts import RolloutStore
 from edgefleet.cloud.signing import load_private_key
-from edgefleet.cloud.telemetry.store import TelemetryStore
 from edgefleet.protos.errors import NotFound
 
 if TYPE_CHECKING:
     from edgefleet.cloud.drift import DriftMonitor
+    from edgefleet.cloud.drift.alerts import AlertStore
     from edgefleet.cloud.fl.store import FlStore
     from edgefleet.cloud.pipeline import Pipeline
+    from edgefleet.cloud.telemetry.store import TelemetryStore
 
 
 class Services:
@@ -71,10 +68,14 @@ class Services:
 
     @cached_property
     def telemetry(self) -> TelemetryStore:
+        from edgefleet.cloud.telemetry.store import TelemetryStore  # cloud.telemetry: MQTT
+
         return TelemetryStore(self.database)
 
     @cached_property
     def alerts(self) -> AlertStore:
+        from edgefleet.cloud.drift.alerts import AlertStore  # cloud.drift: numpy
+
         return AlertStore(self.database)
 
     @cached_property
@@ -84,6 +85,8 @@ class Services:
 
     @cached_property
     def fl_store(self) -> FlStore:
+        from edgefleet.cloud.fl.store import FlStore
+
         return FlStore(self.database)
 
     @cached_property
@@ -98,10 +101,14 @@ class Services:
 
     @cached_property
     def pipeline(self) -> Pipeline:
+        from edgefleet.cloud.pipeline import Pipeline  # numpy, the quantizers
+
         return Pipeline(self.registry, self.artifacts, self.signing_key)
 
     @cached_property
     def drift_monitor(self) -> DriftMonitor:
+        from edgefleet.cloud.drift import DriftMonitor  # numpy
+
         s = self.settings
         return DriftMonitor(
             telemetry=self.telemetry,
