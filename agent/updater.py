@@ -62,6 +62,11 @@ class _Download:
     last_report_at: float = 0.0
     #: set while downloading a delta against this installed model (agent/delta.py)
     base: InstalledModel | None = None
+    #: when a chunk last added something (a delta nobody serves is given up on)
+    progress_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.progress_at = self.progress_at or self.last_chunk_at
 
 
 #: A hook for fault injection and link shaping (the simulator's lost, corrupted and slow
@@ -97,6 +102,8 @@ class Updater:
         self.chunk_filter = chunk_filter
         #: agent releases (agent/selfupdate.py); None: this agent cannot update itself
         self.selfupdate = selfupdate
+        #: want intervals without a new delta chunk before the full artifact is fetched
+        self.delta_patience = 10
         self.device_id = device_id
         self.slots = ModelSlots(state_dir)
         self._downloads_dir = state_dir / "downloads"
@@ -302,7 +309,7 @@ class Updater:
             return
         if added:
             now = time.monotonic()
-            dl.last_chunk_at = now
+            dl.last_chunk_at = dl.progress_at = now
             if now - dl.last_report_at >= self.progress_interval and not dl.partial.complete:
                 dl.last_report_at = now
                 await self._report(
@@ -319,6 +326,8 @@ class Updater:
         if dl is None or time.monotonic() - dl.last_chunk_at < self._want_interval:
             return
         dl.last_chunk_at = time.monotonic()
+        if dl.base is not None and await self._delta_stalled(dl):
+            return
         await self._want(dl)
 
     async def on_reconnect(self) -> None:
@@ -543,6 +552,27 @@ class Updater:
             await self._report(gen, UpdateState.DOWNLOADING, Reason.DELTA_FAILED, str(e))
             return False
         await self._begin(_Download(desired, manifest, partial, time.monotonic(), base=base))
+        return True
+
+    async def _delta_stalled(self, dl: _Download) -> bool:
+        """A delta download with no new chunk for `delta_patience` wants: nobody serves
+        it (e.g. its blob left the coordinator's store). Report DELTA_FAILED and fetch
+        the full artifact; True if so."""
+        if time.monotonic() - dl.progress_at < self.delta_patience * self._want_interval:
+            return False
+        async with self._lock:
+            if self._download is not dl:
+                return True
+            await self._abandon_download()
+            dl.partial.discard()
+            await self._report(
+                dl.desired.generation,
+                UpdateState.DOWNLOADING,
+                Reason.DELTA_FAILED,
+                f"no chunk of delta {dl.partial.sha256[:16]}… for {self.delta_patience} "
+                "want intervals; downloading the full artifact",
+            )
+            await self._download_full(dl.desired, dl.manifest)
         return True
 
     async def _complete_delta(self, dl: _Download) -> None:

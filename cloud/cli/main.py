@@ -46,10 +46,12 @@ from edgefleet.cloud.signing import is_encrypted
 from edgefleet.protos.errors import FleetError, InvalidArgument
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from edgefleet.cloud.devices import Selector
-    from edgefleet.cloud.registry import ModelRef
-    from edgefleet.cloud.rollouts import Policy
-    from edgefleet.cloud.services import EpochProgress
+    from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice
+    from edgefleet.cloud.services.api import FleetClient
+    from edgefleet.cloud.services.values import EpochProgress
 
 app = typer.Typer(
     name="fleet",
@@ -850,7 +852,9 @@ def _all_at_once(
         raise typer.Exit(1)
 
 
-def _wire(ctx: typer.Context, client: Any, r: Any, devices: Any) -> str:
+def _wire(
+    ctx: typer.Context, client: FleetClient, r: Rollout, devices: Sequence[RolloutDevice]
+) -> str:
     """Bytes a deploy sends (deltas per base -> target group) vs the full artifacts, from
     the registry database when this CLI reaches it ("" otherwise)."""
     from edgefleet.cloud.deltas import DeltaStore
@@ -868,7 +872,7 @@ def _wire(ctx: typer.Context, client: Any, r: Any, devices: Any) -> str:
             summary = wire_summary(
                 store,
                 [
-                    (str((d.previous or {}).get("sha256", "")), d.sha256, sizes.get(d.sha256, 0))
+                    (d.previous.sha256 if d.previous else "", d.sha256, sizes.get(d.sha256, 0))
                     for d in devices
                 ],
             )

@@ -13,7 +13,7 @@ from edgefleet.protos.errors import FleetError
 
 if TYPE_CHECKING:
     from edgefleet.cloud.rollouts import Rollout
-    from edgefleet.cloud.services import FleetClient
+    from edgefleet.cloud.services.api import FleetClient
 
 app = typer.Typer(
     help="Staged rollouts: progress per stage and gate, and control by hand.",

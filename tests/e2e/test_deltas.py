@@ -130,7 +130,7 @@ def test_every_fallback_ends_on_the_right_verified_model(
 ) -> None:
     """One device per case, all on v1, each offered v2 with a delta that cannot work
     (or arrives tampered) in a desired state the coordinator's key signed."""
-    cases = ["nobase", "wrongbase", "corrupt", "tampered"]
+    cases = ["nobase", "wrongbase", "corrupt", "tampered", "unserved"]
 
     async def main() -> None:
         async with harness(home, broker, tmp_path, cases) as h:
@@ -149,6 +149,8 @@ def test_every_fallback_ends_on_the_right_verified_model(
                 sha = hashlib.sha256(delta).hexdigest()
                 if dev in ("nobase", "tampered"):  # not prepared: loaded from the store on a want
                     store.put(delta)
+                elif dev == "unserved":  # nowhere: the device gives up on it
+                    pass
                 elif not h.coord.broadcaster.known(sha):
                     h.coord.broadcaster.register(sha, delta, CHUNK)
                 payload = encode_desired(
@@ -194,7 +196,9 @@ def test_every_fallback_ends_on_the_right_verified_model(
                         await asyncio.sleep(0.01)
 
                 forger = asyncio.create_task(forge())
-                nobase, wrongbase, bad, tampered = await asyncio.gather(
+                unserved = encode_zstd(store.get(v1), full, level=3)
+                assert unserved != good
+                nobase, wrongbase, bad, tampered, stalled = await asyncio.gather(
                     # a base the device never had
                     offer("nobase", good, base=hashlib.sha256(b"elsewhere").hexdigest()),
                     # a delta built against other bytes, offered for the base it holds
@@ -202,6 +206,8 @@ def test_every_fallback_ends_on_the_right_verified_model(
                     # a corrupted delta whose (signed) digests describe it as it is
                     offer("corrupt", bytes(corrupt)),
                     offer("tampered", good),
+                    # a delta nobody serves (its blob is gone): given up after 10 wants
+                    offer("unserved", unserved),
                 )
                 forger.cancel()
             assert "delta_no_base" in nobase and "delta_failed" not in nobase
@@ -209,5 +215,6 @@ def test_every_fallback_ends_on_the_right_verified_model(
             assert "delta_failed" in bad
             assert "delta_failed" not in tampered and "delta_no_base" not in tampered
             assert "chunk_digest_mismatch" in tampered  # the forged chunk reached it
+            assert "delta_failed" in stalled
 
     run(main())
