@@ -132,7 +132,8 @@ def test_agent_on_aarch64_is_deployed_to_and_predicts_like_x86_64(
         root = unpack(tarball, work / "root")
     share = work / "share"  # mounted at the same path inside the chroot
     share.mkdir()
-    pip_cache = CACHE / "arm64-pip"  # pip's HTTP/wheel cache: downloads are kept, not installs
+    # meant as pip's download cache between runs; pip 23.0 in the chroot has left it empty
+    pip_cache = CACHE / "arm64-pip"
     pip_cache.mkdir(parents=True, exist_ok=True)
     device = Chroot(root, binds=(share, pip_cache), env={"PIP_CACHE_DIR": str(pip_cache)})
     assert _ok(device.run(["uname", "-m"]), "uname -m").strip() == "aarch64"
