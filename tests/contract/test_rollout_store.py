@@ -7,7 +7,9 @@ from collections.abc import Iterator
 import pytest
 
 from edgefleet.cloud.devices import DeviceStore
+from edgefleet.cloud.devices.values import ServedModel
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore, Stage
+from edgefleet.cloud.rollouts.model import RolloutState
 from edgefleet.protos.errors import AlreadyExists, Conflict, NotFound
 
 
@@ -19,7 +21,7 @@ def stores(registry_url: str) -> Iterator[tuple[RolloutStore, DeviceStore]]:
     devices.close()
 
 
-def _rollout(rid: str = "r1", state: str = "pending") -> Rollout:
+def _rollout(rid: str = "r1", state: RolloutState = RolloutState.PENDING) -> Rollout:
     return Rollout(
         rollout_id=rid,
         ref="digits:2",
@@ -34,7 +36,7 @@ def _rollout(rid: str = "r1", state: str = "pending") -> Rollout:
 
 
 def _devices(rid: str = "r1") -> list[RolloutDevice]:
-    prev = {"model": "digits", "version": 1, "variant": "fp32", "sha256": "a" * 64}
+    prev = ServedModel("digits", 1, "fp32", "a" * 64)
     return [
         RolloutDevice(rid, "d1", 0, "fp32", "b" * 64, prev),
         RolloutDevice(rid, "d2", 1, "fp32", "b" * 64, None),
@@ -58,7 +60,7 @@ def test_create_read_and_list(stores: tuple[RolloutStore, DeviceStore]) -> None:
         rollouts.create(_rollout(), [])
     with pytest.raises(NotFound, match="rollout 'nope' not found; 'fleet rollouts ls'"):
         rollouts.get("nope")
-    rollouts.create(_rollout("r2", state="pending"), [])
+    rollouts.create(_rollout("r2", state=RolloutState.PENDING), [])
     assert [r.rollout_id for r in rollouts.find()] == ["r2", "r1"]
 
 
