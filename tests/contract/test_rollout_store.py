@@ -9,6 +9,7 @@ import pytest
 from edgefleet.cloud.devices import DeviceStore
 from edgefleet.cloud.devices.values import ServedModel
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice, RolloutStore, Stage
+from edgefleet.cloud.rollouts.model import RolloutState
 from edgefleet.protos.errors import AlreadyExists, Conflict, NotFound
 
 
@@ -20,7 +21,7 @@ def stores(registry_url: str) -> Iterator[tuple[RolloutStore, DeviceStore]]:
     devices.close()
 
 
-def _rollout(rid: str = "r1", state: str = "pending") -> Rollout:
+def _rollout(rid: str = "r1", state: RolloutState = RolloutState.PENDING) -> Rollout:
     return Rollout(
         rollout_id=rid,
         ref="digits:2",
@@ -59,7 +60,7 @@ def test_create_read_and_list(stores: tuple[RolloutStore, DeviceStore]) -> None:
         rollouts.create(_rollout(), [])
     with pytest.raises(NotFound, match="rollout 'nope' not found; 'fleet rollouts ls'"):
         rollouts.get("nope")
-    rollouts.create(_rollout("r2", state="pending"), [])
+    rollouts.create(_rollout("r2", state=RolloutState.PENDING), [])
     assert [r.rollout_id for r in rollouts.find()] == ["r2", "r1"]
 
 

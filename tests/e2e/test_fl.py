@@ -104,7 +104,7 @@ async def fl_ready(home: Path, fleet: Any, n: int) -> None:
 
         def ready() -> bool:
             devs = store.find(online=True)
-            return sum(1 for d in devs if "fl" in d.capabilities.get("features", ())) >= n
+            return sum(1 for d in devs if d.capabilities and "fl" in d.capabilities.features) >= n
 
         await fleet.wait(ready, timeout=60, what=f"{n} devices online with FL ready")
     finally:

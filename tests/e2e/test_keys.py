@@ -19,7 +19,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.agent import Agent
-from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import config_from_bundle
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
@@ -31,16 +30,8 @@ from edgefleet.protos.keys import sign_key_list
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.transport import MqttTransport
 from tests.conftest import Cli
-from tests.support.e2e import Version, local_coordinator, train, wait_born
+from tests.support.e2e import AGENT_CPU, Version, local_coordinator, train, wait_born
 from tests.support.identity import SecureBroker
-
-CPU = Capabilities(
-    machine="x86_64",
-    runtimes=("onnxruntime",),
-    providers=("CPUExecutionProvider",),
-    accelerator="cpu",
-    memory_mb=0,
-)
 
 
 def _train(home: Path) -> None:
@@ -78,7 +69,7 @@ def test_rotation_and_revocation_reach_a_device_that_was_offline(
 
             async def start() -> Agent:
                 nonlocal task, stop
-                a = Agent(agent_settings, capabilities=CPU, durable=False, want_interval=0.3)
+                a = Agent(agent_settings, capabilities=AGENT_CPU, durable=False, want_interval=0.3)
                 stop = asyncio.Event()
                 ready = asyncio.Event()
                 task = asyncio.create_task(a.run(stop.wait, ready=ready))

@@ -22,7 +22,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.agent import Agent
-from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings, config_from_bundle, write_config
 from edgefleet.agent.offline import RECORD_FILE
 from edgefleet.cloud.cli.main import run as fleet
@@ -33,16 +32,8 @@ from edgefleet.cloud.keys import KeyRing
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.manifest import SignedManifest, decode_manifest, sign_manifest
-from tests.support.e2e import Version, local_coordinator, trained_home, wait_born
+from tests.support.e2e import AGENT_CPU, Version, local_coordinator, trained_home, wait_born
 from tests.support.identity import SecureBroker
-
-CPU = Capabilities(
-    machine="x86_64",
-    runtimes=("onnxruntime",),
-    providers=("CPUExecutionProvider",),
-    accelerator="cpu",
-    memory_mb=0,
-)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +117,7 @@ def test_offline_install_activates_and_is_reported_after_reconnect(
 
             async def start() -> tuple[Agent, asyncio.Task[None]]:
                 nonlocal stop
-                a = Agent(agent_settings, capabilities=CPU, durable=False, want_interval=0.3)
+                a = Agent(agent_settings, capabilities=AGENT_CPU, durable=False, want_interval=0.3)
                 stop = asyncio.Event()
                 ready = asyncio.Event()
                 task = asyncio.create_task(a.run(stop.wait, ready=ready))

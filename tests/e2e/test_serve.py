@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from edgefleet.agent import capabilities as agent_capabilities
 from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.cloud.config import ServeInfo
 from edgefleet.cloud.devices.store import Birth
@@ -36,15 +35,12 @@ from edgefleet.cloud.devices.values import (
 from edgefleet.protos.errors import NotFound
 from tests.conftest import Cli
 from tests.e2e.conftest import MakeHome
-from tests.support.e2e import Version
+from tests.support.e2e import AGENT_CPU, Version
 
 REPO = Path(__file__).resolve().parents[2]
 #: what a CPU-only device reports at birth, as the coordinator keeps it
 CPU = Capabilities("x86_64", ("onnxruntime",), ("CPUExecutionProvider",), Accelerator.CPU, 0)
-#: the same as an agent claims it
-AGENT_CPU = agent_capabilities.Capabilities(
-    "x86_64", ("onnxruntime",), ("CPUExecutionProvider",), "cpu", 0
-)
+
 
 try:
     find_mosquitto()

@@ -29,7 +29,6 @@ import pytest
 import sqlalchemy as sa
 
 from edgefleet.agent.agent import Agent
-from edgefleet.agent.capabilities import Capabilities
 from edgefleet.agent.config import AgentSettings
 from edgefleet.cloud.devices import Selector
 from edgefleet.cloud.registry import ModelRef
@@ -37,15 +36,9 @@ from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, Telemetry
 from edgefleet.cloud.telemetry.store import telemetry as telemetry_table
 from edgefleet.protos.transport import COORDINATOR_BACKOFF_CAP
 from tests.faults.conftest import cloud
+from tests.support.e2e import AGENT_CPU
 from tests.support.identity import SecureBroker
 
-CPU = Capabilities(
-    machine="x86_64",
-    runtimes=("onnxruntime",),
-    providers=("CPUExecutionProvider",),
-    accelerator="cpu",
-    memory_mb=0,
-)
 LATE = "late-0"  # the device that is offline while the broker crashes
 
 
@@ -106,7 +99,7 @@ class Fleet:
                 telemetry_interval=interval,
                 telemetry_ack_timeout=2.0,
             ),
-            capabilities=CPU,
+            capabilities=AGENT_CPU,
             durable=False,
             want_interval=0.3,
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgefleet.agent.capabilities import Capabilities
 from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
 from edgefleet.cloud.coordinator import Coordinator
@@ -19,6 +20,15 @@ from edgefleet.cloud.devices import DeviceStore, Selector
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.signing import load_private_key
 from edgefleet.protos.transport import MqttAccess
+
+#: what a CPU-only agent claims: ONNX Runtime on its CPU provider
+AGENT_CPU = Capabilities(
+    machine="x86_64",
+    runtimes=("onnxruntime",),
+    providers=("CPUExecutionProvider",),
+    accelerator="cpu",
+    memory_mb=0,
+)
 
 
 @dataclass(frozen=True)
