@@ -57,7 +57,6 @@ def _fill(url: str, devices: int, minutes: int) -> int:
     rows = []
     for i in range(devices):
         model, version = VERSIONS[i % len(VERSIONS)]
-        active = {"model": model, "version": version, "variant": VARIANTS[i % 3], "sha256": ""}
         state = rng.choice(STATES)
         rows.append(
             {
@@ -69,9 +68,13 @@ def _fill(url: str, devices: int, minutes: int) -> int:
                 "last_seen": stamp,
                 "boot_id": "b",
                 "agent_version": "0.1.0",
-                "capabilities": {"runtimes": ["onnxruntime"], "accelerator": "cpu"},
-                "active": active,
-                "reported": {"state": state, "reason": "ok" if state != "failed" else "oom"},
+                "runtimes": ["onnxruntime"],
+                "accelerator": "cpu",
+                "active_model": model,
+                "active_version": version,
+                "active_variant": VARIANTS[i % 3],
+                "update_state": state,
+                "update_reason": "ok" if state != "failed" else "oom",
                 "desired_generation": 1,
                 "rollout_id": "",
             }

@@ -153,14 +153,6 @@ class DeviceDetail:
     telemetry: list[TelemetryLine] = field(default_factory=list)
 
 
-def _json_str(column: Any, key: str) -> Any:
-    return column[key].as_string()
-
-
-def _json_int(column: Any, key: str) -> Any:
-    return column[key].as_integer()
-
-
 _DEV = DeviceRow.__table__  # type: ignore[attr-defined]  # SQLModel's table, typed as Any
 _RD = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
 _RO = RolloutRow.__table__  # type: ignore[attr-defined]
@@ -190,11 +182,9 @@ class ConsoleQueries:
     def overview(self, *, now: float | None = None) -> Overview:
         now = time.time() if now is None else now
         d = _DEV.c
-        model = _json_str(d.active, "model")
-        version = _json_int(d.active, "version")
-        variant = _json_str(d.active, "variant")
-        state = _json_str(d.reported, "state")
-        # one pass over the devices: JSON fields parsed once per row, counted in SQL
+        model, version, variant = d.active_model, d.active_version, d.active_variant
+        state = d.update_state  # "" until the device has reported
+        # one pass over the devices, counted in SQL
         # (at most versions x variants x states x groups rows come back)
         keys = (model, version, variant, state, d.group, d.online, d.revoked_at.is_not(None))
         with self.db.session() as s:
@@ -292,14 +282,14 @@ class ConsoleQueries:
         if f.state == "revoked":
             where.append(d.revoked_at.is_not(None))
         elif f.state == "enrolled":
-            where.append(_json_str(d.reported, "state").is_(None))
+            where.append(d.update_state == "")
         elif f.state:
-            where.append(_json_str(d.reported, "state") == f.state)
+            where.append(d.update_state == f.state)
         if f.model:
             name, _, ver = f.model.partition(":")
-            where.append(_json_str(d.active, "model") == name)
+            where.append(d.active_model == name)
             if ver.isdigit():
-                where.append(_json_int(d.active, "version") == int(ver))
+                where.append(d.active_version == int(ver))
         return where
 
     def devices(self, f: DeviceFilter) -> DevicePage:
@@ -313,16 +303,16 @@ class ConsoleQueries:
             d.online,
             d.last_seen,
             d.agent_version,
-            _json_str(d.active, "model"),
-            _json_int(d.active, "version"),
-            _json_str(d.active, "variant"),
-            _json_str(d.reported, "state"),
-            _json_str(d.reported, "reason"),
+            d.active_model,
+            d.active_version,
+            d.active_variant,
+            d.update_state,
+            d.update_reason,
             d.rollout_id,
             d.revoked_at,
         )
-        # the page's rows by primary key first: the JSON fields are read for 50 rows,
-        # not for every row an OFFSET skips
+        # the page's rows by primary key first: the columns are read for 50 rows, not for
+        # every row an OFFSET skips
         page_ids = (
             sa.select(d.id).where(*where).order_by(d.device_id).limit(per).offset((page - 1) * per)
         ).scalar_subquery()
@@ -348,7 +338,7 @@ class ConsoleQueries:
         d = _DEV.c
         with self.db.session() as s:
             groups = s.execute(sa.select(d.group).distinct().order_by(d.group)).scalars().all()
-            states = s.execute(sa.select(_json_str(d.reported, "state")).distinct()).scalars().all()
+            states = s.execute(sa.select(d.update_state).distinct()).scalars().all()
         found = (
             [g or "(no group)" for g in groups],
             sorted({st or "enrolled" for st in states} | {"revoked"}),
@@ -400,8 +390,39 @@ class ConsoleQueries:
                 .order_by(t.window_end_ms.desc())
                 .limit(telemetry)
             ).all()
-        active = dict(row["active"] or {})
-        reported = dict(row["reported"] or {})
+        active: dict[str, Any] = (
+            {
+                "model": row["active_model"],
+                "version": row["active_version"],
+                "variant": row["active_variant"],
+                "sha256": row["active_sha256"],
+            }
+            if row["active_model"]
+            else {}
+        )
+        reported: dict[str, Any] = (
+            {
+                "state": row["update_state"],
+                "reason": row["update_reason"],
+                "generation": row["reported_generation"],
+                "detail": row["detail"],
+            }
+            if row["update_state"]
+            else {}
+        )
+        capabilities: dict[str, Any] = (
+            {
+                "machine": row["machine"],
+                "accelerator": row["accelerator"],
+                "memory_mb": row["memory_mb"],
+                "runtimes": ", ".join(row["runtimes"] or ()),
+                "providers": ", ".join(row["providers"] or ()),
+                "features": ", ".join(row["features"] or ()),
+                "tflite_runtime_legacy": row["tflite_runtime_legacy"],
+            }
+            if row["accelerator"]
+            else {}
+        )
         line = DeviceLine(
             device_id=row["device_id"],
             group=row["group"],
@@ -419,7 +440,7 @@ class ConsoleQueries:
             line=line,
             enrolled_at=row["enrolled_at"],
             tags=dict(row["tags"] or {}),
-            capabilities=dict(row["capabilities"] or {}),
+            capabilities=capabilities,
             active=active,
             reported=reported,
             updates=[UpdateLine(*u) for u in updates],

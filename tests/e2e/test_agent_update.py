@@ -46,6 +46,7 @@ from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.devices.values import Reported
 from edgefleet.cloud.keys import KeyRing
 from edgefleet.cloud.registry import ModelRef
 from edgefleet.cloud.rollouts import Policy, RolloutDevice, RolloutStore
@@ -401,7 +402,8 @@ def test_agent_switches_to_a_new_version_canary_then_wave_while_predict_answers(
                 link = d.state_dir / RELEASES_DIR / CURRENT
                 assert link.resolve() == (d.state_dir / RELEASES_DIR / "0.1.1").resolve()
                 rep = s.devices.get(d.device_id).reported
-                assert rep["state"] == "active" and rep["active"]["model"] == "digits", rep
+                assert rep is not None and rep.state == "active", rep
+                assert rep.active is not None and rep.active.model == "digits", rep
             rows = s.store.devices(rollout_id)
             assert {(r.phase, r.state) for r in rows} == {("active", "active")}, rows
 
@@ -421,14 +423,14 @@ def test_an_agent_that_dies_after_the_switch_is_rolled_back_while_predict_answer
                 )
                 gen = out.targets[0].generation
 
-                def failed() -> dict[str, Any] | None:
+                def failed() -> Reported | None:
                     rep = s.devices.get(a.device_id).reported
-                    ok = rep.get("generation") == gen and rep.get("state") == "failed"
+                    ok = rep is not None and rep.generation == gen and rep.state == "failed"
                     return rep if ok else None
 
                 rep = await s.until(failed, "the crashing release to be rolled back")
-                assert rep["reason"] == "agent_unhealthy", rep
-                assert "0.1.3 exited with status 7" in rep["detail"], rep
+                assert rep.reason == "agent_unhealthy", rep
+                assert "0.1.3 exited with status 7" in rep.detail, rep
                 await asyncio.sleep(1.0)  # serving on after taking back
             assert caller.failed == [] and caller.answered > 10, caller.failed[:3]
             assert a.proc is not None and a.proc.poll() is None  # A serves on
