@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "persistence": "bench.persistence",
     "rollout": "bench.rollout",
     "fl": "bench.fl",
+    "scale": "bench.scale",
 }
 
 logger = logging.getLogger("bench")
