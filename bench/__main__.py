@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "fl": "bench.fl",
     "deltas": "bench.deltas",
     "console": "bench.console",
+    "scale": "bench.scale",
 }
 
 logger = logging.getLogger("bench")
