@@ -269,9 +269,8 @@ def _fresh_install(root: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> list[Table]:
-    from edgefleet.cloud.registry import ModelRef
-
     from bench.fanout import _version
+    from edgefleet.cloud.registry import ModelRef
 
     home = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
     client, mv = _version(home)
@@ -334,11 +333,18 @@ def run(args: argparse.Namespace) -> list[Table]:
             ["what", "MB", "target", "result"],
         )
         ok = total_mb <= INSTALL_TARGET_MB
-        s.add("whole venv", f"{total_mb:.0f}", f"<= {INSTALL_TARGET_MB:.0f}", "PASS" if ok else "MISS")
+        s.add(
+            "whole venv", f"{total_mb:.0f}", f"<= {INSTALL_TARGET_MB:.0f}", "PASS" if ok else "MISS"
+        )
         s.misses += int(not ok)
         tooling = sum(inst["sizes"].get(n, 0) for n in ("pip", "setuptools", "wheel"))
         s.add("  of which pip/setuptools (not needed at run time)", f"{tooling / 1e6:.0f}", "", "")
-        s.add("  empty venv (python links, activate scripts, pip)", f"{inst['empty'] / 1e6:.0f}", "", "")
+        s.add(
+            "  empty venv (python links, activate scripts, pip)",
+            f"{inst['empty'] / 1e6:.0f}",
+            "",
+            "",
+        )
         for name, size in sorted(inst["sizes"].items(), key=lambda kv: -kv[1])[:10]:
             s.add(f"  {name}", f"{size / 1e6:.1f}", "", "")
         s.notes.append(f"  pip install took {inst['seconds']:.0f} s (local wheel mirror)")
