@@ -86,3 +86,16 @@ def top_frames(samples: collections.Counter[str], k: int = 8) -> list[tuple[str,
         leaf = stack.rsplit(";", 1)[-1]
         own[leaf.split(" (")[0] + " (" + leaf.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]] += n
     return own.most_common(k)
+
+
+def threads(samples: collections.Counter[str]) -> list[tuple[str, int]]:
+    """Samples per thread, by the outermost Python function it runs (its target)."""
+    out: collections.Counter[str] = collections.Counter()
+    for stack, n in samples.items():
+        frames = [f.split(" (")[0] for f in stack.split(";")]
+        named = [
+            f for f in frames if not f.startswith(("Thread.", "_bootstrap", "process ", "thread "))
+        ]
+        name = named[0] if named else frames[0]
+        out["main thread" if name in ("_run_module_as_main", "<module>") else name] += n
+    return out.most_common()
