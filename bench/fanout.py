@@ -58,15 +58,28 @@ def _version(home: Path) -> tuple[Any, Any]:
     return client, client.registry.get_version(ModelRef("big", 1))
 
 
+def coordinator(client: Any, settings: Any, broker_url: str, devices: Any, **kw: Any) -> Any:
+    """A Coordinator over the bench's LocalClient registry and store, signing with its key."""
+    from edgefleet.cloud.coordinator import Coordinator
+    from edgefleet.cloud.signing import load_private_key
+
+    return Coordinator(
+        broker_url=broker_url,
+        registry=client.registry,
+        store=client.pipeline.store,
+        devices=devices,
+        signing_key=lambda: load_private_key(settings.signing_key_path),
+        **kw,
+    )
+
+
 async def _ours(
     n: int, client: Any, home: Path, root: Path, processes: int | None, profile: bool = False
 ) -> dict[str, float]:
     from edgefleet.cloud.broker import ManagedBroker
     from edgefleet.cloud.config import load_settings
-    from edgefleet.cloud.coordinator import Coordinator
     from edgefleet.cloud.devices import DeviceStore, Selector
     from edgefleet.cloud.registry import ModelRef
-    from edgefleet.cloud.signing import load_private_key
     from edgefleet.simulator.cluster import SimCluster
 
     settings = load_settings(home=home)
@@ -75,14 +88,8 @@ async def _ours(
     os.chmod(bdir, 0o777)
     devices = DeviceStore(f"sqlite:///{root / 'devices.db'}")
     with ManagedBroker(bdir, persistence=False) as broker:
-        async with Coordinator(
-            broker_url=broker.url,
-            registry=client.registry,
-            store=client.pipeline.store,
-            devices=devices,
-            signing_key=lambda: load_private_key(settings.signing_key_path),
-            chunk_size=64 * 1024,
-            gather=0.3,
+        async with coordinator(
+            client, settings, broker.url, devices, chunk_size=64 * 1024, gather=0.3
         ) as coord:
             sim = SimCluster(
                 n,

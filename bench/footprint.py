@@ -122,12 +122,11 @@ def _rss_kb(pid: int) -> dict[str, int]:
 
 
 async def _real_agent(client: Any, home: Path, root: Path, model: Any) -> dict[str, Any]:
+    from bench.fanout import coordinator
     from edgefleet.agent.config import AgentSettings, write_config
     from edgefleet.cloud.broker import ManagedBroker
     from edgefleet.cloud.config import load_settings
-    from edgefleet.cloud.coordinator import Coordinator
     from edgefleet.cloud.devices import DeviceStore, Selector
-    from edgefleet.cloud.signing import load_private_key
     from edgefleet.protos.flower import free_port
 
     settings = load_settings(home=home)
@@ -161,13 +160,7 @@ async def _real_agent(client: Any, home: Path, root: Path, model: Any) -> dict[s
             stderr=log,
         )
         try:
-            async with Coordinator(
-                broker_url=broker.url,
-                registry=client.registry,
-                store=client.pipeline.store,
-                devices=devices,
-                signing_key=lambda: load_private_key(settings.signing_key_path),
-            ) as coord:
+            async with coordinator(client, settings, broker.url, devices) as coord:
                 deadline = time.monotonic() + 120
                 while not (await asyncio.to_thread(devices.get, dev)).online:
                     if time.monotonic() > deadline or proc.poll() is not None:
