@@ -23,6 +23,7 @@ from bench._table import Table
 BENCHMARKS: dict[str, str] = {
     "quantize": "bench.quantize",
     "agent": "bench.agent",
+    "footprint": "bench.footprint",
     "fanout": "bench.fanout",
     "telemetry": "bench.telemetry",
     "persistence": "bench.persistence",

@@ -4,7 +4,7 @@ Ours: the coordinator broadcasts each chunk once per wave on a shared topic and
 repairs only what devices say they lack. Baseline, same broker, same run: each
 device gets its own copy (one 1 MB QoS-1 message per device on its own topic,
 i.e. what a per-device download costs the coordinator's uplink).
-Targets: 1,000 devices active within 20 s; coordinator egress ≤ 1.2× the
+Targets: 1,000 devices active within 6 s (issue 16; was 20 s); coordinator egress ≤ 1.2× the
 artifact size per wave plus repairs.
 """
 
@@ -18,13 +18,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import _pyspy
 from bench._table import Table
+
+TARGET_S = 6.0  # issue 16: 1,000 devices active within 6 s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fanout")
     g.add_argument(
         "--fanout-sizes", default="100,500,1000", help="device counts (default 100,500,1000)"
+    )
+    g.add_argument(
+        "--fanout-profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="py-spy the simulator workers at the largest size (default on, if installed)",
     )
     g.add_argument(
         "--fanout-processes",
@@ -49,15 +58,28 @@ def _version(home: Path) -> tuple[Any, Any]:
     return client, client.registry.get_version(ModelRef("big", 1))
 
 
+def coordinator(client: Any, settings: Any, broker_url: str, devices: Any, **kw: Any) -> Any:
+    """A Coordinator over the bench's LocalClient registry and store, signing with its key."""
+    from edgefleet.cloud.coordinator import Coordinator
+    from edgefleet.cloud.signing import load_private_key
+
+    return Coordinator(
+        broker_url=broker_url,
+        registry=client.registry,
+        store=client.pipeline.store,
+        devices=devices,
+        signing_key=lambda: load_private_key(settings.signing_key_path),
+        **kw,
+    )
+
+
 async def _ours(
-    n: int, client: Any, home: Path, root: Path, processes: int | None
+    n: int, client: Any, home: Path, root: Path, processes: int | None, profile: bool = False
 ) -> dict[str, float]:
     from edgefleet.cloud.broker import ManagedBroker
     from edgefleet.cloud.config import load_settings
-    from edgefleet.cloud.coordinator import Coordinator
     from edgefleet.cloud.devices import DeviceStore, Selector
     from edgefleet.cloud.registry import ModelRef
-    from edgefleet.cloud.signing import load_private_key
     from edgefleet.simulator.cluster import SimCluster
 
     settings = load_settings(home=home)
@@ -66,14 +88,8 @@ async def _ours(
     os.chmod(bdir, 0o777)
     devices = DeviceStore(f"sqlite:///{root / 'devices.db'}")
     with ManagedBroker(bdir, persistence=False) as broker:
-        async with Coordinator(
-            broker_url=broker.url,
-            registry=client.registry,
-            store=client.pipeline.store,
-            devices=devices,
-            signing_key=lambda: load_private_key(settings.signing_key_path),
-            chunk_size=64 * 1024,
-            gather=0.3,
+        async with coordinator(
+            client, settings, broker.url, devices, chunk_size=64 * 1024, gather=0.3
         ) as coord:
             sim = SimCluster(
                 n,
@@ -90,10 +106,24 @@ async def _ours(
             async with sim:
                 while len(await asyncio.to_thread(devices.find, online=True)) < n:
                     await asyncio.sleep(0.2)
+                recs: list[_pyspy.Recording] = []
+                me = None
+                if profile:
+                    recs = [
+                        r
+                        for i, w in enumerate(sim._workers)
+                        if (r := _pyspy.record(w.proc.pid, root / f"worker{i}.txt"))
+                    ]
+                    me = _pyspy.record(os.getpid(), root / "coordinator.txt")
+                    await asyncio.sleep(1.0)  # py-spy attaches
                 t0 = time.perf_counter()
                 outcome = await coord.deploy(ModelRef("big", 1), Selector.parse("all"))
                 await sim.wait(lambda: sim.states().get("active", 0) >= n, 300, what="all active")
                 elapsed = time.perf_counter() - t0
+                for r in recs:
+                    await asyncio.to_thread(r.stop)
+                if me is not None:
+                    await asyncio.to_thread(me.stop)
                 st = coord.broadcaster.stats(outcome.targets[0].sha256)
     devices.close()
     return {
@@ -153,11 +183,99 @@ async def _baseline(n: int, size: int, root: Path) -> dict[str, float]:
     return {"seconds": elapsed, "bytes": float(n * size)}
 
 
+# where a device's time goes, from py-spy stacks of the simulator workers: a stack
+# counts for the first phase with a marker in any of its frames
+PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ORT session create (load)", ("_create_inference_session",)),
+    ("self-test (Session.run)", ("Session.run", "selftest")),
+    ("fsync (download dir, slot files)", ("fsync",)),
+    ("slot write (atomic rename)", ("_write_atomic",)),
+    ("sha256 (chunks + whole file)", ("check_artifact", "PartialDownload._verify", "sha256")),
+    ("read the file back", ("read_bytes",)),
+    ("chunk pwrite + bookkeeping", ("PartialDownload.add", "_pwrite_all", "_start_fresh")),
+    ("signature checks (Ed25519)", ("KeyTrust.verify", "verify_manifest")),
+    ("memory probe (rss_bytes)", ("rss_bytes",)),
+    ("MQTT receive/send (paho, transport)", ("Client._", "decode_publish", "_Link.")),
+    ("event loop + thread pool", ("selectors.py", "selector_events", "thread.py")),
+)
+
+
+def _floor(data: bytes, root: Path, repeats: int = 15) -> dict[str, float]:
+    """Median seconds of each cost a device cannot skip, measured alone in this process:
+    digest the file, write + fsync it, create its ONNX Runtime session, run one self-test."""
+    import hashlib
+    import statistics
+
+    import numpy as np
+
+    from edgefleet.models.runtime import open_session
+
+    times: dict[str, list[float]] = {"sha256": [], "write+fsync": [], "session": [], "run": []}
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        hashlib.sha256(data).hexdigest()
+        t1 = time.perf_counter()
+        path = root / f"floor{i}.onnx"
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        t2 = time.perf_counter()
+        sess = open_session(data, "onnxruntime", threads=1)
+        t3 = time.perf_counter()
+        spec = sess.inputs[0]
+        shape = tuple(1 if d < 0 else d for d in spec.shape)
+        sess.run(np.zeros(shape, dtype=spec.dtype))
+        t4 = time.perf_counter()
+        path.unlink()
+        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            times[k].append(v)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _profile_table(
+    n: int, root: Path, seconds: float, floor: dict[str, float] | None
+) -> Table | None:
+    samples = _pyspy.stacks(sorted(root.glob("worker*.txt")))
+    total = sum(samples.values())
+    if not total:
+        return None
+    coord = sum(_pyspy.stacks([root / "coordinator.txt"]).values())
+    t = Table(
+        f"fan-out profile at {n} devices: simulator workers, py-spy {_pyspy.RATE} Hz (busy threads)",
+        ["phase", "thread-s", "share", "ms per device"],
+    )
+    for name, k in sorted(_pyspy.phases(samples, PHASES).items(), key=lambda kv: -kv[1]):
+        t.add(
+            name, f"{k / _pyspy.RATE:.1f}", f"{k / total:.0%}", f"{k / _pyspy.RATE / n * 1e3:.1f}"
+        )
+    t.add("total", f"{total / _pyspy.RATE:.1f}", "100%", f"{total / _pyspy.RATE / n * 1e3:.1f}")
+    t.notes.append(
+        f"  wall {seconds:.1f} s on {len(os.sched_getaffinity(0))} cores; the coordinator process "
+        f"(this one) was busy {coord / _pyspy.RATE:.1f} thread-s; thread-s counts threads in "
+        "blocking syscalls (fsync) too, so it can exceed cores x wall"
+    )
+    top = ", ".join(f"{f} {k / total:.0%}" for f, k in _pyspy.top_frames(samples, 6))
+    t.notes.append(f"  top self frames: {top}")
+    if floor:
+        cores = len(os.sched_getaffinity(0))
+        per = sum(floor.values())
+        parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in floor.items())
+        t.notes.append(
+            f"  floor, same run: the unavoidable per-device costs measured alone (median ms: {parts}) "
+            f"= {per * 1e3:.1f} ms; x {n} devices / {cores} cores = {per * n / cores:.1f} s "
+            f"before any MQTT, bookkeeping or scheduling"
+        )
+    return t
+    return t
+
+
 def run(args: argparse.Namespace) -> list[Table]:
     sizes = [int(x) for x in args.fanout_sizes.split(",") if x.strip()]
     home = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
     client, mv = _version(home)
     size = mv.variant("fp32").size
+    data = client.pipeline.store.get(mv.variant("fp32").sha256)
     t = Table(
         f"fan-out: a {size / 1e6:.2f} MB model to N simulated devices (received, verified, self-tested, active)",
         [
@@ -168,19 +286,23 @@ def run(args: argparse.Namespace) -> list[Table]:
             "egress/size",
             "per-device s",
             "per-device MB",
+            "ours/per-device",
             "bytes saved",
-            "1,000 in 20 s",
+            f"1,000 in {TARGET_S:g} s",
             "egress <= 1.2x",
         ],
     )
+    profiles: list[Table] = []
+    largest = max(sizes)
     for n in sizes:
         root = Path(tempfile.mkdtemp(prefix=f"bench-fanout-{n}-"))
-        ours = asyncio.run(_ours(n, client, home, root, args.fanout_processes))
+        profile = args.fanout_profile and n == largest and _pyspy.available() is not None
+        ours = asyncio.run(_ours(n, client, home, root, args.fanout_processes, profile))
         base = asyncio.run(_baseline(n, size, root))
         ratio = ours["bytes"] / ours["size"]
-        ok_time = "PASS" if n < 1000 or ours["seconds"] <= 20 else "MISS"
+        ok_time = "PASS" if ours["seconds"] <= TARGET_S else "MISS"
         ok_egress = "PASS" if ratio <= 1.2 else "MISS"
-        t.misses += int(ok_time == "MISS") + int(ok_egress == "MISS")
+        t.misses += int(n >= 1000 and ok_time == "MISS") + int(ok_egress == "MISS")
         t.add(
             n,
             int(ours["processes"]),
@@ -189,10 +311,14 @@ def run(args: argparse.Namespace) -> list[Table]:
             f"{ratio:.2f}x",
             f"{base['seconds']:.1f}",
             f"{base['bytes'] / 1e6:.0f}",
+            f"{ours['seconds'] / base['seconds']:.1f}x",
             f"{base['bytes'] / max(ours['bytes'], 1):.0f}x",
             ok_time if n >= 1000 else "-",
             ok_egress,
         )
+        floor = _floor(data, root) if profile else None
+        if profile and (pt := _profile_table(n, root, ours["seconds"], floor)) is not None:
+            profiles.append(pt)
     t.notes.append(
         "  procs: simulator worker processes (agents split across them); the coordinator and the broker run apart"
     )
@@ -200,7 +326,10 @@ def run(args: argparse.Namespace) -> list[Table]:
         "  ours: deploy() until every device reports active (download, chunk + file + signature checks, load, self-test, swap)"
     )
     t.notes.append(
-        "  per-device: the same bytes sent once per device on its own topic over the same broker, until all received"
+        "  per-device: baseline, the same bytes sent once per device on its own topic over the same broker, "
+        "until all received; ours/per-device = the agents' share on top of pure delivery"
     )
+    if args.fanout_profile and _pyspy.available() is None:
+        t.notes.append("  no profile: py-spy not installed (pip install py-spy)")
     client.close()
-    return [t]
+    return [t, *profiles]

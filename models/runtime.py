@@ -243,20 +243,28 @@ def open_session(
 
 
 def available_runtimes() -> list[str]:
-    """Runtimes importable in this process, in preference order."""
-    found = []
-    try:
-        import onnxruntime  # noqa: F401
+    """Runtimes installed for this interpreter, in preference order.
 
+    Found by module spec, not imported: the agent calls this at start to report its
+    capabilities, and importing LiteRT there cost its idle process memory even on
+    devices that only ever run ONNX models (bench/footprint.py). A session imports
+    its runtime when a model is loaded.
+    """
+    found = []
+    if _installed("onnxruntime"):
         found.append("onnxruntime")
-    except ImportError:
-        pass
-    try:
-        _litert_interpreter()
+    if _installed("ai_edge_litert") or _installed("tflite_runtime"):
         found.append("litert")
-    except Unavailable:
-        pass
     return found
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _litert_interpreter() -> Any:
