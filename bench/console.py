@@ -46,6 +46,7 @@ def _fill(url: str, devices: int, minutes: int) -> int:
     """Devices and telemetry straight into the tables (as the ingest would leave them)."""
     import sqlalchemy as sa
 
+    from edgefleet.cloud.db import metadata
     from edgefleet.cloud.devices.store import DeviceRow
     from edgefleet.cloud.telemetry.store import telemetry
 
@@ -53,7 +54,7 @@ def _fill(url: str, devices: int, minutes: int) -> int:
     engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
     now = time.time()
     stamp = datetime.fromtimestamp(now, UTC)
-    table: sa.Table = DeviceRow.__table__  # type: ignore[attr-defined]
+    table = metadata.tables[DeviceRow.__tablename__]
     rows = []
     for i in range(devices):
         model, version = VERSIONS[i % len(VERSIONS)]

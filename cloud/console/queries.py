@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from edgefleet.cloud.db import Database
+from edgefleet.cloud.db import Database, metadata
 from edgefleet.cloud.devices.store import DeviceRow
 from edgefleet.cloud.drift.alerts import drift_alerts
 from edgefleet.cloud.rollouts.store import RolloutDeviceRow, RolloutRow
@@ -153,9 +153,10 @@ class DeviceDetail:
     telemetry: list[TelemetryLine] = field(default_factory=list)
 
 
-_DEV = DeviceRow.__table__  # type: ignore[attr-defined]  # SQLModel's table, typed as Any
-_RD = RolloutDeviceRow.__table__  # type: ignore[attr-defined]
-_RO = RolloutRow.__table__  # type: ignore[attr-defined]
+# the tables of these SQLModel classes (their `__table__` is typed as Any)
+_DEV = metadata.tables[DeviceRow.__tablename__]
+_RD = metadata.tables[RolloutDeviceRow.__tablename__]
+_RO = metadata.tables[RolloutRow.__tablename__]
 _TELEMETRY = telemetry_table
 _ALERTS = drift_alerts
 
