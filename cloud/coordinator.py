@@ -55,7 +55,13 @@ from edgefleet.cloud.registry import ModelRef, ModelVersion, RegistryStore, Vari
 from edgefleet.cloud.selection import DeviceProfile, Plan, choose_variant
 from edgefleet.cloud.serde import DESIRED_TTL_S, encode_desired, refresh_desired
 from edgefleet.protos.delta import DeltaFormat, DeltaOffer
-from edgefleet.protos.errors import DataLoss, FleetError, InvalidArgument, NotFound
+from edgefleet.protos.errors import (
+    DataLoss,
+    FleetError,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import (
@@ -63,6 +69,7 @@ from edgefleet.protos.transport import (
     Message,
     MqttAccess,
     MqttTransport,
+    MqttVersion,
 )
 
 logger = logging.getLogger(__name__)
@@ -275,9 +282,17 @@ class Coordinator:
         kinds = ["status", "reported", "shadow"]
         if self.telemetry:  # else a TelemetrySubscriber (cloud.monitoring) takes it
             kinds.append("telemetry")
-        for kind in kinds:
-            await self.transport.subscribe(self.topics.all_devices(kind), qos=1)
-        await self.transport.subscribe(self.topics.all_wants(), qos=1)
+        filters = [self.topics.all_devices(kind) for kind in kinds]
+        for flt in [*filters, self.topics.all_wants()]:
+            try:
+                await self.transport.subscribe(flt, qos=1)
+            except Unauthenticated as e:
+                if self.transport.mqtt_version != MqttVersion.V311:
+                    raise
+                # 3.1.1 refuses without a reason, and a clustered broker refuses for a
+                # moment while it moves a dead node's state: the transport keeps the
+                # intent and sends it again; the other filters must not wait for it
+                logger.warning("%s; it is sent again", e)
         # (re)connected: the broker may have restarted without its retained store
         self._reassert_all = True
         self._reassert_wake.set()
