@@ -160,7 +160,9 @@ class _Call:
             peer=peer,
         )
         try:
-            await asyncio.to_thread(self.store.record, entry)
+            # shielded: the client has its status already (context.abort sends it first),
+            # and a server stopping then cancels this task; the entry is written anyway
+            await asyncio.shield(asyncio.to_thread(self.store.record, entry))
         except FleetError as e:  # the call's own outcome stands; say loudly what was lost
             logger.error("audit entry for %s by %s not recorded: %s", self.action, who, e)
 

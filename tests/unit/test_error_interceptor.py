@@ -9,6 +9,7 @@ stream ends with it after the items sent before the error. Behind AccessIntercep
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,9 @@ async def _serve(
             async with asyncio.timeout(20):
                 await work(channel)
     finally:
-        await server.stop(0)
+        # grace: a handler goes on after the client has its status (context.abort sends
+        # it first), e.g. to write the audit entry; stop(0) would cancel that
+        await server.stop(5)
 
 
 def _unary(channel: grpc.aio.Channel, name: str) -> Any:
@@ -178,7 +181,12 @@ def test_behind_access_the_audit_names_the_mapped_status(
 
     asyncio.run(_serve([AccessInterceptor(store), ErrorInterceptor()], work))
     assert codes == [grpc.StatusCode.FAILED_PRECONDITION]
-    entries = store.audit(AuditFilter(action="Promote"))
+    # the entry is written after the client has its status: wait for it (bounded)
+    deadline = time.monotonic() + 10
+    while not (entries := store.audit(AuditFilter(action="Promote"))):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert [(e.who, e.result, e.message) for e in entries] == [
         ("ops", "FAILED_PRECONDITION", ERRORS["Promote"].message)
     ]
