@@ -255,7 +255,9 @@ async def serve(
                     settings.ui_listen, services=services, tokens=tokens, controller=controller
                 )
                 server = grpc.aio.server(
-                    interceptors=[AccessInterceptor(tokens), ErrorInterceptor()],
+                    # errors outermost: the audit (inside) records a FleetError's status before
+                    # ErrorInterceptor sends it to the caller
+                    interceptors=[ErrorInterceptor(), AccessInterceptor(tokens)],
                     options=[
                         ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                         ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),

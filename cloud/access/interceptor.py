@@ -24,6 +24,7 @@ from edgefleet.cloud.access.model import AuditEntry, Caller, role_allows
 from edgefleet.cloud.access.roles import Rule, rule_for, short_name
 from edgefleet.cloud.access.store import AccessStore
 from edgefleet.protos.errors import FleetError
+from edgefleet.protos.grpc_errors import grpc_status
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +161,7 @@ class _Call:
             peer=peer,
         )
         try:
-            # shielded: the client has its status already (context.abort sends it first),
-            # and a server stopping then cancels this task; the entry is written anyway
+            # shielded: a server stopping cancels the call's task; the entry is written anyway
             await asyncio.shield(asyncio.to_thread(self.store.record, entry))
         except FleetError as e:  # the call's own outcome stands; say loudly what was lost
             logger.error("audit entry for %s by %s not recorded: %s", self.action, who, e)
@@ -176,6 +176,8 @@ class _Call:
     ) -> tuple[str, str]:
         if e is None:
             return "ok", ""
+        if isinstance(e, FleetError):  # ErrorInterceptor (outside) turns it into this status
+            return grpc_status(e).name, e.message
         code = context.code()
         if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
             return code.name, str(context.details() or "")

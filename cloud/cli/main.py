@@ -238,9 +238,11 @@ def init(
         settings = settings.model_copy(update={"signing_passphrase": SecretStr(phrase)})
     elif not encrypt_key and settings.passphrase is not None:
         encrypt_key = True  # FLEET_SIGNING_PASSPHRASE set: use it
-    result = LocalClient(settings).init(
-        root_passphrase=root_passphrase.encode() if root_passphrase else None
-    )
+    client = LocalClient(settings)
+    try:
+        result = client.init(root_passphrase=root_passphrase.encode() if root_passphrase else None)
+    finally:
+        client.close()  # its database too: nothing of FLEET_HOME stays open after init
     out.print(f"FLEET_HOME  {result.home}")
     out.print(f"registry    {result.registry}")
     out.print(f"artifacts   {result.artifacts}")
