@@ -443,14 +443,8 @@ class Updater:
     async def _download_full(self, desired: Desired, manifest: Manifest) -> None:
         gen = desired.generation
         try:
-            partial = await asyncio.to_thread(
-                PartialDownload.open,
-                self._downloads_dir,
-                sha256=manifest.sha256,
-                size=manifest.size,
-                chunk_size=desired.chunk_size,
-                chunk_digests=desired.chunk_digests,
-                durable=self._durable,
+            partial = await self._open_partial(
+                manifest.sha256, manifest.size, desired.chunk_size, desired.chunk_digests
             )
         except InvalidArgument as e:
             await self._report(gen, UpdateState.FAILED, Reason.MALFORMED_MESSAGE, str(e))
@@ -461,6 +455,21 @@ class Updater:
             )
             return
         await self._begin(_Download(desired, manifest, partial, time.monotonic()))
+
+    async def _open_partial(
+        self, sha256: str, size: int, chunk_size: int, chunk_digests: Sequence[bytes]
+    ) -> PartialDownload:
+        """The partial download of (sha256, size) in the downloads folder, resumed if one
+        is there (full artifact and delta alike)."""
+        return await asyncio.to_thread(
+            PartialDownload.open,
+            self._downloads_dir,
+            sha256=sha256,
+            size=size,
+            chunk_size=chunk_size,
+            chunk_digests=chunk_digests,
+            durable=self._durable,
+        )
 
     async def _begin(self, dl: _Download) -> None:
         """Start (or finish, if it is already complete) the download of `dl.partial`."""
@@ -539,14 +548,8 @@ class Updater:
             )
             return False
         try:
-            partial = await asyncio.to_thread(
-                PartialDownload.open,
-                self._downloads_dir,
-                sha256=offer.sha256,
-                size=offer.size,
-                chunk_size=offer.chunk_size,
-                chunk_digests=offer.chunk_digests,
-                durable=self._durable,
+            partial = await self._open_partial(
+                offer.sha256, offer.size, offer.chunk_size, offer.chunk_digests
             )
         except (InvalidArgument, OSError) as e:
             await self._report(gen, UpdateState.DOWNLOADING, Reason.DELTA_FAILED, str(e))
