@@ -63,6 +63,13 @@ class CloudSettings(BaseSettings):
     ui_listen: str = Field(
         default="", description="browser console address (cloud.console); empty: off"
     )
+    ui_tls: bool | None = Field(
+        default=None, description="serve the console over HTTPS; default: on unless loopback"
+    )
+    ui_tls_cert: str = Field(
+        default="", description="console certificate (PEM); default: FleetService's or made"
+    )
+    ui_tls_key: str = Field(default="", description="console private key (PEM)")
     # federated learning (`fleet serve --fl`): the SuperLink devices' SuperNodes dial
     fl: bool = Field(default=False, description="run a Flower SuperLink (FLEET_FL)")
     fl_listen: str = Field(
@@ -168,7 +175,8 @@ class ServeInfo:
     fl_superlink: str = ""  # HOST:PORT devices' SuperNodes dial; "" when FL is off
     grpc_tls: bool = False  # FleetService serves TLS
     grpc_ca: str = ""  # path of the CA that signed its certificate, when the coordinator made it
-    ui: str = ""  # http://HOST:PORT/ of the browser console, empty when off
+    ui: str = ""  # http(s)://HOST:PORT/ of the browser console, empty when off
+    ui_ca: str = ""  # path of the CA that signed the console's certificate, when made here
 
     def write(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -206,6 +214,7 @@ class ServeInfo:
                 grpc_tls=bool(d.get("grpc_tls", False)),
                 grpc_ca=str(d.get("grpc_ca") or ""),
                 ui=str(d.get("ui") or ""),
+                ui_ca=str(d.get("ui_ca") or ""),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

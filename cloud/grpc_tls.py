@@ -1,17 +1,21 @@
-"""TLS for FleetService: the server's credentials and how the CLI decides to verify them.
+"""TLS for FleetService and the console: the server's credentials and how the CLI decides
+to verify them.
 
 `fleet serve` serves TLS when given `--grpc-tls-cert/--grpc-tls-key`, and otherwise
 with a certificate it makes itself (FLEET_HOME/tls: a private CA and a server
-certificate for loopback, this host's names and the listen address) whenever the
+certificate for loopback, this host's names and the listen addresses) whenever the
 gRPC listener is not loopback, or when asked with `--grpc-tls`. Loopback stays plain
-by default. The CLI verifies against `--ca` / FLEET_CA, else the CA a local
-`fleet serve` recorded in serve.json, else FLEET_HOME/tls/ca.crt, else the system roots.
+by default. The console (`--ui-listen`, `--ui-tls*`) follows the same rule with the same
+generated certificate: a token typed into its login form never crosses a network in
+clear. The CLI verifies against `--ca` / FLEET_CA, else the CA a local `fleet serve`
+recorded in serve.json, else FLEET_HOME/tls/ca.crt, else the system roots.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,24 +66,37 @@ def host_names(listen_host: str) -> list[str]:
 
 
 def server_tls(
-    *, listen: str, cert: str, key: str, force: bool | None, tls_dir: Path
+    *,
+    listen: str,
+    cert: str,
+    key: str,
+    force: bool | None,
+    tls_dir: Path,
+    flag: str = "grpc",
+    what: str = "FleetService",
+    hosts: Iterable[str] | None = None,
 ) -> ServerTls | None:
-    """The TLS FleetService serves, or None for plain (loopback and not asked)."""
+    """The TLS `what` serves on `listen`, or None for plain (loopback and not asked).
+
+    `flag`: the option prefix errors name (`--{flag}-tls-cert`, `--no-{flag}-tls`);
+    `hosts`: the names a generated certificate holds (default: this host's and `listen`'s;
+    `fleet serve` gives the union over its listeners, so they share one certificate).
+    """
     if bool(cert) != bool(key):
         raise InvalidArgument(
-            "--grpc-tls-cert and --grpc-tls-key go together: give both PEM files, or neither "
-            "for a generated certificate"
+            f"--{flag}-tls-cert and --{flag}-tls-key go together: give both PEM files, or "
+            "neither for a generated certificate"
         )
     if cert:
         for p in (cert, key):
             if not Path(p).is_file():
-                raise NotFound(f"TLS file {p} not found (--grpc-tls-cert/--grpc-tls-key)")
+                raise NotFound(f"TLS file {p} not found (--{flag}-tls-cert/--{flag}-tls-key)")
         return ServerTls(Path(cert), Path(key), None)
     host = split_host(listen)
     if force is False:
         if not is_loopback(host):
             raise InvalidArgument(
-                f"--no-grpc-tls with --grpc-listen {listen}: FleetService off loopback needs TLS "
+                f"--no-{flag}-tls with --{flag}-listen {listen}: {what} off loopback needs TLS "
                 "(the API token would cross the network in clear)"
             )
         return None
@@ -89,7 +106,7 @@ def server_tls(
 
     files = ensure_tls(
         tls_dir,
-        hosts=host_names(host),
+        hosts=host_names(host) if hosts is None else hosts,
         ca_name="edgefleet FleetService CA",
         server_name="edgefleet coordinator",
     )

@@ -30,11 +30,11 @@ from edgefleet.cloud.api.errors import ErrorInterceptor
 from edgefleet.cloud.api.service import FleetServicer
 from edgefleet.cloud.broker import ManagedBroker, find_mosquitto
 from edgefleet.cloud.config import CloudSettings, ServeInfo
-from edgefleet.cloud.console import start_console
+from edgefleet.cloud.console import check_ui_listen, console_enabled, start_console
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.fl.federation import Federation
 from edgefleet.cloud.fl.service import FederatedServicer
-from edgefleet.cloud.grpc_tls import server_tls
+from edgefleet.cloud.grpc_tls import host_names, server_tls, split_host
 from edgefleet.cloud.home import secure_home
 from edgefleet.cloud.identity import BrokerAuth, IdentityStore, write_broker_material
 from edgefleet.cloud.inbound import Refusals
@@ -134,6 +134,9 @@ async def serve(
 ) -> None:
     """Run the coordinator until `shutdown()` returns."""
     host, _port = check_listen(settings.grpc_listen)
+    console_on = console_enabled(settings.ui_listen)
+    if console_on:
+        check_ui_listen(settings.ui_listen)
     services = Services(settings)
     services.require_init()
     replica = _replica_mode(settings, services)  # hook: None unless --replica
@@ -142,12 +145,31 @@ async def serve(
     tokens = services.access
     ensure_admin_token(settings, tokens)  # a home made before named tokens: its token is `admin`
     app = FleetApp(services)
+    # one generated certificate for FleetService and the console: names of both listeners
+    names = sorted(
+        {*host_names(host), *(host_names(split_host(settings.ui_listen)) if console_on else ())}
+    )
     tls = server_tls(
         listen=settings.grpc_listen,
         cert=settings.grpc_tls_cert,
         key=settings.grpc_tls_key,
         force=settings.grpc_tls,
         tls_dir=settings.grpc_tls_dir,
+        hosts=names,
+    )
+    ui_tls = (
+        server_tls(
+            listen=settings.ui_listen,
+            cert=settings.ui_tls_cert or settings.grpc_tls_cert,
+            key=settings.ui_tls_key or settings.grpc_tls_key,
+            force=settings.ui_tls,
+            tls_dir=settings.grpc_tls_dir,
+            flag="ui",
+            what="the console",
+            hosts=names,
+        )
+        if console_on
+        else None
     )
 
     broker: ManagedBroker | None = None
@@ -252,7 +274,11 @@ async def serve(
             console = None
             try:
                 console = await start_console(
-                    settings.ui_listen, services=services, tokens=tokens, controller=controller
+                    settings.ui_listen,
+                    services=services,
+                    tokens=tokens,
+                    controller=controller,
+                    tls=ui_tls,
                 )
                 server = grpc.aio.server(
                     # errors outermost: the audit (inside) records a FleetError's status before
@@ -298,6 +324,7 @@ async def serve(
                     grpc_tls=tls is not None,
                     grpc_ca=str(tls.ca) if tls is not None and tls.ca is not None else "",
                     ui=console.url if console is not None else "",
+                    ui_ca=str(ui_tls.ca) if ui_tls is not None and ui_tls.ca is not None else "",
                 )
                 info.write(settings.serve_path)
                 if replica is not None:  # hook: the address `fleet status` shows for it

@@ -414,6 +414,26 @@ def serve(
             "Sign in with an API token (fleet tokens create); viewers get a read-only console.",
         ),
     ] = None,
+    ui_tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--ui-tls/--no-ui-tls",
+            envvar="FLEET_UI_TLS",
+            help="Serve the console over HTTPS (default: on unless --ui-listen is loopback; "
+            "the certificate is --ui-tls-cert, else --grpc-tls-cert, else one made in "
+            "FLEET_HOME/tls).",
+        ),
+    ] = None,
+    ui_tls_cert: Annotated[
+        str | None,
+        typer.Option(
+            "--ui-tls-cert", envvar="FLEET_UI_TLS_CERT", help="Console certificate (PEM)."
+        ),
+    ] = None,
+    ui_tls_key: Annotated[
+        str | None,
+        typer.Option("--ui-tls-key", envvar="FLEET_UI_TLS_KEY", help="Its private key (PEM)."),
+    ] = None,
     advertise_broker: Annotated[
         str | None,
         typer.Option(
@@ -533,6 +553,9 @@ def serve(
         mqtt_listen=mqtt_listen,
         metrics_listen=metrics_listen,
         ui_listen=ui_listen,
+        ui_tls=ui_tls,
+        ui_tls_cert=ui_tls_cert,
+        ui_tls_key=ui_tls_key,
         fl=fl,
         fl_listen=fl_listen,
         fl_advertise=fl_advertise,
@@ -559,7 +582,7 @@ def serve(
         if info.metrics:
             err.print(f"metrics on {info.metrics}")
         if info.ui:
-            err.print(f"console on {info.ui}")
+            err.print(f"console on {info.ui}" + (f" (CA {info.ui_ca})" if info.ui_ca else ""))
         if info.fl_superlink:
             err.print(f"Flower SuperLink (TLS, node auth) on {info.fl_superlink}")
         err.print(f"devices are told: {info.advertise_broker}; state in {settings.serve_path}")

@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.protos.errors import InvalidArgument, Unavailable
+
+if TYPE_CHECKING:
+    from edgefleet.cloud.grpc_tls import ServerTls
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +32,16 @@ def check_ui_listen(address: str) -> tuple[str, int]:
 
 
 class ConsoleServer:
-    """`await start()`, then `url`; `await stop()` ends it (connections get `grace` s)."""
+    """`await start()`, then `url`; `await stop()` ends it (connections get `grace` s).
+    With `tls` it serves HTTPS only (a plain request gets no answer)."""
 
-    def __init__(self, app: Any, listen: str, *, grace: float = 2.0) -> None:
+    def __init__(
+        self, app: Any, listen: str, *, grace: float = 2.0, tls: ServerTls | None = None
+    ) -> None:
         self.host, self.port = check_ui_listen(listen)
         self.app = app
         self.grace = grace
+        self.tls = tls
         self.url = ""
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -58,6 +65,8 @@ class ConsoleServer:
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=max(1, round(self.grace)),
+            ssl_certfile=str(self.tls.cert) if self.tls is not None else None,
+            ssl_keyfile=str(self.tls.key) if self.tls is not None else None,
         )
         config.load()
         server = uvicorn.Server(config)
@@ -68,7 +77,8 @@ class ConsoleServer:
         port = int(sock.getsockname()[1])
         reach = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         reach = f"[{reach}]" if ":" in reach else reach
-        self.url = f"http://{reach}:{port}/"
+        scheme = "https" if self.tls is not None else "http"
+        self.url = f"{scheme}://{reach}:{port}/"
         self._task = asyncio.create_task(server.main_loop(), name="console")
         logger.info("console on %s", self.url)
         return self.url
