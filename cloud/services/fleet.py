@@ -49,7 +49,7 @@ class FleetApp:
         self.services = services
         self.settings = services.settings
         #: set by `fleet serve` for its own broker: apply changed credentials now
-        self.apply_credentials: Callable[[], None] | None = None
+        self.apply_credentials: Callable[[], object] | None = None
 
     # -- models
 
