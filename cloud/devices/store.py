@@ -200,6 +200,8 @@ def check_batch_ids(device_ids: Iterable[str]) -> list[str]:
 
 
 def already_enrolled(known: Sequence[str]) -> str:
+    if len(known) == 1:
+        return f"device {known[0]!r} is already enrolled"
     more = f" and {len(known) - 3} more" if len(known) > 3 else ""
     return (
         f"{len(known)} of these devices are already enrolled: "

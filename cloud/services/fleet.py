@@ -206,8 +206,8 @@ class FleetApp:
         known = devices.existing(ids)
         if known and not skip_existing:
             raise AlreadyExists(
-                f"{already_enrolled(known)}; nothing was enrolled (skip_existing, "
-                "`fleet devices enroll --skip-existing`, enrols the others)"
+                f"{already_enrolled(known)}; nothing was enrolled (--skip-existing leaves "
+                "devices enrolled before as they are and enrols the others)"
             )
         skip = set(known)
         todo = [s for s in specs if s.device_id not in skip]
