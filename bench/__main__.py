@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "deltas": "bench.deltas",
     "console": "bench.console",
     "scale": "bench.scale",
+    "enrol": "bench.enrol",
 }
 
 logger = logging.getLogger("bench")

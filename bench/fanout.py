@@ -81,6 +81,7 @@ async def _ours(
     from edgefleet.cloud.devices import DeviceStore, Selector
     from edgefleet.cloud.registry import ModelRef
     from edgefleet.simulator.cluster import SimCluster
+    from edgefleet.simulator.plan import device_specs
 
     settings = load_settings(home=home)
     bdir = root / "broker"
@@ -101,8 +102,7 @@ async def _ours(
                 seed=0,
                 id_prefix="fan",
             )
-            for e in sim.ids_for_enrollment():
-                devices.enroll(e.device_id, group=e.group, tags=e.tags)
+            devices.enroll_many(device_specs(sim.ids_for_enrollment()))
             async with sim:
                 while len(await asyncio.to_thread(devices.find, online=True)) < n:
                     await asyncio.sleep(0.2)

@@ -97,6 +97,7 @@ async def _run(args: argparse.Namespace, client: Any, home: Path, root: Path) ->
     from edgefleet.cloud.rollouts.controller import RolloutController
     from edgefleet.cloud.signing import load_private_key
     from edgefleet.simulator.cluster import SimCluster
+    from edgefleet.simulator.plan import device_specs
 
     n = args.rollout_devices
     settings = load_settings(home=home)
@@ -126,8 +127,7 @@ async def _run(args: argparse.Namespace, client: Any, home: Path, root: Path) ->
                 id_prefix="roll",
             )
             out["processes"] = sim.processes
-            for e in sim.ids_for_enrollment():
-                devices.enroll(e.device_id, group=e.group, tags=e.tags)
+            devices.enroll_many(device_specs(sim.ids_for_enrollment()))
             async with sim:
                 while len(await asyncio.to_thread(devices.find, online=True)) < n:
                     await asyncio.sleep(0.2)

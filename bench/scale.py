@@ -1,11 +1,12 @@
 """Scale: N simulated devices online against a real `fleet serve`, then its broker killed.
 
 A real coordinator (`fleet serve` in its own process, with its managed, password-protected
-Mosquitto and its SQLite database) enrols N devices over gRPC; `SimCluster` runs them as
-real agents over several simulator processes. Measured per N, in the same run:
+Mosquitto and its SQLite database) enrols N devices over gRPC (the bulk path);
+`SimCluster` runs them as real agents over several simulator processes. Measured per N,
+in the same run:
 
-- enrol: N devices enrolled in FLEET_HOME before `fleet serve` starts (each makes an MQTT
-  password; see `_enroll_offline` for why not through the running coordinator);
+- enrol: N devices enrolled through the running coordinator in batches (`EnrollDevices`:
+  one credential write and one broker reload per batch);
 - online: from starting the simulator processes until the coordinator's database has all
   N devices online (births through the broker, the coordinator's paced writes);
 - coordinator RSS and CPU seconds over that admission, broker RSS, and RSS per simulated
@@ -202,26 +203,28 @@ def _broker_pid(home: Path) -> int | None:
         return None
 
 
-def _enroll_offline(home: Path, planned: list[Any]) -> dict[str, Any]:
-    """Enrol every planned device in FLEET_HOME before `fleet serve` starts (it writes the
-    broker's password file once when it starts). Through a running coordinator each
-    `EnrollDevice` rewrites the whole password/ACL files and reloads Mosquitto under one
-    lock, so N enrolments cost O(N^2): ~20/s at 1,000 devices, ~4/s past 2,700 here."""
-    from edgefleet.cloud.client import LocalClient
-    from edgefleet.cloud.config import load_settings
+def _enroll(home: Path, address: str, planned: list[Any]) -> dict[str, Any]:
+    """Enrol every planned device through the running coordinator (`EnrollDevices`, the
+    bulk path `fleet devices enroll --count/--from-file` takes): one credential write and
+    one broker reload per batch of `DEFAULT_BATCH`."""
+    from edgefleet.cloud.cli.enrol import DEFAULT_BATCH
+    from edgefleet.cloud.client import read_token
+    from edgefleet.cloud.devices import DeviceSpec
+    from edgefleet.cloud.remote import GrpcClient
 
-    client = LocalClient(load_settings(home=home))
+    client = GrpcClient(address, read_token(home / "keys" / "token"))
     try:
-        bundles = [
-            client.enroll_device(e.device_id, group=e.group, tags=e.tags, broker_url="-")
-            for e in planned
-        ]
+        bundles = []
+        for i in range(0, len(planned), DEFAULT_BATCH):
+            part = planned[i : i + DEFAULT_BATCH]
+            specs = [DeviceSpec(e.device_id, e.group, dict(e.tags)) for e in part]
+            bundles += client.enroll_devices(specs).bundles
     finally:
         client.close()
     return {
         "signing_public_key": bundles[0].signing_public_key,
         "topic_prefix": bundles[0].topic_prefix,
-        "passwords": {e.device_id: b.password for e, b in zip(planned, bundles, strict=True)},
+        "passwords": {b.device_id: b.password for b in bundles},
     }
 
 
@@ -239,14 +242,14 @@ async def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n, "load_start": load()}
     planned = plan(n, "cpu", id_prefix="sc")
     t0 = time.monotonic()
-    shared = await asyncio.to_thread(_enroll_offline, home, planned)
-    out["enrol_s"] = time.monotonic() - t0
-    logger.info("scale %d: enrolled in %.1f s (%s)", n, out["enrol_s"], load())
-    t0 = time.monotonic()
     serve, info = _start_serve(home)
     out["serve_s"] = time.monotonic() - t0
     db = _Db(settings.registry_url)
     try:
+        t0 = time.monotonic()
+        shared = await asyncio.to_thread(_enroll, home, info.grpc, planned)
+        out["enrol_s"] = time.monotonic() - t0
+        logger.info("scale %d: enrolled in %.1f s (%s)", n, out["enrol_s"], load())
         c0 = proc(serve.pid)
         procs = max(1, -(-n // args.scale_per_process))
         sim = SimCluster(

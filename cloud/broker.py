@@ -214,6 +214,8 @@ class ManagedBroker:
         self.max_inflight_bytes = max_inflight_bytes
         self.max_queued = max_queued
         self._proc: subprocess.Popen[bytes] | None = None
+        #: SIGHUPs sent to the running broker (each re-reads every password/ACL file)
+        self.reloads = 0
 
     @property
     def url(self) -> str:
@@ -318,6 +320,7 @@ class ManagedBroker:
         if self._proc is None or self._proc.poll() is not None:
             return
         self._proc.send_signal(signal.SIGHUP)
+        self.reloads += 1
         if self.auth is None:
             return
         from edgefleet.cloud.identity.material import PROBE_USER

@@ -28,6 +28,7 @@ from edgefleet.cloud.services.setup import (
 )
 from edgefleet.cloud.services.values import (
     BUNDLE_FORMAT,
+    EnrolledBatch,
     EnrollmentBundle,
     EpochProgress,
     FleetStatus,
@@ -38,7 +39,7 @@ from edgefleet.protos.errors import Unavailable
 
 if TYPE_CHECKING:
     from edgefleet.cloud.db import Database
-    from edgefleet.cloud.devices import Device, DeviceFilter, DeviceStore, Selector
+    from edgefleet.cloud.devices import Device, DeviceFilter, DeviceSpec, DeviceStore, Selector
     from edgefleet.cloud.drift import Alert, DriftMonitor, DriftRow
     from edgefleet.cloud.identity import DeviceCredential, IdentityStore
     from edgefleet.cloud.keys import KeyRing
@@ -236,6 +237,22 @@ class LocalClient:
             group=group,
             tags=tags,
             broker_url=broker_url or self.app.advertised_broker(),
+        )
+
+    @_audited
+    def enroll_devices(
+        self,
+        specs: Sequence[DeviceSpec],
+        *,
+        skip_existing: bool = False,
+        broker_url: str | None = None,
+    ) -> EnrolledBatch:
+        """Enrol many devices in one batch (one credential write; a running `fleet serve`
+        on this FLEET_HOME reloads its broker once; this returns once it did)."""
+        return self.app.enroll_devices(
+            specs,
+            broker_url=broker_url or self.app.advertised_broker(),
+            skip_existing=skip_existing,
         )
 
     def bundle(

@@ -29,13 +29,19 @@ from edgefleet.cloud.api.convert import (
 )
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.services.api import QuantizeProgress
-from edgefleet.cloud.services.values import EnrollmentBundle, EpochProgress, EpochStat, FleetStatus
+from edgefleet.cloud.services.values import (
+    EnrolledBatch,
+    EnrollmentBundle,
+    EpochProgress,
+    EpochStat,
+    FleetStatus,
+)
 from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
 from edgefleet.protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from edgefleet.protos.grpc_errors import error_from_status
 
 if TYPE_CHECKING:
-    from edgefleet.cloud.devices import Device, DeviceFilter, Selector
+    from edgefleet.cloud.devices import Device, DeviceFilter, DeviceSpec, Selector
     from edgefleet.cloud.drift import Alert, DriftRow
     from edgefleet.cloud.pipeline import VerifyResult
     from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice
@@ -261,6 +267,25 @@ class GrpcClient:
                 fleet_pb2.EnrollDeviceRequest(device_id=device_id, group=group, tags=dict(tags)),
             )
         )
+
+    def enroll_devices(
+        self, specs: Sequence[DeviceSpec], *, skip_existing: bool = False
+    ) -> EnrolledBatch:
+        req = fleet_pb2.EnrollDevicesRequest(
+            devices=[
+                fleet_pb2.EnrollDeviceRequest(
+                    device_id=d.device_id, group=d.group, tags=dict(d.tags)
+                )
+                for d in specs
+            ],
+            skip_existing=skip_existing,
+        )
+        bundles: list[EnrollmentBundle] = []
+        existing: list[str] = []
+        for page in self.stream(self._stub.EnrollDevices, req):
+            existing.extend(page.existing)
+            bundles.extend(bundle_from_pb(b) for b in page.bundles)
+        return EnrolledBatch(bundles=tuple(bundles), existing=tuple(existing))
 
     def status(self) -> FleetStatus:
         r = self.call(self._stub.Status, fleet_pb2.StatusRequest())

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,7 +35,12 @@ from edgefleet.cloud.fl.federation import Federation
 from edgefleet.cloud.fl.service import FederatedServicer
 from edgefleet.cloud.grpc_tls import host_names, server_tls, split_host
 from edgefleet.cloud.home import secure_home
-from edgefleet.cloud.identity import BrokerAuth, IdentityStore, write_broker_material
+from edgefleet.cloud.identity import (
+    BrokerAuth,
+    CredentialApplier,
+    IdentityStore,
+    write_broker_material,
+)
 from edgefleet.cloud.inbound import Refusals
 from edgefleet.cloud.monitoring import Monitoring
 from edgefleet.cloud.replicas.mode import ReplicaMode
@@ -212,15 +216,12 @@ async def serve(
         )
         managed = broker
 
-        applying = threading.Lock()  # gRPC enrolments and the watcher, from threads
+        def rewrite_and_reload() -> None:
+            material()
+            managed.reload()
 
-        def apply_credentials() -> None:
-            with applying:
-                version = services.identities.version()
-                material()
-                managed.reload()
-                services.identities.mark_applied(version)
-
+        # gRPC enrolments and the watcher, from threads: one apply covers all waiting
+        apply_credentials = CredentialApplier(services.identities, rewrite_and_reload)
         app.apply_credentials = apply_credentials
 
         watcher = asyncio.create_task(
@@ -392,14 +393,14 @@ def advertised_url(listeners: list[tuple[str, int]]) -> str:
 
 async def watch_identities(
     identities: IdentityStore,
-    apply: Callable[[], None],
+    apply: Callable[[], bool],
     stop: asyncio.Event,
     *,
     interval: float = 0.2,
 ) -> None:
     """Rewrite the broker's password/ACL/CRL files and reload it (SIGHUP: other sessions
-    stay) whenever the credentials change (`fleet devices enroll|revoke|rm` in a shell),
-    then record the version applied (the shell waits for it)."""
+    stay) whenever the credentials change (`fleet devices enroll|revoke|rm` in a shell);
+    `apply` (a `CredentialApplier`) records the version applied (the shell waits for it)."""
     seen = identities.version()
     identities.mark_applied(seen)
     while not stop.is_set():
@@ -411,9 +412,9 @@ async def watch_identities(
             continue
         seen = now
         try:
-            await asyncio.to_thread(apply)
-            identities.mark_applied(now)
-            logger.info("MQTT credentials changed: broker reloaded")
+            # False: an enrolment served here applied it already (and waited for it)
+            if await asyncio.to_thread(apply):
+                logger.info("MQTT credentials changed: broker reloaded")
         except Exception:
             logger.exception("could not apply the new MQTT credentials")
 

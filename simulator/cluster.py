@@ -7,8 +7,7 @@ simulator.worker` child, and aggregates what they report::
 
     async with SimCluster(1000, broker_url=url, public_key_pem=pem, state_root=tmp,
                           processes=4) as sim:
-        for e in sim.ids_for_enrollment():
-            store.enroll(e.device_id, group=e.group, tags=e.tags)
+        store.enroll_many(device_specs(sim.ids_for_enrollment()))  # one transaction
         await sim.wait(lambda: sim.states()["active"] == 1000, timeout=60)
 
 Device ids and profiles are the same as a one-process `SimulatedFleet` with the

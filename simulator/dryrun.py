@@ -169,6 +169,7 @@ async def _simulate(
     from edgefleet.protos.topics import Topics
     from edgefleet.protos.transport import MqttAccess
     from edgefleet.simulator.cluster import SimCluster
+    from edgefleet.simulator.plan import device_specs
 
     client = LocalClient(settings)
     registry, store = client.registry, client.pipeline.store
@@ -201,8 +202,7 @@ async def _simulate(
             profile=profile,
             want_interval=1.0,
         )
-        for e in fleet.ids_for_enrollment():
-            dev_store.enroll(e.device_id, group=e.group, tags=e.tags)
+        dev_store.enroll_many(device_specs(fleet.ids_for_enrollment()))
         issued = identities.enroll_many(e.device_id for e in fleet.ids_for_enrollment())
         fleet.credentials.update({d: c.password for d, c in issued.items()})
         write_broker_material(identities, auth_dir, topics=Topics())

@@ -3,8 +3,7 @@
 ::
 
     async with SimulatedFleet(50, broker_url=url, public_key_pem=pem, state_root=tmp) as fleet:
-        for e in fleet.ids_for_enrollment():
-            store.enroll(e.device_id, group=e.group, tags=e.tags)
+        store.enroll_many(device_specs(fleet.ids_for_enrollment()))  # one transaction
         ...
         await fleet.wait(lambda: fleet.states()["active"] == 50, timeout=60)
 

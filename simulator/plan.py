@@ -7,21 +7,33 @@ process would: each worker takes its slice ``[first, first + n)`` of the whole.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.topics import check_device_id
 from edgefleet.simulator.profiles import Mix, Profile, parse_profile
 
+if TYPE_CHECKING:
+    from edgefleet.cloud.devices import DeviceSpec
+
 
 @dataclass(frozen=True)
 class Enrollment:
-    """What to enroll a simulated device with: `store.enroll(e.device_id, group=e.group, tags=e.tags)`."""
+    """What to enroll a simulated device with: `store.enroll_many(device_specs(plan))`."""
 
     device_id: str
     group: str
     tags: dict[str, str]
     profile: Profile
+
+
+def device_specs(enrollments: Iterable[Enrollment]) -> list[DeviceSpec]:
+    """What `DeviceStore.enroll_many` / `enroll_devices` take (one batch for them all)."""
+    from edgefleet.cloud.devices import DeviceSpec
+
+    return [DeviceSpec(e.device_id, e.group, dict(e.tags)) for e in enrollments]
 
 
 def plan(

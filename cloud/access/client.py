@@ -7,6 +7,7 @@ so the CLI without a running coordinator leaves the same trail as through one.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import inspect
 import logging
@@ -33,6 +34,7 @@ LOCAL_ACTIONS = {
     "import_model": "ImportModel",
     "promote": "Promote",
     "enroll_device": "EnrollDevice",
+    "enroll_devices": "EnrollDevices",
 }
 
 
@@ -57,6 +59,8 @@ def _jsonable(v: Any) -> Any:
         return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, list | tuple | set | frozenset):
         return [_jsonable(x) for x in v]
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
     return str(v)
 
 

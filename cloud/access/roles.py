@@ -37,6 +37,7 @@ METHODS: dict[str, Rule] = {
     _FLEET + "GetDevice": Rule(VIEWER),
     _FLEET + "Status": Rule(VIEWER),
     _FLEET + "EnrollDevice": Rule(ADMIN, audited=True),
+    _FLEET + "EnrollDevices": Rule(ADMIN, audited=True),
     # rollouts (Deploy covers staged rollouts and dry runs too)
     _FLEET + "Deploy": Rule(OPERATOR, audited=True),
     _FLEET + "ListRollouts": Rule(VIEWER),

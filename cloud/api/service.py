@@ -25,7 +25,7 @@ from edgefleet.cloud.api.convert import (
     summary_to_pb,
     version_to_pb,
 )
-from edgefleet.cloud.devices import DeviceFilter, Selector
+from edgefleet.cloud.devices import DeviceFilter, DeviceSpec, Selector
 from edgefleet.cloud.drift.convert import alert_to_pb, drift_to_pb
 from edgefleet.cloud.registry import ModelRef, ModelVersion
 from edgefleet.cloud.registry.entities import check_model_name, check_stage
@@ -39,6 +39,9 @@ from edgefleet.protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 logger = logging.getLogger(__name__)
 
 Push = Callable[[fleet_pb2.Progress], None]
+
+#: bundles per EnrollDevices answer message (~4 KB each: well under the message limit)
+ENROLL_PAGE = 500
 
 
 class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
@@ -188,6 +191,29 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         )
         logger.info("enrolled %s (group %r)", b.device_id, b.group)
         return bundle_to_pb(b)
+
+    async def EnrollDevices(
+        self, request: fleet_pb2.EnrollDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[fleet_pb2.EnrollDevicesReply]:
+        specs = [DeviceSpec(d.device_id, d.group, dict(d.tags)) for d in request.devices]
+        batch = await asyncio.to_thread(
+            lambda: self.app.enroll_devices(
+                specs, broker_url=self.advertise_broker, skip_existing=request.skip_existing
+            )
+        )
+        logger.info(
+            "enrolled %d devices in one batch (%d enrolled before, left as they were)",
+            len(batch.bundles),
+            len(batch.existing),
+        )
+        yield fleet_pb2.EnrollDevicesReply(
+            bundles=[bundle_to_pb(b) for b in batch.bundles[:ENROLL_PAGE]],
+            existing=list(batch.existing),
+        )
+        for i in range(ENROLL_PAGE, len(batch.bundles), ENROLL_PAGE):
+            yield fleet_pb2.EnrollDevicesReply(
+                bundles=[bundle_to_pb(b) for b in batch.bundles[i : i + ENROLL_PAGE]]
+            )
 
     async def Status(
         self, request: fleet_pb2.StatusRequest, context: grpc.aio.ServicerContext

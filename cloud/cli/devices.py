@@ -10,6 +10,14 @@ from typing import Annotated
 import typer
 
 from edgefleet.cloud.cli.context import auditor_of, client_of, local_of
+from edgefleet.cloud.cli.enrol import (
+    DEFAULT_BATCH,
+    BundleFolder,
+    check_all,
+    counted_ids,
+    enrol_in_batches,
+    ids_from_file,
+)
 from edgefleet.cloud.cli.fl import enroll_fl
 from edgefleet.cloud.cli.output import device_json, emit_json, err, print_device, print_devices
 from edgefleet.protos.errors import InvalidArgument, Unavailable
@@ -124,7 +132,26 @@ def rm(
 @app.command()
 def enroll(
     ctx: typer.Context,
-    device_id: Annotated[str, typer.Argument(metavar="ID", help="[A-Za-z0-9._-], 1-64 chars.")],
+    device_ids: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[ID]...", help="[A-Za-z0-9._-], 1-64 chars each."),
+    ] = None,
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-file",
+            "-f",
+            help="Device ids, one per line ('#' comments, blank lines skipped); '-': stdin.",
+        ),
+    ] = None,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", "-n", min=1, help="Enrol N devices named PREFIX-0000 … ."),
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", help="Id prefix for --count (PREFIX-0000, …).")
+    ] = None,
+    start: Annotated[int, typer.Option("--start", min=0, help="First number for --count.")] = 0,
     group: Annotated[str, typer.Option("--group", "-g", help="Group for selectors.")] = "",
     tag: Annotated[
         list[str] | None, typer.Option("--tag", "-t", help="KEY=VALUE (repeatable).")
@@ -134,21 +161,126 @@ def enroll(
         typer.Option(
             "--out",
             "-o",
-            help="Write the enrolment bundle here (mode 0600); '-': stdout. Required: a bundle "
-            "holds the device's private key and password.",
+            help="One device: write its enrolment bundle to this file (mode 0600); '-': "
+            "stdout. Several: a folder, one ID.json per device (mode 0600, folder 0700). "
+            "Required: a bundle holds the device's private key and password.",
         ),
     ] = None,
+    skip_existing: Annotated[
+        bool,
+        typer.Option(
+            "--skip-existing",
+            help="Several devices: leave those enrolled before as they are (their "
+            "credentials stay valid, their bundles are not rewritten) and enrol the others; "
+            "without it one such id enrols none.",
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Devices per enrolment call: each batch is one credential write and one "
+            "broker reload, all or nothing.",
+        ),
+    ] = DEFAULT_BATCH,
     fl: Annotated[
         bool,
         typer.Option(
             "--fl",
             help="Also enrol it for federated learning: the bundle carries a SuperNode key "
-            "the coordinator's SuperLink accepts, and the SuperLink's CA and address.",
+            "the coordinator's SuperLink accepts, and the SuperLink's CA and address "
+            "(one device at a time).",
         ),
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Several devices: print what was enrolled as JSON.")
+    ] = False,
 ) -> None:
-    """Enrol a device and write its enrolment bundle (JSON) for `fleet-agent enroll`."""
+    """Enrol devices and write their enrolment bundles (JSON) for `fleet-agent enroll`.
+
+    One ID: its bundle goes to --out FILE. Several (IDs, --from-file, --count with
+    --prefix): enrolled in batches (one credential write and one broker reload each, all
+    or nothing), bundles written to the --out folder."""
     tags = parse_tags(tag)
+    ids = _ids(device_ids or [], from_file, count, prefix, start)
+    many = len(ids) != 1 or from_file is not None or count is not None
+    if not many:
+        _enroll_one(ctx, ids[0], group=group, tags=tags, out_file=out_file, fl=fl)
+        return
+    if fl:
+        raise InvalidArgument(
+            f"--fl enrols one device at a time ({len(ids)} given): enrol them, then "
+            "'fleet devices enroll ID --fl' each … or 'fleet fl enroll ID'"
+        )
+    if out_file is None or str(out_file) == "-":
+        raise InvalidArgument(
+            f"the bundles of {len(ids)} devices hold their private keys and passwords: "
+            "write them to a folder with --out DIR (one ID.json each, mode 0600)"
+        )
+    check_all(ids)
+    folder = BundleFolder(out_file)
+    folder.prepare(ids, keep_existing=skip_existing)
+    client = client_of(ctx)
+
+    def progress(done: int, total: int) -> None:
+        if total > batch_size:
+            err.print(f"{done}/{total} devices")
+
+    outcome = enrol_in_batches(
+        lambda specs: client.enroll_devices(specs, skip_existing=skip_existing),
+        ids,
+        group=group,
+        tags=tags,
+        folder=folder,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if as_json:
+        emit_json(
+            {
+                "enrolled": outcome.enrolled,
+                "existing": outcome.existing,
+                "out": str(out_file),
+                "batches": outcome.batches,
+            }
+        )
+    skipped = (
+        f"; {len(outcome.existing)} enrolled before, left as they were" if outcome.existing else ""
+    )
+    err.print(
+        f"enrolled {len(outcome.enrolled)} devices in {outcome.batches} "
+        f"batch{'es' if outcome.batches != 1 else ''}; bundles written to {out_file}/ID.json"
+        f"{f' (broker {outcome.broker_url})' if outcome.broker_url else ''}{skipped}"
+    )
+
+
+def _ids(
+    given: list[str], from_file: Path | None, count: int | None, prefix: str | None, start: int
+) -> list[str]:
+    if (count is None) != (prefix is None):
+        raise InvalidArgument("--count and --prefix go together: e.g. --count 100 --prefix cam")
+    ids = list(given)
+    if from_file is not None:
+        ids += ids_from_file(from_file)
+    if count is not None and prefix is not None:
+        ids += counted_ids(prefix, count, start)
+    if not ids:
+        raise InvalidArgument(
+            "no devices to enrol: give IDs, --from-file FILE or --count N --prefix P"
+        )
+    return ids
+
+
+def _enroll_one(
+    ctx: typer.Context,
+    device_id: str,
+    *,
+    group: str,
+    tags: dict[str, str],
+    out_file: Path | None,
+    fl: bool,
+) -> None:
     if out_file is None:
         raise InvalidArgument(
             f"the bundle for {device_id} holds its private key and password: write it with "

@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from edgefleet.cloud.cli.context import coordinator_of, settings_of
+from edgefleet.cloud.cli.enrol import DEFAULT_BATCH
 from edgefleet.cloud.cli.output import emit_json
-from edgefleet.protos.errors import AlreadyExists, Conflict, Unavailable
+from edgefleet.protos.errors import Conflict, Unavailable
 
 if TYPE_CHECKING:
+    from edgefleet.cloud.services.api import FleetClient
     from edgefleet.simulator.cluster import SimCluster
     from edgefleet.simulator.faults import Fault
 
@@ -33,9 +35,11 @@ BUNDLE_FILE = "enrollment.json"
 CREDENTIALS_FILE = "credentials.json"
 
 
-def _enroll(client: Any, plan: list[Any], state_dir: Path) -> dict[str, Any]:
+def _enroll(client: FleetClient, plan: list[Any], state_dir: Path) -> dict[str, Any]:
     """Enrol every planned device not enrolled yet; the bundle fields they share, and
     under "passwords" each device's MQTT password (kept in STATE_DIR, mode 0600)."""
+    from edgefleet.cloud.devices import DeviceSpec
+
     cached = state_dir / BUNDLE_FILE
     secrets = state_dir / CREDENTIALS_FILE
     shared: dict[str, Any] | None = None
@@ -43,20 +47,23 @@ def _enroll(client: Any, plan: list[Any], state_dir: Path) -> dict[str, Any]:
         shared = json.loads(cached.read_text())
     passwords: dict[str, str] = json.loads(secrets.read_text()) if secrets.exists() else {}
     known: list[str] = []
-    for e in plan:
-        try:
-            b = client.enroll_device(e.device_id, group=e.group, tags=e.tags)
-        except AlreadyExists:
-            known.append(e.device_id)
-            continue
-        if b.password:
-            passwords[e.device_id] = b.password
-        if shared is None:
-            shared = {
-                "broker_url": b.broker_url,
-                "signing_public_key": b.signing_public_key,
-                "topic_prefix": b.topic_prefix,
-            }
+    # in batches (one credential write and one broker reload each); devices enrolled by
+    # an earlier run with this state directory are left as they are
+    for i in range(0, len(plan), DEFAULT_BATCH):
+        specs = [
+            DeviceSpec(e.device_id, e.group, dict(e.tags)) for e in plan[i : i + DEFAULT_BATCH]
+        ]
+        batch = client.enroll_devices(specs, skip_existing=True)
+        known += batch.existing
+        for b in batch.bundles:
+            if b.password:
+                passwords[b.device_id] = b.password
+            if shared is None:
+                shared = {
+                    "broker_url": b.broker_url,
+                    "signing_public_key": b.signing_public_key,
+                    "topic_prefix": b.topic_prefix,
+                }
     if shared is None:
         raise Conflict(
             f"devices {known[0]} … {known[-1]} are already enrolled and {cached} holds no "

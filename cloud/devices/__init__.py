@@ -3,5 +3,6 @@
 from edgefleet.cloud.devices.filters import DeviceFilter
 from edgefleet.cloud.devices.selector import Selector
 from edgefleet.cloud.devices.store import Device, DeviceEvent, DeviceStore
+from edgefleet.cloud.devices.values import DeviceSpec
 
-__all__ = ["Device", "DeviceEvent", "DeviceFilter", "DeviceStore", "Selector"]
+__all__ = ["Device", "DeviceEvent", "DeviceFilter", "DeviceSpec", "DeviceStore", "Selector"]

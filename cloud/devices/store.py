@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,13 +18,14 @@ from edgefleet.cloud.devices.selector import Selector
 from edgefleet.cloud.devices.values import (
     Accelerator,
     Capabilities,
+    DeviceSpec,
     ReasonCode,
     Reported,
     ServedModel,
     UpdateState,
 )
 from edgefleet.cloud.registry.tables import UtcDateTime
-from edgefleet.protos.errors import AlreadyExists, NotFound
+from edgefleet.protos.errors import AlreadyExists, InvalidArgument, NotFound
 from edgefleet.protos.topics import check_device_id
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,37 @@ def _reported(r: DeviceRow) -> Reported | None:
     )
 
 
+def check_batch_ids(device_ids: Iterable[str]) -> list[str]:
+    """The ids of a batch, each checked (InvalidArgument names the first bad or repeated
+    one, and says what is accepted)."""
+    ids: list[str] = []
+    seen: set[str] = set()
+    for n, d in enumerate(device_ids, 1):
+        try:
+            check_device_id(d)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"entry {n}: {e}; nothing was enrolled") from None
+        if d in seen:
+            raise InvalidArgument(
+                f"entry {n}: device {d!r} is listed twice (each id once); nothing was enrolled"
+            )
+        seen.add(d)
+        ids.append(d)
+    if not ids:
+        raise InvalidArgument("no devices to enrol: give at least one device id")
+    return ids
+
+
+def already_enrolled(known: Sequence[str]) -> str:
+    if len(known) == 1:
+        return f"device {known[0]!r} is already enrolled"
+    more = f" and {len(known) - 3} more" if len(known) > 3 else ""
+    return (
+        f"{len(known)} of these devices are already enrolled: "
+        f"{', '.join(repr(d) for d in known[:3])}{more}"
+    )
+
+
 def _set_active(row: DeviceRow, m: ServedModel) -> None:
     row.active_model, row.active_version = m.model, m.version
     row.active_variant, row.active_sha256 = m.variant, m.sha256
@@ -284,6 +316,62 @@ class DeviceStore(DatabaseUser):
             except IntegrityError:
                 raise AlreadyExists(f"device {device_id!r} is already enrolled") from None
             return _device(row)
+
+    def enroll_many(
+        self, specs: Sequence[DeviceSpec], *, now: datetime | None = None
+    ) -> list[Device]:
+        """Enrol many devices in one transaction: all or none. AlreadyExists names the
+        ids enrolled before (nothing is added then)."""
+        ids = check_batch_ids(d.device_id for d in specs)
+        at = now or _now()
+        template = DeviceRow(device_id="-", enrolled_at=at).model_dump(exclude={"id"})
+        rows = [
+            {**template, "device_id": d.device_id, "group": d.group, "tags": dict(d.tags)}
+            for d in specs
+        ]
+        table: sa.Table = DeviceRow.__table__  # type: ignore[attr-defined]
+        with self._session() as s:
+            known = self._existing(s, ids)
+            if known:
+                raise AlreadyExists(already_enrolled(known))
+            try:
+                for i in range(0, len(rows), _BATCH):
+                    s.execute(sa.insert(table), rows[i : i + _BATCH])
+                s.commit()
+            except IntegrityError:  # enrolled meanwhile by someone else: theirs stand
+                s.rollback()
+                raise AlreadyExists(already_enrolled(self._existing(s, ids))) from None
+        return [
+            Device(
+                device_id=r["device_id"],
+                group=r["group"],
+                tags=r["tags"],
+                enrolled_at=at,
+                online=False,
+                last_seen=None,
+                agent_version="",
+                capabilities=None,
+                active=None,
+                reported=None,
+                desired_generation=0,
+                rollout_id="",
+            )
+            for r in rows
+        ]
+
+    def existing(self, device_ids: Sequence[str]) -> list[str]:
+        """Which of `device_ids` are enrolled (revoked ones included), in their order."""
+        with self._session() as s:
+            return self._existing(s, device_ids)
+
+    def _existing(self, s: Session, device_ids: Sequence[str]) -> list[str]:
+        found: set[str] = set()
+        for i in range(0, len(device_ids), _BATCH):
+            part = list(device_ids[i : i + _BATCH])
+            found.update(
+                s.exec(select(DeviceRow.device_id).where(col(DeviceRow.device_id).in_(part)))
+            )
+        return [d for d in device_ids if d in found]
 
     def revoke(self, device_id: str, *, now: datetime | None = None) -> Device:
         """Mark the device revoked (offline, nothing it sends recorded any more)."""

@@ -13,7 +13,8 @@ protobuf numbers with one table each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -114,3 +115,12 @@ class Reported:
 
 
 __all__ = ["Accelerator", "Capabilities", "ReasonCode", "Reported", "ServedModel", "UpdateState"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """A device to enrol: its id, group (for selectors) and tags."""
+
+    device_id: str
+    group: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)

@@ -13,10 +13,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from edgefleet.cloud.services.values import EnrollmentBundle, EpochProgress, FleetStatus
+from edgefleet.cloud.services.values import (
+    EnrolledBatch,
+    EnrollmentBundle,
+    EpochProgress,
+    FleetStatus,
+)
 
 if TYPE_CHECKING:
-    from edgefleet.cloud.devices import Device, DeviceFilter, Selector
+    from edgefleet.cloud.devices import Device, DeviceFilter, DeviceSpec, Selector
     from edgefleet.cloud.drift import Alert, DriftRow
     from edgefleet.cloud.pipeline import VerifyResult
     from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
@@ -77,6 +82,13 @@ class FleetClient(Protocol):
     def enroll_device(
         self, device_id: str, *, group: str, tags: Mapping[str, str]
     ) -> EnrollmentBundle: ...
+    def enroll_devices(
+        self, specs: Sequence[DeviceSpec], *, skip_existing: bool = False
+    ) -> EnrolledBatch:
+        """Many devices in one batch: one credential write, one broker reload. All or
+        none: a bad, repeated or (without skip_existing) already enrolled id enrols none."""
+        ...
+
     def status(self) -> FleetStatus: ...
     def create_rollout(
         self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool

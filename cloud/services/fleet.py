@@ -8,6 +8,7 @@ CLI in-process (audit, and what a CLI without a coordinator must refuse); the
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,14 +18,20 @@ from typing import TYPE_CHECKING
 
 import edgefleet
 from edgefleet.cloud.config import DEFAULT_MQTT_PORT, ServeInfo
-from edgefleet.cloud.devices import Device, DeviceFilter, Selector
+from edgefleet.cloud.devices import Device, DeviceFilter, DeviceSpec, Selector
+from edgefleet.cloud.devices.store import already_enrolled, check_batch_ids
 from edgefleet.cloud.identity import DeviceCredential
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.replicas import ReplicaInfo
 from edgefleet.cloud.replicas.registry import ReplicaStore
 from edgefleet.cloud.rollouts import Policy, Rollout, RolloutDevice
 from edgefleet.cloud.services.api import QuantizeProgress
-from edgefleet.cloud.services.values import EnrollmentBundle, EpochProgress, FleetStatus
+from edgefleet.cloud.services.values import (
+    EnrolledBatch,
+    EnrollmentBundle,
+    EpochProgress,
+    FleetStatus,
+)
 from edgefleet.cloud.services.wiring import Services
 from edgefleet.cloud.signing import load_public
 from edgefleet.protos.errors import AlreadyExists, FleetError, NotFound
@@ -49,7 +56,7 @@ class FleetApp:
         self.services = services
         self.settings = services.settings
         #: set by `fleet serve` for its own broker: apply changed credentials now
-        self.apply_credentials: Callable[[], None] | None = None
+        self.apply_credentials: Callable[[], object] | None = None
 
     # -- models
 
@@ -184,17 +191,71 @@ class FleetApp:
                 "the running coordinator's broker has not applied the new credentials yet"
             )
 
+    def enroll_devices(
+        self, specs: Sequence[DeviceSpec], *, broker_url: str, skip_existing: bool = False
+    ) -> EnrolledBatch:
+        """Enrol many devices at once: one write of the credential records, one database
+        transaction, one broker apply (a running `fleet serve` reloads once per batch).
+
+        All or nothing: a bad or repeated id (InvalidArgument, naming it and what is
+        accepted) or an id enrolled before (AlreadyExists) enrols none. With
+        `skip_existing`, ids enrolled before are left as they are (their credentials
+        stay valid) and listed in the answer; the others are enrolled."""
+        devices, identities = self.services.devices, self.services.identities
+        ids = check_batch_ids(s.device_id for s in specs)
+        known = devices.existing(ids)
+        if known and not skip_existing:
+            raise AlreadyExists(
+                f"{already_enrolled(known)}; nothing was enrolled (--skip-existing leaves "
+                "devices enrolled before as they are and enrols the others)"
+            )
+        skip = set(known)
+        todo = [s for s in specs if s.device_id not in skip]
+        if not todo:
+            return EnrolledBatch(bundles=(), existing=tuple(known))
+        creds = identities.enroll_many(s.device_id for s in todo)
+        try:
+            enrolled = devices.enroll_many(todo)
+        except BaseException:
+            # undo ours; ids someone else enrolled meanwhile keep the device they made
+            with contextlib.suppress(FleetError):
+                skip |= set(devices.existing([s.device_id for s in todo]))
+            identities.revoke_many(s.device_id for s in todo if s.device_id not in skip)
+            raise
+        self._wait_broker()
+        common = self._bundle_common(broker_url)
+        logger.info("enrolled %d devices in one batch (%d existed)", len(enrolled), len(known))
+        return EnrolledBatch(
+            bundles=tuple(self._bundle(d, common, creds[d.device_id]) for d in enrolled),
+            existing=tuple(known),
+        )
+
     def bundle(
         self, d: Device, *, broker_url: str, credential: DeviceCredential | None = None
     ) -> EnrollmentBundle:
+        return self._bundle(d, self._bundle_common(broker_url), credential)
+
+    def _bundle_common(self, broker_url: str) -> dict[str, str]:
+        """The fields every device's bundle shares (read once per batch)."""
         ring = self.services.keyring
         ring.ensure()  # a FLEET_HOME from before key lists gets its root key now
+        return {
+            "root_public_key": ring.root_pub_path.read_text(),
+            "key_list": base64.b64encode(ring.key_list_bytes()).decode(),
+            "broker_url": broker_url,
+            "signing_public_key": self.settings.public_key_path.read_text(),
+        }
+
+    @staticmethod
+    def _bundle(
+        d: Device, common: Mapping[str, str], credential: DeviceCredential | None
+    ) -> EnrollmentBundle:
         return EnrollmentBundle(
-            root_public_key=ring.root_pub_path.read_text(),
-            key_list=base64.b64encode(ring.key_list_bytes()).decode(),
+            root_public_key=common["root_public_key"],
+            key_list=common["key_list"],
             device_id=d.device_id,
-            broker_url=broker_url,
-            signing_public_key=self.settings.public_key_path.read_text(),
+            broker_url=common["broker_url"],
+            signing_public_key=common["signing_public_key"],
             group=d.group,
             tags=dict(d.tags),
             username=credential.username if credential else None,

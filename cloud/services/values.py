@@ -68,6 +68,15 @@ class EnrollmentBundle:
 
 
 @dataclass(frozen=True)
+class EnrolledBatch:
+    """What `enroll_devices` did: a bundle per device enrolled now, in the order asked,
+    and the ids left as they were because they were enrolled before (skip_existing)."""
+
+    bundles: tuple[EnrollmentBundle, ...]
+    existing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class FleetStatus:
     coordinator: str  # HOST:PORT, or "" when none is running
     coordinator_version: str

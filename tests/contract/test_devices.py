@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgefleet.cloud.devices import DeviceStore, Selector
+from edgefleet.cloud.devices import DeviceSpec, DeviceStore, Selector
 from edgefleet.cloud.devices.store import Birth
 from edgefleet.cloud.devices.values import (
     Accelerator,
@@ -37,6 +37,25 @@ def test_enroll_list_and_select(devices: DeviceStore) -> None:
     assert ids("device=gw-1,cam-1") == ["cam-1", "gw-1"]
     with pytest.raises(NotFound, match="not enrolled"):
         devices.get("cam-9")
+
+
+def test_enroll_many_is_one_transaction_all_or_none(devices: DeviceStore) -> None:
+    specs = [DeviceSpec(f"b-{i:04d}", "lab", {"n": str(i)}) for i in range(1200)]
+    made = devices.enroll_many(specs)
+    assert [d.device_id for d in made] == [s.device_id for s in specs]
+    assert made[0] == devices.get("b-0000")  # what it returns is what a read gives
+    assert devices.get("b-1199").tags == {"n": "1199"}
+    assert len(devices.find(Selector.parse("group=lab"))) == 1200
+    with pytest.raises(AlreadyExists, match=r"2 of these devices are already enrolled: 'b-0001'"):
+        devices.enroll_many([DeviceSpec("c-1"), DeviceSpec("b-0001"), DeviceSpec("b-0002")])
+    with pytest.raises(InvalidArgument, match=r"entry 2: device id 'no/slash'"):
+        devices.enroll_many([DeviceSpec("c-1"), DeviceSpec("no/slash")])
+    with pytest.raises(InvalidArgument, match=r"'c-1' is listed twice"):
+        devices.enroll_many([DeviceSpec("c-1"), DeviceSpec("c-1")])
+    with pytest.raises(InvalidArgument, match="no devices to enrol"):
+        devices.enroll_many([])
+    assert devices.existing(["c-1", "b-0007", "zz"]) == ["b-0007"]
+    assert len(devices.find()) == 1200
 
 
 def test_status_reported_and_generations(devices: DeviceStore) -> None:

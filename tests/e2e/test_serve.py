@@ -191,6 +191,41 @@ def test_enroll_writes_a_bundle_and_devices_lists_it(
     assert json.loads(st.out)["coordinator"] == served.grpc
 
 
+def test_batch_enroll_through_the_coordinator_and_every_device_gets_in(
+    cli: Cli, home: Path, served: ServeInfo, tmp_path: Path
+) -> None:
+    from edgefleet.cloud.identity import IdentityStore
+    from edgefleet.protos.transport import MqttAccess, MqttTransport
+
+    h = ("--home", str(home), "--coordinator", served.grpc)
+    out = tmp_path / "bulk"
+    bad = cli(*h, "devices", "enroll", "bulk-ok", "bulk bad", "--out", str(out))
+    assert bad.code == 1 and "device id 'bulk bad'" in bad.err
+    r = cli(*h, "devices", "enroll", "--count", "15", "--prefix", "bulk", "--out", str(out))
+    assert r.code == 0, r.err
+    assert "enrolled 15 devices in 1 batch" in r.err
+    ids = IdentityStore(home / "keys" / "mqtt")
+    assert ids.applied() >= ids.version()  # the coordinator's broker runs with them
+    bundles = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert [b["device_id"] for b in bundles] == [f"bulk-{i:04d}" for i in range(15)]
+    assert {b["broker_url"] for b in bundles} == {served.advertise_broker}
+    # one known id refuses the whole batch through gRPC too: the new one is not enrolled
+    refused = cli(*h, "devices", "enroll", "bulk-0001", "bulk-99", "--out", str(tmp_path / "x"))
+    assert refused.code == 1 and "error (already-exists)" in refused.err
+    assert "bulk-99" not in cli(*h, "devices", "ls").out
+
+    async def connects(b: dict[str, Any]) -> bool:
+        access = MqttAccess(b["broker_url"], username=b["username"], password=b["password"])
+        async with MqttTransport(access.settings(b["device_id"])) as t:
+            await t.wait_connected(timeout=10)
+        return True
+
+    async def every() -> list[bool]:
+        return list(await asyncio.gather(*(connects(b) for b in bundles)))
+
+    assert asyncio.run(every()) == [True] * 15
+
+
 def test_deploy_to_a_device_never_online_fails(cli: Cli, home: Path, served: ServeInfo) -> None:
     h = ("--home", str(home))
     assert cli(*h, "devices", "enroll", "d-never", "--out", "-").code == 0

@@ -16,6 +16,7 @@ from edgefleet.agent.serde import UpdateState
 from edgefleet.protos.fleet.v1 import device_pb2
 from edgefleet.protos.transport import Message, MqttTransport
 from edgefleet.simulator.fleet import SimulatedFleet
+from edgefleet.simulator.plan import device_specs
 from tests.e2e.conftest import MakeHome
 from tests.support.e2e import Version, local_coordinator, wait_online
 from tests.support.identity import SecureBroker
@@ -114,8 +115,7 @@ def test_deploy_survives_corrupt_chunks_and_a_crash_mid_download(
         want_interval=0.5,
     )
     broker.enroll_fleet(fleet, prefix=prefix)
-    for e in fleet.ids_for_enrollment():
-        devices.enroll(e.device_id, group=e.group, tags=e.tags)
+    devices.enroll_many(device_specs(fleet.ids_for_enrollment()))
     corrupt, victim = "sim-0001", "sim-0002"
     expected = {"cpu": "int8", "gpu": "fp16", "npu": "int8", "litert": "tflite-int8"}
 

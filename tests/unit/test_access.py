@@ -32,6 +32,7 @@ def test_state_changing_methods_are_audited_and_need_more_than_viewer() -> None:
         "Quantize",
         "Promote",
         "EnrollDevice",
+        "EnrollDevices",
         "Deploy",
         "ControlRollout",
         "StartRun",

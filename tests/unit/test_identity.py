@@ -217,3 +217,65 @@ def test_enrol_bundles_carry_a_credential_and_broker_acl_writes_the_material(
     cli("broker", "acl", "--out", str(material))
     assert "cam-1" not in (material / "devices.passwd").read_text()
     assert "user cam-1\ntopic deny #" in (material / "devices.acl").read_text()
+
+
+def test_versions_grow_with_every_write_and_another_store_sees_them(tmp_path: Path) -> None:
+    a, b = IdentityStore(tmp_path / "keys"), IdentityStore(tmp_path / "keys")
+    versions = [a.version()]
+    for d in ("x1", "x2", "x3"):  # back to back: within one file-time tick, often
+        a.enroll(d)
+        versions.append(a.version())
+    assert versions == sorted(set(versions))  # strictly growing
+    assert set(b.password_hashes(kind="device")) == {"x1", "x2", "x3"}  # read, not cached
+    b.revoke_many(["x1", "x2"])
+    assert set(a.password_hashes(kind="device")) == {"x3"}
+    assert a.version() > versions[-1]
+    with pytest.raises(NotFound, match="'ghost' has no MQTT credential"):
+        a.revoke_many(["x3", "ghost"])
+    assert set(a.password_hashes(kind="device")) == {"x3"}  # all or none
+
+
+def test_a_batch_applies_the_credentials_once(tmp_path: Path) -> None:
+    """One batch, one apply (its real broker files written once); an apply that finds its
+    change applied already does nothing; concurrent single enrolments share applies."""
+    import threading
+
+    from edgefleet.cloud.client import LocalClient
+    from edgefleet.cloud.config import load_settings
+    from edgefleet.cloud.devices import DeviceSpec
+    from edgefleet.cloud.identity import CredentialApplier
+
+    client = LocalClient(load_settings(home=tmp_path / "home"))
+    client.init()
+    ids = client.identities
+    ids.coordinator()  # as `fleet serve` makes it before its broker starts
+    auth_dir = tmp_path / "auth"
+
+    def rewrite() -> None:
+        write_broker_material(ids, auth_dir, topics=Topics())
+
+    applier = CredentialApplier(ids, rewrite)
+    client.app.apply_credentials = applier
+    try:
+        batch = client.enroll_devices([DeviceSpec(f"u-{i:02d}") for i in range(30)], broker_url="-")
+        assert len(batch.bundles) == 30
+        assert applier.applies == 1
+        assert ids.applied() == ids.version()
+        users = {ln.split(":")[0] for ln in (auth_dir / "devices.passwd").read_text().splitlines()}
+        assert users == {f"u-{i:02d}" for i in range(30)}
+        assert applier() is False and applier.applies == 1  # nothing new: nothing applied
+
+        def one(i: int) -> None:
+            client.enroll_device(f"s-{i}", group="", tags={}, broker_url="-")
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 2 <= applier.applies <= 9
+        assert ids.applied() == ids.version()
+        passwd = (auth_dir / "devices.passwd").read_text()
+        assert all(f"s-{i}:$7$" in passwd for i in range(8))
+    finally:
+        client.close()

@@ -771,6 +771,60 @@ class EnrollDeviceRequest(_message.Message):
 Global___EnrollDeviceRequest: _TypeAlias = EnrollDeviceRequest  # noqa: Y015
 
 @_typing.final
+class EnrollDevicesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICES_FIELD_NUMBER: _builtins.int
+    SKIP_EXISTING_FIELD_NUMBER: _builtins.int
+    skip_existing: _builtins.bool
+    """ids enrolled before are left as they are and listed in `existing` (without it,
+    one such id refuses the whole batch with ALREADY_EXISTS)
+    """
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnrollDeviceRequest]: ...
+    def __init__(
+        self,
+        *,
+        devices: _abc.Iterable[Global___EnrollDeviceRequest] | None = ...,
+        skip_existing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "skip_existing", b"skip_existing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollDevicesRequest: _TypeAlias = EnrollDevicesRequest  # noqa: Y015
+
+@_typing.final
+class EnrollDevicesReply(_message.Message):
+    """One page of the answer: the first lists the ids skipped as enrolled before; every
+    page carries bundles, in the order the devices were asked for.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUNDLES_FIELD_NUMBER: _builtins.int
+    EXISTING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bundles(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnrollmentBundle]: ...
+    @_builtins.property
+    def existing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        bundles: _abc.Iterable[Global___EnrollmentBundle] | None = ...,
+        existing: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundles", b"bundles", "existing", b"existing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollDevicesReply: _TypeAlias = EnrollDevicesReply  # noqa: Y015
+
+@_typing.final
 class EnrollmentBundle(_message.Message):
     """Everything a device needs to join: written to a file, installed with
     `fleet-agent enroll BUNDLE`.

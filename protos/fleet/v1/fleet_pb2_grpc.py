@@ -88,6 +88,11 @@ class FleetServiceStub:
                 request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollmentBundle.FromString,
                 _registered_method=True)
+        self.EnrollDevices = channel.unary_stream(
+                '/fleet.v1.FleetService/EnrollDevices',
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesReply.FromString,
+                _registered_method=True)
         self.Deploy = channel.unary_stream(
                 '/fleet.v1.FleetService/Deploy',
                 request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.DeployRequest.SerializeToString,
@@ -197,6 +202,14 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollDevices(self, request, context):
+        """Many devices in one batch (one credential write, one broker reload): all or none.
+        The bundles come back in pages (10,000 bundles are ~40 MB).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Deploy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -300,6 +313,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.EnrollDevice,
                     request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.FromString,
                     response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollmentBundle.SerializeToString,
+            ),
+            'EnrollDevices': grpc.unary_stream_rpc_method_handler(
+                    servicer.EnrollDevices,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesReply.SerializeToString,
             ),
             'Deploy': grpc.unary_stream_rpc_method_handler(
                     servicer.Deploy,
@@ -616,6 +634,33 @@ class FleetService:
             '/fleet.v1.FleetService/EnrollDevice',
             edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDeviceRequest.SerializeToString,
             edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollmentBundle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleet.v1.FleetService/EnrollDevices',
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class FleetServiceStub:
     ListDevices: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListDevicesRequest, _fleet_pb2.ListDevicesResponse]
     GetDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetDeviceRequest, _fleet_pb2.DeviceInfo]
     EnrollDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.EnrollDeviceRequest, _fleet_pb2.EnrollmentBundle]
+    EnrollDevices: _grpc.UnaryStreamMultiCallable[_fleet_pb2.EnrollDevicesRequest, _fleet_pb2.EnrollDevicesReply]
+    """Many devices in one batch (one credential write, one broker reload): all or none.
+    The bundles come back in pages (10,000 bundles are ~40 MB).
+    """
     Deploy: _grpc.UnaryStreamMultiCallable[_fleet_pb2.DeployRequest, _fleet_pb2.Progress]
     Status: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.StatusRequest, _fleet_pb2.StatusResponse]
     ListRollouts: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListRolloutsRequest, _fleet_pb2.ListRolloutsResponse]
@@ -78,6 +82,10 @@ class FleetServiceAsyncStub(FleetServiceStub):
     ListDevices: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListDevicesRequest, _fleet_pb2.ListDevicesResponse]  # type: ignore[assignment]
     GetDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetDeviceRequest, _fleet_pb2.DeviceInfo]  # type: ignore[assignment]
     EnrollDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.EnrollDeviceRequest, _fleet_pb2.EnrollmentBundle]  # type: ignore[assignment]
+    EnrollDevices: _aio.UnaryStreamMultiCallable[_fleet_pb2.EnrollDevicesRequest, _fleet_pb2.EnrollDevicesReply]  # type: ignore[assignment]
+    """Many devices in one batch (one credential write, one broker reload): all or none.
+    The bundles come back in pages (10,000 bundles are ~40 MB).
+    """
     Deploy: _aio.UnaryStreamMultiCallable[_fleet_pb2.DeployRequest, _fleet_pb2.Progress]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_fleet_pb2.StatusRequest, _fleet_pb2.StatusResponse]  # type: ignore[assignment]
     ListRollouts: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListRolloutsRequest, _fleet_pb2.ListRolloutsResponse]  # type: ignore[assignment]
@@ -166,6 +174,16 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _fleet_pb2.EnrollDeviceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.EnrollmentBundle, _abc.Awaitable[_fleet_pb2.EnrollmentBundle]]: ...
+
+    @_abc_1.abstractmethod
+    def EnrollDevices(
+        self,
+        request: _fleet_pb2.EnrollDevicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fleet_pb2.EnrollDevicesReply], _abc.AsyncIterator[_fleet_pb2.EnrollDevicesReply]]:
+        """Many devices in one batch (one credential write, one broker reload): all or none.
+        The bundles come back in pages (10,000 bundles are ~40 MB).
+        """
 
     @_abc_1.abstractmethod
     def Deploy(
