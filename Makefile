@@ -52,8 +52,8 @@ test-slow: install
 
 # The slow failover and clustered-broker tests (marker `cluster`, a subset of test-slow) that
 # CI runs after `make test`: coordinator replicas on a 3-node NATS cluster with the leader
-# SIGKILLed mid-canary, the SIGSTOPped leader on Mosquitto, a NATS node SIGKILLed
-# mid-download, an agent release stopped at the canary. Timing: README.md.
+# (or the NATS node under it) SIGKILLed mid-canary, the SIGSTOPped leader on Mosquitto, a
+# NATS node SIGKILLed mid-download, an agent release stopped at the canary. Timing: README.md.
 test-cluster: install
 	$(BIN)/pytest -m cluster -q --durations=0 --durations-min=5
 

@@ -8,7 +8,9 @@ The broker is one Mosquitto (shared subscriptions: each window reaches one repli
 or (slow, `nats-kill`) a 3-node NATS cluster: the replicas on different nodes, the
 agents spread over all three, everyone on MQTT 3.1.1; NATS has no shared
 subscriptions, so every window reaches both replicas and the (device, seq) key keeps
-one row. Replica mode on SQLite is refused in one line.
+one row; `nats-node` (slow) kills the NATS node under the leader instead, and the leader
+leads on from another node. Federated calls on a follower name the leader; replica mode
+on SQLite is refused in one line.
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ CLUSTER = [pytest.mark.slow, pytest.mark.cluster]
         pytest.param("kill", "mosquitto", id="kill"),
         pytest.param("pause", "mosquitto", id="pause", marks=CLUSTER),
         pytest.param("kill", "nats", id="nats-kill", marks=CLUSTER),
+        pytest.param("node", "nats", id="nats-node", marks=CLUSTER),
     ],
 )
 def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout(
@@ -186,7 +189,9 @@ def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout
     """`kill`: SIGKILL. `pause` (slow): SIGSTOP, so its session and lock linger until
     the lease runs out; after the takeover it gets SIGCONT and must step down without
     acting (its writes are fenced) and stay on as a follower. `nats-kill` (slow): SIGKILL
-    with the replicas and agents on a 3-node NATS cluster."""
+    with the replicas and agents on a 3-node NATS cluster. `nats-node` (slow): the NATS
+    node the leader is connected to is SIGKILLed instead: the leader's clients and that
+    node's devices move to the next node, and the leader leads on in the same term."""
     from edgefleet.cloud.client import read_token
 
     case = request.node.callspec.id
@@ -321,20 +326,27 @@ def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout
                     )
             token_before = next(r.token for r in await asyncio.to_thread(replicas.list) if r.leader)
             killed_at = time.monotonic()
+            lead_after, live = other, [other]  # who leads at the end; whose metrics count
             if fault == "kill":
                 procs[first].send_signal(signal.SIGKILL)  # no cleanup of any kind
                 await asyncio.to_thread(procs[first].wait)
-            else:
+            elif fault == "pause":
                 procs[first].send_signal(signal.SIGSTOP)
+            else:  # the broker node under the leader dies, not the leader
+                assert nats is not None
+                lead_after, live = first, [a, b]
+                await asyncio.to_thread(nats.kill, 0 if first == a else 1)
             before = await asyncio.to_thread(rollouts.get, rid)
             assert (before.state, before.stage, before.current.state) == ("canary", 0, "baking")
-            async with asyncio.timeout(4 * LEASE_S + 10):
-                while await leader() != other:
-                    await asyncio.sleep(0.05)
-            failover_s = time.monotonic() - killed_at
-            now = {r.replica_id: r for r in await asyncio.to_thread(replicas.list)}
-            assert now[other].leader and now[other].token > token_before
-            assert not now[first].leader  # the dead one stays listed, its heartbeat ageing
+            failover_s = 0.0
+            if fault != "node":
+                async with asyncio.timeout(4 * LEASE_S + 10):
+                    while await leader() != other:
+                        await asyncio.sleep(0.05)
+                failover_s = time.monotonic() - killed_at
+                now = {r.replica_id: r for r in await asyncio.to_thread(replicas.list)}
+                assert now[other].leader and now[other].token > token_before
+                assert not now[first].leader  # the dead one stays listed, its heartbeat ageing
             if fault == "pause":  # back from its pause: it must find out and follow
                 procs[first].send_signal(signal.SIGCONT)
                 log = homes[first] / "serve.log"
@@ -387,19 +399,36 @@ def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout
                     await asyncio.sleep(1.0)
             assert not dupes
             assert min(len(s) for s in windows.values()) >= 5
-            assert await asyncio.to_thread(counted, infos[other].metrics) > ingested[other]
-            if nats is not None:  # it got the windows the other one stored too, and kept none
-                assert await asyncio.to_thread(counted, infos[other].metrics, "duplicated") > 0
+            after = [await asyncio.to_thread(counted, infos[n].metrics) for n in live]
+            assert sum(after) > sum(ingested[n] for n in live)
+            if nats is not None:  # they got the windows the other one stored too, kept none
+                dup = [
+                    await asyncio.to_thread(counted, infos[n].metrics, "duplicated") for n in live
+                ]
+                assert sum(dup) > 0
             st = await asyncio.to_thread(fleet, infos[other].grpc, "status", "--json")
             doc = json.loads(st.out)
-            assert doc["leader"] == other
-            assert [r["replica_id"] for r in doc["replicas"] if r["leader"]] == [other]
-            stale = next(r for r in doc["replicas"] if r["replica_id"] == first)
-            assert stale["leader"] is False and stale["last_heartbeat_s"] >= 0
-            print(
-                f"\nfailover ({case}): leader {first} lost, {other} leads after {failover_s:.2f}s "
-                f"(lease {LEASE_S:g}s); {sum(len(s) for s in windows.values())} telemetry rows"
-            )
+            assert doc["leader"] == lead_after
+            assert [r["replica_id"] for r in doc["replicas"] if r["leader"]] == [lead_after]
+            if fault == "node":
+                assert nats is not None
+                # one term throughout: no replica took over while the node was down
+                now = {r.replica_id: r for r in await asyncio.to_thread(replicas.list)}
+                assert now[first].leader and now[first].token == token_before
+                # every device and both replicas now on the two surviving nodes
+                on = [await asyncio.to_thread(nats.mqtt_clients, i) for i in nats.alive()]
+                assert set(cluster.ids()) <= set().union(*on)
+                assert sum(x.startswith("coordinator-") for c in on for x in c) == 2, on
+                print(f"\nbroker node under leader {first} killed; it led on; ", end="")
+            else:
+                stale = next(r for r in doc["replicas"] if r["replica_id"] == first)
+                assert stale["leader"] is False and stale["last_heartbeat_s"] >= 0
+                print(
+                    f"\nfailover ({case}): leader {first} lost, {other} leads after "
+                    f"{failover_s:.2f}s (lease {LEASE_S:g}s); ",
+                    end="",
+                )
+            print(f"{sum(len(s) for s in windows.values())} telemetry rows")
 
     try:
         if nats is not None:
