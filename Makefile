@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install system-deps arm64-deps test test-slow test-arm64 demo lint bench protos protos-check dist clean
+.PHONY: install system-deps arm64-deps test test-slow test-cluster test-arm64 demo lint bench protos protos-check dist clean
 
 install: $(STAMP)
 
@@ -49,6 +49,13 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -m slow -q
+
+# The slow failover and clustered-broker tests (marker `cluster`, a subset of test-slow) that
+# CI runs after `make test`: coordinator replicas on a 3-node NATS cluster with the leader
+# (or the NATS node under it) SIGKILLed mid-canary, the SIGSTOPped leader on Mosquitto, a
+# NATS node SIGKILLed mid-download, an agent release stopped at the canary. Timing: README.md.
+test-cluster: install
+	$(BIN)/pytest -m cluster -q --durations=0 --durations-min=5
 
 # The agent-only wheel on Debian arm64 under qemu-user-static (tests/e2e/test_aarch64.py,
 # docs/agent.md): needs root for binfmt_misc, chroot and mounts. The debootstrapped root

@@ -61,6 +61,7 @@ from edgefleet.protos.errors import (
     InvalidArgument,
     NotFound,
     Unauthenticated,
+    Unavailable,
 )
 from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
@@ -259,7 +260,12 @@ class Coordinator:
         self._reconciler = asyncio.create_task(self._reconcile(), name="desired-reconciler")
         await self.transport.wait_connected(timeout=30)
         if self._key_list is not None:
-            await self.publish_keys()
+            try:
+                await self.publish_keys()
+            except Unavailable as e:
+                # the link dropped before the broker acknowledged (a busy cluster node
+                # closes it): the transport reconnects and the key watcher publishes it
+                logger.warning("key list not published yet (%s); will try again", e)
             self._keys_task = asyncio.create_task(self._watch_keys(), name="key-list")
         return self
 

@@ -299,7 +299,9 @@ async def serve(
                     ),
                     server,
                 )
-                fl_servicer = FederatedServicer(federation)
+                fl_servicer = FederatedServicer(
+                    federation, elsewhere=replica.fl_elsewhere if replica is not None else None
+                )
                 if replica is not None:  # hook: given the federation while leading
                     replica.fl_servicer = fl_servicer
                 federated_pb2_grpc.add_FederatedServiceServicer_to_server(fl_servicer, server)

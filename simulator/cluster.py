@@ -81,7 +81,11 @@ class SimCluster:
         log_level: str = "WARNING",
         credentials: Mapping[str, str] | None = None,
         telemetry_interval: float = 10.0,
+        spread: Sequence[str] = (),
+        mqtt_version: str = "auto",
     ) -> None:
+        """`spread` and `mqtt_version` as `SimulatedFleet` takes them (device i on
+        ``spread[i % k]`` first, counted over the whole cluster)."""
         self.profile = parse_profile(profile)
         self.enrollments = plan(n, self.profile, seed=seed, id_prefix=id_prefix)
         k = default_processes(n) if processes is None else processes
@@ -104,6 +108,8 @@ class SimCluster:
             "connect_timeout": connect_timeout,
             "log_level": log_level,
             "telemetry_interval": telemetry_interval,
+            "spread": list(spread),
+            "mqtt_version": mqtt_version,
         }
         #: device id -> MQTT password (username = device id); each worker gets its share
         #: in a 0600 file (never on a command line)

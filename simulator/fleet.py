@@ -389,7 +389,13 @@ class SimulatedFleet:
         first: int = 0,
         total: int | None = None,
         credentials: Credentials | None = None,
+        spread: Sequence[str] = (),
+        mqtt_version: str = "auto",
     ) -> None:
+        """`spread`: a cluster's broker URLs to spread the devices over: the device with
+        fleet index i (counting from `first`) connects to ``spread[i % k]`` first and
+        lists the others after it, as its enrolment bundle would (`broker_url` is then
+        unused). `mqtt_version`: auto, 5 or 3.1.1 for every device."""
         if n < 1:
             raise InvalidArgument(f"simulated fleet size {n} must be >= 1")
         if batch_size < 1:
@@ -408,11 +414,18 @@ class SimulatedFleet:
 
             data_dirs = write_partitions(state_root, ids, dataset=dataset, alpha=alpha, seed=seed)
         self._devices: dict[str, SimulatedDevice] = {}
+        nodes = list(spread)
         for i, (dev_id, prof) in enumerate(zip(ids, profiles, strict=True)):
+            urls = [broker_url]
+            if nodes:
+                k = (first + i) % len(nodes)
+                urls = nodes[k:] + nodes[:k]
             settings = AgentSettings(
                 device_id=dev_id,
                 state_dir=state_root / dev_id / "agent",
-                broker_url=broker_url,
+                broker_url=urls[0],
+                broker_urls=urls[1:],
+                mqtt_version=mqtt_version,
                 public_key_pem=public_key_pem,
                 topic_prefix=topic_prefix,
                 listen="127.0.0.1:0" if (listen_first and i == 0) else "",

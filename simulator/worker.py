@@ -214,6 +214,8 @@ async def run(spec: dict[str, Any]) -> None:
         batch_size=int(spec.get("batch_size", 100)),
         connect_timeout=float(spec.get("connect_timeout", 120.0)),
         credentials=_passwords(spec.get("passwords_file")),
+        spread=list(spec.get("spread") or ()),
+        mqtt_version=str(spec.get("mqtt_version", "auto")),
     )
     start = time.monotonic()
     async with fleet:

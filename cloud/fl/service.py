@@ -6,7 +6,8 @@ Conversions between `FlRun` / `FlEnrollment` and the protobuf messages are in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -16,57 +17,68 @@ from edgefleet.cloud.api.convert import (
     run_to_pb,
 )
 from edgefleet.cloud.fl.federation import Federation
-from edgefleet.protos.errors import Conflict
+from edgefleet.protos.errors import Conflict, Unavailable
 from edgefleet.protos.fleet.v1 import federated_pb2, federated_pb2_grpc
 
 
 class FederatedServicer(federated_pb2_grpc.FederatedServiceServicer):
-    """Serves runs of `federation`; with None (FL off) every call says how to turn it on."""
+    """Serves runs of `federation`; with None (FL off) every call says how to turn it on.
 
-    def __init__(self, federation: Federation | None) -> None:
+    `elsewhere` (replicas): asked (in a thread) while this process has no federation;
+    a line saying where federated learning runs instead (a follower names the leader),
+    answered as `Unavailable`, or None for the plain "off" answer."""
+
+    def __init__(
+        self,
+        federation: Federation | None,
+        *,
+        elsewhere: Callable[[], str | None] | None = None,
+    ) -> None:
         self._federation = federation
+        self.elsewhere = elsewhere
 
-    @property
-    def federation(self) -> Federation:
-        if self._federation is None:
-            raise Conflict(
-                "federated learning is off on this coordinator: restart it with 'fleet serve --fl'"
-            )
-        return self._federation
+    async def federation(self) -> Federation:
+        fed = self._federation
+        if fed is not None:
+            return fed
+        if self.elsewhere is not None:
+            why = await asyncio.to_thread(self.elsewhere)
+            if why is not None:
+                raise Unavailable(why)
+        raise Conflict(
+            "federated learning is off on this coordinator: restart it with 'fleet serve --fl'"
+        )
 
     async def StartRun(
         self, request: federated_pb2.StartRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[federated_pb2.RunInfo]:
-        run = await self.federation.start_run(request_from_pb(request))
-        async for r in self.federation.watch(run.run_id):
+        fed = await self.federation()
+        run = await fed.start_run(request_from_pb(request))
+        async for r in fed.watch(run.run_id):
             yield run_to_pb(r)
 
     async def WatchRun(
         self, request: federated_pb2.RunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[federated_pb2.RunInfo]:
-        async for r in self.federation.watch(request.run_id):
+        async for r in (await self.federation()).watch(request.run_id):
             yield run_to_pb(r)
 
     async def GetRun(
         self, request: federated_pb2.RunRequest, context: grpc.aio.ServicerContext
     ) -> federated_pb2.RunInfo:
-        import asyncio
-
-        return run_to_pb(await asyncio.to_thread(self.federation.store.get_run, request.run_id))
+        store = (await self.federation()).store
+        return run_to_pb(await asyncio.to_thread(store.get_run, request.run_id))
 
     async def ListRuns(
         self, request: federated_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> federated_pb2.ListRunsResponse:
-        import asyncio
-
+        store = (await self.federation()).store
         runs = await asyncio.to_thread(
-            lambda: self.federation.store.list_runs(
-                model=request.model or None, limit=request.limit or 50
-            )
+            lambda: store.list_runs(model=request.model or None, limit=request.limit or 50)
         )
         return federated_pb2.ListRunsResponse(runs=[run_to_pb(r) for r in runs])
 
     async def EnrollNode(
         self, request: federated_pb2.EnrollNodeRequest, context: grpc.aio.ServicerContext
     ) -> federated_pb2.NodeEnrollment:
-        return enrollment_to_pb(await self.federation.enroll(request.device_id))
+        return enrollment_to_pb(await (await self.federation()).enroll(request.device_id))

@@ -23,6 +23,7 @@ from edgefleet.cloud.replicas.runtime import (
     ReplicaMonitoring,
     check_replica_settings,
     default_replica_id,
+    fl_elsewhere,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +61,13 @@ class ReplicaMode:
         if self.settings.grpc_listen.rpartition(":")[0] in ("0.0.0.0", "[::]", "::"):
             host = socket.getfqdn()
         self.address = f"{host}:{port}"
+
+    def fl_elsewhere(self) -> str | None:
+        """For the FederatedServicer while this replica has no federation: with `--fl`,
+        where federated learning runs instead (the leader); without, None (FL is off)."""
+        if not self.settings.fl:
+            return None
+        return fl_elsewhere(self.registry, self.replica_id)
 
     @property
     def telemetry_home(self) -> str:

@@ -191,6 +191,29 @@ class Elector:
         logger.warning("replica %s stops leading (token %d): %s", self.replica_id, self._token, why)
 
 
+def fl_elsewhere(registry: ReplicaStore, replica_id: str) -> str:
+    """Why replica `replica_id` (FL on, no federation now) cannot take a federated call:
+    one line naming the leader and its address, or saying an election or the start of
+    its own federation is under way."""
+    leaders = [r for r in registry.list() if r.leader]
+    if not leaders:
+        return (
+            f"replica {replica_id} does not lead and no replica leads right now (an election "
+            "is under way): federated learning runs on the leader; try again in a few seconds"
+        )
+    lead = leaders[0]
+    if lead.replica_id == replica_id:
+        return (
+            f"replica {replica_id} leads but its federation is still starting (or stopping): "
+            "try again in a few seconds"
+        )
+    return (
+        f"replica {replica_id} does not lead: federated learning runs on the leader "
+        f"{lead.replica_id} at {lead.address}; send it there "
+        f"(fleet --coordinator {lead.address} fl …)"
+    )
+
+
 def check_replica_settings(settings: Any) -> None:
     """Replica mode needs PostgreSQL, a shared artifact store and an external broker;
     one line naming what is accepted otherwise."""
@@ -216,4 +239,5 @@ __all__ = [
     "ReplicaMonitoring",
     "check_replica_settings",
     "default_replica_id",
+    "fl_elsewhere",
 ]

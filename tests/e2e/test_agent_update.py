@@ -443,6 +443,7 @@ def test_an_agent_that_dies_after_the_switch_is_rolled_back_while_predict_answer
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_a_release_whose_agent_fails_its_check_or_its_switch_stops_at_the_canary(
     home: Path, releases: dict[str, Path], broker: SecureBroker, tmp_path: Path
 ) -> None:

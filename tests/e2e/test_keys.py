@@ -220,3 +220,41 @@ def test_an_encrypted_root_key_needs_its_passphrase(
     r = cli("keys", "rotate", "--root-key", str(offline), "--root-passphrase", passphrase)
     assert r.code == 0, r.err
     assert json.loads(cli("keys", "ls", "--json").out)["version"] == 3
+
+
+def test_a_key_list_publish_cut_off_at_start_is_published_after_the_reconnect(
+    fleet_home: Path, cli: Cli, broker: SecureBroker
+) -> None:
+    """A busy cluster node (NATS: JetStream cannot store the retained message in time)
+    closes the coordinator's connection before acknowledging its key list: the
+    coordinator starts anyway, reconnects and publishes it then (it used to exit)."""
+    from edgefleet.protos.transport import MqttAccess, broker_address
+    from tests.support.mqtt_proxy import CuttingProxy
+
+    assert cli("init").code == 0
+    settings = load_settings(home=fleet_home)
+    client = LocalClient(settings)
+    devices = DeviceStore(settings.registry_url)
+    ring = KeyRing(settings.keys_dir)
+    own = broker.coordinator()
+
+    async def main() -> None:
+        _host, port = broker_address(broker.coordinator_url)
+        async with CuttingProxy(port, cut_topic="ef/v1/keys") as proxy:
+            via = MqttAccess(proxy.url, username=own.username, password=own.password)
+            async with local_coordinator(client, devices, via, key_list=ring.key_list_bytes):
+                assert proxy.cuts == 1
+                got: list[bytes] = []
+                watcher = MqttTransport(broker.watcher("keys"))
+                await watcher.subscribe("ef/v1/keys")
+                async with watcher, asyncio.timeout(30):
+                    inbox = watcher.messages()
+                    while not got or got[-1] != ring.key_list_bytes():
+                        got.append((await anext(inbox)).payload)
+                assert proxy.connections >= 2  # it came back through the proxy
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 90))
+    finally:
+        devices.close()
+        client.close()

@@ -145,6 +145,7 @@ def test_agents_fail_over_between_nats_nodes_and_retained_messages_survive(
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_deploy_over_a_nats_cluster_survives_a_node_killed_mid_download(
     home: Path, tmp_path: Path
 ) -> None:

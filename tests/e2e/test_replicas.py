@@ -1,9 +1,16 @@
 """Two coordinator replicas (`fleet serve --replica`) on a real PostgreSQL, moto's S3
-server and one Mosquitto, 50 real agents (SimCluster, own credentials), a staged
-rollout: the leader is SIGKILLed (or, slow, SIGSTOPped) during the canary's bake,
-the other replica takes over and finishes the rollout; every device ends on the new version, updated once;
-every telemetry window is stored exactly once across the replicas. Replica mode on
-SQLite is refused in one line.
+server and a broker, 50 real agents (SimCluster, own credentials), a staged rollout:
+the leader is SIGKILLed (or, slow, SIGSTOPped) during the canary's bake, the other
+replica takes over and finishes the rollout; every device ends on the new version,
+updated once; every telemetry window is stored exactly once across the replicas.
+
+The broker is one Mosquitto (shared subscriptions: each window reaches one replica),
+or (slow, `nats-kill`) a 3-node NATS cluster: the replicas on different nodes, the
+agents spread over all three, everyone on MQTT 3.1.1; NATS has no shared
+subscriptions, so every window reaches both replicas and the (device, seq) key keeps
+one row; `nats-node` (slow) kills the NATS node under the leader instead, and the leader
+leads on from another node. Federated calls on a follower name the leader; replica mode
+on SQLite is refused in one line.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from tests.conftest import Cli, CliResult
 from tests.contract.conftest import _AWS_ENV
 from tests.e2e.test_rollouts import _stop
 from tests.support.identity import SecureBroker
+from tests.support.nats import NatsCluster, find_nats_server, nats_version
 from tests.support.postgres import PostgresUnavailable, TempPostgres
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,7 +116,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
 
 
 def serve_replica(
-    home: Path, name: str, broker_url: str
+    home: Path, name: str, broker_url: str, *options: str
 ) -> tuple[subprocess.Popen[bytes], ServeInfo]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "AWS_"))}
     env.update(AWS_ENV, PYTHONPATH=str(REPO))
@@ -119,6 +127,7 @@ def serve_replica(
             *("--replica", "--replica-id", name, "--lease", str(LEASE_S)),
             *("--broker", broker_url, "--grpc-listen", "127.0.0.1:0"),
             *("--metrics-listen", "127.0.0.1:0"),
+            *options,
         ],
         cwd=REPO,
         env=env,
@@ -142,46 +151,91 @@ def serve_replica(
     pytest.fail(f"replica {name} did not start within 90 s")
 
 
-def written(metrics_url: str) -> float:
-    """The replica's count of new telemetry rows committed (its /metrics)."""
+def counted(metrics_url: str, name: str = "written") -> float:
+    """A telemetry counter of the replica's /metrics: `written` (new rows committed),
+    `received` (windows decoded)."""
     with urllib.request.urlopen(metrics_url, timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith("edgefleet_telemetry_written_total "):
+            if line.startswith(f"edgefleet_telemetry_{name}_total "):
                 return float(line.split()[1])
     return 0.0
 
 
-@pytest.mark.parametrize("fault", ["kill", pytest.param("pause", marks=pytest.mark.slow)])
+def nats_skip() -> str | None:
+    """Why the NATS case cannot run here (None: it can)."""
+    try:
+        if nats_version(find_nats_server()) < (2, 9):
+            return "nats-server older than 2.9 (MQTT + JetStream)"
+    except NotFound:
+        return "nats-server is not installed (make system-deps)"
+    return None
+
+
+CLUSTER = [pytest.mark.slow, pytest.mark.cluster]
+
+
+@pytest.mark.parametrize(
+    ("fault", "broker_kind"),
+    [
+        pytest.param("kill", "mosquitto", id="kill"),
+        pytest.param("pause", "mosquitto", id="pause", marks=CLUSTER),
+        pytest.param("kill", "nats", id="nats-kill", marks=CLUSTER),
+        pytest.param("node", "nats", id="nats-node", marks=CLUSTER),
+    ],
+)
 def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout(
-    shared: Shared, broker: SecureBroker, cli: Cli, fault: str
+    shared: Shared, request: pytest.FixtureRequest, cli: Cli, fault: str, broker_kind: str
 ) -> None:
     """`kill`: SIGKILL. `pause` (slow): SIGSTOP, so its session and lock linger until
     the lease runs out; after the takeover it gets SIGCONT and must step down without
-    acting (its writes are fenced) and stay on as a follower."""
+    acting (its writes are fenced) and stay on as a follower. `nats-kill` (slow): SIGKILL
+    with the replicas and agents on a 3-node NATS cluster. `nats-node` (slow): the NATS
+    node the leader is connected to is SIGKILLed instead: the leader's clients and that
+    node's devices move to the next node, and the leader leads on in the same term."""
     from edgefleet.cloud.client import read_token
 
+    case = request.node.callspec.id
+    if broker_kind == "nats" and (why := nats_skip()) is not None:
+        pytest.skip(why)
     settings = load_settings(home=shared.home)
     token = read_token(settings.token_path)
     # both replicas connect with FLEET_HOME's coordinator credential (made here, before
     # the copy: an operator copies keys/ to every replica)
-    broker.use_identities(IdentityStore(settings.identity_dir))
-    a, b, group = f"{fault}-a", f"{fault}-b", f"rep-{fault}"
+    identities = IdentityStore(settings.identity_dir)
+    identities.coordinator()  # (NATS writes its users from it: before the copy too)
+    nats: NatsCluster | None = None
+    if broker_kind == "nats":
+        nats = NatsCluster(shared.root / f"nats-{case}", identities)
+        # each replica on its own node first, then the others (its MQTT clients fail over)
+        replica_urls = [",".join(nats.urls_from(0)), ",".join(nats.urls_from(1))]
+        agent_url, spread, mqtt_version = nats.mqtt_urls[0], nats.mqtt_urls, "3.1.1"
+    else:
+        broker: SecureBroker = request.getfixturevalue("broker")
+        broker.use_identities(identities)
+        replica_urls = [broker.coordinator_url] * 2
+        agent_url, spread, mqtt_version = broker.url, [], "auto"
+    a, b, group = f"{case}-a", f"{case}-b", f"rep-{case}"
     home_b = shared.root / f"home-{b}"  # the other replica: a copy of the keys and settings
     shutil.copytree(shared.home, home_b, ignore=shutil.ignore_patterns("serve.*"))
     db = Database(shared.db_url)
     devices, rollouts, replicas = DeviceStore(db), RolloutStore(db), ReplicaStore(db)
     cluster = SimCluster(
         N,
-        broker_url=broker.url,
+        broker_url=agent_url,
         public_key_pem=settings.public_key_path.read_text(),
-        state_root=shared.root / f"devices-{fault}",
+        state_root=shared.root / f"devices-{case}",
         processes=2,
         profile="cpu",
-        id_prefix=fault,
+        id_prefix=case,
         want_interval=0.5,
         telemetry_interval=1.0,
+        spread=spread,  # NATS: device i on node i % 3 first
+        mqtt_version=mqtt_version,
     )
-    broker.enroll_fleet(cluster)
+    if nats is not None:
+        cluster.credentials = nats.enroll(cluster.ids())
+    else:
+        broker.enroll_fleet(cluster)
     for e in cluster.ids_for_enrollment():
         devices.enroll(e.device_id, group=group)
     selector = Selector.parse(f"group={group}")
@@ -205,15 +259,27 @@ def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout
             await asyncio.sleep(0.05)
 
     async def main() -> None:
-        for name, home in ((a, shared.home), (b, home_b)):
-            procs[name], infos[name] = await asyncio.to_thread(
-                serve_replica, home, name, broker.coordinator_url
-            )
+        for (name, home), url in zip(((a, shared.home), (b, home_b)), replica_urls, strict=True):
+            procs[name], infos[name] = await asyncio.to_thread(serve_replica, home, name, url)
         async with cluster:
             await cluster.wait(lambda: cluster.online() == N, 60, what="all online")
             async with asyncio.timeout(60):  # the replicas recorded their births
                 while len(await asyncio.to_thread(devices.find, selector, online=True)) < N:
                     await asyncio.sleep(0.2)
+            if nats is not None:  # spread over the nodes: device i on node i % 3 first
+                ids = cluster.ids()
+                on = [await asyncio.to_thread(nats.mqtt_clients, i) for i in range(3)]
+                assert set(ids) <= set().union(*on)
+                for i, clients in enumerate(on):
+                    # (a node that refused a connect at once, JetStream busy, sent that
+                    # device on to the next node of its list: most stay where planned)
+                    mine = set(ids[i::3])
+                    assert len(mine & clients) >= len(mine) // 2, (i, sorted(mine - clients))
+                # the replicas' control clients on two different nodes
+                coords = [
+                    i for i, c in enumerate(on) if any(x.startswith("coordinator-") for x in c)
+                ]
+                assert len(coords) == 2, on
             async with asyncio.timeout(30):
                 first = await leader()
             other = b if first == a else a
@@ -244,24 +310,43 @@ def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout
                 while (cur := await asyncio.to_thread(rollouts.get, rid)).current.state != "baking":
                     await asyncio.sleep(0.05)
             # both replicas ingest telemetry: the shared subscription spreads the windows
-            ingested = {n: await asyncio.to_thread(written, i.metrics) for n, i in infos.items()}
-            assert all(v > 0 for v in ingested.values()), ingested
+            # (NATS: each gets every window; whichever commits first writes the row)
+            got = {
+                n: await asyncio.to_thread(counted, i.metrics, "received") for n, i in infos.items()
+            }
+            assert all(v > 0 for v in got.values()), got
+            ingested = {n: await asyncio.to_thread(counted, i.metrics) for n, i in infos.items()}
+            if nats is None:
+                assert all(v > 0 for v in ingested.values()), ingested
+            else:  # NATS refused the shared subscription: each replica took a plain one
+                for home in homes.values():
+                    assert (
+                        "subscribing to ef/v1/dev/+/telemetry instead"
+                        in (home / "serve.log").read_text()
+                    )
             token_before = next(r.token for r in await asyncio.to_thread(replicas.list) if r.leader)
             killed_at = time.monotonic()
+            lead_after, live = other, [other]  # who leads at the end; whose metrics count
             if fault == "kill":
                 procs[first].send_signal(signal.SIGKILL)  # no cleanup of any kind
                 await asyncio.to_thread(procs[first].wait)
-            else:
+            elif fault == "pause":
                 procs[first].send_signal(signal.SIGSTOP)
+            else:  # the broker node under the leader dies, not the leader
+                assert nats is not None
+                lead_after, live = first, [a, b]
+                await asyncio.to_thread(nats.kill, 0 if first == a else 1)
             before = await asyncio.to_thread(rollouts.get, rid)
             assert (before.state, before.stage, before.current.state) == ("canary", 0, "baking")
-            async with asyncio.timeout(4 * LEASE_S + 10):
-                while await leader() != other:
-                    await asyncio.sleep(0.05)
-            failover_s = time.monotonic() - killed_at
-            now = {r.replica_id: r for r in await asyncio.to_thread(replicas.list)}
-            assert now[other].leader and now[other].token > token_before
-            assert not now[first].leader  # the dead one stays listed, its heartbeat ageing
+            failover_s = 0.0
+            if fault != "node":
+                async with asyncio.timeout(4 * LEASE_S + 10):
+                    while await leader() != other:
+                        await asyncio.sleep(0.05)
+                failover_s = time.monotonic() - killed_at
+                now = {r.replica_id: r for r in await asyncio.to_thread(replicas.list)}
+                assert now[other].leader and now[other].token > token_before
+                assert not now[first].leader  # the dead one stays listed, its heartbeat ageing
             if fault == "pause":  # back from its pause: it must find out and follow
                 procs[first].send_signal(signal.SIGCONT)
                 log = homes[first] / "serve.log"
@@ -300,7 +385,7 @@ def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout
                                 "SELECT device_id, seq, count(*) FROM telemetry "
                                 "WHERE device_id LIKE :p GROUP BY device_id, seq"
                             ),
-                            {"p": f"{fault}-%"},
+                            {"p": f"{case}-%"},
                         ).all()
                     dupes = [r for r in rows if r[2] != 1]
                     windows = {}
@@ -314,23 +399,83 @@ def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout
                     await asyncio.sleep(1.0)
             assert not dupes
             assert min(len(s) for s in windows.values()) >= 5
-            assert await asyncio.to_thread(written, infos[other].metrics) > ingested[other]
+            after = [await asyncio.to_thread(counted, infos[n].metrics) for n in live]
+            assert sum(after) > sum(ingested[n] for n in live)
+            if nats is not None:  # they got the windows the other one stored too, kept none
+                dup = [
+                    await asyncio.to_thread(counted, infos[n].metrics, "duplicated") for n in live
+                ]
+                assert sum(dup) > 0
             st = await asyncio.to_thread(fleet, infos[other].grpc, "status", "--json")
             doc = json.loads(st.out)
-            assert doc["leader"] == other
-            assert [r["replica_id"] for r in doc["replicas"] if r["leader"]] == [other]
-            stale = next(r for r in doc["replicas"] if r["replica_id"] == first)
-            assert stale["leader"] is False and stale["last_heartbeat_s"] >= 0
-            print(
-                f"\nfailover ({fault}): leader {first} lost, {other} leads after {failover_s:.2f}s "
-                f"(lease {LEASE_S:g}s); {sum(len(s) for s in windows.values())} telemetry rows"
-            )
+            assert doc["leader"] == lead_after
+            assert [r["replica_id"] for r in doc["replicas"] if r["leader"]] == [lead_after]
+            if fault == "node":
+                assert nats is not None
+                # one term throughout: no replica took over while the node was down
+                now = {r.replica_id: r for r in await asyncio.to_thread(replicas.list)}
+                assert now[first].leader and now[first].token == token_before
+                # every device and both replicas now on the two surviving nodes
+                on = [await asyncio.to_thread(nats.mqtt_clients, i) for i in nats.alive()]
+                assert set(cluster.ids()) <= set().union(*on)
+                assert sum(x.startswith("coordinator-") for c in on for x in c) == 2, on
+                print(f"\nbroker node under leader {first} killed; it led on; ", end="")
+            else:
+                stale = next(r for r in doc["replicas"] if r["replica_id"] == first)
+                assert stale["leader"] is False and stale["last_heartbeat_s"] >= 0
+                print(
+                    f"\nfailover ({case}): leader {first} lost, {other} leads after "
+                    f"{failover_s:.2f}s (lease {LEASE_S:g}s); ",
+                    end="",
+                )
+            print(f"{sum(len(s) for s in windows.values())} telemetry rows")
 
     try:
+        if nats is not None:
+            nats.start()
         asyncio.run(main())
     finally:
         for p in procs.values():
             _stop(p)
+        if nats is not None:
+            nats.stop()
+        db.close()
+
+
+def test_federated_calls_on_a_follower_name_the_leader_in_one_line(
+    shared: Shared, broker: SecureBroker, cli: Cli
+) -> None:
+    """`fleet fl start` (and `fl ls`) sent to a follower started with --fl: refused in one
+    line naming the leader and its address (the leader's SuperLink runs the rounds; no
+    Flower needed here: the leader is a lease the test holds)."""
+    from edgefleet.cloud.client import read_token
+    from edgefleet.cloud.replicas.lease import LeaderLease
+
+    settings = load_settings(home=shared.home)
+    token = read_token(settings.token_path)
+    broker.use_identities(IdentityStore(settings.identity_dir))
+    db = Database(shared.db_url)
+    lease = LeaderLease(db, "fl-leader", lease_s=120)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        assert lease.try_acquire() is not None
+        ReplicaStore(db).heartbeat("fl-leader", "10.0.0.9:7443")
+        proc, info = serve_replica(shared.home, "fl-follower", broker.coordinator_url, "--fl")
+        for args in (("fl", "start", "digits:1", "--rounds", "1"), ("fl", "ls")):
+            r = cli("--coordinator", info.grpc, "--token", token, *args)
+            lines = [line for line in r.err.splitlines() if line.strip()]
+            assert r.code == 1 and len(lines) == 1, r.err
+            assert lines[0] == (
+                "error (unavailable): replica fl-follower does not lead: federated learning "
+                "runs on the leader fl-leader at 10.0.0.9:7443; send it there "
+                "(fleet --coordinator 10.0.0.9:7443 fl …)"
+            ), lines[0]
+    finally:
+        if proc is not None:
+            _stop(proc)
+        lease.release()
+        lease.close()
+        ReplicaStore(db).remove("fl-leader")
         db.close()
 
 

@@ -9,17 +9,20 @@ their enrolled passwords and cannot touch another device's topics.
 
     with NatsCluster(tmp / "nats", identities, prefixes=["t-x"]) as cluster:
         cluster.mqtt_urls        # one per node
+        cluster.mqtt_clients(0)  # MQTT client ids connected to node 0 (its /connz)
         cluster.kill(1)          # SIGKILL node 1
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -59,6 +62,7 @@ class Node:
     client_port: int
     route_port: int
     mqtt_port: int
+    http_port: int  # monitoring (/connz)
     store: Path
     conf: Path
     log: Path
@@ -90,6 +94,7 @@ class NatsCluster:
                 client_port=free_port(HOST),
                 route_port=free_port(HOST),
                 mqtt_port=free_port(HOST),
+                http_port=free_port(HOST),
                 store=root / f"n{i}" / "store",
                 conf=root / f"n{i}" / "nats.conf",
                 log=root / f"n{i}" / "nats.log",
@@ -132,6 +137,7 @@ class NatsCluster:
             [
                 f"server_name: {node.name}",
                 f"listen: {HOST}:{node.client_port}",
+                f"http: {HOST}:{node.http_port}",
                 f'jetstream {{ store_dir: "{node.store}" }}',
                 cluster,
                 # retained messages and sessions on every node: one may die
@@ -235,6 +241,13 @@ class NatsCluster:
     @property
     def mqtt_urls(self) -> list[str]:
         return [n.mqtt_url for n in self.nodes]
+
+    def mqtt_clients(self, index: int) -> set[str]:
+        """The MQTT client ids connected to node `index` now (its monitoring /connz)."""
+        url = f"http://{HOST}:{self.nodes[index].http_port}/connz?limit=100000"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            conns = json.load(r)["connections"]
+        return {c["mqtt_client"] for c in conns if c.get("mqtt_client")}
 
     def urls_from(self, index: int) -> list[str]:
         """Every node's URL, starting at node `index` (a device's multi-URL bundle)."""

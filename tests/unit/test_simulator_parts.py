@@ -245,3 +245,39 @@ def test_partition_traffic_gives_each_device_its_own_rows() -> None:
     # skewed: a device's label mix differs from another's
     mixes = [np.bincount(parts[i][1], minlength=10) / len(parts[i][1]) for i in ids]
     assert np.abs(mixes[0] - mixes[1]).sum() > 0.5
+
+
+# -- spreading devices over a cluster's nodes ----------------------------------------------
+
+
+def test_spread_puts_device_i_on_node_i_mod_k_first_listing_the_others(tmp_path: Path) -> None:
+    from edgefleet.simulator.fleet import SimulatedFleet
+
+    pem = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    nodes = ["mqtt://127.0.0.1:1", "mqtt://127.0.0.1:2", "mqtt://127.0.0.1:3"]
+    # a worker's share of a cluster: fleet indexes 4 and 5 (of 6)
+    fleet = SimulatedFleet(
+        2,
+        broker_url="mqtt://unused:1",
+        public_key_pem=pem,
+        state_root=tmp_path,
+        first=4,
+        total=6,
+        spread=nodes,
+        mqtt_version="3.1.1",
+    )
+    got = [(d.settings.broker_url, d.settings.broker_urls) for d in fleet]
+    assert got == [(nodes[1], [nodes[2], nodes[0]]), (nodes[2], [nodes[0], nodes[1]])]
+    assert {d.settings.mqtt_version for d in fleet} == {"3.1.1"}
+    plain = SimulatedFleet(1, broker_url=nodes[0], public_key_pem=pem, state_root=tmp_path)
+    (d,) = plain
+    assert (d.settings.broker_url, d.settings.broker_urls, d.settings.mqtt_version) == (
+        nodes[0],
+        [],
+        "auto",
+    )
