@@ -59,7 +59,11 @@ def _jsonable(v: Any) -> Any:
         return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, list | tuple | set | frozenset):
         return [_jsonable(x) for x in v]
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+    if (  # a plain value (DeviceSpec) as its fields; one with its own text (ModelRef) as that
+        dataclasses.is_dataclass(v)
+        and not isinstance(v, type)
+        and type(v).__str__ is object.__str__
+    ):
         return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
     return str(v)
 

@@ -159,7 +159,8 @@ class IdentityStore:
             time.sleep(0.05)
 
     def users(self) -> dict[str, dict[str, Any]]:
-        return dict(self._read()["users"])
+        """Every user's record (copies: the parsed records are shared with the cache)."""
+        return {u: dict(r) for u, r in self._read()["users"].items()}
 
     def password_hashes(self, *, kind: str) -> dict[str, str]:
         """{username: $7$ hash} of the live (not revoked) users of `kind`."""

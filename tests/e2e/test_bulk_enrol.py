@@ -200,3 +200,10 @@ def test_fleet_devices_enroll_count_writes_one_bundle_per_device_and_refuses_bad
     assert json.loads(r.out)["enrolled"] == ["new-9"]
     assert (out / "cam-0003.json").read_bytes() == before
     assert (out / "new-9.json").exists()
+    # each batch is in the audit log with the devices it named, refused ones too
+    r = cli("audit", "ls", "--json", "--action", "EnrollDevices")
+    entries = json.loads(r.out)
+    results = [e["result"] for e in entries]
+    assert results.count("ok") == 2 and "ALREADY_EXISTS" in results, results
+    named = [[d["device_id"] for d in e["args"]["specs"]] for e in entries]
+    assert ["cam-0003", "new-9"] in named
