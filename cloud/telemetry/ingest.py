@@ -405,12 +405,14 @@ class TelemetrySubscriber:
                 f"topic {msg._topic[:200]!r}: {e}",
             )
 
-    def start(self, *, timeout: float = 30.0) -> None:
+    def start(self, *, timeout: float | None = 30.0) -> None:
+        """Connect (paho's thread) and wait up to `timeout` s for the broker; None: do
+        not wait (paho keeps trying; `connected` tells)."""
         ep = self.settings.endpoint
         self.ingest.start()
         self._client.connect_async(ep.host, ep.port, self.settings.keepalive)
         self._client.loop_start()
-        if not self.connected.wait(timeout):
+        if timeout is not None and not self.connected.wait(timeout):
             self.stop()
             raise Unavailable(
                 f"telemetry subscriber could not connect to {self.settings.url} in {timeout:g}s"
