@@ -323,6 +323,7 @@ class TelemetrySubscriber:
         self.filter = self.topics.all_devices("telemetry")
         self.subscription = f"$share/{SHARE_GROUP}/{self.filter}" if shared else self.filter
         self.connected = threading.Event()
+        self.connected_at = 0.0  # time.time() of the first CONNACK (benchmarks)
         # MQTT 3.1.1 on purpose: paho builds a Properties object for every MQTT 5
         # PUBLISH (~25 µs each), which halves what one subscriber drains. Shared
         # subscriptions work on 3.1.1 with Mosquitto; the session is persistent
@@ -366,6 +367,8 @@ class TelemetrySubscriber:
             logger.warning("telemetry subscriber: broker refused: %s", rc)
             return
         c.subscribe(self.subscription, qos=1)
+        if not self.connected_at:
+            self.connected_at = time.time()
         self.connected.set()
         logger.info("telemetry subscriber connected to %s", self.settings.url)
 

@@ -26,6 +26,7 @@ It needs nothing from the leader: every replica may run its own pool.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 #: a worker that stayed up this long starts its next restart backoff from the beginning
 STABLE_S = 30.0
-MAX_WORKERS = 64
+MAX_WORKERS = 16
 
 
 @dataclass
@@ -110,9 +111,7 @@ class IngestPool:
         self._stop.clear()
         for slot in self._slots:
             self._spawn(slot)
-        self._supervisor = threading.Thread(
-            target=self._supervise, name="ingest-pool", daemon=True
-        )
+        self._supervisor = threading.Thread(target=self._supervise, name="ingest-pool", daemon=True)
         self._supervisor.start()
         deadline = time.monotonic() + timeout
         while not all(s.retired or s.last.get("connected") for s in self._slots):
@@ -134,10 +133,8 @@ class IngestPool:
         procs = [s for s in self._slots if s.proc is not None]
         for s in procs:
             assert s.proc is not None and s.proc.stdin is not None
-            try:
+            with contextlib.suppress(OSError):
                 s.proc.stdin.close()
-            except OSError:
-                pass
         deadline = time.monotonic() + timeout
         for s in procs:
             assert s.proc is not None
@@ -212,6 +209,13 @@ class IngestPool:
             h.merge(snap)
         return h
 
+    @property
+    def connected_at(self) -> float:
+        """time.time() at which the first current worker connected (0: none yet)."""
+        with self._lock:
+            times = [float(s.last.get("connected_at") or 0) for s in self._slots]
+        return min((t for t in times if t), default=0.0)
+
     def refusal_counts(self) -> dict[tuple[str, str], int]:
         """Messages the workers refused at the boundary, by (kind, reason)."""
         with self._lock:
@@ -226,7 +230,12 @@ class IngestPool:
     def _spawn(self, slot: _Slot) -> None:
         spec = replace(
             self._spec,
-            mqtt={**self._spec.mqtt, "client_id": f"{self.settings.client_id}-w{slot.index}"},
+            mqtt={
+                **self._spec.mqtt,
+                "client_id": worker_client_ids(
+                    self.settings.client_id, range(slot.index, slot.index + 1)
+                )[0],
+            },
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "edgefleet.cloud.telemetry.worker"],
@@ -308,4 +317,42 @@ class IngestPool:
                     self._spawn(slot)
 
 
-__all__ = ["MAX_WORKERS", "IngestPool"]
+def worker_client_ids(client_id: str, workers: range) -> list[str]:
+    return [f"{client_id}-w{k}" for k in workers]
+
+
+def forget_sessions(settings: MqttSettings, client_ids: list[str], *, timeout: float = 5.0) -> int:
+    """End the persistent sessions of `client_ids` at the broker (connect with a clean
+    session, disconnect). A persistent session that nobody resumes stays in the shared
+    group and takes its share of every device's windows, which then wait there until
+    the devices send them again: so when `--ingest-workers` changes, the sessions of
+    the in-process subscriber or of the slots no longer used are ended (what they held
+    was not acknowledged to the devices, which send it again). Returns how many ended."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    ended = 0
+    ep = settings.endpoint
+    for cid in client_ids:
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv311, clean_session=True
+        )
+        if settings.username is not None:
+            c.username_pw_set(settings.username, settings.password)
+        if ep.tls:
+            c.tls_set_context(settings.tls_context())
+        done = threading.Event()
+        c.on_connect = lambda _c, _u, _f, rc, _p, d=done: None if rc.is_failure else d.set()
+        try:
+            c.connect(ep.host, ep.port, 10)
+            c.loop_start()
+            if done.wait(timeout):
+                ended += 1
+            c.disconnect()
+            c.loop_stop()
+        except OSError as e:  # not fatal: the windows it holds come again from the devices
+            logger.warning("could not end the MQTT session of %s: %s", cid, e)
+    return ended
+
+
+__all__ = ["MAX_WORKERS", "IngestPool", "forget_sessions", "worker_client_ids"]

@@ -76,11 +76,14 @@ class WorkerSpec:
         return cls(**json.loads(text))
 
 
-def stats(ingest: Any, *, connected: bool, shared: bool, final: bool = False) -> dict[str, Any]:
+def stats(
+    ingest: Any, *, connected: bool, shared: bool, connected_at: float = 0.0, final: bool = False
+) -> dict[str, Any]:
     """One counter line: the ingest's counters, its latency histograms and refusals."""
     out: dict[str, Any] = {k: int(getattr(ingest, k)) for k in COUNTERS}
     out["pending"] = int(ingest.pending)
     out["connected"] = connected
+    out["connected_at"] = connected_at
     out["shared"] = shared
     out["final"] = final
     out["latency"] = ingest.latency.snapshot()
@@ -116,6 +119,7 @@ def run(spec: WorkerSpec, stdin: IO[str], stdout: IO[str]) -> int:
             ingest,
             connected=sub.connected.is_set(),
             shared=sub.subscription != sub.filter,
+            connected_at=sub.connected_at,
             final=final,
         )
         stdout.write(json.dumps(line) + "\n")
