@@ -59,6 +59,7 @@ class _Slot:
     attempt: int = 0
     restart_at: float = 0.0
     retired: bool = False  # not restarted (no shared subscriptions on this broker)
+    before: Counter[str] = field(default_factory=Counter)  # its exited processes' counters
     reader: threading.Thread | None = None
 
 
@@ -194,6 +195,11 @@ class IngestPool:
     def write_errors(self) -> int:
         return self._sum("write_errors")
 
+    def per_worker(self, key: str) -> list[int]:
+        """One counter per worker slot, its exited processes included."""
+        with self._lock:
+            return [s.before[key] + int(s.last.get(key, 0)) for s in self._slots]
+
     @property
     def pending(self) -> int:
         with self._lock:
@@ -277,6 +283,7 @@ class IngestPool:
         with self._lock:
             for k in COUNTERS:
                 self._retired[k] += int(slot.last.get(k, 0))
+                slot.before[k] += int(slot.last.get(k, 0))
             if slot.last.get("latency"):
                 self._retired_latency.append(slot.last["latency"])
             for kind, reason, n in slot.last.get("refusals", []):
