@@ -261,9 +261,9 @@ def _drain_pool(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{workers} workers wrote {pool.written} of {n} rows")
             time.sleep(0.05)
-        done = time.time()
-        # the counter lines come every 0.5 s: the commit happened up to that much before
-        elapsed = done - pool.connected_at
+        # the workers' own clocks: first CONNACK to the commit of the last batch (the
+        # counter lines come every 0.5 s, so time.time() here would be up to that late)
+        elapsed = pool.committed_at - pool.connected_at
     finally:
         for r in rec or []:
             if r is not None:

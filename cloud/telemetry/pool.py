@@ -222,6 +222,12 @@ class IngestPool:
             times = [float(s.last.get("connected_at") or 0) for s in self._slots]
         return min((t for t in times if t), default=0.0)
 
+    @property
+    def committed_at(self) -> float:
+        """time.time() of the latest batch a current worker committed (0: none yet)."""
+        with self._lock:
+            return max((float(s.last.get("committed_at") or 0) for s in self._slots), default=0.0)
+
     def refusal_counts(self) -> dict[tuple[str, str], int]:
         """Messages the workers refused at the boundary, by (kind, reason)."""
         with self._lock:

@@ -84,6 +84,7 @@ def stats(
     out["pending"] = int(ingest.pending)
     out["connected"] = connected
     out["connected_at"] = connected_at
+    out["committed_at"] = float(ingest.committed_at)
     out["shared"] = shared
     out["final"] = final
     out["latency"] = ingest.latency.snapshot()
