@@ -174,3 +174,56 @@ def test_two_ingest_workers_store_every_window_once_and_survive_a_sigkill(
     assert seen == set(ids)  # the workers mark devices seen
     devices.close()
     store.close()
+
+
+def test_on_a_broker_without_shared_subscriptions_one_worker_stays(tmp_path: Path) -> None:
+    """NATS's MQTT refuses `$share/…`: each worker falls back to the plain filter and
+    would get every window, so the pool keeps worker 0 only; every window is stored
+    once (the (device, seq) key covers what both got before the second stopped)."""
+    from edgefleet.cloud.identity import IdentityStore
+    from edgefleet.protos.transport import MqttTransport
+    from tests.contract.test_telemetry import NOW, payload
+    from tests.support.nats import NatsCluster
+
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    store = TelemetryStore(db_url)
+    cluster = NatsCluster(tmp_path / "nats", IdentityStore(tmp_path / "keys"), size=1)
+    with cluster:
+        pool = IngestPool(
+            2,
+            db_url=db_url,
+            settings=cluster.coordinator().settings("fleet-telemetry-nats"),
+            interval=0.05,
+            touch_devices=False,
+        )
+        pool.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not (pool.unshared and pool.pids[1] is None):
+                assert time.monotonic() < deadline, "the second worker was not stopped"
+                time.sleep(0.1)
+            assert pool.pids[0] is not None
+
+            async def publish() -> None:
+                settings = cluster.coordinator().settings("telemetry-pub")
+                async with MqttTransport(settings) as t:
+                    await t.wait_connected(timeout=10)
+                    for i in range(40):
+                        dev = f"n{i % 4}"
+                        data = payload(dev, i + 1, NOW, [1, 0, 0, 0])
+                        await t.publish(f"ef/v1/dev/{dev}/telemetry", data, qos=1)
+
+            asyncio.run(publish())
+            deadline = time.monotonic() + 30
+            while pool.written < 40:
+                assert time.monotonic() < deadline, f"{pool.written} of 40 stored"
+                time.sleep(0.1)
+            time.sleep(0.5)  # a duplicate delivery would show as received > 40
+            restarts = pool.restarts
+        finally:
+            pool.stop()
+    stored = rows(store)
+    assert len(stored) == len(set(stored)) == 40
+    assert pool.per_worker("received")[0] == 40
+    assert restarts == 0  # the stopped worker is not started again
+    store.close()
