@@ -172,7 +172,7 @@ def _preload(port: int, messages: list[tuple[str, bytes]]) -> None:
     c.loop_stop()
 
 
-def _drain_raw(port: int, n: int, *, client_id: str, v5: bool) -> float:
+def _drain_raw(port: int, n: int, *, client_id: str, v5: bool) -> tuple[float, float]:
     c = _client(client_id, v5=v5)
     got = 0
     done = threading.Event()
@@ -186,17 +186,21 @@ def _drain_raw(port: int, n: int, *, client_id: str, v5: bool) -> float:
 
     c.on_message = on_message
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     _connect(c, port, v5=v5)
     c.loop_start()
     if not done.wait(600):
         raise RuntimeError(f"raw subscriber got {got} of {n}")
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     c.disconnect()
     c.loop_stop()
-    return n / elapsed
+    return n / elapsed, cpu
 
 
-def _drain_ours(port: int, n: int, db_url: str, profile: Path | None = None) -> tuple[float, int]:
+def _drain_ours(
+    port: int, n: int, db_url: str, profile: Path | None = None
+) -> tuple[float, int, float]:
     from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
     from edgefleet.protos.transport import MqttSettings
 
@@ -210,6 +214,7 @@ def _drain_ours(port: int, n: int, db_url: str, profile: Path | None = None) -> 
     if rec is not None:
         time.sleep(1.0)  # py-spy attaches
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     sub.start()
     try:
         deadline = time.monotonic() + 600
@@ -221,18 +226,65 @@ def _drain_ours(port: int, n: int, db_url: str, profile: Path | None = None) -> 
             # coarse: a thread waking every few ms takes the GIL from the ingest's threads
             time.sleep(0.05)
         elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0  # this process: paho + writer + the poll loop
     finally:
         if rec is not None:
             rec.stop()
         sub.stop()
     rows = store.count()
     store.close()
-    return n / elapsed, rows
+    return n / elapsed, rows, cpu
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (gone ones count 0)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _postgres_cpu_s(url: str) -> float:
+    """CPU seconds of the PostgreSQL server at `url` so far: its postmaster, its live
+    children (backends, WAL writer, checkpointer) and the children it has reaped (a
+    backend whose connection closed)."""
+    import psutil
+
+    port = url.rsplit(":", 1)[1].split("/", 1)[0]
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("postgres") and "-p" in cmd and port in cmd:
+            t = p.cpu_times()
+            own = t.user + t.system + t.children_user + t.children_system
+            return own + _cpu_s([c.pid for c in p.children(recursive=True)])
+    return 0.0
+
+
+class _Cpu:
+    """CPU seconds of the broker and the database server over a drain."""
+
+    def __init__(self, broker_pid: int | None, db_url: str) -> None:
+        self.broker = [broker_pid] if broker_pid else []
+        self.db_url = db_url
+        self.b0 = _cpu_s(self.broker)
+        self.d0 = _postgres_cpu_s(db_url) if db_url.startswith("postgresql") else 0.0
+
+    def end(self) -> tuple[float, float | None]:
+        b = _cpu_s(self.broker) - self.b0
+        if not self.db_url.startswith("postgresql"):
+            return b, None  # SQLite runs inside the ingest process
+        return b, _postgres_cpu_s(self.db_url) - self.d0
 
 
 def _drain_pool(
     port: int, n: int, db_url: str, workers: int, profile: Path | None = None
-) -> tuple[float, int]:
+) -> tuple[float, int, float]:
     """`fleet serve --ingest-workers N`'s path: N worker processes (`IngestPool`) drain
     their sessions' shares of the backlog; timed from the first worker's CONNACK (the
     processes' start-up is not the ingest's sustained rate) until every row is
@@ -250,6 +302,7 @@ def _drain_pool(
     )
     rec = None
     pool.start()
+    cpu0 = pool.cpu_s  # the processes' start-up (imports, connect): not the ingest's
     try:
         if profile is not None:
             pids = [p for p in pool.pids if p is not None]
@@ -268,10 +321,11 @@ def _drain_pool(
         for r in rec or []:
             if r is not None:
                 r.stop()
+        cpu = pool.cpu_s - cpu0  # read before stop: the shutdown flush is not ingest
         pool.stop()
     rows = store.count()
     store.close()
-    return n / elapsed, rows
+    return n / elapsed, rows, cpu
 
 
 def _reset(db_url: str) -> None:
@@ -298,7 +352,17 @@ def run(args: argparse.Namespace) -> list[Table]:
     t = Table(
         f"telemetry ingest: drain a backlog of {n:,} messages ({size:.0f} B each, "
         f"{DEVICES} devices) from MQTT",
-        ["subscriber", "msg/s", "vs raw", "rows stored", ">= 15,000/s", ">= 0.7x raw"],
+        [
+            "subscriber",
+            "msg/s",
+            "vs raw",
+            "rows stored",
+            ">= 15,000/s",
+            ">= 0.7x raw",
+            "CPU µs/msg: ours",
+            "broker",
+            "PostgreSQL",
+        ],
     )
     root = Path(tempfile.mkdtemp(prefix="bench-telemetry-"))
     os.chmod(root, 0o777)
@@ -312,7 +376,8 @@ def run(args: argparse.Namespace) -> list[Table]:
     try:
         with ManagedBroker(root / "broker", persistence=False, max_queued=n + 1000) as broker:
             port = int(broker.url.rsplit(":", 1)[1])
-            results: dict[str, list[tuple[float, int | None]]] = {}
+            # per run: msg/s, rows stored (None: raw), CPU s of ours, broker, database
+            results: dict[str, list[tuple[float, int | None, float, float, float | None]]] = {}
             profiles: dict[str, list[Path]] = {}
             pool_sizes = [int(w) for w in str(args.telemetry_workers).split(",") if w.strip()]
             targets: list[tuple[str, str, int]] = [
@@ -331,9 +396,11 @@ def run(args: argparse.Namespace) -> list[Table]:
                         cid, v5 = f"bench-{kind}", kind == "raw5"
                         _create_session(cid, port, TOPIC.format("+"), v5=v5)
                         _preload(port, messages)
-                        rate = _drain_raw(port, n, client_id=cid, v5=v5)
+                        cpu = _Cpu(broker.pid, "")
+                        rate, ours = _drain_raw(port, n, client_id=cid, v5=v5)
+                        b, _ = cpu.end()
                         _forget(port, [cid])
-                        results.setdefault(label, []).append((rate, None))
+                        results.setdefault(label, []).append((rate, None, ours, b, None))
                         continue
                     url = sqlite_url if kind == "sqlite" else str(pg_url)
                     _reset(url)  # every drain writes the same (device, seq) keys
@@ -346,25 +413,32 @@ def run(args: argparse.Namespace) -> list[Table]:
                     _preload(port, messages)
                     tag = f"{kind}{workers}-r{round_}"
                     prof = root / f"{tag}.pyspy" if args.telemetry_profile and not round_ else None
+                    cpu = _Cpu(broker.pid, url)
                     if workers:
-                        res = _drain_pool(port, n, url, workers, prof)
+                        rate, rows, ours = _drain_pool(port, n, url, workers, prof)
                         paths = sorted(root.glob(f"{tag}.*.pyspy")) if prof else []
                     else:
-                        res = _drain_ours(port, n, url, prof)
+                        rate, rows, ours = _drain_ours(port, n, url, prof)
                         paths = [prof] if prof else []
+                    b, d = cpu.end()
                     _forget(port, ids)
-                    results.setdefault(label, []).append(res)
+                    results.setdefault(label, []).append((rate, rows, ours, b, d))
                     if paths:
                         profiles[label] = paths
-            raw = statistics.median(r for r, _ in results[targets[0][0]])
+            raw = statistics.median(r[0] for r in results[targets[0][0]])
             for label, runs in results.items():
-                rate = statistics.median(r for r, _ in runs)
-                rows = runs[-1][1]
-                ok = "-" if rows is None else ("PASS" if rate >= TARGET_RATE else "MISS")
-                ok_r = "-" if rows is None else ("PASS" if rate / raw >= TARGET_RATIO else "MISS")
+                rate = statistics.median(r[0] for r in runs)
+                stored = runs[-1][1]
+
+                def us(i: int, runs: list[Any] = runs) -> str:
+                    vals = [r[i] for r in runs if r[i] is not None]
+                    return f"{statistics.median(vals) / n * 1e6:.0f}" if vals else "-"
+
+                ok = "-" if stored is None else ("PASS" if rate >= TARGET_RATE else "MISS")
+                ok_r = "-" if stored is None else ("PASS" if rate / raw >= TARGET_RATIO else "MISS")
                 t.misses += (ok == "MISS") + (ok_r == "MISS")
                 spread = (
-                    f" ({min(r for r, _ in runs):,.0f}-{max(r for r, _ in runs):,.0f})"
+                    f" ({min(r[0] for r in runs):,.0f}-{max(r[0] for r in runs):,.0f})"
                     if len(runs) > 1
                     else ""
                 )
@@ -372,9 +446,12 @@ def run(args: argparse.Namespace) -> list[Table]:
                     label,
                     f"{rate:,.0f}{spread}",
                     f"{rate / raw:.2f}x",
-                    "-" if rows is None else f"{rows:,}",
+                    "-" if stored is None else f"{stored:,}",
                     ok,
                     ok_r,
+                    us(2),
+                    us(3),
+                    us(4),
                 )
     finally:
         if pg is not None:
@@ -389,13 +466,18 @@ def run(args: argparse.Namespace) -> list[Table]:
         "  N workers: `fleet serve --ingest-workers N` (IngestPool), timed from the first "
         "worker's CONNACK"
     )
+    t.notes.append(
+        "  CPU µs/msg: user+system CPU over the drain per message (medians): ours = the "
+        "subscriber's process(es) (SQLite runs inside them), broker = mosquitto, PostgreSQL = "
+        "its server processes; unlike msg/s, load from other work does not inflate it"
+    )
     tables = [t]
     for label, paths in profiles.items():
         samples = _pyspy.stacks(paths)
         total = sum(samples.values())
         if not total:
             continue
-        rate = statistics.median(r for r, _ in results[label])
+        rate = statistics.median(r[0] for r in results[label])
         p = Table(
             f"telemetry ingest profile, {label}: py-spy {_pyspy.RATE} Hz over the drain (busy threads)",
             ["phase", "thread-s", "share", "µs per message"],

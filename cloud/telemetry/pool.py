@@ -201,6 +201,11 @@ class IngestPool:
             return [s.before[key] + int(s.last.get(key, 0)) for s in self._slots]
 
     @property
+    def cpu_s(self) -> float:
+        """CPU seconds the worker processes used, exited ones included (start-up too)."""
+        return self._sum("cpu_ms") / 1000
+
+    @property
     def pending(self) -> int:
         with self._lock:
             return sum(int(s.last.get("pending", 0)) for s in self._slots if s.proc is not None)
@@ -287,7 +292,7 @@ class IngestPool:
     def _retire(self, slot: _Slot) -> None:
         """Fold an exited worker's last counters into the totals."""
         with self._lock:
-            for k in COUNTERS:
+            for k in (*COUNTERS, "cpu_ms"):
                 self._retired[k] += int(slot.last.get(k, 0))
                 slot.before[k] += int(slot.last.get(k, 0))
             if slot.last.get("latency"):

@@ -22,6 +22,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -85,6 +86,7 @@ def stats(
     out["connected"] = connected
     out["connected_at"] = connected_at
     out["committed_at"] = float(ingest.committed_at)
+    out["cpu_ms"] = int(time.process_time() * 1000)  # this process's CPU so far (benchmarks)
     out["shared"] = shared
     out["final"] = final
     out["latency"] = ingest.latency.snapshot()
