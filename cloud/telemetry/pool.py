@@ -369,7 +369,8 @@ def forget_sessions(settings: MqttSettings, client_ids: list[str], *, timeout: f
             c.disconnect()
             c.loop_stop()
         except OSError as e:  # not fatal: the windows it holds come again from the devices
-            logger.warning("could not end the MQTT session of %s: %s", cid, e)
+            logger.warning("could not end stale MQTT sessions (%s first): %s", cid, e)
+            break  # the broker is not reachable now: do not wait for each of them
     return ended
 
 
