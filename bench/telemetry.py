@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import threading
@@ -508,4 +509,5 @@ def run(args: argparse.Namespace) -> list[Table]:
         top = ", ".join(f"{f} {k / total:.0%}" for f, k in _pyspy.top_frames(samples, 6))
         p.notes.append(f"  top self frames: {top}")
         tables.append(p)
+    shutil.rmtree(root, ignore_errors=True)  # broker state, SQLite file, profiles
     return tables
