@@ -54,6 +54,13 @@ class CloudSettings(BaseSettings):
     metrics_listen: str = Field(
         default=DEFAULT_METRICS_LISTEN, description="Prometheus /metrics address; empty: off"
     )
+    ingest_workers: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="telemetry ingest worker processes; 0: ingest in the coordinator "
+        "process (FLEET_INGEST_WORKERS)",
+    )
     # coordinator replicas (`fleet serve --replica`, cloud.replicas)
     replica: bool = Field(default=False, description="run as one of several replicas")
     replica_id: str = Field(default="", max_length=64, description="this replica's name")

@@ -180,6 +180,29 @@ class LatencyHistograms:
                     acc = [a + b for a, b in zip(have[1], added, strict=True)]
                     self._series[series] = (bounds_text, acc, have[2] + sum_us[0])
 
+    def snapshot(self) -> list[tuple[list[str], str, list[int], float]]:
+        """Every series as ([model, version, variant], bounds JSON, counts, sum µs): what
+        an ingest worker process reports to its parent (`cloud.telemetry.pool`)."""
+        with self._lock:
+            return [(list(k), b, list(c), s) for k, (b, c, s) in self._series.items()]
+
+    def merge(self, snapshot: Iterable[Sequence[Any]]) -> None:
+        """Add another histogram's `snapshot()` (series with other bounds are left out
+        and counted in `mismatched`, as in `add_rows`)."""
+        with self._lock:
+            for key, bounds_text, counts, sum_us in snapshot:
+                series = (str(key[0]), str(key[1]), str(key[2]))
+                if bounds_text not in self._parsed:
+                    self._parsed[bounds_text] = tuple(json.loads(bounds_text))
+                have = self._series.get(series)
+                if have is None:
+                    self._series[series] = (bounds_text, list(counts), float(sum_us))
+                elif have[0] != bounds_text or len(have[1]) != len(counts):
+                    self.mismatched += 1
+                else:
+                    acc = [a + int(b) for a, b in zip(have[1], counts, strict=True)]
+                    self._series[series] = (bounds_text, acc, have[2] + float(sum_us))
+
     def families(self) -> list[Metric]:
         h = HistogramMetricFamily(
             "edgefleet_inference_latency_seconds",

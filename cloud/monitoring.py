@@ -17,6 +17,8 @@ import asyncio
 import hashlib
 import logging
 import threading
+from collections import Counter
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -36,6 +38,12 @@ from edgefleet.cloud.metrics import (
     stop_metrics,
 )
 from edgefleet.cloud.telemetry import TelemetryIngest, TelemetryStore, TelemetrySubscriber
+from edgefleet.cloud.telemetry.pool import (
+    MAX_WORKERS,
+    IngestPool,
+    forget_sessions,
+    worker_client_ids,
+)
 from edgefleet.protos.transport import COORDINATOR_BACKOFF_CAP, MqttAccess, MqttSettings
 
 logger = logging.getLogger(__name__)
@@ -46,7 +54,22 @@ def telemetry_client_id(home: str) -> str:
     return "fleet-telemetry-" + hashlib.sha256(home.encode()).hexdigest()[:12]
 
 
+class _Merged:
+    """The coordinator's refusal counts plus its ingest workers' (for /metrics)."""
+
+    def __init__(self, refusals: Refusals, more: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self.refusals, self.more = refusals, more
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        out = Counter(self.refusals.snapshot())
+        out.update(self.more())
+        return dict(out)
+
+
 class Monitoring:
+    #: the telemetry session survives a restart (a replica's does not: cloud.replicas)
+    persistent_ingest = True
+
     def __init__(
         self,
         *,
@@ -66,35 +89,49 @@ class Monitoring:
         drift_interval: float = 30.0,
         drift_min_samples: int = 200,
         refusals: Refusals | None = None,
+        ingest_workers: int = 0,
     ) -> None:
         self.store = TelemetryStore(db)
         self.refusals = refusals if refusals is not None else Refusals()
         self.ingest = TelemetryIngest(self.store, on_written=devices.touch, refusals=self.refusals)
-        self.subscriber = TelemetrySubscriber(
-            (
-                MqttAccess.of(broker_url).settings(
-                    telemetry_client_id(home), backoff_cap=COORDINATOR_BACKOFF_CAP
-                )
-                if username is None
-                else MqttSettings(
-                    url=str(broker_url),
-                    client_id=telemetry_client_id(home),
-                    username=username,
-                    password=password,
-                    ca_file=ca_file,
-                    backoff_cap=COORDINATOR_BACKOFF_CAP,
-                )
-            ),
-            self.ingest,
+        mqtt = (
+            MqttAccess.of(broker_url).settings(
+                telemetry_client_id(home), backoff_cap=COORDINATOR_BACKOFF_CAP
+            )
+            if username is None
+            else MqttSettings(
+                url=str(broker_url),
+                client_id=telemetry_client_id(home),
+                username=username,
+                password=password,
+                ca_file=ca_file,
+                backoff_cap=COORDINATOR_BACKOFF_CAP,
+            )
         )
+        self.subscriber = TelemetrySubscriber(mqtt, self.ingest, persistent=self.persistent_ingest)
+        #: --ingest-workers N: N worker processes ingest instead of `subscriber`
+        self.pool: IngestPool | None = None
+        if ingest_workers > 0:
+            url = db if isinstance(db, str) else db.engine.url.render_as_string(False)
+            self.pool = IngestPool(
+                ingest_workers, db_url=url, settings=mqtt, persistent=self.persistent_ingest
+            )
         self.devices = devices
         self.rollouts = rollouts
         self.metrics = FleetCollector()
         self.metrics_registry = fleet_registry(self.metrics)
         self.metrics.add("devices", lambda: device_families(devices.find()))
-        self.metrics.add("latency", self.ingest.latency.families)
-        self.metrics.add("ingest", lambda: ingest_families(self.ingest))
-        self.metrics.add("refused", lambda: refusal_families(self.refusals))
+        pool = self.pool
+        if pool is None:
+            self.metrics.add("latency", self.ingest.latency.families)
+            self.metrics.add("ingest", lambda: ingest_families(self.ingest))
+            self.metrics.add("refused", lambda: refusal_families(self.refusals))
+        else:
+            self.metrics.add("latency", lambda: pool.latency.families())
+            self.metrics.add("ingest", lambda: ingest_families(pool))
+            self.metrics.add(
+                "refused", lambda: refusal_families(_Merged(self.refusals, pool.refusal_counts))
+            )
         if rollouts is not None:
             self.metrics.add("rollouts", lambda: rollout_families(rollouts.find(limit=1000)))
         self.drift: DriftMonitor | None = None
@@ -124,7 +161,9 @@ class Monitoring:
         self._drifter: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Monitoring:
-        await asyncio.to_thread(self.subscriber.start)
+        if self.persistent_ingest:  # sessions from another --ingest-workers would keep a share
+            await asyncio.to_thread(self._forget_other_sessions)
+        await asyncio.to_thread(self.pool.start if self.pool else self.subscriber.start)
         self._compactor = asyncio.create_task(self._compact_loop(), name="telemetry-compact")
         if self.drift is not None:
             self._drifter = asyncio.create_task(self._drift_loop(), name="drift-monitor")
@@ -142,6 +181,14 @@ class Monitoring:
                 )
         return self
 
+    def _forget_other_sessions(self) -> None:
+        base = self.subscriber.settings.client_id
+        n = self.pool.workers if self.pool is not None else 0
+        stale = worker_client_ids(base, range(n, MAX_WORKERS))
+        if n:
+            stale.append(base)  # the in-process subscriber's
+        forget_sessions(self.subscriber.settings, stale)
+
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -152,7 +199,7 @@ class Monitoring:
         if self._server is not None:
             await asyncio.to_thread(stop_metrics, *self._server)
             self._server = None
-        await asyncio.to_thread(self.subscriber.stop)
+        await asyncio.to_thread(self.pool.stop if self.pool else self.subscriber.stop)
         if self.alerts is not None:
             self.alerts.close()
         self.store.close()

@@ -260,6 +260,7 @@ async def serve(
                 drift_window=settings.drift_window,
                 drift_interval=settings.drift_interval,
                 refusals=refusals,
+                ingest_workers=settings.ingest_workers,
             ) as monitoring,
         ):
             controller = RolloutController(coordinator, services.rollouts)

@@ -508,6 +508,18 @@ def serve(
             help="SuperLink HOST:PORT put in enrolment bundles.",
         ),
     ] = None,
+    ingest_workers: Annotated[
+        int | None,
+        typer.Option(
+            "--ingest-workers",
+            envvar="FLEET_INGEST_WORKERS",
+            min=0,
+            max=16,
+            help="Telemetry ingest worker processes in the broker's shared subscription "
+            "group, each with its own MQTT and database connection, restarted if they die "
+            "(default 0: ingest inside the coordinator process; docs/scaling.md).",
+        ),
+    ] = None,
     replica: Annotated[
         bool | None,
         typer.Option(
@@ -565,6 +577,7 @@ def serve(
         replica=replica,
         replica_id=replica_id,
         lease_s=lease,
+        ingest_workers=ingest_workers,
     )
     if (
         settings.passphrase is None

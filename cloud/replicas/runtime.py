@@ -25,7 +25,6 @@ from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.monitoring import Monitoring
 from edgefleet.cloud.replicas.lease import Fence, LeaderLease
 from edgefleet.cloud.replicas.registry import ReplicaStore
-from edgefleet.cloud.telemetry import TelemetrySubscriber
 from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.transport import Message
 
@@ -70,11 +69,7 @@ class ReplicaMonitoring(Monitoring):
     otherwise stay in the shared group and keep its share of every device's windows
     queued at the broker (each sent again by its device only after the ack timeout)."""
 
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.subscriber = TelemetrySubscriber(
-            self.subscriber.settings, self.ingest, persistent=False
-        )
+    persistent_ingest = False
 
     async def __aenter__(self) -> ReplicaMonitoring:
         await super().__aenter__()

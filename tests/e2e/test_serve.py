@@ -436,3 +436,35 @@ def test_devices_ls_filters_locally_and_through_the_coordinator(
         assert r.code == 0 and json.loads(r.out) == [], r.err
         r = cli(*h, "drift", "--by", "device", "--json")
         assert r.code == 0 and json.loads(r.out) == [], r.err
+
+
+def test_serve_with_ingest_workers_runs_and_stops_them(tmp_path: Path) -> None:
+    """`fleet serve --ingest-workers 2`: two worker processes, their counters on
+    /metrics, and none left after SIGTERM (tests/e2e/test_ingest_workers.py has the
+    telemetry through them and a worker SIGKILLed)."""
+    import urllib.request
+
+    import psutil
+
+    from edgefleet.cloud.cli.main import run
+
+    home = tmp_path / "home"
+    assert run(["--home", str(home), "init"]) == 0
+    with fleet_serve(home, "--ingest-workers", "2") as (proc, info):
+
+        def workers() -> list[psutil.Process]:
+            return [
+                c
+                for c in psutil.Process(proc.pid).children()
+                if "edgefleet.cloud.telemetry.worker" in " ".join(c.cmdline())
+            ]
+
+        found = workers()
+        assert len(found) == 2
+        with urllib.request.urlopen(info.metrics, timeout=10) as r:
+            text = r.read().decode()
+        assert "edgefleet_telemetry_received_total 0.0" in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        _gone, alive = psutil.wait_procs(found, timeout=10)
+        assert not alive

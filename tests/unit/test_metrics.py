@@ -97,6 +97,24 @@ def test_latency_histogram_in_seconds_per_version_and_variant() -> None:
     assert s[("edgefleet_inference_latency_seconds_count", fp32)] == 10
 
 
+def test_latency_histograms_of_several_processes_add_up() -> None:
+    """What ingest worker processes report (`snapshot`) merged in the coordinator."""
+    n = len(LATENCY_BOUNDS_US) + 1
+    w = [0] * n
+    w[0], w[-1] = 3, 1
+    a, b = LatencyHistograms(), LatencyHistograms()
+    a.add_rows([_row("digits", 2, "int8", w, 100.0)])
+    b.add_rows([_row("digits", 2, "int8", w, 50.0), _row("digits", 2, "fp32", w, 10.0)])
+    merged = LatencyHistograms()
+    for snap in (a.snapshot(), b.snapshot()):
+        merged.merge(snap)
+    merged.merge([(["digits", "2", "int8"], "[1,2]", [1, 0, 0], 1.0)])  # other bounds
+    assert merged.mismatched == 1
+    got = {tuple(k): (counts, total) for k, _b, counts, total in merged.snapshot()}
+    assert got[("digits", "2", "int8")] == ([6, *([0] * (n - 2)), 2], 150.0)
+    assert got[("digits", "2", "fp32")] == ([3, *([0] * (n - 2)), 1], 10.0)
+
+
 def test_a_failing_source_costs_only_its_own_families_and_the_endpoint_serves() -> None:
     c = FleetCollector()
     good = GaugeMetricFamily("edgefleet_up", "up", value=1)

@@ -146,3 +146,32 @@ def test_ack_round_trip_and_bad_acks() -> None:
     bad.committed.add(first=5, last=2)
     with pytest.raises(InvalidArgument, match="range 5-2 is reversed"):
         decode_telemetry_ack("d1", bad.SerializeToString())
+
+
+def test_latency_bounds_checked_once_refused_every_time() -> None:
+    """`cloud.inbound` remembers bounds that passed; bad ones are refused on every window."""
+    import time
+
+    from edgefleet.cloud.inbound import Refused, decode_telemetry
+
+    now = int(time.time() * 1000)
+
+    def window(bounds: list[float], counts: list[int]) -> bytes:
+        m = device_pb2.Telemetry(device_id="b1", seq=1)
+        m.latency.bounds_us.extend(bounds)
+        m.latency.counts.extend(counts)
+        return m.SerializeToString()
+
+    good = window([10.0, 20.0], [1, 2, 3])
+    for _ in range(2):
+        assert decode_telemetry("b1", good, received_ms=now).bounds_us == (10.0, 20.0)
+    for bad, why in (
+        ([20.0, 10.0], "not increasing"),
+        ([10.0, float("nan")], "latency bound nan"),
+        ([-1.0, 10.0], "latency bound -1.0"),
+    ):
+        for _ in range(2):
+            with pytest.raises(Refused, match=why):
+                decode_telemetry("b1", window(bad, [1, 2, 3]), received_ms=now)
+    with pytest.raises(Refused, match="latency count 9223372036854775808"):
+        decode_telemetry("b1", window([10.0, 20.0], [1, 2**63, 3]), received_ms=now)
