@@ -188,7 +188,8 @@ def start(
     strategy: Annotated[
         str,
         typer.Option(
-            "--strategy", help="fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg or krum."
+            "--strategy",
+            help="fedavg, fedprox, fedavgm, fedadam, fedmedian, fedtrimmedavg or krum.",
         ),
     ] = "fedavg",
     min_clients: Annotated[

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -40,8 +41,16 @@ def build_strategy(rc: Mapping[str, Any], participants: int) -> Strategy:
         strategy = FedAvg(**common)
     elif name == "fedprox":
         strategy = FedProx(**common, proximal_mu=float(rc.get("proximal-mu", 0.01)))
-    elif name == "fedadam":
-        strategy = FedAdam(**common, eta=0.01, eta_l=float(rc.get("lr", 3e-3)))
+    elif name == "fedavgm":  # server momentum over the averaged update
+        strategy = FedAvgM(
+            **common,
+            server_learning_rate=float(rc.get("server-lr", 1.0)),
+            server_momentum=float(rc.get("server-momentum", 0.9)),
+        )
+    elif name == "fedadam":  # server-side Adam over the averaged update
+        strategy = FedAdam(
+            **common, eta=float(rc.get("server-eta", 0.01)), eta_l=float(rc.get("lr", 3e-3))
+        )
     elif name == "fedmedian":
         strategy = FedMedian(**common)
     elif name == "fedtrimmedavg":
