@@ -132,8 +132,10 @@ class FleetGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         msgs = list(messages)
-        if not msgs:
+        if not msgs:  # no evaluate messages (evaluate = "on-train"): the train replies' own
             self._evaluate_pool = None
+            if self._train:
+                self._round(self._train.get("rnd", 0), self._train.get("eval", {}), {}, [])
             return []
         kind = msgs[0].metadata.message_type
         configs = msgs[0].content.config_records
@@ -149,11 +151,14 @@ class FleetGrid(Grid):
         }
         if kind == MessageType.TRAIN:
             self._evaluate_pool = [r.metadata.src_node_id for r in ok]
+            metrics = _metrics(ok)
             self._train = {
+                "rnd": rnd,
                 "sent": sent,
                 "answered": answered,
                 "errors": errors,
-                "metrics": _metrics(ok),
+                "metrics": {k: v for k, v in metrics.items() if not k.startswith("eval-")},
+                "eval": {k: v for k, v in metrics.items() if k.startswith("eval-")},
             }
             if len(ok) < self.min_clients:
                 silent = sorted(set(sent) - set(answered) - set(errors))
@@ -164,18 +169,28 @@ class FleetGrid(Grid):
                 )
         elif kind == MessageType.EVALUATE:
             self._evaluate_pool = None
-            self.journal.write(
-                "round",
-                **({"label": self.label} if self.label else {}),
-                round=rnd,
-                participants=self._train.get("answered", []),
-                sampled=self._train.get("sent", []),
-                errors={**self._train.get("errors", {}), **errors},
-                train=self._train.get("metrics", {}),
-                evaluate=_metrics(ok),
-                evaluated=answered,
-            )
+            self._round(rnd, _metrics(ok), errors, answered)
         return replies
+
+    def _round(
+        self,
+        rnd: int,
+        evaluate: dict[str, float],
+        errors: Mapping[str, str | None],
+        evaluated: list[str],
+    ) -> None:
+        self.journal.write(
+            "round",
+            **({"label": self.label} if self.label else {}),
+            round=rnd,
+            participants=self._train.get("answered", []),
+            sampled=self._train.get("sent", []),
+            errors={**self._train.get("errors", {}), **errors},
+            train=self._train.get("metrics", {}),
+            evaluate=evaluate,
+            evaluated=evaluated or (self._train.get("answered", []) if evaluate else []),
+        )
+        self._train = {}
 
     def _exchange(self, msgs: list[Message], timeout: float | None) -> list[Message]:
         """Push `msgs`; pull replies every `pull_interval` s until all came or `timeout`."""

@@ -91,6 +91,7 @@ def federate(
             "lr": float(rc["lr"]),
             "batch-size": int(rc["batch-size"]),
             "seed": int(rc["seed"]),
+            "evaluate-on-train": str(rc.get("evaluate", "separate")) == "on-train",
             **(extra_config or {}),
         }
     )

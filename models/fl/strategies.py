@@ -23,14 +23,23 @@ from flwr.serverapp.strategy import (
 from edgefleet.models.fl import STRATEGIES
 from edgefleet.protos.errors import InvalidArgument
 
+#: "separate": an evaluate message per node per round after training (Flower's default);
+#: "on-train": each train message first scores the global model it received
+EVALUATE_MODES = ("separate", "on-train")
+
 
 def build_strategy(rc: Mapping[str, Any], participants: int) -> Strategy:
     """The strategy named by run config `strategy`, sampling among `participants` nodes."""
     name = str(rc.get("strategy", "fedavg")).lower()
+    if str(rc.get("evaluate", "separate")) not in EVALUATE_MODES:
+        raise InvalidArgument(
+            f"evaluate {rc.get('evaluate')!r} unknown; accepted: {', '.join(EVALUATE_MODES)}"
+        )
     min_clients = int(rc.get("min-clients", 2))
     common: dict[str, Any] = {
         "fraction_train": float(rc.get("fraction", 1.0)),
-        "fraction_evaluate": 1.0,
+        # evaluate = "on-train": the train replies carry the evaluation; no evaluate messages
+        "fraction_evaluate": 0.0 if rc.get("evaluate") == "on-train" else 1.0,
         "min_train_nodes": min_clients,
         "min_evaluate_nodes": min_clients,
         "min_available_nodes": min_clients,
