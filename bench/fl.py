@@ -233,11 +233,14 @@ class RealVariant:
 
 REAL_VARIANTS = (
     RealVariant("before: Flower's intervals (pull 3 s, SuperExec 1 s)", 3.0, "1.0"),
-    RealVariant("shipped: pull 0.2 s, SuperExec 0.1 s", 0.2, "0.1"),
-    RealVariant("shipped, evaluate=on-train (opt-in)", 0.2, "0.1", 0.0, "on-train"),
+    RealVariant("shipped: pull 0.5 s, SuperExec 1 s", 0.5, "1.0"),
+    RealVariant("shipped, evaluate=on-train (opt-in)", 0.5, "1.0", 0.0, "on-train"),
 )
 PATCHED_VARIANT = RealVariant(
-    "experiment, not shipped: + SuperNode idle poll 3 s -> 0.2 s (patched)", 0.2, "0.1", 0.2
+    "experiment, not shipped: pull 0.2 s, SuperExec 0.1 s, SuperNode idle poll 3 -> 0.2 s",
+    0.2,
+    "0.1",
+    0.2,
 )
 
 #: runs `flower-supernode` with the idle sleep of its pull loop (a literal `time.sleep(3)` in
@@ -305,6 +308,11 @@ def _real(args: argparse.Namespace, root: Path) -> Table:
                 "appear, 50 ms resolution; median over nodes and messages, s): "
                 + ", ".join(f"{k} {x:.1f}" for k, x in r["phases"].items())
             )
+    idle = idle_cost(root / "idle")
+    t.notes.append(
+        "cost of the SuperExec poll while idle (one SuperNode + its SuperExec, 20 s, % of one "
+        "core): " + ", ".join(f"{k} s: {x:.1f}%" for k, x in idle.items())
+    )
     t.notes.append(
         f"ClientApp start (baseline, same run): a fresh Python process importing Flower's "
         f"flwr-clientapp entry point and runtime, our client_app and torch: {start_s:.1f} s "
@@ -432,6 +440,56 @@ def _real_run(args: argparse.Namespace, root: Path, v: RealVariant) -> dict[str,
         "cpu": cpu,
         "total": total,
     }
+
+
+def idle_cost(
+    root: Path, polls: tuple[str, ...] = ("1.0", "0.1"), idle_s: float = 20.0
+) -> dict[str, float]:
+    """CPU share (% of one core) of an idle SuperNode (SuperNode + its SuperExec) connected to
+    a local SuperLink (TLS, node auth), per FLWR_SUPEREXEC_TASK_POLL_INTERVAL: the knob's cost."""
+    from edgefleet.cloud.fl.superlink import SuperLink, SuperLinkOptions
+    from edgefleet.cloud.fl.tls import ensure_tls, new_node_key
+    from edgefleet.protos.flower import FlowerProcess, find_flower, flower_env, free_port
+
+    out: dict[str, float] = {}
+    tls = ensure_tls(root / "idle-tls")
+    sl = SuperLink(SuperLinkOptions(state_dir=root / "idle-superlink", tls=tls))
+    sl.start()
+    try:
+        for poll in polls:
+            key = new_node_key()
+            kp = root / f"idle-{poll}.key"
+            kp.write_text(key.private_openssh)
+            kp.chmod(0o600)
+            sl.register_node(key.public_openssh, f"idle-{poll}")
+            p = FlowerProcess(
+                [
+                    find_flower("flower-supernode"),
+                    "--superlink",
+                    sl.address,
+                    "--root-certificates",
+                    str(tls.ca_cert),
+                    "--auth-supernode-private-key",
+                    str(kp),
+                    "--port",
+                    str(free_port()),
+                ],
+                env=flower_env(
+                    root / f"idle-home-{poll}", {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll}
+                ),
+                log_path=root / f"idle-{poll}.log",
+            )
+            p.start()
+            try:
+                time.sleep(8.0)  # started and connected
+                c0 = _tree_cpu([p.pid])
+                time.sleep(idle_s)
+                out[poll] = 100 * (_tree_cpu([p.pid]) - c0) / idle_s
+            finally:
+                p.stop()
+    finally:
+        sl.stop()
+    return out
 
 
 def _tree_cpu(pids: list[int | None]) -> float:

@@ -34,17 +34,10 @@ QUIET_ENV = {
     "FLWR_LOG_LEVEL": "INFO",
 }
 
-#: Flower's SuperExec (started by a SuperNode, and by the SuperLink for ServerApps) polls
-#: for a task to launch every second by default; each ClientApp message waited ~0.5 s on
-#: average for it. 0.1 s costs one loopback HTTP request per 0.1 s while idle (see
-#: BENCHMARKS.md, FL real path). Flower reads it from this variable (1.41: 0.01 to 60 s).
-SUPEREXEC_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
-
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     env.update(QUIET_ENV)
-    env.update(SUPEREXEC_POLL_ENV)
     env["FLWR_HOME"] = str(flwr_home)
     # the Flower App's components import edgefleet: make sure Flower's children find it
     root = str(Path(__file__).resolve().parents[1])
