@@ -237,6 +237,8 @@ class FederatedSimulation:
             "attackers": ",".join(str(a) for a in attackers),
             "compare": ",".join(labels),
             "holdout": str(self.holdout_path),
+            # in memory, a pull is free: Flower's own simulation grid pulls every 0.1 s
+            "pull-interval": 0.1,
             **(extra or {}),
         }
         t0 = time.monotonic()
