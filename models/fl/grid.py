@@ -134,7 +134,7 @@ class FleetGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         msgs = list(messages)
-        if not msgs:  # no evaluate messages (evaluate = "on-train"): the train replies' own
+        if not msgs:  # evaluate = "on-train": the round's evaluation came with its train replies
             self._evaluate_pool = None
             if self._train:
                 self._round(self._train.get("rnd", 0), self._train.get("eval", {}), {}, [])
