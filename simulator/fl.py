@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -169,6 +169,25 @@ class FederatedSimulation:
         )
         (self.app_dir / "pyproject.toml").write_text(text + ATTACK_KEYS)
 
+    def warm_start(self, share: float, *, epochs: int = 20, lr: float = 3e-3) -> Path:
+        """A registry-like starting version: the model trained centrally (as `fleet train`
+        does, its defaults) on a random `share` of the training split, the data the cloud itself holds;
+        the devices keep their partitions of the whole split. Written next to the cold start."""
+        from edgefleet.cloud.training.train import TrainConfig, train
+        from edgefleet.models.arch import to_checkpoint
+        from edgefleet.models.checkpoint import dump_checkpoint
+        from edgefleet.models.data import load_dataset, split
+
+        if not 0.0 < share <= 1.0:
+            raise InvalidArgument(f"warm-start share {share}: expected more than 0, at most 1")
+        tr, _ = split(load_dataset(self.dataset), holdout=self.holdout, seed=self.seed)
+        rng = np.random.default_rng(self.seed + 2)
+        idx = np.sort(rng.choice(len(tr.y), size=max(1, round(share * len(tr.y))), replace=False))
+        r = train(tr.subset(idx), TrainConfig(arch="mlp", epochs=epochs, lr=lr, seed=self.seed))
+        path = self.root / f"warm-{share:g}.npz"
+        path.write_bytes(dump_checkpoint(to_checkpoint(r.arch_config, r.module.eval())))
+        return path
+
     def attackers(self, fraction: float) -> list[int]:
         if not 0.0 <= fraction < 0.5:
             raise InvalidArgument(f"attack fraction {fraction}: expected 0 to under 0.5")
@@ -190,8 +209,12 @@ class FederatedSimulation:
         byzantine: float = 0.2,
         checkpoint: Path | None = None,
         timeout: float = 900.0,
+        extra: Mapping[str, Any] | None = None,
     ) -> SimReport:
-        """One Flower run trying each (strategy, attack) in turn from the same start."""
+        """One Flower run trying each (strategy, attack) in turn from the same start.
+
+        `extra`: more run config keys (app/pyproject.toml), e.g. ``proximal-mu``.
+        """
         self._runs += 1
         out = self.root / "runs" / f"run-{self._runs}"
         attackers = self.attackers(attack_fraction)
@@ -214,6 +237,9 @@ class FederatedSimulation:
             "attackers": ",".join(str(a) for a in attackers),
             "compare": ",".join(labels),
             "holdout": str(self.holdout_path),
+            # in memory, a pull is free: Flower's own simulation grid pulls every 0.1 s
+            "pull-interval": 0.1,
+            **(extra or {}),
         }
         t0 = time.monotonic()
         flower_id = self.superlink.submit(self.app_dir, rc)

@@ -98,6 +98,7 @@ def _compare(grid: Grid, rc: Mapping[str, Any], out: Path, journal: Journal) -> 
         participants={},
         min_clients=int(str(rc["min-clients"])),
         join_timeout=float(str(rc["join-timeout"])),
+        pull_interval=float(str(rc["pull-interval"])),
     )
     fleet.discover()
     for item in filter(None, (p.strip() for p in str(rc["compare"]).split(","))):

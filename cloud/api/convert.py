@@ -646,6 +646,7 @@ def request_to_pb(req: RunRequest) -> federated_pb2.StartRunRequest:
         idle_only=req.idle_only,
         variants=list(req.variants),
         deploy_timeout=req.deploy_timeout,
+        evaluate=req.evaluate,
     )
 
 
@@ -669,6 +670,7 @@ def request_from_pb(m: federated_pb2.StartRunRequest) -> RunRequest:
         idle_only=m.idle_only,
         variants=tuple(m.variants) if m.variants else DEFAULT_VARIANTS,
         deploy_timeout=m.deploy_timeout or d.deploy_timeout,
+        evaluate=m.evaluate or d.evaluate,
     )
 
 

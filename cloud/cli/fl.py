@@ -188,7 +188,8 @@ def start(
     strategy: Annotated[
         str,
         typer.Option(
-            "--strategy", help="fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg or krum."
+            "--strategy",
+            help="fedavg, fedprox, fedavgm, fedadam, fedmedian, fedtrimmedavg or krum.",
         ),
     ] = "fedavg",
     min_clients: Annotated[
@@ -233,6 +234,14 @@ def start(
         float,
         typer.Option("--join-timeout", min=1, help="Seconds to wait for participants to connect."),
     ] = 60.0,
+    evaluate: Annotated[
+        str,
+        typer.Option(
+            "--evaluate",
+            help="separate: an evaluate message per device per round; on-train: each "
+            "train message first scores the model it received (half the device processes).",
+        ),
+    ] = "separate",
     variants: Annotated[
         str,
         typer.Option("--variants", help="Variants to build for the result ('' for fp32 only)."),
@@ -261,6 +270,7 @@ def start(
         then_deploy=then_deploy,
         round_timeout=round_timeout,
         join_timeout=join_timeout,
+        evaluate=evaluate,
         min_samples=min_samples,
         idle_only=idle_only,
         variants=tuple(parse_variants(variants)) if variants.strip() else (),

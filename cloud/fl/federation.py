@@ -58,6 +58,7 @@ class RunRequest:
     then_deploy: str = ""
     round_timeout: float = 120.0
     join_timeout: float = 60.0
+    evaluate: str = "separate"
     min_samples: int = 20
     idle_only: bool = False
     variants: tuple[str, ...] = DEFAULT_VARIANTS
@@ -87,6 +88,8 @@ class RunRequest:
         bad = [v for v in self.variants if v not in KINDS or v == "fp32"]
         if bad:
             raise InvalidArgument(f"--variants: unknown {', '.join(bad)}")
+        if self.evaluate not in ("separate", "on-train"):
+            raise InvalidArgument(f"--evaluate {self.evaluate!r}: expected separate or on-train")
         if self.round_timeout <= 0 or self.join_timeout <= 0:
             raise InvalidArgument("--round-timeout and --join-timeout must be positive")
         if self.then_deploy:
@@ -334,6 +337,7 @@ class Federation:
                 "dp-noise": req.dp_noise,
                 "round-timeout": req.round_timeout,
                 "join-timeout": req.join_timeout,
+                "evaluate": req.evaluate,
             }
             sl = self._require()
             flower_id = await asyncio.to_thread(sl.submit, APP_DIR, rc)

@@ -21,6 +21,6 @@ APP_DIR = Path(__file__).parent / "app"
 EVENTS_FILE = "events.jsonl"
 WEIGHTS_FILE = "weights.npz"
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 
 __all__ = ["APP_DIR", "EVENTS_FILE", "STRATEGIES", "WEIGHTS_FILE"]

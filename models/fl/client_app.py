@@ -4,7 +4,11 @@ Handlers:
 - ``train``: load the global parameters over the starting checkpoint, train
   ``local-epochs`` on the local training split, return the parameters and
   ``num-examples`` (FedProx's proximal term when the config carries one);
-- ``evaluate``: loss and accuracy on the local held-out split.
+- ``evaluate``: loss and accuracy on the local held-out split. With run config
+  ``evaluate = "on-train"`` there are no evaluate messages: ``train`` scores the
+  global model it received on the held-out split before training and adds
+  ``eval-loss``/``eval-accuracy`` to its reply (one ClientApp process per round
+  instead of two).
 
 `build(mods)` makes the same ClientApp with Flower mods around every handler
 (the simulator adds its model-poisoning attacker this way).
@@ -61,14 +65,19 @@ def _fail(msg: Message, context: Context, e: Exception) -> Message:
 def train(msg: Message, context: Context) -> Message:
     from edgefleet.models.checkpoint import load_checkpoint
     from edgefleet.models.fl.task import FitConfig, check_labels, fit, module_from, trainable
+    from edgefleet.models.fl.task import evaluate as eval_module
 
     cfg = _config(msg)
     try:
         seed = int(cfg.get("seed", 0))  # type: ignore[arg-type]
-        xtr, ytr, _, _ = _local(context, seed)
+        xtr, ytr, xho, yho = _local(context, seed)
         base = bytes(cfg["base"])  # type: ignore[arg-type]
         module = module_from(base, _arrays(msg.content.array_records["arrays"]))
         check_labels(ytr, load_checkpoint(base).config.num_classes, device_id_of(context))
+        received: dict[str, float] = {}
+        if bool(cfg.get("evaluate-on-train", False)):  # the global model, before training
+            eloss, eacc = eval_module(module, xho, yho)
+            received = {"eval-loss": eloss, "eval-accuracy": eacc}
         loss, acc = fit(
             module,
             xtr,
@@ -83,7 +92,9 @@ def train(msg: Message, context: Context) -> Message:
         )
     except (FleetError, KeyError, ValueError) as e:
         return _fail(msg, context, e)
-    metrics = MetricRecord({"train-loss": loss, "train-accuracy": acc, "num-examples": len(ytr)})
+    metrics = MetricRecord(
+        {"train-loss": loss, "train-accuracy": acc, "num-examples": len(ytr), **received}
+    )
     arrays = ArrayRecord({k: _array(v) for k, v in trainable(module).items()})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

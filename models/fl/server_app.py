@@ -52,6 +52,7 @@ def run(grid: Grid, context: Context, out: Path, journal: Journal) -> None:
         participants=parse_participants(str(rc.get("participants", ""))),
         min_clients=int(rc["min-clients"]),
         join_timeout=float(rc["join-timeout"]),
+        pull_interval=float(rc["pull-interval"]),
     )
     fleet.discover()
     federate(fleet, rc, base, out / WEIGHTS_FILE)
@@ -90,6 +91,7 @@ def federate(
             "lr": float(rc["lr"]),
             "batch-size": int(rc["batch-size"]),
             "seed": int(rc["seed"]),
+            "evaluate-on-train": str(rc.get("evaluate", "separate")) == "on-train",
             **(extra_config or {}),
         }
     )

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -22,14 +23,23 @@ from flwr.serverapp.strategy import (
 from edgefleet.models.fl import STRATEGIES
 from edgefleet.protos.errors import InvalidArgument
 
+#: "separate": an evaluate message per node per round after training (Flower's default);
+#: "on-train": each train message first scores the global model it received
+EVALUATE_MODES = ("separate", "on-train")
+
 
 def build_strategy(rc: Mapping[str, Any], participants: int) -> Strategy:
     """The strategy named by run config `strategy`, sampling among `participants` nodes."""
     name = str(rc.get("strategy", "fedavg")).lower()
+    if str(rc.get("evaluate", "separate")) not in EVALUATE_MODES:
+        raise InvalidArgument(
+            f"evaluate {rc.get('evaluate')!r} unknown; accepted: {', '.join(EVALUATE_MODES)}"
+        )
     min_clients = int(rc.get("min-clients", 2))
     common: dict[str, Any] = {
         "fraction_train": float(rc.get("fraction", 1.0)),
-        "fraction_evaluate": 1.0,
+        # evaluate = "on-train": the train replies carry the evaluation; no evaluate messages
+        "fraction_evaluate": 0.0 if rc.get("evaluate") == "on-train" else 1.0,
         "min_train_nodes": min_clients,
         "min_evaluate_nodes": min_clients,
         "min_available_nodes": min_clients,
@@ -40,8 +50,16 @@ def build_strategy(rc: Mapping[str, Any], participants: int) -> Strategy:
         strategy = FedAvg(**common)
     elif name == "fedprox":
         strategy = FedProx(**common, proximal_mu=float(rc.get("proximal-mu", 0.01)))
-    elif name == "fedadam":
-        strategy = FedAdam(**common, eta=0.01, eta_l=float(rc.get("lr", 3e-3)))
+    elif name == "fedavgm":  # server momentum over the averaged update
+        strategy = FedAvgM(
+            **common,
+            server_learning_rate=float(rc.get("server-lr", 1.0)),
+            server_momentum=float(rc.get("server-momentum", 0.9)),
+        )
+    elif name == "fedadam":  # server-side Adam over the averaged update
+        strategy = FedAdam(
+            **common, eta=float(rc.get("server-eta", 0.01)), eta_l=float(rc.get("lr", 3e-3))
+        )
     elif name == "fedmedian":
         strategy = FedMedian(**common)
     elif name == "fedtrimmedavg":

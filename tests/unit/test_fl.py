@@ -192,3 +192,108 @@ def test_journal_reads_only_complete_lines(tmp_path: Path) -> None:
         f.write('und": 2}\n')
     more, _ = read_events(tmp_path / "events.jsonl", offset)
     assert more == [{"event": "round", "round": 2}]
+
+
+def test_server_momentum_and_adam_take_their_run_config() -> None:
+    from flwr.serverapp.strategy import FedAdam, FedAvgM
+
+    from edgefleet.models.fl.strategies import build_strategy
+
+    m = build_strategy({"strategy": "fedavgm", "server-lr": 0.5, "server-momentum": 0.7}, 4)
+    assert isinstance(m, FedAvgM)
+    assert (m.server_learning_rate, m.server_momentum) == (0.5, 0.7)
+    a = build_strategy({"strategy": "fedadam", "server-eta": 0.02, "lr": 0.01}, 4)
+    assert isinstance(a, FedAdam)
+    assert (a.eta, a.eta_l) == (0.02, 0.01)
+    RunRequest(ModelRef("m", 1), strategy="fedavgm").check()
+
+
+def test_fleet_grid_pulls_until_every_reply_or_the_deadline(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from edgefleet.models.fl.grid import FleetGrid
+
+    now = [0.0]
+    pulls: list[float] = []
+
+    def reply(msg_id: str) -> SimpleNamespace:  # what the loop reads of a reply Message
+        return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=msg_id))
+
+    class Link:  # the two Grid calls used: replies for "a" now, "b" at t=1.0, "c" never
+        def push_messages(self, messages: object) -> list[str]:
+            return ["a", "b", "c"]
+
+        def pull_messages(self, message_ids: object) -> list[SimpleNamespace]:
+            pulls.append(now[0])
+            ids = set(message_ids)  # type: ignore[call-overload]
+            ready = {"a"} | ({"b"} if now[0] >= 1.0 else set())
+            return [reply(i) for i in sorted(ids & ready)]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    grid = FleetGrid(
+        Link(),  # type: ignore[arg-type]
+        Journal(tmp_path / "events.jsonl"),
+        participants={},
+        min_clients=1,
+        join_timeout=1.0,
+        pull_interval=0.25,
+        clock=lambda: now[0],
+        sleep=sleep,
+    )
+    got = grid._exchange([], timeout=2.0)
+    assert sorted(m.metadata.reply_to_message_id for m in got) == ["a", "b"]
+    assert pulls[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]  # every pull_interval, not Flower's 3 s
+    assert now[0] >= 2.0  # "c" never answered: it gave up at the deadline
+
+
+def test_on_train_evaluation_is_journaled_without_evaluate_messages(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import MessageType
+
+    from edgefleet.models.fl.grid import FleetGrid
+    from edgefleet.models.fl.strategies import build_strategy
+
+    assert build_strategy({"evaluate": "on-train"}, 3).fraction_evaluate == 0.0  # type: ignore[attr-defined]
+    with pytest.raises(InvalidArgument):
+        build_strategy({"evaluate": "later"}, 3)
+
+    def reply(node: int, msg_id: str, acc: float) -> SimpleNamespace:
+        metrics = {"train-loss": 0.5, "eval-accuracy": acc, "num-examples": 10}
+        return SimpleNamespace(
+            metadata=SimpleNamespace(reply_to_message_id=msg_id, src_node_id=node),
+            content=SimpleNamespace(metric_records={"metrics": metrics}),
+            has_error=lambda: False,
+        )
+
+    class Link:
+        def push_messages(self, messages: object) -> list[str]:
+            return ["a", "b"]
+
+        def pull_messages(self, message_ids: object) -> list[SimpleNamespace]:
+            return [reply(1, "a", 0.6), reply(2, "b", 0.8)]
+
+    sent = [
+        SimpleNamespace(
+            metadata=SimpleNamespace(message_type=MessageType.TRAIN, dst_node_id=n),
+            content=SimpleNamespace(config_records={"config": {"server-round": 1}}),
+        )
+        for n in (1, 2)
+    ]
+    journal = Journal(tmp_path / "events.jsonl")
+    grid = FleetGrid(
+        Link(),  # type: ignore[arg-type]
+        journal,
+        participants={1: "dev-1", 2: "dev-2"},
+        min_clients=2,
+        join_timeout=1.0,
+    )
+    grid.devices = {1: "dev-1", 2: "dev-2"}
+    grid.send_and_receive(sent, timeout=5.0)  # type: ignore[arg-type]
+    assert grid.send_and_receive([], timeout=5.0) == []  # the strategy's empty evaluate stage
+    (rnd,) = [e for e in read_events(tmp_path / "events.jsonl", 0)[0] if e["event"] == "round"]
+    assert rnd["round"] == 1 and rnd["evaluated"] == ["dev-1", "dev-2"]
+    assert rnd["evaluate"]["eval-accuracy"] == pytest.approx(0.7)  # weighted by num-examples
+    assert "eval-accuracy" not in rnd["train"] and rnd["train"]["train-loss"] == 0.5

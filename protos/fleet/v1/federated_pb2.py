@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)edgefleet/protos/fleet/v1/federated.proto\x12\x08\x66leet.v1\"\xd2\x02\n\x0fStartRunRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x13\n\x0bmin_clients\x18\x04 \x01(\x05\x12\x10\n\x08\x66raction\x18\x05 \x01(\x01\x12\x14\n\x0clocal_epochs\x18\x06 \x01(\x05\x12\n\n\x02lr\x18\x07 \x01(\x01\x12\x0f\n\x07\x64p_clip\x18\x08 \x01(\x01\x12\x10\n\x08\x64p_noise\x18\t \x01(\x01\x12\x10\n\x08selector\x18\n \x01(\t\x12\x13\n\x0bthen_deploy\x18\x0b \x01(\t\x12\x15\n\rround_timeout\x18\x0c \x01(\x01\x12\x14\n\x0cjoin_timeout\x18\r \x01(\x01\x12\x13\n\x0bmin_samples\x18\x0e \x01(\x05\x12\x11\n\tidle_only\x18\x0f \x01(\x08\x12\x10\n\x08variants\x18\x10 \x03(\t\x12\x16\n\x0e\x64\x65ploy_timeout\x18\x11 \x01(\x01\"\x1c\n\nRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"/\n\x0fListRunsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"3\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.fleet.v1.RunInfo\"\x97\x03\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0eparent_version\x18\x03 \x01(\x05\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x14\n\x0cparticipants\x18\x08 \x03(\t\x12/\n\x07skipped\x18\t \x03(\x0b\x32\x1e.fleet.v1.RunInfo.SkippedEntry\x12\x14\n\x0chistory_json\x18\n \x01(\t\x12\x15\n\rflower_run_id\x18\x0b \x01(\t\x12\x16\n\x0eresult_version\x18\x0c \x01(\x05\x12\x13\n\x0b\x64\x65ploy_json\x18\r \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x0e \x01(\t\x12\x15\n\rcreated_at_ms\x18\x0f \x01(\x03\x12\x16\n\x0e\x66inished_at_ms\x18\x10 \x01(\x03\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x11\x45nrollNodeRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"t\n\x0eNodeEnrollment\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tsuperlink\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61_certificate\x18\x03 \x01(\t\x12\x13\n\x0bprivate_key\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t2\xc0\x02\n\x10\x46\x65\x64\x65ratedService\x12:\n\x08StartRun\x12\x19.fleet.v1.StartRunRequest\x1a\x11.fleet.v1.RunInfo0\x01\x12\x35\n\x08WatchRun\x12\x14.fleet.v1.RunRequest\x1a\x11.fleet.v1.RunInfo0\x01\x12\x31\n\x06GetRun\x12\x14.fleet.v1.RunRequest\x1a\x11.fleet.v1.RunInfo\x12\x41\n\x08ListRuns\x12\x19.fleet.v1.ListRunsRequest\x1a\x1a.fleet.v1.ListRunsResponse\x12\x43\n\nEnrollNode\x12\x1b.fleet.v1.EnrollNodeRequest\x1a\x18.fleet.v1.NodeEnrollmentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)edgefleet/protos/fleet/v1/federated.proto\x12\x08\x66leet.v1\"\xe4\x02\n\x0fStartRunRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x13\n\x0bmin_clients\x18\x04 \x01(\x05\x12\x10\n\x08\x66raction\x18\x05 \x01(\x01\x12\x14\n\x0clocal_epochs\x18\x06 \x01(\x05\x12\n\n\x02lr\x18\x07 \x01(\x01\x12\x0f\n\x07\x64p_clip\x18\x08 \x01(\x01\x12\x10\n\x08\x64p_noise\x18\t \x01(\x01\x12\x10\n\x08selector\x18\n \x01(\t\x12\x13\n\x0bthen_deploy\x18\x0b \x01(\t\x12\x15\n\rround_timeout\x18\x0c \x01(\x01\x12\x14\n\x0cjoin_timeout\x18\r \x01(\x01\x12\x13\n\x0bmin_samples\x18\x0e \x01(\x05\x12\x11\n\tidle_only\x18\x0f \x01(\x08\x12\x10\n\x08variants\x18\x10 \x03(\t\x12\x16\n\x0e\x64\x65ploy_timeout\x18\x11 \x01(\x01\x12\x10\n\x08\x65valuate\x18\x12 \x01(\t\"\x1c\n\nRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"/\n\x0fListRunsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"3\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.fleet.v1.RunInfo\"\x97\x03\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0eparent_version\x18\x03 \x01(\x05\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x14\n\x0cparticipants\x18\x08 \x03(\t\x12/\n\x07skipped\x18\t \x03(\x0b\x32\x1e.fleet.v1.RunInfo.SkippedEntry\x12\x14\n\x0chistory_json\x18\n \x01(\t\x12\x15\n\rflower_run_id\x18\x0b \x01(\t\x12\x16\n\x0eresult_version\x18\x0c \x01(\x05\x12\x13\n\x0b\x64\x65ploy_json\x18\r \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x0e \x01(\t\x12\x15\n\rcreated_at_ms\x18\x0f \x01(\x03\x12\x16\n\x0e\x66inished_at_ms\x18\x10 \x01(\x03\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x11\x45nrollNodeRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"t\n\x0eNodeEnrollment\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tsuperlink\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61_certificate\x18\x03 \x01(\t\x12\x13\n\x0bprivate_key\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t2\xc0\x02\n\x10\x46\x65\x64\x65ratedService\x12:\n\x08StartRun\x12\x19.fleet.v1.StartRunRequest\x1a\x11.fleet.v1.RunInfo0\x01\x12\x35\n\x08WatchRun\x12\x14.fleet.v1.RunRequest\x1a\x11.fleet.v1.RunInfo0\x01\x12\x31\n\x06GetRun\x12\x14.fleet.v1.RunRequest\x1a\x11.fleet.v1.RunInfo\x12\x41\n\x08ListRuns\x12\x19.fleet.v1.ListRunsRequest\x1a\x1a.fleet.v1.ListRunsResponse\x12\x43\n\nEnrollNode\x12\x1b.fleet.v1.EnrollNodeRequest\x1a\x18.fleet.v1.NodeEnrollmentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNINFO_SKIPPEDENTRY']._loaded_options = None
   _globals['_RUNINFO_SKIPPEDENTRY']._serialized_options = b'8\001'
   _globals['_STARTRUNREQUEST']._serialized_start=56
-  _globals['_STARTRUNREQUEST']._serialized_end=394
-  _globals['_RUNREQUEST']._serialized_start=396
-  _globals['_RUNREQUEST']._serialized_end=424
-  _globals['_LISTRUNSREQUEST']._serialized_start=426
-  _globals['_LISTRUNSREQUEST']._serialized_end=473
-  _globals['_LISTRUNSRESPONSE']._serialized_start=475
-  _globals['_LISTRUNSRESPONSE']._serialized_end=526
-  _globals['_RUNINFO']._serialized_start=529
-  _globals['_RUNINFO']._serialized_end=936
-  _globals['_RUNINFO_SKIPPEDENTRY']._serialized_start=890
-  _globals['_RUNINFO_SKIPPEDENTRY']._serialized_end=936
-  _globals['_ENROLLNODEREQUEST']._serialized_start=938
-  _globals['_ENROLLNODEREQUEST']._serialized_end=976
-  _globals['_NODEENROLLMENT']._serialized_start=978
-  _globals['_NODEENROLLMENT']._serialized_end=1094
-  _globals['_FEDERATEDSERVICE']._serialized_start=1097
-  _globals['_FEDERATEDSERVICE']._serialized_end=1417
+  _globals['_STARTRUNREQUEST']._serialized_end=412
+  _globals['_RUNREQUEST']._serialized_start=414
+  _globals['_RUNREQUEST']._serialized_end=442
+  _globals['_LISTRUNSREQUEST']._serialized_start=444
+  _globals['_LISTRUNSREQUEST']._serialized_end=491
+  _globals['_LISTRUNSRESPONSE']._serialized_start=493
+  _globals['_LISTRUNSRESPONSE']._serialized_end=544
+  _globals['_RUNINFO']._serialized_start=547
+  _globals['_RUNINFO']._serialized_end=954
+  _globals['_RUNINFO_SKIPPEDENTRY']._serialized_start=908
+  _globals['_RUNINFO_SKIPPEDENTRY']._serialized_end=954
+  _globals['_ENROLLNODEREQUEST']._serialized_start=956
+  _globals['_ENROLLNODEREQUEST']._serialized_end=994
+  _globals['_NODEENROLLMENT']._serialized_start=996
+  _globals['_NODEENROLLMENT']._serialized_end=1112
+  _globals['_FEDERATEDSERVICE']._serialized_start=1115
+  _globals['_FEDERATEDSERVICE']._serialized_end=1435
 # @@protoc_insertion_point(module_scope)

@@ -39,11 +39,12 @@ class StartRunRequest(_message.Message):
     IDLE_ONLY_FIELD_NUMBER: _builtins.int
     VARIANTS_FIELD_NUMBER: _builtins.int
     DEPLOY_TIMEOUT_FIELD_NUMBER: _builtins.int
+    EVALUATE_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """NAME:VERSION to start from (its weights.npz)"""
     rounds: _builtins.int
     strategy: _builtins.str
-    """fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum"""
+    """fedavg | fedprox | fedavgm | fedadam | fedmedian | fedtrimmedavg | krum"""
     min_clients: _builtins.int
     fraction: _builtins.float
     local_epochs: _builtins.int
@@ -61,6 +62,8 @@ class StartRunRequest(_message.Message):
     min_samples: _builtins.int
     idle_only: _builtins.bool
     deploy_timeout: _builtins.float
+    evaluate: _builtins.str
+    """"" or separate: evaluate messages each round; on-train: in the train reply"""
     @_builtins.property
     def variants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -83,10 +86,11 @@ class StartRunRequest(_message.Message):
         idle_only: _builtins.bool = ...,
         variants: _abc.Iterable[_builtins.str] | None = ...,
         deploy_timeout: _builtins.float = ...,
+        evaluate: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deploy_timeout", b"deploy_timeout", "dp_clip", b"dp_clip", "dp_noise", b"dp_noise", "fraction", b"fraction", "idle_only", b"idle_only", "join_timeout", b"join_timeout", "local_epochs", b"local_epochs", "lr", b"lr", "min_clients", b"min_clients", "min_samples", b"min_samples", "ref", b"ref", "round_timeout", b"round_timeout", "rounds", b"rounds", "selector", b"selector", "strategy", b"strategy", "then_deploy", b"then_deploy", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deploy_timeout", b"deploy_timeout", "dp_clip", b"dp_clip", "dp_noise", b"dp_noise", "evaluate", b"evaluate", "fraction", b"fraction", "idle_only", b"idle_only", "join_timeout", b"join_timeout", "local_epochs", b"local_epochs", "lr", b"lr", "min_clients", b"min_clients", "min_samples", b"min_samples", "ref", b"ref", "round_timeout", b"round_timeout", "rounds", b"rounds", "selector", b"selector", "strategy", b"strategy", "then_deploy", b"then_deploy", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
