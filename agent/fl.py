@@ -1,8 +1,8 @@
 """The federated-learning sidecar: a supervised `flower-supernode` for this device.
 
-With the bundle's ``fl`` part in its config and Flower installed
-(`edgefleet[agent,fl]`), the agent runs Flower's SuperNode next to itself. The
-SuperNode dials the coordinator's SuperLink over TLS (the bundle's CA),
+With the bundle's ``fl`` part in its config, Flower installed (`edgefleet-agent[fl]`)
+and PyTorch (the ClientApp trains with it; `TORCH_CPU` says how to get the CPU build),
+the agent runs Flower's SuperNode next to itself. The SuperNode dials the coordinator's SuperLink over TLS (the bundle's CA),
 authenticates with this device's node key, and runs the `models.fl` ClientApp on
 the shards in the data directory; the data never leaves the device. The
 SuperNode retries a lost link by itself; when it exits (crash, refused key,
@@ -16,6 +16,7 @@ coordinator can choose participants and show why a device was skipped.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -46,16 +47,28 @@ def data_dir(settings: AgentSettings) -> Path:
     return settings.fl_data_dir or settings.state_dir / "data"
 
 
+#: how a device gets PyTorch without CUDA (PyPI's x86_64 torch pulls GBs of CUDA libraries;
+#: on aarch64 PyPI's torch is the CPU build already)
+TORCH_CPU = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
+def missing_fl_runtime() -> str:
+    """Why this device cannot run the ClientApp ("" when it can): Flower runs it, and it
+    trains with PyTorch (models/fl/task.py), which edgefleet-agent[fl] does not pull in."""
+    if not flower_available():
+        return "Flower is not installed on this device (pip install 'edgefleet-agent[fl]')"
+    if importlib.util.find_spec("torch") is None:
+        return f"PyTorch missing (the ClientApp trains with it): {TORCH_CPU}"
+    return ""
+
+
 def fl_capability(settings: AgentSettings) -> dict[str, Any] | None:
     """The ``fl`` capability; None for a device not enrolled for federated learning."""
     if not settings.fl_superlink:
         return None
-    if not flower_available():
-        return {
-            "ready": False,
-            "reason": "Flower is not installed on this device (pip install 'edgefleet[agent,fl]')",
-            "samples": 0,
-        }
+    missing = missing_fl_runtime()
+    if missing:
+        return {"ready": False, "reason": missing, "samples": 0}
     d = data_dir(settings)
     samples = count_samples(d) if d.is_dir() else 0
     if samples == 0:

@@ -58,7 +58,7 @@ def find_flower(name: str) -> str:
     if not found:
         raise NotFound(
             f"{name} not found: install Flower with the fl extra "
-            "(pip install 'edgefleet[fl]'; devices: 'edgefleet[agent,fl]')"
+            "(pip install 'edgefleet[fl]'; devices: 'edgefleet-agent[fl]')"
         )
     return found
 
@@ -77,11 +77,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+#: longest entry of `Capabilities.features` the coordinator takes (cloud.inbound.MAX_NAME);
+#: a longer one would get the whole status message refused
+MAX_FEATURE = 128
+
+
 def fl_features(*, ready: bool, reason: str = "", samples: int = 0) -> list[str]:
-    """How an agent states its federated sidecar in `Capabilities.features`."""
+    """How an agent states its federated sidecar in `Capabilities.features` (a reason too
+    long for one entry, e.g. one naming a deep data directory, is cut to fit with "…")."""
     if ready:
         return ["fl", f"fl-samples={samples}"]
-    return [f"fl-off={reason}", f"fl-samples={samples}"]
+    off = f"fl-off={reason}"
+    if len(off) > MAX_FEATURE:
+        off = off[: MAX_FEATURE - 1] + "…"
+    return [off, f"fl-samples={samples}"]
 
 
 def parse_fl_features(features: Sequence[str]) -> dict[str, object] | None:

@@ -37,7 +37,10 @@ def select_participants(
         elif not d.online:
             why = "offline"
         elif fl is None:
-            why = "agent reports no federated sidecar (install edgefleet[agent,fl] on the device)"
+            why = (
+                "agent reports no federated sidecar "
+                "(install edgefleet-agent[fl] and torch on the device)"
+            )
         elif not fl.get("ready"):
             why = f"sidecar not ready: {fl.get('reason') or 'no reason given'}"
         elif int(str(fl["samples"])) < min_samples:

@@ -73,7 +73,7 @@ def test_participants_are_chosen_with_a_reason_for_each_skip() -> None:
     sel = select_participants(devices, nodes, min_samples=20)
     assert sel.chosen == {"a": 1}
     assert sel.skipped["b"] == "offline"
-    assert "edgefleet[agent,fl]" in sel.skipped["c"]
+    assert "edgefleet-agent[fl]" in sel.skipped["c"]
     assert "5 local samples" in sel.skipped["d"]
     assert "not registered with the SuperLink" in sel.skipped["e"]
     assert "no shard-*.npz" in sel.skipped["f"]
@@ -297,3 +297,64 @@ def test_on_train_evaluation_is_journaled_without_evaluate_messages(tmp_path: Pa
     assert rnd["round"] == 1 and rnd["evaluated"] == ["dev-1", "dev-2"]
     assert rnd["evaluate"]["eval-accuracy"] == pytest.approx(0.7)  # weighted by num-examples
     assert "eval-accuracy" not in rnd["train"] and rnd["train"]["train-loss"] == 0.5
+
+
+def test_a_device_without_torch_reports_fl_off_with_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """edgefleet-agent[fl] brings Flower but not PyTorch, which the ClientApp trains with:
+    such a device says so in its capabilities (and is skipped with that reason) instead of
+    being chosen and failing in its first round."""
+    import sys
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from edgefleet.agent.config import AgentSettings
+    from edgefleet.agent.fl import TORCH_CPU, fl_capability
+    from edgefleet.protos.flower import flower_available
+
+    if not flower_available():
+        pytest.skip("needs Flower (edgefleet[fl])")
+    pem = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "shard-0000.npz", X=np.zeros((10, 64), np.float32), y=np.arange(10) % 10)
+    settings = AgentSettings(
+        device_id="cam-1",
+        state_dir=tmp_path,
+        broker_url="mqtt://127.0.0.1:1",  # never started
+        public_key_pem=pem.decode(),
+        listen="",
+        fl_superlink="127.0.0.1:1",
+        fl_data_dir=data,
+    )
+    assert fl_capability(settings) == {"ready": True, "reason": "", "samples": 10}
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # how Python marks a module not importable
+    off = fl_capability(settings)
+    assert off is not None and off["ready"] is False
+    assert off["reason"].startswith("PyTorch missing")
+    assert TORCH_CPU in off["reason"]
+    features = fl_features(ready=False, reason=off["reason"], samples=0)
+    assert parse_fl_features(features)["reason"] == off["reason"]  # fits: not cut
+
+
+def test_a_long_fl_off_reason_is_cut_to_what_the_coordinator_takes() -> None:
+    """A reason naming a deep data directory must not make the coordinator refuse the
+    device's whole status (capability entries are bounded at its boundary)."""
+    from edgefleet.cloud.inbound import MAX_NAME
+    from edgefleet.protos.flower import MAX_FEATURE
+
+    assert MAX_FEATURE == MAX_NAME
+    deep = "/var/lib/edgefleet/" + "d" * 300
+    features = fl_features(ready=False, reason=f"no shard-*.npz training data in {deep}")
+    assert max(len(f) for f in features) == MAX_FEATURE
+    parsed = parse_fl_features(features)
+    assert parsed is not None and parsed["ready"] is False
+    assert str(parsed["reason"]).startswith("no shard-*.npz training data in /var/lib/edgefleet/")
+    assert str(parsed["reason"]).endswith("…")
