@@ -301,7 +301,10 @@ async def serve(
                     server,
                 )
                 fl_servicer = FederatedServicer(
-                    federation, elsewhere=replica.fl_elsewhere if replica is not None else None
+                    federation,
+                    elsewhere=replica.fl_elsewhere if replica is not None else None,
+                    # a follower with --fl reads the runs its leader writes
+                    runs=services.fl_store if replica is not None and settings.fl else None,
                 )
                 if replica is not None:  # hook: given the federation while leading
                     replica.fl_servicer = fl_servicer

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -440,19 +440,32 @@ class Federation:
 
     async def watch(self, run_id: str) -> AsyncIterator[FlRun]:
         """The run now, then again each time it changes, until it is final."""
-        last: tuple[str, int, int | None] | None = None
-        while True:
-            run = await asyncio.to_thread(self.store.get_run, run_id)
-            key = (run.status, len(run.history), run.result_version)
-            if key != last:
-                last = key
-                yield run
-            if run.final:
-                return
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._changed.wait()
+        async for run in watch_run(self.store, run_id, self._wait_changed):
+            yield run
+
+    async def _wait_changed(self) -> None:
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._changed.wait()
+
+
+async def watch_run(
+    store: FlStore, run_id: str, wait: Callable[[], Awaitable[None]]
+) -> AsyncIterator[FlRun]:
+    """Run `run_id` as `store` has it now, then again each time it changes (looked at
+    after each `wait()`), until it is final. The federation wakes it on each change; a
+    replica without the federation (a follower) reads what the leader writes, once a second."""
+    last: tuple[str, int, int | None] | None = None
+    while True:
+        run = await asyncio.to_thread(store.get_run, run_id)
+        key = (run.status, len(run.history), run.result_version)
+        if key != last:
+            last = key
+            yield run
+        if run.final:
+            return
+        await wait()
 
 
 def _config(req: RunRequest) -> dict[str, Any]:

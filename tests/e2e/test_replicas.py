@@ -445,10 +445,14 @@ def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout
 def test_federated_calls_on_a_follower_name_the_leader_in_one_line(
     shared: Shared, broker: SecureBroker, cli: Cli
 ) -> None:
-    """`fleet fl start` (and `fl ls`) sent to a follower started with --fl: refused in one
-    line naming the leader and its address (the leader's SuperLink runs the rounds; no
-    Flower needed here: the leader is a lease the test holds)."""
+    """`fleet fl start` sent to a follower started with --fl: refused in one line naming
+    the leader and its address (the leader's SuperLink runs the rounds; no Flower needed
+    here: the leader is a lease the test holds). Reading runs works on the follower: `fl ls`,
+    `fl show` and `fl watch` serve what the leader writes to the shared database."""
+    import threading
+
     from edgefleet.cloud.client import read_token
+    from edgefleet.cloud.fl.store import FlRun, FlStore
     from edgefleet.cloud.replicas.lease import LeaderLease
 
     settings = load_settings(home=shared.home)
@@ -461,15 +465,44 @@ def test_federated_calls_on_a_follower_name_the_leader_in_one_line(
         assert lease.try_acquire() is not None
         ReplicaStore(db).heartbeat("fl-leader", "10.0.0.9:7443")
         proc, info = serve_replica(shared.home, "fl-follower", broker.coordinator_url, "--fl")
-        for args in (("fl", "start", "digits:1", "--rounds", "1"), ("fl", "ls")):
-            r = cli("--coordinator", info.grpc, "--token", token, *args)
-            lines = [line for line in r.err.splitlines() if line.strip()]
-            assert r.code == 1 and len(lines) == 1, r.err
-            assert lines[0] == (
-                "error (unavailable): replica fl-follower does not lead: federated learning "
-                "runs on the leader fl-leader at 10.0.0.9:7443; send it there "
-                "(fleet --coordinator 10.0.0.9:7443 fl …)"
-            ), lines[0]
+        r = cli("--coordinator", info.grpc, "--token", token, "fl", "start", "digits:1")
+        lines = [line for line in r.err.splitlines() if line.strip()]
+        assert r.code == 1 and len(lines) == 1, r.err
+        assert lines[0] == (
+            "error (unavailable): replica fl-follower does not lead: federated learning "
+            "runs on the leader fl-leader at 10.0.0.9:7443; send it there "
+            "(fleet --coordinator 10.0.0.9:7443 fl …)"
+        ), lines[0]
+
+        # a run as the leader's federation writes it, read through the follower
+        runs = FlStore(db)
+        run_id = f"fl-on-follower-{os.getpid()}"
+        runs.create_run(
+            FlRun(run_id, "digits", 1, "fedavg", 2, {}, "running", participants=("d1", "d2"))
+        )
+        runs.update_run(run_id, history_append={"round": 1, "accuracy": 0.91})
+        via = ("--coordinator", info.grpc, "--token", token)
+        listed = cli(*via, "fl", "ls", "--json")
+        assert listed.code == 0, listed.err
+        assert run_id in [x["run_id"] for x in json.loads(listed.out)]
+        shown = cli(*via, "fl", "show", run_id, "--json")
+        assert shown.code == 0, shown.err
+        doc = json.loads(shown.out)
+        assert doc["status"] == "running" and doc["participants"] == ["d1", "d2"]
+
+        def leader_finishes() -> None:
+            time.sleep(1.5)
+            runs.update_run(run_id, history_append={"round": 2, "accuracy": 0.93})
+            runs.update_run(run_id, status="succeeded", result_version=2)
+
+        finisher = threading.Thread(target=leader_finishes)
+        finisher.start()
+        watched = cli(*via, "fl", "watch", run_id, "--json")
+        finisher.join()
+        assert watched.code == 0, watched.err
+        done = json.loads(watched.out)
+        assert done["status"] == "succeeded" and done["result"] == "digits:2"
+        assert [h["round"] for h in done["history"]] == [1, 2]
     finally:
         if proc is not None:
             _stop(proc)
