@@ -4,7 +4,8 @@ A real device holds one session for its model; a simulator process holding
 thousands of devices would hold thousands of identical sessions (~10 MB each for
 the fan-out bench's 1 MB MLP: 10,000 devices would need ~100 GB). `SharedSessions`
 is a `ModelLoader` (the updater's seam, `Updater.model_loader`) that opens one
-session per (model sha256, runtime, providers, threads) and hands it to every
+session per (model sha256 as verified against the signed manifest, runtime,
+providers, threads) and hands it to every
 device that loads those bytes. Everything else stays per device: each agent
 downloads, checks digests and signatures, writes its slot, runs its own self-test
 against the golden sample on the session it gets, swaps and reports.
@@ -19,7 +20,6 @@ model on it (weak references): an old model's session is freed with its last use
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import weakref
 from collections.abc import Sequence
@@ -51,7 +51,15 @@ class SharedSessions:
     ) -> ActiveModel:
         with self._lock:
             self.loads += 1
-        return load(manifest, model, providers=providers, threads=threads, opener=self._open)
+
+        def opener(
+            model: bytes, runtime: str, *, providers: Sequence[str] | None = None, threads: int = 0
+        ) -> ModelSession:
+            # the updater checked the bytes against the signed manifest's sha256 before
+            # loading them (`check_artifact`): no second pass over the file for the key
+            return self._open(manifest.sha256, model, runtime, providers=providers, threads=threads)
+
+        return load(manifest, model, providers=providers, threads=threads, opener=opener)
 
     def live(self) -> int:
         """Shared sessions still held by some device."""
@@ -60,6 +68,7 @@ class SharedSessions:
 
     def _open(
         self,
+        sha256: str,
         model: bytes,
         runtime: str,
         *,
@@ -70,7 +79,7 @@ class SharedSessions:
             with self._lock:
                 self.opened += 1
             return open_session(model, runtime, providers=providers, threads=threads)
-        key = (hashlib.sha256(model).hexdigest(), runtime, tuple(providers or ()), threads)
+        key = (sha256, runtime, tuple(providers or ()), threads)
         # one lock for lookups and opens: devices loading the same bytes at once wait for
         # the first one's open (milliseconds) instead of each opening their own
         with self._lock:
