@@ -55,6 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "per worker process (shared), or both, each size measured both ways in the same run",
     )
     g.add_argument(
+        "--fanout-broker-inflight-kb",
+        type=int,
+        default=512,
+        help="mosquitto max_inflight_bytes per client, KiB (default 512, as `fleet serve`); "
+        "the broker holds up to this much packet copies per device: 10,000 devices x 512 KiB "
+        "is 5 GB",
+    )
+    g.add_argument(
         "--fanout-baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -125,6 +133,7 @@ async def _ours(
     processes: int | None,
     profile: bool = False,
     share_sessions: bool = False,
+    inflight_kb: int = 512,
 ) -> dict[str, float]:
     from edgefleet.cloud.broker import ManagedBroker
     from edgefleet.cloud.config import load_settings
@@ -138,7 +147,7 @@ async def _ours(
     bdir.mkdir(parents=True)
     os.chmod(bdir, 0o777)
     devices = DeviceStore(f"sqlite:///{root / 'devices.db'}")
-    with ManagedBroker(bdir, persistence=False) as broker:
+    with ManagedBroker(bdir, persistence=False, max_inflight_bytes=inflight_kb * 1024) as broker:
         async with coordinator(
             client, settings, broker.url, devices, chunk_size=64 * 1024, gather=0.3
         ) as coord:
@@ -385,7 +394,18 @@ def run(args: argparse.Namespace) -> list[Table]:
                 and shared == modes[-1]
                 and _pyspy.available() is not None
             )
-            ours = asyncio.run(_ours(n, client, home, root, args.fanout_processes, profile, shared))
+            ours = asyncio.run(
+                _ours(
+                    n,
+                    client,
+                    home,
+                    root,
+                    args.fanout_processes,
+                    profile,
+                    shared,
+                    args.fanout_broker_inflight_kb,
+                )
+            )
             # each device wrote ~1 MB to its own state directory
             shutil.rmtree(root / "dev", ignore_errors=True)
             if base is None and args.fanout_baseline:
