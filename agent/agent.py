@@ -27,7 +27,7 @@ from edgefleet.agent.capabilities import Capabilities, detect
 from edgefleet.agent.config import AgentSettings
 from edgefleet.agent.drift import DriftMonitor
 from edgefleet.agent.fl import FlSidecar, fl_capability
-from edgefleet.agent.inference import ModelHolder
+from edgefleet.agent.inference import ModelHolder, ModelLoader
 from edgefleet.agent.keys import load_trust
 from edgefleet.agent.offline import state_lock
 from edgefleet.agent.selfupdate import (
@@ -67,6 +67,7 @@ class Agent:
         holder: ModelHolder | None = None,
         chunk_filter: ChunkFilter | None = None,
         config_path: Path | None = None,
+        model_loader: ModelLoader | None = None,
     ) -> None:
         self.settings = settings
         #: the config file this agent was started with: a new agent version starts with it
@@ -134,6 +135,7 @@ class Agent:
             want_interval=want_interval,
             tflite_runtime_legacy=caps.tflite_runtime_legacy,
             chunk_filter=chunk_filter,
+            model_loader=model_loader,
             threads=settings.inference_threads,
             selfupdate=SelfUpdate(
                 releases=self.releases,

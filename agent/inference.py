@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -105,22 +106,47 @@ class ActiveModel:
                 ) from e
 
 
+class SessionOpener(Protocol):
+    """Opens a runtime session on model bytes (`models.runtime.open_session`'s signature)."""
+
+    def __call__(
+        self,
+        model: bytes,
+        runtime: str,
+        *,
+        providers: Sequence[str] | None = ...,
+        threads: int = ...,
+    ) -> ModelSession: ...
+
+
+class ModelLoader(Protocol):
+    """What the updater calls to turn verified bytes into a self-tested `ActiveModel`
+    (`load`'s signature). A seam for the simulator, which may share one session among
+    devices that load the same bytes (`simulator.sessions`); agents use `load`."""
+
+    def __call__(
+        self, manifest: Manifest, model: bytes, *, providers: Sequence[str], threads: int
+    ) -> ActiveModel: ...
+
+
 def load(
     manifest: Manifest,
     model: bytes,
     *,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     threads: int = 0,
+    opener: SessionOpener = open_session,
 ) -> ActiveModel:
     """Open `model` (already verified against `manifest`) and self-test it.
 
     Blocking (seconds on a large model): call it through `asyncio.to_thread`.
     Raises the `FleetError` of the step that failed: `InvalidArgument` when the
     runtime cannot load the bytes, `SelfTestFailed` when the golden sample does not match,
-    `Unavailable` when the manifest's runtime is not installed.
+    `Unavailable` when the manifest's runtime is not installed. `opener` opens the
+    session (the runtime's own by default); the self-test always runs on what it returns.
     """
     rss_before = rss_bytes()
-    session = open_session(model, manifest.runtime, providers=providers, threads=threads)
+    session = opener(model, manifest.runtime, providers=providers, threads=threads)
     try:
         diff = self_test(manifest, model, session)
     except FleetError:

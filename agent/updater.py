@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgefleet.agent import delta as deltas
 from edgefleet.agent.download import PartialDownload
-from edgefleet.agent.inference import ActiveModel, ModelHolder, load
+from edgefleet.agent.inference import ActiveModel, ModelHolder, ModelLoader, load
 from edgefleet.agent.keys import save_key_list
 from edgefleet.agent.offline import clear_report, pending_report
 from edgefleet.agent.selfupdate import Release, SelfUpdate, SwitchTarget
@@ -96,10 +96,14 @@ class Updater:
         threads: int = 0,
         chunk_filter: ChunkFilter | None = None,
         selfupdate: SelfUpdate | None = None,
+        model_loader: ModelLoader | None = None,
     ) -> None:
         self.progress_interval = progress_interval
         #: sees every chunk before the updater does (see `ChunkFilter`)
         self.chunk_filter = chunk_filter
+        #: opens and self-tests verified model bytes (`inference.load` unless a simulator
+        #: shares sessions among its devices: `simulator.sessions.SharedSessions`)
+        self.model_loader: ModelLoader = model_loader or load
         #: agent releases (agent/selfupdate.py); None: this agent cannot update itself
         self.selfupdate = selfupdate
         #: want intervals without a new delta chunk before the full artifact is fetched
@@ -148,7 +152,9 @@ class Updater:
             manifest = self._verify_manifest(SignedManifest.from_bytes(inst.manifest_bytes))
             data = inst.path.read_bytes()
             check_artifact(manifest, data)
-            self.holder.swap(load(manifest, data, providers=self._providers, threads=self._threads))
+            self.holder.swap(
+                self.model_loader(manifest, data, providers=self._providers, threads=self._threads)
+            )
             self.state = UpdateState.ACTIVE
             logger.info("%s: serving %s from disk", self.device_id, manifest.ref)
         except (FleetError, OSError) as e:
@@ -637,7 +643,11 @@ class Updater:
             data = await asyncio.to_thread(inst.path.read_bytes)
             check_artifact(manifest, data)
             return await asyncio.to_thread(
-                load, manifest, data, providers=self._providers, threads=self._threads
+                self.model_loader,
+                manifest,
+                data,
+                providers=self._providers,
+                threads=self._threads,
             )
         except DataLoss as e:
             await self._fail(gen, Reason.ARTIFACT_DIGEST_MISMATCH, str(e))

@@ -83,9 +83,11 @@ class SimCluster:
         telemetry_interval: float = 10.0,
         spread: Sequence[str] = (),
         mqtt_version: str = "auto",
+        share_sessions: bool = False,
     ) -> None:
-        """`spread` and `mqtt_version` as `SimulatedFleet` takes them (device i on
-        ``spread[i % k]`` first, counted over the whole cluster)."""
+        """`spread`, `mqtt_version` and `share_sessions` as `SimulatedFleet` takes them
+        (device i on ``spread[i % k]`` first, counted over the whole cluster; sessions
+        are shared within each worker process)."""
         self.profile = parse_profile(profile)
         self.enrollments = plan(n, self.profile, seed=seed, id_prefix=id_prefix)
         k = default_processes(n) if processes is None else processes
@@ -110,6 +112,7 @@ class SimCluster:
             "telemetry_interval": telemetry_interval,
             "spread": list(spread),
             "mqtt_version": mqtt_version,
+            "share_sessions": share_sessions,
         }
         #: device id -> MQTT password (username = device id); each worker gets its share
         #: in a 0600 file (never on a command line)
@@ -277,6 +280,14 @@ class SimCluster:
     def predictions(self) -> int:
         """Live predictions made so far by the running traffic (`traffic`, `partition_traffic`)."""
         return sum(int(w.snapshot.get("predictions", 0)) for w in self._workers)
+
+    def sessions_opened(self) -> list[int] | None:
+        """Per worker, the model sessions its shared loader opened (`share_sessions`), or
+        None when sessions are not shared."""
+        got = [w.snapshot.get("sessions_opened") for w in self._workers]
+        if any(g is None for g in got):
+            return None
+        return [int(g) for g in got if g is not None]
 
     def online(self) -> int:
         return sum(int(w.snapshot.get("online", 0)) for w in self._workers)

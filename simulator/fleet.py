@@ -46,12 +46,13 @@ import numpy as np
 
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentSettings
-from edgefleet.agent.inference import ActiveModel, ModelHolder
+from edgefleet.agent.inference import ActiveModel, ModelHolder, ModelLoader
 from edgefleet.agent.serde import UpdateState, decode_chunk
 from edgefleet.models.runtime import ModelSession
 from edgefleet.protos.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from edgefleet.simulator.plan import Enrollment, plan
 from edgefleet.simulator.profiles import Mix, Profile, parse_profile
+from edgefleet.simulator.sessions import SharedSessions
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +162,10 @@ class SimulatedDevice:
         *,
         want_interval: float = 2.0,
         data_dir: Path | None = None,
+        model_loader: ModelLoader | None = None,
     ) -> None:
         self.device_id = settings.device_id
+        self.model_loader = model_loader  # None: the agent's own (one session per device)
         self.settings = settings
         self.profile = profile
         self.want_interval = want_interval
@@ -192,6 +195,7 @@ class SimulatedDevice:
             if self.profile.speed_factor > 1.0
             else None,
             chunk_filter=self._filter_chunk,
+            model_loader=self.model_loader,
         )
         return agent
 
@@ -391,11 +395,14 @@ class SimulatedFleet:
         credentials: Credentials | None = None,
         spread: Sequence[str] = (),
         mqtt_version: str = "auto",
+        share_sessions: bool = False,
     ) -> None:
         """`spread`: a cluster's broker URLs to spread the devices over: the device with
         fleet index i (counting from `first`) connects to ``spread[i % k]`` first and
         lists the others after it, as its enrolment bundle would (`broker_url` is then
-        unused). `mqtt_version`: auto, 5 or 3.1.1 for every device."""
+        unused). `mqtt_version`: auto, 5 or 3.1.1 for every device. `share_sessions`:
+        devices that load the same model bytes share one ONNX Runtime session
+        (`simulator.sessions`; each still downloads, verifies and self-tests)."""
         if n < 1:
             raise InvalidArgument(f"simulated fleet size {n} must be >= 1")
         if batch_size < 1:
@@ -414,6 +421,8 @@ class SimulatedFleet:
 
             data_dirs = write_partitions(state_root, ids, dataset=dataset, alpha=alpha, seed=seed)
         self._devices: dict[str, SimulatedDevice] = {}
+        #: the loader its devices share, when `share_sessions` (counts sessions opened)
+        self.shared_sessions = SharedSessions() if share_sessions else None
         nodes = list(spread)
         for i, (dev_id, prof) in enumerate(zip(ids, profiles, strict=True)):
             urls = [broker_url]
@@ -437,7 +446,11 @@ class SimulatedFleet:
                 telemetry_interval=telemetry_interval,
             )
             self._devices[dev_id] = SimulatedDevice(
-                settings, prof, want_interval=want_interval, data_dir=data_dirs.get(dev_id)
+                settings,
+                prof,
+                want_interval=want_interval,
+                data_dir=data_dirs.get(dev_id),
+                model_loader=self.shared_sessions,
             )
         self.credentials = credentials
 

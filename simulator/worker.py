@@ -48,6 +48,7 @@ def _snapshot(fleet: Any) -> dict[str, Any]:
         "boots": sum(d.boots for d in fleet.devices),
         "versions": dict(fleet.active_versions()),
         "predictions": sum(t.predictions for t in _traffic),
+        "sessions_opened": fleet.shared_sessions.opened if fleet.shared_sessions else None,
     }
 
 
@@ -216,6 +217,7 @@ async def run(spec: dict[str, Any]) -> None:
         credentials=_passwords(spec.get("passwords_file")),
         spread=list(spec.get("spread") or ()),
         mqtt_version=str(spec.get("mqtt_version", "auto")),
+        share_sessions=bool(spec.get("share_sessions", False)),
     )
     start = time.monotonic()
     async with fleet:

@@ -235,6 +235,15 @@ def sim(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary at the end.")] = (
         False
     ),
+    share_sessions: Annotated[
+        bool,
+        typer.Option(
+            "--share-sessions",
+            help="Devices in one simulator process that load the same model bytes share one "
+            "ONNX Runtime session (each still downloads, verifies and self-tests); for "
+            "fleets whose per-device sessions would not fit in memory.",
+        ),
+    ] = False,
 ) -> None:
     """Run simulated devices (real agent code) against the running coordinator."""
     from edgefleet.simulator.cluster import SimCluster
@@ -258,6 +267,7 @@ def sim(
         id_prefix=id_prefix,
         credentials=shared["passwords"] or None,
         telemetry_interval=telemetry_interval,
+        share_sessions=share_sessions,
     )
     try:
         summary = asyncio.run(
