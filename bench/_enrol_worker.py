@@ -23,31 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def _serve(home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    from edgefleet.cloud.config import ServeInfo
-
-    log = (home / "serve.log").open("wb")
-    p = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "edgefleet.cloud.cli.main", "--home", str(home), "serve"),
-            *("--mqtt-port", "0", "--grpc-listen", "127.0.0.1:0", "--metrics-listen", "off"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise RuntimeError(f"fleet serve exited; see {home / 'serve.log'}")
-        info = ServeInfo.read(home / "serve.json")
-        if info is not None and info.pid == p.pid:
-            return p, info.grpc
-        time.sleep(0.2)
-    p.kill()
-    raise RuntimeError("fleet serve did not start within 120 s")
+# run as a script: its folder (bench/) is sys.path[0]
+from _serve import start_serve
 
 
 def _stop(p: subprocess.Popen[bytes]) -> None:
@@ -107,7 +84,8 @@ def single(n: int, sample: int, root: Path) -> dict[str, Any]:
         c.enroll_device(f"loc-{i:05d}", group="", tags={}, broker_url="-")
     out["local_s"] = time.perf_counter() - t0
     c.close()
-    serve, address = _serve(home)
+    serve, info = start_serve(home)
+    address = info.grpc
     try:
         g = GrpcClient(address, read_token(home / "keys" / "token"))
         t0 = time.perf_counter()
@@ -135,7 +113,8 @@ def batch(n: int, root: Path) -> dict[str, Any]:
     assert len(got.bundles) == n
     c.close()
     home = _home(root, "batch-grpc")
-    serve, address = _serve(home)
+    serve, info = start_serve(home)
+    address = info.grpc
     try:
         g = GrpcClient(address, read_token(home / "keys" / "token"))
         t0 = time.perf_counter()

@@ -31,7 +31,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench._serve import start_serve
 from bench._table import Table, ratio
 
 logger = logging.getLogger("bench.scale")
@@ -99,32 +99,6 @@ def proc(pid: int | None) -> Proc:
 
 def load() -> str:
     return "load " + " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def _start_serve(home: Path) -> tuple[subprocess.Popen[bytes], Any]:
-    from edgefleet.cloud.config import ServeInfo
-
-    log = (home / "serve.log").open("wb")
-    proc_ = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "edgefleet.cloud.cli.main", "--home", str(home), "serve"),
-            *("--mqtt-port", "0", "--grpc-listen", "127.0.0.1:0", "--metrics-listen", "off"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc_.poll() is not None:
-            raise RuntimeError(f"fleet serve exited; see {home / 'serve.log'}")
-        info = ServeInfo.read(home / "serve.json")
-        if info is not None and info.pid == proc_.pid:
-            return proc_, info
-        time.sleep(0.2)
-    proc_.kill()
-    raise RuntimeError(f"fleet serve did not start within 120 s; see {home / 'serve.log'}")
 
 
 def _stop_serve(p: subprocess.Popen[bytes]) -> None:
@@ -242,7 +216,7 @@ async def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n, "load_start": load()}
     planned = plan(n, "cpu", id_prefix="sc")
     t0 = time.monotonic()
-    serve, info = _start_serve(home)
+    serve, info = start_serve(home)
     out["serve_s"] = time.monotonic() - t0
     db = _Db(settings.registry_url)
     try:
