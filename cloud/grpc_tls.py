@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +74,13 @@ def server_tls(
     tls_dir: Path,
     flag: str = "grpc",
     what: str = "FleetService",
-    hosts: Iterable[str] | None = None,
+    hosts: Callable[[], Iterable[str]] | None = None,
 ) -> ServerTls | None:
     """The TLS `what` serves on `listen`, or None for plain (loopback and not asked).
 
     `flag`: the option prefix errors name (`--{flag}-tls-cert`, `--no-{flag}-tls`);
-    `hosts`: the names a generated certificate holds (default: this host's and `listen`'s;
+    `hosts`: the names a generated certificate holds, called only when TLS is served
+    with one (the names can mean DNS lookups) (default: this host's and `listen`'s;
     `fleet serve` gives the union over its listeners, so they share one certificate).
     """
     if bool(cert) != bool(key):
@@ -106,7 +107,7 @@ def server_tls(
 
     files = ensure_tls(
         tls_dir,
-        hosts=host_names(host) if hosts is None else hosts,
+        hosts=host_names(host) if hosts is None else hosts(),
         ca_name="edgefleet FleetService CA",
         server_name="edgefleet coordinator",
     )

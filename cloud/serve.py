@@ -149,10 +149,13 @@ async def serve(
     tokens = services.access
     ensure_admin_token(settings, tokens)  # a home made before named tokens: its token is `admin`
     app = FleetApp(services)
-    # one generated certificate for FleetService and the console: names of both listeners
-    names = sorted(
-        {*host_names(host), *(host_names(split_host(settings.ui_listen)) if console_on else ())}
-    )
+
+    def names() -> list[str]:
+        """One generated certificate for FleetService and the console: the names of both
+        listeners (looked up only when TLS is served with a generated certificate)."""
+        ui = host_names(split_host(settings.ui_listen)) if console_on else []
+        return sorted({*host_names(host), *ui})
+
     tls = server_tls(
         listen=settings.grpc_listen,
         cert=settings.grpc_tls_cert,
