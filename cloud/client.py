@@ -255,6 +255,16 @@ class LocalClient:
             skip_existing=skip_existing,
         )
 
+    @_audited
+    def reissue_devices(
+        self, device_ids: Sequence[str], *, broker_url: str | None = None
+    ) -> EnrolledBatch:
+        """New credentials for enrolled devices (one credential write; a running `fleet
+        serve` on this FLEET_HOME reloads its broker once; this returns once it did)."""
+        return self.app.reissue_devices(
+            device_ids, broker_url=broker_url or self.app.advertised_broker()
+        )
+
     def bundle(
         self, d: Device, *, broker_url: str, credential: DeviceCredential | None = None
     ) -> EnrollmentBundle:

@@ -30,6 +30,7 @@ from edgefleet.cloud.api.convert import (
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.services.api import QuantizeProgress
 from edgefleet.cloud.services.values import (
+    BatchCutOff,
     EnrolledBatch,
     EnrollmentBundle,
     EpochProgress,
@@ -280,11 +281,38 @@ class GrpcClient:
             ],
             skip_existing=skip_existing,
         )
+        return self._batch(self._stub.EnrollDevices, req, [d.device_id for d in specs])
+
+    def reissue_devices(self, device_ids: Sequence[str]) -> EnrolledBatch:
+        req = fleet_pb2.ReissueDevicesRequest(device_ids=list(device_ids))
+        return self._batch(self._stub.ReissueDevices, req, device_ids)
+
+    def _batch(
+        self,
+        method: Callable[..., Iterable[fleet_pb2.EnrollDevicesReply]],
+        req: Message,
+        ids: Sequence[str],
+    ) -> EnrolledBatch:
+        """Read an enrolment answer's pages. Once the first page arrived the batch was
+        done on the coordinator: an answer that breaks off later raises `BatchCutOff`
+        with the bundles received, so they are not lost."""
         bundles: list[EnrollmentBundle] = []
         existing: list[str] = []
-        for page in self.stream(self._stub.EnrollDevices, req):
-            existing.extend(page.existing)
-            bundles.extend(bundle_from_pb(b) for b in page.bundles)
+        pages = 0
+        try:
+            for page in self.stream(method, req):
+                pages += 1
+                existing.extend(page.existing)
+                bundles.extend(bundle_from_pb(b) for b in page.bundles)
+        except FleetError as e:
+            if not pages:
+                raise
+            got = {b.device_id for b in bundles} | set(existing)
+            raise BatchCutOff(
+                str(e),
+                EnrolledBatch(bundles=tuple(bundles), existing=tuple(existing)),
+                tuple(d for d in ids if d not in got),
+            ) from None
         return EnrolledBatch(bundles=tuple(bundles), existing=tuple(existing))
 
     def status(self) -> FleetStatus:

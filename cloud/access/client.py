@@ -35,6 +35,7 @@ LOCAL_ACTIONS = {
     "promote": "Promote",
     "enroll_device": "EnrollDevice",
     "enroll_devices": "EnrollDevices",
+    "reissue_devices": "ReissueDevices",
 }
 
 

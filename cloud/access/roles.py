@@ -38,6 +38,7 @@ METHODS: dict[str, Rule] = {
     _FLEET + "Status": Rule(VIEWER),
     _FLEET + "EnrollDevice": Rule(ADMIN, audited=True),
     _FLEET + "EnrollDevices": Rule(ADMIN, audited=True),
+    _FLEET + "ReissueDevices": Rule(ADMIN, audited=True),
     # rollouts (Deploy covers staged rollouts and dry runs too)
     _FLEET + "Deploy": Rule(OPERATOR, audited=True),
     _FLEET + "ListRollouts": Rule(VIEWER),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -31,7 +31,7 @@ from edgefleet.cloud.registry import ModelRef, ModelVersion
 from edgefleet.cloud.registry.entities import check_model_name, check_stage
 from edgefleet.cloud.services.fleet import FleetApp
 from edgefleet.cloud.services.live import LiveRollouts
-from edgefleet.cloud.services.values import EpochProgress
+from edgefleet.cloud.services.values import EnrolledBatch, EpochProgress
 from edgefleet.cloud.variants import parse_variants
 from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.fleet.v1 import fleet_pb2, fleet_pb2_grpc
@@ -206,14 +206,20 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             len(batch.bundles),
             len(batch.existing),
         )
-        yield fleet_pb2.EnrollDevicesReply(
-            bundles=[bundle_to_pb(b) for b in batch.bundles[:ENROLL_PAGE]],
-            existing=list(batch.existing),
-        )
-        for i in range(ENROLL_PAGE, len(batch.bundles), ENROLL_PAGE):
-            yield fleet_pb2.EnrollDevicesReply(
-                bundles=[bundle_to_pb(b) for b in batch.bundles[i : i + ENROLL_PAGE]]
+        for page in _pages(batch):
+            yield page
+
+    async def ReissueDevices(
+        self, request: fleet_pb2.ReissueDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[fleet_pb2.EnrollDevicesReply]:
+        batch = await asyncio.to_thread(
+            lambda: self.app.reissue_devices(
+                list(request.device_ids), broker_url=self.advertise_broker
             )
+        )
+        logger.info("reissued the credentials of %d devices", len(batch.bundles))
+        for page in _pages(batch):
+            yield page
 
     async def Status(
         self, request: fleet_pb2.StatusRequest, context: grpc.aio.ServicerContext
@@ -310,3 +316,16 @@ async def _in_thread(work: Callable[[Push], ModelVersion]) -> AsyncIterator[flee
         yield queue.get_nowait()
     mv = task.result()
     yield fleet_pb2.Progress(step="done", done=1, total=1, version=version_to_pb(mv))
+
+
+def _pages(batch: EnrolledBatch) -> Iterator[fleet_pb2.EnrollDevicesReply]:
+    """An enrolment answer in pages of `ENROLL_PAGE` bundles; the first lists the ids
+    left as they were."""
+    yield fleet_pb2.EnrollDevicesReply(
+        bundles=[bundle_to_pb(b) for b in batch.bundles[:ENROLL_PAGE]],
+        existing=list(batch.existing),
+    )
+    for i in range(ENROLL_PAGE, len(batch.bundles), ENROLL_PAGE):
+        yield fleet_pb2.EnrollDevicesReply(
+            bundles=[bundle_to_pb(b) for b in batch.bundles[i : i + ENROLL_PAGE]]
+        )

@@ -1,9 +1,10 @@
-"""`fleet devices …`: list, show, enroll."""
+"""`fleet devices …`: list, show, enroll, reissue, revoke."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,14 @@ app = typer.Typer(
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+FromFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--from-file",
+        "-f",
+        help="Device ids, one per line ('#' comments, blank lines skipped); '-': stdin.",
+    ),
+]
 
 
 def parse_tags(items: list[str] | None) -> dict[str, str]:
@@ -136,14 +145,7 @@ def enroll(
         list[str] | None,
         typer.Argument(metavar="[ID]...", help="[A-Za-z0-9._-], 1-64 chars each."),
     ] = None,
-    from_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--from-file",
-            "-f",
-            help="Device ids, one per line ('#' comments, blank lines skipped); '-': stdin.",
-        ),
-    ] = None,
+    from_file: FromFileOpt = None,
     count: Annotated[
         int | None,
         typer.Option("--count", "-n", min=1, help="Enrol N devices named PREFIX-0000 … ."),
@@ -255,8 +257,87 @@ def enroll(
     )
 
 
+@app.command()
+def reissue(
+    ctx: typer.Context,
+    device_ids: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[ID]...", help="Enrolled devices (not revoked ones)."),
+    ] = None,
+    from_file: FromFileOpt = None,
+    out_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="One device: its new bundle to this file (mode 0600; an old bundle there "
+            "is replaced); '-': stdout. Several: a folder, one ID.json per device.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Devices per call: one credential write and one "
+            "broker reload each, all or nothing.",
+        ),
+    ] = DEFAULT_BATCH,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Several devices: print what was reissued as JSON.")
+    ] = False,
+) -> None:
+    """New credentials for enrolled devices: a lost or leaked bundle, a re-flashed device,
+    an enrolment whose answer broke off. Each keeps its id, group, tags, state and history;
+    its old password stops working at once (a session on it is cut) and its old
+    certificate goes on the CRL. Install the new bundle on the device with
+    'fleet-agent enroll BUNDLE --force'."""
+    ids = _ids(device_ids or [], from_file, None, None, 0, verb="reissue")
+    check_all(ids, done="reissued")
+    client = client_of(ctx)
+    if len(ids) == 1 and from_file is None:
+        if out_file is None:
+            raise InvalidArgument(
+                f"the new bundle for {ids[0]} holds its private key and password: write it "
+                "with --out FILE (mode 0600), or print it with --out -"
+            )
+        text = write_bundle(
+            out_file,
+            lambda: json.dumps(client.reissue_devices(ids).bundles[0].to_json(), indent=2),
+            what="reissued",
+        )
+        if text is not None:
+            err.print(f"reissued {ids[0]}; bundle written to {out_file}")
+        return
+    if out_file is None or str(out_file) == "-":
+        raise InvalidArgument(
+            f"the bundles of {len(ids)} devices hold their private keys and passwords: "
+            "write them to a folder with --out DIR (one ID.json each, mode 0600)"
+        )
+    folder = BundleFolder(out_file)
+    folder.prepare(ids, keep_existing=True)  # their old bundles are replaced
+    outcome = enrol_in_batches(
+        lambda specs: client.reissue_devices([s.device_id for s in specs]),
+        ids,
+        group="",
+        tags={},
+        folder=folder,
+        batch_size=batch_size,
+        verb="reissued",
+    )
+    if as_json:
+        emit_json({"reissued": outcome.enrolled, "out": str(out_file), "batches": outcome.batches})
+    err.print(f"reissued {len(outcome.enrolled)} devices; bundles written to {out_file}/ID.json")
+
+
 def _ids(
-    given: list[str], from_file: Path | None, count: int | None, prefix: str | None, start: int
+    given: list[str],
+    from_file: Path | None,
+    count: int | None,
+    prefix: str | None,
+    start: int,
+    *,
+    verb: str = "enrol",
 ) -> list[str]:
     if (count is None) != (prefix is None):
         raise InvalidArgument("--count and --prefix go together: e.g. --count 100 --prefix cam")
@@ -267,7 +348,12 @@ def _ids(
         ids += counted_ids(prefix, count, start)
     if not ids:
         raise InvalidArgument(
-            "no devices to enrol: give IDs, --from-file FILE or --count N --prefix P"
+            f"no devices to {verb}: give IDs"
+            + (
+                ", --from-file FILE or --count N --prefix P"
+                if verb == "enrol"
+                else " or --from-file FILE"
+            )
         )
     return ids
 
@@ -294,23 +380,36 @@ def _enroll_one(
             bundle["fl"] = enroll_fl(ctx, device_id).to_json()
         return json.dumps(bundle, indent=2)
 
-    if str(out_file) == "-":
-        typer.echo(bundle_text())
+    text = write_bundle(out_file, bundle_text, what="enrolled")
+    if text is None:
         return
-    # open the file first: a bundle that cannot be written must not leave a device enrolled
+    broker = json.loads(text)["broker_url"]
+    err.print(f"enrolled {device_id}; bundle written to {out_file} (broker {broker})")
+
+
+def write_bundle(out_file: Path, produce: Callable[[], str], *, what: str) -> str | None:
+    """`produce()`'s bundle to `out_file` (mode 0600) or stdout ('-': returns None). The
+    file is opened first: a bundle that cannot be written must not leave a device
+    `what` (enrolled, reissued) without it."""
+    if str(out_file) == "-":
+        typer.echo(produce())
+        return None
     existed = out_file.exists()
     try:
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(out_file, os.O_WRONLY | os.O_CREAT, 0o600)
     except OSError as e:
-        raise Unavailable(f"cannot write the bundle to {out_file}: {e.strerror}") from None
+        raise Unavailable(
+            f"cannot write the bundle to {out_file}: {e.strerror}; nothing was {what}"
+        ) from None
     with os.fdopen(fd, "w") as f:
         try:
-            text = bundle_text()
+            text = produce()
         except BaseException:
             if not existed:
                 out_file.unlink(missing_ok=True)
             raise
+        f.truncate(0)
         f.write(text + "\n")
-    broker = json.loads(text)["broker_url"]
-    err.print(f"enrolled {device_id}; bundle written to {out_file} (broker {broker})")
+    os.chmod(out_file, 0o600)
+    return text

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,23 +64,22 @@ def counted_ids(prefix: str, count: int, start: int) -> list[str]:
     return ids
 
 
-def check_all(ids: Sequence[str]) -> None:
-    """Every id valid and listed once (InvalidArgument names the first that is not)."""
+def check_all(ids: Sequence[str], *, done: str = "enrolled") -> None:
+    """Every id valid and listed once (InvalidArgument names the first that is not and
+    says nothing was `done`)."""
     seen: set[str] = set()
     for d in ids:
         try:
             check_device_id(d)
         except InvalidArgument as e:
-            raise InvalidArgument(f"{e}; nothing was enrolled") from None
+            raise InvalidArgument(f"{e}; nothing was {done}") from None
         if d in seen:
             raise InvalidArgument(
-                f"device {d!r} is listed twice (each id once); nothing was enrolled"
+                f"device {d!r} is listed twice (each id once); nothing was {done}"
             )
         seen.add(d)
     if not ids:
-        raise InvalidArgument(
-            "no devices to enrol: give IDs, --from-file FILE or --count N --prefix P"
-        )
+        raise InvalidArgument("no devices given: give at least one device id")
 
 
 @dataclass
@@ -144,48 +143,81 @@ def enrol_in_batches(
     folder: BundleFolder,
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
+    verb: str = "enrolled",
 ) -> Outcome:
     """Enrol `ids` `batch_size` at a time, each batch's bundles written before the next
     is asked for. A batch that fails enrols none of its devices; the batches before it
-    stay enrolled, with their bundles written (the error says so)."""
+    stay enrolled, with their bundles written (the error says so). A batch whose answer
+    broke off (`BatchCutOff`) was done: the bundles that arrived are written, and the ids
+    whose bundles did not go to `folder/reissue.txt` for `fleet devices reissue`.
+    `verb`: what a batch does to its devices, for the messages ("reissued")."""
     from edgefleet.cloud.devices import DeviceSpec  # sqlmodel: not at CLI start
+    from edgefleet.cloud.services.values import BatchCutOff
 
     out = Outcome(enrolled=[], existing=[], batches=0)
-    for part in _chunks(ids, batch_size):
+    for start in range(0, len(ids), batch_size):
+        part = ids[start : start + batch_size]
         specs = [DeviceSpec(d, group, dict(tags)) for d in part]
         try:
             batch = enroll(specs)
+        except BatchCutOff as e:
+            _write_all(folder, e.received, out)
+            listed = folder.directory / "reissue.txt"
+            _write_ids(listed, e.missing)
+            raise Unavailable(
+                f"{e} (batch {out.batches + 1}): the coordinator {verb} all {len(part)} "
+                f"devices of that batch, but its answer broke off: {len(e.received.bundles)} "
+                f"bundles were written to {folder.directory}, {len(e.missing)} did not arrive "
+                f"(their ids are in {listed}; get new bundles for them with 'fleet devices "
+                f"reissue --from-file {listed} --out {folder.directory}')"
+                + (
+                    f"; the devices of the batches after it were not {verb}"
+                    if start + len(part) < len(ids)
+                    else ""
+                )
+            ) from None
         except FleetError as e:
             if out.enrolled:
                 raise type(e)(
                     f"{e} (batch {out.batches + 1}; the {len(out.enrolled)} devices of the "
-                    f"batches before it are enrolled, their bundles in {folder.directory}: "
-                    "rerun with --skip-existing to enrol the rest)"
+                    f"batches before it are {verb}, their bundles in {folder.directory}: "
+                    + (
+                        "rerun with --skip-existing to enrol the rest)"
+                        if verb == "enrolled"
+                        else "rerun with the ids after them)"
+                    )
                 ) from None
             raise
-        out.batches += 1
-        out.existing += batch.existing
-        unwritten: list[str] = []
-        for b in batch.bundles:
-            try:
-                folder.write(b)
-            except OSError as e:
-                logger.error("bundle of %s not written: %s", b.device_id, e.strerror)
-                unwritten.append(b.device_id)
-            out.enrolled.append(b.device_id)
-            out.broker_url = out.broker_url or b.broker_url
-        if unwritten:
-            raise Unavailable(
-                f"{len(unwritten)} devices were enrolled but their bundles could not be "
-                f"written to {folder.directory} ({', '.join(unwritten[:3])}"
-                f"{' …' if len(unwritten) > 3 else ''}): their credentials are lost; "
-                "remove them with 'fleet devices rm ID' and enrol them under new ids"
-            )
+        _write_all(folder, batch, out)
         if progress is not None:
             progress(len(out.enrolled) + len(out.existing), len(ids))
     return out
 
 
-def _chunks(ids: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for i in range(0, len(ids), size):
-        yield ids[i : i + size]
+def _write_all(folder: BundleFolder, batch: EnrolledBatch, out: Outcome) -> None:
+    """Write a batch's bundles (as many as can be) and count them into `out`."""
+    out.batches += 1
+    out.existing += batch.existing
+    unwritten: list[str] = []
+    for b in batch.bundles:
+        try:
+            folder.write(b)
+        except OSError as e:
+            logger.error("bundle of %s not written: %s", b.device_id, e.strerror)
+            unwritten.append(b.device_id)
+        out.enrolled.append(b.device_id)
+        out.broker_url = out.broker_url or b.broker_url
+    if unwritten:
+        raise Unavailable(
+            f"{len(unwritten)} devices got new credentials but their bundles could not be "
+            f"written to {folder.directory} ({', '.join(unwritten[:3])}"
+            f"{' …' if len(unwritten) > 3 else ''}): get new ones once the folder takes "
+            "files with 'fleet devices reissue ID… --out DIR'"
+        )
+
+
+def _write_ids(path: Path, ids: Sequence[str]) -> None:
+    try:
+        path.write_text("".join(f"{d}\n" for d in ids))
+    except OSError as e:  # the ids are in the error message's count; say where they are not
+        logger.error("could not list the ids without bundles in %s: %s", path, e.strerror)

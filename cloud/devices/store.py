@@ -178,35 +178,37 @@ def _reported(r: DeviceRow) -> Reported | None:
     )
 
 
-def check_batch_ids(device_ids: Iterable[str]) -> list[str]:
+def check_batch_ids(device_ids: Iterable[str], *, done: str = "enrolled") -> list[str]:
     """The ids of a batch, each checked (InvalidArgument names the first bad or repeated
-    one, and says what is accepted)."""
+    one, and says what is accepted). `done`: what the error says did not happen."""
     ids: list[str] = []
     seen: set[str] = set()
     for n, d in enumerate(device_ids, 1):
         try:
             check_device_id(d)
         except InvalidArgument as e:
-            raise InvalidArgument(f"entry {n}: {e}; nothing was enrolled") from None
+            raise InvalidArgument(f"entry {n}: {e}; nothing was {done}") from None
         if d in seen:
             raise InvalidArgument(
-                f"entry {n}: device {d!r} is listed twice (each id once); nothing was enrolled"
+                f"entry {n}: device {d!r} is listed twice (each id once); nothing was {done}"
             )
         seen.add(d)
         ids.append(d)
     if not ids:
-        raise InvalidArgument("no devices to enrol: give at least one device id")
+        raise InvalidArgument("no devices given: give at least one device id")
     return ids
+
+
+def some_devices(ids: Sequence[str], are: str) -> str:
+    """'N of these devices are <are>: 'a', 'b', 'c' and K more' (the first three named)."""
+    more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+    return f"{len(ids)} of these devices are {are}: {', '.join(repr(d) for d in ids[:3])}{more}"
 
 
 def already_enrolled(known: Sequence[str]) -> str:
     if len(known) == 1:
         return f"device {known[0]!r} is already enrolled"
-    more = f" and {len(known) - 3} more" if len(known) > 3 else ""
-    return (
-        f"{len(known)} of these devices are already enrolled: "
-        f"{', '.join(repr(d) for d in known[:3])}{more}"
-    )
+    return some_devices(known, "already enrolled")
 
 
 def _set_active(row: DeviceRow, m: ServedModel) -> None:
@@ -387,6 +389,22 @@ class DeviceStore(DatabaseUser):
     def get(self, device_id: str) -> Device:
         with self._session() as s:
             return _device(self._row(s, device_id))
+
+    def get_many(self, device_ids: Sequence[str]) -> list[Device]:
+        """The devices `device_ids` names, in that order (revoked ones included), read
+        in a few queries. NotFound names the ids that are not enrolled."""
+        rows: dict[str, Device] = {}
+        with self._session() as s:
+            for i in range(0, len(device_ids), _BATCH):
+                part = list(device_ids[i : i + _BATCH])
+                q = select(DeviceRow).where(col(DeviceRow.device_id).in_(part))
+                rows.update((r.device_id, _device(r)) for r in s.exec(q))
+        missing = [d for d in device_ids if d not in rows]
+        if missing:
+            raise NotFound(
+                f"{some_devices(missing, 'not enrolled')} (fleet devices enroll ID enrols one)"
+            )
+        return [rows[d] for d in device_ids]
 
     def find(self, selector: Selector | None = None, *, online: bool | None = None) -> list[Device]:
         with self._session() as s:

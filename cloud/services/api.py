@@ -89,6 +89,12 @@ class FleetClient(Protocol):
         none: a bad, repeated or (without skip_existing) already enrolled id enrols none."""
         ...
 
+    def reissue_devices(self, device_ids: Sequence[str]) -> EnrolledBatch:
+        """New credentials (password + client certificate) for enrolled devices, their
+        id, group, tags and history kept; the old ones stop working. All or none: an
+        unknown or revoked id reissues none."""
+        ...
+
     def status(self) -> FleetStatus: ...
     def create_rollout(
         self, ref: ModelRef, selector: Selector, policy: Policy | None, *, dry_run: bool

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import edgefleet
 from edgefleet.cloud.config import DEFAULT_MQTT_PORT, ServeInfo
 from edgefleet.cloud.devices import Device, DeviceFilter, DeviceSpec, Selector
-from edgefleet.cloud.devices.store import already_enrolled, check_batch_ids
+from edgefleet.cloud.devices.store import already_enrolled, check_batch_ids, some_devices
 from edgefleet.cloud.identity import DeviceCredential
 from edgefleet.cloud.registry import ModelRef, ModelSummary, ModelVersion
 from edgefleet.cloud.replicas import ReplicaInfo
@@ -34,7 +34,7 @@ from edgefleet.cloud.services.values import (
 )
 from edgefleet.cloud.services.wiring import Services
 from edgefleet.cloud.signing import load_public
-from edgefleet.protos.errors import AlreadyExists, FleetError, NotFound
+from edgefleet.protos.errors import AlreadyExists, Conflict, FleetError, NotFound
 from edgefleet.protos.manifest import key_id
 from edgefleet.protos.topics import check_device_id
 
@@ -228,6 +228,31 @@ class FleetApp:
         return EnrolledBatch(
             bundles=tuple(self._bundle(d, common, creds[d.device_id]) for d in enrolled),
             existing=tuple(known),
+        )
+
+    def reissue_devices(self, device_ids: Sequence[str], *, broker_url: str) -> EnrolledBatch:
+        """New credentials for enrolled devices, which keep their id, group, tags, state
+        and history: a new password and client certificate each, in one credential write
+        and one broker apply. The old password stops working at that reload (a session
+        open on it is cut); the old certificate goes on the CRL, so it cannot connect
+        again (a TLS session already open on it lasts until it disconnects: the CRL is
+        checked at the handshake). For a lost bundle, a re-flashed device or an enrolment
+        answer that broke off. All or nothing: an unknown or revoked id reissues none."""
+        ids = check_batch_ids(device_ids, done="reissued")
+        found = self.services.devices.get_many(ids)
+        revoked = [d.device_id for d in found if d.revoked_at is not None]
+        if revoked:
+            raise Conflict(
+                f"{some_devices(revoked, 'revoked')}; revocation is for good (enrol a "
+                "replacement under a new id); nothing was reissued"
+            )
+        creds = self.services.identities.enroll_many(ids)
+        self._wait_broker()
+        common = self._bundle_common(broker_url)
+        logger.info("reissued the credentials of %d devices", len(found))
+        return EnrolledBatch(
+            bundles=tuple(self._bundle(d, common, creds[d.device_id]) for d in found),
+            existing=(),
         )
 
     def bundle(

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgefleet.protos.errors import Unavailable
+
 if TYPE_CHECKING:
     from edgefleet.cloud.replicas import ReplicaInfo
 
@@ -74,6 +76,17 @@ class EnrolledBatch:
 
     bundles: tuple[EnrollmentBundle, ...]
     existing: tuple[str, ...] = ()
+
+
+class BatchCutOff(Unavailable):
+    """An enrolment answer broke off after its first page: the coordinator enrolled (or
+    reissued) the whole batch, but only `received`'s bundles arrived; `missing` lists
+    the devices whose bundles did not (new ones: `fleet devices reissue`)."""
+
+    def __init__(self, message: str, received: EnrolledBatch, missing: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.received = received
+        self.missing = missing
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,14 @@ def test_enroll_many_is_one_transaction_all_or_none(devices: DeviceStore) -> Non
         devices.enroll_many([DeviceSpec("c-1"), DeviceSpec("no/slash")])
     with pytest.raises(InvalidArgument, match=r"'c-1' is listed twice"):
         devices.enroll_many([DeviceSpec("c-1"), DeviceSpec("c-1")])
-    with pytest.raises(InvalidArgument, match="no devices to enrol"):
+    with pytest.raises(InvalidArgument, match="no devices given"):
         devices.enroll_many([])
     assert devices.existing(["c-1", "b-0007", "zz"]) == ["b-0007"]
+    got = devices.get_many(["b-1199", "b-0000"])  # in the order asked, in a few queries
+    assert [d.device_id for d in got] == ["b-1199", "b-0000"] and got[0].tags == {"n": "1199"}
+    assert len(devices.get_many([f"b-{i:04d}" for i in range(1200)])) == 1200
+    with pytest.raises(NotFound, match=r"2 of these devices are not enrolled: 'zz', 'yy'"):
+        devices.get_many(["b-0001", "zz", "yy"])
     assert len(devices.find()) == 1200
 
 

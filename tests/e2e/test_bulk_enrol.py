@@ -21,7 +21,13 @@ from edgefleet.cloud.client import LocalClient
 from edgefleet.cloud.config import load_settings
 from edgefleet.cloud.devices import DeviceSpec
 from edgefleet.cloud.identity import CredentialApplier, verify_password
-from edgefleet.protos.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from edgefleet.protos.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
 from edgefleet.protos.transport import MqttAccess, MqttTransport
 from tests.conftest import Cli
 from tests.support.identity import SecureBroker
@@ -207,3 +213,67 @@ def test_fleet_devices_enroll_count_writes_one_bundle_per_device_and_refuses_bad
     assert results.count("ok") == 2 and "ALREADY_EXISTS" in results, results
     named = [[d["device_id"] for d in e["args"]["specs"]] for e in entries]
     assert ["cam-0003", "new-9"] in named
+
+
+def test_reissue_keeps_the_device_and_cuts_its_old_password_at_once(
+    client: LocalClient, broker: SecureBroker
+) -> None:
+    """A lost bundle: new credentials for enrolled devices, their rows untouched; the old
+    password's open session is dropped by the one reload, the old certificate is on the
+    CRL; an unknown or revoked id in the batch reissues none."""
+    first = client.enroll_devices(
+        [DeviceSpec(d, "lab", {"site": "paris"}) for d in ("ri-1", "ri-2", "ri-3")],
+        broker_url=broker.url,
+    )
+    old = {b.device_id: b for b in first.bundles}
+    ident = client.identities
+
+    async def main() -> None:
+        sessions = {}
+        for d in ("ri-1", "ri-3"):
+            access = MqttAccess(broker.url, username=d, password=old[d].password or "")
+            t = MqttTransport(access.settings(d, backoff_base=0.2, backoff_cap=0.5))
+            await t.__aenter__()
+            await t.wait_connected(timeout=10)
+            sessions[d] = t
+        try:
+            reloads = broker.broker.reloads
+            new = await asyncio.to_thread(client.reissue_devices, ["ri-1", "ri-2"])
+            assert broker.broker.reloads - reloads == 1
+            assert [b.device_id for b in new.bundles] == ["ri-1", "ri-2"]
+            async with asyncio.timeout(10):  # the old password's session is cut
+                while sessions["ri-1"].connected:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            assert sessions["ri-3"].connected  # the one not reissued keeps its session
+            for b in new.bundles:
+                assert b.password != old[b.device_id].password
+                assert b.client_certificate != old[b.device_id].client_certificate
+                assert (b.group, b.tags) == ("lab", {"site": "paris"})
+                assert await _connects(broker.url, b.device_id, b.password or "")
+                assert not await _connects(broker.url, b.device_id, old[b.device_id].password or "")
+        finally:
+            for t in sessions.values():
+                await t.__aexit__(None, None, None)
+
+    asyncio.run(main())
+    crl = x509.load_pem_x509_crl(ident.crl_pem().encode())
+    for d in ("ri-1", "ri-2"):
+        serial = x509.load_pem_x509_certificate(
+            (old[d].client_certificate or "").encode()
+        ).serial_number
+        assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    assert {d.device_id: d.group for d in client.devices.find()} == dict.fromkeys(old, "lab")
+
+    # refused whole: nothing written, nothing reloaded
+    client.revoke_device("ri-3")
+    version, reloads = ident.version(), broker.broker.reloads
+    records = (ident.directory / "credentials.json").read_bytes()
+    with pytest.raises(NotFound, match=r"1 of these devices are not enrolled: 'ghost'"):
+        client.reissue_devices(["ri-1", "ghost"])
+    with pytest.raises(Conflict, match=r"1 of these devices are revoked: 'ri-3'.*new id"):
+        client.reissue_devices(["ri-1", "ri-3"])
+    with pytest.raises(InvalidArgument, match=r"'ri-1' is listed twice.*nothing was reissued"):
+        client.reissue_devices(["ri-1", "ri-1"])
+    assert ident.version() == version and broker.broker.reloads == reloads
+    assert (ident.directory / "credentials.json").read_bytes() == records

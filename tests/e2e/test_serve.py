@@ -32,7 +32,7 @@ from edgefleet.cloud.devices.values import (
     ServedModel,
     UpdateState,
 )
-from edgefleet.protos.errors import NotFound
+from edgefleet.protos.errors import NotFound, Unauthenticated
 from tests.conftest import Cli
 from tests.e2e.conftest import MakeHome
 from tests.support.e2e import AGENT_CPU, Version
@@ -224,6 +224,75 @@ def test_batch_enroll_through_the_coordinator_and_every_device_gets_in(
         return list(await asyncio.gather(*(connects(b) for b in bundles)))
 
     assert asyncio.run(every()) == [True] * 15
+
+
+def test_reissue_through_the_coordinator_and_an_answer_cut_midway_loses_no_bundle(
+    cli: Cli, home: Path, served: ServeInfo, tmp_path: Path
+) -> None:
+    """`fleet devices reissue` gives an enrolled device new credentials through gRPC (the
+    old bundle stops working, the new one gets in). An `EnrollDevices` answer cut after
+    its first page (a TCP proxy closes the link): the bundles that arrived are written,
+    the ids of the rest listed in reissue.txt, and reissuing from that list through the
+    coordinator gives every device of the batch a working bundle."""
+    from edgefleet.protos.transport import MqttAccess, MqttTransport
+    from tests.support.tcp_cut import ByteCutProxy
+
+    async def connects(b: dict[str, Any]) -> bool:
+        access = MqttAccess(b["broker_url"], username=b["username"], password=b["password"])
+        try:
+            async with MqttTransport(access.settings(b["device_id"])) as t:
+                await t.wait_connected(timeout=10)
+        except Unauthenticated:
+            return False
+        return True
+
+    h = ("--home", str(home), "--coordinator", served.grpc)
+    one = tmp_path / "ri.json"
+    assert cli(*h, "devices", "enroll", "ri-a", "--group", "g", "--out", str(one)).code == 0
+    old = json.loads(one.read_text())
+    r = cli(*h, "devices", "reissue", "ri-a", "--out", str(one))  # replaces the old file
+    assert r.code == 0, r.err
+    assert "reissued ri-a" in r.err and one.stat().st_mode & 0o777 == 0o600
+    new = json.loads(one.read_text())
+    assert new["password"] != old["password"] and new["group"] == "g"
+    assert asyncio.run(connects(new)) and not asyncio.run(connects(old))
+    ghost = cli(*h, "devices", "reissue", "ri-a", "ghost", "--out", str(tmp_path / "g"))
+    assert ghost.code == 1 and "'ghost'" in ghost.err and "not enrolled" in ghost.err
+    audit = json.loads(cli(*h, "audit", "ls", "--json", "--action", "ReissueDevices").out)
+    assert sorted(e["result"] for e in audit) == ["NOT_FOUND", "ok"]
+
+    host, _, port = served.grpc.rpartition(":")
+    n = 1100  # pages of 500, 500 and 100 bundles
+    with ByteCutProxy((host, int(port))) as counting:
+        via = ("--home", str(home), "--coordinator", counting.address)
+        r = cli(*via, "devices", "enroll", "--count", str(n), "--prefix", "cnt",
+                "--out", str(tmp_path / "cnt"))  # fmt: skip
+        assert r.code == 0, r.err
+    answer = max(counting.downstream)
+    out = tmp_path / "cut"
+    with ByteCutProxy((host, int(port)), cut_after=int(answer * 0.6)) as cutting:
+        via = ("--home", str(home), "--coordinator", cutting.address)
+        r = cli(*via, "devices", "enroll", "--count", str(n), "--prefix", "cut", "--out", str(out))
+    assert r.code == 1 and cutting.cuts == 1
+    assert "answer broke off" in r.err and "fleet devices reissue --from-file" in r.err
+    ids = [f"cut-{i:04d}" for i in range(n)]
+    written = sorted(p.stem for p in out.glob("*.json"))
+    listed = (out / "reissue.txt").read_text().split()
+    assert written == ids[:500] and listed == ids[500:]  # the first page, then the rest
+    enrolled = {d["device_id"] for d in json.loads(cli(*h, "devices", "ls", "--json").out)}
+    assert set(ids) <= enrolled  # the coordinator did the whole batch
+    kept = (out / "cut-0000.json").read_bytes()
+    r = cli(*h, "devices", "reissue", "--from-file", str(out / "reissue.txt"), "--out", str(out))
+    assert r.code == 0, r.err
+    assert f"reissued {n - 500} devices" in r.err
+    assert sorted(p.stem for p in out.glob("*.json")) == ids
+    assert (out / "cut-0000.json").read_bytes() == kept  # not reissued: untouched
+    sample = [json.loads((out / f"{d}.json").read_text()) for d in (ids[0], ids[500], ids[-1])]
+
+    async def all_in() -> list[bool]:
+        return list(await asyncio.gather(*(connects(b) for b in sample)))
+
+    assert asyncio.run(all_in()) == [True, True, True]
 
 
 def test_deploy_to_a_device_never_online_fails(cli: Cli, home: Path, served: ServeInfo) -> None:

@@ -33,6 +33,7 @@ def test_state_changing_methods_are_audited_and_need_more_than_viewer() -> None:
         "Promote",
         "EnrollDevice",
         "EnrollDevices",
+        "ReissueDevices",
         "Deploy",
         "ControlRollout",
         "StartRun",

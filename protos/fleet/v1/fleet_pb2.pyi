@@ -797,6 +797,26 @@ class EnrollDevicesRequest(_message.Message):
 Global___EnrollDevicesRequest: _TypeAlias = EnrollDevicesRequest  # noqa: Y015
 
 @_typing.final
+class ReissueDevicesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        device_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReissueDevicesRequest: _TypeAlias = ReissueDevicesRequest  # noqa: Y015
+
+@_typing.final
 class EnrollDevicesReply(_message.Message):
     """One page of the answer: the first lists the ids skipped as enrolled before; every
     page carries bundles, in the order the devices were asked for.

@@ -93,6 +93,11 @@ class FleetServiceStub:
                 request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesReply.FromString,
                 _registered_method=True)
+        self.ReissueDevices = channel.unary_stream(
+                '/fleet.v1.FleetService/ReissueDevices',
+                request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ReissueDevicesRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesReply.FromString,
+                _registered_method=True)
         self.Deploy = channel.unary_stream(
                 '/fleet.v1.FleetService/Deploy',
                 request_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.DeployRequest.SerializeToString,
@@ -210,6 +215,14 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReissueDevices(self, request, context):
+        """New credentials for enrolled devices (id, group, tags and history kept; the old
+        password and certificate stop working). All or none; admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Deploy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -317,6 +330,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
             'EnrollDevices': grpc.unary_stream_rpc_method_handler(
                     servicer.EnrollDevices,
                     request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesRequest.FromString,
+                    response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesReply.SerializeToString,
+            ),
+            'ReissueDevices': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReissueDevices,
+                    request_deserializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ReissueDevicesRequest.FromString,
                     response_serializer=edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesReply.SerializeToString,
             ),
             'Deploy': grpc.unary_stream_rpc_method_handler(
@@ -660,6 +678,33 @@ class FleetService:
             target,
             '/fleet.v1.FleetService/EnrollDevices',
             edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesRequest.SerializeToString,
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReissueDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleet.v1.FleetService/ReissueDevices',
+            edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.ReissueDevicesRequest.SerializeToString,
             edgefleet_dot_protos_dot_fleet_dot_v1_dot_fleet__pb2.EnrollDevicesReply.FromString,
             options,
             channel_credentials,

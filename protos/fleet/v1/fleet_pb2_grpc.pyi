@@ -51,6 +51,10 @@ class FleetServiceStub:
     """Many devices in one batch (one credential write, one broker reload): all or none.
     The bundles come back in pages (10,000 bundles are ~40 MB).
     """
+    ReissueDevices: _grpc.UnaryStreamMultiCallable[_fleet_pb2.ReissueDevicesRequest, _fleet_pb2.EnrollDevicesReply]
+    """New credentials for enrolled devices (id, group, tags and history kept; the old
+    password and certificate stop working). All or none; admin only.
+    """
     Deploy: _grpc.UnaryStreamMultiCallable[_fleet_pb2.DeployRequest, _fleet_pb2.Progress]
     Status: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.StatusRequest, _fleet_pb2.StatusResponse]
     ListRollouts: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListRolloutsRequest, _fleet_pb2.ListRolloutsResponse]
@@ -85,6 +89,10 @@ class FleetServiceAsyncStub(FleetServiceStub):
     EnrollDevices: _aio.UnaryStreamMultiCallable[_fleet_pb2.EnrollDevicesRequest, _fleet_pb2.EnrollDevicesReply]  # type: ignore[assignment]
     """Many devices in one batch (one credential write, one broker reload): all or none.
     The bundles come back in pages (10,000 bundles are ~40 MB).
+    """
+    ReissueDevices: _aio.UnaryStreamMultiCallable[_fleet_pb2.ReissueDevicesRequest, _fleet_pb2.EnrollDevicesReply]  # type: ignore[assignment]
+    """New credentials for enrolled devices (id, group, tags and history kept; the old
+    password and certificate stop working). All or none; admin only.
     """
     Deploy: _aio.UnaryStreamMultiCallable[_fleet_pb2.DeployRequest, _fleet_pb2.Progress]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_fleet_pb2.StatusRequest, _fleet_pb2.StatusResponse]  # type: ignore[assignment]
@@ -183,6 +191,16 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_fleet_pb2.EnrollDevicesReply], _abc.AsyncIterator[_fleet_pb2.EnrollDevicesReply]]:
         """Many devices in one batch (one credential write, one broker reload): all or none.
         The bundles come back in pages (10,000 bundles are ~40 MB).
+        """
+
+    @_abc_1.abstractmethod
+    def ReissueDevices(
+        self,
+        request: _fleet_pb2.ReissueDevicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fleet_pb2.EnrollDevicesReply], _abc.AsyncIterator[_fleet_pb2.EnrollDevicesReply]]:
+        """New credentials for enrolled devices (id, group, tags and history kept; the old
+        password and certificate stop working). All or none; admin only.
         """
 
     @_abc_1.abstractmethod
