@@ -157,7 +157,7 @@ def wheelhouse(
         typer.Option("--agent-wheel", help="edgefleet-agent wheel to include (from make dist)."),
     ] = None,
     extra: Annotated[
-        list[str] | None, typer.Option("--extra", help="Agent extras (litert, gpu, fl).")
+        list[str] | None, typer.Option("--extra", help="Agent extras (serve, litert, gpu, fl, delta).")
     ] = None,
     constraints: Annotated[
         Path | None, typer.Option("--constraint", "-c", help="pip constraints file.")
@@ -220,8 +220,9 @@ def enroll(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
 ) -> None:
     """Install an enrolment bundle: writes the agent config (mode 0600)."""
-    from edgefleet.agent.config import config_from_bundle, write_config
+    from edgefleet.agent.config import config_from_bundle, require_server, write_config
 
+    require_server(listen, "fleet-agent enroll --listen")
     settings = config_from_bundle(_read(bundle, "bundle"), state_dir=state_dir, listen=listen)
     write_config(config, settings, force=force)
     sys.stdout.write(

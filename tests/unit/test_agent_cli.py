@@ -64,3 +64,23 @@ def test_bad_bundles_and_configs_are_named(tmp_path: Path) -> None:
         config_from_bundle(bundle(signing_public_key="hello"), state_dir=tmp_path, listen="")
     with pytest.raises(NotFound, match="fleet-agent enroll"):
         load_config(tmp_path / "missing.json")
+
+
+def test_a_listen_address_without_grpcio_is_refused_naming_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.config import require_server
+
+    s = config_from_bundle(bundle(), state_dir=tmp_path / "state", listen="127.0.0.1:50051")
+    monkeypatch.setitem(sys.modules, "grpc", None)  # how Python marks a module not importable
+    with pytest.raises(InvalidArgument) as e:
+        Agent(s, config_path=tmp_path / "agent.json")
+    msg = str(e.value)
+    assert f"agent config {tmp_path / 'agent.json'}: listen is '127.0.0.1:50051'" in msg
+    assert "pip install 'edgefleet-agent[serve]'" in msg and "set listen to ''" in msg
+    with pytest.raises(InvalidArgument, match="fleet-agent enroll --listen: listen is 'unix:/x'"):
+        require_server("unix:/x", "fleet-agent enroll --listen")
+    Agent(s.model_copy(update={"listen": ""}))  # no local server: grpc is not needed
