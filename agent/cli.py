@@ -157,7 +157,8 @@ def wheelhouse(
         typer.Option("--agent-wheel", help="edgefleet-agent wheel to include (from make dist)."),
     ] = None,
     extra: Annotated[
-        list[str] | None, typer.Option("--extra", help="Agent extras (serve, litert, gpu, fl, delta).")
+        list[str] | None,
+        typer.Option("--extra", help="Agent extras (serve, litert, gpu, fl, delta)."),
     ] = None,
     constraints: Annotated[
         Path | None, typer.Option("--constraint", "-c", help="pip constraints file.")
