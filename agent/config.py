@@ -12,6 +12,9 @@ from typing import Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: where the local InferenceService listens unless told otherwise
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
 
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEET_AGENT_", extra="ignore")
@@ -40,9 +43,7 @@ class AgentSettings(BaseSettings):
     )
     key_list: str = Field(default="", description="the enrolment key list (base64 SignedKeyList)")
     topic_prefix: str = "ef/v1"
-    listen: str = Field(
-        default="127.0.0.1:50051", description="InferenceService address; empty: off"
-    )
+    listen: str = Field(default=DEFAULT_LISTEN, description="InferenceService address; empty: off")
     telemetry_interval: float = 10.0
     switch_deadline_s: float = Field(
         default=60.0,
@@ -163,6 +164,12 @@ def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSet
 
 #: what installs the local InferenceService's gRPC server (grpcio), an extra of the agent
 SERVE_INSTALL = "pip install 'edgefleet-agent[serve]'"
+
+
+def default_listen() -> str:
+    """`DEFAULT_LISTEN` when grpcio is installed, else '' (no local server): a device
+    installed without the `serve` extra enrols as it is. Checked without importing it."""
+    return DEFAULT_LISTEN if importlib.util.find_spec("grpc") is not None else ""
 
 
 def require_server(listen: str, what: str) -> None:

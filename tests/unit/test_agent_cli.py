@@ -84,3 +84,36 @@ def test_a_listen_address_without_grpcio_is_refused_naming_the_extra(
     with pytest.raises(InvalidArgument, match="fleet-agent enroll --listen: listen is 'unix:/x'"):
         require_server("unix:/x", "fleet-agent enroll --listen")
     Agent(s.model_copy(update={"listen": ""}))  # no local server: grpc is not needed
+
+
+def test_enroll_listens_by_default_only_where_grpc_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fleet-agent enroll` without --listen: the local server where gRPC (the `serve`
+    extra) is installed; none, said on stderr, where it is not; an explicit --listen
+    without gRPC is refused and writes nothing."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from edgefleet.agent.cli import app
+
+    src = tmp_path / "bundle.json"
+    src.write_bytes(bundle())
+    runner = CliRunner()
+
+    def enroll(name: str, *extra: str) -> tuple[int, str, Path]:
+        cfg = tmp_path / name
+        r = runner.invoke(
+            app, ["enroll", str(src), "--config", str(cfg), "--state-dir", str(tmp_path), *extra]
+        )
+        return r.exit_code, r.output, cfg
+
+    code, _, cfg = enroll("with.json")
+    assert code == 0 and load_config(cfg).listen == "127.0.0.1:50051"
+    monkeypatch.setitem(sys.modules, "grpc", None)  # how Python marks a module not importable
+    code, out, cfg = enroll("without.json")
+    assert code == 0 and load_config(cfg).listen == ""
+    assert "no local InferenceService (grpcio is not installed" in out
+    code, out, cfg = enroll("asked.json", "--listen", "127.0.0.1:50051")
+    assert code != 0 and not cfg.exists()
