@@ -24,7 +24,7 @@ from pathlib import Path
 import edgefleet
 from edgefleet.agent import delta
 from edgefleet.agent.capabilities import Capabilities, detect
-from edgefleet.agent.config import AgentSettings
+from edgefleet.agent.config import AgentSettings, require_server
 from edgefleet.agent.drift import DriftMonitor
 from edgefleet.agent.fl import FlSidecar, fl_capability
 from edgefleet.agent.inference import ModelHolder, ModelLoader
@@ -42,8 +42,7 @@ from edgefleet.agent.selfupdate import (
     running_root,
     sd_notify,
 )
-from edgefleet.agent.serde import UpdateState, decode_telemetry_ack, encode_status
-from edgefleet.agent.server import AgentStatus, serve
+from edgefleet.agent.serde import AgentStatus, UpdateState, decode_telemetry_ack, encode_status
 from edgefleet.agent.telemetry import Spool, Telemetry
 from edgefleet.agent.updater import ChunkFilter, Updater
 from edgefleet.protos.errors import Conflict, FleetError
@@ -69,6 +68,7 @@ class Agent:
         config_path: Path | None = None,
         model_loader: ModelLoader | None = None,
     ) -> None:
+        require_server(settings.listen, f"agent config {config_path or ''}".rstrip())
         self.settings = settings
         #: the config file this agent was started with: a new agent version starts with it
         self.config_path = config_path
@@ -234,6 +234,9 @@ class Agent:
         await asyncio.to_thread(self.updater.load_active)
         server = None
         if self.settings.listen:
+            # grpc only here: an agent without a listen address never loads it
+            from edgefleet.agent.server import serve
+
             server, self.port = await serve(
                 self.holder,
                 address=self.settings.listen,

@@ -157,7 +157,8 @@ def wheelhouse(
         typer.Option("--agent-wheel", help="edgefleet-agent wheel to include (from make dist)."),
     ] = None,
     extra: Annotated[
-        list[str] | None, typer.Option("--extra", help="Agent extras (litert, gpu, fl).")
+        list[str] | None,
+        typer.Option("--extra", help="Agent extras (serve, litert, gpu, fl, delta)."),
     ] = None,
     constraints: Annotated[
         Path | None, typer.Option("--constraint", "-c", help="pip constraints file.")
@@ -215,13 +216,33 @@ def enroll(
         Path, typer.Option("--state-dir", help="Models, downloads, spool.")
     ] = Path("/var/lib/edgefleet"),
     listen: Annotated[
-        str, typer.Option("--listen", help="Local InferenceService address ('' to disable).")
-    ] = "127.0.0.1:50051",
+        str | None,
+        typer.Option(
+            "--listen",
+            help="Local InferenceService address ('' to disable; default 127.0.0.1:50051 "
+            "when gRPC is installed, the [serve] extra, else none).",
+            show_default=False,
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
 ) -> None:
     """Install an enrolment bundle: writes the agent config (mode 0600)."""
-    from edgefleet.agent.config import config_from_bundle, write_config
+    from edgefleet.agent.config import (
+        SERVE_INSTALL,
+        config_from_bundle,
+        default_listen,
+        require_server,
+        write_config,
+    )
 
+    if listen is None:
+        listen = default_listen()
+        if not listen:
+            sys.stderr.write(
+                "no local InferenceService (grpcio is not installed; for one: "
+                f"{SERVE_INSTALL}, then enroll again with --force)\n"
+            )
+    require_server(listen, "fleet-agent enroll --listen")
     settings = config_from_bundle(_read(bundle, "bundle"), state_dir=state_dir, listen=listen)
     write_config(config, settings, force=force)
     sys.stdout.write(

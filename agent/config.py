@@ -3,6 +3,7 @@ config file (written by `fleet-agent enroll` from an enrolment bundle)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: where the local InferenceService listens unless told otherwise
+DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
 class AgentSettings(BaseSettings):
@@ -39,9 +43,7 @@ class AgentSettings(BaseSettings):
     )
     key_list: str = Field(default="", description="the enrolment key list (base64 SignedKeyList)")
     topic_prefix: str = "ef/v1"
-    listen: str = Field(
-        default="127.0.0.1:50051", description="InferenceService address; empty: off"
-    )
+    listen: str = Field(default=DEFAULT_LISTEN, description="InferenceService address; empty: off")
     telemetry_interval: float = 10.0
     switch_deadline_s: float = Field(
         default=60.0,
@@ -158,6 +160,32 @@ def config_from_bundle(data: bytes, *, state_dir: Path, listen: str) -> AgentSet
         values["fl_ca_pem"] = str(fl.get("ca_certificate") or "")
         values["fl_private_key"] = str(fl.get("private_key") or "")
     return _settings(values, "enrolment bundle")
+
+
+#: what installs the local InferenceService's gRPC server (grpcio), an extra of the agent
+SERVE_INSTALL = "pip install 'edgefleet-agent[serve]'"
+
+
+def default_listen() -> str:
+    """`DEFAULT_LISTEN` when grpcio is installed, else '' (no local server): a device
+    installed without the `serve` extra enrols as it is. Checked without importing it."""
+    return DEFAULT_LISTEN if importlib.util.find_spec("grpc") is not None else ""
+
+
+def require_server(listen: str, what: str) -> None:
+    """Fail when `listen` asks for the local InferenceService and grpcio is not installed.
+
+    grpcio is the agent package's `serve` extra: an agent with no `listen` address never
+    imports it (about 10 MB of RSS, 19 MB installed). Checked without importing it."""
+    from edgefleet.protos.errors import InvalidArgument
+
+    if listen and importlib.util.find_spec("grpc") is None:
+        raise InvalidArgument(
+            f"{what}: listen is {listen!r} (the local InferenceService), which needs grpcio, "
+            f"and grpcio is not installed: install it with {SERVE_INSTALL} (offline: add "
+            "--no-index --find-links WHEELHOUSE), or set listen to '' to run without the "
+            "local server"
+        )
 
 
 def write_config(path: Path, settings: AgentSettings, *, force: bool) -> None:

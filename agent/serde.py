@@ -81,6 +81,17 @@ class UpdateState(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class AgentStatus:
+    """What `Health` reports besides the serving model; supplied by the supervisor.
+
+    Here rather than in `agent.server` so that the supervisor names it without
+    importing grpc, which an agent with no `listen` address never loads."""
+
+    connected: bool = False
+    update_state: UpdateState = UpdateState.UNSPECIFIED
+
+
+@dataclass(frozen=True)
 class PredictCall:
     """A decoded `PredictRequest`."""
 

@@ -18,7 +18,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
@@ -26,7 +25,7 @@ import numpy as np
 
 from edgefleet.agent import serde
 from edgefleet.agent.inference import NO_MODEL, ActiveModel, ModelHolder
-from edgefleet.agent.serde import UpdateState
+from edgefleet.agent.serde import AgentStatus
 from edgefleet.protos.errors import FleetError, InvalidArgument, Unavailable
 from edgefleet.protos.fleet.v1 import inference_pb2_grpc
 from edgefleet.protos.grpc_errors import grpc_status
@@ -65,14 +64,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: predictions whose recent latency is below this run inline on the event loop
 INLINE_BELOW_US = 200.0
 _ADDRESS_FORMS = "127.0.0.1:PORT, [::1]:PORT, localhost:PORT or unix:PATH"
-
-
-@dataclass(frozen=True)
-class AgentStatus:
-    """What `Health` reports besides the serving model; supplied by the supervisor."""
-
-    connected: bool = False
-    update_state: UpdateState = UpdateState.UNSPECIFIED
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):

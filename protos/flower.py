@@ -21,10 +21,12 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-import psutil
+from typing import TYPE_CHECKING
 
 from edgefleet.protos.errors import NotFound
+
+if TYPE_CHECKING:  # psutil is imported where a process tree is stopped, not by the idle agent
+    import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,8 @@ def parse_fl_features(features: Sequence[str]) -> dict[str, object] | None:
 
 def descendants(pid: int) -> list[psutil.Process]:
     """Every live process below `pid`."""
+    import psutil
+
     try:
         return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
@@ -163,6 +167,8 @@ class FlowerProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        import psutil
+
         tree = descendants(proc.pid)
         _signal(proc.pid, signal.SIGTERM)
         for p in tree:
@@ -185,6 +191,8 @@ class FlowerProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        import psutil
+
         tree = descendants(proc.pid)
         _signal(proc.pid, signal.SIGKILL)
         for p in tree:

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
@@ -55,8 +54,7 @@ class SigningKey:
     def of(
         cls, key: Ed25519PublicKey, *, not_after_ms: int = 0, created_at_ms: int = 0
     ) -> SigningKey:
-        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return cls(key_id(key), raw, not_after_ms, created_at_ms)
+        return cls(key_id(key), key.public_bytes_raw(), not_after_ms, created_at_ms)
 
     def load(self) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(self.public_key)

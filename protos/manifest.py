@@ -8,12 +8,14 @@ against a key it already holds and the artifact's sha256 and size match.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
@@ -271,11 +273,30 @@ def decode_manifest(data: bytes) -> Manifest:
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return hashlib.sha256(public_key.public_bytes_raw()).hexdigest()[:16]
+
+
+#: DER SubjectPublicKeyInfo of an Ed25519 key (RFC 8410) up to its 32 raw bytes
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
+_PEM_PUBLIC = re.compile(
+    rb"-----BEGIN PUBLIC KEY-----\s*([A-Za-z0-9+/=\s]+?)-----END PUBLIC KEY-----"
+)
 
 
 def load_public_key(pem: bytes) -> Ed25519PublicKey:
+    # the one form keys take here, read without cryptography's serialization package
+    # (3 MB of the agent's RSS, with its SSH and cipher modules); anything else goes
+    # to cryptography's loader, which reads it or says why not
+    m = _PEM_PUBLIC.fullmatch(pem.strip())
+    if m is not None:
+        try:
+            der = base64.b64decode(b"".join(m.group(1).split()), validate=True)
+        except binascii.Error:
+            der = b""
+        if len(der) == len(_ED25519_SPKI) + 32 and der.startswith(_ED25519_SPKI):
+            return Ed25519PublicKey.from_public_bytes(der[len(_ED25519_SPKI) :])
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_public_key(pem)
     except ValueError as e:

@@ -120,7 +120,7 @@ def test_full_wheel_adds_the_coordinator_on_the_agent(wheels: dict[str, Path]) -
     assert parts == {"cloud", "simulator"}
     assert "edgefleet/__init__.py" not in names  # owned by edgefleet-agent
     version = _version(ROOT / "pyproject.toml")
-    assert f"edgefleet-agent=={version}" in _requires(wheels["edgefleet"])
+    assert f"edgefleet-agent[serve]=={version}" in _requires(wheels["edgefleet"])
     assert "fleet = edgefleet.cloud.cli.main:main" in _meta(wheels["edgefleet"], "entry_points.txt")
 
 

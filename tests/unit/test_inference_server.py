@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent import serde
 from edgefleet.agent.inference import ActiveModel, ModelHolder, load
-from edgefleet.agent.serde import ModelRef, UpdateState
-from edgefleet.agent.server import AgentStatus, check_address, serve
+from edgefleet.agent.serde import AgentStatus, ModelRef, UpdateState
+from edgefleet.agent.server import check_address, serve
 from edgefleet.models.runtime import OnnxSession, open_session
 from edgefleet.protos.errors import FleetError, InvalidArgument, SelfTestFailed, Unavailable
 from edgefleet.protos.fleet.v1 import inference_pb2, inference_pb2_grpc, model_pb2

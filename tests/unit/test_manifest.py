@@ -102,3 +102,22 @@ def test_unknown_runtime_and_dtype_are_rejected() -> None:
         encode_manifest(manifest(runtime="tensorflow"))
     with pytest.raises(InvalidArgument, match="dtype 'float64' is not supported"):
         TensorSpec("x", "float64", (1,))
+
+
+def test_public_keys_load_from_pem_and_others_are_named() -> None:
+    from cryptography.hazmat.primitives import serialization as s
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from edgefleet.protos.manifest import key_id, load_public_key
+
+    key = Ed25519PrivateKey.generate().public_key()
+    pem = key.public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo)
+    for form in (pem, b"\n  " + pem.replace(b"\n", b"\r\n")):
+        assert load_public_key(form).public_bytes_raw() == key.public_bytes_raw()
+    assert key_id(load_public_key(pem)) == key_id(key)
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    with pytest.raises(InvalidArgument, match="ECPublicKey; only Ed25519"):
+        load_public_key(other.public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo))
+    cut = pem.replace(pem.splitlines()[1], pem.splitlines()[1][:-8])
+    with pytest.raises(InvalidArgument, match="not a PEM Ed25519 key"):
+        load_public_key(cut)

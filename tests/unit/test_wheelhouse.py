@@ -49,7 +49,7 @@ def test_command_downloads_binary_wheels_for_the_platform(tmp_path: Path) -> Non
     names = {
         r.split(";")[0].split("<")[0].split(">")[0].strip() for r in cmd[cmd.index("cp") + 3 :]
     }
-    assert {"paho-mqtt", "grpcio", "onnxruntime", "cryptography"} <= names
+    assert {"paho-mqtt", "onnxruntime", "cryptography"} <= names
     assert not names & {"sqlalchemy", "boto3", "torch"}  # the agent-only requirements
     assert "--index-url" not in cmd and "flwr" not in names  # extras only when asked
 
@@ -128,3 +128,10 @@ def test_cli_prints_the_command(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert missing.returncode == 1 and "error (not-found): agent wheel" in missing.stderr
+
+
+def test_grpcio_is_the_serve_extra_of_the_agent_distribution() -> None:
+    from edgefleet.agent.wheelhouse import _source_requirements
+
+    grpc = [r for r in _source_requirements() if r.startswith("grpcio")]
+    assert grpc == ["grpcio>=1.66; extra == 'serve'"]  # an agent with no `listen` goes without
