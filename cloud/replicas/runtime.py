@@ -17,9 +17,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from edgefleet.cloud.coordinator import Coordinator
 from edgefleet.cloud.monitoring import Monitoring
@@ -29,6 +30,8 @@ from edgefleet.protos.errors import InvalidArgument
 from edgefleet.protos.transport import Message
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: the leader forgets replicas silent for an hour every this many heartbeats
 FORGET_EVERY = 100
@@ -109,6 +112,7 @@ class Elector:
         self._term: asyncio.Task[None] | None = None
         self._token = 0  # the fencing token of the current (or last) term
         self._beats = 0
+        self._late = 0.0  # the event loop's worst lateness in `_wait` since the last poll
         self.leading = asyncio.Event()
 
     @property
@@ -120,10 +124,10 @@ class Elector:
             while True:
                 await self._beat()
                 if self._term is None:
-                    token = await asyncio.to_thread(self.lease.try_acquire)
+                    token = await self._timed("trying for the lease", self.lease.try_acquire)
                     if token is not None:
                         self._start(token)
-                elif not await asyncio.to_thread(self.lease.renew):
+                elif not await self._timed("renewing the lease", self.lease.renew):
                     await self._end("its lease could not be renewed")
                 await self._wait()
         finally:
@@ -131,9 +135,43 @@ class Elector:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.registry.remove, self.replica_id)
 
+    async def _timed(self, what: str, call: Callable[[], T]) -> T:
+        """`call` in a worker thread; a warning when it took over a third of the lease,
+        saying how much of that was spent waiting for a thread (the default executor is
+        shared with every other blocking call of this process) and how late this
+        replica's event loop woke up since the last poll: what a spurious failover under
+        load is made of."""
+        queued = time.monotonic()
+        started = queued
+
+        def timed() -> T:
+            nonlocal started
+            started = time.monotonic()
+            return call()
+
+        try:
+            return await asyncio.to_thread(timed)
+        finally:
+            took = time.monotonic() - queued
+            if took > self.lease.lease_s / 3:
+                logger.warning(
+                    "replica %s: %s took %.2fs of a %.1fs lease (%.2fs waiting for a worker "
+                    "thread; event loop up to %.2fs late since the last poll)",
+                    self.replica_id,
+                    what,
+                    took,
+                    self.lease.lease_s,
+                    started - queued,
+                    self._late,
+                )
+            self._late = 0.0
+
     async def _beat(self) -> None:
         try:
-            await asyncio.to_thread(self.registry.heartbeat, self.replica_id, self.address())
+            address = self.address()
+            await self._timed(
+                "the heartbeat", lambda: self.registry.heartbeat(self.replica_id, address)
+            )
             self._beats += 1
             if self._term is not None and self._beats % FORGET_EVERY == 0:
                 await asyncio.to_thread(self.registry.forget_stale)
@@ -153,7 +191,10 @@ class Elector:
                     await self._end("its lease ran out before a renewal got through")
                 elif self._term.done():
                     await self._end("its leader work stopped")
-            await asyncio.sleep(min(0.1, max(0.0, until - loop.time())))
+            nap = min(0.1, max(0.0, until - loop.time()))
+            woke = loop.time() + nap
+            await asyncio.sleep(nap)
+            self._late = max(self._late, loop.time() - woke)
 
     def _on_fenced(self) -> None:  # from a writer thread
         self._fenced = True

@@ -54,7 +54,7 @@ from edgefleet.cloud.rollouts.model import (
 from edgefleet.cloud.rollouts.policy import Policy
 from edgefleet.cloud.rollouts.store import RolloutStore
 from edgefleet.cloud.selection import Plan
-from edgefleet.protos.errors import Conflict, FleetError, InvalidArgument, NotFound
+from edgefleet.protos.errors import Conflict, FleetError, InvalidArgument, NotFound, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -551,7 +551,24 @@ class RolloutController:
         issued = await asyncio.to_thread(
             self.store.issue, r.rollout_id, [d.device_id for d in devs], action, sign, phase=phase
         )
-        await self.fleet.publish_desired({dev: payload for dev, (_g, payload) in issued.items()})
+        try:
+            await self.fleet.publish_desired(
+                {dev: payload for dev, (_g, payload) in issued.items()}
+            )
+        except Unavailable as e:
+            # issued (committed) but the broker is away: the step goes on regardless. The
+            # database holds each desired state and the coordinator re-publishes the ones
+            # not reached yet when its link is back (and every reassert interval); were
+            # the step retried instead, a bake's devices would already be marked for
+            # activation and the stage could never leave its bake
+            logger.warning(
+                "rollout %s: %d %s desired states issued but not published yet (%s); "
+                "re-published when the broker is back",
+                r.rollout_id,
+                len(issued),
+                action,
+                e,
+            )
 
     async def _refresh(
         self, r: Rollout, devs: Sequence[RolloutDevice], action: str, *, since: float

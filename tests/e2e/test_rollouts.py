@@ -305,6 +305,53 @@ def test_broker_restart_mid_wave_ends_with_every_device_final(
     run(main())
 
 
+def test_broker_away_when_the_bake_ends_the_activation_is_issued_once_and_delivered(
+    home: Path, broker: SecureBroker, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """The broker stops a moment before the canary's bake ends and comes back after it:
+    the controller issues the activation (committed) but cannot publish it. The rollout
+    must still finish, every device updated once: the coordinator re-publishes the
+    desired states it could not send when its link is back. (It used to stay in its
+    bake, its devices marked for activation and so no longer counted as shadowing,
+    until the stage timeout rolled back a good model: seen as a hang in the replicas'
+    nats-node case, whose NATS node died while the activation was published.)"""
+    policy = Policy(canary=0.25, waves=(1.0,), bake_s=4.0, min_agreement=0.8, min_samples=10)
+
+    async def main() -> None:
+        async with harness(home, broker, tmp_path, digits, name="away", n=4) as h:
+            r = await h.rollout(GOOD, policy)
+            deadline = time.monotonic() + 60
+            while r.current.state != "baking":
+                assert time.monotonic() < deadline, r
+                await asyncio.sleep(0.05)
+                r = await asyncio.to_thread(h.store.get, r.rollout_id)
+            bake_end = r.current.bake_started_at + policy.bake_s  # the controller's clock
+            await asyncio.sleep(max(0.0, bake_end - 1.0 - time.time()))
+            await asyncio.to_thread(broker.stop)
+            try:  # the controller ticks every 0.2 s: it tries to activate while away
+                while True:
+                    r = await asyncio.to_thread(h.store.get, r.rollout_id)
+                    devs = await asyncio.to_thread(h.store.devices, r.rollout_id)
+                    if time.time() > bake_end + 2.0 and any(d.action == "activate" for d in devs):
+                        break
+                    assert time.time() < bake_end + 30, (r.current, devs)
+                    await asyncio.sleep(0.1)
+                assert not h.coord.transport.connected
+            finally:
+                await asyncio.to_thread(broker.start)
+            r = await h.wait_state(r.rollout_id, {"done", "rolled_back", "paused"}, timeout=90)
+            assert r.state == "done", r.reason
+            assert r.stages[0].bake_started_at + policy.bake_s == bake_end
+            devs = await asyncio.to_thread(h.store.devices, r.rollout_id)
+            assert {(d.phase, d.state) for d in devs} == {("active", "active")}
+            # baseline 1, shadow 2, activation 3 on the canary; the wave: baseline, 2, 3
+            gens = {d.device_id: d.desired_generation for d in h.devices.find(h.selector)}
+            assert gens == dict.fromkeys(gens, 3) and len(gens) == 4
+            assert set(h.versions().values()) == {GOOD}
+
+    run(main())
+
+
 def _serve(home: Path, broker_url: str) -> tuple[subprocess.Popen[bytes], ServeInfo]:
     """`fleet serve` on a free loopback port against the test's broker."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
