@@ -171,7 +171,9 @@ def test_the_client_app_trains_an_mlp_without_importing_torch(
     tr, ho = local_split(120, seed=1)
     module = task.module_from(base)
     eloss, eacc = task.evaluate(module, x[:120][ho], y[:120][ho])
-    cfg = nt.FitConfig(epochs=2, lr=5e-3, batch_size=8, seed=1 + 2 + 12345 % 10_000, proximal_mu=0.1)
+    cfg = nt.FitConfig(
+        epochs=2, lr=5e-3, batch_size=8, seed=1 + 2 + 12345 % 10_000, proximal_mu=0.1
+    )
     loss, acc = task.fit(module, x[:120][tr], y[:120][tr], cfg)
     assert train["eval-loss"] == pytest.approx(eloss, rel=1e-5)
     assert train["eval-accuracy"] == pytest.approx(eacc, abs=1e-6)
