@@ -67,7 +67,8 @@ class AgentSettings(BaseSettings):
     )
     group: str = ""
     tags: dict[str, str] = Field(default_factory=dict)
-    # federated learning (the bundle's "fl" part; the sidecar needs edgefleet-agent[fl] and torch)
+    # federated learning (the bundle's "fl" part; the sidecar needs edgefleet-agent[fl]; non-mlp
+    # checkpoints also torch)
     fl_superlink: str = Field(default="", description="SuperLink HOST:PORT; empty: FL off")
     fl_ca_pem: str = Field(default="", description="the SuperLink's CA certificate (PEM)")
     fl_private_key: str = Field(default="", description="this node's auth key (OpenSSH PEM)")

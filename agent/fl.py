@@ -1,7 +1,6 @@
 """The federated-learning sidecar: a supervised `flower-supernode` for this device.
 
-With the bundle's ``fl`` part in its config, Flower installed (`edgefleet-agent[fl]`)
-and PyTorch (the ClientApp trains with it; `TORCH_CPU` says how to get the CPU build),
+With the bundle's ``fl`` part in its config and Flower installed (`edgefleet-agent[fl]`),
 the agent runs Flower's SuperNode next to itself. The SuperNode dials the coordinator's SuperLink over TLS (the bundle's CA),
 authenticates with this device's node key, and runs the `models.fl` ClientApp on
 the shards in the data directory; the data never leaves the device. The
@@ -9,7 +8,9 @@ SuperNode retries a lost link by itself; when it exits (crash, refused key,
 retries exhausted) the sidecar starts it again after a capped, jittered backoff.
 
 `fl_capability()` is what the agent reports (as `Capabilities.features`, see
-`protos.flower.fl_features`): ready or not, why, and how many local samples, so the
+`protos.flower.fl_features`): ready or not, why, how many local samples, and whether
+PyTorch is installed (the ClientApp trains `mlp` checkpoints in numpy; other
+architectures, the CNN, need torch: `TORCH_CPU` says how to get the CPU build), so the
 coordinator can choose participants and show why a device was skipped.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.config import AgentSettings
+from edgefleet.models.fl.numpy_task import TORCH_CPU
 from edgefleet.models.fl.shards import count_samples
 from edgefleet.protos.backoff import Backoff
 from edgefleet.protos.flower import (
@@ -47,33 +49,36 @@ def data_dir(settings: AgentSettings) -> Path:
     return settings.fl_data_dir or settings.state_dir / "data"
 
 
-#: how a device gets PyTorch without CUDA (PyPI's x86_64 torch pulls GBs of CUDA libraries;
-#: on aarch64 PyPI's torch is the CPU build already)
-TORCH_CPU = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+__all__ = ["TORCH_CPU", "FlSidecar", "fl_capability", "missing_fl_runtime", "torch_available"]
 
 
 def missing_fl_runtime() -> str:
-    """Why this device cannot run the ClientApp ("" when it can): Flower runs it, and it
-    trains with PyTorch (models/fl/task.py), which edgefleet-agent[fl] does not pull in."""
+    """Why this device cannot run the ClientApp ("" when it can): Flower runs it. PyTorch,
+    which edgefleet-agent[fl] does not pull in, is only needed for non-`mlp` checkpoints
+    (`torch_available`); the coordinator leaves a device without it out of those runs."""
     if not flower_available():
         return "Flower is not installed on this device (pip install 'edgefleet-agent[fl]')"
-    if importlib.util.find_spec("torch") is None:
-        return f"PyTorch missing (the ClientApp trains with it): {TORCH_CPU}"
     return ""
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
 
 
 def fl_capability(settings: AgentSettings) -> dict[str, Any] | None:
     """The ``fl`` capability; None for a device not enrolled for federated learning."""
     if not settings.fl_superlink:
         return None
+    torch = torch_available()
     missing = missing_fl_runtime()
     if missing:
-        return {"ready": False, "reason": missing, "samples": 0}
+        return {"ready": False, "reason": missing, "samples": 0, "torch": torch}
     d = data_dir(settings)
     samples = count_samples(d) if d.is_dir() else 0
     if samples == 0:
-        return {"ready": False, "reason": f"no shard-*.npz training data in {d}", "samples": 0}
-    return {"ready": True, "reason": "", "samples": samples}
+        reason = f"no shard-*.npz training data in {d}"
+        return {"ready": False, "reason": reason, "samples": 0, "torch": torch}
+    return {"ready": True, "reason": "", "samples": samples, "torch": torch}
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -263,6 +263,7 @@ flower_supernode()
 def _real(args: argparse.Namespace, root: Path) -> Table:
     variants = [*REAL_VARIANTS, *([PATCHED_VARIANT] if args.fl_real_patched else [])]
     start_s, start_cpu = _clientapp_start()
+    torch_s, torch_cpu = _clientapp_start(torch=True)
     t = Table(
         "FL deployment path: SuperLink (TLS, node auth) + 3 SuperNodes, loopback",
         [
@@ -315,8 +316,9 @@ def _real(args: argparse.Namespace, root: Path) -> Table:
     )
     t.notes.append(
         f"ClientApp start (baseline, same run): a fresh Python process importing Flower's "
-        f"flwr-clientapp entry point and runtime, our client_app and torch: {start_s:.1f} s "
-        f"wall, {start_cpu:.1f} CPU-s (median of 3); a round sends 2 messages (train, "
+        f"flwr-clientapp entry point and runtime, our client_app and its MLP trainer (numpy): "
+        f"{start_s:.1f} s wall, {start_cpu:.1f} CPU-s (median of 3; with the torch trainer a "
+        f"CNN needs: {torch_s:.1f} s, {torch_cpu:.1f} CPU-s); a round sends 2 messages (train, "
         f"evaluate) to each of 3 nodes, each a fresh process: 6 x {start_cpu:.1f} CPU-s on "
         f"{cores} cores = {6 * start_cpu / cores:.1f} s/round from process starts alone"
     )
@@ -582,15 +584,16 @@ class _LogStamper:
         return {k: statistics.median(v) for k, v in spans.items() if v}
 
 
-def _clientapp_start(repeats: int = 3) -> tuple[float, float]:
+def _clientapp_start(repeats: int = 3, *, torch: bool = False) -> tuple[float, float]:
     """Median wall and CPU seconds for a fresh process to import what each ClientApp message
     imports: Flower's `flwr-clientapp` entry point and runtime, our client_app and its
-    training code (torch)."""
+    training code (numpy for an MLP; with `torch`, the torch trainer a CNN uses)."""
     import resource
 
     code = (
         "import flwr.supernode.cli.flwr_clientapp, flwr.supernode.runtime.run_clientapp; "
-        "import edgefleet.models.fl.client_app, edgefleet.models.fl.task"
+        "import edgefleet.models.fl.client_app, edgefleet.models.fl."
+        + ("task" if torch else "numpy_task")
     )
     walls, cpus = [], []
     for _ in range(repeats):

@@ -3,7 +3,8 @@
 - `models.data`: datasets (the bundled digits, a user's `.npz` or CSV), splits.
 - `models.arch`: PyTorch architectures by name (`mlp`, `cnn`, or your own via
   `register_architecture`) with normalization baked in, so every export takes raw
-  features. Imports torch: the agent imports it only for federated training.
+  features. Imports torch: the agent imports it only for federated training of
+  non-`mlp` checkpoints (`models.fl.numpy_task` trains the MLP in numpy).
 - `models.checkpoint`: the trainable checkpoint (`weights.npz`), numpy only.
 - `models.runtime`: run a variant's bytes in its real runtime (ONNX Runtime, LiteRT).
 """

@@ -84,19 +84,28 @@ def free_port(host: str = "127.0.0.1") -> int:
 MAX_FEATURE = 128
 
 
-def fl_features(*, ready: bool, reason: str = "", samples: int = 0) -> list[str]:
+#: the feature of a device whose ClientApp has no PyTorch: it trains `mlp` checkpoints
+#: (numpy) but not the architectures that need torch (models/fl/numpy_task.py)
+NO_TORCH = "fl-no-torch"
+
+
+def fl_features(
+    *, ready: bool, reason: str = "", samples: int = 0, torch: bool = True
+) -> list[str]:
     """How an agent states its federated sidecar in `Capabilities.features` (a reason too
     long for one entry, e.g. one naming a deep data directory, is cut to fit with "…")."""
+    extra = [] if torch else [NO_TORCH]
     if ready:
-        return ["fl", f"fl-samples={samples}"]
+        return ["fl", f"fl-samples={samples}", *extra]
     off = f"fl-off={reason}"
     if len(off) > MAX_FEATURE:
         off = off[: MAX_FEATURE - 1] + "…"
-    return [off, f"fl-samples={samples}"]
+    return [off, f"fl-samples={samples}", *extra]
 
 
 def parse_fl_features(features: Sequence[str]) -> dict[str, object] | None:
-    """The reverse of `fl_features`: {"ready", "reason", "samples"}; None if not stated."""
+    """The reverse of `fl_features`: {"ready", "reason", "samples", "torch"}; None if not
+    stated (an agent from before "fl-no-torch" needed torch to be ready: torch True)."""
     out: dict[str, object] = {}
     for f in features:
         if f == "fl":
@@ -109,6 +118,7 @@ def parse_fl_features(features: Sequence[str]) -> dict[str, object] | None:
     if "ready" not in out:
         return None
     out.setdefault("samples", 0)
+    out["torch"] = NO_TORCH not in features
     return out
 
 

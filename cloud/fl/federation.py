@@ -281,7 +281,7 @@ class Federation:
             raise NotFound(f"selector {req.selector} matches no enrolled device")
         nodes = {n.device_id: n for n in await asyncio.to_thread(self.store.nodes)}
         sel = select_participants(
-            devices, nodes, min_samples=req.min_samples, idle_only=req.idle_only
+            devices, nodes, min_samples=req.min_samples, idle_only=req.idle_only, arch=parent.arch
         )
         if len(sel.chosen) < req.min_clients:
             why = "; ".join(f"{d}: {r}" for d, r in sorted(sel.skipped.items())) or "none skipped"

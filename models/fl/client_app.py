@@ -10,6 +10,11 @@ Handlers:
   ``eval-loss``/``eval-accuracy`` to its reply (one ClientApp process per round
   instead of two).
 
+An `mlp` checkpoint trains and evaluates with `numpy_task` (torch's semantics, no
+torch import: each message is a fresh process, and torch costs it ~1.5 CPU-s);
+other architectures (the CNN) with torch (`task`), and a device without torch
+answers those with an error saying how to install it.
+
 `build(mods)` makes the same ClientApp with Flower mods around every handler
 (the simulator adds its model-poisoning attacker this way).
 """
@@ -17,7 +22,8 @@ Handlers:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +31,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from edgefleet.models.checkpoint import load_checkpoint
+from edgefleet.models.fl.numpy_task import NUMPY_ARCHS, FitConfig, check_labels, torch_missing
 from edgefleet.models.fl.shards import data_dir_of, local_split, read_shards
 from edgefleet.protos.errors import FleetError
 
@@ -62,24 +70,46 @@ def _fail(msg: Message, context: Context, e: Exception) -> Message:
     return Message(Error(code=0, reason=reason), reply_to=msg)
 
 
-def train(msg: Message, context: Context) -> Message:
-    from edgefleet.models.checkpoint import load_checkpoint
-    from edgefleet.models.fl.task import FitConfig, check_labels, fit, module_from, trainable
-    from edgefleet.models.fl.task import evaluate as eval_module
+@dataclass(frozen=True)
+class _Local:
+    """The model of a message and the functions that train, score and export it."""
 
+    model: Any
+    fit: Callable[[Any, np.ndarray, np.ndarray, FitConfig], tuple[float, float]]
+    evaluate: Callable[[Any, np.ndarray, np.ndarray], tuple[float, float]]
+    trainable: Callable[[Any], dict[str, np.ndarray]]
+
+
+def _model(base: bytes, arrays: Mapping[str, np.ndarray]) -> _Local:
+    """`arrays` over the checkpoint `base`: numpy for an `mlp`, else torch (when installed)."""
+    arch = load_checkpoint(base).config.arch
+    if arch in NUMPY_ARCHS:
+        from edgefleet.models.fl import numpy_task as nt
+
+        return _Local(nt.mlp_from(base, arrays), nt.fit, nt.evaluate, nt.NumpyMLP.trainable)
+    try:
+        from edgefleet.models.fl import task
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "torch":
+            raise
+        raise torch_missing(arch) from e
+    return _Local(task.module_from(base, arrays), task.fit, task.evaluate, task.trainable)
+
+
+def train(msg: Message, context: Context) -> Message:
     cfg = _config(msg)
     try:
         seed = int(cfg.get("seed", 0))  # type: ignore[arg-type]
         xtr, ytr, xho, yho = _local(context, seed)
         base = bytes(cfg["base"])  # type: ignore[arg-type]
-        module = module_from(base, _arrays(msg.content.array_records["arrays"]))
+        local = _model(base, _arrays(msg.content.array_records["arrays"]))
         check_labels(ytr, load_checkpoint(base).config.num_classes, device_id_of(context))
         received: dict[str, float] = {}
         if bool(cfg.get("evaluate-on-train", False)):  # the global model, before training
-            eloss, eacc = eval_module(module, xho, yho)
+            eloss, eacc = local.evaluate(local.model, xho, yho)
             received = {"eval-loss": eloss, "eval-accuracy": eacc}
-        loss, acc = fit(
-            module,
+        loss, acc = local.fit(
+            local.model,
             xtr,
             ytr,
             FitConfig(
@@ -95,19 +125,16 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {"train-loss": loss, "train-accuracy": acc, "num-examples": len(ytr), **received}
     )
-    arrays = ArrayRecord({k: _array(v) for k, v in trainable(module).items()})
+    arrays = ArrayRecord({k: _array(v) for k, v in local.trainable(local.model).items()})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    from edgefleet.models.fl.task import evaluate as eval_module
-    from edgefleet.models.fl.task import module_from
-
     cfg = _config(msg)
     try:
         _, _, xho, yho = _local(context, int(cfg.get("seed", 0)))  # type: ignore[arg-type]
-        module = module_from(bytes(cfg["base"]), _arrays(msg.content.array_records["arrays"]))  # type: ignore[arg-type]
-        loss, acc = eval_module(module, xho, yho)
+        local = _model(bytes(cfg["base"]), _arrays(msg.content.array_records["arrays"]))  # type: ignore[arg-type]
+        loss, acc = local.evaluate(local.model, xho, yho)
     except (FleetError, KeyError, ValueError) as e:
         return _fail(msg, context, e)
     metrics = MetricRecord({"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(yho)})

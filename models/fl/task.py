@@ -1,4 +1,7 @@
-"""Local training and evaluation of a `models.arch` module (torch; imported by the apps).
+"""Local training and evaluation of a `models.arch` module (torch).
+
+The ClientApp trains `mlp` checkpoints with `numpy_task` (same semantics, no torch
+import) and every other architecture with this module; the ServerApp merges with it.
 
 Only the module's parameters travel between the SuperLink and the devices; its
 buffers (the input normalization statistics fitted in central training) come
@@ -9,7 +12,6 @@ noise never touch them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,16 +19,18 @@ from torch import nn
 
 from edgefleet.models.arch import from_checkpoint, to_checkpoint
 from edgefleet.models.checkpoint import Checkpoint, dump_checkpoint, load_checkpoint
+from edgefleet.models.fl.numpy_task import FitConfig, check_labels
 from edgefleet.protos.errors import InvalidArgument
 
-
-@dataclass(frozen=True)
-class FitConfig:
-    epochs: int = 1
-    lr: float = 3e-3
-    batch_size: int = 32
-    seed: int = 0
-    proximal_mu: float = 0.0
+__all__ = [
+    "FitConfig",
+    "check_labels",
+    "evaluate",
+    "fit",
+    "merged_checkpoint",
+    "module_from",
+    "trainable",
+]
 
 
 def trainable(module: nn.Module) -> dict[str, np.ndarray]:
@@ -100,11 +104,3 @@ def evaluate(module: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, fl
         loss = float(nn.functional.cross_entropy(logits, yt).item())
         acc = float((logits.argmax(1) == yt).float().mean().item())
     return loss, acc
-
-
-def check_labels(y: np.ndarray, num_classes: int, where: str) -> None:
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise InvalidArgument(
-            f"{where}: labels span {int(y.min())}..{int(y.max())}; the model has "
-            f"{num_classes} classes, so y must be class indices 0..{num_classes - 1}"
-        )

@@ -51,9 +51,10 @@ def test_fl_features_round_trip() -> None:
         "ready": True,
         "reason": "",
         "samples": 120,
+        "torch": True,
     }
-    off = parse_fl_features(fl_features(ready=False, reason="no data", samples=0))
-    assert off == {"ready": False, "reason": "no data", "samples": 0}
+    off = parse_fl_features(fl_features(ready=False, reason="no data", samples=0, torch=False))
+    assert off == {"ready": False, "reason": "no data", "samples": 0, "torch": False}
     assert parse_fl_features(["something-else"]) is None
 
 
@@ -78,6 +79,24 @@ def test_participants_are_chosen_with_a_reason_for_each_skip() -> None:
     assert "not registered with the SuperLink" in sel.skipped["e"]
     assert "no shard-*.npz" in sel.skipped["f"]
     assert "fleet devices enroll g --fl" in sel.skipped["g"]
+
+
+def test_a_device_without_torch_takes_part_in_mlp_runs_only() -> None:
+    """The ClientApp trains `mlp` checkpoints in numpy; a CNN run needs torch on the device."""
+    from edgefleet.models.fl.numpy_task import TORCH_CPU
+
+    now = datetime.now(UTC)
+    nodes = {d: FlNode(d, "ecdsa-sha2-nistp384 AAAA", i + 1, now) for i, d in enumerate("ab")}
+    devices = [
+        _device("a", features=fl_features(ready=True, samples=100)),
+        _device("b", features=fl_features(ready=True, samples=100, torch=False)),
+    ]
+    assert select_participants(devices, nodes, min_samples=20).chosen == {"a": 1, "b": 2}
+    cnn = select_participants(devices, nodes, min_samples=20, arch="cnn")
+    assert cnn.chosen == {"a": 1}
+    assert cnn.skipped["b"] == (
+        f"PyTorch missing on the device; arch 'cnn' trains with it: {TORCH_CPU}"
+    )
 
 
 def test_run_options_are_checked_before_anything_starts() -> None:
@@ -299,19 +318,19 @@ def test_on_train_evaluation_is_journaled_without_evaluate_messages(tmp_path: Pa
     assert "eval-accuracy" not in rnd["train"] and rnd["train"]["train-loss"] == 0.5
 
 
-def test_a_device_without_torch_reports_fl_off_with_how_to_install_it(
+def test_a_device_without_torch_is_ready_and_says_it_has_no_torch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """edgefleet-agent[fl] brings Flower but not PyTorch, which the ClientApp trains with:
-    such a device says so in its capabilities (and is skipped with that reason) instead of
-    being chosen and failing in its first round."""
+    """edgefleet-agent[fl] brings Flower but not PyTorch: the ClientApp trains `mlp`
+    checkpoints without it, so such a device is ready and states "fl-no-torch" (the
+    coordinator leaves it out of runs whose architecture needs torch)."""
     import sys
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     from edgefleet.agent.config import AgentSettings
-    from edgefleet.agent.fl import TORCH_CPU, fl_capability
+    from edgefleet.agent.fl import fl_capability
     from edgefleet.protos.flower import flower_available
 
     if not flower_available():
@@ -333,15 +352,15 @@ def test_a_device_without_torch_reports_fl_off_with_how_to_install_it(
         fl_superlink="127.0.0.1:1",
         fl_data_dir=data,
     )
-    assert fl_capability(settings) == {"ready": True, "reason": "", "samples": 10}
+    full = {"ready": True, "reason": "", "samples": 10, "torch": True}
+    assert fl_capability(settings) == full
 
     monkeypatch.setitem(sys.modules, "torch", None)  # how Python marks a module not importable
-    off = fl_capability(settings)
-    assert off is not None and off["ready"] is False
-    assert off["reason"].startswith("PyTorch missing")
-    assert TORCH_CPU in off["reason"]
-    features = fl_features(ready=False, reason=off["reason"], samples=0)
-    assert parse_fl_features(features)["reason"] == off["reason"]  # fits: not cut
+    no_torch = fl_capability(settings)
+    assert no_torch == {**full, "torch": False}
+    features = fl_features(**no_torch)
+    assert "fl" in features and "fl-no-torch" in features
+    assert parse_fl_features(features) == no_torch
 
 
 def test_a_long_fl_off_reason_is_cut_to_what_the_coordinator_takes() -> None:
