@@ -342,7 +342,9 @@ class Coordinator:
                 if not self.broadcaster.known(want.sha256):
                     self._load_wanted(want.sha256)  # e.g. a delta, after a restart
                     return
-                self.broadcaster.on_want(want.sha256, list(want.missing), resume=want.resume)
+                self.broadcaster.on_want(
+                    want.sha256, list(want.missing), resume=want.resume, device_id=want.device_id
+                )
                 return
             now = datetime.now(UTC)
             if kind == "status":

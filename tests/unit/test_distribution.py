@@ -139,3 +139,79 @@ def test_repairs_tell_lost_chunks_from_chunks_still_in_flight() -> None:
         task.cancel()
 
     asyncio.run(main())
+
+
+class _Clocked:
+    """A Broadcaster on real time plus what the test skips ahead, recording sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+        self.skew = 0.0
+
+        async def publish(topic: str, payload: bytes) -> None:
+            msg = device_pb2.ArtifactChunk()
+            msg.ParseFromString(payload)
+            self.sent.append(msg.index)
+
+        self.b = Broadcaster(publish, topics=Topics("t"), gather=0.01, clock=self.clock)
+        self.b.register(SHA, DATA, 64_000)
+
+    def clock(self) -> float:
+        return time.monotonic() + self.skew
+
+    async def want(self, device: str, ranges: list[tuple[int, int]]) -> list[int]:
+        """Send one want, let a round go out; the chunks it sent."""
+        before = len(self.sent)
+        self.b.on_want(SHA, ranges, device_id=device)
+        await asyncio.sleep(0.1)
+        return self.sent[before:]
+
+
+def test_a_device_still_being_served_gets_no_shared_resend() -> None:
+    async def main() -> None:
+        c = _Clocked()
+        task = asyncio.create_task(c.b.run())
+        assert await c.want("slow", [(0, 4)]) == [0, 1, 2, 3]
+        assert c.b.grace(SHA) == c.b.in_flight_grace  # nothing seen of the broker yet
+        c.skew += 4.0
+        assert await c.want("slow", [(0, 4)]) == []  # not served yet, within the grace
+        c.skew += 4.0
+        # 8 s after the round it holds chunk 0 only: the broker is serving it, slowly
+        # (0 reached it at least 4 s after it was sent); 1..3 are queued behind 0
+        assert await c.want("slow", [(1, 4)]) == []
+        assert c.b.grace(SHA) >= 2 * 4.0 > c.b.in_flight_grace
+        c.skew += c.b.in_flight_grace + 1.0
+        # past the fixed 5 s since its progress, but the broker was seen taking >= 4 s
+        # per chunk: the grace has grown with it, nothing goes out to everyone
+        assert await c.want("slow", [(1, 4)]) == []
+        c.skew += c.b.grace(SHA)
+        # no progress for a whole (grown) grace: lost after all, sent again
+        assert await c.want("slow", [(1, 4)]) == [1, 2, 3]
+        # a device that holds a later chunk than one it lacks lost it: at once, whatever
+        # the grace (resend_after after the chunk's last send)
+        c.skew += c.b.resend_after
+        assert await c.want("other", [(2, 3)]) == [2]
+        task.cancel()
+
+    asyncio.run(main())
+
+
+def test_the_grace_follows_the_delivery_seen_and_is_bounded() -> None:
+    async def main() -> None:
+        c = _Clocked()
+        task = asyncio.create_task(c.b.run())
+        c.b.max_grace = 7.0
+        await c.want("d1", [(0, 4)])
+        c.skew += 4.5
+        await c.want("d1", [(0, 4)])  # 4.5 s later it still had nothing...
+        c.skew += 1.0
+        await c.want("d1", [(2, 4)])  # ...then 0 and 1: a delivery of >= 4.5 s, x2 = 9
+        assert c.b.grace(SHA) == c.b.max_grace
+        # what was seen goes stale: a later wave gets the base grace again
+        c.skew += c.b.max_grace + 1.0
+        assert c.b.grace(SHA) == c.b.in_flight_grace
+        # wants without a device id (or from a device seen once) get the send-time grace
+        assert sorted(await c.want("", [(0, 4)])) == [0, 1, 2, 3]
+        task.cancel()
+
+    asyncio.run(main())
