@@ -46,3 +46,10 @@ def test_bad_limits_are_refused_naming_the_value(tmp_path: Path) -> None:
         ManagedBroker(tmp_path, port=1, max_inflight=0)
     with pytest.raises(InvalidArgument, match=r"max_inflight_bytes -1: must be >= 0"):
         ManagedBroker(tmp_path, port=1, max_inflight_bytes=-1)
+
+
+def test_receive_maximum_is_checked() -> None:
+    from edgefleet.protos.transport import MqttSettings
+
+    with pytest.raises(InvalidArgument, match=r"receive_maximum 70000 for c: accepted 0"):
+        MqttSettings(url="mqtt://127.0.0.1:1883", client_id="c", receive_maximum=70000)
