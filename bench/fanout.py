@@ -224,6 +224,7 @@ async def _ours(
         "worker_rss_max": max(rss, default=0.0),
         "broker_rss": broker_rss,
         "sessions": float(sum(sessions)) if sessions is not None else float(n),
+        "repairs": getattr(st, "repairs", None),
     }
 
 
@@ -445,6 +446,11 @@ def run(args: argparse.Namespace) -> list[Table]:
                 ok_time if n >= 1000 else "-",
                 ok_egress,
             )
+            if ours.get("repairs"):
+                t.notes.append(
+                    f"  {n} devices ({'shared' if shared else 'per-device'} sessions): chunks "
+                    f"re-queued by wants, by reason: {ours['repairs']}"
+                )
             floor = _floor(data, root) if profile else None
             if profile and (pt := _profile_table(n, root, ours["seconds"], floor)) is not None:
                 profiles.append(pt)

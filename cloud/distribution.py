@@ -51,9 +51,15 @@ class _Artifact:
     first_want_at: float | None = None
     last_want_at: float = 0.0
     sent_at: dict[int, float] = field(default_factory=dict)
+    #: when the copies of each chunk still possibly on their way began: its first send,
+    #: or its first after `max_grace` without one (a later wave)
+    first_sent_at: dict[int, float] = field(default_factory=dict)
     chunks_sent: int = 0
     bytes_sent: int = 0
     wants: int = 0
+    #: chunks a want put back in the pending set, by why: the want proved them lost,
+    #: the device had reconnected, or the grace ran out
+    repairs: dict[str, int] = field(default_factory=lambda: {"proven": 0, "resume": 0, "grace": 0})
     devices: dict[str, _Device] = field(default_factory=dict)
     #: longest time the broker was seen to take to deliver a chunk to a device (a lower
     #: bound per observation), and when it was seen
@@ -81,6 +87,8 @@ class ArtifactStats:
     chunks_sent: int
     bytes_sent: int
     wants: int
+    #: chunks re-queued by wants, by reason ("proven", "resume", "grace")
+    repairs: dict[str, int] = field(default_factory=dict)
 
 
 class Broadcaster:
@@ -186,7 +194,13 @@ class Broadcaster:
         # thousand subscribers take seconds to serve): wait for the grace before
         # sending it to everyone again.
         # A device that just (re)connected missed whatever was sent while it was away.
-        held = max((t for i, t in art.sent_at.items() if i not in wanted), default=float("-inf"))
+        # a device holding chunk j received a copy sent no earlier than j's first send:
+        # the latest send is not a bound (a repair re-sends j while older copies of it
+        # are still being delivered, and taking that one would "prove" the chunks queued
+        # behind the older copy lost, and re-send them to everyone)
+        held = max(
+            (t for i, t in art.first_sent_at.items() if i not in wanted), default=float("-inf")
+        )
         newest_held = float("inf") if resume else held
         progress_at = self._track(art, device_id, held, now) if not resume else None
         grace = self._grace(art, now)
@@ -197,10 +211,12 @@ class Broadcaster:
             elif sent < newest_held:
                 if now - sent >= self.resend_after:
                     art.pending.add(i)
+                    art.repairs["resume" if resume else "proven"] += 1
             elif now - max(sent, progress_at if progress_at is not None else sent) >= grace:
                 # a device still receiving this wave's chunks is being served: its
                 # queue drains in order, so the grace counts from its last progress
                 art.pending.add(i)
+                art.repairs["grace"] += 1
         art.last_want_at = now
         if art.pending and art.first_want_at is None:
             art.first_want_at = now
@@ -234,7 +250,9 @@ class Broadcaster:
 
     def stats(self, sha256: str) -> ArtifactStats:
         a = self._artifacts[sha256]
-        return ArtifactStats(a.sha256, len(a.data), a.total, a.chunks_sent, a.bytes_sent, a.wants)
+        return ArtifactStats(
+            a.sha256, len(a.data), a.total, a.chunks_sent, a.bytes_sent, a.wants, dict(a.repairs)
+        )
 
     async def run(self) -> None:
         """Send pending chunks until cancelled."""
@@ -282,7 +300,10 @@ class Broadcaster:
                 return
             art.chunks_sent += 1
             art.bytes_sent += len(data)
-            art.sent_at[i] = self._clock()
+            t = self._clock()
+            if t - art.sent_at.get(i, float("-inf")) > self.max_grace:
+                art.first_sent_at[i] = t
+            art.sent_at[i] = t
             if self._rate > 0:
                 spare = len(payload) / self._rate - (self._clock() - t0)
                 if spare > 0:
