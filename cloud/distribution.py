@@ -38,6 +38,7 @@ class _Device:
 
     mark: float  # send time of the newest chunk it held at its last want (-inf: none)
     seen_at: float  # when its last want arrived
+    first_seen: float  # when the first want of this download arrived
     progress_at: float | None = None  # when a want last showed its mark advance
 
 
@@ -65,6 +66,8 @@ class _Artifact:
     #: bound per observation), and when it was seen
     delivery: float = 0.0
     delivery_at: float = float("-inf")
+    #: when a want last showed any device progress (the wave is still being delivered)
+    progress_at: float = float("-inf")
 
     @property
     def total(self) -> int:
@@ -202,7 +205,7 @@ class Broadcaster:
             (t for i, t in art.first_sent_at.items() if i not in wanted), default=float("-inf")
         )
         newest_held = float("inf") if resume else held
-        progress_at = self._track(art, device_id, held, now) if not resume else None
+        d = self._track(art, device_id, held, now) if not resume else None
         grace = self._grace(art, now)
         for i in wanted:
             sent = art.sent_at.get(i)
@@ -212,9 +215,7 @@ class Broadcaster:
                 if now - sent >= self.resend_after:
                     art.pending.add(i)
                     art.repairs["resume" if resume else "proven"] += 1
-            elif now - max(sent, progress_at if progress_at is not None else sent) >= grace:
-                # a device still receiving this wave's chunks is being served: its
-                # queue drains in order, so the grace counts from its last progress
+            elif now - self._since(art, d, sent) >= grace:
                 art.pending.add(i)
                 art.repairs["grace"] += 1
         art.last_want_at = now
@@ -222,17 +223,32 @@ class Broadcaster:
             art.first_want_at = now
         self._wake.set()
 
-    def _track(self, art: _Artifact, device_id: str, held: float, now: float) -> float | None:
-        """Record what this want shows of the broker serving `device_id`; returns when the
-        device was last seen to progress (None: never, or not tracked)."""
+    @staticmethod
+    def _since(art: _Artifact, d: _Device | None, sent: float) -> float:
+        """From when the grace of a chunk sent at `sent`, wanted by `d`, counts."""
+        if d is None:
+            return sent
+        since = max(sent, d.progress_at if d.progress_at is not None else sent)
+        if d.first_seen < sent:
+            # it subscribes before it wants: it was subscribed when this copy went out,
+            # so the copy was queued for it (sessions are clean: a reconnect says
+            # `resume`). While the wave is still being delivered to anyone, the broker
+            # (or the device) is just slow: sending it to everyone again would only
+            # queue a second copy behind the first
+            since = max(since, art.progress_at)
+        return since
+
+    def _track(self, art: _Artifact, device_id: str, held: float, now: float) -> _Device | None:
+        """Record what this want shows of the broker serving `device_id` (None: no id,
+        or too many tracked)."""
         if not device_id:
             return None
         d = art.devices.get(device_id)
-        if d is None:
-            if len(art.devices) >= MAX_TRACKED_DEVICES:
+        if d is None or now - d.seen_at > self.max_grace:  # new, or a new download
+            if d is None and len(art.devices) >= MAX_TRACKED_DEVICES:
                 return None
-            art.devices[device_id] = _Device(held, now)
-            return None
+            d = art.devices[device_id] = _Device(held, now, now)
+            return d
         if held > d.mark:
             # it now holds a chunk sent at `held` that it lacked when it sent its last
             # want: the broker took at least (that want's arrival - send) to deliver it
@@ -244,9 +260,9 @@ class Broadcaster:
                     art.delivery = lag
                 art.delivery_at = now
             d.mark = held
-            d.progress_at = now
+            d.progress_at = art.progress_at = now
         d.seen_at = now
-        return d.progress_at
+        return d
 
     def stats(self, sha256: str) -> ArtifactStats:
         a = self._artifacts[sha256]

@@ -235,3 +235,30 @@ def test_a_repair_of_a_held_chunk_proves_nothing_lost() -> None:
         task.cancel()
 
     asyncio.run(main())
+
+
+def test_a_subscribed_device_waits_while_the_wave_is_still_delivered() -> None:
+    async def main() -> None:
+        c = _Clocked()
+        task = asyncio.create_task(c.b.run())
+        # "early" and "busy" asked before the round: they were subscribed when it went out
+        c.b.on_want(SHA, [(0, 4)], device_id="busy")
+        assert await c.want("early", [(0, 4)]) == [0, 1, 2, 3]
+        c.skew += 2.0
+        await c.want("busy", [(0, 4)])  # nothing yet
+        c.skew += 2.0
+        await c.want("busy", [(1, 4)])  # now 0: the wave is being delivered
+        c.skew += c.b.in_flight_grace + 1.0 - 4.0
+        # "early" has had nothing for longer than the base grace since the send, but the
+        # broker is still delivering this wave to others: its copies are queued, not lost
+        assert await c.want("early", [(0, 4)]) == []
+        # "late" asked only after the round went out: it may have missed it; its grace
+        # counts from the send, whatever the others do
+        c.skew += c.b.grace(SHA)
+        assert await c.want("late", [(0, 4)]) == [0, 1, 2, 3]
+        # the wave quiet for a whole grace: "early" gets what it still lacks
+        c.skew += c.b.grace(SHA)
+        assert await c.want("early", [(0, 4)]) == [0, 1, 2, 3]
+        task.cancel()
+
+    asyncio.run(main())
