@@ -59,8 +59,11 @@ class _Artifact:
     bytes_sent: int = 0
     wants: int = 0
     #: chunks a want put back in the pending set, by why: the want proved them lost,
-    #: the device had reconnected, or the grace ran out
-    repairs: dict[str, int] = field(default_factory=lambda: {"proven": 0, "resume": 0, "grace": 0})
+    #: the device had reconnected, or the grace ran out (for a device subscribed when
+    #: the chunk went out, or for one that asked only later: "late")
+    repairs: dict[str, int] = field(
+        default_factory=lambda: {"proven": 0, "resume": 0, "grace": 0, "late": 0}
+    )
     devices: dict[str, _Device] = field(default_factory=dict)
     #: longest time the broker was seen to take to deliver a chunk to a device (a lower
     #: bound per observation), and when it was seen
@@ -90,7 +93,7 @@ class ArtifactStats:
     chunks_sent: int
     bytes_sent: int
     wants: int
-    #: chunks re-queued by wants, by reason ("proven", "resume", "grace")
+    #: chunks re-queued by wants, by reason ("proven", "resume", "grace", "late")
     repairs: dict[str, int] = field(default_factory=dict)
 
 
@@ -217,7 +220,7 @@ class Broadcaster:
                     art.repairs["resume" if resume else "proven"] += 1
             elif now - self._since(art, d, sent) >= grace:
                 art.pending.add(i)
-                art.repairs["grace"] += 1
+                art.repairs["grace" if d is not None and d.first_seen < sent else "late"] += 1
         art.last_want_at = now
         if art.pending and art.first_want_at is None:
             art.first_want_at = now

@@ -256,6 +256,7 @@ def test_a_subscribed_device_waits_while_the_wave_is_still_delivered() -> None:
         # counts from the send, whatever the others do
         c.skew += c.b.grace(SHA)
         assert await c.want("late", [(0, 4)]) == [0, 1, 2, 3]
+        assert c.b.stats(SHA).repairs == {"proven": 0, "resume": 0, "grace": 0, "late": 4}
         # the wave quiet for a whole grace: "early" gets what it still lacks
         c.skew += c.b.grace(SHA)
         assert await c.want("early", [(0, 4)]) == [0, 1, 2, 3]
