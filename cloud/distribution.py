@@ -226,8 +226,7 @@ class Broadcaster:
             art.first_want_at = now
         self._wake.set()
 
-    @staticmethod
-    def _since(art: _Artifact, d: _Device | None, sent: float) -> float:
+    def _since(self, art: _Artifact, d: _Device | None, sent: float) -> float:
         """From when the grace of a chunk sent at `sent`, wanted by `d`, counts."""
         if d is None:
             return sent
@@ -239,6 +238,12 @@ class Broadcaster:
             # (or the device) is just slow: sending it to everyone again would only
             # queue a second copy behind the first
             since = max(since, art.progress_at)
+        else:
+            # it asked only after the send: it may have missed this copy, or its want
+            # was just slow to come (most of them, at 3,000 devices on 2 cores). It
+            # waits for the wave too, but not past `max_grace` after the send: the late
+            # ones then get one gathered round, not one per grace
+            since = max(since, min(art.progress_at, sent + self.max_grace))
         return since
 
     def _track(self, art: _Artifact, device_id: str, held: float, now: float) -> _Device | None:
@@ -264,6 +269,8 @@ class Broadcaster:
                 art.delivery_at = now
             d.mark = held
             d.progress_at = art.progress_at = now
+            # it received a chunk first sent at `held`: it was subscribed by then
+            d.first_seen = min(d.first_seen, held)
         d.seen_at = now
         return d
 

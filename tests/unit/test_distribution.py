@@ -252,14 +252,47 @@ def test_a_subscribed_device_waits_while_the_wave_is_still_delivered() -> None:
         # "early" has had nothing for longer than the base grace since the send, but the
         # broker is still delivering this wave to others: its copies are queued, not lost
         assert await c.want("early", [(0, 4)]) == []
-        # "late" asked only after the round went out: it may have missed it; its grace
-        # counts from the send, whatever the others do
+        # "late" asked only after the round went out: it may have missed it; the wave
+        # quiet for a grace, it gets it
         c.skew += c.b.grace(SHA)
         assert await c.want("late", [(0, 4)]) == [0, 1, 2, 3]
         assert c.b.stats(SHA).repairs == {"proven": 0, "resume": 0, "grace": 0, "late": 4}
         # the wave quiet for a whole grace: "early" gets what it still lacks
         c.skew += c.b.grace(SHA)
         assert await c.want("early", [(0, 4)]) == [0, 1, 2, 3]
+        task.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_late_asker_waits_for_the_wave_but_not_past_max_grace() -> None:
+    async def main() -> None:
+        c = _Clocked()
+        c.b.delivery_factor = 0.0  # keep the grace at in_flight_grace (5 s)
+        c.b.max_grace = 10.0
+        task = asyncio.create_task(c.b.run())
+        c.b.on_want(SHA, [(0, 4)], device_id="busy")
+        await asyncio.sleep(0.1)
+        assert c.sent == [0, 1, 2, 3]
+        c.skew += 2.0
+        await c.want("busy", [(0, 4)])
+        for t, lacks in ((4.0, 1), (8.0, 2), (12.0, 3)):
+            c.skew += 4.0 if t > 4.0 else 2.0
+            await c.want("busy", [(lacks, 4)])  # one more chunk each time: still delivered
+            # "late" asked only after the send, and has nothing: while the wave is still
+            # delivered it waits (it may only have asked late), not re-sent to everyone
+            c.skew += 1.5
+            got = await c.want("late", [(0, 4)])
+            c.skew -= 1.5
+            if t < 12.0:
+                assert got == [], t
+        # 13.5 s after the send, past max_grace (10) + grace (5) would be 15: at 12 + 1.5
+        # nothing yet; at 15.5 it goes out although "busy" is still being served
+        assert got == []
+        c.skew += 3.5
+        await c.want("busy", [(3, 4)])
+        assert await c.want("late", [(0, 4)]) == [0, 1, 2, 3]
+        assert c.b.stats(SHA).repairs["late"] == 4
         task.cancel()
 
     asyncio.run(main())
