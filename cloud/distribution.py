@@ -71,6 +71,8 @@ class _Artifact:
     delivery_at: float = float("-inf")
     #: when a want last showed any device progress (the wave is still being delivered)
     progress_at: float = float("-inf")
+    #: the chunk being published right now (its send time is not recorded yet)
+    publishing: int | None = None
 
     @property
     def total(self) -> int:
@@ -213,7 +215,8 @@ class Broadcaster:
         for i in wanted:
             sent = art.sent_at.get(i)
             if sent is None:
-                art.pending.add(i)
+                if i != art.publishing:  # not the one going out right now, for the first time
+                    art.pending.add(i)
             elif sent < newest_held:
                 if now - sent >= self.resend_after:
                     art.pending.add(i)
@@ -309,6 +312,7 @@ class Broadcaster:
             data = art.chunk(i)
             payload = encode_chunk(art.sha256, i, art.total, data)
             t0 = self._clock()
+            art.publishing = i
             try:
                 await self._publish(topic, payload)
             except FleetError as e:
@@ -324,6 +328,8 @@ class Broadcaster:
                 )
                 await asyncio.sleep(self.retry_delay)
                 return
+            finally:
+                art.publishing = None
             art.chunks_sent += 1
             art.bytes_sent += len(data)
             t = self._clock()

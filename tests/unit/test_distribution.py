@@ -296,3 +296,32 @@ def test_a_late_asker_waits_for_the_wave_but_not_past_max_grace() -> None:
         task.cancel()
 
     asyncio.run(main())
+
+
+def test_a_want_for_the_chunk_going_out_does_not_send_it_twice() -> None:
+    sent: list[int] = []
+    gate = asyncio.Event()
+
+    async def slow(topic: str, payload: bytes) -> None:
+        msg = device_pb2.ArtifactChunk()
+        msg.ParseFromString(payload)
+        if msg.index == 0:
+            await gate.wait()  # the broker has not acknowledged chunk 0 yet
+        sent.append(msg.index)
+
+    async def main() -> None:
+        b = Broadcaster(slow, topics=Topics("t"), gather=0.0)
+        b.register(SHA, DATA, 64_000)
+        task = asyncio.create_task(b.run())
+        b.on_want(SHA, [(0, 4)], device_id="a")
+        await asyncio.sleep(0.05)
+        b.on_want(SHA, [(0, 4)], device_id="b")  # asks while chunk 0 is being published
+        gate.set()
+        async with asyncio.timeout(5):
+            while len(sent) < 4:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(main())
+    assert sent == [0, 1, 2, 3]
