@@ -57,18 +57,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fanout-broker-inflight-kb",
         type=int,
-        default=512,
-        help="mosquitto max_inflight_bytes per client, KiB (default 512, as `fleet serve`); "
-        "the broker holds up to this much packet copies per device: 10,000 devices x 512 KiB "
-        "is 5 GB",
+        default=128,
+        help="mosquitto max_inflight_bytes per client, KiB (default 128, as `fleet serve`; "
+        "was 512 before session 6)",
     )
     g.add_argument(
         "--fanout-broker-inflight",
         type=int,
-        default=100,
-        help="mosquitto max_inflight_messages per client (default 100, as `fleet serve`); "
-        "measured with mosquitto 2.0.11 at 10,000 devices, this bounds the broker's packet "
-        "copies where max_inflight_bytes did not (6.9 GB RSS with 128 KiB)",
+        default=2,
+        help="mosquitto max_inflight_messages per client (default 2, as `fleet serve`; was "
+        "100 before session 6, which let mosquitto 2.0.11 hold 12.7 GB of packet copies at "
+        "10,000 devices; max_inflight_bytes alone did not bound it: 6.9 GB with 128 KiB)",
     )
     g.add_argument(
         "--fanout-baseline",
@@ -225,6 +224,7 @@ async def _ours(
         "worker_rss_max": max(rss, default=0.0),
         "broker_rss": broker_rss,
         "sessions": float(sum(sessions)) if sessions is not None else float(n),
+        "repairs": getattr(st, "repairs", None),
     }
 
 
@@ -446,6 +446,11 @@ def run(args: argparse.Namespace) -> list[Table]:
                 ok_time if n >= 1000 else "-",
                 ok_egress,
             )
+            if ours.get("repairs"):
+                t.notes.append(
+                    f"  {n} devices ({'shared' if shared else 'per-device'} sessions): chunks "
+                    f"re-queued by wants, by reason: {ours['repairs']}"
+                )
             floor = _floor(data, root) if profile else None
             if profile and (pt := _profile_table(n, root, ours["seconds"], floor)) is not None:
                 profiles.append(pt)

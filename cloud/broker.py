@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from edgefleet.protos.errors import Conflict, NotFound, Unavailable
+from edgefleet.protos.errors import Conflict, InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
     from edgefleet.cloud.identity import BrokerAuth
@@ -110,6 +110,13 @@ def _accepts(address: tuple[str, int], username: str, password: str) -> bool:
 
 
 PID_FILE = "broker.pid"
+#: per-client in-flight limits of the managed broker (FLEET_MQTT_MAX_INFLIGHT,
+#: FLEET_MQTT_MAX_INFLIGHT_KB). Mosquitto 2.0 holds a copy of every packet in flight per
+#: subscriber: a broadcast chunk (64 KiB) to 10,000 devices with 100 in flight grew it to
+#: 12.7 GB; a few messages bound it to about subscribers x limit x chunk size.
+#: BENCHMARKS.md "Broker in-flight limits" measures the choice.
+DEFAULT_MAX_INFLIGHT = 2
+DEFAULT_MAX_INFLIGHT_BYTES = 128 * 1024
 _PR_SET_PDEATHSIG = 1
 
 
@@ -198,8 +205,8 @@ class ManagedBroker:
         host: str = "127.0.0.1",
         port: int = 0,
         persistence: bool = True,
-        max_inflight: int = 100,
-        max_inflight_bytes: int = 512 * 1024,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         max_queued: int = 100_000,
         auth: BrokerAuth | None = None,
         coordinator_port: int = 0,
@@ -210,6 +217,15 @@ class ManagedBroker:
         self.host = host
         self.port = port or free_port(host)
         self.persistence = persistence
+        if max_inflight < 1:
+            raise InvalidArgument(
+                f"broker max_inflight_messages {max_inflight}: must be >= 1 (messages in "
+                "flight per client; mosquitto's 0, unlimited, is what let it grow to 12.7 GB)"
+            )
+        if max_inflight_bytes < 0:
+            raise InvalidArgument(
+                f"broker max_inflight_bytes {max_inflight_bytes}: must be >= 0 (0: no byte limit)"
+            )
         self.max_inflight = max_inflight
         self.max_inflight_bytes = max_inflight_bytes
         self.max_queued = max_queued

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edgefleet.cloud.broker import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_BYTES
 from edgefleet.protos.errors import InvalidArgument
 
 CONFIG_FILE = "config.toml"
@@ -44,6 +45,19 @@ class CloudSettings(BaseSettings):
     )
     mqtt_port: int = Field(
         default=DEFAULT_MQTT_PORT, ge=0, le=65535, description="managed broker port (0: free)"
+    )
+    mqtt_max_inflight: int = Field(
+        default=DEFAULT_MAX_INFLIGHT,
+        ge=1,
+        le=65535,
+        description="managed broker: QoS 1 messages in flight per client "
+        "(FLEET_MQTT_MAX_INFLIGHT); bounds its memory during a broadcast",
+    )
+    mqtt_max_inflight_kb: int = Field(
+        default=DEFAULT_MAX_INFLIGHT_BYTES // 1024,
+        ge=0,
+        description="managed broker: KiB in flight per client, 0: no byte limit "
+        "(FLEET_MQTT_MAX_INFLIGHT_KB)",
     )
     grpc_listen: str = Field(default=DEFAULT_GRPC_LISTEN, description="FleetService address")
     grpc_tls: bool | None = Field(

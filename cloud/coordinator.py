@@ -67,6 +67,7 @@ from edgefleet.protos.manifest import SignedManifest
 from edgefleet.protos.topics import Topics
 from edgefleet.protos.transport import (
     COORDINATOR_BACKOFF_CAP,
+    COORDINATOR_RECEIVE_MAXIMUM,
     Message,
     MqttAccess,
     MqttTransport,
@@ -196,7 +197,9 @@ class Coordinator:
         self.chunk_size = chunk_size
         self.transport = MqttTransport(
             MqttAccess.of(broker_url).settings(
-                f"coordinator-{uuid.uuid4().hex[:8]}", backoff_cap=COORDINATOR_BACKOFF_CAP
+                f"coordinator-{uuid.uuid4().hex[:8]}",
+                backoff_cap=COORDINATOR_BACKOFF_CAP,
+                receive_maximum=COORDINATOR_RECEIVE_MAXIMUM,
             ),
             on_connect=self._subscribe,
             on_message=self._on_message,
@@ -342,7 +345,9 @@ class Coordinator:
                 if not self.broadcaster.known(want.sha256):
                     self._load_wanted(want.sha256)  # e.g. a delta, after a restart
                     return
-                self.broadcaster.on_want(want.sha256, list(want.missing), resume=want.resume)
+                self.broadcaster.on_want(
+                    want.sha256, list(want.missing), resume=want.resume, device_id=want.device_id
+                )
                 return
             now = datetime.now(UTC)
             if kind == "status":

@@ -44,7 +44,12 @@ from edgefleet.cloud.telemetry.pool import (
     forget_sessions,
     worker_client_ids,
 )
-from edgefleet.protos.transport import COORDINATOR_BACKOFF_CAP, MqttAccess, MqttSettings
+from edgefleet.protos.transport import (
+    COORDINATOR_BACKOFF_CAP,
+    COORDINATOR_RECEIVE_MAXIMUM,
+    MqttAccess,
+    MqttSettings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +101,9 @@ class Monitoring:
         self.ingest = TelemetryIngest(self.store, on_written=devices.touch, refusals=self.refusals)
         mqtt = (
             MqttAccess.of(broker_url).settings(
-                telemetry_client_id(home), backoff_cap=COORDINATOR_BACKOFF_CAP
+                telemetry_client_id(home),
+                backoff_cap=COORDINATOR_BACKOFF_CAP,
+                receive_maximum=COORDINATOR_RECEIVE_MAXIMUM,
             )
             if username is None
             else MqttSettings(
@@ -106,6 +113,7 @@ class Monitoring:
                 password=password,
                 ca_file=ca_file,
                 backoff_cap=COORDINATOR_BACKOFF_CAP,
+                receive_maximum=COORDINATOR_RECEIVE_MAXIMUM,
             )
         )
         self.subscriber = TelemetrySubscriber(mqtt, self.ingest, persistent=self.persistent_ingest)

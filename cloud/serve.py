@@ -209,7 +209,13 @@ async def serve(
                 tls_hosts=[urlsplit(advertise).hostname or ""] if advertise else [],
             )
 
-        broker = ManagedBroker(settings.broker_dir, port=settings.mqtt_port, auth=material())
+        broker = ManagedBroker(
+            settings.broker_dir,
+            port=settings.mqtt_port,
+            auth=material(),
+            max_inflight=settings.mqtt_max_inflight,
+            max_inflight_bytes=settings.mqtt_max_inflight_kb * 1024,
+        )
         await asyncio.to_thread(broker.start)
         broker_url = broker.url
         advertise = advertise or broker.url

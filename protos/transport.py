@@ -169,6 +169,10 @@ class _Endpoint:
 #: usually next to its broker, so retrying every second or two costs nothing and a
 #: restarted broker has its subscriber back at once (devices keep the default cap).
 COORDINATOR_BACKOFF_CAP = 2.0
+#: QoS 1 messages the broker may have in flight to a coordinator-side client (MQTT 5
+#: Receive Maximum): it takes every device's status, reports, wants and telemetry, so
+#: it keeps the window the broker-wide limit had before devices got 2 (cloud.broker)
+COORDINATOR_RECEIVE_MAXIMUM = 100
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,10 @@ class MqttSettings:
     #: current one cannot be reached (`failover_order`)
     fallback_urls: tuple[str, ...] = ()
     mqtt_version: MqttVersion = MqttVersion.AUTO
+    #: MQTT 5 Receive Maximum: how many QoS 1/2 messages the broker may have in flight
+    #: to this client, in place of the broker's own per-client limit (Mosquitto's
+    #: max_inflight_messages); 0: the broker's limit. Ignored on MQTT 3.1.1.
+    receive_maximum: int = 0
 
     def __post_init__(self) -> None:
         endpoint = _parse_url(self.url)
@@ -222,6 +230,11 @@ class MqttSettings:
         if not 0 <= self.keepalive <= 65535:
             raise InvalidArgument(
                 f"MQTT keepalive {self.keepalive} is out of range; accepted: 0 (off) to 65535 seconds"
+            )
+        if not 0 <= self.receive_maximum <= 65535:
+            raise InvalidArgument(
+                f"MQTT receive_maximum {self.receive_maximum} for {self.client_id}: accepted "
+                "0 (the broker's limit) to 65535"
             )
         if self.password is not None and self.username is None:
             raise InvalidArgument(f"MQTT password for {self.url} is set without a username")
@@ -472,6 +485,7 @@ class _Link:
         self._keepalive = settings.keepalive
         self._endpoint = _parse_url(url)
         self._session_expiry = settings.session_expiry
+        self._receive_maximum = settings.receive_maximum
 
     def _new_future(self) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._loop.create_future()
@@ -485,9 +499,12 @@ class _Link:
             rc = self.client.connect(ep.host, ep.port, self._keepalive)
         else:
             props = None
-            if self._session_expiry > 0:
+            if self._session_expiry > 0 or self._receive_maximum:
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                props.SessionExpiryInterval = self._session_expiry
+                if self._session_expiry > 0:
+                    props.SessionExpiryInterval = self._session_expiry
+                if self._receive_maximum:
+                    props.ReceiveMaximum = self._receive_maximum
             rc = self.client.connect(
                 ep.host,
                 ep.port,
