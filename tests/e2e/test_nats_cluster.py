@@ -130,6 +130,10 @@ def test_agents_fail_over_between_nats_nodes_and_retained_messages_survive(
             await fleet.wait(lambda: coord.stats.births > births, timeout=60, what="its birth")
             # (the survivors' links may flap while JetStream moves the dead node's state)
             await fleet.wait(lambda: fleet.online() == 3, timeout=60, what="all 3 online")
+            # the survivors take new retained messages again (JetStream re-elected the dead
+            # node's stream leaders: seconds on a busy host; one CI run waited more than
+            # 60 s for the read below without this)
+            await asyncio.to_thread(cluster.wait_ready, 120)
             sub = MqttTransport(cluster.watcher("reader", node=3 - victim - kept_on))
             # as intent: sent on connect, and again while the cluster still refuses it
             await sub.subscribe(f"{prefix}/kept")
@@ -141,7 +145,7 @@ def test_agents_fail_over_between_nats_nodes_and_retained_messages_survive(
 
     try:
         cluster.start()
-        asyncio.run(asyncio.wait_for(main(), 180))
+        asyncio.run(asyncio.wait_for(main(), 300))
     finally:
         cluster.stop()
         devices.close()
