@@ -33,7 +33,9 @@ from bench._table import Table
 RSS_TARGET_MB = 64.0
 INSTALL_TARGET_MB = 150.0
 
-_WRAPPER = r"""
+#: `python -c MODULES_WRAPPER OUT fleet-agent-args…`: the real agent CLI, which writes its
+#: sys.modules to OUT once OUT.req exists (tests/e2e/test_agent_footprint.py uses it too)
+MODULES_WRAPPER = r"""
 import os, sys, threading, time
 out = sys.argv.pop(1)
 def _dump():
@@ -157,7 +159,7 @@ async def _real_agent(
         mods = root / "modules.txt"
         log = open(root / "agent.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
-            [sys.executable, "-c", _WRAPPER, str(mods), "run", "--config", str(config)],
+            [sys.executable, "-c", MODULES_WRAPPER, str(mods), "run", "--config", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

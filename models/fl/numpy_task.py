@@ -134,19 +134,24 @@ class NumpyMLP:
         return {k: v.copy() for k, v in self.params.items()}
 
 
+def with_params(base: bytes, params: Mapping[str, np.ndarray] | None = None) -> Checkpoint:
+    """The checkpoint `base` (arch + buffers + parameters) with `params` loaded over it
+    (both trainers start from this). InvalidArgument names arrays it does not have."""
+    ckpt = load_checkpoint(base)
+    if not params:
+        return ckpt
+    unknown = sorted(set(params) - set(ckpt.arrays))
+    if unknown:
+        raise InvalidArgument(
+            f"arrays {unknown} are not in the {ckpt.config.arch!r} checkpoint; "
+            f"expected some of {sorted(ckpt.arrays)}"
+        )
+    return Checkpoint(ckpt.config, {**ckpt.arrays, **{k: np.asarray(v) for k, v in params.items()}})
+
+
 def mlp_from(base: bytes, params: Mapping[str, np.ndarray] | None = None) -> NumpyMLP:
     """Like `task.module_from`: the checkpoint `base` with `params` loaded over it."""
-    ckpt = load_checkpoint(base)
-    if params:
-        unknown = sorted(set(params) - set(ckpt.arrays))
-        if unknown:
-            raise InvalidArgument(
-                f"arrays {unknown} are not in the {ckpt.config.arch!r} checkpoint; "
-                f"expected some of {sorted(ckpt.arrays)}"
-            )
-        ckpt = Checkpoint(
-            ckpt.config, {**ckpt.arrays, **{k: np.asarray(v) for k, v in params.items()}}
-        )
+    ckpt = with_params(base, params)
     return NumpyMLP(ckpt.config, ckpt.arrays)
 
 

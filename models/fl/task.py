@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from edgefleet.models.arch import from_checkpoint, to_checkpoint
-from edgefleet.models.checkpoint import Checkpoint, dump_checkpoint, load_checkpoint
-from edgefleet.models.fl.numpy_task import FitConfig, check_labels
+from edgefleet.models.checkpoint import dump_checkpoint, load_checkpoint
+from edgefleet.models.fl.numpy_task import FitConfig, check_labels, with_params
 from edgefleet.protos.errors import InvalidArgument
 
 __all__ = [
@@ -40,18 +40,7 @@ def trainable(module: nn.Module) -> dict[str, np.ndarray]:
 
 def module_from(base: bytes, params: Mapping[str, np.ndarray] | None = None) -> nn.Module:
     """The checkpoint `base` (arch + buffers + parameters) with `params` loaded over it."""
-    ckpt = load_checkpoint(base)
-    if params:
-        unknown = sorted(set(params) - set(ckpt.arrays))
-        if unknown:
-            raise InvalidArgument(
-                f"arrays {unknown} are not in the {ckpt.config.arch!r} checkpoint; "
-                f"expected some of {sorted(ckpt.arrays)}"
-            )
-        ckpt = Checkpoint(
-            ckpt.config, {**ckpt.arrays, **{k: np.asarray(v) for k, v in params.items()}}
-        )
-    return from_checkpoint(ckpt)
+    return from_checkpoint(with_params(base, params))
 
 
 def merged_checkpoint(base: bytes, params: Mapping[str, np.ndarray]) -> bytes:

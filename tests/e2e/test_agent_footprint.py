@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.footprint import MODULES_WRAPPER
 from edgefleet.agent.config import AgentSettings, write_config
 from edgefleet.cloud.broker import find_mosquitto
 from edgefleet.protos.errors import NotFound
@@ -30,21 +31,6 @@ try:
     find_mosquitto()
 except NotFound:
     pytest.skip("mosquitto is not installed", allow_module_level=True)
-
-_WRAPPER = r"""
-import os, sys, threading, time
-out = sys.argv.pop(1)
-def _dump():
-    while not os.path.exists(out + ".req"):
-        time.sleep(0.1)
-    with open(out + ".tmp", "w") as f:
-        f.write("\n".join(sorted(sys.modules)))
-    os.replace(out + ".tmp", out)
-threading.Thread(target=_dump, daemon=True).start()
-sys.argv[0] = "fleet-agent"
-from edgefleet.agent.cli import main
-main()
-"""
 
 
 def _public_pem() -> str:
@@ -92,7 +78,7 @@ def _idle_modules(broker: SecureBroker, tmp_path: Path, *, listen: str) -> set[s
     log_path = tmp_path / f"{dev}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _WRAPPER, str(mods), "run", "--config", str(config)],
+            [sys.executable, "-c", MODULES_WRAPPER, str(mods), "run", "--config", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
